@@ -1,0 +1,91 @@
+"""Float64 references written straight from the equations of SPEC.md: loops and dense sums, obviously
+right, slow, never shared with the library's code. Every op is tested against these."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# φ written from their definitions, independently of tokenmix.functional.ACTIVATIONS.
+ACTIVATIONS = {
+    "relu": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
+    "relu2": lambda x: torch.where(x > 0, x * x, torch.zeros_like(x)),
+    "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+    "softplus": lambda x: torch.log1p(torch.exp(-x.abs())) + torch.where(x > 0, x, torch.zeros_like(x)),
+    "identity": lambda x: x,
+    "relu6": lambda x: torch.minimum(torch.where(x > 0, x, torch.zeros_like(x)), torch.full_like(x, 6.0)),
+    "sigmoid": lambda x: 1 / (1 + torch.exp(-x)),
+}
+
+
+def _visible(n: int, i: int, causal: bool, mask_row: torch.Tensor | None) -> list[int]:
+    """S(i): the real keys row i sees."""
+    return [j for j in range(n) if (not causal or j <= i) and (mask_row is None or bool(mask_row[j]))]
+
+
+def softmax_attention(q, k, v, *, causal=False, attention_mask=None, scale=None):
+    """out_i = Σ_{j∈S(i)} exp(s_ij) v_j / Σ_{j∈S(i)} exp(s_ij), s_ij = scale q_i·k_j. Rows with empty S(i)
+    (padded queries only) are returned as zeros: they are unspecified by the spec."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, heads, n, dk = q.shape
+    scale = dk**-0.5 if scale is None else scale
+    rows = []
+    for b in range(batch):
+        mask_row = None if attention_mask is None else attention_mask[b]
+        for i in range(n):
+            keys = _visible(n, i, causal, mask_row)
+            if not keys:
+                rows.append(torch.zeros(heads, v.shape[-1], dtype=torch.float64))
+                continue
+            scores = scale * torch.einsum("hd,hjd->hj", q[b, :, i], k[b, :, keys])
+            weights = torch.softmax(scores, dim=-1)
+            rows.append(torch.einsum("hj,hjd->hd", weights, v[b, :, keys]))
+    return torch.stack(rows).reshape(batch, n, heads, -1).transpose(1, 2)
+
+
+def pointwise_attention(
+    q, k, v, *, activation="relu", alpha=1.0, scale=None, causal=False, attention_mask=None, length=None
+):
+    """out_i = Σ_{j∈S(i)} φ(scale q_i·k_j) L_i^(−alpha) v_j with L_i = |S(i)| or the fixed ``length``."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, heads, n, dk = q.shape
+    scale = dk**-0.5 if scale is None else scale
+    phi = ACTIVATIONS[activation]
+    rows = []
+    for b in range(batch):
+        mask_row = None if attention_mask is None else attention_mask[b]
+        for i in range(n):
+            keys = _visible(n, i, causal, mask_row)
+            big_l = len(keys) if length is None else length
+            row = torch.zeros(heads, v.shape[-1], dtype=torch.float64)
+            for j in keys:
+                weight = phi(scale * (q[b, :, i] * k[b, :, j]).sum(-1))  # (H,)
+                row = row + weight[:, None] * v[b, :, j] * big_l ** (-alpha)
+            rows.append(row)
+    return torch.stack(rows).reshape(batch, n, heads, -1).transpose(1, 2)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (over the entries ``mask`` selects, if given)."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if mask is not None:
+        actual, expected = actual[mask], expected[mask]
+    denom = expected.norm().item()
+    diff = (actual - expected).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, *, mask=None, what: str = "") -> None:
+    """Relative error of ``actual`` against ``expected`` is at most ``tol``, and everything is finite."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = relative_error(actual, expected, mask)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def query_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """Broadcast a (B, N) mask over (B, H, N, D) outputs: the rows whose values are specified."""
+    if attention_mask is None:
+        return None
+    return attention_mask.bool()[:, None, :, None].expand(shape)

@@ -1,0 +1,8 @@
+"""tokenmix: Transformer token mixers — softmax attention and the mechanisms proposed to replace it."""
+
+from . import functional
+from .mixers import create_mixer, list_mixers, mixer_info
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "create_mixer", "functional", "list_mixers", "mixer_info"]

@@ -1,0 +1,17 @@
+"""The math of every mixer: tensors in, tensors out, no parameters (like ``torch.nn.functional``)."""
+
+from .attention import (
+    ACTIVATIONS,
+    pointwise_attention,
+    pointwise_attention_step,
+    softmax_attention,
+    softmax_attention_step,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "pointwise_attention",
+    "pointwise_attention_step",
+    "softmax_attention",
+    "softmax_attention_step",
+]

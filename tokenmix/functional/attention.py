@@ -1,0 +1,328 @@
+"""Softmax attention (the baseline) and pointwise attention (Wortsman et al. 2023; GAU's relu²).
+
+Both ops take q, k: (B, H, N, Dk) and v: (B, H, N, Dv) and return (B, H, N, Dv). ``attention_mask`` is
+(B, N) with True/1 = real token. See SPEC §1–2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import (
+    check_attention_mask,
+    check_choice,
+    check_dims,
+    check_float_tensor,
+    check_positive_int,
+    check_real,
+    check_same_dtype_device,
+    compute_dtype,
+)
+
+__all__ = [
+    "ACTIVATIONS",
+    "pointwise_attention",
+    "pointwise_attention_step",
+    "softmax_attention",
+    "softmax_attention_step",
+]
+
+_QKV = "(B, H, N, D)"
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, int]:
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, tensor, _QKV)
+    check_same_dtype_device(q=q, k=k, v=v)
+    return check_dims({}, q=(q, "BHNK"), k=(k, "BHNK"), v=(v, "BHNV"))
+
+
+def _default_scale(scale: float | None, head_dim: int) -> float:
+    scale = check_real("scale", scale, allow_none=True)
+    return head_dim**-0.5 if scale is None else scale
+
+
+# --------------------------------------------------------------------------------------------------
+# Softmax attention
+# --------------------------------------------------------------------------------------------------
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention, ``out = softmax(scale · q kᵀ + mask) v``, through PyTorch SDPA.
+
+    Args:
+        q, k: (B, H, N, Dk). v: (B, H, N, Dv).
+        causal: position i sees keys j ≤ i.
+        attention_mask: (B, N), True/1 = real token; padded keys get zero weight. Rows of padded queries
+            are unspecified but finite (they are allowed every key, so no row is ever empty).
+        scale: defaults to Dk^-1/2.
+
+    Returns:
+        (B, H, N, Dv), in the dtype of the inputs.
+    """
+    sizes = _check_qkv(q, k, v)
+    batch, seq_len = sizes["B"], sizes["N"]
+    scale = _default_scale(scale, sizes["K"])
+    key_mask = check_attention_mask(attention_mask, batch, seq_len, q.device)
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    allowed = key_mask[:, None, None, :]  # (B, 1, 1, N): keys
+    if causal:
+        allowed = allowed & torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
+    # A padded query may see no real key (left padding, causal): give it every key instead of a 0/0 row.
+    allowed = allowed | ~key_mask[:, None, :, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+def softmax_attention_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
+) -> torch.Tensor:
+    """One decoding step: the newest query q (B, H, 1, Dk) over its cached prefix k (B, H, T, Dk),
+    v (B, H, T, Dv). Equals the last row of ``softmax_attention(..., causal=True)``."""
+    scale = _default_scale(scale, q.shape[-1])
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pointwise attention
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Activation:
+    """A pointwise φ with its backward: ``backward(scores, values, grad)`` returns grad · φ'(scores)."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _relu2_backward(scores: torch.Tensor, values: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad.mul_(scores.clamp_min(0)).mul_(2)
+
+
+_aten = torch.ops.aten
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(torch.relu, lambda s, a, g: _aten.threshold_backward(g, a, 0)),
+    "relu2": Activation(lambda s: torch.relu(s).square_(), _relu2_backward),
+    "gelu": Activation(F.gelu, lambda s, a, g: _aten.gelu_backward(g, s)),  # exact (erf) GELU
+    "softplus": Activation(F.softplus, lambda s, a, g: _aten.softplus_backward(g, s, 1, 20)),
+    "identity": Activation(lambda s: s, lambda s, a, g: g),
+    "relu6": Activation(F.relu6, lambda s, a, g: _aten.hardtanh_backward(g, s, 0.0, 6.0)),
+    "sigmoid": Activation(torch.sigmoid, lambda s, a, g: _aten.sigmoid_backward(g, a)),
+}
+
+# Rows per block are chosen so one (B·H, rows, N) score block holds about this many elements: large
+# enough for efficient matmuls, small enough that N = 8192 never holds an (H, N, N) tensor.
+# Causal blocks are capped in rows so that little of the skipped upper triangle is computed anyway.
+_BLOCK_ELEMENTS = 1 << 22
+_CAUSAL_BLOCK_ROWS = 128
+
+
+def _block_rows(batch_heads: int, seq_len: int, causal: bool) -> int:
+    rows = min(seq_len, _BLOCK_ELEMENTS // max(1, batch_heads * seq_len))
+    return max(16, min(rows, _CAUSAL_BLOCK_ROWS) if causal else rows)
+
+
+def _zero_excluded(
+    block: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    causal: bool,
+    *,
+    row_start: int,
+    column_start: int,
+    keys_first: bool,
+) -> None:
+    """Zero, in place, the pairs of a score block that do not count: padded keys, and, when causal, keys
+    after their query.
+
+    block: (BH, rows, columns) holding positions row_start… × column_start…; rows are queries and columns
+    keys, or the transpose when ``keys_first``. key_mask: (BH, N). Blocks never extend past the causal
+    diagonal's square where rows and columns meet the same positions, so only that square is masked.
+    """
+    rows = block.shape[-2]
+    if key_mask is not None:
+        if keys_first:
+            block.masked_fill_(~key_mask[:, row_start : row_start + rows, None], 0)
+        else:
+            block.masked_fill_(~key_mask[:, None, column_start : column_start + block.shape[-1]], 0)
+    if causal:
+        excluded = torch.ones(rows, rows, dtype=torch.bool, device=block.device)
+        # (query a, key b) is excluded when b > a: above the diagonal, or below it in the transpose.
+        excluded = excluded.tril_(-1) if keys_first else excluded.triu_(1)
+        square = row_start - column_start
+        block[..., square : square + rows].masked_fill_(excluded, 0)
+
+
+def _row_scale(
+    key_mask: torch.Tensor | None,
+    batch: int,
+    seq_len: int,
+    *,
+    alpha: float,
+    causal: bool,
+    length: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """L_i^(−alpha) as a (B or 1, 1, N, 1) tensor; L_i = number of keys row i sees unless ``length``."""
+    if length is not None:
+        counts = torch.full((1, seq_len), float(length), dtype=dtype, device=device)
+    elif key_mask is None:
+        if causal:
+            counts = torch.arange(1, seq_len + 1, dtype=dtype, device=device)[None]
+        else:
+            counts = torch.full((1, seq_len), float(seq_len), dtype=dtype, device=device)
+    else:
+        real = key_mask.to(dtype)
+        counts = real.cumsum(-1) if causal else real.sum(-1, keepdim=True).expand(batch, seq_len)
+    # A row with no keys has an all-zero sum; clamping keeps 0 · L^-alpha at 0 instead of 0 · inf.
+    return counts.clamp_min(1).pow(-alpha)[:, None, :, None]
+
+
+def _flat(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, N, D) → contiguous (B·H, N, D) in the compute dtype."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1]).to(dtype).contiguous()
+
+
+class _PointwiseAttention(torch.autograd.Function):
+    """Blocked forward (over query blocks) and backward (over key blocks) that recompute each score
+    block instead of storing (B, H, N, N); the backward writes dk, dv once per block and accumulates dq."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, row_scale, activation, scale, causal):
+        batch, heads, seq_len, _ = q.shape
+        dtype = compute_dtype(q.dtype)
+        q_scaled, keys, values = _flat(q, dtype) * scale, _flat(k, dtype), _flat(v, dtype)
+        act = ACTIVATIONS[activation]
+        out = q_scaled.new_empty(batch * heads, seq_len, v.shape[-1])
+        block = _block_rows(batch * heads, seq_len, causal)
+        for start in range(0, seq_len, block):
+            end = min(seq_len, start + block)
+            key_end = end if causal else seq_len
+            weights = act.forward(torch.bmm(q_scaled[:, start:end], keys[:, :key_end].transpose(1, 2)))
+            _zero_excluded(weights, key_mask, causal, row_start=start, column_start=0, keys_first=False)
+            out[:, start:end] = torch.bmm(weights, values[:, :key_end])
+        out = out.view(batch, heads, seq_len, -1).mul_(row_scale)
+        ctx.save_for_backward(q, k, v, key_mask, row_scale)
+        ctx.options = (activation, scale, causal)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, key_mask, row_scale = ctx.saved_tensors
+        activation, scale, causal = ctx.options
+        batch, heads, seq_len, _ = q.shape
+        dtype = compute_dtype(q.dtype)
+        q_scaled, keys, values = _flat(q, dtype) * scale, _flat(k, dtype), _flat(v, dtype)
+        grad = _flat(grad_out.to(dtype) * row_scale, dtype)
+        act = ACTIVATIONS[activation]
+        grad_q = torch.zeros_like(q_scaled)
+        grad_k, grad_v = torch.empty_like(keys), torch.empty_like(values)
+        block = _block_rows(batch * heads, seq_len, causal)
+        for start in range(0, seq_len, block):
+            end = min(seq_len, start + block)
+            query_start = start if causal else 0  # earlier queries never see these keys
+            queries, grads = q_scaled[:, query_start:], grad[:, query_start:]
+            key_block = keys[:, start:end]
+            scores = torch.bmm(key_block, queries.transpose(1, 2))  # (BH, keys, queries)
+            weights = act.forward(scores)
+            grad_weights = torch.bmm(values[:, start:end], grads.transpose(1, 2))
+            for pairs in (weights, grad_weights):
+                _zero_excluded(pairs, key_mask, causal, row_start=start, column_start=query_start, keys_first=True)
+            torch.bmm(weights, grads, out=grad_v[:, start:end])
+            grad_scores = act.backward(scores, weights, grad_weights)
+            torch.bmm(grad_scores, queries, out=grad_k[:, start:end])
+            grad_q[:, query_start:].baddbmm_(grad_scores.transpose(1, 2), key_block)
+        grad_q.mul_(scale)
+        shape = (batch, heads, seq_len, -1)
+        return (
+            grad_q.view(shape).to(q.dtype), grad_k.view(shape).to(k.dtype), grad_v.view(shape).to(v.dtype),
+            None, None, None, None, None,
+        )
+
+
+def _check_pointwise_options(activation: str, alpha: float, length: int | None) -> tuple[str, float, int | None]:
+    return (
+        check_choice("activation", activation, tuple(ACTIVATIONS)),
+        check_real("alpha", alpha),
+        check_positive_int("length", length, allow_none=True),
+    )
+
+
+def pointwise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    activation: str = "relu",
+    alpha: float = 1.0,
+    scale: float | None = None,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    length: int | None = None,
+) -> torch.Tensor:
+    """Pointwise attention: ``out_i = Σ_{j∈S(i)} φ(scale · q_i·k_j) · L_i^(−alpha) · v_j``.
+
+    S(i) holds the real keys (j ≤ i when causal). φ is one of ``ACTIVATIONS``: relu, relu2 (relu(x)²),
+    gelu (exact, erf), softplus, identity, relu6, sigmoid. ``length=None`` makes L_i = |S(i)|, the
+    number of keys row i sees; an int makes L_i = length for every row (the papers' "divide by the
+    sequence length"). GAU's attention is ``activation="relu2", alpha=1, scale=s**-0.5``.
+
+    Computed in query blocks: memory is O(B·H·block·N), never (B, H, N, N), in forward and backward.
+    Half-precision inputs are computed in float32 and the result cast back.
+
+    Args:
+        q, k: (B, H, N, Dk). v: (B, H, N, Dv).
+        activation: the name of φ.
+        alpha: exponent of the length normalisation (0 disables it).
+        scale: multiplies q·k before φ; defaults to Dk^-1/2.
+        causal: position i sees keys j ≤ i.
+        attention_mask: (B, N), True/1 = real token; padded keys are excluded from the sum (and from L_i).
+        length: None for L_i = |S(i)|, or a fixed positive int.
+
+    Returns:
+        (B, H, N, Dv), in the dtype of the inputs.
+    """
+    sizes = _check_qkv(q, k, v)
+    activation, alpha, length = _check_pointwise_options(activation, alpha, length)
+    scale = _default_scale(scale, sizes["K"])
+    key_mask = check_attention_mask(attention_mask, sizes["B"], sizes["N"], q.device)
+    row_scale = _row_scale(
+        key_mask, sizes["B"], sizes["N"], alpha=alpha, causal=causal, length=length,
+        dtype=compute_dtype(q.dtype), device=q.device,
+    )
+    if key_mask is not None:
+        key_mask = key_mask.repeat_interleave(sizes["H"], dim=0)  # (B·H, N), as q is flattened
+    return _PointwiseAttention.apply(q, k, v, key_mask, row_scale, activation, scale, bool(causal))
+
+
+def pointwise_attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    activation: str = "relu",
+    alpha: float = 1.0,
+    scale: float | None = None,
+    length: int | None = None,
+) -> torch.Tensor:
+    """One decoding step: the newest query q (B, H, 1, Dk) over its cached prefix k (B, H, T, Dk),
+    v (B, H, T, Dv), all real. Equals the last row of ``pointwise_attention(..., causal=True)``."""
+    activation, alpha, length = _check_pointwise_options(activation, alpha, length)
+    scale = _default_scale(scale, q.shape[-1])
+    dtype = compute_dtype(q.dtype)
+    weights = ACTIVATIONS[activation].forward((q.to(dtype) * scale) @ k.to(dtype).transpose(-1, -2))
+    count = k.shape[-2] if length is None else length
+    return ((weights @ v.to(dtype)) * float(count) ** -alpha).to(q.dtype)

@@ -1,0 +1,7 @@
+"""Mixer modules. Importing a family file registers its mixers."""
+
+from . import attention  # noqa: F401  (registers "softmax", "pointwise")
+from .base import Mixer
+from .registry import MixerInfo, create_mixer, list_mixers, mixer_info, register_mixer
+
+__all__ = ["Mixer", "MixerInfo", "create_mixer", "list_mixers", "mixer_info", "register_mixer"]

@@ -1,0 +1,51 @@
+"""The base every mixer module derives from: input checks and the decoding contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..functional._checks import check_attention_mask, check_float_tensor, check_positive_int
+
+
+class Mixer(nn.Module):
+    """A token mixer: ``forward(x, attention_mask=None)`` maps (B, N, dim) to (B, N, dim).
+
+    Causal mixers also decode: ``state = init_state(batch_size)``, then ``y_t, state = step(x_t, state)``
+    with x_t: (B, dim); stepping through a sequence reproduces the causal forward. States are updated in
+    place and returned.
+    """
+
+    mixer_name: str = ""
+
+    def __init__(self, dim: int, *, causal: bool = False) -> None:
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        self.causal = bool(causal)
+
+    def check_input(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validate x: (B, N, dim) and the (B, N) padding mask; return x and the mask as bool (or None)."""
+        check_float_tensor("x", x, "(B, N, dim)")
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
+        return x, check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
+
+    def check_step_input(self, x_t: torch.Tensor) -> torch.Tensor:
+        if not self.causal:
+            raise RuntimeError(
+                f"{type(self).__name__} was built with causal=False; step decoding needs causal=True"
+            )
+        check_float_tensor("x_t", x_t, "(B, dim)")
+        if x_t.shape[-1] != self.dim:
+            raise ValueError(f"x_t must have shape (B, dim={self.dim}), got {tuple(x_t.shape)}")
+        return x_t
+
+    def init_state(self, batch_size: int) -> Any:
+        raise NotImplementedError
+
+    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
