@@ -76,7 +76,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Ten
     return diff / denom if denom > 0 else diff
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, *, mask=None, what: str = "") -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, tol: float, *, mask=None, what: str = ""
+) -> None:
     """Relative error of ``actual`` against ``expected`` is at most ``tol``, and everything is finite."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"

@@ -49,7 +49,12 @@ cases = st.fixed_dictionaries(
 def _inputs(case, requires_grad=True):
     gen = torch.Generator().manual_seed(case["seed"])
     q, k, v = random_qkv(
-        case["batch"], case["heads"], case["seq_len"], case["dk"], case["dv"], generator=gen,
+        case["batch"],
+        case["heads"],
+        case["seq_len"],
+        case["dk"],
+        case["dv"],
+        generator=gen,
         requires_grad=requires_grad,
     )
     mask = random_mask(case["batch"], case["seq_len"], gen) if case["masked"] else None
@@ -72,8 +77,10 @@ def _check_against_reference(op, ref, case, **options):
         expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out, allow_unused=True)
     else:  # every query is padding: no specified output depends on the inputs
         expected_grads = (None, None, None)
-    expected_grads = [torch.zeros_like(t) if g is None else g for t, g in zip((q, k, v), expected_grads)]
-    for name, got, want in zip("qkv", grads, expected_grads):
+    expected_grads = [
+        torch.zeros_like(t) if g is None else g for t, g in zip((q, k, v), expected_grads, strict=True)
+    ]
+    for name, got, want in zip("qkv", grads, expected_grads, strict=True):
         assert_close(got, want, 1e-6, what=f"grad {name}")
 
 
@@ -86,8 +93,13 @@ def _check_against_reference(op, ref, case, **options):
 )
 def test_pointwise_matches_reference(case, activation, alpha, length, scale):
     _check_against_reference(
-        F.pointwise_attention, reference.pointwise_attention, case,
-        activation=activation, alpha=alpha, length=length, scale=scale,
+        F.pointwise_attention,
+        reference.pointwise_attention,
+        case,
+        activation=activation,
+        alpha=alpha,
+        length=length,
+        scale=scale,
     )
 
 
@@ -155,7 +167,9 @@ def test_pointwise_half_precision_does_not_overflow(dtype):
     k = torch.full((1, 2, 64, 4), 17.0) + torch.rand(1, 2, 64, 4, generator=gen)
     v = torch.rand(1, 2, 64, 4, generator=gen) * 1e-2
     out = F.pointwise_attention(q.to(dtype), k.to(dtype), v.to(dtype), activation="relu2", scale=1.0)
-    expected = reference.pointwise_attention(q.to(dtype), k.to(dtype), v.to(dtype), activation="relu2", scale=1.0)
+    expected = reference.pointwise_attention(
+        q.to(dtype), k.to(dtype), v.to(dtype), activation="relu2", scale=1.0
+    )
     assert expected.abs().max() < 6e4 and (q * k).sum(-1).square().max() > 6.6e4
     assert_close(out, expected, 1e-2, what=str(dtype))
 
@@ -175,7 +189,7 @@ def test_inputs_are_not_modified(op):
     q, k, v = random_qkv(1, 2, 20, 4, 4, requires_grad=True)
     before = [t.detach().clone() for t in (q, k, v)]
     op(q, k, v, causal=True).sum().backward()
-    for original, tensor in zip(before, (q, k, v)):
+    for original, tensor in zip(before, (q, k, v), strict=True):
         assert torch.equal(original, tensor.detach())
 
 

@@ -35,9 +35,13 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> None:
     for name in names[1:]:
         other = tensors[name]
         if other.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {other.dtype} but {names[0]} has {first.dtype}; they must match")
+            raise TypeError(
+                f"{name} has dtype {other.dtype} but {names[0]} has {first.dtype}; they must match"
+            )
         if other.device != first.device:
-            raise ValueError(f"{name} is on {other.device} but {names[0]} is on {first.device}; they must match")
+            raise ValueError(
+                f"{name} is on {other.device} but {names[0]} is on {first.device}; they must match"
+            )
 
 
 def check_dims(expected: dict[str, int], **tensor_dims: tuple[torch.Tensor, Sequence[str]]) -> dict[str, int]:

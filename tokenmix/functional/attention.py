@@ -240,7 +240,9 @@ class _PointwiseAttention(torch.autograd.Function):
             weights = act.forward(scores)
             grad_weights = torch.bmm(values[:, start:end], grads.transpose(1, 2))
             for pairs in (weights, grad_weights):
-                _zero_excluded(pairs, key_mask, causal, row_start=start, column_start=query_start, keys_first=True)
+                _zero_excluded(
+                    pairs, key_mask, causal, row_start=start, column_start=query_start, keys_first=True
+                )
             torch.bmm(weights, grads, out=grad_v[:, start:end])
             grad_scores = act.backward(scores, weights, grad_weights)
             torch.bmm(grad_scores, queries, out=grad_k[:, start:end])
@@ -248,12 +250,20 @@ class _PointwiseAttention(torch.autograd.Function):
         grad_q.mul_(scale)
         shape = (batch, heads, seq_len, -1)
         return (
-            grad_q.view(shape).to(q.dtype), grad_k.view(shape).to(k.dtype), grad_v.view(shape).to(v.dtype),
-            None, None, None, None, None,
+            grad_q.view(shape).to(q.dtype),
+            grad_k.view(shape).to(k.dtype),
+            grad_v.view(shape).to(v.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
-def _check_pointwise_options(activation: str, alpha: float, length: int | None) -> tuple[str, float, int | None]:
+def _check_pointwise_options(
+    activation: str, alpha: float, length: int | None
+) -> tuple[str, float, int | None]:
     return (
         check_choice("activation", activation, tuple(ACTIVATIONS)),
         check_real("alpha", alpha),
@@ -300,8 +310,14 @@ def pointwise_attention(
     scale = _default_scale(scale, sizes["K"])
     key_mask = check_attention_mask(attention_mask, sizes["B"], sizes["N"], q.device)
     row_scale = _row_scale(
-        key_mask, sizes["B"], sizes["N"], alpha=alpha, causal=causal, length=length,
-        dtype=compute_dtype(q.dtype), device=q.device,
+        key_mask,
+        sizes["B"],
+        sizes["N"],
+        alpha=alpha,
+        causal=causal,
+        length=length,
+        dtype=compute_dtype(q.dtype),
+        device=q.device,
     )
     if key_mask is not None:
         key_mask = key_mask.repeat_interleave(sizes["H"], dim=0)  # (B·H, N), as q is flattened

@@ -124,8 +124,16 @@ class SoftmaxAttention(MultiHeadAttention):
         dropout: float = 0.0,
     ) -> None:
         super().__init__(
-            dim, causal=causal, heads=heads, head_dim=head_dim, qk_layernorm=qk_layernorm, rope=rope,
-            rope_base=rope_base, gate=gate, bias=bias, dropout=dropout,
+            dim,
+            causal=causal,
+            heads=heads,
+            head_dim=head_dim,
+            qk_layernorm=qk_layernorm,
+            rope=rope,
+            rope_base=rope_base,
+            gate=gate,
+            bias=bias,
+            dropout=dropout,
         )
 
     def attend(self, q, k, v, attention_mask):
@@ -175,11 +183,21 @@ class PointwiseAttention(MultiHeadAttention):
         dropout: float = 0.0,
     ) -> None:
         super().__init__(
-            dim, causal=causal, heads=heads, head_dim=head_dim, qk_layernorm=qk_layernorm, rope=rope,
-            rope_base=rope_base, gate=gate, bias=bias, dropout=dropout,
+            dim,
+            causal=causal,
+            heads=heads,
+            head_dim=head_dim,
+            qk_layernorm=qk_layernorm,
+            rope=rope,
+            rope_base=rope_base,
+            gate=gate,
+            bias=bias,
+            dropout=dropout,
         )
         # Validate now so a bad option fails at construction, not at the first forward.
-        self.activation, self.alpha, self.length = attention_ops._check_pointwise_options(activation, alpha, length)
+        self.activation, self.alpha, self.length = attention_ops._check_pointwise_options(
+            activation, alpha, length
+        )
 
     def _options(self) -> dict:
         return {"activation": self.activation, "alpha": self.alpha, "length": self.length}

@@ -17,7 +17,9 @@ class KVCache:
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add (B, H, n, D) keys and values; return the whole cache so far."""
         if keys.shape[0] != self.batch_size:
-            raise ValueError(f"state was made for batch_size={self.batch_size}, got a batch of {keys.shape[0]}")
+            raise ValueError(
+                f"state was made for batch_size={self.batch_size}, got a batch of {keys.shape[0]}"
+            )
         new_length = self.length + keys.shape[-2]
         if self._keys is None or new_length > self._keys.shape[-2]:
             capacity = max(16, 2 * new_length)

@@ -37,7 +37,9 @@ def register_mixer(name: str, *, paper: str, time: str, memory: str, state: str)
 
     def decorate(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _MIXERS:
-            raise ValueError(f"a mixer named {name!r} is already registered ({_MIXERS[name].cls.__qualname__})")
+            raise ValueError(
+                f"a mixer named {name!r} is already registered ({_MIXERS[name].cls.__qualname__})"
+            )
         params = inspect.signature(cls.__init__).parameters
         options = {
             p.name: p.default

@@ -1,0 +1,142 @@
+"""LanguageModel, SequenceClassifier and VisionTransformer with every mixer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.reference import assert_close
+from tokenmix import list_mixers
+from tokenmix.models import LanguageModel, SequenceClassifier, VisionTransformer
+
+VOCAB = 37
+
+
+def tokens(batch=2, seq_len=11, seed=0):
+    return torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def language_model(mixer="softmax", **options):
+    torch.manual_seed(0)
+    return LanguageModel(VOCAB, dim=32, depth=2, mixer=mixer, max_len=64, **options).eval()
+
+
+@pytest.mark.parametrize("mixer", list_mixers())
+@pytest.mark.parametrize("positions", ["learned", "rope", "none"])
+def test_language_model_steps_reproduce_forward(mixer, positions):
+    model = language_model(mixer, positions=positions)
+    x = tokens()
+    with torch.no_grad():
+        logits = model(x)
+        assert logits.shape == (*x.shape, VOCAB)
+        state = model.init_state(x.shape[0])
+        stepped = []
+        for t in range(x.shape[1]):
+            step_logits, state = model.step(x[:, t], state)
+            stepped.append(step_logits)
+    assert_close(torch.stack(stepped, 1), logits, 1e-5)
+
+
+def test_language_model_is_causal_and_ties_weights():
+    model = language_model()
+    x = tokens()
+    changed = x.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % VOCAB
+    assert torch.equal(model(x)[:, :6], model(changed)[:, :6])
+    assert not torch.allclose(model(x)[:, 6:], model(changed)[:, 6:])
+    assert model.head.weight is model.embedding.weight
+
+
+def test_greedy_generation_follows_the_forward_argmax():
+    model = language_model("pointwise")
+    prompt = tokens(seq_len=4)
+    out = model.generate(prompt, 6, temperature=0)
+    assert out.shape == (2, 10) and torch.equal(out[:, :4], prompt)
+    # Each generated token is the argmax of the full forward over everything before it.
+    assert torch.equal(model(out[:, :-1]).argmax(-1)[:, 3:], out[:, 4:])
+
+
+def test_sampling_respects_top_k_and_the_generator():
+    model = language_model()
+    prompt = tokens(seq_len=3)
+    first = model.generate(prompt, 8, top_k=1, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(first, model.generate(prompt, 8, temperature=0))  # top-1 sampling is greedy
+    a = model.generate(prompt, 8, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, 8, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_per_layer_mixers_and_options():
+    model = LanguageModel(
+        VOCAB,
+        dim=32,
+        depth=2,
+        mixer=["softmax", "pointwise"],
+        layer_options=[{"heads": 4}, {"heads": 2, "activation": "relu2"}],
+    )
+    assert [block.mixer.heads for block in model.backbone.blocks] == [4, 2]
+    assert model.backbone.blocks[1].mixer.activation == "relu2"
+    assert model(tokens()).shape == (2, 11, VOCAB)
+    with pytest.raises(ValueError, match="depth=3"):
+        LanguageModel(VOCAB, dim=32, depth=3, mixer=["softmax", "pointwise"])
+
+
+def test_ffn_can_be_turned_off():
+    model = LanguageModel(VOCAB, dim=32, depth=2, ffn=False)
+    assert all(block.ffn is None for block in model.backbone.blocks)
+    assert model(tokens()).shape == (2, 11, VOCAB)
+
+
+def test_model_errors_are_clear():
+    model = language_model()
+    with pytest.raises(ValueError, match="max_len=64"):
+        model(tokens(seq_len=65))
+    with pytest.raises(ValueError, match="vocab_size=37"):
+        model(torch.full((1, 3), VOCAB))
+    with pytest.raises(TypeError, match="int64"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(TypeError, match="accepted"):
+        LanguageModel(VOCAB, dim=32, depth=1, mixer_options={"window": 3})
+    with pytest.raises(ValueError, match="unknown mixer"):
+        LanguageModel(VOCAB, dim=32, depth=1, mixer="nope")
+    with pytest.raises(ValueError, match="positions"):
+        LanguageModel(VOCAB, dim=32, depth=1, positions="sinusoidal")
+    state = model.init_state(1)
+    state.position = 64
+    with pytest.raises(ValueError, match="max_len=64"):
+        model.step(torch.zeros(1, dtype=torch.long), state)
+
+
+@pytest.mark.parametrize("mixer", list_mixers())
+def test_classifier_pools_real_tokens_only(mixer):
+    torch.manual_seed(0)
+    model = SequenceClassifier(VOCAB, 5, dim=32, depth=2, mixer=mixer).eval()
+    x = tokens(seq_len=9)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[0, 6:] = False
+    changed = x.clone()
+    changed[0, 6:] = (changed[0, 6:] + 3) % VOCAB
+    logits = model(x, mask)
+    assert logits.shape == (2, 5)
+    assert_close(model(changed, mask), logits, 1e-6)
+    assert not torch.allclose(model(changed), model(x))  # without the mask the change is seen
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("mixer", list_mixers())
+def test_vision_transformer(pool, mixer):
+    model = VisionTransformer(12, 4, 10, in_channels=1, dim=32, depth=2, mixer=mixer, pool=pool)
+    images = torch.randn(3, 1, 12, 12)
+    logits = model(images)
+    assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert model.patch_embedding.weight.grad.abs().sum() > 0
+    assert model.backbone.position_embedding.num_embeddings == 9 + (pool == "cls")
+
+
+def test_vision_transformer_errors():
+    with pytest.raises(ValueError, match="patch_size 5 must divide image_size 12"):
+        VisionTransformer(12, 5, 10)
+    model = VisionTransformer((8, 12), (4, 4), 10, dim=16, depth=1, mixer_options={"heads": 2})
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 8, 12\)"):
+        model(torch.randn(2, 3, 12, 8))

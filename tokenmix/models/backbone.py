@@ -1,0 +1,145 @@
+"""The residual stack every model shares: positions, pre-norm blocks of mixer + FFN, a final norm."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..functional._checks import check_choice, check_positive_int, check_real
+from ..mixers import create_mixer
+
+POSITIONS = ("learned", "rope", "none")
+
+
+class FeedForward(nn.Sequential):
+    """Linear(dim → mult·dim), GELU, Linear(mult·dim → dim), dropout."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__(
+            nn.Linear(dim, mult * dim), nn.GELU(), nn.Linear(mult * dim, dim), nn.Dropout(dropout)
+        )
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) unless ``ffn`` is None."""
+
+    def __init__(self, dim: int, mixer: nn.Module, ffn: nn.Module | None) -> None:
+        super().__init__()
+        self.mixer_norm, self.mixer = nn.LayerNorm(dim), mixer
+        self.ffn_norm = nn.LayerNorm(dim) if ffn is not None else None
+        self.ffn = ffn
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.ffn is None else x + self.ffn(self.ffn_norm(x))
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self._ffn(x + self.mixer(self.mixer_norm(x), attention_mask))
+
+    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        y_t, state = self.mixer.step(self.mixer_norm(x_t), state)
+        return self._ffn(x_t + y_t), state
+
+
+@dataclass
+class BackboneState:
+    """Decoding state of a stack: one state per layer and the next position."""
+
+    layers: list[Any]
+    position: int = 0
+
+
+def _per_layer(value: Any, depth: int, name: str) -> list[Any]:
+    if isinstance(value, (str, Mapping)) or value is None:
+        return [value] * depth
+    values = list(value)
+    if len(values) != depth:
+        raise ValueError(
+            f"{name} has {len(values)} entries but depth={depth}; give one per layer or a single one"
+        )
+    return values
+
+
+class Backbone(nn.Module):
+    """Embeddings (B, N, dim) → hidden states (B, N, dim) through ``depth`` mixer blocks.
+
+    Args:
+        dim, depth: width and number of blocks.
+        mixer: a registered mixer name, or one name per layer (hybrid stacks).
+        causal: build causal mixers (needed for decoding).
+        mixer_options: options for every layer's mixer; ``layer_options``: a list of ``depth`` dicts
+            merged on top per layer (e.g. a kernel size per layer).
+        ffn: add a feed-forward sublayer to each block (False for mixers with their own gating, e.g. GAU).
+        positions: ``"learned"`` absolute embeddings (up to ``max_len``), ``"rope"`` (passed to the mixers
+            as ``rope=True``), or ``"none"``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        mixer: str | Sequence[str] = "softmax",
+        *,
+        causal: bool = False,
+        mixer_options: Mapping[str, Any] | None = None,
+        layer_options: Sequence[Mapping[str, Any]] | None = None,
+        ffn: bool = True,
+        ffn_mult: int = 4,
+        positions: str = "learned",
+        max_len: int = 1024,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.dim = check_positive_int("dim", dim)
+        depth = check_positive_int("depth", depth)
+        self.positions = check_choice("positions", positions, POSITIONS)
+        self.max_len = check_positive_int("max_len", max_len)
+        self.causal = bool(causal)
+        dropout = check_real("dropout", dropout)
+        names = _per_layer(mixer, depth, "mixer")
+        per_layer = _per_layer(layer_options, depth, "layer_options")
+        blocks = []
+        for name, extra in zip(names, per_layer, strict=True):
+            options = {**(mixer_options or {}), **(extra or {})}
+            if positions == "rope":
+                options.setdefault("rope", True)
+            mixer_module = create_mixer(name, dim, causal=causal, **options)
+            blocks.append(Block(dim, mixer_module, FeedForward(dim, ffn_mult, dropout) if ffn else None))
+        self.blocks = nn.ModuleList(blocks)
+        self.position_embedding = nn.Embedding(max_len, dim) if positions == "learned" else None
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+        if self.position_embedding is not None:
+            nn.init.normal_(self.position_embedding.weight, std=0.02)
+
+    def _positions(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + x.shape[-2]
+        if self.position_embedding is None:
+            return x
+        if end > self.max_len:
+            raise ValueError(
+                f"sequence of length {end} is longer than the learned position table (max_len={self.max_len})"
+            )
+        return x + self.position_embedding.weight[start:end]
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.dropout(self._positions(x, 0))
+        for block in self.blocks:
+            x = block(x, attention_mask)
+        return self.norm(x)
+
+    def init_state(self, batch_size: int) -> BackboneState:
+        if not self.causal:
+            raise RuntimeError("decoding needs a causal model (causal=True)")
+        return BackboneState([block.mixer.init_state(batch_size) for block in self.blocks])
+
+    def step(self, x_t: torch.Tensor, state: BackboneState) -> tuple[torch.Tensor, BackboneState]:
+        """One token (B, dim) at position ``state.position`` → its hidden state (B, dim)."""
+        x_t = self.dropout(self._positions(x_t[:, None], state.position)[:, 0])
+        for i, block in enumerate(self.blocks):
+            x_t, state.layers[i] = block.step(x_t, state.layers[i])
+        state.position += 1
+        return self.norm(x_t), state

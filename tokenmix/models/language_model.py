@@ -1,0 +1,158 @@
+"""Token models: a causal language model and an encoder classifier, both on the shared Backbone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..functional._checks import check_attention_mask, check_positive_int, check_real
+from .backbone import Backbone, BackboneState
+
+
+def _check_tokens(
+    tokens: torch.Tensor, vocab_size: int, layout: str = "(B, N)", ndim: int = 2
+) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"tokens must be an int64/int32 tensor of shape {layout}, got {getattr(tokens, 'dtype', tokens)}"
+        )
+    if tokens.dim() != ndim:
+        raise ValueError(f"tokens must have shape {layout}, got {tuple(tokens.shape)}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(
+            f"tokens must lie in [0, vocab_size={vocab_size}), got values in [{tokens.min()}, {tokens.max()}]"
+        )
+    return tokens
+
+
+class TokenEmbedding(nn.Embedding):
+    def __init__(self, vocab_size: int, dim: int) -> None:
+        super().__init__(check_positive_int("vocab_size", vocab_size), dim)
+        nn.init.normal_(self.weight, std=0.02)
+
+
+class LanguageModel(nn.Module):
+    """Causal language model: embedding → Backbone (causal) → tied output head.
+
+    ``forward(tokens (B, N), attention_mask=None)`` returns logits (B, N, vocab_size). ``generate`` decodes
+    token by token through the mixers' states. Backbone options (``mixer``, ``mixer_options``,
+    ``layer_options``, ``ffn``, ``positions``, ``max_len``, ...) are passed through.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int = 256,
+        depth: int = 4,
+        mixer: str | Sequence[str] = "softmax",
+        *,
+        tie_weights: bool = True,
+        **backbone_options: Any,
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding = TokenEmbedding(vocab_size, dim)
+        self.backbone = Backbone(dim, depth, mixer, causal=True, **backbone_options)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        if tie_weights:
+            self.head.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = _check_tokens(tokens, self.vocab_size)
+        return self.head(self.backbone(self.embedding(tokens), attention_mask))
+
+    def init_state(self, batch_size: int) -> BackboneState:
+        return self.backbone.init_state(check_positive_int("batch_size", batch_size))
+
+    def step(self, tokens: torch.Tensor, state: BackboneState) -> tuple[torch.Tensor, BackboneState]:
+        """Next-token logits (B, vocab_size) after feeding ``tokens`` (B,) at position ``state.position``."""
+        tokens = _check_tokens(tokens, self.vocab_size, "(B,)", ndim=1)
+        hidden, state = self.backbone.step(self.embedding(tokens), state)
+        return self.head(hidden), state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend ``prompt`` (B, T ≥ 1) by ``max_new_tokens`` sampled tokens → (B, T + max_new_tokens).
+
+        The prompt is fed through the decoding states one token at a time, then each new token is sampled
+        from softmax(logits / temperature) restricted to the ``top_k`` most likely; temperature 0 is greedy.
+        """
+        prompt = _check_tokens(prompt, self.vocab_size)
+        if prompt.shape[1] == 0:
+            raise ValueError("prompt must hold at least one token per sequence")
+        max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
+        temperature = check_real("temperature", temperature)
+        if temperature < 0:
+            raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+        top_k = check_positive_int("top_k", top_k, allow_none=True)
+        state = self.init_state(prompt.shape[0])
+        for t in range(prompt.shape[1]):
+            logits, state = self.step(prompt[:, t], state)
+        tokens = [prompt]
+        for _ in range(max_new_tokens):
+            next_token = _sample(logits, temperature, top_k, generator)
+            tokens.append(next_token[:, None])
+            logits, state = self.step(next_token, state)
+        return torch.cat(tokens, dim=1)
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        threshold = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder classifier: embedding → Backbone → mean over real tokens → Linear(dim → num_classes).
+
+    ``forward(tokens (B, N), attention_mask=None)`` returns logits (B, num_classes). Bidirectional by
+    default; ``causal=True`` builds causal mixers.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        dim: int = 256,
+        depth: int = 4,
+        mixer: str | Sequence[str] = "softmax",
+        *,
+        causal: bool = False,
+        **backbone_options: Any,
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding = TokenEmbedding(vocab_size, dim)
+        self.backbone = Backbone(dim, depth, mixer, causal=causal, **backbone_options)
+        self.head = nn.Linear(dim, check_positive_int("num_classes", num_classes))
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = _check_tokens(tokens, self.vocab_size)
+        mask = check_attention_mask(attention_mask, tokens.shape[0], tokens.shape[1], tokens.device)
+        hidden = self.backbone(self.embedding(tokens), mask)
+        return self.head(masked_mean(hidden, mask))
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of (B, N, D) over the real positions of a (B, N) mask → (B, D)."""
+    if mask is None:
+        return hidden.mean(1)
+    weights = mask.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
