@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -40,10 +41,24 @@ cases = st.fixed_dictionaries(
         "dv": st.integers(1, 6),
         "causal": st.booleans(),
         "masked": st.booleans(),
-        "block_elements": st.sampled_from([1, 64, 1 << 22]),  # many blocks of 16 rows, or one block
+        "tiling": st.sampled_from(["small", "grouped", "default"]),
         "seed": st.integers(0, 2**31 - 1),
     }
 )
+
+
+TILINGS = {
+    "small": dict(_BLOCK_ROWS=4, _CAUSAL_BLOCK_ROWS=3, _TILE_ELEMENTS=1),  # many tiles, one head each
+    "grouped": dict(_BLOCK_ROWS=5, _CAUSAL_BLOCK_ROWS=5, _TILE_ELEMENTS=200),  # several heads per tile
+    "default": {},
+}
+
+
+def tiling(name: str) -> contextlib.AbstractContextManager:
+    """Patch the op's tile sizes so small inputs cross tile boundaries."""
+    return (
+        mock.patch.multiple(attention_module, **TILINGS[name]) if TILINGS[name] else contextlib.nullcontext()
+    )
 
 
 def _inputs(case, requires_grad=True):
@@ -63,7 +78,7 @@ def _inputs(case, requires_grad=True):
 
 def _check_against_reference(op, ref, case, **options):
     q, k, v, mask, gen = _inputs(case)
-    with mock.patch.object(attention_module, "_BLOCK_ELEMENTS", case["block_elements"]):
+    with tiling(case["tiling"]):
         out = op(q, k, v, causal=case["causal"], attention_mask=mask, **options)
         expected = ref(q, k, v, causal=case["causal"], attention_mask=mask, **options)
         rows = query_mask(mask, out.shape)
@@ -114,7 +129,7 @@ def test_pointwise_gradcheck(activation, causal):
     gen = torch.Generator().manual_seed(0)
     q, k, v = random_qkv(2, 2, 5, 3, 4, generator=gen, requires_grad=True)
     mask = torch.tensor([[True, True, False, True, True], [False, True, True, True, False]])
-    with mock.patch.object(attention_module, "_BLOCK_ELEMENTS", 1):  # 16-row blocks: still one block
+    with tiling("grouped"):
         assert torch.autograd.gradcheck(
             lambda q, k, v: F.pointwise_attention(
                 q, k, v, activation=activation, causal=causal, attention_mask=mask, alpha=0.7
@@ -127,7 +142,7 @@ def test_pointwise_gradcheck(activation, causal):
 def test_pointwise_gradcheck_across_blocks(causal):
     gen = torch.Generator().manual_seed(1)
     q, k, v = random_qkv(1, 2, 37, 3, 2, generator=gen, requires_grad=True)
-    with mock.patch.object(attention_module, "_BLOCK_ELEMENTS", 1):  # 16-row blocks: three of them
+    with tiling("small"):
         assert torch.autograd.gradcheck(
             lambda q, k, v: F.pointwise_attention(q, k, v, activation="gelu", causal=causal), (q, k, v)
         )

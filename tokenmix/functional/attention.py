@@ -123,16 +123,22 @@ ACTIVATIONS: dict[str, Activation] = {
     "sigmoid": Activation(torch.sigmoid, lambda s, a, g: _aten.sigmoid_backward(g, a)),
 }
 
-# Rows per block are chosen so one (B·H, rows, N) score block holds about this many elements: large
-# enough for efficient matmuls, small enough that N = 8192 never holds an (H, N, N) tensor.
-# Causal blocks are capped in rows so that little of the skipped upper triangle is computed anyway.
-_BLOCK_ELEMENTS = 1 << 22
-_CAUSAL_BLOCK_ROWS = 128
+# A score tile is (group of batch·heads, rows, N). Tall tiles of one head beat many heads of few rows on
+# the CPU (each matmul gets a tall operand); heads are grouped only while the tile stays small (short
+# sequences). Causal tiles have fewer rows so that little of the skipped upper triangle is computed.
+_BLOCK_ROWS = 512
+_CAUSAL_BLOCK_ROWS = 256
+_TILE_ELEMENTS = 1 << 19
 
 
-def _block_rows(batch_heads: int, seq_len: int, causal: bool) -> int:
-    rows = min(seq_len, _BLOCK_ELEMENTS // max(1, batch_heads * seq_len))
-    return max(16, min(rows, _CAUSAL_BLOCK_ROWS) if causal else rows)
+def _tiles(batch_heads: int, seq_len: int, causal: bool):
+    """Yield (slice of batch·heads, first row, end row) covering every (head, row) once."""
+    rows = min(seq_len, _CAUSAL_BLOCK_ROWS if causal else _BLOCK_ROWS)
+    group = max(1, _TILE_ELEMENTS // (rows * seq_len))
+    for first in range(0, batch_heads, group):
+        heads = slice(first, min(batch_heads, first + group))
+        for start in range(0, seq_len, rows):
+            yield heads, start, min(seq_len, start + rows)
 
 
 def _zero_excluded(
@@ -207,13 +213,13 @@ class _PointwiseAttention(torch.autograd.Function):
         q_scaled, keys, values = _flat(q, dtype) * scale, _flat(k, dtype), _flat(v, dtype)
         act = ACTIVATIONS[activation]
         out = q_scaled.new_empty(batch * heads, seq_len, v.shape[-1])
-        block = _block_rows(batch * heads, seq_len, causal)
-        for start in range(0, seq_len, block):
-            end = min(seq_len, start + block)
+        for group, start, end in _tiles(batch * heads, seq_len, causal):
             key_end = end if causal else seq_len
-            weights = act.forward(torch.bmm(q_scaled[:, start:end], keys[:, :key_end].transpose(1, 2)))
-            _zero_excluded(weights, key_mask, causal, row_start=start, column_start=0, keys_first=False)
-            out[:, start:end] = torch.bmm(weights, values[:, :key_end])
+            scores = torch.bmm(q_scaled[group, start:end], keys[group, :key_end].transpose(1, 2))
+            weights = act.forward(scores)
+            mask = None if key_mask is None else key_mask[group]
+            _zero_excluded(weights, mask, causal, row_start=start, column_start=0, keys_first=False)
+            out[group, start:end] = torch.bmm(weights, values[group, :key_end])
         out = out.view(batch, heads, seq_len, -1).mul_(row_scale)
         ctx.save_for_backward(q, k, v, key_mask, row_scale)
         ctx.options = (activation, scale, causal)
@@ -230,23 +236,22 @@ class _PointwiseAttention(torch.autograd.Function):
         act = ACTIVATIONS[activation]
         grad_q = torch.zeros_like(q_scaled)
         grad_k, grad_v = torch.empty_like(keys), torch.empty_like(values)
-        block = _block_rows(batch * heads, seq_len, causal)
-        for start in range(0, seq_len, block):
-            end = min(seq_len, start + block)
+        for group, start, end in _tiles(batch * heads, seq_len, causal):
             query_start = start if causal else 0  # earlier queries never see these keys
-            queries, grads = q_scaled[:, query_start:], grad[:, query_start:]
-            key_block = keys[:, start:end]
-            scores = torch.bmm(key_block, queries.transpose(1, 2))  # (BH, keys, queries)
+            queries, grads = q_scaled[group, query_start:], grad[group, query_start:]
+            key_block = keys[group, start:end]
+            scores = torch.bmm(key_block, queries.transpose(1, 2))  # (heads, keys, queries)
             weights = act.forward(scores)
-            grad_weights = torch.bmm(values[:, start:end], grads.transpose(1, 2))
+            grad_weights = torch.bmm(values[group, start:end], grads.transpose(1, 2))
+            mask = None if key_mask is None else key_mask[group]
             for pairs in (weights, grad_weights):
                 _zero_excluded(
-                    pairs, key_mask, causal, row_start=start, column_start=query_start, keys_first=True
+                    pairs, mask, causal, row_start=start, column_start=query_start, keys_first=True
                 )
-            torch.bmm(weights, grads, out=grad_v[:, start:end])
+            torch.bmm(weights, grads, out=grad_v[group, start:end])
             grad_scores = act.backward(scores, weights, grad_weights)
-            torch.bmm(grad_scores, queries, out=grad_k[:, start:end])
-            grad_q[:, query_start:].baddbmm_(grad_scores.transpose(1, 2), key_block)
+            torch.bmm(grad_scores, queries, out=grad_k[group, start:end])
+            grad_q[group, query_start:].baddbmm_(grad_scores.transpose(1, 2), key_block)
         grad_q.mul_(scale)
         shape = (batch, heads, seq_len, -1)
         return (
