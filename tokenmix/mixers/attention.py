@@ -18,6 +18,24 @@ from .cache import KVCache
 from .registry import register_mixer
 from .rotary import RotaryEmbedding
 
+_SHARED_OPTIONS = (
+    "causal",
+    "heads",
+    "head_dim",
+    "qk_layernorm",
+    "rope",
+    "rope_base",
+    "gate",
+    "bias",
+    "dropout",
+)
+
+
+def _shared_options(arguments: dict) -> dict:
+    """The base-class options out of a subclass's call arguments (each subclass lists every option in
+    its own signature, with its own defaults, because the registry reads options from there)."""
+    return {name: arguments[name] for name in _SHARED_OPTIONS}
+
 
 class MultiHeadAttention(Mixer):
     """Shared projections, qk-layernorm, RoPE, gate and KV-cache decoding; subclasses choose the op."""
@@ -123,18 +141,7 @@ class SoftmaxAttention(MultiHeadAttention):
         bias: bool = True,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(
-            dim,
-            causal=causal,
-            heads=heads,
-            head_dim=head_dim,
-            qk_layernorm=qk_layernorm,
-            rope=rope,
-            rope_base=rope_base,
-            gate=gate,
-            bias=bias,
-            dropout=dropout,
-        )
+        super().__init__(dim, **_shared_options(locals()))
 
     def attend(self, q, k, v, attention_mask):
         return attention_ops.softmax_attention(q, k, v, causal=self.causal, attention_mask=attention_mask)
@@ -182,18 +189,7 @@ class PointwiseAttention(MultiHeadAttention):
         bias: bool = True,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(
-            dim,
-            causal=causal,
-            heads=heads,
-            head_dim=head_dim,
-            qk_layernorm=qk_layernorm,
-            rope=rope,
-            rope_base=rope_base,
-            gate=gate,
-            bias=bias,
-            dropout=dropout,
-        )
+        super().__init__(dim, **_shared_options(locals()))
         # Validate now so a bad option fails at construction, not at the first forward.
         self.activation, self.alpha, self.length = attention_ops._check_pointwise_options(
             activation, alpha, length
