@@ -91,3 +91,27 @@ def query_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.
     if attention_mask is None:
         return None
     return attention_mask.bool()[:, None, :, None].expand(shape)
+
+
+def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal=False, attention_mask=None):
+    """SPEC §3, term by term: quad_i over the real j of i's chunk (j ≤ i if causal) of
+    relu²(q_quad_i·k_quad_j/√S)/C · v_j, plus lin_i = q_lin_i · M_i / n_i over the real j of all chunks
+    (non-causal) or of the chunks before i's (causal; 0 when there are none)."""
+    q_quad, k_quad, q_lin, k_lin, v = (t.double() for t in (q_quad, k_quad, q_lin, k_lin, v))
+    batch, n, s = q_quad.shape
+    rows = []
+    for b in range(batch):
+        real = [attention_mask is None or bool(attention_mask[b, j]) for j in range(n)]
+        for i in range(n):
+            chunk = i // chunk_size
+            out = torch.zeros(v.shape[-1], dtype=torch.float64)
+            for j in range(n):
+                if real[j] and j // chunk_size == chunk and (not causal or j <= i):
+                    score = (q_quad[b, i] * k_quad[b, j]).sum() / math.sqrt(s)
+                    out = out + torch.where(score > 0, score * score, 0 * score) / chunk_size * v[b, j]
+            linear = [j for j in range(n) if real[j] and (not causal or j // chunk_size < chunk)]
+            if linear:
+                state = sum(torch.outer(k_lin[b, j], v[b, j]) for j in linear)
+                out = out + q_lin[b, i] @ state / len(linear)
+            rows.append(out)
+    return torch.stack(rows).view(batch, n, -1)

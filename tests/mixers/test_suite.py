@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.reference import assert_close
+from tests.reference import assert_close, relative_error
 from tokenmix import create_mixer, list_mixers, mixer_info
 
 DIM = 32
-# Smaller-than-default options where a default would make the suite slow; empty for most mixers.
-SMALL_OPTIONS: dict[str, dict] = {}
+# Options that make the suite's short sequences exercise what the defaults only reach on long ones.
+SMALL_OPTIONS: dict[str, dict] = {"flash": {"chunk_size": 5}}  # several chunks, the last one partial
 
 
 def make(name: str, causal: bool, dtype=torch.float64, seed: int = 0, **options) -> torch.nn.Module:
@@ -87,7 +87,8 @@ def test_bidirectional_mixer_sees_the_future(name):
     x, _, gen = random_inputs(seq_len=9)
     changed = x.clone()
     changed[:, -1] = torch.randn(changed[:, -1].shape, generator=gen, dtype=x.dtype)
-    assert not torch.allclose(mixer(changed)[:, 0], mixer(x)[:, 0])
+    # At init some mixers (GAU's γ ~ N(0, 0.02)) barely mix, so ask for a change above float64 round-off.
+    assert relative_error(mixer(changed)[:, 0], mixer(x)[:, 0]) > 1e-12
 
 
 @names

@@ -7,9 +7,12 @@ from .attention import (
     softmax_attention,
     softmax_attention_step,
 )
+from .flash import mixed_chunk_attention, mixed_chunk_attention_step
 
 __all__ = [
     "ACTIVATIONS",
+    "mixed_chunk_attention",
+    "mixed_chunk_attention_step",
     "pointwise_attention",
     "pointwise_attention_step",
     "softmax_attention",

@@ -1,0 +1,128 @@
+"""mixed_chunk_attention against the float64 equation of SPEC §3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests import reference
+from tests.functional.test_attention import TILINGS, tiling
+from tests.reference import assert_close
+from tokenmix.functional import mixed_chunk_attention, mixed_chunk_attention_step
+
+
+def random_inputs(batch, seq_len, qk_dim, value_dim, *, seed, dtype=torch.float64, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    qk = [torch.randn(batch, seq_len, qk_dim, generator=gen, dtype=torch.float64) for _ in range(4)]
+    v = torch.randn(batch, seq_len, value_dim, generator=gen, dtype=torch.float64)
+    mask = torch.rand(batch, seq_len, generator=gen) > 0.3
+    return [t.to(dtype).requires_grad_(requires_grad) for t in (*qk, v)], mask, gen
+
+
+def check(inputs, mask, gen, chunk_size, causal, tol=1e-6):
+    out = mixed_chunk_attention(*inputs, chunk_size=chunk_size, causal=causal, attention_mask=mask)
+    expected = reference.mixed_chunk_attention(
+        *inputs, chunk_size=chunk_size, causal=causal, attention_mask=mask
+    )
+    rows = None if mask is None else mask[..., None].expand_as(out)
+    assert_close(out, expected, tol, mask=rows, what="forward")
+    if not inputs[0].requires_grad:
+        return
+    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    if rows is not None:
+        grad_out = grad_out * rows
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out, allow_unused=True)
+    for name, got, want in zip(
+        ("q_quad", "k_quad", "q_lin", "k_lin", "v"), grads, expected_grads, strict=True
+    ):
+        assert_close(got, torch.zeros_like(got) if want is None else want, tol, what=f"grad {name}")
+
+
+@given(
+    batch=st.integers(1, 2),
+    seq_len=st.integers(1, 23),
+    qk_dim=st.integers(1, 6),
+    value_dim=st.integers(1, 5),
+    chunk_size=st.integers(1, 9),
+    causal=st.booleans(),
+    masked=st.booleans(),
+    tiles=st.sampled_from(sorted(TILINGS)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_reference(batch, seq_len, qk_dim, value_dim, chunk_size, causal, masked, tiles, seed):
+    inputs, mask, gen = random_inputs(batch, seq_len, qk_dim, value_dim, seed=seed, requires_grad=True)
+    with tiling(tiles):
+        check(inputs, mask if masked else None, gen, chunk_size, causal)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 5])
+def test_causal_at_every_chunk_boundary(chunk_size):
+    """Sequences ending just before, at and after each chunk boundary, and the boundary rows themselves."""
+    for seq_len in range(chunk_size - 1, 3 * chunk_size + 2):
+        inputs, mask, gen = random_inputs(2, seq_len, 3, 4, seed=seq_len, requires_grad=True)
+        check(inputs, None, gen, chunk_size, causal=True)
+        check(inputs, mask, gen, chunk_size, causal=True)
+
+
+def test_chunk_larger_than_sequence_is_one_quadratic_chunk_plus_global_linear():
+    inputs, _, gen = random_inputs(1, 7, 3, 2, seed=0)
+    check(inputs, None, gen, chunk_size=64, causal=False)
+    check(inputs, None, gen, chunk_size=64, causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck(causal):
+    inputs, mask, _ = random_inputs(2, 7, 3, 2, seed=1, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *x: mixed_chunk_attention(*x, chunk_size=3, causal=causal, attention_mask=mask), inputs
+    )
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_low_precision(dtype, tol):
+    inputs, mask, gen = random_inputs(2, 19, 8, 6, seed=2, dtype=dtype)
+    for causal in (False, True):
+        out = mixed_chunk_attention(*inputs, chunk_size=4, causal=causal, attention_mask=mask)
+        assert out.dtype == dtype
+        check(inputs, mask, gen, 4, causal, tol)
+
+
+def test_step_reproduces_causal_rows():
+    (q_quad, k_quad, q_lin, k_lin, v), _, _ = random_inputs(2, 13, 4, 3, seed=3)
+    chunk_size = 4
+    full = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=chunk_size, causal=True)
+    state, count = torch.zeros(2, 4, 3, dtype=torch.float64), 0
+    for t in range(13):
+        start = t - t % chunk_size
+        row = mixed_chunk_attention_step(
+            q_quad[:, t],
+            q_lin[:, t],
+            k_quad[:, start : t + 1],
+            v[:, start : t + 1],
+            state,
+            count,
+            chunk_size=chunk_size,
+        )
+        assert_close(row, full[:, t], 1e-12, what=f"t={t}")
+        if t % chunk_size == chunk_size - 1:
+            state = state + torch.einsum("bcs,bce->bse", k_lin[:, start : t + 1], v[:, start : t + 1])
+            count += chunk_size
+
+
+def test_errors_name_the_argument():
+    x, v = torch.randn(1, 5, 4), torch.randn(1, 5, 3)
+    with pytest.raises(ValueError, match="chunk_size must be positive"):
+        mixed_chunk_attention(x, x, x, x, v, chunk_size=0)
+    with pytest.raises(TypeError, match="chunk_size must be a positive int"):
+        mixed_chunk_attention(x, x, x, x, v, chunk_size=2.0)
+    with pytest.raises(ValueError, match="k_lin has S=3"):
+        mixed_chunk_attention(x, x, x, x[..., :3], v, chunk_size=2)
+    with pytest.raises(ValueError, match="v has N=4"):
+        mixed_chunk_attention(x, x, x, x, v[:, :4], chunk_size=2)
+    with pytest.raises(ValueError, match="q_quad must have shape"):
+        mixed_chunk_attention(x[0], x, x, x, v, chunk_size=2)
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        mixed_chunk_attention(x, x, x, x, v, chunk_size=2, attention_mask=torch.ones(1, 4))

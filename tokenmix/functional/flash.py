@@ -1,0 +1,138 @@
+"""Mixed-chunk attention, FLASH's linear-time attention (Hua et al. 2022, §3; SPEC §3).
+
+Within a chunk of C positions, relu² attention divided by C; across chunks, linear attention through
+the per-chunk states Kᵀ V (an exclusive prefix sum of them when causal). Memory O(N·C), never N×N.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import (
+    check_attention_mask,
+    check_dims,
+    check_float_tensor,
+    check_positive_int,
+    check_same_dtype_device,
+    compute_dtype,
+)
+from .attention import pointwise_attention, pointwise_attention_step
+
+__all__ = ["mixed_chunk_attention", "mixed_chunk_attention_step"]
+
+
+def _quadratic_options(qk_dim: int, chunk_size: int) -> dict:
+    """The within-chunk attention as pointwise attention: relu²(q·k/√S) / C."""
+    return {"activation": "relu2", "alpha": 1.0, "scale": qk_dim**-0.5, "length": chunk_size}
+
+
+def mixed_chunk_attention(
+    q_quad: torch.Tensor,
+    k_quad: torch.Tensor,
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    chunk_size: int,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FLASH's mixed-chunk attention, ``out_i = quad_i + lin_i``:
+
+        quad_i = Σ_{j ∈ chunk c(i), real, (j ≤ i if causal)} relu²(q_quad_i·k_quad_j / √S) / C · v_j
+        lin_i  = q_lin_i · M_i / n_i
+
+    Non-causal: M_i = Σ_{all real j} k_lin_j ⊗ v_j and n_i = the number of real tokens. Causal: M_i sums
+    over the real j in chunks before c(i) and n_i counts them (lin_i = 0 when there are none).
+
+    Args:
+        q_quad, k_quad, q_lin, k_lin: (B, N, S). v: (B, N, E).
+        chunk_size: C. N need not be a multiple of C: the last chunk is padded internally, and padding is
+            never a key.
+        causal: position i sees positions j ≤ i.
+        attention_mask: (B, N), True/1 = real token.
+
+    Returns:
+        (B, N, E) in the inputs' dtype; half-precision inputs are computed in float32.
+    """
+    names = ("q_quad", "k_quad", "q_lin", "k_lin")
+    for name, tensor in zip(names, (q_quad, k_quad, q_lin, k_lin), strict=True):
+        check_float_tensor(name, tensor, "(B, N, S)")
+    check_float_tensor("v", v, "(B, N, E)")
+    check_same_dtype_device(q_quad=q_quad, k_quad=k_quad, q_lin=q_lin, k_lin=k_lin, v=v)
+    sizes = check_dims(
+        {},
+        q_quad=(q_quad, "BNS"),
+        k_quad=(k_quad, "BNS"),
+        q_lin=(q_lin, "BNS"),
+        k_lin=(k_lin, "BNS"),
+        v=(v, "BNE"),
+    )
+    chunk_size = check_positive_int("chunk_size", chunk_size)
+    batch, seq_len, qk_dim = sizes["B"], sizes["N"], sizes["S"]
+    mask = check_attention_mask(attention_mask, batch, seq_len, v.device)
+    dtype = compute_dtype(v.dtype)
+
+    padding = -seq_len % chunk_size
+    real = torch.ones(batch, seq_len, dtype=torch.bool, device=v.device) if mask is None else mask
+    real = F.pad(real, (0, padding), value=False)
+    chunks = real.shape[1] // chunk_size
+
+    def chunked(x: torch.Tensor) -> torch.Tensor:  # (B, N, D) → (B, G, C, D), padded with zeros
+        return F.pad(x.to(dtype), (0, 0, 0, padding)).view(batch, chunks, chunk_size, x.shape[-1])
+
+    q_quad, k_quad, q_lin, k_lin, v_chunks = map(chunked, (q_quad, k_quad, q_lin, k_lin, v))
+    # Within-chunk part: each chunk is one head of pointwise attention with a fixed length C.
+    quad = pointwise_attention(
+        q_quad.view(batch * chunks, 1, chunk_size, qk_dim),
+        k_quad.view(batch * chunks, 1, chunk_size, qk_dim),
+        v_chunks.view(batch * chunks, 1, chunk_size, -1),
+        causal=causal,
+        attention_mask=real.view(batch * chunks, chunk_size),
+        **_quadratic_options(qk_dim, chunk_size),
+    ).view(batch, chunks, chunk_size, -1)
+
+    # Across chunks: per-chunk states Kᵀ V over real keys, then their total or exclusive prefix sum.
+    real_chunks = real.view(batch, chunks, chunk_size).to(dtype)
+    states = torch.einsum("bgcs,bgce->bgse", k_lin * real_chunks[..., None], v_chunks)
+    counts = real_chunks.sum(-1)  # (B, G)
+    if causal:  # exclusive prefix sums: what the chunks before each chunk hold
+        states = F.pad(states.cumsum(1)[:, :-1], (0, 0, 0, 0, 1, 0))
+        counts = F.pad(counts.cumsum(1)[:, :-1], (1, 0))
+    else:
+        states = states.sum(1, keepdim=True)
+        counts = counts.sum(1, keepdim=True)
+    # Where no key was seen the state is exactly zero, so clamping the count yields lin = 0.
+    lin = torch.einsum("bgcs,bgse->bgce", q_lin, states) / counts.clamp_min(1)[..., None, None]
+    out = (quad + lin).view(batch, chunks * chunk_size, -1)[:, :seq_len]
+    return out.to(v.dtype)
+
+
+def mixed_chunk_attention_step(
+    q_quad: torch.Tensor,
+    q_lin: torch.Tensor,
+    chunk_keys: torch.Tensor,
+    chunk_values: torch.Tensor,
+    linear_state: torch.Tensor,
+    linear_count: int,
+    *,
+    chunk_size: int,
+) -> torch.Tensor:
+    """One causal decoding step of ``mixed_chunk_attention``.
+
+    q_quad, q_lin: (B, S) for the newest token; chunk_keys (B, c, S) and chunk_values (B, c, E): the
+    k_quad and v of its chunk so far, itself included (c ≤ C); linear_state (B, S, E): Σ k_lin ⊗ v over
+    the ``linear_count`` tokens of the finished chunks. Returns (B, E), the causal op's row for this token.
+    """
+    quad = pointwise_attention_step(
+        q_quad[:, None, None],
+        chunk_keys[:, None],
+        chunk_values[:, None],
+        **_quadratic_options(q_quad.shape[-1], chunk_size),
+    )[:, 0, 0]
+    if linear_count == 0:
+        return quad
+    dtype = compute_dtype(q_lin.dtype)
+    lin = torch.einsum("bs,bse->be", q_lin.to(dtype), linear_state.to(dtype)) / linear_count
+    return (quad.to(dtype) + lin).to(q_quad.dtype)

@@ -1,0 +1,265 @@
+"""Gated attention units (Hua et al. 2022): ``"gau"`` (quadratic relu² attention, FLASH-Quad's layer)
+and ``"flash"`` (mixed-chunk attention, linear in N).
+
+Both: [U, V, Z] = SiLU(x W + b) with U, V ∈ R^{N×e}, Z ∈ R^{N×s}; per-dimension scale and offset of Z give
+the queries and keys (γ ~ N(0, 0.02), β = 0), rotated by RoPE; out = (U ⊙ attention(Q, K, V)) W_o.
+A single head. The paper's x̂ = Norm(x) and the residual are the enclosing block's pre-norm and skip
+connection (``tokenmix.models`` blocks with ``ffn=False``), as for every mixer here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..functional import attention as attention_ops
+from ..functional._checks import check_choice, check_positive_int, check_real
+from ..functional.flash import mixed_chunk_attention, mixed_chunk_attention_step
+from .base import Mixer
+from .cache import KVCache
+from .registry import register_mixer
+from .rotary import RotaryEmbedding
+
+PAPER = "Hua et al. 2022, Transformer Quality in Linear Time (arXiv 2202.10447)"
+
+
+class GatedAttentionUnit(Mixer):
+    """The shared GAU body: the U/V/Z projection, ``num_qk`` scale-offsets of Z, RoPE and the gated output."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        causal: bool,
+        expansion: float,
+        qk_dim: int,
+        num_qk: int,
+        rope: bool,
+        rope_base: float,
+        dropout: float,
+    ) -> None:
+        super().__init__(dim, causal=causal)
+        self.expanded = int(check_real("expansion", expansion, positive=True) * dim)
+        if self.expanded < 1:
+            raise ValueError(f"expansion · dim must be at least 1, got {expansion} · {dim}")
+        self.qk_dim = check_positive_int("qk_dim", qk_dim)
+        self.to_uvz = nn.Linear(dim, 2 * self.expanded + self.qk_dim)
+        self.gamma = nn.Parameter(torch.randn(num_qk, self.qk_dim) * 0.02)
+        self.beta = nn.Parameter(torch.zeros(num_qk, self.qk_dim))
+        self.rotary = RotaryEmbedding(self.qk_dim, base=rope_base) if rope else None
+        self.to_out = nn.Linear(self.expanded, dim)
+        self.dropout = nn.Dropout(check_real("dropout", dropout))
+
+    def project(self, x: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """x: (B, N, dim) at positions offset… → U (B, N, e), V (B, N, e), and ``num_qk`` of (B, N, s)."""
+        u, v, z = nn.functional.silu(self.to_uvz(x)).split([self.expanded, self.expanded, self.qk_dim], -1)
+        queries_keys = (z[..., None, :] * self.gamma + self.beta).unbind(-2)
+        if self.rotary is not None:
+            queries_keys = [self.rotary(t, offset) for t in queries_keys]
+        return u, v, list(queries_keys)
+
+    def output(self, u: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.to_out(u * attended))
+
+
+@register_mixer(
+    "gau",
+    paper=PAPER,
+    time="O(N²·s + N·d·e)",
+    memory="O(N·(d+e+s)) (pointwise attention's query blocks)",
+    state="KV cache, O(t·(s+e))",
+)
+class GAU(GatedAttentionUnit):
+    """Gated attention unit with quadratic attention, A = φ(Q Kᵀ/√s) / L (φ = relu² in the paper).
+
+    Args:
+        dim: model width d. expansion: e = expansion · d (2 in the paper). qk_dim: s (128).
+        activation: relu2 (the paper), any other pointwise activation, or "softmax" for ablations.
+        length: None for L = the number of keys each position sees (SPEC default); an int for the
+            paper's fixed 1/n.
+        rope: rotary positions on Q and K (on, as in the paper). dropout: on the output.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        causal: bool = False,
+        expansion: float = 2.0,
+        qk_dim: int = 128,
+        activation: str = "relu2",
+        length: int | None = None,
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(
+            dim,
+            causal=causal,
+            expansion=expansion,
+            qk_dim=qk_dim,
+            num_qk=2,
+            rope=rope,
+            rope_base=rope_base,
+            dropout=dropout,
+        )
+        self.activation = check_choice("activation", activation, (*attention_ops.ACTIVATIONS, "softmax"))
+        self.length = check_positive_int("length", length, allow_none=True)
+
+    def _heads(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        return [t[:, None] for t in tensors]  # one head: (B, N, D) → (B, 1, N, D)
+
+    def _pointwise_options(self) -> dict:
+        return {
+            "activation": self.activation,
+            "alpha": 1.0,
+            "scale": self.qk_dim**-0.5,
+            "length": self.length,
+        }
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, attention_mask = self.check_input(x, attention_mask)
+        u, v, (q, k) = self.project(x, 0)
+        q, k, v = self._heads(q, k, v)
+        if self.activation == "softmax":
+            attended = attention_ops.softmax_attention(
+                q, k, v, causal=self.causal, attention_mask=attention_mask, scale=self.qk_dim**-0.5
+            )
+        else:
+            attended = attention_ops.pointwise_attention(
+                q, k, v, causal=self.causal, attention_mask=attention_mask, **self._pointwise_options()
+            )
+        return self.output(u, attended[:, 0])
+
+    def init_state(self, batch_size: int) -> KVCache:
+        return KVCache(check_positive_int("batch_size", batch_size))
+
+    def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
+        x = self.check_step_input(x_t)[:, None]
+        u, v, (q, k) = self.project(x, state.length)
+        q, k, v = self._heads(q, k, v)
+        keys, values = state.append(k, v)
+        if self.activation == "softmax":
+            attended = attention_ops.softmax_attention_step(q, keys, values, scale=self.qk_dim**-0.5)
+        else:
+            attended = attention_ops.pointwise_attention_step(q, keys, values, **self._pointwise_options())
+        return self.output(u, attended[:, 0])[:, 0], state
+
+
+@dataclass
+class ChunkState:
+    """FLASH's decoding state, constant in t: Σ k_lin ⊗ v over finished chunks (and their token count),
+    plus the current chunk's k_quad, k_lin and v (at most C entries)."""
+
+    batch_size: int
+    position: int = 0
+    linear_state: torch.Tensor | None = None  # (B, s, e)
+    linear_count: int = 0
+    chunk_keys: torch.Tensor | None = None  # (B, C, s)
+    chunk_linear_keys: torch.Tensor | None = None  # (B, C, s)
+    chunk_values: torch.Tensor | None = None  # (B, C, e)
+
+    def nbytes(self) -> int:
+        tensors = (self.linear_state, self.chunk_keys, self.chunk_linear_keys, self.chunk_values)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@register_mixer(
+    "flash",
+    paper=PAPER,
+    time="O(N·C·s + N·s·e + N·d·e)",
+    memory="O(N·(C+d+e+s))",
+    state="Σ KᵀV (s×e) + current chunk (≤ C tokens): O(s·e + C·(s+e)), constant in t",
+)
+class FLASH(GatedAttentionUnit):
+    """GAU whose attention is mixed-chunk attention: relu² attention within chunks of ``chunk_size``
+    (divided by C), linear attention across chunks. Four scale-offsets of Z give the quadratic and linear
+    queries and keys.
+
+    Args:
+        dim, expansion, qk_dim, rope, dropout: as for ``"gau"``.
+        chunk_size: C (256 in the paper).
+        linear: include the linear part (False is the quadratic-only ablation).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        causal: bool = False,
+        chunk_size: int = 256,
+        expansion: float = 2.0,
+        qk_dim: int = 128,
+        linear: bool = True,
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(
+            dim,
+            causal=causal,
+            expansion=expansion,
+            qk_dim=qk_dim,
+            num_qk=4,
+            rope=rope,
+            rope_base=rope_base,
+            dropout=dropout,
+        )
+        self.chunk_size = check_positive_int("chunk_size", chunk_size)
+        self.linear = bool(linear)
+
+    def _project(self, x: torch.Tensor, offset: int):
+        u, v, (q_quad, k_quad, q_lin, k_lin) = self.project(x, offset)
+        if not self.linear:
+            q_lin = torch.zeros_like(q_lin)  # lin_i = 0 · M_i / n_i
+        return u, v, q_quad, k_quad, q_lin, k_lin
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, attention_mask = self.check_input(x, attention_mask)
+        u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, 0)
+        attended = mixed_chunk_attention(
+            q_quad,
+            k_quad,
+            q_lin,
+            k_lin,
+            v,
+            chunk_size=self.chunk_size,
+            causal=self.causal,
+            attention_mask=attention_mask,
+        )
+        return self.output(u, attended)
+
+    def init_state(self, batch_size: int) -> ChunkState:
+        return ChunkState(check_positive_int("batch_size", batch_size))
+
+    def step(self, x_t: torch.Tensor, state: ChunkState) -> tuple[torch.Tensor, ChunkState]:
+        x = self.check_step_input(x_t)[:, None]
+        if x.shape[0] != state.batch_size:
+            raise ValueError(f"state was made for batch_size={state.batch_size}, got a batch of {x.shape[0]}")
+        u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, state.position)
+        if state.chunk_keys is None:
+            batch, chunk = x.shape[0], self.chunk_size
+            state.chunk_keys = k_quad.new_zeros(batch, chunk, self.qk_dim)
+            state.chunk_linear_keys = k_lin.new_zeros(batch, chunk, self.qk_dim)
+            state.chunk_values = v.new_zeros(batch, chunk, self.expanded)
+            state.linear_state = v.new_zeros(batch, self.qk_dim, self.expanded)
+        filled = state.position % self.chunk_size
+        state.chunk_keys[:, filled] = k_quad[:, 0]
+        state.chunk_linear_keys[:, filled] = k_lin[:, 0]
+        state.chunk_values[:, filled] = v[:, 0]
+        attended = mixed_chunk_attention_step(
+            q_quad[:, 0],
+            q_lin[:, 0],
+            state.chunk_keys[:, : filled + 1],
+            state.chunk_values[:, : filled + 1],
+            state.linear_state,
+            state.linear_count,
+            chunk_size=self.chunk_size,
+        )
+        state.position += 1
+        if filled == self.chunk_size - 1:  # the chunk is finished: fold it into the linear state
+            state.linear_state += torch.einsum("bcs,bce->bse", state.chunk_linear_keys, state.chunk_values)
+            state.linear_count += self.chunk_size
+        return self.output(u[:, 0], attended), state
