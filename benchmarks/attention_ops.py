@@ -10,21 +10,11 @@ writes JSON (with the machine named) to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import resource
-import statistics
-import subprocess
-import sys
-import time
-from pathlib import Path
+
+from harness import measure, run_point, summary, write_results
 
 OPS = ("softmax_attention", "pointwise_attention")
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def worker(point: dict) -> dict:
@@ -38,26 +28,12 @@ def worker(point: dict) -> dict:
     shape = (point["batch"], point["heads"], point["seq_len"], point["head_dim"])
     q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, dtype=dtype)
-    baseline = _rss_mb()
 
     def run() -> None:
         op(q, k, v, causal=point["causal"]).backward(grad)
         q.grad = k.grad = v.grad = None
 
-    run()  # warm-up
-    times = []
-    for _ in range(point["repeats"]):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return {
-        **point,
-        "ms": 1000 * statistics.median(times),
-        "peak_rss_mb": _rss_mb(),
-        "baseline_rss_mb": baseline,
-        "peak_extra_mb": _rss_mb() - baseline,
-        "nxn_float32_mb": point["seq_len"] ** 2 * 4 / 2**20,
-    }
+    return {**point, **measure(run, point["repeats"])}
 
 
 def main() -> None:
@@ -71,20 +47,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--modes", default="bidirectional,causal")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--out", default=None, help="JSON path (default benchmarks/results/cpu-attention-DATE.json)"
-    )
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/cpu-attention-DATE.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    import torch
-
+    seq_lens, modes = [int(n) for n in args.seq_lens.split(",")], args.modes.split(",")
     records = []
-    for seq_len in map(int, args.seq_lens.split(",")):
-        for mode in args.modes.split(","):
+    for seq_len in seq_lens:
+        for mode in modes:
             for op in OPS:
                 point = dict(
                     op=op,
@@ -96,38 +69,18 @@ def main() -> None:
                     dtype=args.dtype,
                     repeats=args.repeats,
                 )
-                result = subprocess.run(
-                    [sys.executable, __file__, "--worker", json.dumps(point)], capture_output=True, text=True
-                )
-                if result.returncode:
-                    sys.exit(f"point {point} failed:\n{result.stderr}")
-                records.append(json.loads(result.stdout.strip().splitlines()[-1]))
-                r = records[-1]
-                print(
-                    f"N={seq_len:6d} {mode:13s} {op:20s} {r['ms']:10.1f} ms  "
-                    f"peak +{r['peak_extra_mb']:8.1f} MB (N×N float32 = {r['nxn_float32_mb']:.0f} MB)",
-                    flush=True,
-                )
+                r = run_point(__file__, point)
+                records.append(r)
+                print(f"N={seq_len:6d} {mode:13s} {op:20s} {summary(r)}", flush=True)
     print("\npointwise / softmax time ratio (target ≤ 1.5):")
-    for seq_len in map(int, args.seq_lens.split(",")):
-        for mode in args.modes.split(","):
+    for seq_len in seq_lens:
+        for mode in modes:
             by_op = {
                 r["op"]: r for r in records if r["seq_len"] == seq_len and r["causal"] == (mode == "causal")
             }
             ratio = by_op["pointwise_attention"]["ms"] / by_op["softmax_attention"]["ms"]
             print(f"  N={seq_len:6d} {mode:13s} {ratio:.2f}")
-    machine = {
-        "device": "cpu",
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": __import__("os").cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    out = Path(args.out or f"benchmarks/results/cpu-attention-{datetime.date.today()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": machine, "records": records}, indent=2))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_results('attention', records, args.out)}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,20 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _presets(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import create_model, list_presets
+
+    for preset in list_presets():
+        with torch.device("meta"):  # count parameters without allocating them
+            params = sum(p.numel() for p in create_model(preset.name, args.vocab_size).parameters())
+        print(f"{preset.name:18s} {params / 1e6:7.1f}M params  {preset.description}")
+        if args.verbose:
+            print(f"{'':18s} {preset.config}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmix", description="Transformer token mixers, side by side.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -47,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     list_parser.add_argument("--json", action="store_true", help="machine-readable output")
     list_parser.set_defaults(run=_list)
+    presets_parser = commands.add_parser(
+        "presets", help="named model configurations (tokenmix.models.create_model) with parameter counts"
+    )
+    presets_parser.add_argument("--vocab-size", type=int, default=256)
+    presets_parser.add_argument("--verbose", "-v", action="store_true", help="show each configuration")
+    presets_parser.set_defaults(run=_presets)
     return parser
 
 

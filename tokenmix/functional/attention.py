@@ -102,32 +102,46 @@ def softmax_attention_step(
 
 @dataclass(frozen=True)
 class Activation:
-    """A pointwise φ with its backward: ``backward(scores, values, grad)`` returns grad · φ'(scores)."""
+    """A pointwise φ: ``forward`` (out of place), ``forward_`` (in place on the scores, which the blocked
+    forward discards anyway), and ``backward(scores, weights, grad)`` → grad · φ'(scores). When
+    ``needs_scores`` is False, φ' can be read from the weights alone and backward gets ``scores=None``,
+    so the backward pass can overwrite the scores with the weights."""
 
     forward: Callable[[torch.Tensor], torch.Tensor]
-    backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    forward_: Callable[[torch.Tensor], torch.Tensor]
+    backward: Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
+    needs_scores: bool
 
 
-def _relu2_backward(scores: torch.Tensor, values: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _relu2_backward(scores: torch.Tensor, weights: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return grad.mul_(scores.clamp_min(0)).mul_(2)
 
 
 _aten = torch.ops.aten
 ACTIVATIONS: dict[str, Activation] = {
-    "relu": Activation(torch.relu, lambda s, a, g: _aten.threshold_backward(g, a, 0)),
-    "relu2": Activation(lambda s: torch.relu(s).square_(), _relu2_backward),
-    "gelu": Activation(F.gelu, lambda s, a, g: _aten.gelu_backward(g, s)),  # exact (erf) GELU
-    "softplus": Activation(F.softplus, lambda s, a, g: _aten.softplus_backward(g, s, 1, 20)),
-    "identity": Activation(lambda s: s, lambda s, a, g: g),
-    "relu6": Activation(F.relu6, lambda s, a, g: _aten.hardtanh_backward(g, s, 0.0, 6.0)),
-    "sigmoid": Activation(torch.sigmoid, lambda s, a, g: _aten.sigmoid_backward(g, a)),
+    "relu": Activation(torch.relu, torch.relu_, lambda s, a, g: _aten.threshold_backward(g, a, 0), False),
+    "relu2": Activation(
+        lambda s: torch.relu(s).square_(), lambda s: s.relu_().square_(), _relu2_backward, True
+    ),
+    "gelu": Activation(F.gelu, F.gelu, lambda s, a, g: _aten.gelu_backward(g, s), True),  # exact (erf) GELU
+    "softplus": Activation(
+        F.softplus, F.softplus, lambda s, a, g: _aten.softplus_backward(g, s, 1, 20), True
+    ),
+    "identity": Activation(lambda s: s, lambda s: s, lambda s, a, g: g, False),
+    "relu6": Activation(
+        F.relu6,
+        lambda s: F.relu6(s, inplace=True),
+        lambda s, a, g: _aten.hardtanh_backward(g, a, 0.0, 6.0),
+        False,
+    ),
+    "sigmoid": Activation(torch.sigmoid, torch.sigmoid_, lambda s, a, g: _aten.sigmoid_backward(g, a), False),
 }
 
 # A score tile is (group of batch·heads, rows, N). Tall tiles of one head beat many heads of few rows on
 # the CPU (each matmul gets a tall operand); heads are grouped only while the tile stays small (short
 # sequences). Causal tiles have fewer rows so that little of the skipped upper triangle is computed.
 _BLOCK_ROWS = 512
-_CAUSAL_BLOCK_ROWS = 256
+_CAUSAL_BLOCK_ROWS = 128
 _TILE_ELEMENTS = 1 << 19
 
 
@@ -216,7 +230,7 @@ class _PointwiseAttention(torch.autograd.Function):
         for group, start, end in _tiles(batch * heads, seq_len, causal):
             key_end = end if causal else seq_len
             scores = torch.bmm(q_scaled[group, start:end], keys[group, :key_end].transpose(1, 2))
-            weights = act.forward(scores)
+            weights = act.forward_(scores)
             mask = None if key_mask is None else key_mask[group]
             _zero_excluded(weights, mask, causal, row_start=start, column_start=0, keys_first=False)
             out[group, start:end] = torch.bmm(weights, values[group, :key_end])
@@ -241,7 +255,7 @@ class _PointwiseAttention(torch.autograd.Function):
             queries, grads = q_scaled[group, query_start:], grad[group, query_start:]
             key_block = keys[group, start:end]
             scores = torch.bmm(key_block, queries.transpose(1, 2))  # (heads, keys, queries)
-            weights = act.forward(scores)
+            weights = act.forward(scores) if act.needs_scores else act.forward_(scores)
             grad_weights = torch.bmm(values[group, start:end], grads.transpose(1, 2))
             mask = None if key_mask is None else key_mask[group]
             for pairs in (weights, grad_weights):
@@ -249,7 +263,7 @@ class _PointwiseAttention(torch.autograd.Function):
                     pairs, mask, causal, row_start=start, column_start=query_start, keys_first=True
                 )
             torch.bmm(weights, grads, out=grad_v[group, start:end])
-            grad_scores = act.backward(scores, weights, grad_weights)
+            grad_scores = act.backward(scores if act.needs_scores else None, weights, grad_weights)
             torch.bmm(grad_scores, queries, out=grad_k[group, start:end])
             grad_q[group, query_start:].baddbmm_(grad_scores.transpose(1, 2), key_block)
         grad_q.mul_(scale)

@@ -75,38 +75,49 @@ def mixed_chunk_attention(
     dtype = compute_dtype(v.dtype)
 
     padding = -seq_len % chunk_size
-    real = torch.ones(batch, seq_len, dtype=torch.bool, device=v.device) if mask is None else mask
-    real = F.pad(real, (0, padding), value=False)
-    chunks = real.shape[1] // chunk_size
+    chunks = (seq_len + padding) // chunk_size
+    if mask is not None or padding:  # real tokens; None when every position is one
+        real = torch.ones(batch, seq_len, dtype=torch.bool, device=v.device) if mask is None else mask
+        real = F.pad(real, (0, padding), value=False)
+    else:
+        real = None
 
-    def chunked(x: torch.Tensor) -> torch.Tensor:  # (B, N, D) → (B, G, C, D), padded with zeros
-        return F.pad(x.to(dtype), (0, 0, 0, padding)).view(batch, chunks, chunk_size, x.shape[-1])
+    def chunked(x: torch.Tensor) -> torch.Tensor:  # (B, N, D) → (B, G, C, D), zero-padded when needed
+        x = F.pad(x.to(dtype), (0, 0, 0, padding)) if padding else x.to(dtype)
+        return x.reshape(batch, chunks, chunk_size, x.shape[-1])
 
     q_quad, k_quad, q_lin, k_lin, v_chunks = map(chunked, (q_quad, k_quad, q_lin, k_lin, v))
     # Within-chunk part: each chunk is one head of pointwise attention with a fixed length C.
     quad = pointwise_attention(
-        q_quad.view(batch * chunks, 1, chunk_size, qk_dim),
-        k_quad.view(batch * chunks, 1, chunk_size, qk_dim),
-        v_chunks.view(batch * chunks, 1, chunk_size, -1),
+        q_quad.reshape(batch * chunks, 1, chunk_size, qk_dim),
+        k_quad.reshape(batch * chunks, 1, chunk_size, qk_dim),
+        v_chunks.reshape(batch * chunks, 1, chunk_size, -1),
         causal=causal,
-        attention_mask=real.view(batch * chunks, chunk_size),
+        attention_mask=None if real is None else real.view(batch * chunks, chunk_size),
         **_quadratic_options(qk_dim, chunk_size),
-    ).view(batch, chunks, chunk_size, -1)
+    ).view(batch * chunks, chunk_size, -1)
 
-    # Across chunks: per-chunk states Kᵀ V over real keys, then their total or exclusive prefix sum.
-    real_chunks = real.view(batch, chunks, chunk_size).to(dtype)
-    states = torch.einsum("bgcs,bgce->bgse", k_lin * real_chunks[..., None], v_chunks)
-    counts = real_chunks.sum(-1)  # (B, G)
+    # Across chunks: per-chunk states Kᵀ V over real keys, then their total or exclusive prefix sum,
+    # each divided by the number of keys it holds.
+    if real is None:
+        counts = torch.full((batch, chunks), float(chunk_size), dtype=dtype, device=v.device)
+    else:
+        real_chunks = real.view(batch, chunks, chunk_size).to(dtype)
+        k_lin = k_lin * real_chunks[..., None]
+        counts = real_chunks.sum(-1)  # (B, G)
+    states = torch.einsum("bgcs,bgce->bgse", k_lin, v_chunks)
     if causal:  # exclusive prefix sums: what the chunks before each chunk hold
         states = F.pad(states.cumsum(1)[:, :-1], (0, 0, 0, 0, 1, 0))
         counts = F.pad(counts.cumsum(1)[:, :-1], (1, 0))
     else:
-        states = states.sum(1, keepdim=True)
-        counts = counts.sum(1, keepdim=True)
+        states = states.sum(1, keepdim=True).expand(-1, chunks, -1, -1)
+        counts = counts.sum(1, keepdim=True).expand(-1, chunks)
     # Where no key was seen the state is exactly zero, so clamping the count yields lin = 0.
-    lin = torch.einsum("bgcs,bgse->bgce", q_lin, states) / counts.clamp_min(1)[..., None, None]
-    out = (quad + lin).view(batch, chunks * chunk_size, -1)[:, :seq_len]
-    return out.to(v.dtype)
+    states = states / counts.clamp_min(1)[..., None, None]
+    out = torch.baddbmm(  # quad + q_lin · states, chunk by chunk
+        quad, q_lin.reshape(batch * chunks, chunk_size, qk_dim), states.reshape(batch * chunks, qk_dim, -1)
+    )
+    return out.view(batch, chunks * chunk_size, -1)[:, :seq_len].to(v.dtype)
 
 
 def mixed_chunk_attention_step(

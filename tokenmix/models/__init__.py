@@ -2,6 +2,7 @@
 
 from .backbone import Backbone, BackboneState, Block, FeedForward
 from .language_model import LanguageModel, SequenceClassifier
+from .presets import Preset, create_model, list_presets
 from .vision import VisionTransformer
 
 __all__ = [
@@ -10,6 +11,9 @@ __all__ = [
     "Block",
     "FeedForward",
     "LanguageModel",
+    "Preset",
     "SequenceClassifier",
     "VisionTransformer",
+    "create_model",
+    "list_presets",
 ]
