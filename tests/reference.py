@@ -115,3 +115,46 @@ def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal
                 out = out + q_lin[b, i] @ state / len(linear)
             rows.append(out)
     return torch.stack(rows).view(batch, n, -1)
+
+
+def _conv(x, kernel_at, heads, kernel_size, causal, attention_mask):
+    """y[b,t,c] = Σ_j kernel_at(b, t, h(c))[j] · x[b, t+j−P, c], terms outside [0, N) or padded are 0."""
+    x = x.double()
+    batch, n, channels = x.shape
+    per_head = channels // heads
+    left = kernel_size - 1 if causal else (kernel_size - 1) // 2
+    values = []
+    for b in range(batch):
+        for t in range(n):
+            for c in range(channels):
+                taps = kernel_at(b, t, c // per_head)
+                total = torch.zeros((), dtype=torch.float64)
+                for j in range(kernel_size):
+                    s = t + j - left
+                    if 0 <= s < n and (attention_mask is None or bool(attention_mask[b, s])):
+                        total = total + taps[j] * x[b, s, c]
+                values.append(total)
+    return torch.stack(values).view(batch, n, channels)
+
+
+def lightconv(x, weight, *, causal=False, weight_softmax=True, attention_mask=None):
+    """SPEC §5: one kernel W̃ = softmax(weight) (or weight) per head, shared by its C/H channels."""
+    kernel = torch.softmax(weight.double(), -1) if weight_softmax else weight.double()
+    return _conv(x, lambda b, t, h: kernel[h], weight.shape[0], weight.shape[1], causal, attention_mask)
+
+
+def dynamic_conv(x, weight, *, causal=False, weight_softmax=True, attention_mask=None):
+    """SPEC §5: output position t of batch b uses the kernel weight[b, t] (normalised per head)."""
+    kernel = torch.softmax(weight.double(), -1) if weight_softmax else weight.double()
+    return _conv(x, lambda b, t, h: kernel[b, t, h], weight.shape[2], weight.shape[3], causal, attention_mask)
+
+
+def reference_grads(expected: torch.Tensor, inputs, grad_out: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of a reference output; zeros for inputs it does not depend on (e.g. every position
+    padded, where the reference builds its output from constants)."""
+    grads = (
+        torch.autograd.grad(expected, inputs, grad_out, allow_unused=True)
+        if expected.requires_grad
+        else [None] * len(inputs)
+    )
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import reference
-from tests.reference import assert_close, query_mask
+from tests.reference import assert_close, query_mask, reference_grads
 from tokenmix import functional as F
 from tokenmix.functional import attention as attention_module
 
@@ -88,13 +88,7 @@ def _check_against_reference(op, ref, case, **options):
         if rows is not None:
             grad_out = grad_out * rows
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    if expected.requires_grad:
-        expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out, allow_unused=True)
-    else:  # every query is padding: no specified output depends on the inputs
-        expected_grads = (None, None, None)
-    expected_grads = [
-        torch.zeros_like(t) if g is None else g for t, g in zip((q, k, v), expected_grads, strict=True)
-    ]
+    expected_grads = reference_grads(expected, (q, k, v), grad_out)
     for name, got, want in zip("qkv", grads, expected_grads, strict=True):
         assert_close(got, want, 1e-6, what=f"grad {name}")
 

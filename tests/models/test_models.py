@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.reference import assert_close
-from tokenmix import list_mixers
+from tokenmix import list_mixers, mixer_info
 from tokenmix.models import LanguageModel, SequenceClassifier, VisionTransformer
 
 VOCAB = 37
@@ -24,6 +24,10 @@ def language_model(mixer="softmax", **options):
 @pytest.mark.parametrize("mixer", list_mixers())
 @pytest.mark.parametrize("positions", ["learned", "rope", "none"])
 def test_language_model_steps_reproduce_forward(mixer, positions):
+    if positions == "rope" and "rope" not in mixer_info(mixer).options:
+        with pytest.raises(TypeError, match=r"unknown option.*rope"):
+            language_model(mixer, positions=positions)
+        return
     model = language_model(mixer, positions=positions)
     x = tokens()
     with torch.no_grad():

@@ -7,10 +7,13 @@ from .attention import (
     softmax_attention,
     softmax_attention_step,
 )
+from .conv import dynamic_conv, lightconv
 from .flash import mixed_chunk_attention, mixed_chunk_attention_step
 
 __all__ = [
     "ACTIVATIONS",
+    "dynamic_conv",
+    "lightconv",
     "mixed_chunk_attention",
     "mixed_chunk_attention_step",
     "pointwise_attention",

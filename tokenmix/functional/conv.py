@@ -1,0 +1,176 @@
+"""Lightweight and dynamic convolutions (Wu et al. 2019; SPEC §5).
+
+x: (B, N, C) with H heads; channel c belongs to head h(c) = c // (C/H) (contiguous blocks, as fairseq's
+LightweightConv1dTBC), and a head's channels share its kernel:
+
+    y[b, t, c] = Σ_{j=0}^{K−1} W̃[h(c), j] · x[b, t + j − P, c]
+
+W̃ = softmax over the K taps (``weight_softmax``) or the raw weight; P = (K − 1) // 2 (centred) or K − 1
+(causal). Terms outside [0, N) or at padded positions are 0 (no renormalisation).
+
+Two execution paths compute the same sum: a sliding window (grouped ``conv1d`` for lightconv, a strided
+view of the K shifted copies for dynamic_conv; memory O(N·C·K) at most) and a band matrix (the
+(B·H, N, N) banded kernel times the (B·H, N, C/H) input), faster for short sequences on the CPU. The
+op picks by length; both are tested against the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import (
+    check_attention_mask,
+    check_dims,
+    check_float_tensor,
+    check_same_dtype_device,
+    compute_dtype,
+)
+
+__all__ = ["dynamic_conv", "lightconv"]
+
+# Sequences up to this length use the band-matrix path (measured crossover: benchmarks/conv.py).
+BAND_MAX_LEN = {"lightconv": 64, "dynamic_conv": 64}
+
+
+def _prepare(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    weight_softmax: bool,
+    layout: str,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Validate, zero the padded positions of x, normalise the kernel; return x, kernel, head count."""
+    check_float_tensor("x", x, "(B, N, C)")
+    check_float_tensor("weight", weight, layout)
+    check_same_dtype_device(x=x, weight=weight)
+    heads = weight.shape[-2]
+    if heads == 0 or x.shape[-1] % heads:
+        raise ValueError(
+            f"the number of heads H = weight.shape[-2] = {heads} must divide the channels C = x.shape[-1] = "
+            f"{x.shape[-1]}"
+        )
+    if weight.shape[-1] == 0:
+        raise ValueError("kernel_size K = weight.shape[-1] must be at least 1")
+    mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
+    dtype = compute_dtype(x.dtype)
+    x = x.to(dtype)
+    if mask is not None:
+        x = x * mask[..., None].to(dtype)
+    kernel = weight.to(dtype)
+    return x, (kernel.softmax(-1) if weight_softmax else kernel), heads
+
+
+def _left_padding(kernel_size: int, causal: bool) -> int:
+    return kernel_size - 1 if causal else (kernel_size - 1) // 2
+
+
+def _band(kernel: torch.Tensor, seq_len: int, causal: bool) -> torch.Tensor:
+    """Rows of taps (..., N, K) — row t is output t's kernel — as banded (..., N, N) matrices:
+    band[..., t, s] = kernel[..., t, s − t + P] where 0 ≤ s − t + P < K, else 0."""
+    kernel_size = kernel.shape[-1]
+    positions = torch.arange(seq_len, device=kernel.device)
+    taps = positions[None, :] - positions[:, None] + _left_padding(kernel_size, causal)  # (N, N)
+    inside = (taps >= 0) & (taps < kernel_size)
+    band = kernel.gather(-1, taps.clamp(0, kernel_size - 1).expand(*kernel.shape[:-1], seq_len))
+    return band * inside
+
+
+def _by_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, C) → (B, H, N, C/H)."""
+    batch, seq_len, channels = x.shape
+    return x.view(batch, seq_len, heads, channels // heads).transpose(1, 2)
+
+
+def _from_heads(y: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, C/H) → (B, N, C)."""
+    batch, heads, seq_len, width = y.shape
+    return y.transpose(1, 2).reshape(batch, seq_len, heads * width)
+
+
+def _shifted(x: torch.Tensor, kernel_size: int, causal: bool) -> torch.Tensor:
+    """(B, N, C) → (B, N, C, K), entry [b, t, c, j] = x[b, t + j − P, c] (0 outside): a strided view."""
+    left = _left_padding(kernel_size, causal)
+    padded = F.pad(x, (0, 0, left, kernel_size - 1 - left))
+    return padded.unfold(1, kernel_size, 1)
+
+
+def lightconv_window(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """Sliding-window path: a depthwise ``conv1d`` whose C filters repeat each head's kernel."""
+    kernel_size = kernel.shape[-1]
+    left = _left_padding(kernel_size, causal)
+    filters = kernel.repeat_interleave(x.shape[-1] // heads, dim=0)[:, None, :]  # (C, 1, K)
+    padded = F.pad(x.transpose(1, 2), (left, kernel_size - 1 - left))
+    return F.conv1d(padded, filters, groups=x.shape[-1]).transpose(1, 2)
+
+
+def lightconv_band(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """Band-matrix path: (H, N, N) banded kernels times the (B, H, N, C/H) input."""
+    seq_len = x.shape[1]
+    band = _band(kernel[:, None, :].expand(heads, seq_len, kernel.shape[-1]), seq_len, causal)
+    return _from_heads(band @ _by_head(x, heads))
+
+
+def dynamic_conv_window(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """Sliding-window path: per position, the (C/H, K) window of each head times its K taps."""
+    batch, seq_len, channels = x.shape
+    windows = _shifted(x, kernel.shape[-1], causal).reshape(batch, seq_len, heads, channels // heads, -1)
+    return (windows @ kernel[..., None]).reshape(batch, seq_len, channels)
+
+
+def dynamic_conv_band(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """Band-matrix path: (B, H, N, N) banded per-position kernels times the (B, H, N, C/H) input."""
+    band = _band(kernel.transpose(1, 2), x.shape[1], causal)  # kernel (B, N, H, K) → rows (B, H, N, K)
+    return _from_heads(band @ _by_head(x, heads))
+
+
+def lightconv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    causal: bool = False,
+    weight_softmax: bool = True,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Lightweight convolution: ``y[b,t,c] = Σ_j W̃[h(c), j] · x[b, t+j−P, c]``, one kernel per head.
+
+    Args:
+        x: (B, N, C). weight: (H, K), H dividing C; any K ≥ 1 (even, or longer than N, included).
+        causal: P = K − 1 (position t sees t−K+1 … t); else P = (K − 1) // 2.
+        weight_softmax: normalise each head's K taps with a softmax first.
+        attention_mask: (B, N), True/1 = real token; padded positions contribute 0.
+
+    Returns:
+        (B, N, C) in x's dtype (half precision is computed in float32).
+    """
+    check_float_tensor("weight", weight, "(H, K)")
+    out_dtype = x.dtype
+    x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, "(H, K)")
+    path = lightconv_band if x.shape[1] <= BAND_MAX_LEN["lightconv"] else lightconv_window
+    return path(x, kernel, heads, causal).to(out_dtype)
+
+
+def dynamic_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    causal: bool = False,
+    weight_softmax: bool = True,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dynamic convolution: as ``lightconv`` but output position t has its own kernel weight[b, t].
+
+    Args:
+        x: (B, N, C). weight: (B, N, H, K), H dividing C.
+        causal, weight_softmax, attention_mask: as for ``lightconv``.
+
+    Returns:
+        (B, N, C) in x's dtype.
+    """
+    check_float_tensor("x", x, "(B, N, C)")
+    check_float_tensor("weight", weight, "(B, N, H, K)")
+    check_dims({}, x=(x, "BN"), weight=(weight, "BN"))
+    out_dtype = x.dtype
+    x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, "(B, N, H, K)")
+    path = dynamic_conv_band if x.shape[1] <= BAND_MAX_LEN["dynamic_conv"] else dynamic_conv_window
+    return path(x, kernel, heads, causal).to(out_dtype)

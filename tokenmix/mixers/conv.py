@@ -1,0 +1,192 @@
+"""Lightweight and dynamic convolution mixers (Wu et al. 2019): ``"lightconv"`` and ``"dynamic_conv"``.
+
+Block as in fairseq's LightConv layers: Linear(d → 2d) + GLU in (``glu=False``: Linear(d → d)), the
+convolution with H heads sharing kernels across their contiguous C/H channels, softmax-normalised taps,
+DropConnect on the normalised kernel while training (``weight_dropout``), Linear(d → d) out.
+DynamicConv predicts each position's H×K kernel from that position's convolution input with
+Linear(d → H·K).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..functional._checks import check_positive_int, check_real
+from ..functional.conv import dynamic_conv, lightconv
+from .base import Mixer
+from .registry import register_mixer
+
+PAPER = "Wu et al. 2019, Pay Less Attention with Lightweight and Dynamic Convolutions (arXiv 1901.10430)"
+
+
+@dataclass
+class ConvState:
+    """The last K − 1 convolution inputs (B, K − 1, d), zeros before the sequence starts: O(K·d)."""
+
+    window: torch.Tensor
+
+    def nbytes(self) -> int:
+        return self.window.numel() * self.window.element_size()
+
+
+class ConvolutionMixer(Mixer):
+    """Shared input projection (+ GLU), kernel normalisation and DropConnect, output projection and the
+    K − 1 buffer for decoding; subclasses supply the kernel and the op."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        causal: bool,
+        heads: int,
+        kernel_size: int,
+        weight_softmax: bool,
+        weight_dropout: float,
+        glu: bool,
+        dropout: float,
+    ) -> None:
+        super().__init__(dim, causal=causal)
+        self.heads = check_positive_int("heads", heads)
+        if dim % heads:
+            raise ValueError(f"heads={heads} must divide dim={dim}")
+        self.kernel_size = check_positive_int("kernel_size", kernel_size)
+        self.weight_softmax = bool(weight_softmax)
+        self.to_input = nn.Linear(dim, 2 * dim if glu else dim)
+        self.glu = nn.GLU(dim=-1) if glu else nn.Identity()
+        self.weight_dropout = nn.Dropout(check_real("weight_dropout", weight_dropout))
+        self.to_out = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(check_real("dropout", dropout))
+
+    def kernel(self, u: torch.Tensor) -> torch.Tensor:
+        """The raw taps for convolution input u (B, N, d): (H, K) or (B, N, H, K)."""
+        raise NotImplementedError
+
+    def convolve(
+        self, u: torch.Tensor, kernel: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _normalised_kernel(self, u: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel(u)
+        return self.weight_dropout(kernel.softmax(-1) if self.weight_softmax else kernel)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x, attention_mask = self.check_input(x, attention_mask)
+        u = self.glu(self.to_input(x))
+        return self.dropout(self.to_out(self.convolve(u, self._normalised_kernel(u), attention_mask)))
+
+    def init_state(self, batch_size: int) -> ConvState:
+        batch_size = check_positive_int("batch_size", batch_size)
+        param = self.to_out.weight
+        return ConvState(param.new_zeros(batch_size, self.kernel_size - 1, self.dim))
+
+    def step(self, x_t: torch.Tensor, state: ConvState) -> tuple[torch.Tensor, ConvState]:
+        """The causal convolution's last output over the window of the K − 1 previous inputs and this one."""
+        x = self.check_step_input(x_t)[:, None]
+        if x.shape[0] != state.window.shape[0]:
+            raise ValueError(
+                f"state was made for batch_size={state.window.shape[0]}, got a batch of {x.shape[0]}"
+            )
+        window = torch.cat((state.window, self.glu(self.to_input(x))), dim=1)  # (B, K, d)
+        kernel = self._normalised_kernel(window)
+        y = self.convolve(window, kernel, None)[:, -1]
+        state.window = window[:, 1:]
+        return self.dropout(self.to_out(y)), state
+
+
+@register_mixer(
+    "lightconv",
+    paper=PAPER,
+    time="O(N·d·K)",
+    memory="O(N·d) (grouped conv1d; O(H·N²) band matrices for short N)",
+    state="last K−1 inputs, O(K·d), constant in t",
+)
+class LightConv(ConvolutionMixer):
+    """Lightweight convolution: one learned kernel per head, shared by the head's d/H channels.
+
+    Args:
+        dim: model width. heads: H (8). kernel_size: K (31; models take one per layer via
+            ``layer_options``, e.g. the paper's 3, 7, 15, 31, 31, 31, 31).
+        weight_softmax: softmax over the K taps (on). weight_dropout: DropConnect on the normalised
+            kernel while training. glu: Linear(d → 2d) + GLU on the input (on). dropout: on the output.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        causal: bool = False,
+        heads: int = 8,
+        kernel_size: int = 31,
+        weight_softmax: bool = True,
+        weight_dropout: float = 0.0,
+        glu: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(
+            dim,
+            causal=causal,
+            heads=heads,
+            kernel_size=kernel_size,
+            weight_softmax=weight_softmax,
+            weight_dropout=weight_dropout,
+            glu=glu,
+            dropout=dropout,
+        )
+        self.weight = nn.Parameter(torch.empty(self.heads, self.kernel_size))
+        nn.init.xavier_uniform_(self.weight)
+
+    def kernel(self, u: torch.Tensor) -> torch.Tensor:
+        return self.weight
+
+    def convolve(self, u, kernel, attention_mask):
+        return lightconv(u, kernel, causal=self.causal, weight_softmax=False, attention_mask=attention_mask)
+
+
+@register_mixer(
+    "dynamic_conv",
+    paper=PAPER,
+    time="O(N·d·K + N·d·H·K)",
+    memory="O(N·d·K) (sliding windows; O(H·N²) band matrices for short N)",
+    state="last K−1 inputs, O(K·d), constant in t",
+)
+class DynamicConv(ConvolutionMixer):
+    """Dynamic convolution: each position's H×K kernel is a linear function of its convolution input.
+
+    Args: as for ``"lightconv"``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        causal: bool = False,
+        heads: int = 8,
+        kernel_size: int = 31,
+        weight_softmax: bool = True,
+        weight_dropout: float = 0.0,
+        glu: bool = True,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(
+            dim,
+            causal=causal,
+            heads=heads,
+            kernel_size=kernel_size,
+            weight_softmax=weight_softmax,
+            weight_dropout=weight_dropout,
+            glu=glu,
+            dropout=dropout,
+        )
+        self.to_kernel = nn.Linear(dim, self.heads * self.kernel_size, bias=False)
+
+    def kernel(self, u: torch.Tensor) -> torch.Tensor:
+        return self.to_kernel(u).unflatten(-1, (self.heads, self.kernel_size))
+
+    def convolve(self, u, kernel, attention_mask):
+        return dynamic_conv(
+            u, kernel, causal=self.causal, weight_softmax=False, attention_mask=attention_mask
+        )
