@@ -41,18 +41,23 @@ def peak_allocated_mb(run: Callable[[], None]) -> float:
     return peak / 2**20
 
 
-def measure(run: Callable[[], None], repeats: int) -> dict:
-    """Median milliseconds of ``repeats`` calls after one warm-up; peak resident memory above the level
-    before the first call (what the OS sees, allocator caching included); peak live tensor memory."""
-    baseline = rss_mb()
+def time_ms(run: Callable[[], None], repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls after one warm-up call."""
     run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def measure(run: Callable[[], None], repeats: int) -> dict:
+    """Median time (``time_ms``); peak resident memory above the level before the first call (what the
+    OS sees, allocator caching included); peak live tensor memory of one call."""
+    baseline = rss_mb()
     return {
-        "ms": 1000 * statistics.median(times),
+        "ms": time_ms(run, repeats),
         "peak_extra_mb": rss_mb() - baseline,
         "baseline_rss_mb": baseline,
         "peak_allocated_mb": peak_allocated_mb(run),

@@ -30,7 +30,7 @@ def random_case(batch, seq_len, heads, per_head, kernel_size, dynamic, seed, dty
 
 def force_path(op_name: str, path: str):
     """Make the op take one path whatever the length."""
-    return mock.patch.dict(conv.BAND_MAX_LEN, {op_name: 10**9 if path == "band" else -1})
+    return mock.patch.dict(conv.BAND_RULE, {op_name: (1, 10**9) if path == "band" else (10**9, 0)})
 
 
 def check(op_name, case, causal, weight_softmax, masked, path, tol=1e-6):
@@ -107,14 +107,20 @@ def test_low_precision(op_name, dtype, tol):
             assert getattr(conv, op_name)(x, weight).dtype == dtype
 
 
-def test_paths_agree_around_the_default_crossover():
-    for op_name in PATHS:
-        for seq_len in (conv.BAND_MAX_LEN[op_name], conv.BAND_MAX_LEN[op_name] + 1):
-            x, weight, mask, _ = random_case(2, seq_len, 2, 3, 5, op_name == "dynamic_conv", seed=7)
-            window, band = PATHS[op_name]
-            layout = "(B, N, H, K)" if op_name == "dynamic_conv" else "(H, K)"
-            prepared, kernel, heads = conv._prepare(x, weight, mask, True, layout)
-            assert_close(window(prepared, kernel, heads, True), band(prepared, kernel, heads, True), 1e-12)
+def test_default_path_follows_the_measured_rule():
+    """band for K ≥ the rule's minimum and N ≤ 4K, window otherwise; both give the same numbers."""
+    for op_name, (min_kernel_size, per_tap) in conv.BAND_RULE.items():
+        for kernel_size in (min_kernel_size - 1, min_kernel_size):
+            for seq_len in (per_tap * kernel_size, per_tap * kernel_size + 1):
+                expected = kernel_size >= min_kernel_size and seq_len <= per_tap * kernel_size
+                assert conv._use_band(op_name, seq_len, kernel_size) == expected
+        x, weight, mask, _ = random_case(
+            2, 4 * min_kernel_size + 1, 2, 3, min_kernel_size, op_name == "dynamic_conv", 7
+        )
+        layout = "(B, N, H, K)" if op_name == "dynamic_conv" else "(H, K)"
+        prepared, kernel, heads = conv._prepare(x, weight, mask, True, layout)
+        window, band = PATHS[op_name]
+        assert_close(window(prepared, kernel, heads, True), band(prepared, kernel, heads, True), 1e-12)
 
 
 def test_errors_name_the_argument():

@@ -8,8 +8,8 @@ LightweightConv1dTBC), and a head's channels share its kernel:
 W̃ = softmax over the K taps (``weight_softmax``) or the raw weight; P = (K − 1) // 2 (centred) or K − 1
 (causal). Terms outside [0, N) or at padded positions are 0 (no renormalisation).
 
-Two execution paths compute the same sum: a sliding window (grouped ``conv1d`` for lightconv, a strided
-view of the K shifted copies for dynamic_conv; memory O(N·C·K) at most) and a band matrix (the
+Two execution paths compute the same sum: a sliding window (grouped ``conv1d`` for lightconv, one
+multiply-add per tap for dynamic_conv; memory O(N·C)) and a band matrix (the
 (B·H, N, N) banded kernel times the (B·H, N, C/H) input), faster for short sequences on the CPU. The
 op picks by length; both are tested against the reference.
 """
@@ -29,8 +29,15 @@ from ._checks import (
 
 __all__ = ["dynamic_conv", "lightconv"]
 
-# Sequences up to this length use the band-matrix path (measured crossover: benchmarks/conv.py).
-BAND_MAX_LEN = {"lightconv": 64, "dynamic_conv": 64}
+# The band-matrix path is taken when K ≥ min_kernel_size and N ≤ max_length_per_tap · K: band costs
+# grow as N² and windows as N·K. Measured on the CPU with benchmarks/conv.py (B=8, C=256, H=8): the band
+# wins up to N ≈ 4K from K = 31 (lightconv) and K = 15 (dynamic_conv), and never for smaller kernels.
+BAND_RULE = {"lightconv": (31, 4), "dynamic_conv": (15, 4)}
+
+
+def _use_band(op_name: str, seq_len: int, kernel_size: int) -> bool:
+    min_kernel_size, max_length_per_tap = BAND_RULE[op_name]
+    return kernel_size >= min_kernel_size and seq_len <= max_length_per_tap * kernel_size
 
 
 def _prepare(
@@ -88,13 +95,6 @@ def _from_heads(y: torch.Tensor) -> torch.Tensor:
     return y.transpose(1, 2).reshape(batch, seq_len, heads * width)
 
 
-def _shifted(x: torch.Tensor, kernel_size: int, causal: bool) -> torch.Tensor:
-    """(B, N, C) → (B, N, C, K), entry [b, t, c, j] = x[b, t + j − P, c] (0 outside): a strided view."""
-    left = _left_padding(kernel_size, causal)
-    padded = F.pad(x, (0, 0, left, kernel_size - 1 - left))
-    return padded.unfold(1, kernel_size, 1)
-
-
 def lightconv_window(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
     """Sliding-window path: a depthwise ``conv1d`` whose C filters repeat each head's kernel."""
     kernel_size = kernel.shape[-1]
@@ -112,10 +112,18 @@ def lightconv_band(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bo
 
 
 def dynamic_conv_window(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
-    """Sliding-window path: per position, the (C/H, K) window of each head times its K taps."""
+    """Sliding-window path: one fused multiply-add per tap, each over the shifted input with that tap of
+    every position's kernel broadcast across the head's channels. Memory O(N·C): autograd keeps only
+    views of the input and kernel."""
     batch, seq_len, channels = x.shape
-    windows = _shifted(x, kernel.shape[-1], causal).reshape(batch, seq_len, heads, channels // heads, -1)
-    return (windows @ kernel[..., None]).reshape(batch, seq_len, channels)
+    kernel_size = kernel.shape[-1]
+    left = _left_padding(kernel_size, causal)
+    padded = F.pad(x, (0, 0, left, kernel_size - 1 - left)).view(batch, -1, heads, channels // heads)
+    taps = kernel[..., None]  # (B, N, H, K, 1)
+    y = padded[:, :seq_len] * taps[..., 0, :]
+    for j in range(1, kernel_size):
+        y = torch.addcmul(y, padded[:, j : j + seq_len], taps[..., j, :])
+    return y.reshape(batch, seq_len, channels)
 
 
 def dynamic_conv_band(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
@@ -146,7 +154,7 @@ def lightconv(
     check_float_tensor("weight", weight, "(H, K)")
     out_dtype = x.dtype
     x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, "(H, K)")
-    path = lightconv_band if x.shape[1] <= BAND_MAX_LEN["lightconv"] else lightconv_window
+    path = lightconv_band if _use_band("lightconv", x.shape[1], kernel.shape[-1]) else lightconv_window
     return path(x, kernel, heads, causal).to(out_dtype)
 
 
@@ -172,5 +180,7 @@ def dynamic_conv(
     check_dims({}, x=(x, "BN"), weight=(weight, "BN"))
     out_dtype = x.dtype
     x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, "(B, N, H, K)")
-    path = dynamic_conv_band if x.shape[1] <= BAND_MAX_LEN["dynamic_conv"] else dynamic_conv_window
+    path = (
+        dynamic_conv_band if _use_band("dynamic_conv", x.shape[1], kernel.shape[-1]) else dynamic_conv_window
+    )
     return path(x, kernel, heads, causal).to(out_dtype)
