@@ -132,6 +132,28 @@ def dynamic_conv_band(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal:
     return _from_heads(band @ _by_head(x, heads))
 
 
+_PATHS = {
+    "lightconv": (lightconv_window, lightconv_band),
+    "dynamic_conv": (dynamic_conv_window, dynamic_conv_band),
+}
+
+
+def _convolve(
+    op_name: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    layout: str,
+    causal: bool,
+    weight_softmax: bool,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    out_dtype = x.dtype
+    x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout)
+    window, band = _PATHS[op_name]
+    path = band if _use_band(op_name, x.shape[1], kernel.shape[-1]) else window
+    return path(x, kernel, heads, causal).to(out_dtype)
+
+
 def lightconv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -151,11 +173,7 @@ def lightconv(
     Returns:
         (B, N, C) in x's dtype (half precision is computed in float32).
     """
-    check_float_tensor("weight", weight, "(H, K)")
-    out_dtype = x.dtype
-    x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, "(H, K)")
-    path = lightconv_band if _use_band("lightconv", x.shape[1], kernel.shape[-1]) else lightconv_window
-    return path(x, kernel, heads, causal).to(out_dtype)
+    return _convolve("lightconv", x, weight, "(H, K)", causal, weight_softmax, attention_mask)
 
 
 def dynamic_conv(
@@ -178,9 +196,4 @@ def dynamic_conv(
     check_float_tensor("x", x, "(B, N, C)")
     check_float_tensor("weight", weight, "(B, N, H, K)")
     check_dims({}, x=(x, "BN"), weight=(weight, "BN"))
-    out_dtype = x.dtype
-    x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, "(B, N, H, K)")
-    path = (
-        dynamic_conv_band if _use_band("dynamic_conv", x.shape[1], kernel.shape[-1]) else dynamic_conv_window
-    )
-    return path(x, kernel, heads, causal).to(out_dtype)
+    return _convolve("dynamic_conv", x, weight, "(B, N, H, K)", causal, weight_softmax, attention_mask)

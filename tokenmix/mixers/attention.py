@@ -13,7 +13,7 @@ from torch import nn
 
 from ..functional import attention as attention_ops
 from ..functional._checks import check_positive_int, check_real
-from .base import Mixer
+from .base import Mixer, pick_options
 from .cache import KVCache
 from .registry import register_mixer
 from .rotary import RotaryEmbedding
@@ -29,12 +29,6 @@ _SHARED_OPTIONS = (
     "bias",
     "dropout",
 )
-
-
-def _shared_options(arguments: dict) -> dict:
-    """The base-class options out of a subclass's call arguments (each subclass lists every option in
-    its own signature, with its own defaults, because the registry reads options from there)."""
-    return {name: arguments[name] for name in _SHARED_OPTIONS}
 
 
 class MultiHeadAttention(Mixer):
@@ -141,7 +135,7 @@ class SoftmaxAttention(MultiHeadAttention):
         bias: bool = True,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(dim, **_shared_options(locals()))
+        super().__init__(dim, **pick_options(locals(), _SHARED_OPTIONS))
 
     def attend(self, q, k, v, attention_mask):
         return attention_ops.softmax_attention(q, k, v, causal=self.causal, attention_mask=attention_mask)
@@ -189,7 +183,7 @@ class PointwiseAttention(MultiHeadAttention):
         bias: bool = True,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(dim, **_shared_options(locals()))
+        super().__init__(dim, **pick_options(locals(), _SHARED_OPTIONS))
         # Validate now so a bad option fails at construction, not at the first forward.
         self.activation, self.alpha, self.length = attention_ops._check_pointwise_options(
             activation, alpha, length

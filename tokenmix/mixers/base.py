@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..functional._checks import check_attention_mask, check_float_tensor, check_positive_int
+
+
+def pick_options(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """The named entries of a call's arguments (``locals()``): how a registered subclass, which lists
+    every option in its own signature because the registry reads options from there, hands the shared
+    ones to its base class."""
+    return {name: arguments[name] for name in names}
 
 
 class Mixer(nn.Module):

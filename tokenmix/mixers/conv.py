@@ -33,20 +33,27 @@ class ConvState:
 
 
 class ConvolutionMixer(Mixer):
-    """Shared input projection (+ GLU), kernel normalisation and DropConnect, output projection and the
-    K − 1 buffer for decoding; subclasses supply the kernel and the op."""
+    """Shared options, input projection (+ GLU), kernel normalisation and DropConnect, output projection
+    and the K − 1 buffer for decoding; subclasses supply the kernel and the op.
+
+    Args:
+        dim: model width. heads: H (8). kernel_size: K (31; models take one per layer via
+            ``layer_options``, e.g. the paper's 3, 7, 15, 31, 31, 31, 31).
+        weight_softmax: softmax over the K taps (on). weight_dropout: DropConnect on the normalised
+            kernel while training. glu: Linear(d → 2d) + GLU on the input (on). dropout: on the output.
+    """
 
     def __init__(
         self,
         dim: int,
         *,
-        causal: bool,
-        heads: int,
-        kernel_size: int,
-        weight_softmax: bool,
-        weight_dropout: float,
-        glu: bool,
-        dropout: float,
+        causal: bool = False,
+        heads: int = 8,
+        kernel_size: int = 31,
+        weight_softmax: bool = True,
+        weight_dropout: float = 0.0,
+        glu: bool = True,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(dim, causal=causal)
         self.heads = check_positive_int("heads", heads)
@@ -59,6 +66,11 @@ class ConvolutionMixer(Mixer):
         self.weight_dropout = nn.Dropout(check_real("weight_dropout", weight_dropout))
         self.to_out = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(check_real("dropout", dropout))
+        self.build_kernel()
+
+    def build_kernel(self) -> None:
+        """Create the parameters the kernel comes from."""
+        raise NotImplementedError
 
     def kernel(self, u: torch.Tensor) -> torch.Tensor:
         """The raw taps for convolution input u (B, N, d): (H, K) or (B, N, H, K)."""
@@ -105,37 +117,10 @@ class ConvolutionMixer(Mixer):
     state="last K−1 inputs, O(K·d), constant in t",
 )
 class LightConv(ConvolutionMixer):
-    """Lightweight convolution: one learned kernel per head, shared by the head's d/H channels.
+    """Lightweight convolution: one learned kernel per head, shared by the head's d/H channels. Options as
+    for ``ConvolutionMixer``."""
 
-    Args:
-        dim: model width. heads: H (8). kernel_size: K (31; models take one per layer via
-            ``layer_options``, e.g. the paper's 3, 7, 15, 31, 31, 31, 31).
-        weight_softmax: softmax over the K taps (on). weight_dropout: DropConnect on the normalised
-            kernel while training. glu: Linear(d → 2d) + GLU on the input (on). dropout: on the output.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        *,
-        causal: bool = False,
-        heads: int = 8,
-        kernel_size: int = 31,
-        weight_softmax: bool = True,
-        weight_dropout: float = 0.0,
-        glu: bool = True,
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__(
-            dim,
-            causal=causal,
-            heads=heads,
-            kernel_size=kernel_size,
-            weight_softmax=weight_softmax,
-            weight_dropout=weight_dropout,
-            glu=glu,
-            dropout=dropout,
-        )
+    def build_kernel(self) -> None:
         self.weight = nn.Parameter(torch.empty(self.heads, self.kernel_size))
         nn.init.xavier_uniform_(self.weight)
 
@@ -150,38 +135,15 @@ class LightConv(ConvolutionMixer):
     "dynamic_conv",
     paper=PAPER,
     time="O(N·d·K + N·d·H·K)",
-    memory="O(N·d·K) (sliding windows; O(H·N²) band matrices for short N)",
+    memory="O(N·d) (a multiply-add per tap; O(B·H·N²) band matrices for short N)",
     state="last K−1 inputs, O(K·d), constant in t",
 )
 class DynamicConv(ConvolutionMixer):
     """Dynamic convolution: each position's H×K kernel is a linear function of its convolution input.
+    Options as for ``ConvolutionMixer``."""
 
-    Args: as for ``"lightconv"``.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        *,
-        causal: bool = False,
-        heads: int = 8,
-        kernel_size: int = 31,
-        weight_softmax: bool = True,
-        weight_dropout: float = 0.0,
-        glu: bool = True,
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__(
-            dim,
-            causal=causal,
-            heads=heads,
-            kernel_size=kernel_size,
-            weight_softmax=weight_softmax,
-            weight_dropout=weight_dropout,
-            glu=glu,
-            dropout=dropout,
-        )
-        self.to_kernel = nn.Linear(dim, self.heads * self.kernel_size, bias=False)
+    def build_kernel(self) -> None:
+        self.to_kernel = nn.Linear(self.dim, self.heads * self.kernel_size, bias=False)
 
     def kernel(self, u: torch.Tensor) -> torch.Tensor:
         return self.to_kernel(u).unflatten(-1, (self.heads, self.kernel_size))

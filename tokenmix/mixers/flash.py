@@ -17,12 +17,13 @@ from torch import nn
 from ..functional import attention as attention_ops
 from ..functional._checks import check_choice, check_positive_int, check_real
 from ..functional.flash import mixed_chunk_attention, mixed_chunk_attention_step
-from .base import Mixer
+from .base import Mixer, pick_options
 from .cache import KVCache
 from .registry import register_mixer
 from .rotary import RotaryEmbedding
 
 PAPER = "Hua et al. 2022, Transformer Quality in Linear Time (arXiv 2202.10447)"
+_SHARED_OPTIONS = ("causal", "expansion", "qk_dim", "rope", "rope_base", "dropout")
 
 
 class GatedAttentionUnit(Mixer):
@@ -95,16 +96,7 @@ class GAU(GatedAttentionUnit):
         rope_base: float = 10000.0,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(
-            dim,
-            causal=causal,
-            expansion=expansion,
-            qk_dim=qk_dim,
-            num_qk=2,
-            rope=rope,
-            rope_base=rope_base,
-            dropout=dropout,
-        )
+        super().__init__(dim, num_qk=2, **pick_options(locals(), _SHARED_OPTIONS))
         self.activation = check_choice("activation", activation, (*attention_ops.ACTIVATIONS, "softmax"))
         self.length = check_positive_int("length", length, allow_none=True)
 
@@ -197,16 +189,7 @@ class FLASH(GatedAttentionUnit):
         rope_base: float = 10000.0,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__(
-            dim,
-            causal=causal,
-            expansion=expansion,
-            qk_dim=qk_dim,
-            num_qk=4,
-            rope=rope,
-            rope_base=rope_base,
-            dropout=dropout,
-        )
+        super().__init__(dim, num_qk=4, **pick_options(locals(), _SHARED_OPTIONS))
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.linear = bool(linear)
 
