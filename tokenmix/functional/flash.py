@@ -106,9 +106,10 @@ def mixed_chunk_attention(
         k_lin = k_lin * real_chunks[..., None]
         counts = real_chunks.sum(-1)  # (B, G)
     states = torch.einsum("bgcs,bgce->bgse", k_lin, v_chunks)
-    if causal:  # exclusive prefix sums: what the chunks before each chunk hold
-        states = F.pad(states.cumsum(1)[:, :-1], (0, 0, 0, 0, 1, 0))
-        counts = F.pad(counts.cumsum(1)[:, :-1], (1, 0))
+    if causal:  # exclusive prefix sums, as one matmul: chunk g gets the chunks g' < g
+        before = torch.ones(chunks, chunks, dtype=dtype, device=v.device).tril_(-1)
+        states = torch.einsum("gh,bhse->bgse", before, states)
+        counts = counts @ before.T
     else:
         states = states.sum(1, keepdim=True).expand(-1, chunks, -1, -1)
         counts = counts.sum(1, keepdim=True).expand(-1, chunks)

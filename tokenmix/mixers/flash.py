@@ -56,7 +56,8 @@ class GatedAttentionUnit(Mixer):
     def project(self, x: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """x: (B, N, dim) at positions offset… → U (B, N, e), V (B, N, e), and ``num_qk`` of (B, N, s)."""
         u, v, z = nn.functional.silu(self.to_uvz(x)).split([self.expanded, self.expanded, self.qk_dim], -1)
-        queries_keys = (z[..., None, :] * self.gamma + self.beta).transpose(-2, -3)  # (B, num_qk, N, s)
+        # (B, num_qk, N, s), laid out so that RoPE rotates all of them in one pass without a copy
+        queries_keys = z[:, None] * self.gamma[:, None, :] + self.beta[:, None, :]
         if self.rotary is not None:
             queries_keys = self.rotary(queries_keys, offset)  # all at once: one pass, not num_qk
         return u, v, list(queries_keys.unbind(-3))

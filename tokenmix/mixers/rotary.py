@@ -1,4 +1,4 @@
-"""Rotary position embedding (Su et al. 2021), rotate-half form, shared by every mixer that offers it."""
+"""Rotary position embedding (Su et al. 2021), shared by every mixer that offers it."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates pairs (x_i, x_{i+d/2}) of the last dim by angle p · base^(−2i/d) at position p.
+    """Rotates each pair (x_{2i}, x_{2i+1}) of the last dim by the angle p · base^(−2i/d) at position p,
+    as RoFormer does: one complex multiplication per pair, in float64 for float64 inputs and float32
+    otherwise.
 
     ``forward(x, offset)`` takes x: (..., N, d) at positions offset … offset+N−1 and returns the same
-    shape and dtype; the angles are computed in float32.
+    shape and dtype.
     """
 
     def __init__(self, dim: int, *, base: float = 10000.0) -> None:
@@ -21,9 +23,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        positions = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq.to(x.device)[None, :]
-        cos, sin = angles.cos(), angles.sin()
-        first, second = x.float().chunk(2, dim=-1)
-        rotated = torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
-        return rotated.to(x.dtype)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        positions = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=dtype)
+        angles = positions[:, None] * self.inv_freq.to(x.device, dtype)[None, :]
+        rotation = torch.polar(torch.ones_like(angles), angles)
+        pairs = torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2)).contiguous())
+        return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
