@@ -158,3 +158,29 @@ def reference_grads(expected: torch.Tensor, inputs, grad_out: torch.Tensor) -> l
         else [None] * len(inputs)
     )
     return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]
+
+
+def aft_full(q, k, v, w, *, causal=False, attention_mask=None):
+    """SPEC §4, one (row, channel) at a time: σ(q_td) · Σ exp(s) v / Σ exp(s), s_t' = k_t'd + w_tt' over the
+    real t' (≤ t if causal), with the joint maximum of s subtracted. Rows that see no real key are 0."""
+    q, k, v, w = q.double(), k.double(), v.double(), w.double()
+    batch, n, channels = q.shape
+    rows = []
+    for b in range(batch):
+        for t in range(n):
+            keys = _visible(n, t, causal, None if attention_mask is None else attention_mask[b])
+            if not keys:
+                rows.append(torch.zeros(channels, dtype=torch.float64))
+                continue
+            scores = k[b, keys] + w[t, keys][:, None]  # (|S|, D)
+            weights = torch.softmax(scores, dim=0)
+            rows.append(torch.sigmoid(q[b, t]) * (weights * v[b, keys]).sum(0))
+    return torch.stack(rows).view(batch, n, channels)
+
+
+def aft_simple(q, k, v, *, causal=False, attention_mask=None):
+    """SPEC §4: aft_full with w = 0."""
+    n = q.shape[1]
+    return aft_full(
+        q, k, v, torch.zeros(n, n, dtype=torch.float64), causal=causal, attention_mask=attention_mask
+    )

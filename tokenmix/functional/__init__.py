@@ -1,5 +1,6 @@
 """The math of every mixer: tensors in, tensors out, no parameters (like ``torch.nn.functional``)."""
 
+from .aft import aft_full, aft_simple
 from .attention import (
     ACTIVATIONS,
     pointwise_attention,
@@ -12,6 +13,8 @@ from .flash import mixed_chunk_attention, mixed_chunk_attention_step
 
 __all__ = [
     "ACTIVATIONS",
+    "aft_full",
+    "aft_simple",
     "dynamic_conv",
     "lightconv",
     "mixed_chunk_attention",

@@ -1,0 +1,144 @@
+"""aft_full and aft_simple against the float64 equation of SPEC §4, including extreme keys and biases."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests import reference
+from tests.reference import assert_close, reference_grads
+from tokenmix.functional import aft, aft_full, aft_simple
+
+
+def random_case(batch, seq_len, channels, max_len, seed, dtype=torch.float64, key_scale=1.0, bias_scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, seq_len, channels, generator=gen, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(max_len, max_len, generator=gen, dtype=torch.float64) * bias_scale
+    mask = torch.rand(batch, seq_len, generator=gen) > 0.3
+    tensors = [t.to(dtype).requires_grad_() for t in (q, k * key_scale, v, w)]
+    return tensors, mask, gen
+
+
+def check(op_name, tensors, mask, gen, causal, tol=1e-6, grads=True):
+    q, k, v, w = tensors
+    args = (q, k, v, w) if op_name == "aft_full" else (q, k, v)
+    out = getattr(aft, op_name)(*args, causal=causal, attention_mask=mask)
+    expected = getattr(reference, op_name)(*args, causal=causal, attention_mask=mask)
+    rows = None if mask is None else mask[..., None].expand_as(out)
+    assert_close(out, expected, tol, mask=rows, what=f"{op_name} forward")
+    if not grads:
+        return
+    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    if rows is not None:
+        grad_out = grad_out * rows
+    got = torch.autograd.grad(out, args, grad_out)
+    for name, g, want in zip(
+        "qkvw"[: len(args)], got, reference_grads(expected, args, grad_out), strict=True
+    ):
+        assert_close(g, want, tol, what=f"{op_name} grad {name}")
+
+
+cases = dict(
+    op_name=st.sampled_from(["aft_full", "aft_simple"]),
+    batch=st.integers(1, 2),
+    seq_len=st.integers(1, 20),
+    channels=st.integers(1, 5),
+    extra_len=st.integers(0, 4),
+    causal=st.booleans(),
+    masked=st.booleans(),
+    small_blocks=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+
+
+@given(**cases)
+def test_matches_reference(op_name, batch, seq_len, channels, extra_len, causal, masked, small_blocks, seed):
+    tensors, mask, gen = random_case(batch, seq_len, channels, seq_len + extra_len, seed)
+    blocks = {"_BLOCK_ELEMENTS": 7, "_SCAN_CHUNK": 3} if small_blocks else {}
+    with mock.patch.multiple(aft, **blocks) if blocks else mock.patch.dict({}):
+        check(op_name, tensors, mask if masked else None, gen, causal)
+
+
+@given(**cases)
+def test_exact_fallback_matches_reference(
+    op_name, batch, seq_len, channels, extra_len, causal, masked, small_blocks, seed
+):
+    """Every entry recomputed with its joint maximum (the path underflowed entries take)."""
+    tensors, mask, gen = random_case(batch, seq_len, channels, seq_len + extra_len, seed)
+    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")}):
+        check(op_name, tensors, mask if masked else None, gen, causal)
+
+
+@pytest.mark.parametrize("op_name", ["aft_full", "aft_simple"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_extreme_keys_and_biases_stay_accurate_in_float32(op_name, causal):
+    """|k| and |w| in the hundreds, where separate maxima underflow to 0/0 without the exact fallback."""
+    for seed in range(3):
+        tensors, mask, _ = random_case(2, 24, 6, 24, seed, key_scale=300.0, bias_scale=300.0)
+        q, k, v, w = (t.detach() for t in tensors)
+        for m in (None, mask):
+            out = getattr(aft, op_name)(
+                *[t.float() for t in ((q, k, v, w) if op_name == "aft_full" else (q, k, v))],
+                causal=causal,
+                attention_mask=m,
+            )
+            expected = getattr(reference, op_name)(
+                *((q, k, v, w) if op_name == "aft_full" else (q, k, v)), causal=causal, attention_mask=m
+            )
+            rows = None if m is None else m[..., None].expand_as(out)
+            assert_close(out, expected, 1e-4, mask=rows, what=f"seed {seed}")
+
+
+def test_causal_prefix_far_below_the_sequence_maximum():
+    """Keys rising from −500 to +500: every early row's keys are ~e^-1000 below the global maximum."""
+    seq_len = 40
+    k = torch.linspace(-500, 500, seq_len)[None, :, None].expand(2, seq_len, 3).contiguous()
+    q, v = torch.randn(2, seq_len, 3), torch.randn(2, seq_len, 3)
+    w = torch.randn(seq_len, seq_len) * 200
+    for op, args in ((aft_simple, (q, k, v)), (aft_full, (q, k, v, w))):
+        out = op(*args, causal=True)
+        expected = getattr(reference, op.__name__)(*[a.double() for a in args], causal=True)
+        assert_close(out, expected, 1e-4, what=op.__name__)
+
+
+@pytest.mark.parametrize("op_name", ["aft_full", "aft_simple"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradcheck(op_name, causal):
+    tensors, mask, _ = random_case(2, 6, 3, 8, seed=1)
+    q, k, v, w = tensors
+    args = (q, k, v, w) if op_name == "aft_full" else (q, k, v)
+    op = getattr(aft, op_name)
+    assert torch.autograd.gradcheck(lambda *a: op(*a, causal=causal, attention_mask=mask), args)
+    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")}):  # the exact path too
+        assert torch.autograd.gradcheck(lambda *a: op(*a, causal=causal, attention_mask=mask), args)
+
+
+@pytest.mark.parametrize("op_name", ["aft_full", "aft_simple"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_low_precision(op_name, dtype, tol):
+    tensors, mask, gen = random_case(2, 19, 8, 19, seed=2, dtype=dtype)
+    tensors = [t.detach() for t in tensors]
+    for causal in (False, True):
+        check(op_name, tensors, mask, gen, causal, tol, grads=False)
+        args = tensors if op_name == "aft_full" else tensors[:3]
+        assert getattr(aft, op_name)(*args, causal=causal).dtype == dtype
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(2, 5, 4)
+    with pytest.raises(ValueError, match="N_max ≥ N = 5"):
+        aft_full(x, x, x, torch.randn(4, 4))
+    with pytest.raises(ValueError, match="square"):
+        aft_full(x, x, x, torch.randn(5, 6))
+    with pytest.raises(ValueError, match="w must have shape"):
+        aft_full(x, x, x, torch.randn(5))
+    with pytest.raises(TypeError, match="dtype"):
+        aft_full(x, x, x, torch.randn(5, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="v has D=3"):
+        aft_simple(x, x, x[..., :3])
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        aft_simple(x, x, x, attention_mask=torch.ones(2, 4))

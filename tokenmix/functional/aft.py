@@ -1,0 +1,211 @@
+"""Attention Free Transformer ops (Zhai et al. 2021; SPEC §4): AFT-full and AFT-simple.
+
+    y_t = σ(q_t) ⊙ Σ_{t'∈S(t)} exp(k_t' + w_{t,t'}) ⊙ v_t' / Σ_{t'∈S(t)} exp(k_t' + w_{t,t'})
+
+S(t) = the real t' (and t' ≤ t when causal). q, k, v: (B, N, D).
+
+Numerics: the sums are computed with matmuls (or a prefix scan) after subtracting a separate maximum of
+k (per channel) and of w (per row), which cannot overflow. Separate maxima can underflow, though: when
+the keys that dominate k and the positions that dominate row t of w differ, every product
+exp(k − max k)·exp(w − max w) may round to 0 and the ratio to 0/0. Every (batch, row, channel) whose
+denominator comes out below ``_TINY`` while it sees a real key is therefore recomputed exactly with the
+joint maximum of k_t' + w_{t,t'} over its own terms, as online softmax does. Half-precision inputs are
+computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import (
+    check_attention_mask,
+    check_dims,
+    check_float_tensor,
+    check_same_dtype_device,
+    compute_dtype,
+)
+
+__all__ = ["aft_full", "aft_simple"]
+
+# A denominator below this (relative to its separate maxima) is recomputed with the joint maximum; far
+# above the dtype's smallest normal number, so entries kept from the fast path keep full precision.
+_TINY = {torch.float32: 2.0**-60, torch.float64: 2.0**-600}
+# Elements of one block: score rows × keys (× batch) in aft_full, flagged entries × keys in the fallback.
+_BLOCK_ELEMENTS = 1 << 22
+_SCAN_CHUNK = 64
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None):
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, tensor, "(B, N, D)")
+    check_same_dtype_device(q=q, k=k, v=v)
+    sizes = check_dims({}, q=(q, "BND"), k=(k, "BND"), v=(v, "BND"))
+    mask = check_attention_mask(attention_mask, sizes["B"], sizes["N"], q.device)
+    if mask is not None:  # a sequence with no real token: every position counts (its outputs are unspecified)
+        mask = mask | ~mask.any(1, keepdim=True)
+    return mask
+
+
+def _masked_keys(k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """k with padded positions at −inf, so they vanish from every max and exp."""
+    return k if mask is None else k.masked_fill(~mask[..., None], float("-inf"))
+
+
+def _finite(m: torch.Tensor) -> torch.Tensor:
+    """A maximum over no terms is −inf; any finite stand-in works there, since all its terms are 0."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+
+
+def _exact(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    causal: bool,
+    flagged: torch.Tensor,
+) -> torch.Tensor:
+    """Σ exp(s) v / Σ exp(s) with s_{t'} = k_{t'} + w_{t,t'} over row t's visible keys, with the joint
+    maximum of s subtracted, for each flagged (b, t, d) of the (B, N, D) boolean ``flagged``."""
+    batch_idx, row_idx, channel_idx = flagged.nonzero(as_tuple=True)
+    seq_len = keys.shape[1]
+    positions = torch.arange(seq_len, device=keys.device)
+    ratios = []
+    step = max(1, _BLOCK_ELEMENTS // seq_len)
+    for start in range(0, len(batch_idx), step):
+        b, t, d = (idx[start : start + step] for idx in (batch_idx, row_idx, channel_idx))
+        scores = keys[b, :, d]  # (M, N); padded keys are −inf
+        if bias is not None:
+            scores = scores + bias[t]
+        if causal:
+            scores = scores.masked_fill(positions[None, :] > t[:, None], float("-inf"))
+        weights = torch.exp(scores - _finite(scores.amax(-1, keepdim=True)))
+        ratios.append((weights * values[b, :, d]).sum(-1) / weights.sum(-1))
+    return torch.cat(ratios) if ratios else keys.new_zeros(0)
+
+
+def _finish(
+    q: torch.Tensor,
+    num: torch.Tensor,
+    den: torch.Tensor,
+    sees_a_key: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    causal: bool,
+) -> torch.Tensor:
+    """σ(q) ⊙ num/den, with underflowed denominators recomputed exactly and key-less rows set to 0."""
+    flagged = (den < _TINY[den.dtype]) & sees_a_key
+    ratio = num / torch.where(sees_a_key, den, torch.ones_like(den))
+    if bool(flagged.any()):
+        ratio = ratio.index_put(flagged.nonzero(as_tuple=True), _exact(keys, values, bias, causal, flagged))
+    return torch.sigmoid(q) * ratio
+
+
+def _sees_a_key(mask: torch.Tensor | None, batch: int, seq_len: int, causal: bool, device) -> torch.Tensor:
+    """(B, N, 1): whether row t has at least one real key in S(t)."""
+    if mask is None:
+        return torch.ones(1, seq_len, 1, dtype=torch.bool, device=device)
+    counts = mask.cumsum(1) if causal else mask.sum(1, keepdim=True).expand(batch, seq_len)
+    return (counts > 0)[..., None]
+
+
+def aft_simple(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AFT-simple: ``aft_full`` with w = 0, ``y_t = σ(q_t) ⊙ Σ softmax_{t'∈S(t)}(k)_{t'} ⊙ v_t'``, O(N·D).
+
+    Bidirectional: one softmax over the sequence per channel. Causal: a prefix scan over chunks carrying
+    the running maximum, numerator and denominator per channel.
+
+    Args:
+        q, k, v: (B, N, D). causal: t sees t' ≤ t. attention_mask: (B, N), True/1 = real token.
+
+    Returns:
+        (B, N, D) in the inputs' dtype.
+    """
+    mask = _check(q, k, v, attention_mask)
+    batch, seq_len, _ = q.shape
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    keys = _masked_keys(k, mask)
+    if not causal:
+        weights = torch.softmax(keys, dim=1)  # every sequence has a real key (see _check)
+        return (torch.sigmoid(q) * (weights * v).sum(1, keepdim=True)).to(out_dtype)
+    carry_max = keys.new_full((batch, 1, keys.shape[-1]), float("-inf"))
+    carry_num = keys.new_zeros(batch, 1, keys.shape[-1])
+    carry_den = keys.new_zeros(batch, 1, keys.shape[-1])
+    nums, dens = [], []
+    for start in range(0, seq_len, _SCAN_CHUNK):
+        chunk = keys[:, start : start + _SCAN_CHUNK]
+        new_max = torch.maximum(carry_max, chunk.amax(1, keepdim=True))
+        reference = _finite(new_max)
+        weights = torch.exp(chunk - reference)
+        rescale = torch.exp(carry_max - reference)  # ≤ 1; 0 while nothing was seen
+        num = torch.cumsum(weights * v[:, start : start + _SCAN_CHUNK], 1) + rescale * carry_num
+        den = torch.cumsum(weights, 1) + rescale * carry_den
+        nums.append(num)
+        dens.append(den)
+        carry_max, carry_num, carry_den = new_max, num[:, -1:], den[:, -1:]
+    sees = _sees_a_key(mask, batch, seq_len, True, q.device)
+    return _finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, None, True).to(out_dtype)
+
+
+def aft_full(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AFT-full: ``y_t = σ(q_t) ⊙ Σ exp(k_t' + w_{t,t'}) ⊙ v_t' / Σ exp(k_t' + w_{t,t'})`` over t' ∈ S(t).
+
+    Computed as matmuls of exp(w − max_row w) with exp(k − max k) ⊙ v and exp(k − max k) over blocks of
+    rows (memory O(rows·N + N·D), never (B, N, N, D)); underflowed entries are recomputed exactly.
+
+    Args:
+        q, k, v: (B, N, D). w: (N_max, N_max) pairwise position biases, N ≤ N_max; its top-left N×N
+            block is used. causal: t sees t' ≤ t. attention_mask: (B, N), True/1 = real token.
+
+    Returns:
+        (B, N, D) in the inputs' dtype.
+    """
+    mask = _check(q, k, v, attention_mask)
+    check_float_tensor("w", w, "(N_max, N_max)")
+    check_same_dtype_device(q=q, w=w)
+    batch, seq_len, _ = q.shape
+    if w.shape[0] != w.shape[1] or w.shape[0] < seq_len:
+        raise ValueError(
+            f"w must be a square (N_max, N_max) table with N_max ≥ N = {seq_len}, got shape {tuple(w.shape)}"
+        )
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w[:seq_len, :seq_len].to(dtype)
+    keys = _masked_keys(k, mask)
+    rows = max(1, min(seq_len, _BLOCK_ELEMENTS // max(1, batch * seq_len)))
+    positions = torch.arange(seq_len, device=q.device)
+    nums, dens = [], []
+    exp_keys = None
+    for start in range(0, seq_len, rows):
+        end = min(seq_len, start + rows)
+        key_end = end if causal else seq_len
+        if causal or exp_keys is None:  # causal blocks see a growing prefix: its own key maximum
+            visible_keys = keys[:, :key_end]
+            exp_keys = torch.exp(visible_keys - _finite(visible_keys.amax(1, keepdim=True)))
+            weighted_values = exp_keys * v[:, :key_end]
+        bias = w[start:end, :key_end].expand(batch, -1, -1)
+        if mask is not None:
+            bias = bias.masked_fill(~mask[:, None, :key_end], float("-inf"))
+        if causal:
+            bias = bias.masked_fill(
+                positions[None, start:end, None] < positions[None, None, :key_end], float("-inf")
+            )
+        exp_bias = torch.exp(bias - _finite(bias.amax(-1, keepdim=True)))
+        nums.append(exp_bias @ weighted_values)
+        dens.append(exp_bias @ exp_keys)
+    sees = _sees_a_key(mask, batch, seq_len, causal, q.device)
+    return _finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, w, causal).to(out_dtype)
