@@ -184,3 +184,12 @@ def aft_simple(q, k, v, *, causal=False, attention_mask=None):
     return aft_full(
         q, k, v, torch.zeros(n, n, dtype=torch.float64), causal=causal, attention_mask=attention_mask
     )
+
+
+def aft_local(q, k, v, w, *, window, causal=False, attention_mask=None):
+    """SPEC §4: aft_full with w' = w inside |t − t'| < window and 0 outside."""
+    n = q.shape[1]
+    positions = torch.arange(n)
+    near = (positions[:, None] - positions[None, :]).abs() < window
+    local = torch.where(near, w[:n, :n].double(), torch.zeros(n, n, dtype=torch.float64))
+    return aft_full(q, k, v, local, causal=causal, attention_mask=attention_mask)

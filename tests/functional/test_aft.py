@@ -11,7 +11,22 @@ from hypothesis import strategies as st
 
 from tests import reference
 from tests.reference import assert_close, reference_grads
-from tokenmix.functional import aft, aft_full, aft_simple
+from tokenmix.functional import aft, aft_full, aft_local, aft_simple
+
+OPS = ["aft_full", "aft_local", "aft_simple"]
+
+
+def call(module, op_name, q, k, v, w, window, **options):
+    """Call ``op_name`` from ``module`` (tokenmix's or the reference) with the arguments it takes."""
+    if op_name == "aft_simple":
+        return getattr(module, op_name)(q, k, v, **options)
+    if op_name == "aft_local":
+        return getattr(module, op_name)(q, k, v, w, window=window, **options)
+    return getattr(module, op_name)(q, k, v, w, **options)
+
+
+def inputs_of(op_name, q, k, v, w):
+    return (q, k, v) if op_name == "aft_simple" else (q, k, v, w)
 
 
 def random_case(batch, seq_len, channels, max_len, seed, dtype=torch.float64, key_scale=1.0, bias_scale=1.0):
@@ -23,11 +38,11 @@ def random_case(batch, seq_len, channels, max_len, seed, dtype=torch.float64, ke
     return tensors, mask, gen
 
 
-def check(op_name, tensors, mask, gen, causal, tol=1e-6, grads=True):
+def check(op_name, tensors, mask, gen, causal, tol=1e-6, grads=True, window=3):
     q, k, v, w = tensors
-    args = (q, k, v, w) if op_name == "aft_full" else (q, k, v)
-    out = getattr(aft, op_name)(*args, causal=causal, attention_mask=mask)
-    expected = getattr(reference, op_name)(*args, causal=causal, attention_mask=mask)
+    options = dict(causal=causal, attention_mask=mask)
+    out = call(aft, op_name, q, k, v, w, window, **options)
+    expected = call(reference, op_name, q, k, v, w, window, **options)
     rows = None if mask is None else mask[..., None].expand_as(out)
     assert_close(out, expected, tol, mask=rows, what=f"{op_name} forward")
     if not grads:
@@ -35,6 +50,7 @@ def check(op_name, tensors, mask, gen, causal, tol=1e-6, grads=True):
     grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
     if rows is not None:
         grad_out = grad_out * rows
+    args = inputs_of(op_name, q, k, v, w)
     got = torch.autograd.grad(out, args, grad_out)
     for name, g, want in zip(
         "qkvw"[: len(args)], got, reference_grads(expected, args, grad_out), strict=True
@@ -43,7 +59,8 @@ def check(op_name, tensors, mask, gen, causal, tol=1e-6, grads=True):
 
 
 cases = dict(
-    op_name=st.sampled_from(["aft_full", "aft_simple"]),
+    op_name=st.sampled_from(OPS),
+    window=st.integers(1, 22),
     batch=st.integers(1, 2),
     seq_len=st.integers(1, 20),
     channels=st.integers(1, 5),
@@ -56,24 +73,26 @@ cases = dict(
 
 
 @given(**cases)
-def test_matches_reference(op_name, batch, seq_len, channels, extra_len, causal, masked, small_blocks, seed):
+def test_matches_reference(
+    op_name, window, batch, seq_len, channels, extra_len, causal, masked, small_blocks, seed
+):
     tensors, mask, gen = random_case(batch, seq_len, channels, seq_len + extra_len, seed)
     blocks = {"_BLOCK_ELEMENTS": 7, "_SCAN_CHUNK": 3} if small_blocks else {}
     with mock.patch.multiple(aft, **blocks) if blocks else mock.patch.dict({}):
-        check(op_name, tensors, mask if masked else None, gen, causal)
+        check(op_name, tensors, mask if masked else None, gen, causal, window=window)
 
 
 @given(**cases)
 def test_exact_fallback_matches_reference(
-    op_name, batch, seq_len, channels, extra_len, causal, masked, small_blocks, seed
+    op_name, window, batch, seq_len, channels, extra_len, causal, masked, small_blocks, seed
 ):
     """Every entry recomputed with its joint maximum (the path underflowed entries take)."""
     tensors, mask, gen = random_case(batch, seq_len, channels, seq_len + extra_len, seed)
     with mock.patch.dict(aft._TINY, {torch.float64: float("inf")}):
-        check(op_name, tensors, mask if masked else None, gen, causal)
+        check(op_name, tensors, mask if masked else None, gen, causal, window=window)
 
 
-@pytest.mark.parametrize("op_name", ["aft_full", "aft_simple"])
+@pytest.mark.parametrize("op_name", OPS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_extreme_keys_and_biases_stay_accurate_in_float32(op_name, causal):
     """|k| and |w| in the hundreds, where separate maxima underflow to 0/0 without the exact fallback."""
@@ -81,14 +100,10 @@ def test_extreme_keys_and_biases_stay_accurate_in_float32(op_name, causal):
         tensors, mask, _ = random_case(2, 24, 6, 24, seed, key_scale=300.0, bias_scale=300.0)
         q, k, v, w = (t.detach() for t in tensors)
         for m in (None, mask):
-            out = getattr(aft, op_name)(
-                *[t.float() for t in ((q, k, v, w) if op_name == "aft_full" else (q, k, v))],
-                causal=causal,
-                attention_mask=m,
+            out = call(
+                aft, op_name, q.float(), k.float(), v.float(), w.float(), 5, causal=causal, attention_mask=m
             )
-            expected = getattr(reference, op_name)(
-                *((q, k, v, w) if op_name == "aft_full" else (q, k, v)), causal=causal, attention_mask=m
-            )
+            expected = call(reference, op_name, q, k, v, w, 5, causal=causal, attention_mask=m)
             rows = None if m is None else m[..., None].expand_as(out)
             assert_close(out, expected, 1e-4, mask=rows, what=f"seed {seed}")
 
@@ -99,33 +114,42 @@ def test_causal_prefix_far_below_the_sequence_maximum():
     k = torch.linspace(-500, 500, seq_len)[None, :, None].expand(2, seq_len, 3).contiguous()
     q, v = torch.randn(2, seq_len, 3), torch.randn(2, seq_len, 3)
     w = torch.randn(seq_len, seq_len) * 200
-    for op, args in ((aft_simple, (q, k, v)), (aft_full, (q, k, v, w))):
-        out = op(*args, causal=True)
-        expected = getattr(reference, op.__name__)(*[a.double() for a in args], causal=True)
-        assert_close(out, expected, 1e-4, what=op.__name__)
+    for op_name in OPS:
+        out = call(aft, op_name, q, k, v, w, 7, causal=True)
+        expected = call(reference, op_name, q.double(), k.double(), v.double(), w.double(), 7, causal=True)
+        assert_close(out, expected, 1e-4, what=op_name)
 
 
-@pytest.mark.parametrize("op_name", ["aft_full", "aft_simple"])
+@pytest.mark.parametrize("op_name", OPS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradcheck(op_name, causal):
     tensors, mask, _ = random_case(2, 6, 3, 8, seed=1)
-    q, k, v, w = tensors
-    args = (q, k, v, w) if op_name == "aft_full" else (q, k, v)
-    op = getattr(aft, op_name)
-    assert torch.autograd.gradcheck(lambda *a: op(*a, causal=causal, attention_mask=mask), args)
+    args = inputs_of(op_name, *tensors)
+
+    def op(*a):
+        return call(
+            aft,
+            op_name,
+            *a,
+            *([tensors[3]] if op_name == "aft_simple" else []),
+            2,
+            causal=causal,
+            attention_mask=mask,
+        )
+
+    assert torch.autograd.gradcheck(op, args)
     with mock.patch.dict(aft._TINY, {torch.float64: float("inf")}):  # the exact path too
-        assert torch.autograd.gradcheck(lambda *a: op(*a, causal=causal, attention_mask=mask), args)
+        assert torch.autograd.gradcheck(op, args)
 
 
-@pytest.mark.parametrize("op_name", ["aft_full", "aft_simple"])
+@pytest.mark.parametrize("op_name", OPS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
 def test_low_precision(op_name, dtype, tol):
     tensors, mask, gen = random_case(2, 19, 8, 19, seed=2, dtype=dtype)
     tensors = [t.detach() for t in tensors]
     for causal in (False, True):
         check(op_name, tensors, mask, gen, causal, tol, grads=False)
-        args = tensors if op_name == "aft_full" else tensors[:3]
-        assert getattr(aft, op_name)(*args, causal=causal).dtype == dtype
+        assert call(aft, op_name, *tensors, 4, causal=causal).dtype == dtype
 
 
 def test_errors_name_the_argument():
@@ -142,3 +166,7 @@ def test_errors_name_the_argument():
         aft_simple(x, x, x[..., :3])
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         aft_simple(x, x, x, attention_mask=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="window must be positive"):
+        aft_local(x, x, x, torch.randn(5, 5), window=0)
+    with pytest.raises(ValueError, match="N_max ≥ N = 5"):
+        aft_local(x, x, x, torch.randn(3, 3), window=2)

@@ -1,6 +1,6 @@
 """The math of every mixer: tensors in, tensors out, no parameters (like ``torch.nn.functional``)."""
 
-from .aft import aft_full, aft_simple
+from .aft import aft_full, aft_local, aft_simple
 from .attention import (
     ACTIVATIONS,
     pointwise_attention,
@@ -14,6 +14,7 @@ from .flash import mixed_chunk_attention, mixed_chunk_attention_step
 __all__ = [
     "ACTIVATIONS",
     "aft_full",
+    "aft_local",
     "aft_simple",
     "dynamic_conv",
     "lightconv",

@@ -1,4 +1,4 @@
-"""Attention Free Transformer ops (Zhai et al. 2021; SPEC §4): AFT-full and AFT-simple.
+"""Attention Free Transformer ops (Zhai et al. 2021; SPEC §4): AFT-full, AFT-simple and AFT-local.
 
     y_t = σ(q_t) ⊙ Σ_{t'∈S(t)} exp(k_t' + w_{t,t'}) ⊙ v_t' / Σ_{t'∈S(t)} exp(k_t' + w_{t,t'})
 
@@ -15,17 +15,21 @@ computed in float32.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 
 from ._checks import (
     check_attention_mask,
     check_dims,
     check_float_tensor,
+    check_positive_int,
     check_same_dtype_device,
     compute_dtype,
 )
 
-__all__ = ["aft_full", "aft_simple"]
+__all__ = ["aft_full", "aft_local", "aft_simple"]
 
 # A denominator below this (relative to its separate maxima) is recomputed with the joint maximum; far
 # above the dtype's smallest normal number, so entries kept from the fast path keep full precision.
@@ -56,10 +60,13 @@ def _finite(m: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
+BiasRows = Callable[[torch.Tensor], torch.Tensor]  # row indices (M,) → their biases w_{t, ·} (M, N)
+
+
 def _exact(
     keys: torch.Tensor,
     values: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias_rows: BiasRows | None,
     causal: bool,
     flagged: torch.Tensor,
 ) -> torch.Tensor:
@@ -73,8 +80,8 @@ def _exact(
     for start in range(0, len(batch_idx), step):
         b, t, d = (idx[start : start + step] for idx in (batch_idx, row_idx, channel_idx))
         scores = keys[b, :, d]  # (M, N); padded keys are −inf
-        if bias is not None:
-            scores = scores + bias[t]
+        if bias_rows is not None:
+            scores = scores + bias_rows(t)
         if causal:
             scores = scores.masked_fill(positions[None, :] > t[:, None], float("-inf"))
         weights = torch.exp(scores - _finite(scores.amax(-1, keepdim=True)))
@@ -89,14 +96,16 @@ def _finish(
     sees_a_key: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    bias: torch.Tensor | None,
+    bias_rows: BiasRows | None,
     causal: bool,
 ) -> torch.Tensor:
     """σ(q) ⊙ num/den, with underflowed denominators recomputed exactly and key-less rows set to 0."""
     flagged = (den < _TINY[den.dtype]) & sees_a_key
     ratio = num / torch.where(sees_a_key, den, torch.ones_like(den))
     if bool(flagged.any()):
-        ratio = ratio.index_put(flagged.nonzero(as_tuple=True), _exact(keys, values, bias, causal, flagged))
+        ratio = ratio.index_put(
+            flagged.nonzero(as_tuple=True), _exact(keys, values, bias_rows, causal, flagged)
+        )
     return torch.sigmoid(q) * ratio
 
 
@@ -208,4 +217,91 @@ def aft_full(
         nums.append(exp_bias @ weighted_values)
         dens.append(exp_bias @ exp_keys)
     sees = _sees_a_key(mask, batch, seq_len, causal, q.device)
-    return _finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, w, causal).to(out_dtype)
+    return _finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, w.__getitem__, causal).to(
+        out_dtype
+    )
+
+
+def _band(w: torch.Tensor, window: int, causal: bool) -> tuple[torch.Tensor, int]:
+    """w's entries w_{t, t+j} for the band's offsets j (j ∈ (−window, window), or (−window, 0] when causal)
+    as an (N, J) table, −inf where t + j falls outside the sequence; and the first offset."""
+    seq_len = w.shape[0]
+    first = -(window - 1)
+    offsets = torch.arange(first, 1 if causal else window, device=w.device)
+    columns = torch.arange(seq_len, device=w.device)[:, None] + offsets[None, :]
+    inside = (columns >= 0) & (columns < seq_len)
+    band = w.gather(1, columns.clamp(0, seq_len - 1))
+    return band.masked_fill(~inside, float("-inf")), first
+
+
+def aft_local(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    window: int,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AFT-local: ``aft_full`` with w'_{t,t'} = w_{t,t'} where |t − t'| < window and 0 elsewhere (not
+    −inf: positions outside the window still count, with no bias).
+
+    Computed in O(N·window·D) time and O(N·D) memory, never N×N: the keys outside the band come from a
+    prefix sum (and a suffix sum when bidirectional), so nothing is subtracted, and the band adds
+    exp(w_{t,t+j}) e^{k_{t+j}} v_{t+j} offset by offset.
+
+    Args:
+        q, k, v: (B, N, D). w: (N_max, N_max), N ≤ N_max (only its band within ``window`` is read).
+        window: s ≥ 1. causal: t sees t' ≤ t. attention_mask: (B, N), True/1 = real token.
+
+    Returns:
+        (B, N, D) in the inputs' dtype.
+    """
+    mask = _check(q, k, v, attention_mask)
+    check_float_tensor("w", w, "(N_max, N_max)")
+    check_same_dtype_device(q=q, w=w)
+    window = check_positive_int("window", window)
+    batch, seq_len, _ = q.shape
+    if w.shape[0] != w.shape[1] or w.shape[0] < seq_len:
+        raise ValueError(
+            f"w must be a square (N_max, N_max) table with N_max ≥ N = {seq_len}, got shape {tuple(w.shape)}"
+        )
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w[:seq_len, :seq_len].to(dtype)
+    keys = _masked_keys(k, mask)
+    exp_keys = torch.exp(keys - _finite(keys.amax(1, keepdim=True)))  # 0 at padding
+    weighted_values = exp_keys * v
+
+    band, first = _band(w, window, causal)
+    reference = band.amax(1, keepdim=True).clamp_min(0)  # ≥ every bias of the row, outside ones (0) too
+    exp_band = torch.exp(band - reference)  # (N, J), 0 outside the sequence
+    outside = torch.exp(-reference)  # the weight of unbiased keys, relative to the reference
+
+    def outside_sum(x: torch.Tensor) -> torch.Tensor:
+        """Σ over t' ≤ t − window (and t' ≥ t + window when bidirectional) of x, by running sums."""
+        before = F.pad(torch.cumsum(x, 1), (0, 0, window, 0))[:, :seq_len]
+        if causal:
+            return before
+        after = F.pad(torch.flip(torch.cumsum(torch.flip(x, (1,)), 1), (1,)), (0, 0, 0, window))[:, window:]
+        return before + after
+
+    def band_sum(x: torch.Tensor) -> torch.Tensor:
+        """Σ_j exp(w_{t,t+j} − reference_t) x_{t+j} over the band's offsets."""
+        padded = F.pad(x, (0, 0, -first, 0 if causal else window - 1))
+        total = None
+        for column in range(exp_band.shape[1]):
+            term = exp_band[None, :, column, None] * padded[:, column : column + seq_len]
+            total = term if total is None else total + term
+        return total
+
+    num = outside * outside_sum(weighted_values) + band_sum(weighted_values)
+    den = outside * outside_sum(exp_keys) + band_sum(exp_keys)
+    positions = torch.arange(seq_len, device=q.device)
+
+    def bias_rows(rows: torch.Tensor) -> torch.Tensor:
+        near = (positions[None, :] - rows[:, None]).abs() < window
+        return torch.where(near, w[rows], torch.zeros_like(w[rows]))
+
+    sees = _sees_a_key(mask, batch, seq_len, causal, q.device)
+    return _finish(q, num, den, sees, keys, v, bias_rows, causal).to(out_dtype)
