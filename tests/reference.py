@@ -193,3 +193,23 @@ def aft_local(q, k, v, w, *, window, causal=False, attention_mask=None):
     near = (positions[:, None] - positions[None, :]).abs() < window
     local = torch.where(near, w[:n, :n].double(), torch.zeros(n, n, dtype=torch.float64))
     return aft_full(q, k, v, local, causal=causal, attention_mask=attention_mask)
+
+
+def aft_conv(q, k, v, w, *, causal=False, attention_mask=None):
+    """SPEC §4, 1-D: per head h, aft_full over its channels with k_t broadcast across them and
+    w_{t,t'} = w[h, t' − t + P] inside the kernel, 0 outside (P = K // 2, or K − 1 when causal)."""
+    batch, n, heads, head_dim = q.shape
+    kernel_size = w.shape[1]
+    centre = kernel_size - 1 if causal else kernel_size // 2
+    outputs = []
+    for h in range(heads):
+        table = torch.zeros(n, n, dtype=torch.float64)
+        for t in range(n):
+            for s in range(n):
+                if 0 <= s - t + centre < kernel_size:
+                    table[t, s] = w[h, s - t + centre].double()
+        keys = k[:, :, h, None].double().expand(batch, n, head_dim)
+        outputs.append(
+            aft_full(q[:, :, h], keys, v[:, :, h], table, causal=causal, attention_mask=attention_mask)
+        )
+    return torch.stack(outputs, dim=2)

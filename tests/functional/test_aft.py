@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tests import reference
 from tests.reference import assert_close, reference_grads
-from tokenmix.functional import aft, aft_full, aft_local, aft_simple
+from tokenmix.functional import aft, aft_conv, aft_full, aft_local, aft_simple
 
 OPS = ["aft_full", "aft_local", "aft_simple"]
 
@@ -170,3 +170,91 @@ def test_errors_name_the_argument():
         aft_local(x, x, x, torch.randn(5, 5), window=0)
     with pytest.raises(ValueError, match="N_max ≥ N = 5"):
         aft_local(x, x, x, torch.randn(3, 3), window=2)
+
+
+def conv_case(batch, seq_len, heads, head_dim, kernel_size, seed, dtype=torch.float64, scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    q, v = (
+        torch.randn(batch, seq_len, heads, head_dim, generator=gen, dtype=torch.float64) for _ in range(2)
+    )
+    k = torch.randn(batch, seq_len, heads, generator=gen, dtype=torch.float64) * scale
+    w = torch.randn(heads, kernel_size, generator=gen, dtype=torch.float64) * scale
+    mask = torch.rand(batch, seq_len, generator=gen) > 0.3
+    return [t.to(dtype).requires_grad_() for t in (q, k, v, w)], mask, gen
+
+
+def check_conv(tensors, mask, gen, causal, tol=1e-6, grads=True):
+    out = aft_conv(*tensors, causal=causal, attention_mask=mask)
+    expected = reference.aft_conv(*tensors, causal=causal, attention_mask=mask)
+    rows = None if mask is None else mask[..., None, None].expand_as(out)
+    assert_close(out, expected, tol, mask=rows, what="aft_conv forward")
+    if not grads:
+        return
+    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    if rows is not None:
+        grad_out = grad_out * rows
+    got = torch.autograd.grad(out, tensors, grad_out)
+    for name, g, want in zip("qkvw", got, reference_grads(expected, tensors, grad_out), strict=True):
+        assert_close(g, want, tol, what=f"aft_conv grad {name}")
+
+
+@given(
+    batch=st.integers(1, 2),
+    seq_len=st.integers(1, 14),
+    heads=st.integers(1, 3),
+    head_dim=st.integers(1, 3),
+    half_kernel=st.integers(0, 8),
+    causal=st.booleans(),
+    even=st.booleans(),
+    masked=st.booleans(),
+    exact=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_conv_matches_reference(
+    batch, seq_len, heads, head_dim, half_kernel, causal, even, masked, exact, seed
+):
+    kernel_size = 2 * half_kernel + 1 + (1 if even and causal else 0)  # even sizes only where allowed
+    tensors, mask, gen = conv_case(batch, seq_len, heads, head_dim, kernel_size, seed)
+    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")} if exact else {}):
+        check_conv(tensors, mask if masked else None, gen, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_conv_extreme_keys_and_kernels_in_float32(causal):
+    for seed in range(3):
+        tensors, mask, _ = conv_case(2, 24, 3, 4, 7, seed, scale=300.0)
+        tensors = [t.detach() for t in tensors]
+        for m in (None, mask):
+            out = aft_conv(*[t.float() for t in tensors], causal=causal, attention_mask=m)
+            expected = reference.aft_conv(*tensors, causal=causal, attention_mask=m)
+            rows = None if m is None else m[..., None, None].expand_as(out)
+            assert_close(out, expected, 1e-4, mask=rows, what=f"seed {seed}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_conv_gradcheck(causal):
+    tensors, mask, _ = conv_case(2, 6, 2, 2, 3, seed=3)
+    op = lambda *a: aft_conv(*a, causal=causal, attention_mask=mask)  # noqa: E731
+    assert torch.autograd.gradcheck(op, tuple(tensors))
+    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")}):
+        assert torch.autograd.gradcheck(op, tuple(tensors))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_conv_low_precision(dtype, tol):
+    tensors, mask, gen = conv_case(2, 17, 2, 4, 5, seed=4, dtype=dtype)
+    for causal in (False, True):
+        check_conv([t.detach() for t in tensors], mask, gen, causal, tol, grads=False)
+
+
+def test_conv_errors_name_the_argument():
+    q, k, w = torch.randn(2, 5, 2, 3), torch.randn(2, 5, 2), torch.randn(2, 3)
+    with pytest.raises(ValueError, match="odd size K"):
+        aft_conv(q, k, q, torch.randn(2, 4))
+    with pytest.raises(ValueError, match="k has H=3"):
+        aft_conv(q, torch.randn(2, 5, 3), q, w)
+    with pytest.raises(ValueError, match="k must have shape"):
+        aft_conv(q, q, q, w)
+    with pytest.raises(ValueError, match="w has H=3"):
+        aft_conv(q, k, q, torch.randn(3, 3))
+    assert aft_conv(q, k, q, torch.randn(2, 4), causal=True).shape == q.shape  # even K is fine causally

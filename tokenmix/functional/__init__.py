@@ -1,6 +1,6 @@
 """The math of every mixer: tensors in, tensors out, no parameters (like ``torch.nn.functional``)."""
 
-from .aft import aft_full, aft_local, aft_simple
+from .aft import aft_conv, aft_full, aft_local, aft_simple
 from .attention import (
     ACTIVATIONS,
     pointwise_attention,
@@ -13,6 +13,7 @@ from .flash import mixed_chunk_attention, mixed_chunk_attention_step
 
 __all__ = [
     "ACTIVATIONS",
+    "aft_conv",
     "aft_full",
     "aft_local",
     "aft_simple",

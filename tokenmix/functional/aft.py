@@ -1,4 +1,5 @@
-"""Attention Free Transformer ops (Zhai et al. 2021; SPEC §4): AFT-full, AFT-simple and AFT-local.
+"""Attention Free Transformer ops (Zhai et al. 2021; SPEC §4): AFT-full, AFT-simple, AFT-local and
+AFT-conv (1-D).
 
     y_t = σ(q_t) ⊙ Σ_{t'∈S(t)} exp(k_t' + w_{t,t'}) ⊙ v_t' / Σ_{t'∈S(t)} exp(k_t' + w_{t,t'})
 
@@ -29,7 +30,7 @@ from ._checks import (
     compute_dtype,
 )
 
-__all__ = ["aft_full", "aft_local", "aft_simple"]
+__all__ = ["aft_conv", "aft_full", "aft_local", "aft_simple"]
 
 # A denominator below this (relative to its separate maxima) is recomputed with the joint maximum; far
 # above the dtype's smallest normal number, so entries kept from the fast path keep full precision.
@@ -60,7 +61,8 @@ def _finite(m: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
 
 
-BiasRows = Callable[[torch.Tensor], torch.Tensor]  # row indices (M,) → their biases w_{t, ·} (M, N)
+# (rows (M,), channels (M,)) → the biases w_{t, ·} of those rows for those channels, (M, N)
+BiasRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _exact(
@@ -81,7 +83,7 @@ def _exact(
         b, t, d = (idx[start : start + step] for idx in (batch_idx, row_idx, channel_idx))
         scores = keys[b, :, d]  # (M, N); padded keys are −inf
         if bias_rows is not None:
-            scores = scores + bias_rows(t)
+            scores = scores + bias_rows(t, d)
         if causal:
             scores = scores.masked_fill(positions[None, :] > t[:, None], float("-inf"))
         weights = torch.exp(scores - _finite(scores.amax(-1, keepdim=True)))
@@ -217,21 +219,87 @@ def aft_full(
         nums.append(exp_bias @ weighted_values)
         dens.append(exp_bias @ exp_keys)
     sees = _sees_a_key(mask, batch, seq_len, causal, q.device)
-    return _finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, w.__getitem__, causal).to(
-        out_dtype
+
+    def bias_rows(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        return w[rows]  # the same biases for every channel
+
+    return _finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, bias_rows, causal).to(out_dtype)
+
+
+def _offsets(
+    seq_len: int, window: int, causal: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the band's offsets j ∈ (−window, window), or (−window, 0] when causal: the key position t + j of
+    every row t, (N, J), and whether it lies inside the sequence."""
+    offsets = torch.arange(-(window - 1), 1 if causal else window, device=device)
+    columns = torch.arange(seq_len, device=device)[:, None] + offsets[None, :]
+    return columns, (columns >= 0) & (columns < seq_len)
+
+
+def _windowed(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    band: torch.Tensor,
+    window: int,
+    causal: bool,
+    mask: torch.Tensor | None,
+    bias_rows: BiasRows,
+) -> torch.Tensor:
+    """The core of AFT-local and AFT-conv: biases w_{t,t+j} on the band's offsets (see ``_offsets``), 0
+    elsewhere (positions then still count, unbiased).
+
+    q, values: (B, N, G, C); keys: (B, N, G, C or 1), −inf at padding; band: (N, G or 1, J), −inf where
+    t + j is outside the sequence. Keys outside the band come from running sums (a prefix, and a suffix
+    when bidirectional), so nothing is subtracted; the band is added offset by offset. O(N·J·G·C) time,
+    O(N·G·C) memory. Returns (B, N, G·C).
+    """
+    batch, seq_len, groups, channels = values.shape
+    exp_keys = torch.exp(keys - _finite(keys.amax(1, keepdim=True)))  # 0 at padding
+    weighted_values = exp_keys * values
+    reference = band.amax(-1, keepdim=True).clamp_min(0)  # ≥ every bias of the row, outside ones (0) too
+    exp_band = torch.exp(band - reference)
+    outside = torch.exp(-reference)[None]  # the weight of unbiased keys, relative to the reference
+    before_pad, after_pad = window - 1, 0 if causal else window - 1
+
+    def outside_sum(x: torch.Tensor) -> torch.Tensor:
+        """Σ over t' ≤ t − window (and t' ≥ t + window when bidirectional) of x, by running sums."""
+        before = F.pad(torch.cumsum(x, 1), (0, 0, 0, 0, window, 0))[:, :seq_len]
+        if causal:
+            return before
+        after = torch.flip(torch.cumsum(torch.flip(x, (1,)), 1), (1,))
+        return before + F.pad(after, (0, 0, 0, 0, 0, window))[:, window:]
+
+    def band_sum(x: torch.Tensor) -> torch.Tensor:
+        """Σ_j exp(w_{t,t+j} − reference_t) x_{t+j} over the band's offsets."""
+        padded = F.pad(x, (0, 0, 0, 0, before_pad, after_pad))
+        total = None
+        for column in range(exp_band.shape[-1]):
+            term = exp_band[None, ..., column, None] * padded[:, column : column + seq_len]
+            total = term if total is None else total + term
+        return total
+
+    num = outside * outside_sum(weighted_values) + band_sum(weighted_values)
+    den = outside * outside_sum(exp_keys) + band_sum(exp_keys)
+    flat = (batch, seq_len, groups * channels)
+    sees = _sees_a_key(mask, batch, seq_len, causal, q.device)
+    return _finish(
+        q.reshape(flat),
+        num.reshape(flat),
+        den.expand_as(num).reshape(flat),
+        sees,
+        keys.expand_as(values).reshape(flat),
+        values.reshape(flat),
+        bias_rows,
+        causal,
     )
 
 
-def _band(w: torch.Tensor, window: int, causal: bool) -> tuple[torch.Tensor, int]:
-    """w's entries w_{t, t+j} for the band's offsets j (j ∈ (−window, window), or (−window, 0] when causal)
-    as an (N, J) table, −inf where t + j falls outside the sequence; and the first offset."""
-    seq_len = w.shape[0]
-    first = -(window - 1)
-    offsets = torch.arange(first, 1 if causal else window, device=w.device)
-    columns = torch.arange(seq_len, device=w.device)[:, None] + offsets[None, :]
-    inside = (columns >= 0) & (columns < seq_len)
-    band = w.gather(1, columns.clamp(0, seq_len - 1))
-    return band.masked_fill(~inside, float("-inf")), first
+def _check_table(w: torch.Tensor, seq_len: int) -> None:
+    if w.shape[0] != w.shape[1] or w.shape[0] < seq_len:
+        raise ValueError(
+            f"w must be a square (N_max, N_max) table with N_max ≥ N = {seq_len}, got shape {tuple(w.shape)}"
+        )
 
 
 def aft_local(
@@ -247,9 +315,8 @@ def aft_local(
     """AFT-local: ``aft_full`` with w'_{t,t'} = w_{t,t'} where |t − t'| < window and 0 elsewhere (not
     −inf: positions outside the window still count, with no bias).
 
-    Computed in O(N·window·D) time and O(N·D) memory, never N×N: the keys outside the band come from a
-    prefix sum (and a suffix sum when bidirectional), so nothing is subtracted, and the band adds
-    exp(w_{t,t+j}) e^{k_{t+j}} v_{t+j} offset by offset.
+    O(N·window·D) time and O(N·D) memory, never N×N: keys outside the window come from running sums and
+    the window is added offset by offset.
 
     Args:
         q, k, v: (B, N, D). w: (N_max, N_max), N ≤ N_max (only its band within ``window`` is read).
@@ -262,46 +329,75 @@ def aft_local(
     check_float_tensor("w", w, "(N_max, N_max)")
     check_same_dtype_device(q=q, w=w)
     window = check_positive_int("window", window)
-    batch, seq_len, _ = q.shape
-    if w.shape[0] != w.shape[1] or w.shape[0] < seq_len:
-        raise ValueError(
-            f"w must be a square (N_max, N_max) table with N_max ≥ N = {seq_len}, got shape {tuple(w.shape)}"
-        )
+    seq_len = q.shape[1]
+    _check_table(w, seq_len)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w[:seq_len, :seq_len].to(dtype)
-    keys = _masked_keys(k, mask)
-    exp_keys = torch.exp(keys - _finite(keys.amax(1, keepdim=True)))  # 0 at padding
-    weighted_values = exp_keys * v
-
-    band, first = _band(w, window, causal)
-    reference = band.amax(1, keepdim=True).clamp_min(0)  # ≥ every bias of the row, outside ones (0) too
-    exp_band = torch.exp(band - reference)  # (N, J), 0 outside the sequence
-    outside = torch.exp(-reference)  # the weight of unbiased keys, relative to the reference
-
-    def outside_sum(x: torch.Tensor) -> torch.Tensor:
-        """Σ over t' ≤ t − window (and t' ≥ t + window when bidirectional) of x, by running sums."""
-        before = F.pad(torch.cumsum(x, 1), (0, 0, window, 0))[:, :seq_len]
-        if causal:
-            return before
-        after = F.pad(torch.flip(torch.cumsum(torch.flip(x, (1,)), 1), (1,)), (0, 0, 0, window))[:, window:]
-        return before + after
-
-    def band_sum(x: torch.Tensor) -> torch.Tensor:
-        """Σ_j exp(w_{t,t+j} − reference_t) x_{t+j} over the band's offsets."""
-        padded = F.pad(x, (0, 0, -first, 0 if causal else window - 1))
-        total = None
-        for column in range(exp_band.shape[1]):
-            term = exp_band[None, :, column, None] * padded[:, column : column + seq_len]
-            total = term if total is None else total + term
-        return total
-
-    num = outside * outside_sum(weighted_values) + band_sum(weighted_values)
-    den = outside * outside_sum(exp_keys) + band_sum(exp_keys)
+    columns, inside = _offsets(seq_len, window, causal, q.device)
+    band = w.gather(1, columns.clamp(0, seq_len - 1)).masked_fill(~inside, float("-inf"))  # (N, J)
     positions = torch.arange(seq_len, device=q.device)
 
-    def bias_rows(rows: torch.Tensor) -> torch.Tensor:
+    def bias_rows(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         near = (positions[None, :] - rows[:, None]).abs() < window
         return torch.where(near, w[rows], torch.zeros_like(w[rows]))
 
-    sees = _sees_a_key(mask, batch, seq_len, causal, q.device)
-    return _finish(q, num, den, sees, keys, v, bias_rows, causal).to(out_dtype)
+    keys = _masked_keys(k, mask)[:, :, None]
+    out = _windowed(q[:, :, None], keys, v[:, :, None], band[:, None], window, causal, mask, bias_rows)
+    return out.to(out_dtype)
+
+
+def aft_conv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AFT-conv (1-D): per head h, ``aft_full`` over the head's channels with k_t broadcast across them
+    and w_{t,t'} = w[h, t' − t + P] inside the kernel's window, 0 outside (P = K // 2 centred, K odd; or
+    P = K − 1 and t' ≤ t when causal). The paper's conv(e^k ⊙ v, e^w − 1) + Σ e^k ⊙ v form, computed
+    without subtracting: O(N·K·D) time, O(N·D) memory.
+
+    Args:
+        q, v: (B, N, H, Dh). k: (B, N, H), one key per head. w: (H, K) kernels.
+        causal: t sees t' ≤ t. attention_mask: (B, N), True/1 = real token.
+
+    Returns:
+        (B, N, H, Dh) in the inputs' dtype.
+    """
+    check_float_tensor("q", q, "(B, N, H, Dh)")
+    check_float_tensor("k", k, "(B, N, H)")
+    check_float_tensor("v", v, "(B, N, H, Dh)")
+    check_float_tensor("w", w, "(H, K)")
+    check_same_dtype_device(q=q, k=k, v=v, w=w)
+    sizes = check_dims({}, q=(q, "BNHC"), k=(k, "BNH"), v=(v, "BNHC"), w=(w, "HK"))
+    batch, seq_len, heads, head_dim = q.shape
+    kernel_size = sizes["K"]
+    if not causal and kernel_size % 2 == 0:
+        raise ValueError(
+            f"a centred (causal=False) kernel needs an odd size K, got w of shape {tuple(w.shape)}"
+        )
+    mask = check_attention_mask(attention_mask, batch, seq_len, q.device)
+    if mask is not None:
+        mask = mask | ~mask.any(1, keepdim=True)
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype)
+    window = kernel_size if causal else kernel_size // 2 + 1
+    _, inside = _offsets(seq_len, window, causal, q.device)
+    band = w[None].expand(seq_len, -1, -1).masked_fill(~inside[:, None, :], float("-inf"))  # (N, H, K)
+    positions = torch.arange(seq_len, device=q.device)
+    centre = kernel_size - 1 if causal else kernel_size // 2
+
+    def bias_rows(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        taps = positions[None, :] - rows[:, None] + centre  # (M, N): kernel index of each key position
+        near = (taps >= 0) & (taps < kernel_size)
+        kernels = w[channels // head_dim]  # (M, K)
+        return torch.where(
+            near, kernels.gather(1, taps.clamp(0, kernel_size - 1)), torch.zeros_like(taps, dtype=w.dtype)
+        )
+
+    keys = _masked_keys(k, mask)[..., None]  # (B, N, H, 1)
+    out = _windowed(q, keys, v, band, window, causal, mask, bias_rows)
+    return out.view(batch, seq_len, heads, head_dim).to(out_dtype)
