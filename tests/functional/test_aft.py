@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tests import reference
 from tests.reference import assert_close, reference_grads
-from tokenmix.functional import aft, aft_conv, aft_full, aft_local, aft_simple
+from tokenmix.functional import aft, aft_conv, aft_full, aft_local, aft_local_lowrank, aft_simple
 
 OPS = ["aft_full", "aft_local", "aft_simple"]
 
@@ -258,3 +258,30 @@ def test_conv_errors_name_the_argument():
     with pytest.raises(ValueError, match="w has H=3"):
         aft_conv(q, k, q, torch.randn(3, 3))
     assert aft_conv(q, k, q, torch.randn(2, 4), causal=True).shape == q.shape  # even K is fine causally
+
+
+@given(
+    seq_len=st.integers(1, 16),
+    window=st.integers(1, 18),
+    rank=st.integers(1, 4),
+    causal=st.booleans(),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_lowrank_local_equals_the_full_table(seq_len, window, rank, causal, masked, seed):
+    tensors, mask, gen = random_case(2, seq_len, 3, seq_len + 2, seed)
+    q, k, v, _ = tensors
+    w_u, w_v = (
+        torch.randn(seq_len + 2, rank, generator=gen, dtype=torch.float64, requires_grad=True)
+        for _ in range(2)
+    )
+    options = dict(window=window, causal=causal, attention_mask=mask if masked else None)
+    out = aft_local_lowrank(q, k, v, w_u, w_v, **options)
+    expected = aft_local(q, k, v, w_u @ w_v.T, **options)
+    rows = None if not masked else mask[..., None].expand_as(out)
+    assert_close(out, expected, 1e-10, mask=rows)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype) * (1 if rows is None else rows)
+    got = torch.autograd.grad(out, (q, k, v, w_u, w_v), grad_out)
+    want = torch.autograd.grad(expected, (q, k, v, w_u, w_v), grad_out)
+    for g, h in zip(got, want, strict=True):
+        assert_close(g, h, 1e-10)

@@ -11,7 +11,10 @@ from tokenmix import create_mixer, list_mixers, mixer_info
 
 DIM = 32
 # Options that make the suite's short sequences exercise what the defaults only reach on long ones.
-SMALL_OPTIONS: dict[str, dict] = {"flash": {"chunk_size": 5}}  # several chunks, the last one partial
+SMALL_OPTIONS: dict[str, dict] = {
+    "flash": {"chunk_size": 5},  # several chunks, the last one partial
+    "aft_local": {"window": 4},  # positions outside the window, and a decoding window that slides
+}
 
 
 def make(name: str, causal: bool, dtype=torch.float64, seed: int = 0, **options) -> torch.nn.Module:

@@ -30,7 +30,15 @@ from ._checks import (
     compute_dtype,
 )
 
-__all__ = ["aft_conv", "aft_full", "aft_local", "aft_simple"]
+__all__ = [
+    "aft_accumulate",
+    "aft_conv",
+    "aft_full",
+    "aft_local",
+    "aft_local_lowrank",
+    "aft_simple",
+    "aft_step",
+]
 
 # A denominator below this (relative to its separate maxima) is recomputed with the joint maximum; far
 # above the dtype's smallest normal number, so entries kept from the fast path keep full precision.
@@ -302,6 +310,30 @@ def _check_table(w: torch.Tensor, seq_len: int) -> None:
         )
 
 
+def _local(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    band_from: Callable[[torch.Tensor], torch.Tensor],
+    rows_from: BiasRows,
+    window: int,
+    causal: bool,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """AFT-local given ``band_from(columns)`` → the biases w_{t, columns[t, j]} (N, J) and the exact
+    fallback's full bias rows (``rows_from``, already zero outside the window)."""
+    seq_len = q.shape[1]
+    columns, inside = _offsets(seq_len, window, causal, q.device)
+    band = band_from(columns.clamp(0, seq_len - 1)).masked_fill(~inside, float("-inf"))
+    keys = _masked_keys(k, mask)[:, :, None]
+    return _windowed(q[:, :, None], keys, v[:, :, None], band[:, None], window, causal, mask, rows_from)
+
+
+def _near(rows: torch.Tensor, seq_len: int, window: int) -> torch.Tensor:
+    """(M, N): whether key position t' lies within ``window`` of each row t."""
+    return (torch.arange(seq_len, device=rows.device)[None, :] - rows[:, None]).abs() < window
+
+
 def aft_local(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -316,7 +348,7 @@ def aft_local(
     −inf: positions outside the window still count, with no bias).
 
     O(N·window·D) time and O(N·D) memory, never N×N: keys outside the window come from running sums and
-    the window is added offset by offset.
+    the window is added offset by offset. ``aft_local_lowrank`` takes w as factors u w_vᵀ instead.
 
     Args:
         q, k, v: (B, N, D). w: (N_max, N_max), N ≤ N_max (only its band within ``window`` is read).
@@ -333,17 +365,49 @@ def aft_local(
     _check_table(w, seq_len)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w[:seq_len, :seq_len].to(dtype)
-    columns, inside = _offsets(seq_len, window, causal, q.device)
-    band = w.gather(1, columns.clamp(0, seq_len - 1)).masked_fill(~inside, float("-inf"))  # (N, J)
-    positions = torch.arange(seq_len, device=q.device)
 
-    def bias_rows(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-        near = (positions[None, :] - rows[:, None]).abs() < window
-        return torch.where(near, w[rows], torch.zeros_like(w[rows]))
+    def rows_from(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        return torch.where(_near(rows, seq_len, window), w[rows], torch.zeros_like(w[rows]))
 
-    keys = _masked_keys(k, mask)[:, :, None]
-    out = _windowed(q[:, :, None], keys, v[:, :, None], band[:, None], window, causal, mask, bias_rows)
-    return out.to(out_dtype)
+    return _local(q, k, v, lambda columns: w.gather(1, columns), rows_from, window, causal, mask).to(
+        out_dtype
+    )
+
+
+def aft_local_lowrank(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w_u: torch.Tensor,
+    w_v: torch.Tensor,
+    *,
+    window: int,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``aft_local`` with the paper's factorised biases w = w_u w_vᵀ, given as w_u, w_v: (N_max, d'):
+    only the band's entries u_t·v_t' are formed, O(N·window·d'), never the N×N table."""
+    mask = _check(q, k, v, attention_mask)
+    check_float_tensor("w_u", w_u, "(N_max, rank)")
+    check_float_tensor("w_v", w_v, "(N_max, rank)")
+    check_same_dtype_device(q=q, w_u=w_u, w_v=w_v)
+    check_dims({}, w_u=(w_u, "MR"), w_v=(w_v, "MR"))
+    window = check_positive_int("window", window)
+    seq_len = q.shape[1]
+    if w_u.shape[0] < seq_len:
+        raise ValueError(f"w_u and w_v must have N_max ≥ N = {seq_len} rows, got {w_u.shape[0]}")
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    w_u, w_v = w_u[:seq_len].to(dtype), w_v[:seq_len].to(dtype)
+
+    def band_from(columns: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nr,njr->nj", w_u, w_v[columns])
+
+    def rows_from(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        full = w_u[rows] @ w_v.T
+        return torch.where(_near(rows, seq_len, window), full, torch.zeros_like(full))
+
+    return _local(q, k, v, band_from, rows_from, window, causal, mask).to(out_dtype)
 
 
 def aft_conv(
@@ -401,3 +465,34 @@ def aft_conv(
     keys = _masked_keys(k, mask)[..., None]  # (B, N, H, 1)
     out = _windowed(q, keys, v, band, window, causal, mask, bias_rows)
     return out.view(batch, seq_len, heads, head_dim).to(out_dtype)
+
+
+def aft_accumulate(
+    running: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold unbiased keys k (B, J, D) with values v (B, J, D) into running (max, numerator, denominator),
+    each (B, D), relative to the running maximum: the state of AFT decoding for keys whose bias is 0."""
+    dtype = compute_dtype(k.dtype)
+    k, v = k.to(dtype), v.to(dtype)
+    new_max = k.amax(1)
+    if running is not None:
+        new_max = torch.maximum(running[0], new_max)
+    weights = torch.exp(k - new_max[:, None])
+    numerator, denominator = (weights * v).sum(1), weights.sum(1)
+    if running is not None:
+        rescale = torch.exp(running[0] - new_max)
+        numerator, denominator = numerator + rescale * running[1], denominator + rescale * running[2]
+    return new_max, numerator, denominator
+
+
+def aft_step(
+    q: torch.Tensor,
+    scores: torch.Tensor,
+    v: torch.Tensor,
+    running: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One causal AFT decoding step: σ(q) ⊙ Σ exp(s) v / Σ exp(s) over the explicit terms, scores
+    s_j = k_j + w_{t,j} (B, J, D) with values v (B, J, D), and the keys already folded into ``running``
+    (see ``aft_accumulate``), under their joint maximum. q: (B, D) → (B, D)."""
+    _, numerator, denominator = aft_accumulate(running, scores, v)
+    return (torch.sigmoid(q.to(numerator.dtype)) * numerator / denominator).to(q.dtype)

@@ -1,0 +1,67 @@
+"""What "aft_full", "aft_simple" and "aft_local" add on top of the shared suite (Zhai et al. 2021)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.reference import assert_close
+from tokenmix import create_mixer
+from tokenmix.functional import aft_full, aft_local
+
+
+def test_modules_are_the_ops_between_their_projections():
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 16)
+    full = create_mixer("aft_full", 16, max_len=12, bias_rank=3, causal=True)
+    q, k, v = full.to_qkv(x).chunk(3, dim=-1)
+    w = full.bias.u @ full.bias.v.T
+    assert_close(full(x), full.to_out(aft_full(q, k, v, w[:9, :9], causal=True)), 1e-6)
+    local = create_mixer("aft_local", 16, max_len=12, bias_rank=3, window=3)
+    q, k, v = local.to_qkv(x).chunk(3, dim=-1)
+    w = local.bias.u @ local.bias.v.T
+    assert_close(local(x), local.to_out(aft_local(q, k, v, w, window=3)), 1e-6)
+
+
+@pytest.mark.parametrize("name", ["aft_full", "aft_local"])
+def test_longer_than_max_len_names_it(name):
+    mixer = create_mixer(name, 8, max_len=5, causal=True)
+    with pytest.raises(ValueError, match="max_len=5"):
+        mixer(torch.randn(1, 6, 8))
+    state = mixer.init_state(1)
+    for _ in range(5):
+        _, state = mixer.step(torch.randn(1, 8), state)
+    with pytest.raises(ValueError, match="max_len=5"):
+        mixer.step(torch.randn(1, 8), state)
+
+
+def test_decoding_state_sizes():
+    torch.manual_seed(0)
+    x = torch.randn(2, 30, 16)
+    sizes = {}
+    for name, options in (("aft_simple", {}), ("aft_local", {"window": 4}), ("aft_full", {})):
+        mixer = create_mixer(name, 16, causal=True, **options)
+        state, sizes[name] = mixer.init_state(2), []
+        with torch.no_grad():
+            for t in range(30):
+                _, state = mixer.step(x[:, t], state)
+                sizes[name].append(state.nbytes())
+    assert len(set(sizes["aft_simple"])) == 1  # running max, numerator, denominator: O(d)
+    assert len(set(sizes["aft_local"][4:])) == 1  # once the window is full: O(s·d)
+    assert sizes["aft_full"][-1] > sizes["aft_full"][10]  # a cache of every past key and value
+
+
+@pytest.mark.parametrize("name", ["aft_simple", "aft_local", "aft_full"])
+def test_decoding_long_sequences_with_large_keys(name):
+    """Steps agree with the forward when keys reach the hundreds (running maxima keep sums finite)."""
+    torch.manual_seed(0)
+    mixer = create_mixer(name, 8, causal=True, **({"window": 3} if name == "aft_local" else {}))
+    with torch.no_grad():
+        mixer.to_qkv.weight.mul_(200)
+        x = torch.randn(1, 40, 8)
+        full, state, steps = mixer(x), mixer.init_state(1), []
+        for t in range(40):
+            y_t, state = mixer.step(x[:, t], state)
+            steps.append(y_t)
+    assert torch.isfinite(full).all()
+    assert_close(torch.stack(steps, 1), full, 1e-4)
