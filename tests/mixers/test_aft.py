@@ -65,3 +65,19 @@ def test_decoding_long_sequences_with_large_keys(name):
             steps.append(y_t)
     assert torch.isfinite(full).all()
     assert_close(torch.stack(steps, 1), full, 1e-4)
+
+
+@pytest.mark.parametrize("name", ["aft_full", "aft_local"])
+def test_a_full_bias_table_instead_of_factors(name):
+    torch.manual_seed(0)
+    mixer = create_mixer(name, 16, max_len=10, bias_rank=None, causal=True)
+    assert mixer.bias.table.shape == (10, 10) and not hasattr(mixer.bias, "u")
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        state, steps = mixer.init_state(2), []
+        for t in range(8):
+            y_t, state = mixer.step(x[:, t], state)
+            steps.append(y_t)
+        assert_close(torch.stack(steps, 1), mixer(x), 1e-5)
+    mixer(x).sum().backward()
+    assert mixer.bias.table.grad[:8, :8].abs().sum() > 0

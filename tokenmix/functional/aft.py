@@ -65,11 +65,12 @@ def _masked_keys(k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def _finite(m: torch.Tensor) -> torch.Tensor:
-    """A maximum over no terms is −inf; any finite stand-in works there, since all its terms are 0."""
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    """A maximum as a shift: detached (every result here is invariant to the shift, so its gradient
+    through the shift is exactly 0 and skipping it saves a backward pass), and finite (a maximum over no
+    terms is −inf; any finite stand-in works there, since all its terms are 0)."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
 
 
-# (rows (M,), channels (M,)) → the biases w_{t, ·} of those rows for those channels, (M, N)
 BiasRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -160,7 +161,7 @@ def aft_simple(
     nums, dens = [], []
     for start in range(0, seq_len, _SCAN_CHUNK):
         chunk = keys[:, start : start + _SCAN_CHUNK]
-        new_max = torch.maximum(carry_max, chunk.amax(1, keepdim=True))
+        new_max = torch.maximum(carry_max, chunk.amax(1, keepdim=True)).detach()  # a shift (see _finite)
         reference = _finite(new_max)
         weights = torch.exp(chunk - reference)
         rescale = torch.exp(carry_max - reference)  # ≤ 1; 0 while nothing was seen
@@ -265,7 +266,7 @@ def _windowed(
     batch, seq_len, groups, channels = values.shape
     exp_keys = torch.exp(keys - _finite(keys.amax(1, keepdim=True)))  # 0 at padding
     weighted_values = exp_keys * values
-    reference = band.amax(-1, keepdim=True).clamp_min(0)  # ≥ every bias of the row, outside ones (0) too
+    reference = _finite(band.amax(-1, keepdim=True)).clamp_min(0)  # ≥ every bias of the row, the 0s too
     exp_band = torch.exp(band - reference)
     outside = torch.exp(-reference)[None]  # the weight of unbiased keys, relative to the reference
     before_pad, after_pad = window - 1, 0 if causal else window - 1
@@ -474,7 +475,7 @@ def aft_accumulate(
     each (B, D), relative to the running maximum: the state of AFT decoding for keys whose bias is 0."""
     dtype = compute_dtype(k.dtype)
     k, v = k.to(dtype), v.to(dtype)
-    new_max = k.amax(1)
+    new_max = k.amax(1).detach()  # a shift: the results are invariant to it (see _finite)
     if running is not None:
         new_max = torch.maximum(running[0], new_max)
     weights = torch.exp(k - new_max[:, None])

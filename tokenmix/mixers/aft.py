@@ -2,7 +2,8 @@
 
 Q, K, V = x W_q, x W_k, x W_v (width ``hidden_dim``, default d); the AFT op; output projection W_o.
 AFT-full and AFT-local learn pairwise position biases factorised as w = u vᵀ with u, v ∈ R^{max_len×d'}
-(``bias_rank`` d', 64 by default), initialised N(0, 0.02); AFT-local only ever forms the band of w.
+(``bias_rank`` d', 64 by default; None for a full learned table), initialised N(0, 0.02); AFT-local
+with factors only ever forms the band of w.
 """
 
 from __future__ import annotations
@@ -89,15 +90,22 @@ class AFTMixer(Mixer):
 
 
 class PositionBias(nn.Module):
-    """w = u vᵀ with u, v ∈ R^{max_len × rank}, N(0, 0.02)."""
+    """w = u vᵀ with u, v ∈ R^{max_len × rank}, N(0, 0.02); or, with ``rank=None``, a full learned
+    (max_len, max_len) table w, N(0, 0.02)."""
 
-    def __init__(self, max_len: int, rank: int) -> None:
+    def __init__(self, max_len: int, rank: int | None) -> None:
         super().__init__()
-        self.u = nn.Parameter(torch.randn(max_len, check_positive_int("bias_rank", rank)) * 0.02)
-        self.v = nn.Parameter(torch.randn(max_len, rank) * 0.02)
+        rank = check_positive_int("bias_rank", rank, allow_none=True)
+        if rank is None:
+            self.table = nn.Parameter(torch.randn(max_len, max_len) * 0.02)
+        else:
+            self.u = nn.Parameter(torch.randn(max_len, rank) * 0.02)
+            self.v = nn.Parameter(torch.randn(max_len, rank) * 0.02)
+        self.rank = rank
 
-    def rows(self, rows: slice | torch.Tensor, columns: slice) -> torch.Tensor:
-        return self.u[rows] @ self.v[columns].T
+    def rows(self, rows: slice, columns: slice) -> torch.Tensor:
+        """The block w[rows, columns]."""
+        return self.table[rows, columns] if self.rank is None else self.u[rows] @ self.v[columns].T
 
 
 @register_mixer(
@@ -112,7 +120,8 @@ class AFTFull(AFTMixer):
 
     Args:
         dim: model width. hidden_dim: width of Q, K, V (default dim). max_len: longest sequence (the
-            bias table's size). bias_rank: d' of the factorisation. dropout: on the output.
+            bias table's size). bias_rank: d' of the factorisation w = u vᵀ, or None for a full table.
+        dropout: on the output.
     """
 
     def __init__(
@@ -122,7 +131,7 @@ class AFTFull(AFTMixer):
         causal: bool = False,
         hidden_dim: int | None = None,
         max_len: int = 1024,
-        bias_rank: int = 64,
+        bias_rank: int | None = 64,
         dropout: float = 0.0,
     ) -> None:
         super().__init__(dim, causal=causal, hidden_dim=hidden_dim, max_len=max_len, dropout=dropout)
@@ -195,7 +204,7 @@ class AFTLocal(AFTMixer):
         window: int = 32,
         hidden_dim: int | None = None,
         max_len: int = 1024,
-        bias_rank: int = 64,
+        bias_rank: int | None = 64,
         dropout: float = 0.0,
     ) -> None:
         super().__init__(dim, causal=causal, hidden_dim=hidden_dim, max_len=max_len, dropout=dropout)
@@ -203,16 +212,10 @@ class AFTLocal(AFTMixer):
         self.bias = PositionBias(self.max_len, bias_rank)
 
     def mix(self, q, k, v, attention_mask):
-        return aft_ops.aft_local_lowrank(
-            q,
-            k,
-            v,
-            self.bias.u,
-            self.bias.v,
-            window=self.window,
-            causal=self.causal,
-            attention_mask=attention_mask,
-        )
+        options = dict(window=self.window, causal=self.causal, attention_mask=attention_mask)
+        if self.bias.rank is None:
+            return aft_ops.aft_local(q, k, v, self.bias.table, **options)
+        return aft_ops.aft_local_lowrank(q, k, v, self.bias.u, self.bias.v, **options)
 
     def mix_step(self, q, k, v, state):
         if state.window_keys is None:
