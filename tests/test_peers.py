@@ -10,11 +10,10 @@ from tokenmix import create_mixer
 
 
 def copy_weights(peer: torch.nn.Module, ours: torch.nn.Module) -> None:
-    """Give our module the peer's projections (ours packs q, k, v in one Linear)."""
-    with torch.no_grad():
-        ours.to_qkv.weight.copy_(torch.cat([peer.to_q.weight, peer.to_k.weight, peer.to_v.weight]))
-        ours.to_qkv.bias.copy_(torch.cat([peer.to_q.bias, peer.to_k.bias, peer.to_v.bias]))
-        ours.to_out.load_state_dict(peer.project.state_dict())
+    """Give our module the peer's projections."""
+    for name in ("to_q", "to_k", "to_v"):
+        getattr(ours, name).load_state_dict(getattr(peer, name).state_dict())
+    ours.to_out.load_state_dict(peer.project.state_dict())
 
 
 @pytest.mark.parametrize("peer_cls,name", [(AFTFull, "aft_full"), (AFTSimple, "aft_simple")])
@@ -33,7 +32,7 @@ def test_large_keys(peer_cls, name):
     torch.testing.assert_close(ours(x), peer(x), rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         peer.to_k.weight.mul_(100)
-        ours.to_qkv.weight[8:16].mul_(100)  # keys of a few hundred: exp overflows float32
+        ours.to_k.weight.mul_(100)  # keys of a few hundred: exp overflows float32
     assert torch.isfinite(ours(x)).all()
     if name == "aft_full":
         assert not torch.isfinite(peer(x)).all()

@@ -14,11 +14,11 @@ def test_modules_are_the_ops_between_their_projections():
     torch.manual_seed(0)
     x = torch.randn(2, 9, 16)
     full = create_mixer("aft_full", 16, max_len=12, bias_rank=3, causal=True)
-    q, k, v = full.to_qkv(x).chunk(3, dim=-1)
+    q, k, v = full.to_q(x), full.to_k(x), full.to_v(x)
     w = full.bias.u @ full.bias.v.T
     assert_close(full(x), full.to_out(aft_full(q, k, v, w[:9, :9], causal=True)), 1e-6)
     local = create_mixer("aft_local", 16, max_len=12, bias_rank=3, window=3)
-    q, k, v = local.to_qkv(x).chunk(3, dim=-1)
+    q, k, v = local.to_q(x), local.to_k(x), local.to_v(x)
     w = local.bias.u @ local.bias.v.T
     assert_close(local(x), local.to_out(aft_local(q, k, v, w, window=3)), 1e-6)
 
@@ -57,7 +57,7 @@ def test_decoding_long_sequences_with_large_keys(name):
     torch.manual_seed(0)
     mixer = create_mixer(name, 8, causal=True, **({"window": 3} if name == "aft_local" else {}))
     with torch.no_grad():
-        mixer.to_qkv.weight.mul_(200)
+        mixer.to_k.weight.mul_(200)
         x = torch.randn(1, 40, 8)
         full, state, steps = mixer(x), mixer.init_state(1), []
         for t in range(40):

@@ -50,7 +50,9 @@ class AFTMixer(Mixer):
         super().__init__(dim, causal=causal)
         self.hidden_dim = check_positive_int("hidden_dim", hidden_dim if hidden_dim is not None else dim)
         self.max_len = check_positive_int("max_len", max_len, allow_none=True)
-        self.to_qkv = nn.Linear(dim, 3 * self.hidden_dim)
+        # Three projections rather than one split in three: contiguous q, k, v make the sequence-axis
+        # reductions of the ops faster on the CPU, and their gradients need no concatenation.
+        self.to_q, self.to_k, self.to_v = (nn.Linear(dim, self.hidden_dim) for _ in range(3))
         self.to_out = nn.Linear(self.hidden_dim, dim)
         self.dropout = nn.Dropout(check_real("dropout", dropout))
 
@@ -70,7 +72,7 @@ class AFTMixer(Mixer):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x, attention_mask = self.check_input(x, attention_mask)
         self._check_length(x.shape[1])
-        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         return self.dropout(self.to_out(self.mix(q, k, v, attention_mask)))
 
     def init_state(self, batch_size: int) -> AFTState:
@@ -83,7 +85,7 @@ class AFTMixer(Mixer):
                 f"state was made for batch_size={state.batch_size}, got a batch of {x_t.shape[0]}"
             )
         self._check_length(state.position + 1)
-        q, k, v = self.to_qkv(x_t).chunk(3, dim=-1)
+        q, k, v = self.to_q(x_t), self.to_k(x_t), self.to_v(x_t)
         y = self.mix_step(q, k[:, None], v[:, None], state)
         state.position += 1
         return self.dropout(self.to_out(y)), state
