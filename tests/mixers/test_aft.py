@@ -81,3 +81,43 @@ def test_a_full_bias_table_instead_of_factors(name):
         assert_close(torch.stack(steps, 1), mixer(x), 1e-5)
     mixer(x).sum().backward()
     assert mixer.bias.table.grad[:8, :8].abs().sum() > 0
+
+
+def test_aft_conv_reparametrisation_starts_at_zero():
+    mixer = create_mixer("aft_conv", 16, heads=4, kernel_size=5)
+    assert torch.equal(mixer.weight(), torch.zeros(4, 5))  # γ = β = 0
+    with torch.no_grad():
+        mixer.gamma.fill_(1.0)
+        mixer.beta.fill_(0.5)
+    weight = mixer.weight()
+    assert torch.allclose(weight.mean(-1), torch.full((4,), 0.5), atol=1e-6)
+    assert torch.allclose(weight.std(-1, unbiased=False), torch.ones(4), atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 5])
+def test_aft_conv_decodes_with_a_nonzero_kernel(kernel_size):
+    torch.manual_seed(0)
+    mixer = create_mixer("aft_conv", 16, heads=4, kernel_size=kernel_size, causal=True)
+    with torch.no_grad():
+        mixer.gamma.normal_()
+        mixer.beta.normal_()
+        x = torch.randn(2, 12, 16)
+        state, steps = mixer.init_state(2), []
+        for t in range(12):
+            y_t, state = mixer.step(x[:, t], state)
+            steps.append(y_t)
+        assert_close(torch.stack(steps, 1), mixer(x), 1e-5)
+    assert state.window_keys.shape[1] == kernel_size  # constant: the window, plus O(d) running sums
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"kernel_size": 4}, "kernel_size must be odd"),
+        ({"heads": 3}, "heads=3 must divide hidden_dim=16"),
+    ],
+)
+def test_aft_conv_bad_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        create_mixer("aft_conv", 16, **options)
+    assert create_mixer("aft_conv", 16, kernel_size=4, causal=True).kernel_size == 4

@@ -48,14 +48,23 @@ def test_output_shape_dtype_and_finite(name, causal):
 @names
 @causal_modes
 def test_every_parameter_gets_a_gradient(name, causal):
+    """At init every gradient exists and is finite; after a small random perturbation of every parameter
+    every gradient is nonzero (some inits, e.g. AFT-conv's γ = β = 0, zero a gradient exactly)."""
     mixer = make(name, causal).train()
     x, mask, gen = random_inputs()
-    out = mixer(x, attention_mask=mask)
-    (out * torch.randn(out.shape, generator=gen, dtype=out.dtype) * mask[..., None]).sum().backward()
-    for param_name, param in mixer.named_parameters():
-        assert param.grad is not None, f"{param_name} got no gradient"
-        assert torch.isfinite(param.grad).all(), f"{param_name} has a non-finite gradient"
-        assert param.grad.abs().sum() > 0, f"{param_name} has an all-zero gradient"
+    weights = torch.randn(x.shape, generator=gen, dtype=x.dtype) * mask[..., None]
+    for perturbed in (False, True):
+        if perturbed:
+            with torch.no_grad():
+                for param in mixer.parameters():
+                    param.add_(0.1 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+        mixer.zero_grad(set_to_none=True)
+        (mixer(x, attention_mask=mask) * weights).sum().backward()
+        for param_name, param in mixer.named_parameters():
+            assert param.grad is not None, f"{param_name} got no gradient"
+            assert torch.isfinite(param.grad).all(), f"{param_name} has a non-finite gradient"
+            if perturbed:
+                assert param.grad.abs().sum() > 0, f"{param_name} has an all-zero gradient"
 
 
 @names

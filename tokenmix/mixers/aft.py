@@ -69,6 +69,23 @@ class AFTMixer(Mixer):
     def mix_step(self, q, k, v, state: AFTState) -> torch.Tensor:
         raise NotImplementedError
 
+    def window_step(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: AFTState, window: int, bias
+    ) -> torch.Tensor:
+        """A causal step where the last ``window`` positions carry biases and older ones count unbiased:
+        they are kept one by one, and folded into the running sums as they leave the window.
+        ``bias(first, length)`` gives the biases (length, channels or 1) of positions first … t."""
+        if state.window_keys is None:
+            state.window_keys, state.window_values = k[:, :0], v[:, :0]
+        keys = torch.cat((state.window_keys, k), dim=1)
+        values = torch.cat((state.window_values, v), dim=1)
+        if keys.shape[1] > window:  # the oldest leaves the window: from now on it counts unbiased
+            state.running = aft_ops.aft_accumulate(state.running, keys[:, :1], values[:, :1])
+            keys, values = keys[:, 1:], values[:, 1:]
+        state.window_keys, state.window_values = keys, values
+        first = state.position + 1 - keys.shape[1]
+        return aft_ops.aft_step(q, keys + bias(first, keys.shape[1]), values, state.running)
+
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x, attention_mask = self.check_input(x, attention_mask)
         self._check_length(x.shape[1])
@@ -220,14 +237,79 @@ class AFTLocal(AFTMixer):
         return aft_ops.aft_local_lowrank(q, k, v, self.bias.u, self.bias.v, **options)
 
     def mix_step(self, q, k, v, state):
-        if state.window_keys is None:
-            state.window_keys, state.window_values = k[:, :0], v[:, :0]
-        keys = torch.cat((state.window_keys, k), dim=1)
-        values = torch.cat((state.window_values, v), dim=1)
-        if keys.shape[1] > self.window:  # the oldest leaves the window: it now counts unbiased
-            state.running = aft_ops.aft_accumulate(state.running, keys[:, :1], values[:, :1])
-            keys, values = keys[:, 1:], values[:, 1:]
-        state.window_keys, state.window_values = keys, values
-        first = state.position + 1 - keys.shape[1]
-        bias = self.bias.rows(slice(state.position, state.position + 1), slice(first, state.position + 1))
-        return aft_ops.aft_step(q, keys + bias[0, :, None], values, state.running)
+        def bias(first: int, length: int) -> torch.Tensor:
+            return self.bias.rows(slice(state.position, state.position + 1), slice(first, first + length)).T
+
+        return self.window_step(q, k, v, state, self.window, bias)
+
+
+@register_mixer(
+    "aft_conv",
+    paper=PAPER,
+    time="O(N·K·d)",
+    memory="O(N·d)",
+    state="the last K keys and values + running sums of older ones, O(K·d)",
+)
+class AFTConv(AFTMixer):
+    """AFT-conv (1-D): ``heads`` heads, each with one key per position and a learned kernel of
+    ``kernel_size`` taps over its hidden_dim/heads channels, reparametrised as the paper does:
+    w = γ·(w̃ − mean w̃)/std w̃ + β per head, γ = β = 0 at init (so AFT-conv starts as AFT-simple).
+
+    Args:
+        dim: model width. heads: H (8). kernel_size: K (7; odd unless causal). hidden_dim: width of Q
+            and V (default dim; a multiple of heads). dropout: on the output.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        causal: bool = False,
+        heads: int = 8,
+        kernel_size: int = 7,
+        hidden_dim: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__(dim, causal=causal, hidden_dim=hidden_dim, max_len=None, dropout=dropout)
+        self.heads = check_positive_int("heads", heads)
+        if self.hidden_dim % self.heads:
+            raise ValueError(f"heads={heads} must divide hidden_dim={self.hidden_dim}")
+        self.kernel_size = check_positive_int("kernel_size", kernel_size)
+        if not causal and kernel_size % 2 == 0:
+            raise ValueError(
+                f"kernel_size must be odd when causal=False (the kernel needs a centre), got {kernel_size}"
+            )
+        self.to_k = nn.Linear(dim, self.heads)  # one key per head
+        self.kernel = nn.Parameter(torch.randn(self.heads, self.kernel_size))
+        self.gamma = nn.Parameter(torch.zeros(self.heads))
+        self.beta = nn.Parameter(torch.zeros(self.heads))
+
+    def weight(self) -> torch.Tensor:
+        """w = γ·(w̃ − mean)/std + β over each head's taps, (H, K)."""
+        centred = self.kernel - self.kernel.mean(-1, keepdim=True)
+        spread = self.kernel.std(-1, unbiased=False, keepdim=True).clamp_min(1e-5)  # K = 1: no spread
+        return self.gamma[:, None] * centred / spread + self.beta[:, None]
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, self.hidden_dim // self.heads))
+
+    def mix(self, q, k, v, attention_mask):
+        out = aft_ops.aft_conv(
+            self._heads(q),
+            k,
+            self._heads(v),
+            self.weight(),
+            causal=self.causal,
+            attention_mask=attention_mask,
+        )
+        return out.flatten(-2)
+
+    def mix_step(self, q, k, v, state):
+        head_dim = self.hidden_dim // self.heads
+        weight = self.weight()
+
+        def bias(first: int, length: int) -> torch.Tensor:  # taps K − length … K − 1, per channel
+            return weight[:, self.kernel_size - length :].T.repeat_interleave(head_dim, dim=1)
+
+        keys = k.repeat_interleave(head_dim, dim=-1)  # each head's key over its channels
+        return self.window_step(q, keys, v, state, self.kernel_size, bias)
