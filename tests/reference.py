@@ -213,3 +213,31 @@ def aft_conv(q, k, v, w, *, causal=False, attention_mask=None):
             aft_full(q[:, :, h], keys, v[:, :, h], table, causal=causal, attention_mask=attention_mask)
         )
     return torch.stack(outputs, dim=2)
+
+
+def aft_conv_2d(q, k, v, w, *, attention_mask=None):
+    """SPEC §4, 2-D: aft_full over the flattened (X, Y) grid per head, with w_{t,t'} = w[h, x'−x+Px,
+    y'−y+Py] inside the kernel and 0 outside."""
+    batch, size_x, size_y, heads, head_dim = q.shape
+    kernel_x, kernel_y = w.shape[1:]
+    n = size_x * size_y
+    mask = None if attention_mask is None else attention_mask.reshape(batch, n)
+    outputs = []
+    for h in range(heads):
+        table = torch.zeros(n, n, dtype=torch.float64)
+        for t in range(n):
+            for s in range(n):
+                dx = s // size_y - t // size_y + kernel_x // 2
+                dy = s % size_y - t % size_y + kernel_y // 2
+                if 0 <= dx < kernel_x and 0 <= dy < kernel_y:
+                    table[t, s] = w[h, dx, dy].double()
+        keys = k[..., h, None].double().expand(batch, size_x, size_y, head_dim).reshape(batch, n, head_dim)
+        out = aft_full(
+            q[..., h, :].reshape(batch, n, -1),
+            keys,
+            v[..., h, :].reshape(batch, n, -1),
+            table,
+            attention_mask=mask,
+        )
+        outputs.append(out.view(batch, size_x, size_y, head_dim))
+    return torch.stack(outputs, dim=3)

@@ -285,3 +285,81 @@ def test_lowrank_local_equals_the_full_table(seq_len, window, rank, causal, mask
     want = torch.autograd.grad(expected, (q, k, v, w_u, w_v), grad_out)
     for g, h in zip(got, want, strict=True):
         assert_close(g, h, 1e-10)
+
+
+def conv_2d_case(
+    batch, size_x, size_y, heads, head_dim, kernel_x, kernel_y, seed, dtype=torch.float64, scale=1.0
+):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, size_x, size_y, heads, head_dim)
+    q, v = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    k = torch.randn(shape[:-1], generator=gen, dtype=torch.float64) * scale
+    w = torch.randn(heads, kernel_x, kernel_y, generator=gen, dtype=torch.float64) * scale
+    mask = torch.rand(batch, size_x, size_y, generator=gen) > 0.3
+    return [t.to(dtype).requires_grad_() for t in (q, k, v, w)], mask, gen
+
+
+def check_conv_2d(tensors, mask, gen, tol=1e-6, grads=True):
+    out = aft_conv(*tensors, attention_mask=mask)
+    expected = reference.aft_conv_2d(*tensors, attention_mask=mask)
+    rows = None if mask is None else mask[..., None, None].expand_as(out)
+    assert_close(out, expected, tol, mask=rows, what="aft_conv 2-D forward")
+    if not grads:
+        return
+    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype) * (1 if rows is None else rows)
+    got = torch.autograd.grad(out, tensors, grad_out)
+    for name, g, want in zip("qkvw", got, reference_grads(expected, tensors, grad_out), strict=True):
+        assert_close(g, want, tol, what=f"aft_conv 2-D grad {name}")
+
+
+@given(
+    size_x=st.integers(1, 5),
+    size_y=st.integers(1, 5),
+    heads=st.integers(1, 2),
+    head_dim=st.integers(1, 2),
+    half_x=st.integers(0, 3),
+    half_y=st.integers(0, 3),
+    masked=st.booleans(),
+    exact=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_conv_2d_matches_reference(size_x, size_y, heads, head_dim, half_x, half_y, masked, exact, seed):
+    tensors, mask, gen = conv_2d_case(
+        2, size_x, size_y, heads, head_dim, 2 * half_x + 1, 2 * half_y + 1, seed
+    )
+    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")} if exact else {}):
+        check_conv_2d(tensors, mask if masked else None, gen)
+
+
+def test_conv_2d_extreme_values_in_float32():
+    for seed in range(3):
+        tensors, mask, _ = conv_2d_case(2, 6, 5, 2, 3, 3, 5, seed, scale=300.0)
+        tensors = [t.detach() for t in tensors]
+        for m in (None, mask):
+            out = aft_conv(*[t.float() for t in tensors], attention_mask=m)
+            expected = reference.aft_conv_2d(*tensors, attention_mask=m)
+            rows = None if m is None else m[..., None, None].expand_as(out)
+            assert_close(out, expected, 1e-4, mask=rows, what=f"seed {seed}")
+
+
+def test_conv_2d_gradcheck_and_low_precision():
+    tensors, mask, gen = conv_2d_case(1, 3, 4, 2, 2, 3, 3, seed=5)
+    op = lambda *a: aft_conv(*a, attention_mask=mask)  # noqa: E731
+    assert torch.autograd.gradcheck(op, tuple(tensors))
+    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")}):
+        assert torch.autograd.gradcheck(op, tuple(tensors))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        half = [t.detach().to(dtype) for t in tensors]
+        check_conv_2d(half, mask, gen, tol, grads=False)
+
+
+def test_conv_2d_errors_name_the_argument():
+    q, k, w = torch.randn(2, 3, 4, 2, 5), torch.randn(2, 3, 4, 2), torch.randn(2, 3, 3)
+    with pytest.raises(ValueError, match="bidirectional only"):
+        aft_conv(q, k, q, w, causal=True)
+    with pytest.raises(ValueError, match="odd sizes"):
+        aft_conv(q, k, q, torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(B, X, Y\)"):
+        aft_conv(q, k, q, w, attention_mask=torch.ones(2, 12, dtype=torch.bool))
+    with pytest.raises(ValueError, match="w must have shape"):
+        aft_conv(q, k, q, torch.randn(2, 3))

@@ -1,5 +1,5 @@
 """Attention Free Transformer ops (Zhai et al. 2021; SPEC §4): AFT-full, AFT-simple, AFT-local and
-AFT-conv (1-D).
+AFT-conv (1-D and 2-D).
 
     y_t = σ(q_t) ⊙ Σ_{t'∈S(t)} exp(k_t' + w_{t,t'}) ⊙ v_t' / Σ_{t'∈S(t)} exp(k_t' + w_{t,t'})
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ._checks import (
     check_attention_mask,
@@ -245,6 +244,27 @@ def _offsets(
     return columns, (columns >= 0) & (columns < seq_len)
 
 
+def _shifted(x: torch.Tensor, dim: int, offset: int) -> torch.Tensor:
+    """out[…, i, …] = x[…, i + offset, …] along ``dim``, 0 where i + offset falls outside."""
+    length = x.shape[dim]
+    if abs(offset) >= length:
+        return torch.zeros_like(x)
+    zeros = torch.zeros_like(x.narrow(dim, 0, abs(offset)))
+    if offset >= 0:
+        return torch.cat((x.narrow(dim, offset, length - offset), zeros), dim)
+    return torch.cat((zeros, x.narrow(dim, 0, length + offset)), dim)
+
+
+def _outside_sum(x: torch.Tensor, dim: int, window: int, causal: bool = False) -> torch.Tensor:
+    """Σ over positions i' ≤ i − window (and i' ≥ i + window unless causal) along ``dim``, by a prefix and a
+    suffix running sum: nothing is subtracted."""
+    before = _shifted(torch.cumsum(x, dim), dim, -window)
+    if causal:
+        return before
+    after = _shifted(torch.flip(torch.cumsum(torch.flip(x, (dim,)), dim), (dim,)), dim, window)
+    return before + after
+
+
 def _windowed(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -269,27 +289,15 @@ def _windowed(
     reference = _finite(band.amax(-1, keepdim=True)).clamp_min(0)  # ≥ every bias of the row, the 0s too
     exp_band = torch.exp(band - reference)
     outside = torch.exp(-reference)[None]  # the weight of unbiased keys, relative to the reference
-    before_pad, after_pad = window - 1, 0 if causal else window - 1
 
-    def outside_sum(x: torch.Tensor) -> torch.Tensor:
-        """Σ over t' ≤ t − window (and t' ≥ t + window when bidirectional) of x, by running sums."""
-        before = F.pad(torch.cumsum(x, 1), (0, 0, 0, 0, window, 0))[:, :seq_len]
-        if causal:
-            return before
-        after = torch.flip(torch.cumsum(torch.flip(x, (1,)), 1), (1,))
-        return before + F.pad(after, (0, 0, 0, 0, 0, window))[:, window:]
-
-    def band_sum(x: torch.Tensor) -> torch.Tensor:
-        """Σ_j exp(w_{t,t+j} − reference_t) x_{t+j} over the band's offsets."""
-        padded = F.pad(x, (0, 0, 0, 0, before_pad, after_pad))
-        total = None
+    def total(x: torch.Tensor) -> torch.Tensor:
+        """Keys outside the band unbiased, plus Σ_j exp(w_{t,t+j} − reference_t) x_{t+j} over the band."""
+        result = outside * _outside_sum(x, 1, window, causal)
         for column in range(exp_band.shape[-1]):
-            term = exp_band[None, ..., column, None] * padded[:, column : column + seq_len]
-            total = term if total is None else total + term
-        return total
+            result = result + exp_band[None, ..., column, None] * _shifted(x, 1, column - (window - 1))
+        return result
 
-    num = outside * outside_sum(weighted_values) + band_sum(weighted_values)
-    den = outside * outside_sum(exp_keys) + band_sum(exp_keys)
+    num, den = total(weighted_values), total(exp_keys)
     flat = (batch, seq_len, groups * channels)
     sees = _sees_a_key(mask, batch, seq_len, causal, q.device)
     return _finish(
@@ -411,6 +419,58 @@ def aft_local_lowrank(
     return _local(q, k, v, band_from, rows_from, window, causal, mask).to(out_dtype)
 
 
+def _aft_conv_2d(q, k, v, w, mask):
+    """AFT-conv over an (X, Y) grid: q, v (B, X, Y, H, C); k (B, X, Y, H); w (H, Kx, Ky), odd sizes;
+    mask (B, X, Y) or None."""
+    batch, size_x, size_y, heads, head_dim = q.shape
+    kernel_x, kernel_y = w.shape[1:]
+    centre_x, centre_y = kernel_x // 2, kernel_y // 2
+    keys = k[..., None] if mask is None else k[..., None].masked_fill(~mask[..., None, None], float("-inf"))
+    exp_keys = torch.exp(keys - _finite(keys.amax((1, 2), keepdim=True)))  # (B, X, Y, H, 1), 0 at padding
+    weighted_values = exp_keys * v
+    reference = _finite(w.amax((1, 2))).clamp_min(0)  # (H,): ≥ every tap and the 0 outside
+    exp_taps = torch.exp(w - reference[:, None, None])
+    outside_weight = torch.exp(-reference)[:, None]
+
+    def total(x: torch.Tensor) -> torch.Tensor:
+        """Keys outside the window unbiased (rows far in x, then near rows far in y), taps inside."""
+        far_rows = _outside_sum(x.sum(2, keepdim=True), 1, centre_x + 1)
+        far_columns = _outside_sum(x, 2, centre_y + 1)
+        near_rows = sum(_shifted(far_columns, 1, dx) for dx in range(-centre_x, centre_x + 1))
+        inside = 0
+        for ix in range(kernel_x):
+            shifted_rows = _shifted(x, 1, ix - centre_x)
+            for iy in range(kernel_y):
+                inside = inside + exp_taps[:, ix, iy, None] * _shifted(shifted_rows, 2, iy - centre_y)
+        return outside_weight * (far_rows + near_rows) + inside
+
+    flat = (batch, size_x * size_y, heads * head_dim)
+    positions_x = torch.arange(size_x * size_y, device=q.device) // size_y
+    positions_y = torch.arange(size_x * size_y, device=q.device) % size_y
+
+    def bias_rows(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        dx = positions_x[None, :] - positions_x[rows, None] + centre_x
+        dy = positions_y[None, :] - positions_y[rows, None] + centre_y
+        inside = (dx >= 0) & (dx < kernel_x) & (dy >= 0) & (dy < kernel_y)
+        taps = w[(channels // head_dim)[:, None], dx.clamp(0, kernel_x - 1), dy.clamp(0, kernel_y - 1)]
+        return torch.where(inside, taps, torch.zeros_like(taps))
+
+    flat_mask = None if mask is None else mask.reshape(batch, -1)
+    sees = _sees_a_key(flat_mask, batch, size_x * size_y, False, q.device)
+    num, den = total(weighted_values), total(exp_keys)
+    out = _finish(
+        q.reshape(flat),
+        num.reshape(flat),
+        den.expand_as(num).reshape(flat),
+        sees,
+        keys.expand_as(v).reshape(flat),
+        v.reshape(flat),
+        bias_rows,
+        False,
+    )
+    return out.view(q.shape)
+
+
 def aft_conv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -420,18 +480,21 @@ def aft_conv(
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """AFT-conv (1-D): per head h, ``aft_full`` over the head's channels with k_t broadcast across them
-    and w_{t,t'} = w[h, t' − t + P] inside the kernel's window, 0 outside (P = K // 2 centred, K odd; or
-    P = K − 1 and t' ≤ t when causal). The paper's conv(e^k ⊙ v, e^w − 1) + Σ e^k ⊙ v form, computed
-    without subtracting: O(N·K·D) time, O(N·D) memory.
+    """AFT-conv: per head h, ``aft_full`` over the head's channels with k_t broadcast across them and
+    w_{t,t'} = w[h, t' − t + P] inside the kernel's window, 0 outside (P = K // 2 centred, K odd; or
+    P = K − 1 and t' ≤ t when causal); in 2-D the same per axis. The paper's
+    conv(e^k ⊙ v, e^w − 1) + Σ e^k ⊙ v form, computed without subtracting: O(N·K·D) time, O(N·D) memory.
 
     Args:
-        q, v: (B, N, H, Dh). k: (B, N, H), one key per head. w: (H, K) kernels.
-        causal: t sees t' ≤ t. attention_mask: (B, N), True/1 = real token.
+        q, v: (B, N, H, Dh), or (B, X, Y, H, Dh) for a 2-D grid. k: (B, N, H) or (B, X, Y, H), one key per
+            head. w: (H, K), or (H, Kx, Ky) in 2-D. causal: t sees t' ≤ t (1-D only).
+        attention_mask: (B, N), or (B, X, Y) in 2-D; True/1 = real position.
 
     Returns:
-        (B, N, H, Dh) in the inputs' dtype.
+        q's shape, in the inputs' dtype.
     """
+    if isinstance(q, torch.Tensor) and q.dim() == 5:
+        return _aft_conv_2d_checked(q, k, v, w, causal, attention_mask)
     check_float_tensor("q", q, "(B, N, H, Dh)")
     check_float_tensor("k", k, "(B, N, H)")
     check_float_tensor("v", v, "(B, N, H, Dh)")
@@ -460,12 +523,43 @@ def aft_conv(
         near = (taps >= 0) & (taps < kernel_size)
         kernels = w[channels // head_dim]  # (M, K)
         return torch.where(
-            near, kernels.gather(1, taps.clamp(0, kernel_size - 1)), torch.zeros_like(taps, dtype=w.dtype)
+            near, kernels.gather(1, taps.clamp(0, kernel_size - 1)), torch.zeros_like(kernels[:, :1])
         )
 
     keys = _masked_keys(k, mask)[..., None]  # (B, N, H, 1)
     out = _windowed(q, keys, v, band, window, causal, mask, bias_rows)
     return out.view(batch, seq_len, heads, head_dim).to(out_dtype)
+
+
+def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
+    check_float_tensor("q", q, "(B, X, Y, H, Dh)")
+    check_float_tensor("k", k, "(B, X, Y, H)")
+    check_float_tensor("v", v, "(B, X, Y, H, Dh)")
+    check_float_tensor("w", w, "(H, Kx, Ky)")
+    check_same_dtype_device(q=q, k=k, v=v, w=w)
+    check_dims({}, q=(q, "BXYHC"), k=(k, "BXYH"), v=(v, "BXYHC"), w=(w, "HIJ"))
+    if causal:
+        raise ValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
+    if w.shape[1] % 2 == 0 or w.shape[2] % 2 == 0:
+        raise ValueError(f"a 2-D kernel needs odd sizes (Kx, Ky), got w of shape {tuple(w.shape)}")
+    batch, size_x, size_y = q.shape[:3]
+    mask = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (
+            batch,
+            size_x,
+            size_y,
+        ):
+            shape = (
+                tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
+            )
+            raise ValueError(
+                f"attention_mask must have shape (B, X, Y) = {(batch, size_x, size_y)}, got {shape}"
+            )
+        flat = check_attention_mask(attention_mask.reshape(batch, -1), batch, size_x * size_y, q.device)
+        mask = (flat | ~flat.any(1, keepdim=True)).view(batch, size_x, size_y)
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    return _aft_conv_2d(q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype), mask).to(out_dtype)
 
 
 def aft_accumulate(
