@@ -7,7 +7,8 @@ import torch
 
 from tests.reference import assert_close
 from tokenmix import create_mixer
-from tokenmix.functional import aft_full, aft_local
+from tokenmix.functional import aft_conv, aft_full, aft_local
+from tokenmix.models import VisionTransformer
 
 
 def test_modules_are_the_ops_between_their_projections():
@@ -121,3 +122,45 @@ def test_aft_conv_bad_options(options, message):
     with pytest.raises(ValueError, match=message):
         create_mixer("aft_conv", 16, **options)
     assert create_mixer("aft_conv", 16, kernel_size=4, causal=True).kernel_size == 4
+
+
+def test_aft_conv_on_a_grid_is_the_2d_op():
+    torch.manual_seed(0)
+    mixer = create_mixer("aft_conv", 16, heads=4, kernel_size=3, grid=(3, 5))
+    with torch.no_grad():
+        mixer.gamma.normal_()
+        mixer.beta.normal_()
+    assert mixer.weight().shape == (4, 3, 3)
+    x = torch.randn(2, 15, 16)
+    q, k, v = mixer.to_q(x), mixer.to_k(x), mixer.to_v(x)
+    grid = lambda t: t.unflatten(1, (3, 5))  # noqa: E731
+    out = aft_conv(grid(q).unflatten(-1, (4, 4)), grid(k), grid(v).unflatten(-1, (4, 4)), mixer.weight())
+    assert_close(mixer(x), mixer.to_out(out.flatten(-2).flatten(1, 2)), 1e-6)
+    with pytest.raises(ValueError, match=r"grid \(3, 5\): 15 positions, got 14"):
+        mixer(x[:, :14])
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [({"grid": (2, 2), "causal": True}, "bidirectional only"), ({"grid": (2, 2), "kernel_size": 4}, "odd")],
+)
+def test_aft_conv_grid_options(options, message):
+    with pytest.raises(ValueError, match=message):
+        create_mixer("aft_conv", 16, heads=4, **options)
+
+
+def test_vision_transformer_runs_aft_conv_on_the_patch_grid():
+    model = VisionTransformer(
+        12,
+        4,
+        10,
+        in_channels=1,
+        dim=16,
+        depth=2,
+        mixer="aft_conv",
+        pool="mean",
+        mixer_options={"heads": 4, "kernel_size": 3},
+    )
+    assert model.cls_token is None
+    assert all(block.mixer.grid == (3, 3) for block in model.backbone.blocks)
+    assert model(torch.randn(2, 1, 12, 12)).shape == (2, 10)

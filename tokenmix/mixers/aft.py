@@ -251,13 +251,16 @@ class AFTLocal(AFTMixer):
     state="the last K keys and values + running sums of older ones, O(K·d)",
 )
 class AFTConv(AFTMixer):
-    """AFT-conv (1-D): ``heads`` heads, each with one key per position and a learned kernel of
-    ``kernel_size`` taps over its hidden_dim/heads channels, reparametrised as the paper does:
-    w = γ·(w̃ − mean w̃)/std w̃ + β per head, γ = β = 0 at init (so AFT-conv starts as AFT-simple).
+    """AFT-conv: ``heads`` heads, each with one key per position and a learned kernel over its
+    hidden_dim/heads channels: ``kernel_size`` taps along the sequence, or kernel_size × kernel_size
+    taps over a 2-D ``grid`` (X, Y) whose positions are the sequence in row-major order (a ViT's patches).
+    Kernels are reparametrised as the paper does: w = γ·(w̃ − mean w̃)/std w̃ + β per head, γ = β = 0 at
+    init (so AFT-conv starts as AFT-simple with per-head keys).
 
     Args:
-        dim: model width. heads: H (8). kernel_size: K (7; odd unless causal). hidden_dim: width of Q
-            and V (default dim; a multiple of heads). dropout: on the output.
+        dim: model width. heads: H (8). kernel_size: K (7; odd unless causal in 1-D). grid: (X, Y) for
+            the 2-D form (bidirectional only), None for 1-D. hidden_dim: width of Q and V (default dim;
+            a multiple of heads). dropout: on the output.
     """
 
     def __init__(
@@ -267,6 +270,7 @@ class AFTConv(AFTMixer):
         causal: bool = False,
         heads: int = 8,
         kernel_size: int = 7,
+        grid: tuple[int, int] | None = None,
         hidden_dim: int | None = None,
         dropout: float = 0.0,
     ) -> None:
@@ -275,34 +279,44 @@ class AFTConv(AFTMixer):
         if self.hidden_dim % self.heads:
             raise ValueError(f"heads={heads} must divide hidden_dim={self.hidden_dim}")
         self.kernel_size = check_positive_int("kernel_size", kernel_size)
-        if not causal and kernel_size % 2 == 0:
+        if (not causal or grid is not None) and kernel_size % 2 == 0:
             raise ValueError(
-                f"kernel_size must be odd when causal=False (the kernel needs a centre), got {kernel_size}"
+                f"kernel_size must be odd unless causal in 1-D (the kernel needs a centre), got {kernel_size}"
             )
+        if grid is not None:
+            if causal:
+                raise ValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
+            grid = (check_positive_int("grid[0]", grid[0]), check_positive_int("grid[1]", grid[1]))
+        self.grid = grid
         self.to_k = nn.Linear(dim, self.heads)  # one key per head
-        self.kernel = nn.Parameter(torch.randn(self.heads, self.kernel_size))
+        taps = (self.kernel_size,) * (1 if grid is None else 2)
+        self.kernel = nn.Parameter(torch.randn(self.heads, *taps))
         self.gamma = nn.Parameter(torch.zeros(self.heads))
         self.beta = nn.Parameter(torch.zeros(self.heads))
 
     def weight(self) -> torch.Tensor:
-        """w = γ·(w̃ − mean)/std + β over each head's taps, (H, K)."""
-        centred = self.kernel - self.kernel.mean(-1, keepdim=True)
-        spread = self.kernel.std(-1, unbiased=False, keepdim=True).clamp_min(1e-5)  # K = 1: no spread
-        return self.gamma[:, None] * centred / spread + self.beta[:, None]
+        """w = γ·(w̃ − mean)/std + β over each head's taps: (H, K), or (H, K, K) on a grid."""
+        taps = self.kernel.flatten(1)
+        centred = taps - taps.mean(-1, keepdim=True)
+        spread = taps.std(-1, unbiased=False, keepdim=True).clamp_min(1e-5)  # one tap: no spread
+        return (self.gamma[:, None] * centred / spread + self.beta[:, None]).view_as(self.kernel)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, self.hidden_dim // self.heads))
 
     def mix(self, q, k, v, attention_mask):
-        out = aft_ops.aft_conv(
-            self._heads(q),
-            k,
-            self._heads(v),
-            self.weight(),
-            causal=self.causal,
-            attention_mask=attention_mask,
-        )
-        return out.flatten(-2)
+        q, v = self._heads(q), self._heads(v)
+        if self.grid is not None:  # (B, X·Y, …) → (B, X, Y, …)
+            if q.shape[1] != self.grid[0] * self.grid[1]:
+                raise ValueError(
+                    f"x must hold the grid {self.grid}: {self.grid[0] * self.grid[1]} positions, "
+                    f"got {q.shape[1]}"
+                )
+            q, k, v = (t.unflatten(1, self.grid) for t in (q, k, v))
+            if attention_mask is not None:
+                attention_mask = attention_mask.unflatten(1, self.grid)
+        out = aft_ops.aft_conv(q, k, v, self.weight(), causal=self.causal, attention_mask=attention_mask)
+        return out.flatten(-2).flatten(1, -2)
 
     def mix_step(self, q, k, v, state):
         head_dim = self.hidden_dim // self.heads

@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import nn
 
 from ..functional._checks import check_choice, check_positive_int
+from ..mixers import mixer_info
 from .backbone import Backbone
 
 
@@ -25,8 +26,9 @@ class VisionTransformer(nn.Module):
 
     Non-overlapping patches are embedded by a strided convolution, a class token is prepended
     (``pool="cls"``) or the patch states are averaged (``pool="mean"``), and the sequence goes through a
-    bidirectional Backbone. Backbone options (``mixer_options``, ``positions``, ...) are passed through;
-    the learned position table is sized to the number of patches.
+    bidirectional Backbone. Mixers with a ``grid`` option (AFT-conv) get the patch grid and run in 2-D,
+    mean-pooled without a class token, as the AFT paper does. Backbone options (``mixer_options``,
+    ``positions``, ...) are passed through; the learned position table is sized to the number of patches.
     """
 
     def __init__(
@@ -50,6 +52,13 @@ class VisionTransformer(nn.Module):
         self.grid = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.pool = check_choice("pool", pool, ("cls", "mean"))
+        if "grid" in mixer_info(mixer if isinstance(mixer, str) else mixer[0]).options:
+            # A mixer that works on the 2-D patch grid (AFT-conv) gets it; a class token has no place there.
+            if pool == "cls":
+                raise ValueError(f"mixer {mixer!r} works on the patch grid: use pool='mean' (no class token)")
+            mixer_options = dict(backbone_options.pop("mixer_options", None) or {})
+            mixer_options.setdefault("grid", self.grid)
+            backbone_options["mixer_options"] = mixer_options
         seq_len = self.grid[0] * self.grid[1] + (pool == "cls")
         backbone_options.setdefault("max_len", seq_len)
         self.patch_embedding = nn.Conv2d(in_channels, dim, self.patch_size, stride=self.patch_size)
