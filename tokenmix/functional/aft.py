@@ -255,6 +255,15 @@ def _shifted(x: torch.Tensor, dim: int, offset: int) -> torch.Tensor:
     return torch.cat((zeros, x.narrow(dim, 0, length + offset)), dim)
 
 
+def _padded(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
+    """x with ``before`` and ``after`` zeros along ``dim``: padded once, so shifted windows are views."""
+    zeros = [
+        torch.zeros_like(x.narrow(dim, 0, 1)).expand(*x.shape[:dim], n, *x.shape[dim + 1 :])
+        for n in (before, after)
+    ]
+    return torch.cat((zeros[0], x, zeros[1]), dim)
+
+
 def _outside_sum(x: torch.Tensor, dim: int, window: int, causal: bool = False) -> torch.Tensor:
     """Σ over positions i' ≤ i − window (and i' ≥ i + window unless causal) along ``dim``, by a prefix and a
     suffix running sum: nothing is subtracted."""
@@ -293,8 +302,9 @@ def _windowed(
     def total(x: torch.Tensor) -> torch.Tensor:
         """Keys outside the band unbiased, plus Σ_j exp(w_{t,t+j} − reference_t) x_{t+j} over the band."""
         result = outside * _outside_sum(x, 1, window, causal)
+        padded = _padded(x, 1, window - 1, 0 if causal else window - 1)
         for column in range(exp_band.shape[-1]):
-            result = result + exp_band[None, ..., column, None] * _shifted(x, 1, column - (window - 1))
+            result = result + exp_band[None, ..., column, None] * padded.narrow(1, column, seq_len)
         return result
 
     num, den = total(weighted_values), total(exp_keys)
@@ -437,11 +447,12 @@ def _aft_conv_2d(q, k, v, w, mask):
         far_rows = _outside_sum(x.sum(2, keepdim=True), 1, centre_x + 1)
         far_columns = _outside_sum(x, 2, centre_y + 1)
         near_rows = sum(_shifted(far_columns, 1, dx) for dx in range(-centre_x, centre_x + 1))
+        padded = _padded(_padded(x, 1, centre_x, centre_x), 2, centre_y, centre_y)
         inside = 0
         for ix in range(kernel_x):
-            shifted_rows = _shifted(x, 1, ix - centre_x)
             for iy in range(kernel_y):
-                inside = inside + exp_taps[:, ix, iy, None] * _shifted(shifted_rows, 2, iy - centre_y)
+                window = padded.narrow(1, ix, size_x).narrow(2, iy, size_y)
+                inside = inside + exp_taps[:, ix, iy, None] * window
         return outside_weight * (far_rows + near_rows) + inside
 
     flat = (batch, size_x * size_y, heads * head_dim)
