@@ -58,6 +58,13 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: to
     return mask
 
 
+def _check_table(w: torch.Tensor, seq_len: int) -> None:
+    if w.shape[0] != w.shape[1] or w.shape[0] < seq_len:
+        raise ValueError(
+            f"w must be a square (N_max, N_max) table with N_max ≥ N = {seq_len}, got shape {tuple(w.shape)}"
+        )
+
+
 def _masked_keys(k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """k with padded positions at −inf, so they vanish from every max and exp."""
     return k if mask is None else k.masked_fill(~mask[..., None], float("-inf"))
@@ -198,10 +205,7 @@ def aft_full(
     check_float_tensor("w", w, "(N_max, N_max)")
     check_same_dtype_device(q=q, w=w)
     batch, seq_len, _ = q.shape
-    if w.shape[0] != w.shape[1] or w.shape[0] < seq_len:
-        raise ValueError(
-            f"w must be a square (N_max, N_max) table with N_max ≥ N = {seq_len}, got shape {tuple(w.shape)}"
-        )
+    _check_table(w, seq_len)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w[:seq_len, :seq_len].to(dtype)
     keys = _masked_keys(k, mask)
@@ -320,13 +324,6 @@ def _windowed(
         bias_rows,
         causal,
     )
-
-
-def _check_table(w: torch.Tensor, seq_len: int) -> None:
-    if w.shape[0] != w.shape[1] or w.shape[0] < seq_len:
-        raise ValueError(
-            f"w must be a square (N_max, N_max) table with N_max ≥ N = {seq_len}, got shape {tuple(w.shape)}"
-        )
 
 
 def _local(
