@@ -53,6 +53,53 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _option_value(text: str):
+    """KEY=VALUE values: Python literals where they parse (3, 0.5, True, None, (4, 4)), else strings."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import bench, ratios
+
+    options = {}
+    for item in args.mixer_opt:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--mixer-opt expects KEY=VALUE, got {item!r}")
+        options[key] = _option_value(value)
+    records = bench(
+        args.mixers.split(","),
+        [int(n) for n in args.seq_lens.split(",")],
+        dim=args.dim,
+        batch=args.batch,
+        passes=args.passes.split(","),
+        dtype=args.dtype,
+        device=args.device,
+        repeats=args.repeats,
+        causal=not args.bidirectional,
+        options=options,
+        baselines=not args.no_baselines,
+        peers=args.peers,
+        out=args.out,
+    )
+    print(f"{'mixer':22s} {'pass':8s} {'N':>7s} {'ms':>10s} {'tokens/s':>12s} {'peak MB':>9s}")
+    for r in records:
+        if r.get("oom"):
+            print(f"{r['mixer']:22s} {r['pass']:8s} {r['seq_len']:7d} {'out of memory':>33s}")
+            continue
+        numbers = f"{r['ms']:10.2f} {r['tokens_per_s']:12.0f} {r['peak_mem_mb']:9.1f}"
+        print(f"{r['mixer']:22s} {r['pass']:8s} {r['seq_len']:7d} {numbers}")
+    for row in ratios(records):
+        print(f"{row['mixer']} / {row['peer']} ({row['pass']}, N={row['seq_len']}): {row['ratio']:.2f}")
+    print(f"wrote {args.out}/bench.json, time.png, memory.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenmix", description="Transformer token mixers, side by side.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -67,6 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     presets_parser.add_argument("--vocab-size", type=int, default=256)
     presets_parser.add_argument("--verbose", "-v", action="store_true", help="show each configuration")
     presets_parser.set_defaults(run=_presets)
+    bench_parser = commands.add_parser("bench", help="speed and memory of mixers across sequence lengths")
+    bench_parser.add_argument("--mixers", default="softmax,pointwise", help="comma-separated mixer names")
+    bench_parser.add_argument("--seq-lens", default="256,1024")
+    bench_parser.add_argument("--dim", type=int, default=256)
+    bench_parser.add_argument("--batch", type=int, default=1)
+    bench_parser.add_argument("--pass", dest="passes", default="fwd+bwd", help="some of fwd,fwd+bwd,step")
+    bench_parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench_parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench_parser.add_argument("--repeats", type=int, default=5)
+    bench_parser.add_argument("--bidirectional", action="store_true", help="non-causal mixers (no step pass)")
+    bench_parser.add_argument("--mixer-opt", action="append", default=[], metavar="KEY=VALUE")
+    bench_parser.add_argument("--no-baselines", action="store_true", help="skip the raw SDPA baseline")
+    bench_parser.add_argument("--peers", action="store_true", help="add installed peer packages")
+    bench_parser.add_argument("--out", default="bench-out", help="directory for bench.json and the plots")
+    bench_parser.set_defaults(run=_bench)
     return parser
 
 
