@@ -1,0 +1,63 @@
+"""Byte-level text for character language modelling: the embedded corpus, any text or byte file, a
+deterministic contiguous split, and random training windows."""
+
+from __future__ import annotations
+
+import gzip
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+VOCAB_SIZE = 256  # bytes
+SPLITS = ("train", "val", "test")
+
+
+def embedded_corpus() -> bytes:
+    """Moby-Dick (public domain), shipped with the package: about 1.2 MB of UTF-8 text."""
+    compressed = resources.files("tokenmix.data").joinpath("corpora/moby_dick.txt.gz").read_bytes()
+    return gzip.decompress(compressed)
+
+
+def load_corpus(path: str | Path | None = None) -> bytes:
+    """The bytes of ``path`` (any text or binary file; ``.gz`` is decompressed), or the embedded corpus."""
+    if path is None:
+        return embedded_corpus()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist or is not a file")
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.suffix == ".gz" else data
+
+
+def split(data: bytes, fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)) -> dict[str, torch.Tensor]:
+    """Contiguous train/val/test byte tensors (uint8), in order, as enwik8 is split: 90/5/5 by default,
+    which on the enwik8 file itself (10^8 bytes) is its standard 90M/5M/5M split."""
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(f"fractions must be three positive numbers summing to 1, got {fractions}")
+    tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    total = len(tensor)
+    train_end = int(total * fractions[0])
+    val_end = train_end + int(total * fractions[1])
+    return dict(zip(SPLITS, (tensor[:train_end], tensor[train_end:val_end], tensor[val_end:]), strict=True))
+
+
+def check_long_enough(splits: dict[str, torch.Tensor], seq_len: int) -> None:
+    """Every split must hold at least one window of seq_len inputs plus its next-byte target."""
+    for name, tensor in splits.items():
+        if len(tensor) < seq_len + 1:
+            raise ValueError(
+                f"the {name} split has {len(tensor)} bytes, too short for seq_len={seq_len} "
+                f"(it needs at least {seq_len + 1}); use a larger corpus or a shorter --seq-len"
+            )
+
+
+def random_windows(
+    data: torch.Tensor, seq_len: int, batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of random windows: inputs (B, seq_len) and next-byte targets (B, seq_len), int64."""
+    if len(data) < seq_len + 1:
+        raise ValueError(f"data of {len(data)} bytes is too short for seq_len={seq_len}")
+    starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=generator)
+    windows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()
+    return windows[:, :-1], windows[:, 1:]
