@@ -241,3 +241,29 @@ def aft_conv_2d(q, k, v, w, *, attention_mask=None):
         )
         outputs.append(out.view(batch, size_x, size_y, head_dim))
     return torch.stack(outputs, dim=3)
+
+
+def assert_matches(
+    out: torch.Tensor,
+    expected: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
+    tol: float,
+    *,
+    rows: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    grads: bool = True,
+    what: str = "",
+) -> None:
+    """An op's output against the reference's within ``tol`` (relative) on the specified ``rows`` and,
+    with ``grads``, the gradients with respect to ``inputs`` of both for one random cotangent that is zero
+    on the unspecified rows."""
+    assert_close(out, expected, tol, mask=rows, what=f"{what} forward")
+    if not grads:
+        return
+    grad_out = torch.randn(out.shape, generator=generator, dtype=out.dtype)
+    if rows is not None:
+        grad_out = grad_out * rows
+    tensors = tuple(inputs.values())
+    got = torch.autograd.grad(out, tensors, grad_out)
+    for name, g, want in zip(inputs, got, reference_grads(expected, tensors, grad_out), strict=True):
+        assert_close(g, want, tol, what=f"{what} grad {name}")

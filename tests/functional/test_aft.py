@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import reference
-from tests.reference import assert_close, reference_grads
+from tests.reference import assert_close, assert_matches
 from tokenmix.functional import aft, aft_conv, aft_full, aft_local, aft_local_lowrank, aft_simple
 
 OPS = ["aft_full", "aft_local", "aft_simple"]
@@ -44,18 +44,8 @@ def check(op_name, tensors, mask, gen, causal, tol=1e-6, grads=True, window=3):
     out = call(aft, op_name, q, k, v, w, window, **options)
     expected = call(reference, op_name, q, k, v, w, window, **options)
     rows = None if mask is None else mask[..., None].expand_as(out)
-    assert_close(out, expected, tol, mask=rows, what=f"{op_name} forward")
-    if not grads:
-        return
-    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
-    if rows is not None:
-        grad_out = grad_out * rows
-    args = inputs_of(op_name, q, k, v, w)
-    got = torch.autograd.grad(out, args, grad_out)
-    for name, g, want in zip(
-        "qkvw"[: len(args)], got, reference_grads(expected, args, grad_out), strict=True
-    ):
-        assert_close(g, want, tol, what=f"{op_name} grad {name}")
+    inputs = dict(zip("qkvw", inputs_of(op_name, q, k, v, w), strict=False))
+    assert_matches(out, expected, inputs, tol, rows=rows, generator=gen, grads=grads, what=op_name)
 
 
 cases = dict(
@@ -187,15 +177,8 @@ def check_conv(tensors, mask, gen, causal, tol=1e-6, grads=True):
     out = aft_conv(*tensors, causal=causal, attention_mask=mask)
     expected = reference.aft_conv(*tensors, causal=causal, attention_mask=mask)
     rows = None if mask is None else mask[..., None, None].expand_as(out)
-    assert_close(out, expected, tol, mask=rows, what="aft_conv forward")
-    if not grads:
-        return
-    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
-    if rows is not None:
-        grad_out = grad_out * rows
-    got = torch.autograd.grad(out, tensors, grad_out)
-    for name, g, want in zip("qkvw", got, reference_grads(expected, tensors, grad_out), strict=True):
-        assert_close(g, want, tol, what=f"aft_conv grad {name}")
+    inputs = dict(zip("qkvw", tensors, strict=True))
+    assert_matches(out, expected, inputs, tol, rows=rows, generator=gen, grads=grads, what="aft_conv")
 
 
 @given(
@@ -303,13 +286,8 @@ def check_conv_2d(tensors, mask, gen, tol=1e-6, grads=True):
     out = aft_conv(*tensors, attention_mask=mask)
     expected = reference.aft_conv_2d(*tensors, attention_mask=mask)
     rows = None if mask is None else mask[..., None, None].expand_as(out)
-    assert_close(out, expected, tol, mask=rows, what="aft_conv 2-D forward")
-    if not grads:
-        return
-    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype) * (1 if rows is None else rows)
-    got = torch.autograd.grad(out, tensors, grad_out)
-    for name, g, want in zip("qkvw", got, reference_grads(expected, tensors, grad_out), strict=True):
-        assert_close(g, want, tol, what=f"aft_conv 2-D grad {name}")
+    inputs = dict(zip("qkvw", tensors, strict=True))
+    assert_matches(out, expected, inputs, tol, rows=rows, generator=gen, grads=grads, what="aft_conv 2-D")
 
 
 @given(

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import reference
-from tests.reference import assert_close, reference_grads
+from tests.reference import assert_close, assert_matches
 from tokenmix.functional import conv, dynamic_conv, lightconv
 
 PATHS = {
@@ -41,16 +41,17 @@ def check(op_name, case, causal, weight_softmax, masked, path, tol=1e-6):
         out = op(x, weight, causal=causal, weight_softmax=weight_softmax, attention_mask=mask)
     expected = ref(x, weight, causal=causal, weight_softmax=weight_softmax, attention_mask=mask)
     rows = None if mask is None else mask[..., None].expand_as(out)
-    assert_close(out, expected, tol, mask=rows, what=f"{op_name} {path}")
-    if not x.requires_grad or x.dtype != torch.float64:
-        return
-    grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype)
-    if rows is not None:
-        grad_out = grad_out * rows
-    grads = torch.autograd.grad(out, (x, weight), grad_out)
-    expected_grads = reference_grads(expected, (x, weight), grad_out)
-    for name, got, want in zip(("x", "weight"), grads, expected_grads, strict=True):
-        assert_close(got, want, tol, what=f"grad {name} {path}")
+    grads = x.requires_grad and x.dtype == torch.float64
+    assert_matches(
+        out,
+        expected,
+        {"x": x, "weight": weight},
+        tol,
+        rows=rows,
+        generator=gen,
+        grads=grads,
+        what=f"{op_name} {path}",
+    )
 
 
 @given(
