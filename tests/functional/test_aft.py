@@ -173,9 +173,13 @@ def conv_case(batch, seq_len, heads, head_dim, kernel_size, seed, dtype=torch.fl
     return [t.to(dtype).requires_grad_() for t in (q, k, v, w)], mask, gen
 
 
-def check_conv(tensors, mask, gen, causal, tol=1e-6, grads=True):
+def check_conv(tensors, mask, gen, causal=False, tol=1e-6, grads=True):
+    """aft_conv against its reference, 1-D or (for 5-D q) 2-D."""
     out = aft_conv(*tensors, causal=causal, attention_mask=mask)
-    expected = reference.aft_conv(*tensors, causal=causal, attention_mask=mask)
+    if tensors[0].dim() == 5:
+        expected = reference.aft_conv_2d(*tensors, attention_mask=mask)
+    else:
+        expected = reference.aft_conv(*tensors, causal=causal, attention_mask=mask)
     rows = None if mask is None else mask[..., None, None].expand_as(out)
     inputs = dict(zip("qkvw", tensors, strict=True))
     assert_matches(out, expected, inputs, tol, rows=rows, generator=gen, grads=grads, what="aft_conv")
@@ -282,14 +286,6 @@ def conv_2d_case(
     return [t.to(dtype).requires_grad_() for t in (q, k, v, w)], mask, gen
 
 
-def check_conv_2d(tensors, mask, gen, tol=1e-6, grads=True):
-    out = aft_conv(*tensors, attention_mask=mask)
-    expected = reference.aft_conv_2d(*tensors, attention_mask=mask)
-    rows = None if mask is None else mask[..., None, None].expand_as(out)
-    inputs = dict(zip("qkvw", tensors, strict=True))
-    assert_matches(out, expected, inputs, tol, rows=rows, generator=gen, grads=grads, what="aft_conv 2-D")
-
-
 @given(
     size_x=st.integers(1, 5),
     size_y=st.integers(1, 5),
@@ -306,7 +302,7 @@ def test_conv_2d_matches_reference(size_x, size_y, heads, head_dim, half_x, half
         2, size_x, size_y, heads, head_dim, 2 * half_x + 1, 2 * half_y + 1, seed
     )
     with mock.patch.dict(aft._TINY, {torch.float64: float("inf")} if exact else {}):
-        check_conv_2d(tensors, mask if masked else None, gen)
+        check_conv(tensors, mask if masked else None, gen)
 
 
 def test_conv_2d_extreme_values_in_float32():
@@ -328,7 +324,7 @@ def test_conv_2d_gradcheck_and_low_precision():
         assert torch.autograd.gradcheck(op, tuple(tensors))
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         half = [t.detach().to(dtype) for t in tensors]
-        check_conv_2d(half, mask, gen, tol, grads=False)
+        check_conv(half, mask, gen, tol=tol, grads=False)
 
 
 def test_conv_2d_errors_name_the_argument():
