@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import reference
-from tests.reference import assert_close, assert_matches
+from tests.reference import assert_close, assert_grads_close, assert_matches
 from tokenmix.functional import aft, aft_conv, aft_full, aft_local, aft_local_lowrank, aft_simple
 
 OPS = ["aft_full", "aft_local", "aft_simple"]
@@ -270,8 +270,7 @@ def test_lowrank_local_equals_the_full_table(seq_len, window, rank, causal, mask
     grad_out = torch.randn(out.shape, generator=gen, dtype=out.dtype) * (1 if rows is None else rows)
     got = torch.autograd.grad(out, (q, k, v, w_u, w_v), grad_out)
     want = torch.autograd.grad(expected, (q, k, v, w_u, w_v), grad_out)
-    for g, h in zip(got, want, strict=True):
-        assert_close(g, h, 1e-10)
+    assert_grads_close(got, want, 1e-10, ["q", "k", "v", "w_u", "w_v"])
 
 
 def conv_2d_case(

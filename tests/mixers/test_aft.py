@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.reference import assert_close
+from tests.reference import assert_close, decode
 from tokenmix import create_mixer
 from tokenmix.functional import aft_conv, aft_full, aft_local
 from tokenmix.models import VisionTransformer
@@ -60,12 +60,9 @@ def test_decoding_long_sequences_with_large_keys(name):
     with torch.no_grad():
         mixer.to_k.weight.mul_(200)
         x = torch.randn(1, 40, 8)
-        full, state, steps = mixer(x), mixer.init_state(1), []
-        for t in range(40):
-            y_t, state = mixer.step(x[:, t], state)
-            steps.append(y_t)
+        full = mixer(x)
     assert torch.isfinite(full).all()
-    assert_close(torch.stack(steps, 1), full, 1e-4)
+    assert_close(decode(mixer, x)[0], full, 1e-4)
 
 
 @pytest.mark.parametrize("name", ["aft_full", "aft_local"])
@@ -75,11 +72,7 @@ def test_a_full_bias_table_instead_of_factors(name):
     assert mixer.bias.table.shape == (10, 10) and not hasattr(mixer.bias, "u")
     x = torch.randn(2, 8, 16)
     with torch.no_grad():
-        state, steps = mixer.init_state(2), []
-        for t in range(8):
-            y_t, state = mixer.step(x[:, t], state)
-            steps.append(y_t)
-        assert_close(torch.stack(steps, 1), mixer(x), 1e-5)
+        assert_close(decode(mixer, x)[0], mixer(x), 1e-5)
     mixer(x).sum().backward()
     assert mixer.bias.table.grad[:8, :8].abs().sum() > 0
 
@@ -103,11 +96,8 @@ def test_aft_conv_decodes_with_a_nonzero_kernel(kernel_size):
         mixer.gamma.normal_()
         mixer.beta.normal_()
         x = torch.randn(2, 12, 16)
-        state, steps = mixer.init_state(2), []
-        for t in range(12):
-            y_t, state = mixer.step(x[:, t], state)
-            steps.append(y_t)
-        assert_close(torch.stack(steps, 1), mixer(x), 1e-5)
+        steps, state = decode(mixer, x)
+        assert_close(steps, mixer(x), 1e-5)
     assert state.window_keys.shape[1] == kernel_size  # constant: the window, plus O(d) running sums
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.reference import assert_close
+from tests.reference import assert_close, decode
 from tokenmix import create_mixer
 from tokenmix.functional import dynamic_conv, lightconv
 from tokenmix.models import LanguageModel
@@ -31,13 +31,10 @@ def test_decoding_any_kernel_size_with_a_constant_state(name, kernel_size):
     torch.manual_seed(0)
     mixer = create_mixer(name, 16, heads=4, kernel_size=kernel_size, causal=True).eval()
     x = torch.randn(2, 12, 16)
-    state, steps, sizes = mixer.init_state(2), [], set()
+    sizes = set()
+    steps, _ = decode(mixer, x, lambda state: sizes.add(state.nbytes()))
     with torch.no_grad():
-        for t in range(12):
-            y_t, state = mixer.step(x[:, t], state)
-            steps.append(y_t)
-            sizes.add(state.nbytes())
-        assert_close(torch.stack(steps, 1), mixer(x), 1e-5)
+        assert_close(steps, mixer(x), 1e-5)
     assert sizes == {2 * (kernel_size - 1) * 16 * 4}  # the last K − 1 inputs, float32
 
 

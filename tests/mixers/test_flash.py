@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.reference import assert_close
+from tests.reference import assert_close, decode
 from tokenmix import create_mixer
 from tokenmix.functional import mixed_chunk_attention
 
@@ -66,14 +66,10 @@ def test_flash_decoding_state_is_constant_in_t(chunk_size):
     torch.manual_seed(0)
     flash = create_mixer("flash", 16, causal=True, chunk_size=chunk_size, qk_dim=8)
     x = torch.randn(2, 3 * chunk_size + 2, 16)
-    state = flash.init_state(2)
-    sizes, steps = [], []
+    sizes = []
+    steps, state = decode(flash, x, lambda state: sizes.append(state.nbytes()))
     with torch.no_grad():
-        for t in range(x.shape[1]):
-            y_t, state = flash.step(x[:, t], state)
-            steps.append(y_t)
-            sizes.append(state.nbytes())
-        assert_close(torch.stack(steps, 1), flash(x), 1e-5)
+        assert_close(steps, flash(x), 1e-5)
     assert len(set(sizes)) == 1  # allocated once: Σ KᵀV plus one chunk's buffers
     assert state.linear_count == x.shape[1] // chunk_size * chunk_size  # tokens of finished chunks
 
@@ -85,11 +81,7 @@ def test_gau_variants_decode(activation, length):
     gau = create_mixer("gau", 16, causal=True, qk_dim=8, activation=activation, length=length)
     x = torch.randn(2, 9, 16)
     with torch.no_grad():
-        state, steps = gau.init_state(2), []
-        for t in range(9):
-            y_t, state = gau.step(x[:, t], state)
-            steps.append(y_t)
-        assert_close(torch.stack(steps, 1), gau(x), 1e-5)
+        assert_close(decode(gau, x)[0], gau(x), 1e-5)
 
 
 def test_gau_fixed_length_is_the_papers_one_over_n():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.reference import assert_close
+from tests.reference import assert_close, decode
 from tokenmix import list_mixers, mixer_info
 from tokenmix.models import LanguageModel, SequenceClassifier, VisionTransformer
 
@@ -33,12 +33,7 @@ def test_language_model_steps_reproduce_forward(mixer, positions):
     with torch.no_grad():
         logits = model(x)
         assert logits.shape == (*x.shape, VOCAB)
-        state = model.init_state(x.shape[0])
-        stepped = []
-        for t in range(x.shape[1]):
-            step_logits, state = model.step(x[:, t], state)
-            stepped.append(step_logits)
-    assert_close(torch.stack(stepped, 1), logits, 1e-5)
+    assert_close(decode(model, x)[0], logits, 1e-5)
 
 
 def test_language_model_is_causal_and_ties_weights():
