@@ -2,7 +2,17 @@
 
 from . import functional
 from .mixers import create_mixer, list_mixers, mixer_info
+from .training import TrainConfig, evaluate, train
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "create_mixer", "functional", "list_mixers", "mixer_info"]
+__all__ = [
+    "TrainConfig",
+    "__version__",
+    "create_mixer",
+    "evaluate",
+    "functional",
+    "list_mixers",
+    "mixer_info",
+    "train",
+]

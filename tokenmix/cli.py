@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -63,15 +64,20 @@ def _option_value(text: str):
         return text
 
 
+def _mixer_options(items: Sequence[str]) -> dict:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--mixer-opt expects KEY=VALUE, got {item!r}")
+        options[key] = _option_value(value)
+    return options
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import bench, ratios
 
-    options = {}
-    for item in args.mixer_opt:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--mixer-opt expects KEY=VALUE, got {item!r}")
-        options[key] = _option_value(value)
+    options = _mixer_options(args.mixer_opt)
     records = bench(
         args.mixers.split(","),
         [int(n) for n in args.seq_lens.split(",")],
@@ -98,6 +104,106 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"{row['mixer']} / {row['peer']} ({row['pass']}, N={row['seq_len']}): {row['ratio']:.2f}")
     print(f"wrote {args.out}/bench.json, time.png, memory.png")
     return 0
+
+
+# Flags of `tokenmix train` that map one-to-one onto TrainConfig fields: flag -> (type, help).
+_TRAIN_FLAGS = {
+    "task": (str, "charlm | image-cls | image-ar | mqar"),
+    "data": (str, "charlm: text/byte file (default: embedded corpus); image-*: fashion-mnist | digits | DIR"),
+    "mixer": (str, "registered mixer name (tokenmix list)"),
+    "dim": (int, "model width"),
+    "depth": (int, "number of blocks"),
+    "positions": (str, "learned | rope | none"),
+    "dropout": (float, "dropout in the FFN and after positions"),
+    "seq_len": (int, "tokens per example (charlm, mqar)"),
+    "patch_size": (int, "ViT patch size (image-cls)"),
+    "vocab_size": (int, "vocabulary (mqar)"),
+    "num_pairs": (int, "key-value pairs per sequence (mqar)"),
+    "batch_size": (int, "global batch, split across processes and accumulation steps"),
+    "grad_accum": (int, "micro-batches per optimiser step"),
+    "steps": (int, "optimiser steps"),
+    "lr": (float, "peak learning rate (AdamW)"),
+    "min_lr_ratio": (float, "final learning rate / peak"),
+    "warmup_steps": (int, "linear warmup steps"),
+    "weight_decay": (float, "AdamW weight decay on matrices"),
+    "grad_clip": (float, "gradient-norm clip (0: none)"),
+    "eval_every": (int, "evaluate and checkpoint every this many steps"),
+    "seed": (int, "seed of the initialisation and of the batches"),
+    "device": (str, "auto | cpu | cuda"),
+    "progress": (str, "auto | bar | log"),
+    "out": (str, "run directory"),
+}
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    values = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
+    values["mixer_options"] = _mixer_options(args.mixer_opt)
+    if args.eval_batches is not None:
+        values["eval_batches"] = None if args.eval_batches == "all" else int(args.eval_batches)
+    values.update(ffn=not args.no_ffn, compile=args.compile, resume=args.resume)
+    records = train(TrainConfig.from_dict(values))
+    if records and os.environ.get("RANK", "0") == "0":  # one summary line under torchrun
+        print(json.dumps(records[-1]))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .training import evaluate
+
+    max_batches = None if args.max_batches is None else int(args.max_batches)
+    scores = evaluate(
+        args.run_dir, args.split, weights=args.weights, device=args.device, max_batches=max_batches
+    )
+    print(json.dumps(scores))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .training import generate
+
+    text = generate(
+        args.run_dir,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        weights=args.weights,
+        device=args.device,
+    )
+    print(text)
+    return 0
+
+
+def _add_training_commands(commands) -> None:
+    train_parser = commands.add_parser("train", help="train a model with any mixer on a task")
+    for name, (kind, help_text) in _TRAIN_FLAGS.items():
+        train_parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
+    train_parser.add_argument("--mixer-opt", action="append", default=[], metavar="KEY=VALUE")
+    train_parser.add_argument("--eval-batches", help="validation batches per evaluation, or 'all'")
+    train_parser.add_argument("--no-ffn", action="store_true", help="blocks without a feed-forward layer")
+    train_parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train_parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train_parser.set_defaults(run=_train)
+    eval_parser = commands.add_parser("eval", help="metrics of a trained run on its test split")
+    eval_parser.add_argument("--run", dest="run_dir", required=True, help="run directory")
+    eval_parser.add_argument("--split", default="test", choices=["test", "val"])
+    eval_parser.add_argument("--weights", default="best", choices=["best", "last"])
+    eval_parser.add_argument("--device", default="auto")
+    eval_parser.add_argument("--max-batches", help="at most this many batches (default: the whole split)")
+    eval_parser.set_defaults(run=_eval)
+    generate_parser = commands.add_parser("generate", help="continue a prompt with a trained charlm run")
+    generate_parser.add_argument("--run", dest="run_dir", required=True, help="run directory")
+    generate_parser.add_argument("--prompt", required=True)
+    generate_parser.add_argument("--max-new-tokens", type=int, default=200)
+    generate_parser.add_argument("--temperature", type=float, default=0.8)
+    generate_parser.add_argument("--top-k", type=int)
+    generate_parser.add_argument("--seed", type=int, default=0)
+    generate_parser.add_argument("--weights", default="best", choices=["best", "last"])
+    generate_parser.add_argument("--device", default="auto")
+    generate_parser.set_defaults(run=_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,9 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument("--peers", action="store_true", help="add installed peer packages")
     bench_parser.add_argument("--out", default="bench-out", help="directory for bench.json and the plots")
     bench_parser.set_defaults(run=_bench)
+    _add_training_commands(commands)
     return parser
+
+
+# Errors that bad input raises: one line, exit code 2, no traceback (TOKENMIX_DEBUG=1 shows it).
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except _USER_ERRORS as error:
+        if os.environ.get("TOKENMIX_DEBUG"):
+            raise
+        print(f"tokenmix {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,86 @@
+"""Using a finished (or stopped) run: test-split evaluation and text generation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import load_weights
+from .config import TrainConfig
+from .tasks import Task, create_task
+from .trainer import BEST_WEIGHTS, WEIGHTS, evaluate_model, resolve_device
+
+WEIGHT_CHOICES = {"best": BEST_WEIGHTS, "last": WEIGHTS}
+
+
+def load_run(
+    run_dir: str | Path, weights: str = "best", device: str = "cpu"
+) -> tuple[TrainConfig, Task, nn.Module]:
+    """The configuration, task and trained model of ``run_dir`` (``weights``: ``"best"`` or ``"last"``)."""
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+    run_dir = Path(run_dir)
+    config = TrainConfig.load(run_dir)
+    path = run_dir / WEIGHT_CHOICES[weights]
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} has no {path.name} yet (no evaluation or checkpoint)")
+    task = create_task(config)
+    model = task.build_model()
+    load_weights(model, path)
+    return config, task, model.to(resolve_device(device)).eval()
+
+
+def evaluate(
+    run_dir: str | Path,
+    split: str = "test",
+    *,
+    weights: str = "best",
+    device: str = "auto",
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Metrics of a trained run on ``split`` (``"test"`` or ``"val"``; the whole split by default)."""
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    _, task, model = load_run(run_dir, weights, device)
+    scores = evaluate_model(model, task, split, max_batches, next(model.parameters()).device)
+    name = task.metric.removeprefix("val_")
+    return {
+        "split": split,
+        "weights": weights,
+        f"{split}_loss": scores["loss"],
+        f"{split}_{name}": scores[name],
+    }
+
+
+def generate(
+    run_dir: str | Path,
+    prompt: str,
+    max_new_tokens: int = 200,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    seed: int = 0,
+    weights: str = "best",
+    device: str = "auto",
+) -> str:
+    """Continue ``prompt`` with a character-LM run, token by token through the mixers' decoding states."""
+    config, _, model = load_run(run_dir, weights, device)
+    if config.task != "charlm":
+        raise ValueError(f"generate needs a charlm run; {str(run_dir)!r} is a {config.task} run")
+    data = prompt.encode()
+    if not data:
+        raise ValueError("prompt must not be empty")
+    limit = model.backbone.max_len if model.backbone.positions == "learned" else None
+    if limit is not None and len(data) + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({len(data)} bytes) + max_new_tokens ({max_new_tokens}) exceed the learned position "
+            f"table of this run (max_len={limit}); ask for fewer tokens"
+        )
+    device_of = next(model.parameters()).device
+    tokens = torch.tensor([list(data)], device=device_of)
+    generator = torch.Generator(device_of).manual_seed(seed)
+    out = model.generate(tokens, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    return bytes(out[0].tolist()).decode("utf-8", errors="replace")

@@ -1,0 +1,244 @@
+"""The training tasks: data, model and metric for charlm, image-cls, image-ar and mqar.
+
+Batches are a pure function of (seed, step): a resumed run or a run split across DDP ranks sees the
+same global batch at the same step, whatever happened before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.images import ImageData, load_images
+from ..data.mqar import IGNORE, check_mqar, mqar_batch
+from ..data.text import VOCAB_SIZE, check_long_enough, load_corpus, random_windows, split
+from ..mixers import mixer_info
+from ..models import LanguageModel, VisionTransformer
+from .config import TrainConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator that draws the global batch of ``step``. (The CPU generator keeps only 32 bits
+    of its seed, so (seed, step) is hashed rather than packed into one integer.)"""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=4).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+class Task:
+    """Data, model and metric of one task. Targets equal to −100 are ignored by the loss."""
+
+    metric: str  # the validation metric each evaluation reports
+    sequence_length: int  # tokens per example the mixers see
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def train_batch(self, step: int) -> Batch:
+        """The global batch (config.batch_size examples) of optimiser step ``step``."""
+        raise NotImplementedError
+
+    def eval_batches(self, split_name: str, max_batches: int | None) -> list[Batch]:
+        """Fixed batches covering ``split_name`` (at most ``max_batches``)."""
+        raise NotImplementedError
+
+    def metric_value(self, loss: float, accuracy: float) -> float:
+        raise NotImplementedError
+
+    def _backbone_options(self) -> dict[str, Any]:
+        config = self.config
+        options = dict(config.mixer_options)
+        if "max_len" in mixer_info(config.mixer).options:
+            options.setdefault("max_len", self.sequence_length)
+        return {
+            "mixer": config.mixer,
+            "dim": config.dim,
+            "depth": config.depth,
+            "mixer_options": options,
+            "ffn": config.ffn,
+            "positions": config.positions,
+            "dropout": config.dropout,
+            "max_len": self.sequence_length,
+        }
+
+
+class CharLM(Task):
+    """Next-byte prediction on a text/byte file (default: the embedded corpus); metric bits per byte."""
+
+    metric = "val_bpc"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        self.sequence_length = config.seq_len
+        self.splits = split(load_corpus(config.data))
+        check_long_enough(self.splits, config.seq_len)
+
+    def build_model(self) -> nn.Module:
+        return LanguageModel(VOCAB_SIZE, **self._backbone_options())
+
+    def train_batch(self, step: int) -> Batch:
+        generator = step_generator(self.config.seed, step)
+        return random_windows(self.splits["train"], self.config.seq_len, self.config.batch_size, generator)
+
+    def eval_batches(self, split_name: str, max_batches: int | None) -> list[Batch]:
+        # Non-overlapping windows from the start of the split.
+        data, seq_len = self.splits[split_name], self.config.seq_len
+        count = (len(data) - 1) // seq_len
+        inputs = data[: count * seq_len].long().view(count, seq_len)
+        targets = data[1 : count * seq_len + 1].long().view(count, seq_len)
+        return _batches(inputs, targets, self.config.batch_size, max_batches)
+
+    def metric_value(self, loss: float, accuracy: float) -> float:
+        return loss / math.log(2)
+
+
+class _ImageTask(Task):
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        self.data: ImageData = load_images(config.data)
+
+    def _examples(self, split_name: str) -> Batch:
+        raise NotImplementedError
+
+    def train_batch(self, step: int) -> Batch:
+        # Epochs of fixed random permutations, read as one stream: example i of step s is stream item
+        # s·B + i, so any step's batch is known without replaying the ones before it.
+        inputs, targets = self._examples("train")
+        count, batch_size = len(inputs), self.config.batch_size
+        stream = torch.arange(step * batch_size, (step + 1) * batch_size)
+        index = torch.empty(batch_size, dtype=torch.long)
+        for epoch in stream.div(count, rounding_mode="floor").unique().tolist():
+            order = torch.randperm(count, generator=step_generator(self.config.seed, 2**31 + epoch))
+            in_epoch = stream.div(count, rounding_mode="floor") == epoch
+            index[in_epoch] = order[stream[in_epoch] % count]
+        return inputs[index], targets[index]
+
+    def eval_batches(self, split_name: str, max_batches: int | None) -> list[Batch]:
+        return _batches(*self._examples(split_name), self.config.batch_size, max_batches)
+
+
+class ImageClassification(_ImageTask):
+    """A VisionTransformer over image patches; metric accuracy."""
+
+    metric = "val_acc"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        height, width = self.data.shape
+        self.patch_size = config.patch_size or (4 if height >= 16 else 2)
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"patch_size={self.patch_size} must divide the image size {height}×{width}")
+        self.grid_mixer = "grid" in mixer_info(config.mixer).options
+        self.sequence_length = (height // self.patch_size) * (width // self.patch_size) + (
+            not self.grid_mixer
+        )
+        self._normalised = {}
+        for name, images in self.data.images.items():
+            pixels = images.float() / (self.data.levels - 1)
+            self._normalised[name] = ((pixels - 0.5) / 0.5)[:, None]  # (N, 1, H, W) in [-1, 1]
+
+    def build_model(self) -> nn.Module:
+        options = self._backbone_options()
+        options.pop("max_len")
+        return VisionTransformer(
+            self.data.shape,
+            self.patch_size,
+            self.data.num_classes,
+            in_channels=1,
+            pool="mean" if self.grid_mixer else "cls",
+            **options,
+        )
+
+    def _examples(self, split_name: str) -> Batch:
+        return self._normalised[split_name], self.data.labels[split_name]
+
+    def metric_value(self, loss: float, accuracy: float) -> float:
+        return accuracy
+
+
+class ImageAutoregressive(_ImageTask):
+    """Pixels in raster order, each predicted from the ones before it (a start token first); metric
+    bits per dimension (pixel), as the AFT paper reports on CIFAR-10."""
+
+    metric = "val_bpd"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        height, width = self.data.shape
+        self.sequence_length = height * width
+        start = self.data.levels  # the start token is one past the pixel levels
+        self._sequences = {}
+        for name, images in self.data.images.items():
+            pixels = images.long().flatten(1)
+            inputs = torch.cat((torch.full_like(pixels[:, :1], start), pixels[:, :-1]), dim=1)
+            self._sequences[name] = (inputs, pixels)
+
+    def build_model(self) -> nn.Module:
+        return LanguageModel(self.data.levels + 1, **self._backbone_options())
+
+    def _examples(self, split_name: str) -> Batch:
+        return self._sequences[split_name]
+
+    def metric_value(self, loss: float, accuracy: float) -> float:
+        return loss / math.log(2)
+
+
+class MQAR(Task):
+    """Multi-query associative recall (tokenmix.data.mqar); metric accuracy on the queries."""
+
+    metric = "val_acc"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        check_mqar(config.vocab_size, config.seq_len, config.num_pairs)
+        self.sequence_length = config.seq_len
+
+    def build_model(self) -> nn.Module:
+        return LanguageModel(self.config.vocab_size, **self._backbone_options())
+
+    def _draw(self, count: int, generator: torch.Generator) -> Batch:
+        config = self.config
+        return mqar_batch(count, config.vocab_size, config.seq_len, config.num_pairs, generator)
+
+    def train_batch(self, step: int) -> Batch:
+        return self._draw(self.config.batch_size, step_generator(self.config.seed, step))
+
+    def eval_batches(self, split_name: str, max_batches: int | None) -> list[Batch]:
+        # Fixed held-out sets, independent of the training seed (stream offsets 2^31 + 1, 2).
+        offset = {"val": 1, "test": 2}[split_name]
+        count = self.config.batch_size * (max_batches or 16)
+        inputs, targets = self._draw(count, step_generator(0, 2**31 + offset))
+        return _batches(inputs, targets, self.config.batch_size, max_batches)
+
+    def metric_value(self, loss: float, accuracy: float) -> float:
+        return accuracy
+
+
+def _batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, limit: int | None) -> list[Batch]:
+    batches = [
+        (inputs[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, len(inputs), batch_size)
+    ]
+    return batches if limit is None else batches[:limit]
+
+
+TASK_CLASSES = {
+    "charlm": CharLM,
+    "image-cls": ImageClassification,
+    "image-ar": ImageAutoregressive,
+    "mqar": MQAR,
+}
+
+
+def create_task(config: TrainConfig) -> Task:
+    return TASK_CLASSES[config.task](config)
+
+
+__all__ = ["IGNORE", "Task", "create_task", "step_generator"]
