@@ -10,7 +10,8 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_snippets_run():
+def test_readme_python_snippets_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # snippets that write (runs/...) write here
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     assert len(blocks) >= 3
     namespace: dict = {}
@@ -20,3 +21,4 @@ def test_readme_python_snippets_run():
     # The snippet claims the last decoding step equals the forward's last position.
     torch.testing.assert_close(namespace["y_t"], namespace["y"][:, -1], rtol=1e-5, atol=1e-6)
     assert namespace["text"].shape == (2, 40)
+    assert [r["step"] for r in namespace["metrics"]] == [10, 20]

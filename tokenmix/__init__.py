@@ -1,6 +1,7 @@
 """tokenmix: Transformer token mixers — softmax attention and the mechanisms proposed to replace it."""
 
 from . import functional
+from .backend import get_backend, use_backend
 from .mixers import create_mixer, list_mixers, mixer_info
 from .training import TrainConfig, evaluate, train
 
@@ -12,7 +13,9 @@ __all__ = [
     "create_mixer",
     "evaluate",
     "functional",
+    "get_backend",
     "list_mixers",
     "mixer_info",
     "train",
+    "use_backend",
 ]

@@ -177,7 +177,33 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .bench.compare import compare
+
+    compare(
+        args.mixers.split(",") if args.mixers else None,
+        out=args.out,
+        quick=args.quick,
+        device=args.device,
+        seq_lens=[int(n) for n in args.seq_lens.split(",")] if args.seq_lens else None,
+        steps=args.steps,
+        seed=args.seed,
+    )
+    return 0
+
+
 def _add_training_commands(commands) -> None:
+    compare_parser = commands.add_parser(
+        "compare", help="train and benchmark mixers side by side; writes report.md and report.html"
+    )
+    compare_parser.add_argument("--mixers", help="comma-separated names (default: every registered mixer)")
+    compare_parser.add_argument("--quick", action="store_true", help="a small budget: < 5 min on 2 CPU cores")
+    compare_parser.add_argument("--out", default="compare-out", help="report directory")
+    compare_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    compare_parser.add_argument("--seq-lens", help="benchmark lengths, e.g. 256,1024,4096")
+    compare_parser.add_argument("--steps", type=int, help="training steps (overrides the budget)")
+    compare_parser.add_argument("--seed", type=int, default=0)
+    compare_parser.set_defaults(run=_compare)
     train_parser = commands.add_parser("train", help="train a model with any mixer on a task")
     for name, (kind, help_text) in _TRAIN_FLAGS.items():
         train_parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)

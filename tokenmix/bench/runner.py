@@ -103,6 +103,8 @@ def run_point(point: dict) -> dict:
         result = measure(run, point["repeats"], device)
     except (torch.OutOfMemoryError, MemoryError):
         return {**record, "oom": True}
+    if point["pass"] == "step":  # what the decoding state holds at context length seq_len
+        record["state_mb"] = state.nbytes() / 2**20
     return {
         **record,
         "oom": False,

@@ -118,7 +118,7 @@ def _finish(
 ) -> torch.Tensor:
     """σ(q) ⊙ num/den, with underflowed denominators recomputed exactly and key-less rows set to 0."""
     flagged = (den < _TINY[den.dtype]) & sees_a_key
-    ratio = num / torch.where(sees_a_key, den, torch.ones_like(den))
+    ratio = num / (den if bool(sees_a_key.all()) else torch.where(sees_a_key, den, torch.ones_like(den)))
     if bool(flagged.any()):
         ratio = ratio.index_put(
             flagged.nonzero(as_tuple=True), _exact(keys, values, bias_rows, causal, flagged)
@@ -211,31 +211,29 @@ def aft_full(
     keys = _masked_keys(k, mask)
     rows = max(1, min(seq_len, _BLOCK_ELEMENTS // max(1, batch * seq_len)))
     positions = torch.arange(seq_len, device=q.device)
-    nums, dens = [], []
-    exp_keys = None
+    blocks = []
     for start in range(0, seq_len, rows):
         end = min(seq_len, start + rows)
         key_end = end if causal else seq_len
-        if causal or exp_keys is None:  # causal blocks see a growing prefix: its own key maximum
+        if causal or not blocks:  # causal blocks see a growing prefix: its own key maximum
             visible_keys = keys[:, :key_end]
             exp_keys = torch.exp(visible_keys - _finite(visible_keys.amax(1, keepdim=True)))
-            weighted_values = exp_keys * v[:, :key_end]
-        bias = w[start:end, :key_end].expand(batch, -1, -1)
+            # Numerator and denominator in one matmul: [exp(k) ⊙ v, exp(k)].
+            stacked = torch.cat((exp_keys * v[:, :key_end], exp_keys), dim=-1)
+        bias = w[start:end, :key_end]
         if mask is not None:
             bias = bias.masked_fill(~mask[:, None, :key_end], float("-inf"))
         if causal:
-            bias = bias.masked_fill(
-                positions[None, start:end, None] < positions[None, None, :key_end], float("-inf")
-            )
-        exp_bias = torch.exp(bias - _finite(bias.amax(-1, keepdim=True)))
-        nums.append(exp_bias @ weighted_values)
-        dens.append(exp_bias @ exp_keys)
+            bias = bias.masked_fill(positions[start:end, None] < positions[None, :key_end], float("-inf"))
+        exp_bias = torch.exp(bias - _finite(bias.amax(-1, keepdim=True)))  # (B or 1, rows, keys)
+        blocks.append(torch.matmul(exp_bias, stacked))
+    num, den = torch.cat(blocks, 1).chunk(2, dim=-1)
     sees = _sees_a_key(mask, batch, seq_len, causal, q.device)
 
     def bias_rows(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         return w[rows]  # the same biases for every channel
 
-    return _finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, bias_rows, causal).to(out_dtype)
+    return _finish(q, num, den, sees, keys, v, bias_rows, causal).to(out_dtype)
 
 
 def _offsets(

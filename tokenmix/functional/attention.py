@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..backend import use_kernel
 from ._checks import (
     check_attention_mask,
     check_choice,
@@ -338,6 +339,11 @@ def pointwise_attention(
         dtype=compute_dtype(q.dtype),
         device=q.device,
     )
+    unsupported = "float64 runs on the reference path only" if q.dtype == torch.float64 else None
+    if use_kernel("pointwise_attention", q, unsupported):
+        from ..kernels.pointwise_attention import pointwise_attention as kernel
+
+        return kernel(q, k, v, key_mask, row_scale[:, 0, :, 0], activation, scale, bool(causal))
     if key_mask is not None:
         key_mask = key_mask.repeat_interleave(sizes["H"], dim=0)  # (B·H, N), as q is flattened
     return _PointwiseAttention.apply(q, k, v, key_mask, row_scale, activation, scale, bool(causal))

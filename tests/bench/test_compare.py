@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenmix.bench.compare import compare, table
+from tokenmix.cli import main
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    result = compare(["softmax", "aft_simple"], out=out, quick=True, steps=4, seq_lens=[32, 64], device="cpu")
+    return out, result
+
+
+def test_compare_writes_the_report_files(report):
+    out, result = report
+    for name in ("report.md", "report.html", "compare.json", "curves.png", "time.png", "memory.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(result))
+    for mixer in ("softmax", "aft_simple"):
+        run = result["mixers"][mixer]
+        assert run["params"] > 0 and 0 < run["val_bpc"] < 9 and run["train_tokens_per_s"] > 0
+        assert [step for step, _ in run["curve"]] == [4]
+        assert (out / "runs" / mixer / "model.safetensors").is_file()
+
+
+def test_the_table_has_every_field_for_every_mixer(report):
+    out, result = report
+    header, rows = table(result)
+    assert header[:4] == ["mixer", "params", "val bpc", "train tok/s"]
+    assert "ms fwd+bwd N=32" in header and "ms fwd+bwd N=64" in header and "state MB N=64" in header
+    assert sorted(row[0] for row in rows) == ["aft_simple", "softmax"]
+    assert all(len(row) == len(header) and "OOM" not in row for row in rows)
+    markdown = (out / "report.md").read_text()
+    assert "| " + " | ".join(header) + " |" in markdown and "![Learning curves](curves.png)" in markdown
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and page.count("<tr>") == 3
+
+
+def test_the_state_column_shows_which_states_grow(report):
+    _, result = report
+    state = {(r["mixer"], r["seq_len"]): r["state_mb"] for r in result["bench"] if r["pass"] == "step"}
+    assert state["softmax", 64] > state["softmax", 32] > 0  # a KV cache grows with the context
+    assert state["aft_simple", 64] == state["aft_simple", 32] > 0  # a running sum does not
+
+
+def test_a_second_compare_reuses_finished_runs(report):
+    out, result = report
+    again = compare(["softmax"], out=out, quick=True, steps=4, seq_lens=[32], device="cpu")
+    assert again["mixers"]["softmax"]["curve"] == result["mixers"]["softmax"]["curve"]
+
+
+def test_compare_rejects_unknown_mixers_before_any_work(tmp_path, capsys):
+    assert main(["compare", "--mixers", "softmax,nope", "--out", str(tmp_path / "c")]) == 2
+    assert "unknown mixer 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

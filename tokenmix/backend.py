@@ -1,0 +1,73 @@
+"""Which implementation runs an op: the reference PyTorch path (the spec) or a fused Triton kernel.
+
+``tokenmix.use_backend("auto" | "reference" | "triton")`` (a context manager) or the ``TOKENMIX_BACKEND``
+environment variable choose. ``auto`` (the default) takes a kernel for CUDA tensors when one covers the
+call, the reference path otherwise. ``triton`` forces the kernel and raises, saying why, where none
+covers the call — never a silent fallback. Kernels also run on CPU tensors under ``TRITON_INTERPRET=1``
+(Triton's interpreter), which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton")
+_selected: ContextVar[str | None] = ContextVar("tokenmix_backend", default=None)
+
+
+def _check(name: str, origin: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{origin} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
+
+
+def get_backend() -> str:
+    """The backend in force: the innermost ``use_backend``, else ``$TOKENMIX_BACKEND``, else ``auto``."""
+    selected = _selected.get()
+    if selected is not None:
+        return selected
+    return _check(os.environ.get("TOKENMIX_BACKEND", "auto"), "TOKENMIX_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops called inside the block on ``name``'s implementation."""
+    token = _selected.set(_check(name, "backend"))
+    try:
+        yield
+    finally:
+        _selected.reset(token)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def use_kernel(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> bool:
+    """Whether ``op`` runs its Triton kernel for a call on ``tensor``'s device. ``unsupported`` says
+    why the kernel does not cover this call's options, or is None when it does."""
+    backend = get_backend()
+    if backend == "reference":
+        return False
+    reason = unsupported
+    if reason is None and not triton_installed():
+        reason = "Triton is not installed (pip install triton)"
+    if reason is None and tensor.device.type != "cuda" and not interpreting():
+        reason = (
+            f"the tensors are on {tensor.device.type}; the kernels run on CUDA (or under TRITON_INTERPRET=1)"
+        )
+    if backend == "triton":
+        if reason is not None:
+            raise RuntimeError(f"{op}: the triton backend was asked for, but {reason}")
+        return True
+    return reason is None and tensor.device.type == "cuda"

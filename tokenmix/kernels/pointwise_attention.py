@@ -1,0 +1,328 @@
+"""Pointwise attention as FlashAttention-style tiles: out_i = L_i^(−α) Σ_j φ(scale · q_i·k_j) v_j.
+
+Without a softmax there is no running maximum or rescaling: each query block sums φ(scores)·v over its
+key blocks. The backward recomputes the scores: one kernel walks the queries of each key block (dk, dv),
+one the keys of each query block (dq), so nothing is accumulated atomically. Accumulation is float32;
+float32 inputs use exact (IEEE) dot products, not TF32.
+
+Registered as torch custom ops (``tokenmix::pointwise_attention``) so torch.compile traces through.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import interpreting
+
+# Activation codes, in the order of the reference's ACTIVATIONS table.
+CODES = {"relu": 0, "relu2": 1, "gelu": 2, "softplus": 3, "identity": 4, "relu6": 5, "sigmoid": 6}
+
+
+@triton.jit
+def _phi(s, ACTIVATION: tl.constexpr):
+    if ACTIVATION == 0:
+        return tl.maximum(s, 0.0)
+    elif ACTIVATION == 1:
+        r = tl.maximum(s, 0.0)
+        return r * r
+    elif ACTIVATION == 2:
+        return 0.5 * s * (1.0 + tl.math.erf(s * 0.7071067811865476))
+    elif ACTIVATION == 3:  # softplus, beta 1, linear above 20 (as torch)
+        u = tl.exp(-tl.abs(s))
+        y = 1.0 + u
+        log1p = tl.log(y) - ((y - 1.0) - u) / y  # log1p(u), accurate for small u
+        return tl.where(s > 20.0, s, tl.maximum(s, 0.0) + log1p)
+    elif ACTIVATION == 4:
+        return s
+    elif ACTIVATION == 5:
+        return tl.minimum(tl.maximum(s, 0.0), 6.0)
+    else:
+        return 1.0 / (1.0 + tl.exp(-s))
+
+
+@triton.jit
+def _phi_grad(s, ACTIVATION: tl.constexpr):
+    """φ'(s)."""
+    if ACTIVATION == 0:
+        return tl.where(s > 0.0, 1.0, 0.0)
+    elif ACTIVATION == 1:
+        return 2.0 * tl.maximum(s, 0.0)
+    elif ACTIVATION == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(s * 0.7071067811865476))
+        return cdf + s * 0.3989422804014327 * tl.exp(-0.5 * s * s)
+    elif ACTIVATION == 3:
+        return tl.where(s > 20.0, 1.0, 1.0 / (1.0 + tl.exp(-s)))
+    elif ACTIVATION == 4:
+        return tl.full(s.shape, 1.0, tl.float32)
+    elif ACTIVATION == 5:
+        return tl.where((s > 0.0) & (s < 6.0), 1.0, 0.0)
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-s))
+        return sig * (1.0 - sig)
+
+
+@triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton's interpreter multiplies bfloat16 dot operands wrongly, so it gets float32 ones.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _counted(rows, columns, mask_ptr, seq_len, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(len(rows), len(columns)) bool: query row sees key column (in range, real, and not in the future)."""
+    valid = (rows[:, None] < seq_len) & (columns[None, :] < seq_len)
+    if HAS_MASK:
+        real = tl.load(mask_ptr + columns, mask=columns < seq_len, other=0)
+        valid = valid & (real[None, :] != 0)
+    if CAUSAL:
+        valid = valid & (columns[None, :] <= rows[:, None])
+    return valid
+
+
+@triton.jit
+def _forward_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, row_scale_ptr, out_ptr,
+    seq_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
+    ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    block, head = tl.program_id(0), tl.program_id(1)  # head indexes batch·heads
+    batch = head // heads
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    dk, dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
+    q_ptr += head * seq_len * dim_k
+    k_ptr += head * seq_len * dim_k
+    v_ptr += head * seq_len * dim_v
+    mask_ptr += batch * seq_len
+    q = tl.load(
+        q_ptr + rows[:, None] * dim_k + dk[None, :], (rows[:, None] < seq_len) & (dk[None, :] < dim_k), 0.0
+    )
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    end = tl.minimum((block + 1) * BLOCK_M, seq_len) if CAUSAL else seq_len
+    for start in range(0, end, BLOCK_N):
+        columns = start + tl.arange(0, BLOCK_N)
+        in_range = columns[:, None] < seq_len
+        k = tl.load(k_ptr + columns[:, None] * dim_k + dk[None, :], in_range & (dk[None, :] < dim_k), 0.0)
+        scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
+        weights = tl.where(
+            _counted(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK), _phi(scores, ACTIVATION), 0.0
+        )
+        v = tl.load(v_ptr + columns[:, None] * dim_v + dv[None, :], in_range & (dv[None, :] < dim_v), 0.0)
+        acc += _dot(weights.to(v.dtype), v, PRECISION, UPCAST)
+    row_scale = tl.load(row_scale_ptr + batch * row_scale_batch_stride + rows, rows < seq_len, 0.0)
+    acc = acc * row_scale[:, None]
+    out_ptr += head * seq_len * dim_v
+    out_mask = (rows[:, None] < seq_len) & (dv[None, :] < dim_v)
+    tl.store(out_ptr + rows[:, None] * dim_v + dv[None, :], acc.to(out_ptr.dtype.element_ty), out_mask)
+
+
+@triton.jit
+def _backward_keys_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, dk_ptr, dv_ptr,
+    seq_len, heads, dim_k, dim_v, scale,
+    ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """dk, dv of one key block, over the query blocks that see it (g = grad_out · L^−α, float32)."""
+    block, head = tl.program_id(0), tl.program_id(1)
+    batch = head // heads
+    columns = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    dk_range, dv_range = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
+    q_ptr += head * seq_len * dim_k
+    k_ptr += head * seq_len * dim_k
+    v_ptr += head * seq_len * dim_v
+    g_ptr += head * seq_len * dim_v
+    mask_ptr += batch * seq_len
+    in_range = columns[:, None] < seq_len
+    k = tl.load(
+        k_ptr + columns[:, None] * dim_k + dk_range[None, :], in_range & (dk_range[None, :] < dim_k), 0.0
+    )
+    v = tl.load(
+        v_ptr + columns[:, None] * dim_v + dv_range[None, :], in_range & (dv_range[None, :] < dim_v), 0.0
+    )
+    grad_k = tl.zeros((BLOCK_N, BLOCK_DK), tl.float32)
+    grad_v = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    first = (block * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    for start in range(first, seq_len, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        rows_ok = rows[:, None] < seq_len
+        q = tl.load(
+            q_ptr + rows[:, None] * dim_k + dk_range[None, :], rows_ok & (dk_range[None, :] < dim_k), 0.0
+        )
+        g = tl.load(
+            g_ptr + rows[:, None] * dim_v + dv_range[None, :], rows_ok & (dv_range[None, :] < dim_v), 0.0
+        )
+        scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale  # (M, N)
+        counted = _counted(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK)
+        weights = tl.where(counted, _phi(scores, ACTIVATION), 0.0)
+        grad_v += _dot(tl.trans(weights).to(q.dtype), g.to(q.dtype), PRECISION, UPCAST)
+        grad_weights = _dot(g.to(q.dtype), tl.trans(v), PRECISION, UPCAST)
+        grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
+        grad_k += _dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, UPCAST)
+    out_k = in_range & (dk_range[None, :] < dim_k)
+    out_v = in_range & (dv_range[None, :] < dim_v)
+    dk_ptr += head * seq_len * dim_k
+    dv_ptr += head * seq_len * dim_v
+    tl.store(
+        dk_ptr + columns[:, None] * dim_k + dk_range[None, :],
+        (grad_k * scale).to(dk_ptr.dtype.element_ty),
+        out_k,
+    )
+    tl.store(dv_ptr + columns[:, None] * dim_v + dv_range[None, :], grad_v.to(dv_ptr.dtype.element_ty), out_v)
+
+
+@triton.jit
+def _backward_queries_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, dq_ptr,
+    seq_len, heads, dim_k, dim_v, scale,
+    ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """dq of one query block, over the key blocks it sees."""
+    block, head = tl.program_id(0), tl.program_id(1)
+    batch = head // heads
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    dk_range, dv_range = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
+    q_ptr += head * seq_len * dim_k
+    k_ptr += head * seq_len * dim_k
+    v_ptr += head * seq_len * dim_v
+    g_ptr += head * seq_len * dim_v
+    mask_ptr += batch * seq_len
+    rows_ok = rows[:, None] < seq_len
+    q = tl.load(q_ptr + rows[:, None] * dim_k + dk_range[None, :], rows_ok & (dk_range[None, :] < dim_k), 0.0)
+    g = tl.load(g_ptr + rows[:, None] * dim_v + dv_range[None, :], rows_ok & (dv_range[None, :] < dim_v), 0.0)
+    grad_q = tl.zeros((BLOCK_M, BLOCK_DK), tl.float32)
+    end = tl.minimum((block + 1) * BLOCK_M, seq_len) if CAUSAL else seq_len
+    for start in range(0, end, BLOCK_N):
+        columns = start + tl.arange(0, BLOCK_N)
+        in_range = columns[:, None] < seq_len
+        k = tl.load(
+            k_ptr + columns[:, None] * dim_k + dk_range[None, :], in_range & (dk_range[None, :] < dim_k), 0.0
+        )
+        v = tl.load(
+            v_ptr + columns[:, None] * dim_v + dv_range[None, :], in_range & (dv_range[None, :] < dim_v), 0.0
+        )
+        scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
+        counted = _counted(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK)
+        grad_weights = _dot(g.to(q.dtype), tl.trans(v), PRECISION, UPCAST)
+        grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
+        grad_q += _dot(grad_scores.to(q.dtype), k, PRECISION, UPCAST)
+    dq_ptr += head * seq_len * dim_k
+    out = rows_ok & (dk_range[None, :] < dim_k)
+    tl.store(
+        dq_ptr + rows[:, None] * dim_k + dk_range[None, :], (grad_q * scale).to(dq_ptr.dtype.element_ty), out
+    )
+
+
+def _blocks(dim_k: int, dim_v: int, seq_len: int) -> dict[str, int]:
+    small = max(16, min(64, triton.next_power_of_2(seq_len)))
+    return {
+        "BLOCK_M": small,
+        "BLOCK_N": small,
+        "BLOCK_DK": max(16, triton.next_power_of_2(dim_k)),
+        "BLOCK_DV": max(16, triton.next_power_of_2(dim_v)),
+    }
+
+
+def _launch_arguments(q, key_mask, activation, causal):
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    flags = {
+        "ACTIVATION": CODES[activation],
+        "CAUSAL": causal,
+        "HAS_MASK": key_mask is not None,
+        "PRECISION": precision,
+        "UPCAST": interpreting() and q.dtype == torch.bfloat16,
+    }
+    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else q.new_empty(0, dtype=torch.int8)
+    return flags, mask
+
+
+@torch.library.custom_op("tokenmix::pointwise_attention", mutates_args=())
+def pointwise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    row_scale: torch.Tensor,
+    activation: str,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """q, k: (B, H, N, Dk) and v: (B, H, N, Dv), one dtype; key_mask: (B, N) bool or None;
+    row_scale: (B or 1, N) float32, L_i^(−α). Returns (B, H, N, Dv) in the inputs' dtype."""
+    batch, heads, seq_len, dim_k = q.shape
+    dim_v = v.shape[-1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty(batch, heads, seq_len, dim_v, device=q.device, dtype=q.dtype)
+    blocks = _blocks(dim_k, dim_v, seq_len)
+    flags, mask = _launch_arguments(q, key_mask, activation, causal)
+    grid = (triton.cdiv(seq_len, blocks["BLOCK_M"]), batch * heads)
+    row_scale = row_scale.to(torch.float32).contiguous()
+    _forward_kernel[grid](
+        q, k, v, mask, row_scale, out, seq_len, heads, dim_k, dim_v, scale,
+        seq_len if row_scale.shape[0] > 1 else 0, **flags, **blocks,
+    )  # fmt: skip
+    return out
+
+
+@pointwise_attention.register_fake
+def _(q, k, v, key_mask, row_scale, activation, scale, causal):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("tokenmix::pointwise_attention_backward", mutates_args=())
+def pointwise_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    row_scale: torch.Tensor,
+    activation: str,
+    scale: float,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, seq_len, dim_k = q.shape
+    dim_v = v.shape[-1]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # The row scale moves onto the incoming gradient: d/dW of L_i^-α (W v)_i is L_i^-α g_i v^T.
+    scale_rows = row_scale.to(torch.float32)[:, None, :, None]
+    grad = (grad_out.to(torch.float32) * scale_rows).contiguous()
+    grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    blocks = _blocks(dim_k, dim_v, seq_len)
+    flags, mask = _launch_arguments(q, key_mask, activation, causal)
+    arguments = (seq_len, heads, dim_k, dim_v, scale)
+    _backward_keys_kernel[(triton.cdiv(seq_len, blocks["BLOCK_N"]), batch * heads)](
+        q, k, v, grad, mask, grad_k, grad_v, *arguments, **flags, **blocks
+    )
+    _backward_queries_kernel[(triton.cdiv(seq_len, blocks["BLOCK_M"]), batch * heads)](
+        q, k, v, grad, mask, grad_q, *arguments, **flags, **blocks
+    )
+    return grad_q, grad_k, grad_v
+
+
+@pointwise_attention_backward.register_fake
+def _(grad_out, q, k, v, key_mask, row_scale, activation, scale, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, row_scale, activation, scale, causal = inputs
+    ctx.save_for_backward(q, k, v, key_mask, row_scale)
+    ctx.options = (activation, scale, causal)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, key_mask, row_scale = ctx.saved_tensors
+    grads = pointwise_attention_backward(grad_out, q, k, v, key_mask, row_scale, *ctx.options)
+    return (*grads, None, None, None, None, None)
+
+
+pointwise_attention.register_autograd(_backward, setup_context=_setup_context)
