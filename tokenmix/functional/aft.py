@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..backend import use_kernel
 from ._checks import (
     check_attention_mask,
     check_dims,
@@ -154,6 +155,11 @@ def aft_simple(
         (B, N, D) in the inputs' dtype.
     """
     mask = _check(q, k, v, attention_mask)
+    unsupported = "float64 runs on the reference path only" if q.dtype == torch.float64 else None
+    if use_kernel("aft_simple", q, unsupported):
+        from ..kernels.aft import aft_simple as kernel
+
+        return kernel(q, k, v, mask, bool(causal))
     batch, seq_len, _ = q.shape
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

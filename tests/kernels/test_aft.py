@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenmix
+from tests import reference
+from tests.reference import assert_close, relative_error
+from tokenmix.functional import aft_simple
+
+from .conftest import TOLERANCE
+
+
+def run(backend, op, inputs, grad, **options):
+    with tokenmix.use_backend(backend):
+        out = op(*inputs, **options)
+        return (out, *torch.autograd.grad(out, inputs, grad))
+
+
+def case(device, dtype, batch=2, seq_len=37, dim=24, seed=0, key_scale=1.0):
+    """Odd shapes: N not a multiple of the time block, D not a power of two."""
+    generator = torch.Generator(device).manual_seed(seed)
+    q, k, v = (torch.randn(batch, seq_len, dim, generator=generator, device=device) for _ in range(3))
+    tensors = [t.to(dtype).requires_grad_() for t in (q, k * key_scale, v)]
+    grad = torch.randn(batch, seq_len, dim, generator=generator, device=device).to(dtype)
+    mask = torch.rand(batch, seq_len, generator=generator, device=device) > 0.3
+    mask[:, 0] = False  # causal row 0 sees no real key
+    return tensors, grad, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_aft_simple_matches_the_reference(device, dtype, causal, masked):
+    inputs, grad, mask = case(device, dtype)
+    options = {"causal": causal, "attention_mask": mask if masked else None}
+    expected = run("reference", aft_simple, inputs, grad, **options)
+    got = run("triton", aft_simple, inputs, grad, **options)
+    for name, ours, want in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
+        assert ours.dtype == dtype
+        error = relative_error(ours.double(), want.double())
+        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_aft_simple_extreme_keys_against_float64(device, causal):
+    """|k| in the hundreds, and causal prefixes e^-1000 below the sequence maximum: the running
+    log-sum-exp keeps every row exact."""
+    inputs, _, mask = case(device, torch.float64, key_scale=300.0)
+    rising = torch.linspace(-500, 500, 37, device=device, dtype=torch.float64)[None, :, None]
+    for keys in (inputs[1], rising.expand(2, 37, 24)):
+        q, v = inputs[0].detach(), inputs[2].detach()
+        for m in (None, mask):
+            with tokenmix.use_backend("triton"):
+                out = aft_simple(q.float(), keys.detach().float(), v.float(), causal=causal, attention_mask=m)
+            expected = reference.aft_simple(q, keys.detach(), v, causal=causal, attention_mask=m)
+            assert torch.isfinite(out).all()
+            assert_close(out, expected, 1e-4)
