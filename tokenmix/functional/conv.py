@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..backend import use_kernel
 from ._checks import (
     check_attention_mask,
     check_dims,
@@ -148,6 +149,14 @@ def _convolve(
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     out_dtype = x.dtype
+    unsupported = "float64 runs on the reference path only" if x.dtype == torch.float64 else None
+    if use_kernel(op_name, x, unsupported):
+        from ..kernels.conv import convolve
+
+        # The kernel reads x in its own dtype (padding zeroed) and float32 taps; it accumulates in float32.
+        prepared, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout)
+        masked = x if attention_mask is None else prepared.to(x.dtype)
+        return convolve(masked, kernel.float(), heads, bool(causal))
     x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout)
     window, band = _PATHS[op_name]
     path = band if _use_band(op_name, x.shape[1], kernel.shape[-1]) else window

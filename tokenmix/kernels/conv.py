@@ -1,0 +1,158 @@
+"""Lightweight and dynamic convolution for any kernel size: y[b,t,c] = Σ_j W̃[h(c), j] x[b, t+j−P, c],
+with W̃ one kernel per head (lightconv) or one per position and head (dynamic_conv).
+
+Programs: one per (time block, batch·head), over the head's channels; the taps are a runtime loop, so
+K is not limited to a compiled set (fairseq's CUDA kernels take a few sizes only). The backward walks
+the taps the other way for dx, and reduces x·g over the head's channels for the kernel's gradient
+(per program partial sums for lightconv, summed afterwards: deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import interpreting
+
+
+@triton.jit
+def _tile(ptr, rows, columns, seq_len, width, stride):
+    inside = (rows[:, None] >= 0) & (rows[:, None] < seq_len) & (columns[None, :] < width)
+    return tl.load(ptr + rows[:, None] * stride + columns[None, :], inside, 0.0).to(tl.float32)
+
+
+@triton.jit
+def _taps(kernel_ptr, rows, head, tap, seq_len, heads, kernel_size, DYNAMIC: tl.constexpr):
+    """W̃[·, head, tap] for output rows (dynamic: (rows,) from (B·N, H, K); else a scalar from (H, K))."""
+    if DYNAMIC:
+        inside = (rows >= 0) & (rows < seq_len)
+        return tl.load(kernel_ptr + (rows * heads + head) * kernel_size + tap, inside, 0.0)[:, None]
+    return tl.load(kernel_ptr + head * kernel_size + tap)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, kernel_ptr, out_ptr, seq_len, channels, heads, kernel_size, left,
+    DYNAMIC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    block, row = tl.program_id(0), tl.program_id(1)
+    batch, head = row // heads, row % heads
+    width = channels // heads
+    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    columns = tl.arange(0, BLOCK_C)
+    x_ptr += batch * seq_len * channels + head * width
+    if DYNAMIC:
+        kernel_ptr += batch * seq_len * heads * kernel_size
+    acc = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
+    for tap in range(kernel_size):
+        x = _tile(x_ptr, rows + tap - left, columns, seq_len, width, channels)
+        acc += _taps(kernel_ptr, rows, head, tap, seq_len, heads, kernel_size, DYNAMIC) * x
+    out_ptr += batch * seq_len * channels + head * width
+    inside = (rows[:, None] < seq_len) & (columns[None, :] < width)
+    tl.store(out_ptr + rows[:, None] * channels + columns[None, :], acc.to(out_ptr.dtype.element_ty), inside)
+
+
+@triton.jit
+def _backward_kernel(
+    x_ptr, kernel_ptr, grad_ptr, dx_ptr, dkernel_ptr, seq_len, channels, heads, kernel_size, left,
+    DYNAMIC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dx[s] = Σ_j W̃[s−j+P, j] g[s−j+P]; dW̃[t, j] = Σ_c g[t, c] x[t+j−P, c] (lightconv: partial sums
+    over this program's rows, written to dkernel[program, j])."""
+    block, row = tl.program_id(0), tl.program_id(1)
+    batch, head = row // heads, row % heads
+    width = channels // heads
+    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    columns = tl.arange(0, BLOCK_C)
+    offset = batch * seq_len * channels + head * width
+    x_ptr, grad_ptr, dx_ptr = x_ptr + offset, grad_ptr + offset, dx_ptr + offset
+    if DYNAMIC:
+        kernel_ptr += batch * seq_len * heads * kernel_size
+        dkernel_ptr += batch * seq_len * heads * kernel_size
+    else:
+        dkernel_ptr += (row * tl.num_programs(0) + block) * kernel_size
+    grad_rows = _tile(grad_ptr, rows, columns, seq_len, width, channels)
+    grad_x = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
+    for tap in range(kernel_size):
+        # Inputs s = rows receive from outputs t = s − tap + P.
+        outputs = rows - tap + left
+        grad = _tile(grad_ptr, outputs, columns, seq_len, width, channels)
+        grad_x += _taps(kernel_ptr, outputs, head, tap, seq_len, heads, kernel_size, DYNAMIC) * grad
+        x = _tile(x_ptr, rows + tap - left, columns, seq_len, width, channels)
+        if DYNAMIC:
+            inside = rows < seq_len
+            target = dkernel_ptr + (rows * heads + head) * kernel_size + tap
+            tl.store(target, tl.sum(grad_rows * x, 1), inside)
+        else:
+            tl.store(dkernel_ptr + tap, tl.sum(grad_rows * x))
+    inside = (rows[:, None] < seq_len) & (columns[None, :] < width)
+    tl.store(dx_ptr + rows[:, None] * channels + columns[None, :], grad_x.to(dx_ptr.dtype.element_ty), inside)
+
+
+def _grid(x: torch.Tensor, heads: int) -> tuple[tuple[int, int], dict[str, int]]:
+    batch, seq_len, channels = x.shape
+    blocks = {"BLOCK_T": 16 if interpreting() else 64, "BLOCK_C": triton.next_power_of_2(channels // heads)}
+    return (triton.cdiv(seq_len, blocks["BLOCK_T"]), batch * heads), blocks
+
+
+@torch.library.custom_op("tokenmix::depthwise_conv", mutates_args=())
+def convolve(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """x: (B, N, C); kernel: float32 taps, (H, K) for lightconv or (B, N, H, K) for dynamic_conv.
+    Returns (B, N, C) in x's dtype."""
+    x, kernel = x.contiguous(), kernel.contiguous()
+    kernel_size = kernel.shape[-1]
+    left = kernel_size - 1 if causal else (kernel_size - 1) // 2
+    out = torch.empty_like(x)
+    grid, blocks = _grid(x, heads)
+    _forward_kernel[grid](
+        x, kernel, out, x.shape[1], x.shape[2], heads, kernel_size, left, DYNAMIC=kernel.dim() == 4, **blocks
+    )
+    return out
+
+
+@convolve.register_fake
+def _(x, kernel, heads, causal):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("tokenmix::depthwise_conv_backward", mutates_args=())
+def convolve_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x, kernel, grad_out = x.contiguous(), kernel.contiguous(), grad_out.contiguous()
+    kernel_size = kernel.shape[-1]
+    left = kernel_size - 1 if causal else (kernel_size - 1) // 2
+    dynamic = kernel.dim() == 4
+    grid, blocks = _grid(x, heads)
+    grad_x = torch.empty_like(x)
+    partial = torch.empty(
+        kernel.shape if dynamic else (x.shape[0], heads, grid[0], kernel_size),
+        device=x.device,
+        dtype=torch.float32,
+    )
+    _backward_kernel[grid](
+        x, kernel, grad_out, grad_x, partial, x.shape[1], x.shape[2], heads, kernel_size, left,
+        DYNAMIC=dynamic, **blocks,
+    )  # fmt: skip
+    return grad_x, partial if dynamic else partial.sum((0, 2))
+
+
+@convolve_backward.register_fake
+def _(grad_out, x, kernel, heads, causal):
+    return torch.empty_like(x), torch.empty_like(kernel)
+
+
+def _setup_context(ctx, inputs, output):
+    x, kernel, heads, causal = inputs
+    ctx.save_for_backward(x, kernel)
+    ctx.options = (heads, causal)
+
+
+def _backward(ctx, grad_out):
+    x, kernel = ctx.saved_tensors
+    grad_x, grad_kernel = convolve_backward(grad_out, x, kernel, *ctx.options)
+    return grad_x, grad_kernel, None, None
+
+
+convolve.register_autograd(_backward, setup_context=_setup_context)
