@@ -22,3 +22,4 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     torch.testing.assert_close(namespace["y_t"], namespace["y"][:, -1], rtol=1e-5, atol=1e-6)
     assert namespace["text"].shape == (2, 40)
     assert [r["step"] for r in namespace["metrics"]] == [10, 20]
+    assert namespace["reference_out"].shape == (2, 100, 64)

@@ -39,7 +39,7 @@ class Budget:
 BUDGETS = {
     "quick": Budget(dim=64, depth=2, seq_len=128, batch_size=16, steps=150, eval_every=50,
                     seq_lens=(256, 1024), repeats=3),
-    "default": Budget(dim=128, depth=4, seq_len=256, batch_size=16, steps=600, eval_every=100,
+    "default": Budget(dim=128, depth=2, seq_len=256, batch_size=16, steps=600, eval_every=100,
                       seq_lens=(256, 1024, 4096), repeats=5),
     "gpu": Budget(dim=256, depth=6, seq_len=512, batch_size=32, steps=2000, eval_every=250,
                   seq_lens=(1024, 2048, 4096, 8192, 16384), repeats=10, dtype="bfloat16"),

@@ -40,5 +40,4 @@ class KVCache:
         """Bytes the cached keys and values hold (the part in use)."""
         if self._keys is None:
             return 0
-        per_position = (self._keys.shape[-1] + self._values.shape[-1]) * self._keys.element_size()
-        return self.batch_size * self._keys.shape[1] * self.length * per_position
+        return sum(t[..., : self.length, :].numel() * t.element_size() for t in (self._keys, self._values))
