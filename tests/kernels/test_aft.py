@@ -6,7 +6,7 @@ import torch
 import tokenmix
 from tests import reference
 from tests.reference import assert_close, relative_error
-from tokenmix.functional import aft_simple
+from tokenmix.functional import aft_full, aft_simple
 
 from .conftest import TOLERANCE
 
@@ -56,3 +56,36 @@ def test_aft_simple_extreme_keys_against_float64(device, causal):
             expected = reference.aft_simple(q, keys.detach(), v, causal=causal, attention_mask=m)
             assert torch.isfinite(out).all()
             assert_close(out, expected, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_aft_full_matches_the_reference(device, dtype, causal, masked):
+    (q, k, v), grad, mask = case(device, dtype, seq_len=21, dim=20)
+    generator = torch.Generator(device).manual_seed(1)
+    w = torch.randn(24, 24, generator=generator, device=device).to(dtype).requires_grad_()  # N_max > N
+    inputs = (q, k, v, w)
+    options = {"causal": causal, "attention_mask": mask if masked else None}
+    expected = run("reference", aft_full, inputs, grad, **options)
+    got = run("triton", aft_full, inputs, grad, **options)
+    for name, ours, want in zip(("out", "dq", "dk", "dv", "dw"), got, expected, strict=True):
+        assert ours.dtype == dtype and ours.shape == want.shape
+        error = relative_error(ours.double(), want.double())
+        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_aft_full_extreme_keys_and_biases_against_float64(device, causal):
+    """|k| and |w| in the hundreds: separate maxima of k and w would underflow to 0/0; the joint one
+    does not."""
+    (q, k, v), _, mask = case(device, torch.float64, seq_len=21, dim=20, key_scale=300.0)
+    generator = torch.Generator(device).manual_seed(2)
+    w = torch.randn(21, 21, generator=generator, device=device, dtype=torch.float64) * 300
+    q, k, v = q.detach(), k.detach(), v.detach()
+    for m in (None, mask):
+        with tokenmix.use_backend("triton"):
+            out = aft_full(q.float(), k.float(), v.float(), w.float(), causal=causal, attention_mask=m)
+        expected = reference.aft_full(q, k, v, w, causal=causal, attention_mask=m)
+        assert torch.isfinite(out).all()
+        assert_close(out, expected, 1e-4)

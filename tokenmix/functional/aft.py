@@ -212,6 +212,11 @@ def aft_full(
     check_same_dtype_device(q=q, w=w)
     batch, seq_len, _ = q.shape
     _check_table(w, seq_len)
+    unsupported = "float64 runs on the reference path only" if q.dtype == torch.float64 else None
+    if use_kernel("aft_full", q, unsupported):
+        from ..kernels.aft import aft_full as kernel
+
+        return kernel(q, k, v, w, mask, bool(causal))
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w[:seq_len, :seq_len].to(dtype)
     keys = _masked_keys(k, mask)

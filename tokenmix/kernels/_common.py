@@ -32,3 +32,18 @@ def last_row(x, rows, BLOCK: tl.constexpr):
 def exp_difference(x, y):
     """e^(x − y), 0 where x is −inf (also when y is)."""
     return tl.exp(tl.where(x == float("-inf"), float("-inf"), x - y))
+
+
+@triton.jit
+def load_rows(ptr, rows, columns, seq_len, width, stride, other):
+    """x[rows, columns] of a row-major (seq_len, ≥ width) matrix with row ``stride``; ``other`` where a
+    row falls outside [0, seq_len) or a column past ``width``."""
+    inside = (rows[:, None] >= 0) & (rows[:, None] < seq_len) & (columns[None, :] < width)
+    return tl.load(ptr + rows[:, None] * stride + columns[None, :], inside, other)
+
+
+@triton.jit
+def store_rows(ptr, x, rows, columns, seq_len, width, stride):
+    """The counterpart of load_rows: x cast to the pointer's dtype, rows and columns in range only."""
+    inside = (rows[:, None] >= 0) & (rows[:, None] < seq_len) & (columns[None, :] < width)
+    tl.store(ptr + rows[:, None] * stride + columns[None, :], x.to(ptr.dtype.element_ty), inside)

@@ -14,12 +14,12 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
+from ._common import load_rows, store_rows
 
 
 @triton.jit
 def _tile(ptr, rows, columns, seq_len, width, stride):
-    inside = (rows[:, None] >= 0) & (rows[:, None] < seq_len) & (columns[None, :] < width)
-    return tl.load(ptr + rows[:, None] * stride + columns[None, :], inside, 0.0).to(tl.float32)
+    return load_rows(ptr, rows, columns, seq_len, width, stride, 0.0).to(tl.float32)
 
 
 @triton.jit
@@ -48,9 +48,9 @@ def _forward_kernel(
     for tap in range(kernel_size):
         x = _tile(x_ptr, rows + tap - left, columns, seq_len, width, channels)
         acc += _taps(kernel_ptr, rows, head, tap, seq_len, heads, kernel_size, DYNAMIC) * x
-    out_ptr += batch * seq_len * channels + head * width
-    inside = (rows[:, None] < seq_len) & (columns[None, :] < width)
-    tl.store(out_ptr + rows[:, None] * channels + columns[None, :], acc.to(out_ptr.dtype.element_ty), inside)
+    store_rows(
+        out_ptr + batch * seq_len * channels + head * width, acc, rows, columns, seq_len, width, channels
+    )
 
 
 @triton.jit
@@ -86,8 +86,7 @@ def _backward_kernel(
             tl.store(target, tl.sum(grad_rows * x, 1), inside)
         else:
             tl.store(dkernel_ptr + tap, tl.sum(grad_rows * x))
-    inside = (rows[:, None] < seq_len) & (columns[None, :] < width)
-    tl.store(dx_ptr + rows[:, None] * channels + columns[None, :], grad_x.to(dx_ptr.dtype.element_ty), inside)
+    store_rows(dx_ptr, grad_x, rows, columns, seq_len, width, channels)
 
 
 def _grid(x: torch.Tensor, heads: int) -> tuple[tuple[int, int], dict[str, int]]:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
+from ._common import load_rows, store_rows
 
 # Activation codes, in the order of the reference's ACTIVATIONS table.
 CODES = {"relu": 0, "relu2": 1, "gelu": 2, "softplus": 3, "identity": 4, "relu6": 5, "sigmoid": 6}
@@ -99,26 +100,21 @@ def _forward_kernel(
     k_ptr += head * seq_len * dim_k
     v_ptr += head * seq_len * dim_v
     mask_ptr += batch * seq_len
-    q = tl.load(
-        q_ptr + rows[:, None] * dim_k + dk[None, :], (rows[:, None] < seq_len) & (dk[None, :] < dim_k), 0.0
-    )
+    q = load_rows(q_ptr, rows, dk, seq_len, dim_k, dim_k, 0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     end = tl.minimum((block + 1) * BLOCK_M, seq_len) if CAUSAL else seq_len
     for start in range(0, end, BLOCK_N):
         columns = start + tl.arange(0, BLOCK_N)
-        in_range = columns[:, None] < seq_len
-        k = tl.load(k_ptr + columns[:, None] * dim_k + dk[None, :], in_range & (dk[None, :] < dim_k), 0.0)
+        k = load_rows(k_ptr, columns, dk, seq_len, dim_k, dim_k, 0.0)
         scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
         weights = tl.where(
             _counted(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK), _phi(scores, ACTIVATION), 0.0
         )
-        v = tl.load(v_ptr + columns[:, None] * dim_v + dv[None, :], in_range & (dv[None, :] < dim_v), 0.0)
+        v = load_rows(v_ptr, columns, dv, seq_len, dim_v, dim_v, 0.0)
         acc += _dot(weights.to(v.dtype), v, PRECISION, UPCAST)
     row_scale = tl.load(row_scale_ptr + batch * row_scale_batch_stride + rows, rows < seq_len, 0.0)
     acc = acc * row_scale[:, None]
-    out_ptr += head * seq_len * dim_v
-    out_mask = (rows[:, None] < seq_len) & (dv[None, :] < dim_v)
-    tl.store(out_ptr + rows[:, None] * dim_v + dv[None, :], acc.to(out_ptr.dtype.element_ty), out_mask)
+    store_rows(out_ptr + head * seq_len * dim_v, acc, rows, dv, seq_len, dim_v, dim_v)
 
 
 @triton.jit
@@ -139,25 +135,15 @@ def _backward_keys_kernel(
     v_ptr += head * seq_len * dim_v
     g_ptr += head * seq_len * dim_v
     mask_ptr += batch * seq_len
-    in_range = columns[:, None] < seq_len
-    k = tl.load(
-        k_ptr + columns[:, None] * dim_k + dk_range[None, :], in_range & (dk_range[None, :] < dim_k), 0.0
-    )
-    v = tl.load(
-        v_ptr + columns[:, None] * dim_v + dv_range[None, :], in_range & (dv_range[None, :] < dim_v), 0.0
-    )
+    k = load_rows(k_ptr, columns, dk_range, seq_len, dim_k, dim_k, 0.0)
+    v = load_rows(v_ptr, columns, dv_range, seq_len, dim_v, dim_v, 0.0)
     grad_k = tl.zeros((BLOCK_N, BLOCK_DK), tl.float32)
     grad_v = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     first = (block * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL else 0
     for start in range(first, seq_len, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
-        rows_ok = rows[:, None] < seq_len
-        q = tl.load(
-            q_ptr + rows[:, None] * dim_k + dk_range[None, :], rows_ok & (dk_range[None, :] < dim_k), 0.0
-        )
-        g = tl.load(
-            g_ptr + rows[:, None] * dim_v + dv_range[None, :], rows_ok & (dv_range[None, :] < dim_v), 0.0
-        )
+        q = load_rows(q_ptr, rows, dk_range, seq_len, dim_k, dim_k, 0.0)
+        g = load_rows(g_ptr, rows, dv_range, seq_len, dim_v, dim_v, 0.0)
         scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale  # (M, N)
         counted = _counted(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK)
         weights = tl.where(counted, _phi(scores, ACTIVATION), 0.0)
@@ -165,16 +151,8 @@ def _backward_keys_kernel(
         grad_weights = _dot(g.to(q.dtype), tl.trans(v), PRECISION, UPCAST)
         grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
         grad_k += _dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, UPCAST)
-    out_k = in_range & (dk_range[None, :] < dim_k)
-    out_v = in_range & (dv_range[None, :] < dim_v)
-    dk_ptr += head * seq_len * dim_k
-    dv_ptr += head * seq_len * dim_v
-    tl.store(
-        dk_ptr + columns[:, None] * dim_k + dk_range[None, :],
-        (grad_k * scale).to(dk_ptr.dtype.element_ty),
-        out_k,
-    )
-    tl.store(dv_ptr + columns[:, None] * dim_v + dv_range[None, :], grad_v.to(dv_ptr.dtype.element_ty), out_v)
+    store_rows(dk_ptr + head * seq_len * dim_k, grad_k * scale, columns, dk_range, seq_len, dim_k, dim_k)
+    store_rows(dv_ptr + head * seq_len * dim_v, grad_v, columns, dv_range, seq_len, dim_v, dim_v)
 
 
 @triton.jit
@@ -195,30 +173,20 @@ def _backward_queries_kernel(
     v_ptr += head * seq_len * dim_v
     g_ptr += head * seq_len * dim_v
     mask_ptr += batch * seq_len
-    rows_ok = rows[:, None] < seq_len
-    q = tl.load(q_ptr + rows[:, None] * dim_k + dk_range[None, :], rows_ok & (dk_range[None, :] < dim_k), 0.0)
-    g = tl.load(g_ptr + rows[:, None] * dim_v + dv_range[None, :], rows_ok & (dv_range[None, :] < dim_v), 0.0)
+    q = load_rows(q_ptr, rows, dk_range, seq_len, dim_k, dim_k, 0.0)
+    g = load_rows(g_ptr, rows, dv_range, seq_len, dim_v, dim_v, 0.0)
     grad_q = tl.zeros((BLOCK_M, BLOCK_DK), tl.float32)
     end = tl.minimum((block + 1) * BLOCK_M, seq_len) if CAUSAL else seq_len
     for start in range(0, end, BLOCK_N):
         columns = start + tl.arange(0, BLOCK_N)
-        in_range = columns[:, None] < seq_len
-        k = tl.load(
-            k_ptr + columns[:, None] * dim_k + dk_range[None, :], in_range & (dk_range[None, :] < dim_k), 0.0
-        )
-        v = tl.load(
-            v_ptr + columns[:, None] * dim_v + dv_range[None, :], in_range & (dv_range[None, :] < dim_v), 0.0
-        )
+        k = load_rows(k_ptr, columns, dk_range, seq_len, dim_k, dim_k, 0.0)
+        v = load_rows(v_ptr, columns, dv_range, seq_len, dim_v, dim_v, 0.0)
         scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
         counted = _counted(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK)
         grad_weights = _dot(g.to(q.dtype), tl.trans(v), PRECISION, UPCAST)
         grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
         grad_q += _dot(grad_scores.to(q.dtype), k, PRECISION, UPCAST)
-    dq_ptr += head * seq_len * dim_k
-    out = rows_ok & (dk_range[None, :] < dim_k)
-    tl.store(
-        dq_ptr + rows[:, None] * dim_k + dk_range[None, :], (grad_q * scale).to(dq_ptr.dtype.element_ty), out
-    )
+    store_rows(dq_ptr + head * seq_len * dim_k, grad_q * scale, rows, dk_range, seq_len, dim_k, dim_k)
 
 
 def _blocks(dim_k: int, dim_v: int, seq_len: int) -> dict[str, int]:
