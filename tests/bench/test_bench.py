@@ -103,3 +103,16 @@ def test_cli(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lightconv" in out and "tokens/s" in out
     assert json.loads((tmp_path / "bench.json").read_text())[0]["mixer"] == "lightconv"
+
+
+def test_peers_run_at_matched_settings_and_get_a_ratio():
+    records = bench(["softmax", "gau"], [32], dim=32, passes=["fwd"], repeats=1, baselines=False, peers=True)
+    assert {r["mixer"] for r in records} == {
+        "softmax",
+        "gau",
+        "x_transformers:Attention",
+        "flash_pytorch:GAU",
+    }
+    assert all(r["ms"] > 0 and not r["oom"] for r in records)
+    pairs = {(row["mixer"], row["peer"]) for row in ratios(records)}
+    assert pairs == {("softmax", "x_transformers:Attention"), ("gau", "flash_pytorch:GAU")}

@@ -3,7 +3,7 @@
 Every point (mixer, length, pass) runs in a fresh interpreter (``python -m tokenmix.bench.worker``), so
 its memory figures are its own and an out-of-memory point is recorded, not a crash. Baselines in the
 same run: raw PyTorch SDPA (``"sdpa"``) and, with ``peers=True`` when installed, the peer packages
-flash-pytorch (gau, flash) and aft-pytorch (aft_full, aft_simple).
+x-transformers (softmax), flash-pytorch (gau, flash) and aft-pytorch (aft_full, aft_simple).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ PASSES = ("fwd", "fwd+bwd", "step")
 BASELINES = ("sdpa",)
 # Our mixer → (peer package, its class), compared at matched settings.
 PEERS = {
+    "softmax": ("x_transformers", "Attention"),
     "gau": ("flash_pytorch", "GAU"),
     "flash": ("flash_pytorch", "FLASH"),
     "aft_full": ("aft_pytorch", "AFTFull"),
@@ -57,6 +58,8 @@ def build(layer: str, dim: int, seq_len: int, causal: bool, options: dict[str, A
             return module.GAU(dim=dim, causal=causal, add_residual=False)
         if cls == "FLASH":
             return module.FLASH(dim=dim, causal=causal)
+        if cls == "Attention":  # our softmax defaults: 8 heads of dim/8, through SDPA (flash=True)
+            return module.Attention(dim=dim, heads=8, dim_head=dim // 8, causal=causal, flash=True)
         return getattr(module, cls)(max_seqlen=seq_len, dim=dim, hidden_dim=dim)
     options = dict(options)
     if "max_len" in mixer_info(layer).options:  # room for the timed decoding steps past seq_len too
