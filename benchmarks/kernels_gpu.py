@@ -1,0 +1,266 @@
+"""The Triton kernels on a GPU, in one sitting (issue 8's benchmark):
+
+    python benchmarks/kernels_gpu.py                 # on a CUDA machine
+    TRITON_INTERPRET=1 python benchmarks/kernels_gpu.py --smoke --out /tmp/k.json   # tiny, on the CPU
+
+1. Checks every kernel against the reference path on the device: outputs and gradients, bfloat16,
+   ≤ 1e-2 relative error (the script stops if one fails).
+2. Times forward and forward+backward in bfloat16 at N ∈ {1k, 2k, 4k, 8k, 16k} with B·N = 16k tokens and
+   model width 2048 (head dim 64 → 32 heads, 128 → 16 heads, as FlashAttention's benchmark): the kernel
+   (backend "triton"), our reference path (backend "reference") and PyTorch SDPA with the flash backend.
+3. For the memory-bound kernels (aft_simple, lightconv, dynamic_conv) reports the bandwidth they reach —
+   the bytes their kernels must read and write over the time — against the device's copy bandwidth.
+
+Writes benchmarks/results/<device>-<date>.json and a plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import tokenmix
+from tokenmix.bench.measure import machine, time_ms
+from tokenmix.functional import (
+    aft_full,
+    aft_simple,
+    dynamic_conv,
+    lightconv,
+    mixed_chunk_attention,
+    pointwise_attention,
+)
+
+WIDTH = 2048  # model width: heads × head dim, and the channels of the AFT and convolution ops
+SMOKE_WIDTH = 64
+KERNEL_SIZE, CONV_HEADS = 31, 16
+CHUNK, QK_DIM = 256, 128  # FLASH's C and s
+
+
+def inputs(op: str, batch: int, seq_len: int, head_dim: int, width: int, device: str, dtype, generator):
+    """The op's tensor arguments (requiring grad) and its keyword options."""
+
+    def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        tensor = torch.randn(*shape, generator=generator, device=device) * scale
+        return tensor.to(dtype).requires_grad_()
+
+    heads = width // head_dim
+    if op in ("pointwise_attention", "sdpa"):
+        return [randn(batch, heads, seq_len, head_dim) for _ in range(3)], {}
+    if op == "mixed_chunk_attention":
+        qk = [randn(batch, seq_len, QK_DIM) for _ in range(4)]
+        return [*qk, randn(batch, seq_len, width)], {"chunk_size": CHUNK}
+    if op == "aft_simple":
+        return [randn(batch, seq_len, width) for _ in range(3)], {}
+    if op == "aft_full":
+        return [*(randn(batch, seq_len, width) for _ in range(3)), randn(seq_len, seq_len, scale=0.1)], {}
+    if op == "lightconv":
+        return [randn(batch, seq_len, width), randn(CONV_HEADS, KERNEL_SIZE)], {}
+    if op == "dynamic_conv":
+        return [randn(batch, seq_len, width), randn(batch, seq_len, CONV_HEADS, KERNEL_SIZE)], {}
+    raise ValueError(op)
+
+
+FUNCTIONS: dict[str, Callable] = {
+    "pointwise_attention": pointwise_attention,
+    "mixed_chunk_attention": mixed_chunk_attention,
+    "aft_simple": aft_simple,
+    "aft_full": aft_full,
+    "lightconv": lightconv,
+    "dynamic_conv": dynamic_conv,
+    "sdpa": F.scaled_dot_product_attention,
+}
+CAUSAL_KEYWORD = {"sdpa": "is_causal"}
+
+
+def call(op: str, tensors, options, causal: bool) -> torch.Tensor:
+    return FUNCTIONS[op](*tensors, **options, **{CAUSAL_KEYWORD.get(op, "causal"): causal})
+
+
+def check(op: str, device: str, causal: bool, seq_len: int, width: int) -> dict:
+    """Kernel vs reference in bfloat16 on small odd shapes: relative errors of out and every gradient."""
+    generator = torch.Generator(device).manual_seed(0)
+    tensors, options = inputs(op, 2, seq_len, min(64, width // 2), width, device, torch.bfloat16, generator)
+    errors = {}
+    results = {}
+    for backend in ("reference", "triton"):
+        with tokenmix.use_backend(backend):
+            out = call(op, tensors, options, causal)
+            upstream = torch.randn(out.shape, generator=torch.Generator(device).manual_seed(1), device=device)
+            grads = torch.autograd.grad(out, tensors, upstream.to(out.dtype))
+        results[backend] = [out, *grads]
+    for index, (ours, want) in enumerate(zip(results["triton"], results["reference"], strict=True)):
+        want = want.double()
+        errors["out" if index == 0 else f"grad{index - 1}"] = float(
+            (ours.double() - want).norm() / want.norm().clamp_min(1e-30)
+        )
+    return {"op": op, "causal": causal, "errors": errors, "ok": max(errors.values()) <= 1e-2}
+
+
+def timed(op: str, backend: str, seq_len: int, head_dim: int, causal: bool, args) -> dict:
+    device, dtype = args.device, torch.bfloat16
+    batch = max(1, args.tokens // seq_len)
+    generator = torch.Generator(device).manual_seed(0)
+    tensors, options = inputs(op, batch, seq_len, head_dim, args.width, device, dtype, generator)
+    record = {"op": op, "backend": backend, "seq_len": seq_len, "batch": batch, "head_dim": head_dim}
+    record["width"] = args.width
+    record["causal"] = causal
+    try:
+        with tokenmix.use_backend("reference" if backend == "sdpa" else backend):
+            if op == "sdpa":
+                with torch.nn.attention.sdpa_kernel(_flash_backends(device)):
+                    return {**record, **_time(op, tensors, options, causal, args)}
+            return {**record, **_time(op, tensors, options, causal, args)}
+    except torch.OutOfMemoryError:
+        return {**record, "oom": True}
+
+
+def _flash_backends(device: str):
+    backends = torch.nn.attention.SDPBackend
+    return [backends.FLASH_ATTENTION] if device == "cuda" else [backends.MATH]
+
+
+def _time(op, tensors, options, causal, args) -> dict:
+    device = torch.device(args.device)
+    grad = None
+
+    def forward() -> None:
+        with torch.no_grad():
+            call(op, tensors, options, causal)
+
+    def forward_backward() -> None:
+        nonlocal grad
+        out = call(op, tensors, options, causal)
+        grad = torch.ones_like(out) if grad is None else grad
+        out.backward(grad)
+        for tensor in tensors:
+            tensor.grad = None
+
+    return {
+        "fwd_ms": time_ms(forward, args.repeats, device),
+        "fwd_bwd_ms": time_ms(forward_backward, args.repeats, device),
+    }
+
+
+def minimal_bytes(op: str, record: dict) -> int | None:
+    """Bytes a forward pass must move at the least: inputs read once, outputs (and saved state) written."""
+    tokens, width = record["batch"] * record["seq_len"], record["width"]
+    if op == "aft_simple":  # q, k, v in; out (bf16) and lse, r (float32) out
+        return tokens * width * (4 * 2 + 2 * 4)
+    if op == "lightconv":
+        return tokens * width * 2 * 2
+    if op == "dynamic_conv":  # plus the float32 taps of every position
+        return tokens * (width * 2 * 2 + CONV_HEADS * KERNEL_SIZE * 4)
+    return None
+
+
+def copy_bandwidth(device: str) -> float:
+    """GB/s of a large device-to-device copy (read + write)."""
+    source = torch.empty(2**28 if device == "cuda" else 2**22, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    ms = time_ms(lambda: target.copy_(source), 10, torch.device(device))
+    return 2 * source.numel() / (ms / 1000) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, TRITON_INTERPRET=1)")
+    parser.add_argument("--out", help="JSON path (default benchmarks/results/<device>-<date>.json)")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    seq_lens = [64] if args.smoke else [1024, 2048, 4096, 8192, 16384]
+    head_dims = [32] if args.smoke else [64, 128]
+    args.tokens = 64 if args.smoke else 16384
+    args.repeats = 1 if args.smoke else args.repeats
+    kernels = [
+        "pointwise_attention",
+        "mixed_chunk_attention",
+        "aft_simple",
+        "aft_full",
+        "lightconv",
+        "dynamic_conv",
+    ]
+
+    args.width = SMOKE_WIDTH if args.smoke else WIDTH
+    check_len = 21 if args.smoke else 300
+    checks = [
+        check(op, args.device, causal, check_len, args.width) for op in kernels for causal in (False, True)
+    ]
+    for result in checks:
+        print(
+            f"check {result['op']:22s} causal={result['causal']!s:5s} "
+            + " ".join(f"{name} {error:.1e}" for name, error in result["errors"].items()),
+            flush=True,
+        )
+    if not all(result["ok"] for result in checks) and not args.smoke:
+        raise SystemExit("a kernel disagrees with the reference path; not timing")
+
+    records = []
+    bandwidth = copy_bandwidth(args.device)
+    for seq_len in seq_lens:
+        for causal in (True,) if args.smoke else (False, True):
+            for head_dim in head_dims:
+                for op, backend in (
+                    ("sdpa", "sdpa"),
+                    ("pointwise_attention", "triton"),
+                    ("pointwise_attention", "reference"),
+                ):
+                    records.append(timed(op, backend, seq_len, head_dim, causal, args))
+            for op in kernels[1:]:
+                if op == "aft_full" and seq_len > 4096 and not args.smoke:
+                    continue  # O(N²·D) with no matmul: minutes per point
+                for backend in ("triton", "reference"):
+                    record = timed(op, backend, seq_len, head_dims[0], causal, args)
+                    needed = minimal_bytes(op, record)
+                    if needed and backend == "triton" and not record.get("oom"):
+                        record["fwd_gb_per_s"] = needed / (record["fwd_ms"] / 1000) / 1e9
+                        record["fraction_of_copy_bandwidth"] = record["fwd_gb_per_s"] / bandwidth
+                    records.append(record)
+            print(f"N={seq_len} done", flush=True)
+    info = machine(torch.device(args.device))
+    name = re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
+    path = Path(args.out or f"benchmarks/results/{name}-{datetime.date.today()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps(
+            {"machine": info, "copy_gb_per_s": bandwidth, "checks": checks, "records": records}, indent=2
+        )
+    )
+    plot(records, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, causal in zip(axes, (False, True), strict=True):
+        lines: dict[str, list] = {}
+        for r in records:
+            if r["causal"] == causal and not r.get("oom") and r["head_dim"] == records[0]["head_dim"]:
+                lines.setdefault(f"{r['op']} ({r['backend']})", []).append((r["seq_len"], r["fwd_bwd_ms"]))
+        for label, points in lines.items():
+            axis.plot(*zip(*sorted(points), strict=True), marker="o", label=label)
+        axis.set(xscale="log", yscale="log", xlabel="N", ylabel="fwd+bwd ms (B·N fixed)")
+        axis.set_title("causal" if causal else "bidirectional")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
