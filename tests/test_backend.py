@@ -27,3 +27,28 @@ def test_the_environment_variable_chooses_and_is_checked(monkeypatch):
         get_backend()
     with pytest.raises(ValueError, match="backend must be one of"), use_backend("fast"):
         pass
+
+
+class _Fake:
+    """Just what use_kernel reads of a tensor: its device type."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device = type("Device", (), {"type": device_type})()
+
+
+def test_auto_picks_a_kernel_for_cuda_tensors_only_where_one_covers_the_call(monkeypatch):
+    from tokenmix.backend import use_kernel
+
+    monkeypatch.delenv("TOKENMIX_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_kernel("op", _Fake("cuda"))
+    assert not use_kernel("op", _Fake("cuda"), unsupported="float64 runs on the reference path only")
+    assert not use_kernel("op", _Fake("cpu"))  # auto never interprets CPU tensors
+    with use_backend("reference"):
+        assert not use_kernel("op", _Fake("cuda"))
+    with use_backend("triton"):
+        assert use_kernel("op", _Fake("cpu"))  # forced, and the interpreter is on
+    monkeypatch.setattr("tokenmix.backend.triton_installed", lambda: False)
+    assert not use_kernel("op", _Fake("cuda"))
+    with use_backend("triton"), pytest.raises(RuntimeError, match="Triton is not installed"):
+        use_kernel("op", _Fake("cuda"))
