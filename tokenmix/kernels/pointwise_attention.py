@@ -85,6 +85,17 @@ def _counted(rows, columns, mask_ptr, seq_len, CAUSAL: tl.constexpr, HAS_MASK: t
 
 
 @triton.jit
+def _head_pointers(q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, head, heads, seq_len, dim_k, dim_v):
+    """The (N, D) slices of one batch·head, and its batch's row of the key mask."""
+    q_ptr += head * seq_len * dim_k
+    k_ptr += head * seq_len * dim_k
+    v_ptr += head * seq_len * dim_v
+    g_ptr += head * seq_len * dim_v
+    mask_ptr += (head // heads) * seq_len
+    return q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, row_scale_ptr, out_ptr,
     seq_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
@@ -96,10 +107,9 @@ def _forward_kernel(
     batch = head // heads
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     dk, dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
-    q_ptr += head * seq_len * dim_k
-    k_ptr += head * seq_len * dim_k
-    v_ptr += head * seq_len * dim_v
-    mask_ptr += batch * seq_len
+    q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr = _head_pointers(
+        q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr, head, heads, seq_len, dim_k, dim_v
+    )
     q = load_rows(q_ptr, rows, dk, seq_len, dim_k, dim_k, 0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     end = tl.minimum((block + 1) * BLOCK_M, seq_len) if CAUSAL else seq_len
@@ -114,7 +124,7 @@ def _forward_kernel(
         acc += _dot(weights.to(v.dtype), v, PRECISION, UPCAST)
     row_scale = tl.load(row_scale_ptr + batch * row_scale_batch_stride + rows, rows < seq_len, 0.0)
     acc = acc * row_scale[:, None]
-    store_rows(out_ptr + head * seq_len * dim_v, acc, rows, dv, seq_len, dim_v, dim_v)
+    store_rows(out_ptr, acc, rows, dv, seq_len, dim_v, dim_v)
 
 
 @triton.jit
@@ -127,14 +137,11 @@ def _backward_keys_kernel(
 ):  # fmt: skip
     """dk, dv of one key block, over the query blocks that see it (g = grad_out · L^−α, float32)."""
     block, head = tl.program_id(0), tl.program_id(1)
-    batch = head // heads
     columns = block * BLOCK_N + tl.arange(0, BLOCK_N)
     dk_range, dv_range = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
-    q_ptr += head * seq_len * dim_k
-    k_ptr += head * seq_len * dim_k
-    v_ptr += head * seq_len * dim_v
-    g_ptr += head * seq_len * dim_v
-    mask_ptr += batch * seq_len
+    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr = _head_pointers(
+        q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, head, heads, seq_len, dim_k, dim_v
+    )
     k = load_rows(k_ptr, columns, dk_range, seq_len, dim_k, dim_k, 0.0)
     v = load_rows(v_ptr, columns, dv_range, seq_len, dim_v, dim_v, 0.0)
     grad_k = tl.zeros((BLOCK_N, BLOCK_DK), tl.float32)
@@ -165,14 +172,11 @@ def _backward_queries_kernel(
 ):  # fmt: skip
     """dq of one query block, over the key blocks it sees."""
     block, head = tl.program_id(0), tl.program_id(1)
-    batch = head // heads
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     dk_range, dv_range = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
-    q_ptr += head * seq_len * dim_k
-    k_ptr += head * seq_len * dim_k
-    v_ptr += head * seq_len * dim_v
-    g_ptr += head * seq_len * dim_v
-    mask_ptr += batch * seq_len
+    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr = _head_pointers(
+        q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, head, heads, seq_len, dim_k, dim_v
+    )
     q = load_rows(q_ptr, rows, dk_range, seq_len, dim_k, dim_k, 0.0)
     g = load_rows(g_ptr, rows, dv_range, seq_len, dim_v, dim_v, 0.0)
     grad_q = tl.zeros((BLOCK_M, BLOCK_DK), tl.float32)
