@@ -47,8 +47,10 @@ def _prepare(
     attention_mask: torch.Tensor | None,
     weight_softmax: bool,
     layout: str,
+    x_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Validate, zero the padded positions of x, normalise the kernel; return x, kernel, head count."""
+    """Validate, zero the padded positions of x, normalise the kernel; return x (in ``x_dtype``, by
+    default the compute dtype), the kernel (in the compute dtype) and the head count."""
     check_float_tensor("x", x, "(B, N, C)")
     check_float_tensor("weight", weight, layout)
     check_same_dtype_device(x=x, weight=weight)
@@ -62,9 +64,9 @@ def _prepare(
         raise ValueError("kernel_size K = weight.shape[-1] must be at least 1")
     mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
     dtype = compute_dtype(x.dtype)
-    x = x.to(dtype)
+    x = x.to(x_dtype or dtype)
     if mask is not None:
-        x = x * mask[..., None].to(dtype)
+        x = x * mask[..., None].to(x.dtype)
     kernel = weight.to(dtype)
     return x, (kernel.softmax(-1) if weight_softmax else kernel), heads
 
@@ -154,9 +156,8 @@ def _convolve(
         from ..kernels.conv import convolve
 
         # The kernel reads x in its own dtype (padding zeroed) and float32 taps; it accumulates in float32.
-        prepared, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout)
-        masked = x if attention_mask is None else prepared.to(x.dtype)
-        return convolve(masked, kernel.float(), heads, bool(causal))
+        x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout, x_dtype=x.dtype)
+        return convolve(x, kernel.float(), heads, bool(causal))
     x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout)
     window, band = _PATHS[op_name]
     path = band if _use_band(op_name, x.shape[1], kernel.shape[-1]) else window
