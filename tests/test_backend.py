@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import tokenmix
 from tokenmix.backend import get_backend, use_backend
@@ -30,10 +31,11 @@ def test_the_environment_variable_chooses_and_is_checked(monkeypatch):
 
 
 class _Fake:
-    """Just what use_kernel reads of a tensor: its device type."""
+    """Just what use_kernel reads of a tensor: its device type and dtype."""
 
-    def __init__(self, device_type: str) -> None:
+    def __init__(self, device_type: str, dtype: torch.dtype = torch.float32) -> None:
         self.device = type("Device", (), {"type": device_type})()
+        self.dtype = dtype
 
 
 def test_auto_picks_a_kernel_for_cuda_tensors_only_where_one_covers_the_call(monkeypatch):
@@ -42,7 +44,8 @@ def test_auto_picks_a_kernel_for_cuda_tensors_only_where_one_covers_the_call(mon
     monkeypatch.delenv("TOKENMIX_BACKEND", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert use_kernel("op", _Fake("cuda"))
-    assert not use_kernel("op", _Fake("cuda"), unsupported="float64 runs on the reference path only")
+    assert not use_kernel("op", _Fake("cuda"), unsupported="no kernel for this option")
+    assert not use_kernel("op", _Fake("cuda", torch.float64))  # no kernel takes float64
     assert not use_kernel("op", _Fake("cpu"))  # auto never interprets CPU tensors
     with use_backend("reference"):
         assert not use_kernel("op", _Fake("cuda"))

@@ -54,12 +54,15 @@ def triton_installed() -> bool:
 
 
 def use_kernel(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> bool:
-    """Whether ``op`` runs its Triton kernel for a call on ``tensor``'s device. ``unsupported`` says
-    why the kernel does not cover this call's options, or is None when it does."""
+    """Whether ``op`` runs its Triton kernel for a call on ``tensor``'s device and dtype. ``unsupported``
+    says why the kernel does not cover this call's options, or is None when it does. No kernel takes
+    float64."""
     backend = get_backend()
     if backend == "reference":
         return False
     reason = unsupported
+    if reason is None and tensor.dtype == torch.float64:
+        reason = "float64 runs on the reference path only"
     if reason is None and not triton_installed():
         reason = "Triton is not installed (pip install triton)"
     if reason is None and tensor.device.type != "cuda" and not interpreting():

@@ -155,8 +155,7 @@ def aft_simple(
         (B, N, D) in the inputs' dtype.
     """
     mask = _check(q, k, v, attention_mask)
-    unsupported = "float64 runs on the reference path only" if q.dtype == torch.float64 else None
-    if use_kernel("aft_simple", q, unsupported):
+    if use_kernel("aft_simple", q):
         from ..kernels.aft import aft_simple as kernel
 
         return kernel(q, k, v, mask, bool(causal))
@@ -212,8 +211,7 @@ def aft_full(
     check_same_dtype_device(q=q, w=w)
     batch, seq_len, _ = q.shape
     _check_table(w, seq_len)
-    unsupported = "float64 runs on the reference path only" if q.dtype == torch.float64 else None
-    if use_kernel("aft_full", q, unsupported):
+    if use_kernel("aft_full", q):
         from ..kernels.aft import aft_full as kernel
 
         return kernel(q, k, v, w, mask, bool(causal))

@@ -339,8 +339,7 @@ def pointwise_attention(
         dtype=compute_dtype(q.dtype),
         device=q.device,
     )
-    unsupported = "float64 runs on the reference path only" if q.dtype == torch.float64 else None
-    if use_kernel("pointwise_attention", q, unsupported):
+    if use_kernel("pointwise_attention", q):
         from ..kernels.pointwise_attention import pointwise_attention as kernel
 
         return kernel(q, k, v, key_mask, row_scale[:, 0, :, 0], activation, scale, bool(causal))

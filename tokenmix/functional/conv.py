@@ -151,8 +151,7 @@ def _convolve(
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     out_dtype = x.dtype
-    unsupported = "float64 runs on the reference path only" if x.dtype == torch.float64 else None
-    if use_kernel(op_name, x, unsupported):
+    if use_kernel(op_name, x):
         from ..kernels.conv import convolve
 
         # The kernel reads x in its own dtype (padding zeroed) and float32 taps; it accumulates in float32.

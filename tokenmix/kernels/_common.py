@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def int8_mask(like: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """The (B, N) key mask as contiguous int8 for a kernel; an empty tensor when there is none (the
+    kernel then never reads it)."""
+    if key_mask is None:
+        return like.new_empty(0, dtype=torch.int8)
+    return key_mask.to(torch.int8).contiguous()
 
 
 @triton.jit

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
-from ._common import exp_difference, last_row, linear_combine, load_rows, logaddexp, store_rows
+from ._common import exp_difference, int8_mask, last_row, linear_combine, load_rows, logaddexp, store_rows
 
 
 @triton.jit
@@ -163,10 +163,6 @@ def _launch(q: torch.Tensor) -> tuple[tuple[int, int], dict[str, int]]:
     return (triton.cdiv(dim, blocks["BLOCK_D"]), batch), blocks
 
 
-def _mask(q: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    return key_mask.to(torch.int8).contiguous() if key_mask is not None else q.new_empty(0, dtype=torch.int8)
-
-
 @torch.library.custom_op("tokenmix::aft_simple", mutates_args=())
 def aft_simple_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, causal: bool
@@ -181,7 +177,7 @@ def aft_simple_forward(
     ratio = torch.empty_like(lse)
     grid, blocks = _launch(q)
     _forward_kernel[grid](
-        q, k, v, _mask(q, key_mask), out, lse, ratio, seq_len, dim, CAUSAL=causal,
+        q, k, v, int8_mask(q, key_mask), out, lse, ratio, seq_len, dim, CAUSAL=causal,
         HAS_MASK=key_mask is not None, **blocks,
     )  # fmt: skip
     return out, lse, ratio
@@ -209,7 +205,7 @@ def aft_simple_backward(
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     grid, blocks = _launch(q)
     _backward_kernel[grid](
-        grad_out, q, k, v, _mask(q, key_mask), lse, ratio, grad_q, grad_k, grad_v, q.shape[1], q.shape[2],
+        grad_out, q, k, v, int8_mask(q, key_mask), lse, ratio, grad_q, grad_k, grad_v, q.shape[1], q.shape[2],
         CAUSAL=causal, HAS_MASK=key_mask is not None, **blocks,
     )  # fmt: skip
     return grad_q, grad_k, grad_v
@@ -369,7 +365,7 @@ def aft_full_forward(
     blocks = _full_blocks(dim)
     grid = (triton.cdiv(seq_len, blocks["BLOCK_M"]), triton.cdiv(dim, blocks["BLOCK_D"]), batch)
     _full_forward_kernel[grid](
-        q, k, v, w, _mask(q, key_mask), out, lse, ratio, seq_len, dim, w.shape[1], CAUSAL=causal,
+        q, k, v, w, int8_mask(q, key_mask), out, lse, ratio, seq_len, dim, w.shape[1], CAUSAL=causal,
         HAS_MASK=key_mask is not None, **blocks,
     )  # fmt: skip
     return out, lse, ratio
@@ -406,7 +402,7 @@ def aft_full_backward(
     blocks = _full_blocks(dim)
     grid = (triton.cdiv(seq_len, blocks["BLOCK_N"]), triton.cdiv(dim, blocks["BLOCK_D"]), batch)
     _full_backward_kernel[grid](
-        grad_out, q, k, v, w, _mask(q, key_mask), lse, ratio, grad_k, grad_v, grad_w,
+        grad_out, q, k, v, w, int8_mask(q, key_mask), lse, ratio, grad_k, grad_v, grad_w,
         seq_len, dim, w.shape[1], CAUSAL=causal, HAS_MASK=key_mask is not None, **blocks,
     )  # fmt: skip
     sigmoid = torch.sigmoid(q.float())

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
-from ._common import load_rows, store_rows
+from ._common import int8_mask, load_rows, store_rows
 
 # Activation codes, in the order of the reference's ACTIVATIONS table.
 CODES = {"relu": 0, "relu2": 1, "gelu": 2, "softplus": 3, "identity": 4, "relu6": 5, "sigmoid": 6}
@@ -212,7 +212,7 @@ def _launch_arguments(q, key_mask, activation, causal):
         "PRECISION": precision,
         "UPCAST": interpreting() and q.dtype == torch.bfloat16,
     }
-    mask = key_mask.to(torch.int8).contiguous() if key_mask is not None else q.new_empty(0, dtype=torch.int8)
+    mask = int8_mask(q, key_mask)
     return flags, mask
 
 
