@@ -6,7 +6,7 @@ import torch
 import tokenmix
 from tests import reference
 from tests.reference import assert_close, relative_error
-from tokenmix.functional import aft_full, aft_simple
+from tokenmix.functional import aft_conv, aft_full, aft_local, aft_local_lowrank, aft_simple
 
 from .conftest import TOLERANCE
 
@@ -89,3 +89,100 @@ def test_aft_full_extreme_keys_and_biases_against_float64(device, causal):
         expected = reference.aft_full(q, k, v, w, causal=causal, attention_mask=m)
         assert torch.isfinite(out).all()
         assert_close(out, expected, 1e-4)
+
+
+def local_case(device, dtype, window, seq_len=23, dim=12, seed=3):
+    (q, k, v), grad, mask = case(device, dtype, seq_len=seq_len, dim=dim, seed=seed)
+    generator = torch.Generator(device).manual_seed(seed + 1)
+    w = torch.randn(seq_len + 3, seq_len + 3, generator=generator, device=device).to(dtype).requires_grad_()
+    return (q, k, v, w), grad, mask
+
+
+def conv_case(device, dtype, heads=3, head_dim=5, kernel_size=5, seq_len=23, seed=4):
+    generator = torch.Generator(device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device=device).to(dtype).requires_grad_()
+
+    inputs = (
+        randn(2, seq_len, heads, head_dim),
+        randn(2, seq_len, heads),
+        randn(2, seq_len, heads, head_dim),
+    )
+    grad = torch.randn(2, seq_len, heads, head_dim, generator=generator, device=device).to(dtype)
+    mask = torch.rand(2, seq_len, generator=generator, device=device) > 0.3
+    return (*inputs, randn(heads, kernel_size)), grad, mask
+
+
+def assert_kernel_matches(op, inputs, grad, dtype, names, **options):
+    expected = run("reference", op, inputs, grad, **options)
+    got = run("triton", op, inputs, grad, **options)
+    for name, ours, want in zip(names, got, expected, strict=True):
+        assert ours.dtype == want.dtype and ours.shape == want.shape
+        error = relative_error(ours.double(), want.double())
+        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("window", [1, 4, 40])  # 40 > N: the band covers the sequence, the scans nothing
+def test_aft_local_matches_the_reference(device, dtype, causal, masked, window):
+    inputs, grad, mask = local_case(device, dtype, window)
+    options = {"window": window, "causal": causal, "attention_mask": mask if masked else None}
+    assert_kernel_matches(aft_local, inputs, grad, dtype, ("out", "dq", "dk", "dv", "dw"), **options)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_aft_local_lowrank_matches_the_reference(device, causal):
+    (q, k, v, _), grad, mask = local_case(device, torch.float32, 3)
+    generator = torch.Generator(device).manual_seed(5)
+    w_u, w_v = (torch.randn(26, 4, generator=generator, device=device).requires_grad_() for _ in range(2))
+    options = {"window": 3, "causal": causal, "attention_mask": mask}
+    names = ("out", "dq", "dk", "dv", "dw_u", "dw_v")
+    assert_kernel_matches(aft_local_lowrank, (q, k, v, w_u, w_v), grad, torch.float32, names, **options)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_aft_conv_matches_the_reference(device, dtype, causal, masked):
+    inputs, grad, mask = conv_case(device, dtype, kernel_size=4 if causal else 5)
+    options = {"causal": causal, "attention_mask": mask if masked else None}
+    assert_kernel_matches(aft_conv, inputs, grad, dtype, ("out", "dq", "dk", "dv", "dw"), **options)
+
+
+def test_aft_conv_head_wider_than_a_channel_block(device):
+    """A head of 70 channels spans two programs, which add into its one key's gradient."""
+    inputs, grad, mask = conv_case(device, torch.float32, heads=2, head_dim=70, kernel_size=3, seq_len=9)
+    options = {"causal": False, "attention_mask": mask}
+    assert_kernel_matches(aft_conv, inputs, grad, torch.float32, ("out", "dq", "dk", "dv", "dw"), **options)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_aft_local_and_conv_extreme_keys_and_biases_against_float64(device, causal):
+    """|k| and |w| in the hundreds, rows whose window and whose unbiased keys differ by e^±1000: every
+    row is folded under its own joint maximum, so nothing underflows."""
+    (q, k, v, w), _, mask = local_case(device, torch.float64, 4, seed=6)
+    q, k, v, w = q.detach(), k.detach() * 300, v.detach(), w.detach() * 300
+    for m in (None, mask):
+        with tokenmix.use_backend("triton"):
+            out = aft_local(
+                q.float(), k.float(), v.float(), w.float(), window=4, causal=causal, attention_mask=m
+            )
+        expected = reference.aft_local(q, k, v, w, window=4, causal=causal, attention_mask=m)
+        assert torch.isfinite(out).all()
+        assert_close(out, expected, 1e-4)
+    (q, k, v, w), _, mask = conv_case(device, torch.float64, kernel_size=3, seed=7)
+    q, k, v, w = q.detach(), k.detach() * 300, v.detach(), w.detach() * 300
+    with tokenmix.use_backend("triton"):
+        out = aft_conv(q.float(), k.float(), v.float(), w.float(), causal=causal, attention_mask=mask)
+    expected = reference.aft_conv(q, k, v, w, causal=causal, attention_mask=mask)
+    assert torch.isfinite(out).all()
+    assert_close(out, expected, 1e-4)
+
+
+def test_aft_conv_2d_has_no_kernel(device):
+    q = torch.randn(1, 3, 3, 2, 4, device=device)
+    with tokenmix.use_backend("triton"), pytest.raises(RuntimeError, match=r"aft_conv.*2-D grids"):
+        aft_conv(q, q[..., 0], q, torch.randn(2, 3, 3, device=device))

@@ -348,8 +348,15 @@ def _local(
     seq_len = q.shape[1]
     columns, inside = _offsets(seq_len, window, causal, q.device)
     band = band_from(columns.clamp(0, seq_len - 1)).masked_fill(~inside, float("-inf"))
+    if use_kernel("aft_local", q):
+        from ..kernels.aft import aft_banded
+
+        return aft_banded(q, k, v, band[:, None], mask, window, bool(causal))
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    q, k, v, band = q.to(dtype), k.to(dtype), v.to(dtype), band.to(dtype)
     keys = _masked_keys(k, mask)[:, :, None]
-    return _windowed(q[:, :, None], keys, v[:, :, None], band[:, None], window, causal, mask, rows_from)
+    out = _windowed(q[:, :, None], keys, v[:, :, None], band[:, None], window, causal, mask, rows_from)
+    return out.to(out_dtype)
 
 
 def _near(rows: torch.Tensor, seq_len: int, window: int) -> torch.Tensor:
@@ -386,15 +393,12 @@ def aft_local(
     window = check_positive_int("window", window)
     seq_len = q.shape[1]
     _check_table(w, seq_len)
-    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-    q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w[:seq_len, :seq_len].to(dtype)
+    w = w[:seq_len, :seq_len].to(compute_dtype(w.dtype))
 
     def rows_from(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         return torch.where(_near(rows, seq_len, window), w[rows], torch.zeros_like(w[rows]))
 
-    return _local(q, k, v, lambda columns: w.gather(1, columns), rows_from, window, causal, mask).to(
-        out_dtype
-    )
+    return _local(q, k, v, lambda columns: w.gather(1, columns), rows_from, window, causal, mask)
 
 
 def aft_local_lowrank(
@@ -419,8 +423,7 @@ def aft_local_lowrank(
     seq_len = q.shape[1]
     if w_u.shape[0] < seq_len:
         raise ValueError(f"w_u and w_v must have N_max ≥ N = {seq_len} rows, got {w_u.shape[0]}")
-    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    dtype = compute_dtype(q.dtype)
     w_u, w_v = w_u[:seq_len].to(dtype), w_v[:seq_len].to(dtype)
 
     def band_from(columns: torch.Tensor) -> torch.Tensor:
@@ -430,7 +433,7 @@ def aft_local_lowrank(
         full = w_u[rows] @ w_v.T
         return torch.where(_near(rows, seq_len, window), full, torch.zeros_like(full))
 
-    return _local(q, k, v, band_from, rows_from, window, causal, mask).to(out_dtype)
+    return _local(q, k, v, band_from, rows_from, window, causal, mask)
 
 
 def _aft_conv_2d(q, k, v, w, mask):
@@ -525,9 +528,15 @@ def aft_conv(
     mask = check_attention_mask(attention_mask, batch, seq_len, q.device)
     if mask is not None:
         mask = mask | ~mask.any(1, keepdim=True)
+    window = kernel_size if causal else kernel_size // 2 + 1
+    if use_kernel("aft_conv", q):
+        from ..kernels.aft import aft_banded
+
+        flat = (batch, seq_len, heads * head_dim)
+        out = aft_banded(q.reshape(flat), k, v.reshape(flat), w[None], mask, window, bool(causal))
+        return out.view(q.shape)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype)
-    window = kernel_size if causal else kernel_size // 2 + 1
     _, inside = _offsets(seq_len, window, causal, q.device)
     band = w[None].expand(seq_len, -1, -1).masked_fill(~inside[:, None, :], float("-inf"))  # (N, H, K)
     positions = torch.arange(seq_len, device=q.device)
@@ -555,6 +564,7 @@ def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
     check_dims({}, q=(q, "BXYHC"), k=(k, "BXYH"), v=(v, "BXYHC"), w=(w, "HIJ"))
     if causal:
         raise ValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
+    use_kernel("aft_conv", q, unsupported="2-D grids run on the reference path only")  # raises if forced
     if w.shape[1] % 2 == 0 or w.shape[2] % 2 == 0:
         raise ValueError(f"a 2-D kernel needs odd sizes (Kx, Ky), got w of shape {tuple(w.shape)}")
     batch, size_x, size_y = q.shape[:3]

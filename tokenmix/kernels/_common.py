@@ -32,9 +32,9 @@ def linear_combine(decay_1, value_1, decay_2, value_2):
 
 
 @triton.jit
-def last_row(x, rows, BLOCK: tl.constexpr):
-    """Row BLOCK − 1 of a (BLOCK, C) tile, as (C,)."""
-    return tl.sum(tl.where(rows[:, None] == BLOCK - 1, x, 0.0), 0)
+def row_of(x, rows, index):
+    """The row of a (R, C) tile whose entry in ``rows`` is ``index``, as (C,)."""
+    return tl.sum(tl.where(rows[:, None] == index, x, 0.0), 0)
 
 
 @triton.jit
