@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..backend import use_kernel
 from ._checks import (
     check_attention_mask,
     check_dims,
@@ -72,6 +73,10 @@ def mixed_chunk_attention(
     chunk_size = check_positive_int("chunk_size", chunk_size)
     batch, seq_len, qk_dim = sizes["B"], sizes["N"], sizes["S"]
     mask = check_attention_mask(attention_mask, batch, seq_len, v.device)
+    if use_kernel("mixed_chunk_attention", v):
+        from ..kernels.flash import mixed_chunk_attention as kernel
+
+        return kernel(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, bool(causal))
     dtype = compute_dtype(v.dtype)
 
     padding = -seq_len % chunk_size

@@ -6,6 +6,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import interpreting
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """The ``dot`` options for inputs of ``dtype``: exact (IEEE) float32 products, not TF32; float32
+    operands in place of bfloat16 ones under the interpreter."""
+    return {
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+        "UPCAST": interpreting() and dtype == torch.bfloat16,
+    }
+
 
 def int8_mask(like: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     """The (B, N) key mask as contiguous int8 for a kernel; an empty tensor when there is none (the
@@ -56,3 +67,23 @@ def store_rows(ptr, x, rows, columns, seq_len, width, stride):
     """The counterpart of load_rows: x cast to the pointer's dtype, rows and columns in range only."""
     inside = (rows[:, None] >= 0) & (rows[:, None] < seq_len) & (columns[None, :] < width)
     tl.store(ptr + rows[:, None] * stride + columns[None, :], x.to(ptr.dtype.element_ty), inside)
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # UPCAST: Triton's interpreter multiplies bfloat16 dot operands wrongly, so it gets float32 ones.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def key_visible(rows, columns, mask_ptr, seq_len, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(len(rows), len(columns)) bool: query row sees key column (in range, real, and not in the future)."""
+    valid = (rows[:, None] < seq_len) & (columns[None, :] < seq_len)
+    if HAS_MASK:
+        real = tl.load(mask_ptr + columns, mask=columns < seq_len, other=0)
+        valid = valid & (real[None, :] != 0)
+    if CAUSAL:
+        valid = valid & (columns[None, :] <= rows[:, None])
+    return valid

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import interpreting
-from ._common import int8_mask, load_rows, store_rows
+from ._common import dot, dot_flags, int8_mask, key_visible, load_rows, store_rows
 
 # Activation codes, in the order of the reference's ACTIVATIONS table.
 CODES = {"relu": 0, "relu2": 1, "gelu": 2, "softplus": 3, "identity": 4, "relu6": 5, "sigmoid": 6}
@@ -65,26 +64,6 @@ def _phi_grad(s, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: Triton's interpreter multiplies bfloat16 dot operands wrongly, so it gets float32 ones.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _counted(rows, columns, mask_ptr, seq_len, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """(len(rows), len(columns)) bool: query row sees key column (in range, real, and not in the future)."""
-    valid = (rows[:, None] < seq_len) & (columns[None, :] < seq_len)
-    if HAS_MASK:
-        real = tl.load(mask_ptr + columns, mask=columns < seq_len, other=0)
-        valid = valid & (real[None, :] != 0)
-    if CAUSAL:
-        valid = valid & (columns[None, :] <= rows[:, None])
-    return valid
-
-
-@triton.jit
 def _head_pointers(q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, head, heads, seq_len, dim_k, dim_v):
     """The (N, D) slices of one batch·head, and its batch's row of the key mask."""
     q_ptr += head * seq_len * dim_k
@@ -116,12 +95,12 @@ def _forward_kernel(
     for start in range(0, end, BLOCK_N):
         columns = start + tl.arange(0, BLOCK_N)
         k = load_rows(k_ptr, columns, dk, seq_len, dim_k, dim_k, 0.0)
-        scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
+        scores = dot(q, tl.trans(k), PRECISION, UPCAST) * scale
         weights = tl.where(
-            _counted(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK), _phi(scores, ACTIVATION), 0.0
+            key_visible(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK), _phi(scores, ACTIVATION), 0.0
         )
         v = load_rows(v_ptr, columns, dv, seq_len, dim_v, dim_v, 0.0)
-        acc += _dot(weights.to(v.dtype), v, PRECISION, UPCAST)
+        acc += dot(weights.to(v.dtype), v, PRECISION, UPCAST)
     row_scale = tl.load(row_scale_ptr + batch * row_scale_batch_stride + rows, rows < seq_len, 0.0)
     acc = acc * row_scale[:, None]
     store_rows(out_ptr, acc, rows, dv, seq_len, dim_v, dim_v)
@@ -151,13 +130,13 @@ def _backward_keys_kernel(
         rows = start + tl.arange(0, BLOCK_M)
         q = load_rows(q_ptr, rows, dk_range, seq_len, dim_k, dim_k, 0.0)
         g = load_rows(g_ptr, rows, dv_range, seq_len, dim_v, dim_v, 0.0)
-        scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale  # (M, N)
-        counted = _counted(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK)
+        scores = dot(q, tl.trans(k), PRECISION, UPCAST) * scale  # (M, N)
+        counted = key_visible(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK)
         weights = tl.where(counted, _phi(scores, ACTIVATION), 0.0)
-        grad_v += _dot(tl.trans(weights).to(q.dtype), g.to(q.dtype), PRECISION, UPCAST)
-        grad_weights = _dot(g.to(q.dtype), tl.trans(v), PRECISION, UPCAST)
+        grad_v += dot(tl.trans(weights).to(q.dtype), g.to(q.dtype), PRECISION, UPCAST)
+        grad_weights = dot(g.to(q.dtype), tl.trans(v), PRECISION, UPCAST)
         grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
-        grad_k += _dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, UPCAST)
+        grad_k += dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, UPCAST)
     store_rows(dk_ptr + head * seq_len * dim_k, grad_k * scale, columns, dk_range, seq_len, dim_k, dim_k)
     store_rows(dv_ptr + head * seq_len * dim_v, grad_v, columns, dv_range, seq_len, dim_v, dim_v)
 
@@ -185,11 +164,11 @@ def _backward_queries_kernel(
         columns = start + tl.arange(0, BLOCK_N)
         k = load_rows(k_ptr, columns, dk_range, seq_len, dim_k, dim_k, 0.0)
         v = load_rows(v_ptr, columns, dv_range, seq_len, dim_v, dim_v, 0.0)
-        scores = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale
-        counted = _counted(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK)
-        grad_weights = _dot(g.to(q.dtype), tl.trans(v), PRECISION, UPCAST)
+        scores = dot(q, tl.trans(k), PRECISION, UPCAST) * scale
+        counted = key_visible(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK)
+        grad_weights = dot(g.to(q.dtype), tl.trans(v), PRECISION, UPCAST)
         grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
-        grad_q += _dot(grad_scores.to(q.dtype), k, PRECISION, UPCAST)
+        grad_q += dot(grad_scores.to(q.dtype), k, PRECISION, UPCAST)
     store_rows(dq_ptr + head * seq_len * dim_k, grad_q * scale, rows, dk_range, seq_len, dim_k, dim_k)
 
 
@@ -204,13 +183,11 @@ def _blocks(dim_k: int, dim_v: int, seq_len: int) -> dict[str, int]:
 
 
 def _launch_arguments(q, key_mask, activation, causal):
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     flags = {
         "ACTIVATION": CODES[activation],
         "CAUSAL": causal,
         "HAS_MASK": key_mask is not None,
-        "PRECISION": precision,
-        "UPCAST": interpreting() and q.dtype == torch.bfloat16,
+        **dot_flags(q.dtype),
     }
     mask = int8_mask(q, key_mask)
     return flags, mask

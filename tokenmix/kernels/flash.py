@@ -1,0 +1,461 @@
+"""FLASH's mixed-chunk attention fused (SPEC §3): out_i = Σ_{j ∈ c(i)} relu²(q_i·k_j / √S) / C · v_j
++ q_lin_i · M_{c(i)}, the quadratic part within chunks and the linear part through chunk states, in one
+pass over each block of rows.
+
+M_g = (Σ k_lin_jᵀ v_j over the real j of the chunks before g, or of all chunks when bidirectional) / n_g
+comes from per-chunk sums (one kernel, tensor-core dots) and a prefix sum over chunks in PyTorch. The
+output kernel adds q_lin · M_g to the within-chunk relu² attention of its rows (a block of rows may span
+chunks when C is small: each row takes its own chunk's state). The backward recomputes the scores: one
+kernel gives dv, one dk_quad and dk_lin, one dq_quad and dq_lin, so nothing but the chunk sums is
+reduced across programs. Values are split into blocks of channels (E = 2·d is wide); state and
+accumulation are float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ..backend import interpreting
+from ._common import dot, dot_flags, int8_mask, key_visible, load_rows, store_rows
+
+
+@triton.jit
+def _visible(rows, columns, mask_ptr, seq_len, chunk_size, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Row sees key column: real, in range, not in the future when causal, and in the row's chunk."""
+    same_chunk = rows[:, None] // chunk_size == columns[None, :] // chunk_size
+    return key_visible(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK) & same_chunk
+
+
+@triton.jit
+def _chunks(first_row, seq_len, chunk_size, BLOCK: tl.constexpr):
+    """The first and last chunk that a block of rows from ``first_row`` touches, and where the last ends."""
+    first = first_row // chunk_size
+    last = (tl.minimum(first_row + BLOCK, seq_len) - 1) // chunk_size
+    return first, last, tl.minimum(seq_len, (last + 1) * chunk_size)
+
+
+@triton.jit
+def _chunk_linear(
+    acc, x, rows, first, last, chunk_size, m_ptr, chunk_stride, s_range, e_range, dim_s, dim_e,
+    TRANSPOSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """acc + Σ_g [row in chunk g] x · M_g over chunks first..last, with M_g the float32 (S, E) matrix at
+    m_ptr + g · chunk_stride, its (s_range, e_range) tile; its transpose when TRANSPOSE."""
+    inside = (s_range[:, None] < dim_s) & (e_range[None, :] < dim_e)
+    for chunk in range(first, last + 1):
+        tile = tl.load(
+            m_ptr + chunk * chunk_stride + s_range[:, None] * dim_e + e_range[None, :], inside, 0.0
+        )
+        if TRANSPOSE:
+            tile = tl.trans(tile)
+        mine = tl.where((rows // chunk_size == chunk)[:, None], x, 0.0).to(x.dtype)
+        acc += dot(mine, tile.to(x.dtype), PRECISION, UPCAST)
+    return acc
+
+
+@triton.jit
+def _relu_scores(
+    q, k, rows, columns, mask_ptr, seq_len, chunk_size, scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """(rows × keys): relu(q·k · scale) where the row sees the key, else 0."""
+    relu = tl.maximum(dot(q, tl.trans(k), PRECISION, UPCAST) * scale, 0.0)
+    return tl.where(_visible(rows, columns, mask_ptr, seq_len, chunk_size, CAUSAL, HAS_MASK), relu, 0.0)
+
+
+@triton.jit
+def _chunk_sums_kernel(
+    a_ptr, b_ptr, mask_ptr, out_ptr, seq_len, dim_a, dim_b, chunk_size, chunks,
+    HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """out[batch, g] = Σ_{t in chunk g (real when HAS_MASK)} a_tᵀ b_t, float32 (dim_a, dim_b), over one
+    block of b's columns."""
+    chunk, b_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    a_range = tl.arange(0, BLOCK_A)
+    b_range = b_block * BLOCK_B + tl.arange(0, BLOCK_B)
+    a_ptr += batch * seq_len * dim_a
+    b_ptr += batch * seq_len * dim_b
+    mask_ptr += batch * seq_len
+    acc = tl.zeros((BLOCK_A, BLOCK_B), tl.float32)
+    end = tl.minimum(seq_len, (chunk + 1) * chunk_size)
+    for start in range(chunk * chunk_size, end, BLOCK_T):
+        rows = start + tl.arange(0, BLOCK_T)
+        a = load_rows(a_ptr, rows, a_range, end, dim_a, dim_a, 0.0)
+        if HAS_MASK:
+            real = tl.load(mask_ptr + rows, rows < end, 0)
+            a = tl.where(real[:, None] != 0, a, 0.0).to(a.dtype)
+        b = load_rows(b_ptr, rows, b_range, end, dim_b, dim_b, 0.0)
+        acc += dot(tl.trans(a), b.to(a.dtype), PRECISION, UPCAST)
+    out_ptr += (batch * chunks + chunk) * dim_a * dim_b
+    store_rows(out_ptr, acc, a_range, b_range, dim_a, dim_b, dim_b)
+
+
+@triton.jit
+def _forward_kernel(
+    qq_ptr, kq_ptr, ql_ptr, v_ptr, mask_ptr, m_ptr, out_ptr,
+    seq_len, dim_s, dim_e, chunk_size, scale, m_batch_stride, m_chunk_stride,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """A block of rows, one block of value channels: relu² attention within chunks, plus q_lin · M."""
+    block, e_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    s_range, e_range = tl.arange(0, BLOCK_S), e_block * BLOCK_E + tl.arange(0, BLOCK_E)
+    offset_s, offset_e = batch * seq_len * dim_s, batch * seq_len * dim_e
+    qq_ptr, kq_ptr, ql_ptr = qq_ptr + offset_s, kq_ptr + offset_s, ql_ptr + offset_s
+    v_ptr, out_ptr = v_ptr + offset_e, out_ptr + offset_e
+    mask_ptr += batch * seq_len
+    q = load_rows(qq_ptr, rows, s_range, seq_len, dim_s, dim_s, 0.0)
+    first, last, key_end = _chunks(block * BLOCK_M, seq_len, chunk_size, BLOCK_M)
+    if CAUSAL:
+        key_end = tl.minimum(key_end, (block + 1) * BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
+    for start in range(first * chunk_size, key_end, BLOCK_N):
+        columns = start + tl.arange(0, BLOCK_N)
+        k = load_rows(kq_ptr, columns, s_range, seq_len, dim_s, dim_s, 0.0)
+        relu = _relu_scores(
+            q, k, rows, columns, mask_ptr, seq_len, chunk_size, scale, CAUSAL, HAS_MASK, PRECISION, UPCAST
+        )
+        weights = relu * relu / chunk_size  # 1/C before the cast keeps half-precision weights finite
+        v = load_rows(v_ptr, columns, e_range, seq_len, dim_e, dim_e, 0.0)
+        acc += dot(weights.to(v.dtype), v, PRECISION, UPCAST)
+    q_lin = load_rows(ql_ptr, rows, s_range, seq_len, dim_s, dim_s, 0.0)
+    acc = _chunk_linear(
+        acc, q_lin, rows, first, last, chunk_size, m_ptr + batch * m_batch_stride, m_chunk_stride, s_range,
+        e_range, dim_s, dim_e, False, PRECISION, UPCAST,
+    )  # fmt: skip
+    store_rows(out_ptr, acc, rows, e_range, seq_len, dim_e, dim_e)
+
+
+@triton.jit
+def _backward_values_kernel(
+    qq_ptr, kq_ptr, kl_ptr, g_ptr, mask_ptr, d_ptr, dv_ptr,
+    seq_len, dim_s, dim_e, chunk_size, scale, d_batch_stride, d_chunk_stride,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """dv of a block of keys, one block of channels: Σ_i relu²(s_ij) / C · g_i over the rows of their
+    chunks, plus k_lin_j · D_{c(j)} (D: the gradient of the chunk sums, d_ptr) for real keys."""
+    block, e_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    columns = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    s_range, e_range = tl.arange(0, BLOCK_S), e_block * BLOCK_E + tl.arange(0, BLOCK_E)
+    offset_s, offset_e = batch * seq_len * dim_s, batch * seq_len * dim_e
+    qq_ptr, kq_ptr, kl_ptr = qq_ptr + offset_s, kq_ptr + offset_s, kl_ptr + offset_s
+    g_ptr, dv_ptr = g_ptr + offset_e, dv_ptr + offset_e
+    mask_ptr += batch * seq_len
+    k = load_rows(kq_ptr, columns, s_range, seq_len, dim_s, dim_s, 0.0)
+    first, last, row_end = _chunks(block * BLOCK_N, seq_len, chunk_size, BLOCK_N)
+    row_start = block * BLOCK_N if CAUSAL else first * chunk_size
+    acc = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q = load_rows(qq_ptr, rows, s_range, seq_len, dim_s, dim_s, 0.0)
+        relu = _relu_scores(
+            q, k, rows, columns, mask_ptr, seq_len, chunk_size, scale, CAUSAL, HAS_MASK, PRECISION, UPCAST
+        )
+        weights = relu * relu / chunk_size  # 1/C before the cast keeps half-precision weights finite
+        g = load_rows(g_ptr, rows, e_range, seq_len, dim_e, dim_e, 0.0)
+        acc += dot(tl.trans(weights).to(g.dtype), g, PRECISION, UPCAST)
+    k_lin = _real_rows(
+        load_rows(kl_ptr, columns, s_range, seq_len, dim_s, dim_s, 0.0), columns, mask_ptr, seq_len, HAS_MASK
+    )
+    acc = _chunk_linear(
+        acc, k_lin, columns, first, last, chunk_size, d_ptr + batch * d_batch_stride, d_chunk_stride, s_range,
+        e_range, dim_s, dim_e, False, PRECISION, UPCAST,
+    )  # fmt: skip
+    store_rows(dv_ptr, acc, columns, e_range, seq_len, dim_e, dim_e)
+
+
+@triton.jit
+def _real_rows(x, rows, mask_ptr, seq_len, HAS_MASK: tl.constexpr):
+    """x with the rows of padding tokens zeroed."""
+    if HAS_MASK:
+        real = tl.load(mask_ptr + rows, rows < seq_len, 0)
+        x = tl.where(real[:, None] != 0, x, 0.0).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _score_grads(
+    q, k, g_ptr, v_ptr, rows, columns, mask_ptr, seq_len, dim_e, chunk_size, scale,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """d out / d (q·k) of a (rows × keys) tile: (g_i·v_j) · 2 relu(s_ij) / C · scale, over every value
+    channel."""
+    grad_weights = tl.zeros((rows.shape[0], columns.shape[0]), tl.float32)
+    for e_start in range(0, dim_e, BLOCK_E):
+        e_range = e_start + tl.arange(0, BLOCK_E)
+        g = load_rows(g_ptr, rows, e_range, seq_len, dim_e, dim_e, 0.0)
+        v = load_rows(v_ptr, columns, e_range, seq_len, dim_e, dim_e, 0.0)
+        grad_weights += dot(g, tl.trans(v.to(g.dtype)), PRECISION, UPCAST)
+    relu = _relu_scores(
+        q, k, rows, columns, mask_ptr, seq_len, chunk_size, scale, CAUSAL, HAS_MASK, PRECISION, UPCAST
+    )
+    return grad_weights * 2.0 * relu * (scale / chunk_size)
+
+
+@triton.jit
+def _backward_keys_kernel(
+    qq_ptr, kq_ptr, v_ptr, g_ptr, mask_ptr, d_ptr, dkq_ptr, dkl_ptr,
+    seq_len, dim_s, dim_e, chunk_size, scale, d_batch_stride, d_chunk_stride,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """dk_quad and dk_lin of a block of keys: Σ_i dS_ij q_i over the rows of their chunks, and
+    v_j · D_{c(j)}ᵀ for real keys."""
+    block, batch = tl.program_id(0), tl.program_id(1)
+    columns = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    s_range = tl.arange(0, BLOCK_S)
+    offset_s, offset_e = batch * seq_len * dim_s, batch * seq_len * dim_e
+    qq_ptr, kq_ptr, dkq_ptr, dkl_ptr = (
+        qq_ptr + offset_s,
+        kq_ptr + offset_s,
+        dkq_ptr + offset_s,
+        dkl_ptr + offset_s,
+    )
+    v_ptr, g_ptr = v_ptr + offset_e, g_ptr + offset_e
+    mask_ptr += batch * seq_len
+    k = load_rows(kq_ptr, columns, s_range, seq_len, dim_s, dim_s, 0.0)
+    first, last, row_end = _chunks(block * BLOCK_N, seq_len, chunk_size, BLOCK_N)
+    row_start = block * BLOCK_N if CAUSAL else first * chunk_size
+    grad_k = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
+    for start in range(row_start, row_end, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        q = load_rows(qq_ptr, rows, s_range, seq_len, dim_s, dim_s, 0.0)
+        grad_scores = _score_grads(
+            q, k, g_ptr, v_ptr, rows, columns, mask_ptr, seq_len, dim_e, chunk_size, scale, CAUSAL, HAS_MASK,
+            PRECISION, UPCAST, BLOCK_E,
+        )  # fmt: skip
+        grad_k += dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, UPCAST)
+    store_rows(dkq_ptr, grad_k, columns, s_range, seq_len, dim_s, dim_s)
+    grad_k_lin = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
+    for e_start in range(0, dim_e, BLOCK_E):
+        e_range = e_start + tl.arange(0, BLOCK_E)
+        v = load_rows(v_ptr, columns, e_range, seq_len, dim_e, dim_e, 0.0)
+        grad_k_lin = _chunk_linear(
+            grad_k_lin, v, columns, first, last, chunk_size, d_ptr + batch * d_batch_stride, d_chunk_stride,
+            s_range, e_range, dim_s, dim_e, True, PRECISION, UPCAST,
+        )  # fmt: skip
+    grad_k_lin = _real_rows(grad_k_lin, columns, mask_ptr, seq_len, HAS_MASK)
+    store_rows(dkl_ptr, grad_k_lin, columns, s_range, seq_len, dim_s, dim_s)
+
+
+@triton.jit
+def _backward_queries_kernel(
+    qq_ptr, kq_ptr, v_ptr, g_ptr, mask_ptr, m_ptr, dqq_ptr, dql_ptr,
+    seq_len, dim_s, dim_e, chunk_size, scale, m_batch_stride, m_chunk_stride,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """dq_quad and dq_lin of a block of rows: Σ_j dS_ij k_j over the keys of their chunks, and
+    g_i · M_{c(i)}ᵀ."""
+    block, batch = tl.program_id(0), tl.program_id(1)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    s_range = tl.arange(0, BLOCK_S)
+    offset_s, offset_e = batch * seq_len * dim_s, batch * seq_len * dim_e
+    qq_ptr, kq_ptr, dqq_ptr, dql_ptr = (
+        qq_ptr + offset_s,
+        kq_ptr + offset_s,
+        dqq_ptr + offset_s,
+        dql_ptr + offset_s,
+    )
+    v_ptr, g_ptr = v_ptr + offset_e, g_ptr + offset_e
+    mask_ptr += batch * seq_len
+    q = load_rows(qq_ptr, rows, s_range, seq_len, dim_s, dim_s, 0.0)
+    first, last, key_end = _chunks(block * BLOCK_M, seq_len, chunk_size, BLOCK_M)
+    if CAUSAL:
+        key_end = tl.minimum(key_end, (block + 1) * BLOCK_M)
+    grad_q = tl.zeros((BLOCK_M, BLOCK_S), tl.float32)
+    for start in range(first * chunk_size, key_end, BLOCK_N):
+        columns = start + tl.arange(0, BLOCK_N)
+        k = load_rows(kq_ptr, columns, s_range, seq_len, dim_s, dim_s, 0.0)
+        grad_scores = _score_grads(
+            q, k, g_ptr, v_ptr, rows, columns, mask_ptr, seq_len, dim_e, chunk_size, scale, CAUSAL, HAS_MASK,
+            PRECISION, UPCAST, BLOCK_E,
+        )  # fmt: skip
+        grad_q += dot(grad_scores.to(k.dtype), k, PRECISION, UPCAST)
+    store_rows(dqq_ptr, grad_q, rows, s_range, seq_len, dim_s, dim_s)
+    grad_q_lin = tl.zeros((BLOCK_M, BLOCK_S), tl.float32)
+    for e_start in range(0, dim_e, BLOCK_E):
+        e_range = e_start + tl.arange(0, BLOCK_E)
+        g = load_rows(g_ptr, rows, e_range, seq_len, dim_e, dim_e, 0.0)
+        grad_q_lin = _chunk_linear(
+            grad_q_lin, g, rows, first, last, chunk_size, m_ptr + batch * m_batch_stride, m_chunk_stride,
+            s_range, e_range, dim_s, dim_e, True, PRECISION, UPCAST,
+        )  # fmt: skip
+    store_rows(dql_ptr, grad_q_lin, rows, s_range, seq_len, dim_s, dim_s)
+
+
+def _blocks(dim_s: int, dim_e: int) -> dict[str, int]:
+    small = 16 if interpreting() else 64
+    return {
+        "BLOCK_M": small,
+        "BLOCK_N": small,
+        "BLOCK_S": max(16, triton.next_power_of_2(dim_s)),
+        "BLOCK_E": max(16, min(small, triton.next_power_of_2(dim_e))),
+    }
+
+
+def _chunk_sums(
+    a: torch.Tensor, b: torch.Tensor, key_mask: torch.Tensor | None, chunk_size: int
+) -> torch.Tensor:
+    """(B, G, dim_a, dim_b) float32: Σ a_tᵀ b_t over each chunk's (real) positions."""
+    batch, seq_len, dim_a = a.shape
+    dim_b = b.shape[-1]
+    chunks = triton.cdiv(seq_len, chunk_size)
+    out = a.new_empty(batch, chunks, dim_a, dim_b, dtype=torch.float32)
+    blocks = {"BLOCK_T": 16 if interpreting() else 64, "BLOCK_A": max(16, triton.next_power_of_2(dim_a))}
+    blocks["BLOCK_B"] = max(16, min(64, triton.next_power_of_2(dim_b)))
+    grid = (chunks, triton.cdiv(dim_b, blocks["BLOCK_B"]), batch)
+    _chunk_sums_kernel[grid](
+        a, b, int8_mask(a, key_mask), out, seq_len, dim_a, dim_b, chunk_size, chunks,
+        HAS_MASK=key_mask is not None, **dot_flags(a.dtype), **blocks,
+    )  # fmt: skip
+    return out
+
+
+def _counts(key_mask: torch.Tensor | None, batch: int, seq_len: int, chunk_size: int, device) -> torch.Tensor:
+    """(B, G) float32: the real tokens of each chunk."""
+    real = torch.ones(batch, seq_len, device=device) if key_mask is None else key_mask.float()
+    padding = -seq_len % chunk_size
+    return F.pad(real, (0, padding)).view(batch, -1, chunk_size).sum(-1)
+
+
+def _exclusive_prefix(x: torch.Tensor) -> torch.Tensor:
+    """Along dim 1: entry g is the sum of the entries before g."""
+    return torch.cat((torch.zeros_like(x[:, :1]), torch.cumsum(x[:, :-1], 1)), 1)
+
+
+def _seen_counts(key_mask, batch, seq_len, chunk_size, causal, device) -> torch.Tensor:
+    """n_g, at least 1, as (B, G, 1, 1) (B, 1, 1, 1 when bidirectional): the keys the linear part of
+    chunk g sums over (its state is 0 when there are none, so any n ≥ 1 gives lin = 0 there)."""
+    counts = _counts(key_mask, batch, seq_len, chunk_size, device)
+    counts = _exclusive_prefix(counts) if causal else counts.sum(1, keepdim=True)
+    return counts.clamp_min(1)[..., None, None]
+
+
+def _arguments(q_quad, v, key_mask, chunk_size, causal) -> tuple[tuple, dict]:
+    """The kernels' size arguments and flags."""
+    _, seq_len, dim_s = q_quad.shape
+    flags = {
+        "CAUSAL": causal,
+        "HAS_MASK": key_mask is not None,
+        **dot_flags(v.dtype),
+        **_blocks(dim_s, v.shape[-1]),
+    }
+    return (seq_len, dim_s, v.shape[-1], chunk_size, dim_s**-0.5), flags
+
+
+def _strides(states: torch.Tensor) -> tuple[int, int]:
+    """Batch and chunk strides of (B, G or 1, S, E) states; one state serves every chunk when G is 1."""
+    return states.stride(0), states.stride(1) if states.shape[1] > 1 else 0
+
+
+@torch.library.custom_op("tokenmix::mixed_chunk_attention", mutates_args=())
+def mixed_chunk_forward(
+    q_quad: torch.Tensor,
+    k_quad: torch.Tensor,
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    chunk_size: int,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_*, k_*: (B, N, S); v: (B, N, E), one dtype; key_mask: (B, N) bool or None. Returns the output
+    (B, N, E) in the inputs' dtype and, for the backward, the states M (B, G or 1, S, E) float32."""
+    q_quad, k_quad, q_lin, k_lin, v = (x.contiguous() for x in (q_quad, k_quad, q_lin, k_lin, v))
+    batch, seq_len, _ = q_quad.shape
+    states = _chunk_sums(k_lin, v, key_mask, chunk_size)
+    states = _exclusive_prefix(states) if causal else states.sum(1, keepdim=True)
+    states = states / _seen_counts(key_mask, batch, seq_len, chunk_size, causal, v.device)
+    out = torch.empty_like(v)
+    sizes, flags = _arguments(q_quad, v, key_mask, chunk_size, causal)
+    grid = (triton.cdiv(seq_len, flags["BLOCK_M"]), triton.cdiv(v.shape[-1], flags["BLOCK_E"]), batch)
+    _forward_kernel[grid](
+        q_quad, k_quad, q_lin, v, int8_mask(v, key_mask), states, out, *sizes, *_strides(states), **flags
+    )
+    return out, states
+
+
+@mixed_chunk_forward.register_fake
+def _(q_quad, k_quad, q_lin, k_lin, v, key_mask, chunk_size, causal):
+    batch, seq_len, dim_s = q_quad.shape
+    chunks = -(-seq_len // chunk_size) if causal else 1
+    return torch.empty_like(v), v.new_empty(batch, chunks, dim_s, v.shape[-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("tokenmix::mixed_chunk_attention_backward", mutates_args=())
+def mixed_chunk_backward(
+    grad_out: torch.Tensor,
+    q_quad: torch.Tensor,
+    k_quad: torch.Tensor,
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    states: torch.Tensor,
+    chunk_size: int,
+    causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q_quad, k_quad, q_lin, k_lin, v = (x.contiguous() for x in (q_quad, k_quad, q_lin, k_lin, v))
+    grad_out = grad_out.contiguous().to(v.dtype)
+    batch, seq_len, _ = q_quad.shape
+    # D_h, the gradient of chunk h's sum Σ k_linᵀ v: Σ over the chunks g that read it of Σ q_linᵀ g / n_g.
+    grad_states = _chunk_sums(q_lin, grad_out, None, chunk_size)
+    grad_states = grad_states.sum(1, keepdim=True) if not causal else grad_states
+    grad_states = grad_states / _seen_counts(key_mask, batch, seq_len, chunk_size, causal, v.device)
+    if causal:  # chunk h is read by the chunks after it
+        grad_states = _exclusive_prefix(grad_states.flip(1)).flip(1)
+    grad_states = grad_states.contiguous()
+    sizes, flags = _arguments(q_quad, v, key_mask, chunk_size, causal)
+    mask = int8_mask(v, key_mask)
+    grads = [torch.empty_like(x) for x in (q_quad, k_quad, q_lin, k_lin, v)]
+    rows, keys = triton.cdiv(seq_len, flags["BLOCK_M"]), triton.cdiv(seq_len, flags["BLOCK_N"])
+    _backward_values_kernel[(keys, triton.cdiv(v.shape[-1], flags["BLOCK_E"]), batch)](
+        q_quad, k_quad, k_lin, grad_out, mask, grad_states, grads[4], *sizes, *_strides(grad_states), **flags
+    )
+    _backward_keys_kernel[(keys, batch)](
+        q_quad, k_quad, v, grad_out, mask, grad_states, grads[1], grads[3], *sizes, *_strides(grad_states),
+        **flags,
+    )  # fmt: skip
+    _backward_queries_kernel[(rows, batch)](
+        q_quad, k_quad, v, grad_out, mask, states, grads[0], grads[2], *sizes, *_strides(states), **flags
+    )
+    return tuple(grads)
+
+
+@mixed_chunk_backward.register_fake
+def _(grad_out, q_quad, k_quad, q_lin, k_lin, v, key_mask, states, chunk_size, causal):
+    return tuple(torch.empty_like(x) for x in (q_quad, k_quad, q_lin, k_lin, v))
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, key_mask, chunk_size, causal = inputs
+    ctx.save_for_backward(*tensors, key_mask, output[1])
+    ctx.options = (chunk_size, causal)
+
+
+def _backward(ctx, grad_out, grad_states):
+    return (*mixed_chunk_backward(grad_out, *ctx.saved_tensors, *ctx.options), None, None, None)
+
+
+mixed_chunk_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def mixed_chunk_attention(
+    q_quad: torch.Tensor,
+    k_quad: torch.Tensor,
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    chunk_size: int,
+    causal: bool,
+) -> torch.Tensor:
+    return mixed_chunk_forward(q_quad, k_quad, q_lin, k_lin, v, key_mask, chunk_size, causal)[0]
