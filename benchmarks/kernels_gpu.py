@@ -17,6 +17,7 @@ Writes benchmarks/results/<device>-<date>.json and a plot beside it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import re
@@ -29,7 +30,9 @@ import torch.nn.functional as F
 import tokenmix
 from tokenmix.bench.measure import machine, time_ms
 from tokenmix.functional import (
+    aft_conv,
     aft_full,
+    aft_local,
     aft_simple,
     dynamic_conv,
     lightconv,
@@ -37,33 +40,50 @@ from tokenmix.functional import (
     pointwise_attention,
 )
 
-WIDTH = 2048  # model width: heads × head dim, and the channels of the AFT and convolution ops
-SMOKE_WIDTH = 64
-KERNEL_SIZE, CONV_HEADS = 31, 16
-CHUNK, QK_DIM = 256, 128  # FLASH's C and s
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    width: int  # model width: heads × head dim, and the channels of the AFT and convolution ops
+    conv_heads: int
+    kernel_size: int
+    window: int  # AFT-local's s
+    chunk: int  # FLASH's C
+    qk_dim: int  # FLASH's s
 
 
-def inputs(op: str, batch: int, seq_len: int, head_dim: int, width: int, device: str, dtype, generator):
+FULL = Shapes(width=2048, conv_heads=16, kernel_size=31, window=64, chunk=256, qk_dim=128)
+SMOKE = Shapes(width=64, conv_heads=4, kernel_size=5, window=4, chunk=16, qk_dim=16)  # interpreter-sized
+
+
+def inputs(op: str, batch: int, seq_len: int, head_dim: int, shapes: Shapes, device: str, dtype, generator):
     """The op's tensor arguments (requiring grad) and its keyword options."""
 
     def randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
         tensor = torch.randn(*shape, generator=generator, device=device) * scale
         return tensor.to(dtype).requires_grad_()
 
+    width, conv_heads, kernel_size = shapes.width, shapes.conv_heads, shapes.kernel_size
     heads = width // head_dim
     if op in ("pointwise_attention", "sdpa"):
         return [randn(batch, heads, seq_len, head_dim) for _ in range(3)], {}
     if op == "mixed_chunk_attention":
-        qk = [randn(batch, seq_len, QK_DIM) for _ in range(4)]
-        return [*qk, randn(batch, seq_len, width)], {"chunk_size": CHUNK}
+        qk = [randn(batch, seq_len, shapes.qk_dim) for _ in range(4)]
+        return [*qk, randn(batch, seq_len, width)], {"chunk_size": shapes.chunk}
     if op == "aft_simple":
         return [randn(batch, seq_len, width) for _ in range(3)], {}
     if op == "aft_full":
         return [*(randn(batch, seq_len, width) for _ in range(3)), randn(seq_len, seq_len, scale=0.1)], {}
+    if op == "aft_local":
+        qkv = [randn(batch, seq_len, width) for _ in range(3)]
+        return [*qkv, randn(seq_len, seq_len, scale=0.1)], {"window": shapes.window}
+    if op == "aft_conv":
+        head_shape = (batch, seq_len, conv_heads, width // conv_heads)
+        qkv = [randn(*head_shape), randn(batch, seq_len, conv_heads), randn(*head_shape)]
+        return [*qkv, randn(conv_heads, kernel_size, scale=0.1)], {}
     if op == "lightconv":
-        return [randn(batch, seq_len, width), randn(CONV_HEADS, KERNEL_SIZE)], {}
+        return [randn(batch, seq_len, width), randn(conv_heads, kernel_size)], {}
     if op == "dynamic_conv":
-        return [randn(batch, seq_len, width), randn(batch, seq_len, CONV_HEADS, KERNEL_SIZE)], {}
+        return [randn(batch, seq_len, width), randn(batch, seq_len, conv_heads, kernel_size)], {}
     raise ValueError(op)
 
 
@@ -72,6 +92,8 @@ FUNCTIONS: dict[str, Callable] = {
     "mixed_chunk_attention": mixed_chunk_attention,
     "aft_simple": aft_simple,
     "aft_full": aft_full,
+    "aft_local": aft_local,
+    "aft_conv": aft_conv,
     "lightconv": lightconv,
     "dynamic_conv": dynamic_conv,
     "sdpa": F.scaled_dot_product_attention,
@@ -83,10 +105,11 @@ def call(op: str, tensors, options, causal: bool) -> torch.Tensor:
     return FUNCTIONS[op](*tensors, **options, **{CAUSAL_KEYWORD.get(op, "causal"): causal})
 
 
-def check(op: str, device: str, causal: bool, seq_len: int, width: int) -> dict:
+def check(op: str, device: str, causal: bool, seq_len: int, shapes: Shapes) -> dict:
     """Kernel vs reference in bfloat16 on small odd shapes: relative errors of out and every gradient."""
     generator = torch.Generator(device).manual_seed(0)
-    tensors, options = inputs(op, 2, seq_len, min(64, width // 2), width, device, torch.bfloat16, generator)
+    head_dim = min(64, shapes.width // 2)
+    tensors, options = inputs(op, 2, seq_len, head_dim, shapes, device, torch.bfloat16, generator)
     errors = {}
     results = {}
     for backend in ("reference", "triton"):
@@ -107,9 +130,9 @@ def timed(op: str, backend: str, seq_len: int, head_dim: int, causal: bool, args
     device, dtype = args.device, torch.bfloat16
     batch = max(1, args.tokens // seq_len)
     generator = torch.Generator(device).manual_seed(0)
-    tensors, options = inputs(op, batch, seq_len, head_dim, args.width, device, dtype, generator)
+    tensors, options = inputs(op, batch, seq_len, head_dim, args.shapes, device, dtype, generator)
     record = {"op": op, "backend": backend, "seq_len": seq_len, "batch": batch, "head_dim": head_dim}
-    record["width"] = args.width
+    record["width"] = args.shapes.width
     record["causal"] = causal
     try:
         with tokenmix.use_backend("reference" if backend == "sdpa" else backend):
@@ -148,7 +171,7 @@ def _time(op, tensors, options, causal, args) -> dict:
     }
 
 
-def minimal_bytes(op: str, record: dict) -> int | None:
+def minimal_bytes(op: str, record: dict, shapes: Shapes) -> int | None:
     """Bytes a forward pass must move at the least: inputs read once, outputs (and saved state) written."""
     tokens, width = record["batch"] * record["seq_len"], record["width"]
     if op == "aft_simple":  # q, k, v in; out (bf16) and lse, r (float32) out
@@ -156,7 +179,7 @@ def minimal_bytes(op: str, record: dict) -> int | None:
     if op == "lightconv":
         return tokens * width * 2 * 2
     if op == "dynamic_conv":  # plus the float32 taps of every position
-        return tokens * (width * 2 * 2 + CONV_HEADS * KERNEL_SIZE * 4)
+        return tokens * (width * 2 * 2 + shapes.conv_heads * shapes.kernel_size * 4)
     return None
 
 
@@ -186,14 +209,16 @@ def main() -> None:
         "mixed_chunk_attention",
         "aft_simple",
         "aft_full",
+        "aft_local",
+        "aft_conv",
         "lightconv",
         "dynamic_conv",
     ]
 
-    args.width = SMOKE_WIDTH if args.smoke else WIDTH
+    args.shapes = SMOKE if args.smoke else FULL
     check_len = 21 if args.smoke else 300
     checks = [
-        check(op, args.device, causal, check_len, args.width) for op in kernels for causal in (False, True)
+        check(op, args.device, causal, check_len, args.shapes) for op in kernels for causal in (False, True)
     ]
     for result in checks:
         print(
@@ -220,7 +245,7 @@ def main() -> None:
                     continue  # O(N²·D) with no matmul: minutes per point
                 for backend in ("triton", "reference"):
                     record = timed(op, backend, seq_len, head_dims[0], causal, args)
-                    needed = minimal_bytes(op, record)
+                    needed = minimal_bytes(op, record, args.shapes)
                     if needed and backend == "triton" and not record.get("oom"):
                         record["fwd_gb_per_s"] = needed / (record["fwd_ms"] / 1000) / 1e9
                         record["fraction_of_copy_bandwidth"] = record["fwd_gb_per_s"] / bandwidth
@@ -232,7 +257,14 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         json.dumps(
-            {"machine": info, "copy_gb_per_s": bandwidth, "checks": checks, "records": records}, indent=2
+            {
+                "machine": info,
+                "shapes": dataclasses.asdict(args.shapes),
+                "copy_gb_per_s": bandwidth,
+                "checks": checks,
+                "records": records,
+            },
+            indent=2,
         )
     )
     plot(records, path.with_suffix(".png"))

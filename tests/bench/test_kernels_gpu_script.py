@@ -25,7 +25,8 @@ def test_the_gpu_benchmark_script_checks_times_and_writes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
     assert {c["op"] for c in data["checks"]} == {
-        "pointwise_attention", "mixed_chunk_attention", "aft_simple", "aft_full", "lightconv", "dynamic_conv"
+        "pointwise_attention", "mixed_chunk_attention", "aft_simple", "aft_full", "aft_local", "aft_conv",
+        "lightconv", "dynamic_conv",
     }  # fmt: skip
     assert all(c["ok"] for c in data["checks"]), data["checks"]
     kinds = {(r["op"], r["backend"]) for r in data["records"]}
