@@ -13,12 +13,12 @@ import contextlib
 import importlib.util
 import os
 from collections.abc import Iterator
-from contextvars import ContextVar
 
 import torch
 
 BACKENDS = ("auto", "reference", "triton")
-_selected: ContextVar[str | None] = ContextVar("tokenmix_backend", default=None)
+# A module global rather than a ContextVar: torch.compile reads it (and guards on it) while tracing.
+_selected: str | None = None
 
 
 def _check(name: str, origin: str) -> str:
@@ -29,20 +29,21 @@ def _check(name: str, origin: str) -> str:
 
 def get_backend() -> str:
     """The backend in force: the innermost ``use_backend``, else ``$TOKENMIX_BACKEND``, else ``auto``."""
-    selected = _selected.get()
-    if selected is not None:
-        return selected
+    if _selected is not None:
+        return _selected
     return _check(os.environ.get("TOKENMIX_BACKEND", "auto"), "TOKENMIX_BACKEND")
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ops called inside the block on ``name``'s implementation."""
-    token = _selected.set(_check(name, "backend"))
+    """Run the ops called inside the block on ``name``'s implementation (process-wide, not per thread;
+    a function compiled inside the block keeps the choice and recompiles if it changes)."""
+    global _selected
+    previous, _selected = _selected, _check(name, "backend")
     try:
         yield
     finally:
-        _selected.reset(token)
+        _selected = previous
 
 
 def interpreting() -> bool:

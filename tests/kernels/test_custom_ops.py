@@ -1,0 +1,112 @@
+"""The kernels are torch custom ops: their schemas, fake (meta) implementations and autograd registrations
+pass torch.library.opcheck, and torch.compile traces a call through them in one graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokenmix
+import tokenmix.kernels.aft
+import tokenmix.kernels.conv
+import tokenmix.kernels.flash
+import tokenmix.kernels.pointwise_attention  # registers the ops
+from tokenmix import functional
+
+
+def _randn(generator, *shape, requires_grad=True):
+    return torch.randn(*shape, generator=generator).requires_grad_(requires_grad)
+
+
+def calls(generator):
+    """(name, op, tensors, options) for every op with a kernel, on small odd shapes."""
+    bnd = (2, 11, 6)
+    mask = torch.rand(2, 11, generator=generator) > 0.2
+    chunked = {"chunk_size": 4, "causal": True, "attention_mask": mask}
+    return [
+        ("pointwise_attention", functional.pointwise_attention,
+         [_randn(generator, 2, 3, 11, 5) for _ in range(3)], {"activation": "relu2", "causal": True}),
+        ("mixed_chunk_attention", functional.mixed_chunk_attention,
+         [_randn(generator, *bnd) for _ in range(5)], chunked),
+        ("aft_simple", functional.aft_simple, [_randn(generator, *bnd) for _ in range(3)], {"causal": True}),
+        ("aft_full", functional.aft_full,
+         [*(_randn(generator, *bnd) for _ in range(3)), _randn(generator, 12, 12)], {"attention_mask": mask}),
+        ("aft_local", functional.aft_local,
+         [*(_randn(generator, *bnd) for _ in range(3)), _randn(generator, 11, 11)], {"window": 3}),
+        ("aft_conv", functional.aft_conv,
+         [_randn(generator, 2, 11, 2, 3), _randn(generator, 2, 11, 2), _randn(generator, 2, 11, 2, 3),
+          _randn(generator, 2, 3)], {"causal": True}),
+        ("lightconv", functional.lightconv, [_randn(generator, *bnd), _randn(generator, 2, 3)], {}),
+        ("dynamic_conv", functional.dynamic_conv,
+         [_randn(generator, *bnd), _randn(generator, 2, 11, 2, 3)], {"causal": True}),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(8), ids=[call[0] for call in calls(torch.Generator())])
+def test_compile_traces_through_the_kernel_in_one_graph(index):
+    generator = torch.Generator().manual_seed(index)
+    _, op, tensors, options = calls(generator)[index]
+    grad = None
+    results = []
+    with tokenmix.use_backend("triton"):
+        for run in (op, torch.compile(op, backend="aot_eager", fullgraph=True, dynamic=False)):
+            out = run(*tensors, **options)
+            grad = torch.randn(out.shape, generator=generator) if grad is None else grad
+            results.append((out, *torch.autograd.grad(out, tensors, grad)))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager)
+
+
+def opcheck_cases():
+    generator = torch.Generator().manual_seed(0)
+    bnd = (2, 11, 6)
+    mask = torch.rand(2, 11, generator=generator) > 0.2
+
+    def randn(*shape):
+        return _randn(generator, *shape)
+
+    ops = torch.ops.tokenmix
+    return {
+        "pointwise_attention": (ops.pointwise_attention, (
+            *(randn(2, 3, 11, 5) for _ in range(3)), mask, torch.full((1, 11), 0.5), "relu2", 0.4, True)),
+        "mixed_chunk_attention": (
+            ops.mixed_chunk_attention, (*(randn(*bnd) for _ in range(5)), mask, 4, True)),
+        "aft_simple": (ops.aft_simple, (*(randn(*bnd) for _ in range(3)), mask, True)),
+        "aft_full": (ops.aft_full, (*(randn(*bnd) for _ in range(3)), randn(12, 12), mask, False)),
+        "aft_banded": (ops.aft_banded, (*(randn(*bnd) for _ in range(3)), randn(11, 1, 5), mask, 3, False)),
+        "aft_banded_per_head": (
+            ops.aft_banded, (randn(*bnd), randn(2, 11, 2), randn(*bnd), randn(1, 2, 3), None, 2, True)),
+        "depthwise_conv": (ops.depthwise_conv, (randn(*bnd), randn(2, 3), 2, True)),
+    }  # fmt: skip
+
+
+OPCHECKED = ["pointwise_attention", "mixed_chunk_attention", "aft_simple", "aft_full", "aft_banded",
+             "aft_banded_per_head", "depthwise_conv"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", OPCHECKED)
+def test_opcheck(name):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the forward op."""
+    with tokenmix.use_backend("triton"):
+        op, args = opcheck_cases()[name]
+        torch.library.opcheck(op, args)
+
+
+def test_every_registered_forward_op_is_opchecked():
+    namespace = torch.ops.tokenmix
+    registered = {
+        name for name in dir(namespace) if isinstance(getattr(namespace, name), torch._ops.OpOverloadPacket)
+    }
+    forward = {name for name in registered if not name.endswith("_backward")}
+    assert forward == {name for name in OPCHECKED if not name.endswith("_per_head")}
+
+
+def test_a_compiled_function_follows_a_change_of_backend():
+    """The backend is read while tracing and guarded on: forcing triton afterwards recompiles (and
+    raises for float64, which no kernel takes) instead of replaying the reference graph."""
+    compiled = torch.compile(functional.aft_simple, backend="aot_eager", fullgraph=True)
+    q = torch.randn(1, 5, 3, dtype=torch.float64)
+    with tokenmix.use_backend("reference"):
+        torch.testing.assert_close(compiled(q, q, q), functional.aft_simple(q, q, q))
+    with tokenmix.use_backend("triton"), pytest.raises(Exception, match="float64 runs on the reference"):
+        compiled(q, q, q)
