@@ -361,6 +361,19 @@ def _absorb(top, total, weighted, scores, values):
 
 
 @triton.jit
+def _finish_rows(top, total, weighted, q_ptr, out_ptr, lse_ptr, ratio_ptr, rows, channels, seq_len, dim):
+    """Stores σ(q) ⊙ r, lse and r of rows from their running (max, Σ e^(s − max), Σ e^(s − max) v); a row
+    with no real key outputs 0."""
+    sees = total > 0
+    ratio = tl.where(sees, weighted / tl.where(sees, total, 1.0), 0.0)
+    lse = tl.where(sees, top + tl.log(tl.where(sees, total, 1.0)), float("-inf"))
+    queries = _load(q_ptr, rows, channels, seq_len, dim, 0.0)
+    _store(out_ptr, tl.sigmoid(queries) * ratio, rows, channels, seq_len, dim)
+    _store(lse_ptr, lse, rows, channels, seq_len, dim)
+    _store(ratio_ptr, ratio, rows, channels, seq_len, dim)
+
+
+@triton.jit
 def _band_pointers(band_ptr, rows, head, index, row_stride, head_stride):
     return band_ptr + rows * row_stride + head * head_stride + index
 
@@ -408,13 +421,7 @@ def _band_forward_kernel(
         bias = tl.load(bias_ptr, (rows >= 0) & (rows < seq_len), 0.0).to(tl.float32)
         values = _load(v_ptr, columns, channels, seq_len, dim, 0.0)
         top, total, weighted = _absorb(top, total, weighted, keys + bias[:, None], values)
-    sees = total > 0  # a row with no real key outputs 0
-    ratio = tl.where(sees, weighted / tl.where(sees, total, 1.0), 0.0)
-    lse = tl.where(sees, top + tl.log(tl.where(sees, total, 1.0)), float("-inf"))
-    queries = _load(q_ptr, rows, channels, seq_len, dim, 0.0)
-    _store(out_ptr, tl.sigmoid(queries) * ratio, rows, channels, seq_len, dim)
-    _store(lse_ptr, lse, rows, channels, seq_len, dim)
-    _store(ratio_ptr, ratio, rows, channels, seq_len, dim)
+    _finish_rows(top, total, weighted, q_ptr, out_ptr, lse_ptr, ratio_ptr, rows, channels, seq_len, dim)
 
 
 @triton.jit
@@ -665,13 +672,7 @@ def _full_forward_kernel(
         total = total * rescale + tl.sum(weights, 1)
         weighted = weighted * rescale + tl.sum(weights * values[None, :, :], 1)
         top = new_top
-    sees = total > 0  # a row with no real key outputs 0
-    ratio = tl.where(sees, weighted / tl.where(sees, total, 1.0), 0.0)
-    lse = tl.where(sees, top + tl.log(tl.where(sees, total, 1.0)), float("-inf"))
-    queries = _load(q_ptr, rows, channels, seq_len, dim, 0.0)
-    _store(out_ptr, tl.sigmoid(queries) * ratio, rows, channels, seq_len, dim)
-    _store(lse_ptr, lse, rows, channels, seq_len, dim)
-    _store(ratio_ptr, ratio, rows, channels, seq_len, dim)
+    _finish_rows(top, total, weighted, q_ptr, out_ptr, lse_ptr, ratio_ptr, rows, channels, seq_len, dim)
 
 
 @triton.jit

@@ -6,9 +6,9 @@ M_g = (Σ k_lin_jᵀ v_j over the real j of the chunks before g, or of all chunk
 comes from per-chunk sums (one kernel, tensor-core dots) and a prefix sum over chunks in PyTorch. The
 output kernel adds q_lin · M_g to the within-chunk relu² attention of its rows (a block of rows may span
 chunks when C is small: each row takes its own chunk's state). The backward recomputes the scores: one
-kernel gives dv, one dk_quad and dk_lin, one dq_quad and dq_lin, so nothing but the chunk sums is
-reduced across programs. Values are split into blocks of channels (E = 2·d is wide); state and
-accumulation are float32.
+kernel gives dv; one, run over blocks of keys and then of rows, gives dk_quad, dk_lin and dq_quad, dq_lin;
+nothing but the chunk sums is reduced across programs. Values are split into blocks of channels (E = 2·d
+is wide); state and accumulation are float32.
 """
 
 from __future__ import annotations
@@ -95,79 +95,65 @@ def _chunk_sums_kernel(
 
 
 @triton.jit
-def _forward_kernel(
-    qq_ptr, kq_ptr, ql_ptr, v_ptr, mask_ptr, m_ptr, out_ptr,
-    seq_len, dim_s, dim_e, chunk_size, scale, m_batch_stride, m_chunk_stride,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
-):  # fmt: skip
-    """A block of rows, one block of value channels: relu² attention within chunks, plus q_lin · M."""
-    block, e_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    s_range, e_range = tl.arange(0, BLOCK_S), e_block * BLOCK_E + tl.arange(0, BLOCK_E)
-    offset_s, offset_e = batch * seq_len * dim_s, batch * seq_len * dim_e
-    qq_ptr, kq_ptr, ql_ptr = qq_ptr + offset_s, kq_ptr + offset_s, ql_ptr + offset_s
-    v_ptr, out_ptr = v_ptr + offset_e, out_ptr + offset_e
-    mask_ptr += batch * seq_len
-    q = load_rows(qq_ptr, rows, s_range, seq_len, dim_s, dim_s, 0.0)
-    first, last, key_end = _chunks(block * BLOCK_M, seq_len, chunk_size, BLOCK_M)
+def _partners(block, seq_len, chunk_size, KEYS: tl.constexpr, CAUSAL: tl.constexpr, BLOCK: tl.constexpr):
+    """For a block of rows (of keys when KEYS): the first and last chunk it touches, and the range of the
+    keys it sees (of the rows that see it)."""
+    first, last, end = _chunks(block * BLOCK, seq_len, chunk_size, BLOCK)
+    start = first * chunk_size
     if CAUSAL:
-        key_end = tl.minimum(key_end, (block + 1) * BLOCK_M)
-    acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
-    for start in range(first * chunk_size, key_end, BLOCK_N):
-        columns = start + tl.arange(0, BLOCK_N)
-        k = load_rows(kq_ptr, columns, s_range, seq_len, dim_s, dim_s, 0.0)
-        relu = _relu_scores(
-            q, k, rows, columns, mask_ptr, seq_len, chunk_size, scale, CAUSAL, HAS_MASK, PRECISION, UPCAST
-        )
-        weights = relu * relu / chunk_size  # 1/C before the cast keeps half-precision weights finite
-        v = load_rows(v_ptr, columns, e_range, seq_len, dim_e, dim_e, 0.0)
-        acc += dot(weights.to(v.dtype), v, PRECISION, UPCAST)
-    q_lin = load_rows(ql_ptr, rows, s_range, seq_len, dim_s, dim_s, 0.0)
-    acc = _chunk_linear(
-        acc, q_lin, rows, first, last, chunk_size, m_ptr + batch * m_batch_stride, m_chunk_stride, s_range,
-        e_range, dim_s, dim_e, False, PRECISION, UPCAST,
-    )  # fmt: skip
-    store_rows(out_ptr, acc, rows, e_range, seq_len, dim_e, dim_e)
+        if KEYS:
+            start = block * BLOCK
+        else:
+            end = tl.minimum(end, (block + 1) * BLOCK)
+    return first, last, start, end
 
 
 @triton.jit
-def _backward_values_kernel(
-    qq_ptr, kq_ptr, kl_ptr, g_ptr, mask_ptr, d_ptr, dv_ptr,
-    seq_len, dim_s, dim_e, chunk_size, scale, d_batch_stride, d_chunk_stride,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+def _values_kernel(
+    qq_ptr, kq_ptr, lin_ptr, x_ptr, mask_ptr, state_ptr, out_ptr,
+    seq_len, dim_s, dim_e, chunk_size, scale, state_batch_stride, state_chunk_stride,
+    KEYS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    """dv of a block of keys, one block of channels: Σ_i relu²(s_ij) / C · g_i over the rows of their
-    chunks, plus k_lin_j · D_{c(j)} (D: the gradient of the chunk sums, d_ptr) for real keys."""
+    """One block of value channels of the output of a block of rows: Σ_j relu²(s_ij) / C · v_j over the
+    keys of their chunks, plus q_lin_i · M_{c(i)} (x: v, lin: q_lin, state: M). KEYS: dv of a block of
+    keys instead, Σ_i relu²(s_ij) / C · g_i over the rows that see them, plus k_lin_j · D_{c(j)} for real
+    keys (x: g, lin: k_lin, state: D, the gradient of the chunk sums)."""
     block, e_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    columns = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    mine = block * BLOCK + tl.arange(0, BLOCK)
     s_range, e_range = tl.arange(0, BLOCK_S), e_block * BLOCK_E + tl.arange(0, BLOCK_E)
     offset_s, offset_e = batch * seq_len * dim_s, batch * seq_len * dim_e
-    qq_ptr, kq_ptr, kl_ptr = qq_ptr + offset_s, kq_ptr + offset_s, kl_ptr + offset_s
-    g_ptr, dv_ptr = g_ptr + offset_e, dv_ptr + offset_e
+    qq_ptr, kq_ptr, lin_ptr = qq_ptr + offset_s, kq_ptr + offset_s, lin_ptr + offset_s
+    x_ptr, out_ptr = x_ptr + offset_e, out_ptr + offset_e
     mask_ptr += batch * seq_len
-    k = load_rows(kq_ptr, columns, s_range, seq_len, dim_s, dim_s, 0.0)
-    first, last, row_end = _chunks(block * BLOCK_N, seq_len, chunk_size, BLOCK_N)
-    row_start = block * BLOCK_N if CAUSAL else first * chunk_size
-    acc = tl.zeros((BLOCK_N, BLOCK_E), tl.float32)
-    for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        q = load_rows(qq_ptr, rows, s_range, seq_len, dim_s, dim_s, 0.0)
-        relu = _relu_scores(
-            q, k, rows, columns, mask_ptr, seq_len, chunk_size, scale, CAUSAL, HAS_MASK, PRECISION, UPCAST
-        )
+    first, last, start, end = _partners(block, seq_len, chunk_size, KEYS, CAUSAL, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK_E), tl.float32)
+    for other_start in range(start, end, BLOCK):
+        others = other_start + tl.arange(0, BLOCK)
+        if KEYS:
+            q = load_rows(qq_ptr, others, s_range, seq_len, dim_s, dim_s, 0.0)
+            k = load_rows(kq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
+            relu = tl.trans(
+                _relu_scores(q, k, others, mine, mask_ptr, seq_len, chunk_size, scale, CAUSAL, HAS_MASK,
+                             PRECISION, UPCAST)
+            )  # fmt: skip
+        else:
+            q = load_rows(qq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
+            k = load_rows(kq_ptr, others, s_range, seq_len, dim_s, dim_s, 0.0)
+            relu = _relu_scores(
+                q, k, mine, others, mask_ptr, seq_len, chunk_size, scale, CAUSAL, HAS_MASK, PRECISION, UPCAST
+            )
         weights = relu * relu / chunk_size  # 1/C before the cast keeps half-precision weights finite
-        g = load_rows(g_ptr, rows, e_range, seq_len, dim_e, dim_e, 0.0)
-        acc += dot(tl.trans(weights).to(g.dtype), g, PRECISION, UPCAST)
-    k_lin = _real_rows(
-        load_rows(kl_ptr, columns, s_range, seq_len, dim_s, dim_s, 0.0), columns, mask_ptr, seq_len, HAS_MASK
-    )
+        x = load_rows(x_ptr, others, e_range, seq_len, dim_e, dim_e, 0.0)
+        acc += dot(weights.to(x.dtype), x, PRECISION, UPCAST)
+    lin = load_rows(lin_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
+    if KEYS:
+        lin = _real_rows(lin, mine, mask_ptr, seq_len, HAS_MASK)
     acc = _chunk_linear(
-        acc, k_lin, columns, first, last, chunk_size, d_ptr + batch * d_batch_stride, d_chunk_stride, s_range,
-        e_range, dim_s, dim_e, False, PRECISION, UPCAST,
+        acc, lin, mine, first, last, chunk_size, state_ptr + batch * state_batch_stride, state_chunk_stride,
+        s_range, e_range, dim_s, dim_e, False, PRECISION, UPCAST,
     )  # fmt: skip
-    store_rows(dv_ptr, acc, columns, e_range, seq_len, dim_e, dim_e)
+    store_rows(out_ptr, acc, mine, e_range, seq_len, dim_e, dim_e)
 
 
 @triton.jit
@@ -200,102 +186,68 @@ def _score_grads(
 
 
 @triton.jit
-def _backward_keys_kernel(
-    qq_ptr, kq_ptr, v_ptr, g_ptr, mask_ptr, d_ptr, dkq_ptr, dkl_ptr,
-    seq_len, dim_s, dim_e, chunk_size, scale, d_batch_stride, d_chunk_stride,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
+def _backward_scores_kernel(
+    qq_ptr, kq_ptr, v_ptr, g_ptr, mask_ptr, state_ptr, d_quad_ptr, d_lin_ptr,
+    seq_len, dim_s, dim_e, chunk_size, scale, state_batch_stride, state_chunk_stride,
+    KEYS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    """dk_quad and dk_lin of a block of keys: Σ_i dS_ij q_i over the rows of their chunks, and
-    v_j · D_{c(j)}ᵀ for real keys."""
+    """KEYS: dk_quad and dk_lin of a block of keys, Σ_i dS_ij q_i over the rows of their chunks and
+    v_j · D_{c(j)}ᵀ for real keys (state: D). Otherwise dq_quad and dq_lin of a block of rows,
+    Σ_j dS_ij k_j over the keys of their chunks and g_i · M_{c(i)}ᵀ (state: M)."""
     block, batch = tl.program_id(0), tl.program_id(1)
-    columns = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    mine = block * BLOCK + tl.arange(0, BLOCK)
     s_range = tl.arange(0, BLOCK_S)
     offset_s, offset_e = batch * seq_len * dim_s, batch * seq_len * dim_e
-    qq_ptr, kq_ptr, dkq_ptr, dkl_ptr = (
+    qq_ptr, kq_ptr, d_quad_ptr, d_lin_ptr = (
         qq_ptr + offset_s,
         kq_ptr + offset_s,
-        dkq_ptr + offset_s,
-        dkl_ptr + offset_s,
+        d_quad_ptr + offset_s,
+        d_lin_ptr + offset_s,
     )
     v_ptr, g_ptr = v_ptr + offset_e, g_ptr + offset_e
     mask_ptr += batch * seq_len
-    k = load_rows(kq_ptr, columns, s_range, seq_len, dim_s, dim_s, 0.0)
-    first, last, row_end = _chunks(block * BLOCK_N, seq_len, chunk_size, BLOCK_N)
-    row_start = block * BLOCK_N if CAUSAL else first * chunk_size
-    grad_k = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
-    for start in range(row_start, row_end, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        q = load_rows(qq_ptr, rows, s_range, seq_len, dim_s, dim_s, 0.0)
-        grad_scores = _score_grads(
-            q, k, g_ptr, v_ptr, rows, columns, mask_ptr, seq_len, dim_e, chunk_size, scale, CAUSAL, HAS_MASK,
-            PRECISION, UPCAST, BLOCK_E,
-        )  # fmt: skip
-        grad_k += dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, UPCAST)
-    store_rows(dkq_ptr, grad_k, columns, s_range, seq_len, dim_s, dim_s)
-    grad_k_lin = tl.zeros((BLOCK_N, BLOCK_S), tl.float32)
+    first, last, start, end = _partners(block, seq_len, chunk_size, KEYS, CAUSAL, BLOCK)
+    if KEYS:
+        own = load_rows(kq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
+        other_ptr, linear_ptr = qq_ptr, v_ptr
+    else:
+        own = load_rows(qq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
+        other_ptr, linear_ptr = kq_ptr, g_ptr
+    grad = tl.zeros((BLOCK, BLOCK_S), tl.float32)
+    for other_start in range(start, end, BLOCK):
+        others = other_start + tl.arange(0, BLOCK)
+        other = load_rows(other_ptr, others, s_range, seq_len, dim_s, dim_s, 0.0)
+        if KEYS:
+            grad_scores = _score_grads(
+                other, own, g_ptr, v_ptr, others, mine, mask_ptr, seq_len, dim_e, chunk_size, scale, CAUSAL,
+                HAS_MASK, PRECISION, UPCAST, BLOCK_E,
+            )  # fmt: skip
+            grad += dot(tl.trans(grad_scores).to(other.dtype), other, PRECISION, UPCAST)
+        else:
+            grad_scores = _score_grads(
+                own, other, g_ptr, v_ptr, mine, others, mask_ptr, seq_len, dim_e, chunk_size, scale, CAUSAL,
+                HAS_MASK, PRECISION, UPCAST, BLOCK_E,
+            )  # fmt: skip
+            grad += dot(grad_scores.to(other.dtype), other, PRECISION, UPCAST)
+    store_rows(d_quad_ptr, grad, mine, s_range, seq_len, dim_s, dim_s)
+    grad_lin = tl.zeros((BLOCK, BLOCK_S), tl.float32)
     for e_start in range(0, dim_e, BLOCK_E):
         e_range = e_start + tl.arange(0, BLOCK_E)
-        v = load_rows(v_ptr, columns, e_range, seq_len, dim_e, dim_e, 0.0)
-        grad_k_lin = _chunk_linear(
-            grad_k_lin, v, columns, first, last, chunk_size, d_ptr + batch * d_batch_stride, d_chunk_stride,
-            s_range, e_range, dim_s, dim_e, True, PRECISION, UPCAST,
+        x = load_rows(linear_ptr, mine, e_range, seq_len, dim_e, dim_e, 0.0)
+        grad_lin = _chunk_linear(
+            grad_lin, x, mine, first, last, chunk_size, state_ptr + batch * state_batch_stride,
+            state_chunk_stride, s_range, e_range, dim_s, dim_e, True, PRECISION, UPCAST,
         )  # fmt: skip
-    grad_k_lin = _real_rows(grad_k_lin, columns, mask_ptr, seq_len, HAS_MASK)
-    store_rows(dkl_ptr, grad_k_lin, columns, s_range, seq_len, dim_s, dim_s)
-
-
-@triton.jit
-def _backward_queries_kernel(
-    qq_ptr, kq_ptr, v_ptr, g_ptr, mask_ptr, m_ptr, dqq_ptr, dql_ptr,
-    seq_len, dim_s, dim_e, chunk_size, scale, m_batch_stride, m_chunk_stride,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr,
-):  # fmt: skip
-    """dq_quad and dq_lin of a block of rows: Σ_j dS_ij k_j over the keys of their chunks, and
-    g_i · M_{c(i)}ᵀ."""
-    block, batch = tl.program_id(0), tl.program_id(1)
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    s_range = tl.arange(0, BLOCK_S)
-    offset_s, offset_e = batch * seq_len * dim_s, batch * seq_len * dim_e
-    qq_ptr, kq_ptr, dqq_ptr, dql_ptr = (
-        qq_ptr + offset_s,
-        kq_ptr + offset_s,
-        dqq_ptr + offset_s,
-        dql_ptr + offset_s,
-    )
-    v_ptr, g_ptr = v_ptr + offset_e, g_ptr + offset_e
-    mask_ptr += batch * seq_len
-    q = load_rows(qq_ptr, rows, s_range, seq_len, dim_s, dim_s, 0.0)
-    first, last, key_end = _chunks(block * BLOCK_M, seq_len, chunk_size, BLOCK_M)
-    if CAUSAL:
-        key_end = tl.minimum(key_end, (block + 1) * BLOCK_M)
-    grad_q = tl.zeros((BLOCK_M, BLOCK_S), tl.float32)
-    for start in range(first * chunk_size, key_end, BLOCK_N):
-        columns = start + tl.arange(0, BLOCK_N)
-        k = load_rows(kq_ptr, columns, s_range, seq_len, dim_s, dim_s, 0.0)
-        grad_scores = _score_grads(
-            q, k, g_ptr, v_ptr, rows, columns, mask_ptr, seq_len, dim_e, chunk_size, scale, CAUSAL, HAS_MASK,
-            PRECISION, UPCAST, BLOCK_E,
-        )  # fmt: skip
-        grad_q += dot(grad_scores.to(k.dtype), k, PRECISION, UPCAST)
-    store_rows(dqq_ptr, grad_q, rows, s_range, seq_len, dim_s, dim_s)
-    grad_q_lin = tl.zeros((BLOCK_M, BLOCK_S), tl.float32)
-    for e_start in range(0, dim_e, BLOCK_E):
-        e_range = e_start + tl.arange(0, BLOCK_E)
-        g = load_rows(g_ptr, rows, e_range, seq_len, dim_e, dim_e, 0.0)
-        grad_q_lin = _chunk_linear(
-            grad_q_lin, g, rows, first, last, chunk_size, m_ptr + batch * m_batch_stride, m_chunk_stride,
-            s_range, e_range, dim_s, dim_e, True, PRECISION, UPCAST,
-        )  # fmt: skip
-    store_rows(dql_ptr, grad_q_lin, rows, s_range, seq_len, dim_s, dim_s)
+    if KEYS:
+        grad_lin = _real_rows(grad_lin, mine, mask_ptr, seq_len, HAS_MASK)
+    store_rows(d_lin_ptr, grad_lin, mine, s_range, seq_len, dim_s, dim_s)
 
 
 def _blocks(dim_s: int, dim_e: int) -> dict[str, int]:
     small = 16 if interpreting() else 64
     return {
-        "BLOCK_M": small,
-        "BLOCK_N": small,
+        "BLOCK": small,
         "BLOCK_S": max(16, triton.next_power_of_2(dim_s)),
         "BLOCK_E": max(16, min(small, triton.next_power_of_2(dim_e))),
     }
@@ -376,10 +328,11 @@ def mixed_chunk_forward(
     states = states / _seen_counts(key_mask, batch, seq_len, chunk_size, causal, v.device)
     out = torch.empty_like(v)
     sizes, flags = _arguments(q_quad, v, key_mask, chunk_size, causal)
-    grid = (triton.cdiv(seq_len, flags["BLOCK_M"]), triton.cdiv(v.shape[-1], flags["BLOCK_E"]), batch)
-    _forward_kernel[grid](
-        q_quad, k_quad, q_lin, v, int8_mask(v, key_mask), states, out, *sizes, *_strides(states), **flags
-    )
+    grid = (triton.cdiv(seq_len, flags["BLOCK"]), triton.cdiv(v.shape[-1], flags["BLOCK_E"]), batch)
+    _values_kernel[grid](
+        q_quad, k_quad, q_lin, v, int8_mask(v, key_mask), states, out, *sizes, *_strides(states), KEYS=False,
+        **flags,
+    )  # fmt: skip
     return out, states
 
 
@@ -416,17 +369,19 @@ def mixed_chunk_backward(
     sizes, flags = _arguments(q_quad, v, key_mask, chunk_size, causal)
     mask = int8_mask(v, key_mask)
     grads = [torch.empty_like(x) for x in (q_quad, k_quad, q_lin, k_lin, v)]
-    rows, keys = triton.cdiv(seq_len, flags["BLOCK_M"]), triton.cdiv(seq_len, flags["BLOCK_N"])
-    _backward_values_kernel[(keys, triton.cdiv(v.shape[-1], flags["BLOCK_E"]), batch)](
-        q_quad, k_quad, k_lin, grad_out, mask, grad_states, grads[4], *sizes, *_strides(grad_states), **flags
-    )
-    _backward_keys_kernel[(keys, batch)](
-        q_quad, k_quad, v, grad_out, mask, grad_states, grads[1], grads[3], *sizes, *_strides(grad_states),
-        **flags,
+    blocks = triton.cdiv(seq_len, flags["BLOCK"])
+    _values_kernel[(blocks, triton.cdiv(v.shape[-1], flags["BLOCK_E"]), batch)](
+        q_quad, k_quad, k_lin, grad_out, mask, grad_states, grads[4], *sizes, *_strides(grad_states),
+        KEYS=True, **flags,
     )  # fmt: skip
-    _backward_queries_kernel[(rows, batch)](
-        q_quad, k_quad, v, grad_out, mask, states, grads[0], grads[2], *sizes, *_strides(states), **flags
-    )
+    for keys, state, d_quad, d_lin in (
+        (True, grad_states, grads[1], grads[3]),
+        (False, states, grads[0], grads[2]),
+    ):
+        _backward_scores_kernel[(blocks, batch)](
+            q_quad, k_quad, v, grad_out, mask, state, d_quad, d_lin, *sizes, *_strides(state), KEYS=keys,
+            **flags,
+        )  # fmt: skip
     return tuple(grads)
 
 
