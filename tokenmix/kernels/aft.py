@@ -151,8 +151,9 @@ def _scan_backward_kernel(
     local = tl.arange(0, BLOCK_T)
     carry_r = tl.zeros((BLOCK_D,), tl.float32)
     carry_q = tl.zeros((BLOCK_D,), tl.float32)
-    for block in range(tl.cdiv(seq_len, BLOCK_T) - 1, -1, -1):
-        steps = block * BLOCK_T + local
+    blocks = tl.cdiv(seq_len, BLOCK_T)
+    for index in range(0, blocks):  # the blocks in reverse, by an ascending loop (scf.for's own form)
+        steps = (blocks - 1 - index) * BLOCK_T + local
         rows = _time(steps, seq_len, REVERSE)
         scan_lse = _load(scan_lse_ptr, rows, channels, seq_len, dim, float("-inf"))
         following = _load(

@@ -25,10 +25,13 @@ def _tile(ptr, rows, columns, seq_len, width, stride):
 @triton.jit
 def _taps(kernel_ptr, rows, head, tap, seq_len, heads, kernel_size, DYNAMIC: tl.constexpr):
     """W̃[·, head, tap] for output rows (dynamic: (rows,) from (B·N, H, K); else a scalar from (H, K))."""
+    # One return: compiled Triton wants a single return type even where a constexpr picks the branch.
     if DYNAMIC:
         inside = (rows >= 0) & (rows < seq_len)
-        return tl.load(kernel_ptr + (rows * heads + head) * kernel_size + tap, inside, 0.0)[:, None]
-    return tl.load(kernel_ptr + head * kernel_size + tap)
+        taps = tl.load(kernel_ptr + (rows * heads + head) * kernel_size + tap, inside, 0.0)[:, None]
+    else:
+        taps = tl.load(kernel_ptr + head * kernel_size + tap)
+    return taps
 
 
 @triton.jit
