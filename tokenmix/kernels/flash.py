@@ -127,22 +127,21 @@ def _values_kernel(
     x_ptr, out_ptr = x_ptr + offset_e, out_ptr + offset_e
     mask_ptr += batch * seq_len
     first, last, start, end = _partners(block, seq_len, chunk_size, KEYS, CAUSAL, BLOCK)
+    own = load_rows(kq_ptr if KEYS else qq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
     acc = tl.zeros((BLOCK, BLOCK_E), tl.float32)
     for other_start in range(start, end, BLOCK):
         others = other_start + tl.arange(0, BLOCK)
+        other = load_rows(qq_ptr if KEYS else kq_ptr, others, s_range, seq_len, dim_s, dim_s, 0.0)
         if KEYS:
-            q = load_rows(qq_ptr, others, s_range, seq_len, dim_s, dim_s, 0.0)
-            k = load_rows(kq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
             relu = tl.trans(
-                _relu_scores(q, k, others, mine, mask_ptr, seq_len, chunk_size, scale, CAUSAL, HAS_MASK,
+                _relu_scores(other, own, others, mine, mask_ptr, seq_len, chunk_size, scale, CAUSAL, HAS_MASK,
                              PRECISION, UPCAST)
             )  # fmt: skip
         else:
-            q = load_rows(qq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
-            k = load_rows(kq_ptr, others, s_range, seq_len, dim_s, dim_s, 0.0)
             relu = _relu_scores(
-                q, k, mine, others, mask_ptr, seq_len, chunk_size, scale, CAUSAL, HAS_MASK, PRECISION, UPCAST
-            )
+                own, other, mine, others, mask_ptr, seq_len, chunk_size, scale, CAUSAL, HAS_MASK, PRECISION,
+                UPCAST,
+            )  # fmt: skip
         weights = relu * relu / chunk_size  # 1/C before the cast keeps half-precision weights finite
         x = load_rows(x_ptr, others, e_range, seq_len, dim_e, dim_e, 0.0)
         acc += dot(weights.to(x.dtype), x, PRECISION, UPCAST)
@@ -208,12 +207,8 @@ def _backward_scores_kernel(
     v_ptr, g_ptr = v_ptr + offset_e, g_ptr + offset_e
     mask_ptr += batch * seq_len
     first, last, start, end = _partners(block, seq_len, chunk_size, KEYS, CAUSAL, BLOCK)
-    if KEYS:
-        own = load_rows(kq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
-        other_ptr, linear_ptr = qq_ptr, v_ptr
-    else:
-        own = load_rows(qq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
-        other_ptr, linear_ptr = kq_ptr, g_ptr
+    own = load_rows(kq_ptr if KEYS else qq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
+    other_ptr, linear_ptr = (qq_ptr, v_ptr) if KEYS else (kq_ptr, g_ptr)
     grad = tl.zeros((BLOCK, BLOCK_S), tl.float32)
     for other_start in range(start, end, BLOCK):
         others = other_start + tl.arange(0, BLOCK)
