@@ -74,3 +74,23 @@ def test_auto_takes_the_reference_path_on_the_cpu_and_forcing_explains_why_not(m
         pointwise_attention(q.float(), q.float(), q.float())
     with tokenmix.use_backend("auto"):
         pointwise_attention(q.float(), q.float(), q.float())  # the reference path, no error
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_float16_weights_beyond_its_range_stay_finite(device, causal):
+    """relu² of scores in the hundreds exceeds float16's largest value (65504); scaled by L^-α = 1/N the
+    outputs and (small) gradients do not, and the kernel applies the scale before any half-precision
+    cast."""
+    (q, k, v), grad, mask = inputs(device, torch.float32, seed=3)
+    q, k, v = (x.detach() for x in (q, k, v))
+    tensors = [x.half().requires_grad_() for x in (q * 12, k * 12, v * 1e-2)]
+    scores = tensors[0].float() @ tensors[1].float().transpose(-1, -2) / q.shape[-1] ** 0.5
+    assert scores.max() ** 2 > torch.finfo(torch.float16).max
+    options = {"activation": "relu2", "causal": causal, "alpha": 1.0, "length": 37, "attention_mask": mask}
+    reference = run("reference", *tensors, (grad * 1e-2).half(), **options)
+    kernel = run("triton", *tensors, (grad * 1e-2).half(), **options)
+    for name, ours, expected in zip(("out", "dq", "dk", "dv"), kernel, reference, strict=True):
+        assert torch.isfinite(expected).all(), name
+        assert torch.isfinite(ours).all(), name
+        error = relative_error(ours.double(), expected.double())
+        assert error <= TOLERANCE[torch.float16], f"{name}: relative error {error:.2e}"

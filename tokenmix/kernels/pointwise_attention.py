@@ -75,6 +75,12 @@ def _head_pointers(q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, head, heads, seq_len, d
 
 
 @triton.jit
+def _row_scale(row_scale_ptr, batch, batch_stride, rows, seq_len):
+    """L_i^−α of the rows as a column, applied before any half-precision cast of what it scales."""
+    return tl.load(row_scale_ptr + batch * batch_stride + rows, rows < seq_len, 0.0)[:, None]
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, row_scale_ptr, out_ptr,
     seq_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
@@ -90,6 +96,7 @@ def _forward_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr, head, heads, seq_len, dim_k, dim_v
     )
     q = load_rows(q_ptr, rows, dk, seq_len, dim_k, dim_k, 0.0)
+    row_scale = _row_scale(row_scale_ptr, batch, row_scale_batch_stride, rows, seq_len)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     end = tl.minimum((block + 1) * BLOCK_M, seq_len) if CAUSAL else seq_len
     for start in range(0, end, BLOCK_N):
@@ -100,21 +107,19 @@ def _forward_kernel(
             key_visible(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK), _phi(scores, ACTIVATION), 0.0
         )
         v = load_rows(v_ptr, columns, dv, seq_len, dim_v, dim_v, 0.0)
-        acc += dot(weights.to(v.dtype), v, PRECISION, UPCAST)
-    row_scale = tl.load(row_scale_ptr + batch * row_scale_batch_stride + rows, rows < seq_len, 0.0)
-    acc = acc * row_scale[:, None]
+        acc += dot((weights * row_scale).to(v.dtype), v, PRECISION, UPCAST)
     store_rows(out_ptr, acc, rows, dv, seq_len, dim_v, dim_v)
 
 
 @triton.jit
 def _backward_keys_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, dk_ptr, dv_ptr,
-    seq_len, heads, dim_k, dim_v, scale,
+    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr, dk_ptr, dv_ptr,
+    seq_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
     ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv of one key block, over the query blocks that see it (g = grad_out · L^−α, float32)."""
+    """dk, dv of one key block, over the query blocks that see it (g: grad_out)."""
     block, head = tl.program_id(0), tl.program_id(1)
     columns = block * BLOCK_N + tl.arange(0, BLOCK_N)
     dk_range, dv_range = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
@@ -130,11 +135,12 @@ def _backward_keys_kernel(
         rows = start + tl.arange(0, BLOCK_M)
         q = load_rows(q_ptr, rows, dk_range, seq_len, dim_k, dim_k, 0.0)
         g = load_rows(g_ptr, rows, dv_range, seq_len, dim_v, dim_v, 0.0)
+        row_scale = _row_scale(row_scale_ptr, head // heads, row_scale_batch_stride, rows, seq_len)
         scores = dot(q, tl.trans(k), PRECISION, UPCAST) * scale  # (M, N)
         counted = key_visible(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK)
-        weights = tl.where(counted, _phi(scores, ACTIVATION), 0.0)
-        grad_v += dot(tl.trans(weights).to(q.dtype), g.to(q.dtype), PRECISION, UPCAST)
-        grad_weights = dot(g.to(q.dtype), tl.trans(v), PRECISION, UPCAST)
+        weights = tl.where(counted, _phi(scores, ACTIVATION), 0.0) * row_scale
+        grad_v += dot(tl.trans(weights).to(q.dtype), g, PRECISION, UPCAST)
+        grad_weights = dot(g, tl.trans(v), PRECISION, UPCAST) * row_scale
         grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
         grad_k += dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, UPCAST)
     store_rows(dk_ptr + head * seq_len * dim_k, grad_k * scale, columns, dk_range, seq_len, dim_k, dim_k)
@@ -143,8 +149,8 @@ def _backward_keys_kernel(
 
 @triton.jit
 def _backward_queries_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, dq_ptr,
-    seq_len, heads, dim_k, dim_v, scale,
+    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr, dq_ptr,
+    seq_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
     ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -158,6 +164,7 @@ def _backward_queries_kernel(
     )
     q = load_rows(q_ptr, rows, dk_range, seq_len, dim_k, dim_k, 0.0)
     g = load_rows(g_ptr, rows, dv_range, seq_len, dim_v, dim_v, 0.0)
+    row_scale = _row_scale(row_scale_ptr, head // heads, row_scale_batch_stride, rows, seq_len)
     grad_q = tl.zeros((BLOCK_M, BLOCK_DK), tl.float32)
     end = tl.minimum((block + 1) * BLOCK_M, seq_len) if CAUSAL else seq_len
     for start in range(0, end, BLOCK_N):
@@ -166,7 +173,7 @@ def _backward_queries_kernel(
         v = load_rows(v_ptr, columns, dv_range, seq_len, dim_v, dim_v, 0.0)
         scores = dot(q, tl.trans(k), PRECISION, UPCAST) * scale
         counted = key_visible(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK)
-        grad_weights = dot(g.to(q.dtype), tl.trans(v), PRECISION, UPCAST)
+        grad_weights = dot(g, tl.trans(v), PRECISION, UPCAST) * row_scale
         grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
         grad_q += dot(grad_scores.to(q.dtype), k, PRECISION, UPCAST)
     store_rows(dq_ptr + head * seq_len * dim_k, grad_q * scale, rows, dk_range, seq_len, dim_k, dim_k)
@@ -241,18 +248,17 @@ def pointwise_attention_backward(
     batch, heads, seq_len, dim_k = q.shape
     dim_v = v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    # The row scale moves onto the incoming gradient: d/dW of L_i^-α (W v)_i is L_i^-α g_i v^T.
-    scale_rows = row_scale.to(torch.float32)[:, None, :, None]
-    grad = (grad_out.to(torch.float32) * scale_rows).contiguous()
+    grad = grad_out.to(q.dtype).contiguous()
+    row_scale = row_scale.to(torch.float32).contiguous()
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     blocks = _blocks(dim_k, dim_v, seq_len)
     flags, mask = _launch_arguments(q, key_mask, activation, causal)
-    arguments = (seq_len, heads, dim_k, dim_v, scale)
+    arguments = (seq_len, heads, dim_k, dim_v, scale, seq_len if row_scale.shape[0] > 1 else 0)
     _backward_keys_kernel[(triton.cdiv(seq_len, blocks["BLOCK_N"]), batch * heads)](
-        q, k, v, grad, mask, grad_k, grad_v, *arguments, **flags, **blocks
+        q, k, v, grad, mask, row_scale, grad_k, grad_v, *arguments, **flags, **blocks
     )
     _backward_queries_kernel[(triton.cdiv(seq_len, blocks["BLOCK_M"]), batch * heads)](
-        q, k, v, grad, mask, grad_q, *arguments, **flags, **blocks
+        q, k, v, grad, mask, row_scale, grad_q, *arguments, **flags, **blocks
     )
     return grad_q, grad_k, grad_v
 
