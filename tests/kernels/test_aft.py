@@ -123,7 +123,7 @@ def assert_kernel_matches(op, inputs, grad, dtype, names, **options):
         assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("window", [1, 4, 40])  # 40 > N: the band covers the sequence, the scans nothing
@@ -143,7 +143,7 @@ def test_aft_local_lowrank_matches_the_reference(device, causal):
     assert_kernel_matches(aft_local_lowrank, (q, k, v, w_u, w_v), grad, torch.float32, names, **options)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 def test_aft_conv_matches_the_reference(device, dtype, causal, masked):
