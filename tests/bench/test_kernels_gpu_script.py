@@ -34,3 +34,12 @@ def test_the_gpu_benchmark_script_checks_times_and_writes(tmp_path):
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in data["records"])
     assert any("fraction_of_copy_bandwidth" in r for r in data["records"])
     assert out.with_suffix(".png").is_file()
+    measured = {row["op"] for row in data["targets"]}
+    assert {
+        "pointwise_attention",
+        "mixed_chunk_attention",
+        "aft_simple",
+        "lightconv",
+        "dynamic_conv",
+    } <= measured
+    assert all(row["value"] > 0 and isinstance(row["met"], bool) for row in data["targets"])
