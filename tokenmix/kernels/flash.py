@@ -245,6 +245,7 @@ def _blocks(dim_s: int, dim_e: int) -> dict[str, int]:
         "BLOCK": small,
         "BLOCK_S": max(16, triton.next_power_of_2(dim_s)),
         "BLOCK_E": max(16, min(small, triton.next_power_of_2(dim_e))),
+        "num_warps": 8,  # 4 spill kilobytes of registers (ptxas, sm_90a)
     }
 
 
@@ -369,13 +370,16 @@ def mixed_chunk_backward(
         q_quad, k_quad, k_lin, grad_out, mask, grad_states, grads[4], *sizes, *_strides(grad_states),
         KEYS=True, **flags,
     )  # fmt: skip
+    # This kernel loops over the value channels, so narrower blocks cost no recomputation; at 64 they
+    # spill registers (ptxas, sm_90a).
+    scores_flags = {**flags, "BLOCK_E": min(32, flags["BLOCK_E"])}
     for keys, state, d_quad, d_lin in (
         (True, grad_states, grads[1], grads[3]),
         (False, states, grads[0], grads[2]),
     ):
         _backward_scores_kernel[(blocks, batch)](
             q_quad, k_quad, v, grad_out, mask, state, d_quad, d_lin, *sizes, *_strides(state), KEYS=keys,
-            **flags,
+            **scores_flags,
         )  # fmt: skip
     return tuple(grads)
 
