@@ -510,7 +510,7 @@ def _scan(q, k, v, mask, key_mask, heads, reverse):
     lse = q.new_empty(q.shape, dtype=torch.float32)
     ratio = torch.empty_like(lse)
     grid, blocks = _scan_grid(batch, dim, heads)
-    _scan_forward_kernel[grid](
+    _scan_forward_kernel[grid](  # no output (WRITE_OUT=False): q stands in for its pointer
         q, k, v, mask, q, lse, ratio, seq_len, dim, dim // heads, k.shape[-1], REVERSE=reverse,
         KEY_PER_HEAD=k.shape[-1] != dim, WRITE_OUT=False, HAS_MASK=key_mask is not None, **blocks,
     )  # fmt: skip
