@@ -17,6 +17,15 @@ def run(backend, op, inputs, grad, **options):
         return (out, *torch.autograd.grad(out, inputs, grad))
 
 
+def assert_kernel_matches(op, inputs, grad, dtype, names, **options):
+    expected = run("reference", op, inputs, grad, **options)
+    got = run("triton", op, inputs, grad, **options)
+    for name, ours, want in zip(names, got, expected, strict=True):
+        assert ours.dtype == dtype and ours.shape == want.shape
+        error = relative_error(ours.double(), want.double())
+        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e}"
+
+
 def case(device, dtype, batch=2, seq_len=37, dim=24, seed=0, key_scale=1.0):
     """Odd shapes: N not a multiple of the time block, D not a power of two."""
     generator = torch.Generator(device).manual_seed(seed)
@@ -34,12 +43,7 @@ def case(device, dtype, batch=2, seq_len=37, dim=24, seed=0, key_scale=1.0):
 def test_aft_simple_matches_the_reference(device, dtype, causal, masked):
     inputs, grad, mask = case(device, dtype)
     options = {"causal": causal, "attention_mask": mask if masked else None}
-    expected = run("reference", aft_simple, inputs, grad, **options)
-    got = run("triton", aft_simple, inputs, grad, **options)
-    for name, ours, want in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
-        assert ours.dtype == dtype
-        error = relative_error(ours.double(), want.double())
-        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e}"
+    assert_kernel_matches(aft_simple, inputs, grad, dtype, ("out", "dq", "dk", "dv"), **options)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -67,12 +71,7 @@ def test_aft_full_matches_the_reference(device, dtype, causal, masked):
     w = torch.randn(24, 24, generator=generator, device=device).to(dtype).requires_grad_()  # N_max > N
     inputs = (q, k, v, w)
     options = {"causal": causal, "attention_mask": mask if masked else None}
-    expected = run("reference", aft_full, inputs, grad, **options)
-    got = run("triton", aft_full, inputs, grad, **options)
-    for name, ours, want in zip(("out", "dq", "dk", "dv", "dw"), got, expected, strict=True):
-        assert ours.dtype == dtype and ours.shape == want.shape
-        error = relative_error(ours.double(), want.double())
-        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e}"
+    assert_kernel_matches(aft_full, inputs, grad, dtype, ("out", "dq", "dk", "dv", "dw"), **options)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -112,15 +111,6 @@ def conv_case(device, dtype, heads=3, head_dim=5, kernel_size=5, seq_len=23, see
     grad = torch.randn(2, seq_len, heads, head_dim, generator=generator, device=device).to(dtype)
     mask = torch.rand(2, seq_len, generator=generator, device=device) > 0.3
     return (*inputs, randn(heads, kernel_size)), grad, mask
-
-
-def assert_kernel_matches(op, inputs, grad, dtype, names, **options):
-    expected = run("reference", op, inputs, grad, **options)
-    got = run("triton", op, inputs, grad, **options)
-    for name, ours, want in zip(names, got, expected, strict=True):
-        assert ours.dtype == want.dtype and ours.shape == want.shape
-        error = relative_error(ours.double(), want.double())
-        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

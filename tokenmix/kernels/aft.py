@@ -573,7 +573,7 @@ def aft_banded_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, band = q.contiguous(), k.contiguous(), v.contiguous(), band.contiguous()
     grad_out = grad_out.contiguous()
-    mask, dim = int8_mask(q, key_mask), q.shape[-1]
+    mask = int8_mask(q, key_mask)
     grad_q = torch.empty_like(q)
     grad_k, grad_v, grad_band = (
         torch.zeros(x.shape, device=x.device, dtype=torch.float32) for x in (k, v, band)
@@ -583,12 +583,12 @@ def aft_banded_backward(
         grad_out, q, k, v, band, mask, lse, ratio, grad_q, grad_k, grad_v, grad_band, *sizes, *strides,
         BAND_PER_ROW=band.shape[0] > 1, HAS_MASK=key_mask is not None, **flags, **blocks,
     )  # fmt: skip
-    scan_grid, scan_blocks = _scan_grid(q.shape[0], dim, band.shape[1])
+    scan_grid, scan_blocks = _scan_grid(q.shape[0], q.shape[-1], band.shape[1])
+    scan_sizes = sizes[:5]  # seq_len, dim, head_dim, key_width, and window as the scans' shift
     for reverse, scan_lse in ((False, prefix_lse), (True, suffix_lse))[: 1 if causal else 2]:
         _scan_backward_kernel[scan_grid](
-            grad_out, q, k, v, mask, scan_lse, lse, ratio, grad_q, grad_k, grad_v, q.shape[1], dim,
-            dim // band.shape[1], k.shape[-1], window, REVERSE=reverse, WHOLE_OP=False,
-            HAS_MASK=key_mask is not None, KEY_PER_HEAD=flags["KEY_PER_HEAD"], **scan_blocks,
+            grad_out, q, k, v, mask, scan_lse, lse, ratio, grad_q, grad_k, grad_v, *scan_sizes,
+            REVERSE=reverse, WHOLE_OP=False, HAS_MASK=key_mask is not None, **flags, **scan_blocks,
         )  # fmt: skip
     return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_band.to(band.dtype)
 
