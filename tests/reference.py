@@ -281,6 +281,32 @@ def assert_matches(
     assert_grads_close(got, reference_grads(expected, tensors, grad_out), tol, list(inputs), what)
 
 
+def assert_float32_matches(
+    op,
+    expected_op,
+    inputs: dict[str, torch.Tensor],
+    tol: float,
+    *,
+    rows: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    what: str = "",
+) -> None:
+    """``op`` on float32 copies of the float64 ``inputs`` against ``expected_op`` (the float64 reference)
+    on the originals: the output and the gradients of one random cotangent, zero on the unspecified
+    ``rows``, finite and within ``tol``. For extreme but legal values, where a backward that does not
+    use the forward's maxima turns 0/0 or inf·0 into NaN."""
+    originals = {name: t.detach().double().requires_grad_() for name, t in inputs.items()}
+    singles = {name: t.detach().float().requires_grad_() for name, t in inputs.items()}
+    out, expected = op(*singles.values()), expected_op(*originals.values())
+    assert_close(out, expected, tol, mask=rows, what=f"{what} forward")
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device)
+    if rows is not None:
+        grad_out = grad_out * rows
+    got = torch.autograd.grad(out, tuple(singles.values()), grad_out.float())
+    want = reference_grads(expected, tuple(originals.values()), grad_out)
+    assert_grads_close(got, want, tol, list(inputs), what)
+
+
 def decode(module, inputs: torch.Tensor, each_state=None):
     """Feed ``inputs`` (B, N, …) through ``module.step`` one position at a time from a fresh state, without
     gradients; ``each_state(state)`` is called after every step. Returns the stacked outputs (B, N, …) and

@@ -5,7 +5,7 @@ import torch
 
 import tokenmix
 from tests import reference
-from tests.reference import assert_close, relative_error
+from tests.reference import assert_close, assert_float32_matches, relative_error
 from tokenmix.functional import aft_conv, aft_full, aft_local, aft_local_lowrank, aft_simple
 
 from .conftest import TOLERANCE
@@ -24,6 +24,26 @@ def assert_kernel_matches(op, inputs, grad, dtype, names, **options):
         assert ours.dtype == dtype and ours.shape == want.shape
         error = relative_error(ours.double(), want.double())
         assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e}"
+
+
+def assert_kernel_gradients_finite(op, expected_op, inputs, *, attention_mask, **options):
+    """The kernels' float32 output and gradients at extreme keys and biases against the float64
+    reference: finite and within 1e-3 (rows padded under ``attention_mask`` are unspecified)."""
+
+    def kernel(*tensors):
+        with tokenmix.use_backend("triton"):
+            return op(*tensors, attention_mask=attention_mask, **options)
+
+    out_shape = inputs["q"].shape
+    rows = attention_mask.view(*attention_mask.shape, *[1] * (len(out_shape) - 2)).expand(out_shape)
+    assert_float32_matches(
+        kernel,
+        lambda *tensors: expected_op(*tensors, attention_mask=attention_mask, **options),
+        inputs,
+        1e-3,
+        rows=rows,
+        what=op.__name__,
+    )
 
 
 def case(device, dtype, batch=2, seq_len=37, dim=24, seed=0, key_scale=1.0):
@@ -60,6 +80,9 @@ def test_aft_simple_extreme_keys_against_float64(device, causal):
             expected = reference.aft_simple(q, keys.detach(), v, causal=causal, attention_mask=m)
             assert torch.isfinite(out).all()
             assert_close(out, expected, 1e-4)
+        assert_kernel_gradients_finite(
+            aft_simple, reference.aft_simple, dict(q=q, k=keys, v=v), causal=causal, attention_mask=mask
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -88,6 +111,9 @@ def test_aft_full_extreme_keys_and_biases_against_float64(device, causal):
         expected = reference.aft_full(q, k, v, w, causal=causal, attention_mask=m)
         assert torch.isfinite(out).all()
         assert_close(out, expected, 1e-4)
+    assert_kernel_gradients_finite(
+        aft_full, reference.aft_full, dict(q=q, k=k, v=v, w=w), causal=causal, attention_mask=mask
+    )
 
 
 def local_case(device, dtype, window, seq_len=23, dim=12, seed=3):
@@ -163,6 +189,9 @@ def test_aft_local_and_conv_extreme_keys_and_biases_against_float64(device, caus
         expected = reference.aft_local(q, k, v, w, window=4, causal=causal, attention_mask=m)
         assert torch.isfinite(out).all()
         assert_close(out, expected, 1e-4)
+    assert_kernel_gradients_finite(
+        aft_local, reference.aft_local, dict(q=q, k=k, v=v, w=w), window=4, causal=causal, attention_mask=mask
+    )
     (q, k, v, w), _, mask = conv_case(device, torch.float64, kernel_size=3, seed=7)
     q, k, v, w = q.detach(), k.detach() * 300, v.detach(), w.detach() * 300
     with tokenmix.use_backend("triton"):
@@ -170,6 +199,9 @@ def test_aft_local_and_conv_extreme_keys_and_biases_against_float64(device, caus
     expected = reference.aft_conv(q, k, v, w, causal=causal, attention_mask=mask)
     assert torch.isfinite(out).all()
     assert_close(out, expected, 1e-4)
+    assert_kernel_gradients_finite(
+        aft_conv, reference.aft_conv, dict(q=q, k=k, v=v, w=w), causal=causal, attention_mask=mask
+    )
 
 
 def test_aft_conv_2d_has_no_kernel(device):

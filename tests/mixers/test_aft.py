@@ -155,3 +155,28 @@ def test_vision_transformer_runs_aft_conv_on_the_patch_grid():
     assert model.cls_token is None
     assert all(block.mixer.grid == (3, 3) for block in model.backbone.blocks)
     assert model(torch.randn(2, 1, 12, 12)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["aft_full", "aft_simple", "aft_local", "aft_conv"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_stay_finite_with_large_keys(name, causal):
+    """to_k scaled ×40 puts keys in the hundreds: every parameter's float32 gradient is finite and
+    within 1e-3 of the float64 module's."""
+    torch.manual_seed(0)
+    options = {"aft_full": {"max_len": 48}, "aft_local": {"max_len": 48}}.get(name, {})
+    mixer = create_mixer(name, 16, causal=causal, **options)
+    with torch.no_grad():
+        mixer.to_k.weight.mul_(40)
+    wide = mixer.double()
+    x = torch.randn(2, 48, 16, dtype=torch.float64)
+    mask = torch.ones(2, 48, dtype=torch.bool)
+    mask[1, :5] = False
+    grad = torch.randn(2, 48, 16, dtype=torch.float64) * mask[..., None]
+    wide(x, attention_mask=mask).backward(grad)
+    want = {n: p.grad.clone() for n, p in wide.named_parameters()}
+    narrow = wide.float()
+    narrow.zero_grad()
+    narrow(x.float(), attention_mask=mask).backward(grad.float())
+    floor = 1e-3 * torch.cat([g.flatten() for g in want.values()]).norm().item()
+    for n, p in narrow.named_parameters():
+        assert_close(p.grad, want[n], 1e-3, floor=floor, what=f"{name} grad {n}")

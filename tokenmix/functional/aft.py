@@ -119,7 +119,9 @@ def _finish(
 ) -> torch.Tensor:
     """σ(q) ⊙ num/den, with underflowed denominators recomputed exactly and key-less rows set to 0."""
     flagged = (den < _TINY[den.dtype]) & sees_a_key
-    ratio = num / (den if bool(sees_a_key.all()) else torch.where(sees_a_key, den, torch.ones_like(den)))
+    # Entries that are flagged or see no key divide by 1, selected (not multiplied) away: their tiny or
+    # zero den would give the backward num/den² = inf, and inf·0 = NaN in the gradients of k, v and w.
+    ratio = num / torch.where(flagged | ~sees_a_key, torch.ones_like(den), den)
     if bool(flagged.any()):
         ratio = ratio.index_put(
             flagged.nonzero(as_tuple=True), _exact(keys, values, bias_rows, causal, flagged)
