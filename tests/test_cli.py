@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from tokenmix import list_mixers, mixer_info
 from tokenmix.cli import main
@@ -76,3 +79,208 @@ def test_bad_training_input_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
     assert main(["eval", "--run", str(tmp_path / "nothing")]) == 2
     assert "holds no training run" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
+
+
+SMALL = ["--dim", "16", "--depth", "1", "--seq-len", "16", "--batch-size", "4", "--steps", "2"]
+SMALL += ["--eval-every", "2", "--eval-batches", "1", "--progress", "log"]
+
+
+def files_under(path):
+    return {p: p.read_bytes() for p in path.rglob("*") if p.is_file()} if path.exists() else {}
+
+
+def assert_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_out_never_deletes_or_overwrites_a_users_files(tmp_path, capsys):
+    """The issue's case: a checkpoints/ folder of the user's under --out was deleted by the first
+    checkpoint. Any non-empty directory that is not a run is refused, and left as it was."""
+    user = tmp_path / "u"
+    (user / "checkpoints" / "x").mkdir(parents=True)
+    (user / "checkpoints" / "x" / "w.bin").write_text("keep")
+    (user / "config.txt").write_text("mine")
+    before = files_under(user)
+    for command in (["train", *SMALL, "--out", str(user)], ["train", *SMALL, "--out", str(user), "--resume"]):
+        assert main(command) == 2
+        assert files_under(user) == before
+    assert "not a tokenmix run" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["train", *SMALL, "--out", str(empty)]) == 0  # an empty directory is fine
+
+
+def test_a_run_that_fails_validation_writes_nothing(tmp_path, capsys):
+    """The model is built and run on one batch before the run directory is touched."""
+    out = tmp_path / "run"
+    argv = ["train", *SMALL, "--mixer", "aft_full", "--mixer-opt", "max_len=8", "--out", str(out)]
+    assert_one_line_exit_2(argv, "max_len=8", capsys)
+    assert not out.exists()
+
+
+def test_resume_of_a_run_without_a_checkpoint_starts_at_step_0(tmp_path, capsys):
+    """Killed before its first checkpoint: config.json and metrics.jsonl exist, nothing else."""
+    from tokenmix.training import train
+    from tokenmix.training.checkpoint import latest_checkpoint
+
+    out = tmp_path / "run"
+    argv = ["train", *SMALL, "--out", str(out)]
+
+    def crash(step):
+        raise SystemExit("killed")
+
+    config = dict(
+        task="charlm", dim=16, depth=1, seq_len=16, batch_size=4, steps=2, eval_every=2, eval_batches=1,
+        progress="log", out=str(out),
+    )  # fmt: skip
+    with pytest.raises(SystemExit):
+        train(config, on_step=crash)
+    assert (out / "config.json").is_file() and latest_checkpoint(out) is None
+    assert_one_line_exit_2(argv, "pass --resume", capsys)
+    assert main([*argv, "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fresh = tmp_path / "fresh"
+    assert main(["train", *SMALL, "--out", str(fresh)]) == 0
+    expected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: v for k, v in resumed.items() if k != "tokens_per_s"} == {
+        k: v for k, v in expected.items() if k != "tokens_per_s"
+    }
+
+
+def test_a_second_writer_on_a_run_exits_2_naming_the_holder(tmp_path, capsys):
+    """While a run trains it holds its lock: a second ``train --resume`` on it is refused."""
+    from tokenmix.training import train
+
+    out = tmp_path / "run"
+    argv = ["train", *SMALL, "--steps", "4", "--out", str(out), "--resume"]
+    seen = []
+
+    def second_writer(step):
+        if step == 1:
+            seen.append(main(argv))
+            seen.append(capsys.readouterr().err)
+
+    config = dict(
+        task="charlm", dim=16, depth=1, seq_len=16, batch_size=4, steps=4, eval_every=2, eval_batches=1,
+        progress="log", out=str(out),
+    )  # fmt: skip
+    records = train(config, on_step=second_writer)
+    assert seen[0] == 2 and f"pid {os.getpid()}" in seen[1] and "one writer per run" in seen[1], seen
+    assert [r["step"] for r in records] == [2, 4]
+    # Another process holding the lock is named too; once it is gone the run can be written again.
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert_one_line_exit_2(argv, f"pid {holder.pid}", capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(argv) == 0
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from tokenmix.training.checkpoint import RunLock
+with RunLock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_bad_input_is_one_line_and_exit_2_never_a_traceback(tmp_path, capsys):
+    import torch
+
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--out", str(run)]) == 0
+    capsys.readouterr()
+    not_gzip = tmp_path / "x.gz"
+    not_gzip.write_text("plain text, not gzip " * 20)
+    a_file = tmp_path / "file"
+    a_file.write_text("a file")
+    new = str(tmp_path / "new")
+    cases = [
+        (["train", *SMALL, "--data", str(not_gzip), "--out", new], "not a complete gzip file"),
+        (["train", *SMALL, "--out", str(a_file / "run")], "is a file, not a directory"),
+        (["eval", "--run", str(run), "--device", "foo"], "device must be"),
+        (["eval", "--run", str(run), "--max-batches", "0"], "--max-batches"),
+        (["eval", "--run", str(run), "--max-batches", "-1"], "--max-batches"),
+        (["train", *SMALL, "--lr", "inf", "--out", new], "lr must be"),
+        (["train", *SMALL, "--lr", "nan", "--out", new], "lr must be"),
+        (["train", *SMALL, "--lr", "-1", "--out", new], "lr must be"),
+        (["train", *SMALL, "--weight-decay", "-1", "--out", new], "weight_decay must be"),
+        (["train", *SMALL, "--grad-clip", "nan", "--out", new], "grad_clip must be"),
+        (["bench", "--seq-lens", "0"], "--seq-lens"),
+        (["bench", "--seq-lens", "x"], "--seq-lens"),
+        (["bench", "--dim", "0"], "dim must be positive"),
+        (["bench", "--repeats", "0"], "repeats must be positive"),
+        (["bench", "--mixers", "aft_local", "--mixer-opt", "window=-1"], "window must be positive"),
+        (["compare", "--steps", "0", "--out", new], "steps must be positive"),
+    ]
+    if not torch.cuda.is_available():
+        cases += [
+            (["train", *SMALL, "--device", "cuda", "--out", new], "CUDA is not available"),
+            (["eval", "--run", str(run), "--device", "cuda"], "CUDA is not available"),
+        ]
+    for argv, message in cases:
+        assert_one_line_exit_2(argv, message, capsys)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "bench-out").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "other shapes"])
+def test_damaged_weights_and_checkpoints_are_one_line_and_exit_2(tmp_path, capsys, damage):
+    from tokenmix.training.checkpoint import latest_checkpoint
+
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--steps", "4", "--out", str(run)]) == 0
+    capsys.readouterr()
+    checkpoint = latest_checkpoint(run)
+    targets = [run / "model-best.safetensors", run / "model.safetensors", checkpoint / "model.safetensors"]
+    good = (checkpoint / "model.safetensors").read_bytes()
+    if damage == "other shapes":
+        other = tmp_path / "other"
+        assert main(["train", *SMALL, "--dim", "24", "--out", str(other)]) == 0
+        capsys.readouterr()
+    for target in targets:
+        data = target.read_bytes()
+        damaged = {"empty": b"", "truncated": data[: len(data) // 2], "garbage": os.urandom(200)}
+        target.write_bytes(
+            (other / "model.safetensors").read_bytes() if damage == "other shapes" else damaged[damage]
+        )
+    expected = "do not fit the model" if damage == "other shapes" else "not a complete safetensors file"
+    resume = ["train", *SMALL, "--steps", "4", "--out", str(run), "--resume"]
+    assert_one_line_exit_2(["eval", "--run", str(run)], expected, capsys)
+    assert_one_line_exit_2(["generate", "--run", str(run), "--prompt", "a"], expected, capsys)
+    assert_one_line_exit_2(resume, expected, capsys)
+    (checkpoint / "model.safetensors").write_bytes(good)
+    trainer = checkpoint / "trainer.pt"
+    trainer.write_bytes({"empty": b"", "garbage": os.urandom(200)}.get(damage, trainer.read_bytes()[:300]))
+    assert_one_line_exit_2(resume, "is not a complete checkpoint", capsys)
+
+
+def test_divergence_says_whether_a_checkpoint_exists(tmp_path, capsys, monkeypatch):
+    import tokenmix.training.trainer as trainer
+    from tokenmix.errors import DivergedError
+    from tokenmix.training import train
+
+    config = dict(
+        task="charlm", dim=16, depth=1, seq_len=16, batch_size=4, steps=6, eval_every=2, eval_batches=1,
+        progress="log",
+    )  # fmt: skip
+    original = trainer._Run.train_step
+    for when, message in ((0, "no checkpoint was written yet"), (3, "the last checkpoint is kept")):
+
+        def poisoned(self, *args, when=when):
+            if self.step == when:  # weights gone bad: the next loss is NaN
+                for parameter in self.model.parameters():
+                    parameter.data.fill_(float("nan"))
+            return original(self, *args)
+
+        monkeypatch.setattr(trainer._Run, "train_step", poisoned)
+        with pytest.raises(DivergedError, match=message):
+            train(dict(config, out=str(tmp_path / f"run{when}")))
+        # From the command line: one line, exit 2.
+        argv = ["train", *SMALL, "--steps", "6", "--out", str(tmp_path / f"cli{when}")]
+        assert_one_line_exit_2(argv, message, capsys)

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .errors import InvalidValueError, UnavailableError
+
 BACKENDS = ("auto", "reference", "triton")
 # A module global rather than a ContextVar: torch.compile reads it (and guards on it) while tracing.
 _selected: str | None = None
@@ -23,7 +25,7 @@ _selected: str | None = None
 
 def _check(name: str, origin: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"{origin} must be one of {', '.join(BACKENDS)}, got {name!r}")
+        raise InvalidValueError(f"{origin} must be one of {', '.join(BACKENDS)}, got {name!r}")
     return name
 
 
@@ -72,6 +74,6 @@ def use_kernel(op: str, tensor: torch.Tensor, unsupported: str | None = None) ->
         )
     if backend == "triton":
         if reason is not None:
-            raise RuntimeError(f"{op}: the triton backend was asked for, but {reason}")
+            raise UnavailableError(f"{op}: the triton backend was asked for, but {reason}")
         return True
     return reason is None and tensor.device.type == "cuda"

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .errors import InputError, InvalidValueError
 from .mixers import list_mixers, mixer_info
 
 
@@ -64,12 +65,23 @@ def _option_value(text: str):
         return text
 
 
+def _lengths(flag: str, text: str) -> list[int]:
+    """A comma-separated list of positive integers, e.g. ``256,1024``."""
+    try:
+        values = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise InvalidValueError(f"{flag} expects comma-separated positive integers, got {text!r}") from None
+    if any(value < 1 for value in values):
+        raise InvalidValueError(f"{flag} expects comma-separated positive integers, got {text!r}")
+    return values
+
+
 def _mixer_options(items: Sequence[str]) -> dict:
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--mixer-opt expects KEY=VALUE, got {item!r}")
+            raise InvalidValueError(f"--mixer-opt expects KEY=VALUE, got {item!r}")
         options[key] = _option_value(value)
     return options
 
@@ -80,7 +92,7 @@ def _bench(args: argparse.Namespace) -> int:
     options = _mixer_options(args.mixer_opt)
     records = bench(
         args.mixers.split(","),
-        [int(n) for n in args.seq_lens.split(",")],
+        _lengths("--seq-lens", args.seq_lens),
         dim=args.dim,
         batch=args.batch,
         passes=args.passes.split(","),
@@ -141,7 +153,9 @@ def _train(args: argparse.Namespace) -> int:
     values = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
     values["mixer_options"] = _mixer_options(args.mixer_opt)
     if args.eval_batches is not None:
-        values["eval_batches"] = None if args.eval_batches == "all" else int(args.eval_batches)
+        values["eval_batches"] = (
+            None if args.eval_batches == "all" else _lengths("--eval-batches", args.eval_batches)[0]
+        )
     values.update(ffn=not args.no_ffn, compile=args.compile, resume=args.resume)
     records = train(TrainConfig.from_dict(values))
     if records and os.environ.get("RANK", "0") == "0":  # one summary line under torchrun
@@ -152,7 +166,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .training import evaluate
 
-    max_batches = None if args.max_batches is None else int(args.max_batches)
+    max_batches = None if args.max_batches is None else _lengths("--max-batches", args.max_batches)[0]
     scores = evaluate(
         args.run_dir, args.split, weights=args.weights, device=args.device, max_batches=max_batches
     )
@@ -185,7 +199,7 @@ def _compare(args: argparse.Namespace) -> int:
         out=args.out,
         quick=args.quick,
         device=args.device,
-        seq_lens=[int(n) for n in args.seq_lens.split(",")] if args.seq_lens else None,
+        seq_lens=_lengths("--seq-lens", args.seq_lens) if args.seq_lens else None,
         steps=args.steps,
         seed=args.seed,
     )
@@ -265,16 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Errors that bad input raises: one line, exit code 2, no traceback (TOKENMIX_DEBUG=1 shows it).
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Bad input (an ``InputError``) prints one line and exits 2, writing nothing
+    (``TOKENMIX_DEBUG=1`` shows its traceback); any other exception is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except _USER_ERRORS as error:
+    except InputError as error:
         if os.environ.get("TOKENMIX_DEBUG"):
             raise
-        print(f"tokenmix {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"tokenmix {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM during compare: what is finished is kept
+        print(f"tokenmix {args.command}: {stop or 'interrupted'}", file=sys.stderr)
+        return 130

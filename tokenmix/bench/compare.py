@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import html
 import json
+import signal
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -15,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..errors import RunDirectoryError
+from ..functional._checks import check_positive_int
 from ..mixers import list_mixers, mixer_info
 from ..training import TrainConfig, load_run, train
 from .measure import machine
@@ -81,6 +85,8 @@ def _train_one(mixer: str, budget: Budget, run_dir: Path, device: str, seed: int
     # An existing run of the same configuration is continued (or reused when finished).
     config["resume"] = (run_dir / "config.json").is_file()
     records = train(TrainConfig.from_dict(config))
+    if not records or records[-1]["step"] < budget.steps:  # train returns early only when signalled
+        raise CompareStopped(f"stopped while training {mixer}; run the same compare again to resume")
     _, _, model = load_run(run_dir, weights="last", device="cpu")
     return {
         "params": sum(p.numel() for p in model.parameters()),
@@ -89,6 +95,47 @@ def _train_one(mixer: str, budget: Budget, run_dir: Path, device: str, seed: int
         "best_val_bpc": min(r["val_bpc"] for r in records),
         "train_tokens_per_s": sum(r["tokens_per_s"] for r in records) / len(records),
     }
+
+
+class CompareStopped(KeyboardInterrupt):
+    """A signal (Ctrl-C, SIGTERM) stopped the comparison; finished runs are kept for the next one."""
+
+
+class _SignalsStop:
+    """SIGTERM stops the whole comparison as Ctrl-C does (a KeyboardInterrupt), between trainings too;
+    the trainer handles both itself while a run trains (checkpoint, then stop)."""
+
+    def __enter__(self) -> None:
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        raise CompareStopped("stopped by SIGTERM; run the same compare again to resume")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+MARKER = ".tokenmix-compare"
+
+
+def _claim(out: Path) -> None:
+    """``out`` must be new, empty or an earlier comparison's (marked): a user's files are never
+    overwritten."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise RunDirectoryError(f"--out {str(out)!r}: {str(path)!r} is a file, not a directory")
+            break
+    if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
+        raise RunDirectoryError(
+            f"--out {str(out)!r} is a non-empty directory that no tokenmix compare wrote; "
+            "choose a new or empty one (its files are left alone)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
 
 
 def compare(
@@ -106,22 +153,29 @@ def compare(
     mixers = list(mixers or list_mixers())
     for name in mixers:
         mixer_info(name)  # unknown names fail before any work
+    check_positive_int("steps", steps, allow_none=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     budget = BUDGETS["quick" if quick else "gpu" if device == "cuda" else "default"]
     if seq_lens:
         budget = replace(budget, seq_lens=tuple(seq_lens))
-    if steps:
+    if steps is not None:
         budget = replace(budget, steps=steps, eval_every=max(1, min(budget.eval_every, steps)))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     started = time.perf_counter()
     trained = {}
-    for name in mixers:
-        print(f"== training {name}", flush=True)
-        trained[name] = _train_one(name, budget, out / "runs" / name, device, seed)
-    print("== benchmarking", flush=True)
-    records = bench(
+    with _SignalsStop():
+        for name in mixers:
+            print(f"== training {name}", flush=True)
+            trained[name] = _train_one(name, budget, out / "runs" / name, device, seed)
+        print("== benchmarking", flush=True)
+        records = _bench_all(mixers, budget, device)
+    return _write(out, budget, device, trained, records, started)
+
+
+def _bench_all(mixers: list[str], budget: Budget, device: str) -> list[dict]:
+    return bench(
         mixers,
         budget.seq_lens,
         dim=budget.dim,
@@ -131,6 +185,11 @@ def compare(
         device=device,
         repeats=budget.repeats,
     )
+
+
+def _write(
+    out: Path, budget: Budget, device: str, trained: dict, records: list[dict], started: float
+) -> dict[str, Any]:
     result = {
         "machine": machine(torch.device(device)),
         "budget": budget.__dict__,

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError, UnavailableError
+from ..functional._checks import check_positive_int
 from ..mixers import create_mixer, list_mixers, mixer_info
 from .measure import machine, measure
 
@@ -153,12 +155,20 @@ def bench(
     known = list_mixers()
     for name in mixers:
         if name not in known:
-            raise ValueError(f"unknown mixer {name!r}; known mixers: {', '.join(known)}")
+            raise InvalidValueError(f"unknown mixer {name!r}; known mixers: {', '.join(known)}")
     for name in passes:
         if name not in PASSES:
-            raise ValueError(f"unknown pass {name!r}; expected some of {', '.join(PASSES)}")
+            raise InvalidValueError(f"unknown pass {name!r}; expected some of {', '.join(PASSES)}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but no CUDA device is available")
+        raise UnavailableError("device='cuda' was asked for but no CUDA device is available")
+    for name, values in (("seq_lens", seq_lens), ("dim", [dim]), ("batch", [batch]), ("repeats", [repeats])):
+        for value in values:
+            check_positive_int(name, value)
+    if not seq_lens:
+        raise InvalidValueError("seq_lens must name at least one length")
+    with torch.device("meta"):  # options a mixer rejects fail here, not in a worker's traceback
+        for name in mixers:
+            create_mixer(name, dim, causal=causal, **(options or {}))
     layers = list(mixers)
     if baselines:
         layers += list(BASELINES)

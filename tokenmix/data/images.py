@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InvalidValueError, MissingFileError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 NAMED = ("fashion-mnist", "digits")
 # IDX type codes (http://yann.lecun.com/exdb/mnist/): code -> (torch dtype, bytes per item).
@@ -30,7 +32,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
     if path.suffix == ".gz":
         raw = gzip.decompress(raw)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
-        raise ValueError(f"{str(path)!r} is not an IDX file (bad magic number {raw[:4].hex()})")
+        raise InvalidValueError(f"{str(path)!r} is not an IDX file (bad magic number {raw[:4].hex()})")
     dtype, itemsize = _IDX_TYPES[raw[2]]
     ndim = raw[3]
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
@@ -39,7 +41,7 @@ def read_idx(path: str | Path) -> torch.Tensor:
         count *= size
     body = raw[4 + 4 * ndim :]
     if len(body) != count * itemsize:
-        raise ValueError(
+        raise InvalidValueError(
             f"{str(path)!r} declares shape {shape} ({count * itemsize} bytes of data) but holds {len(body)}"
         )
     # IDX is big-endian; byte-swap multi-byte items to the machine's order.
@@ -69,7 +71,7 @@ def _find(directory: Path, prefix: str) -> Path:
         for candidate in (directory / name, directory / f"{name}.gz"):
             if candidate.is_file():
                 return candidate
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no {prefix}-idx?-ubyte[.gz] file in {str(directory)!r} (an MNIST-format directory holds "
         "train-images, train-labels, t10k-images and t10k-labels)"
     )
@@ -80,18 +82,20 @@ def load_idx_directory(directory: str | Path, val_size: int | None = None) -> Im
     smaller set) are the validation split, the t10k files the test split."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"image directory {str(directory)!r} does not exist")
+        raise MissingFileError(f"image directory {str(directory)!r} does not exist")
     images = {name: read_idx(_find(directory, f"{name}-images")) for name in ("train", "t10k")}
     labels = {name: read_idx(_find(directory, f"{name}-labels")).long() for name in ("train", "t10k")}
     for name in images:
         if images[name].dim() != 3 or images[name].dtype != torch.uint8:
-            raise ValueError(f"{name}-images must be uint8 of shape (N, H, W), got {images[name].shape}")
+            raise InvalidValueError(
+                f"{name}-images must be uint8 of shape (N, H, W), got {images[name].shape}"
+            )
         if len(images[name]) != len(labels[name]):
-            raise ValueError(f"{name}: {len(images[name])} images but {len(labels[name])} labels")
+            raise InvalidValueError(f"{name}: {len(images[name])} images but {len(labels[name])} labels")
     if val_size is None:
         val_size = min(5000, len(images["train"]) // 10)
     if not 0 < val_size < len(images["train"]):
-        raise ValueError(f"val_size={val_size} must lie in (0, {len(images['train'])})")
+        raise InvalidValueError(f"val_size={val_size} must lie in (0, {len(images['train'])})")
     cut = len(images["train"]) - val_size
     return ImageData(
         name=str(directory),
@@ -128,7 +132,7 @@ def load_images(data: str | Path | None = None) -> ImageData:
     of MNIST-format IDX files."""
     if data is None or str(data) == "fashion-mnist":
         if not FASHION_MNIST_DIR.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}: install Debian's "
                 "dataset-fashion-mnist, pass --data DIR (MNIST-format IDX files) or --data digits"
             )

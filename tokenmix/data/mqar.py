@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidValueError
+
 IGNORE = -100
 FILLER = 0
 
 
 def check_mqar(vocab_size: int, seq_len: int, num_pairs: int) -> None:
     if num_pairs < 1:
-        raise ValueError(f"num_pairs must be ≥ 1, got {num_pairs}")
+        raise InvalidValueError(f"num_pairs must be ≥ 1, got {num_pairs}")
     if vocab_size // 2 - 1 < num_pairs:
-        raise ValueError(
+        raise InvalidValueError(
             f"vocab_size={vocab_size} leaves {vocab_size // 2 - 1} keys for num_pairs={num_pairs}; "
             f"use vocab_size ≥ {2 * num_pairs + 2}"
         )
     if seq_len < 3 * num_pairs:
-        raise ValueError(
+        raise InvalidValueError(
             f"seq_len={seq_len} cannot hold {num_pairs} pairs and their queries; "
             f"use seq_len ≥ {3 * num_pairs}"
         )

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InvalidValueError, MissingFileError
+
 VOCAB_SIZE = 256  # bytes
 SPLITS = ("train", "val", "test")
 
@@ -25,16 +27,23 @@ def load_corpus(path: str | Path | None = None) -> bytes:
         return embedded_corpus()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist or is not a file")
+        raise MissingFileError(f"data file {str(path)!r} does not exist or is not a file")
     data = path.read_bytes()
-    return gzip.decompress(data) if path.suffix == ".gz" else data
+    if path.suffix != ".gz":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError) as error:  # not gzip, or cut short
+        raise InvalidValueError(
+            f"data file {str(path)!r} ends in .gz but is not a complete gzip file ({error})"
+        ) from None
 
 
 def split(data: bytes, fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)) -> dict[str, torch.Tensor]:
     """Contiguous train/val/test byte tensors (uint8), in order, as enwik8 is split: 90/5/5 by default,
     which on the enwik8 file itself (10^8 bytes) is its standard 90M/5M/5M split."""
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
-        raise ValueError(f"fractions must be three positive numbers summing to 1, got {fractions}")
+        raise InvalidValueError(f"fractions must be three positive numbers summing to 1, got {fractions}")
     tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     total = len(tensor)
     train_end = int(total * fractions[0])
@@ -46,7 +55,7 @@ def check_long_enough(splits: dict[str, torch.Tensor], seq_len: int) -> None:
     """Every split must hold at least one window of seq_len inputs plus its next-byte target."""
     for name, tensor in splits.items():
         if len(tensor) < seq_len + 1:
-            raise ValueError(
+            raise InvalidValueError(
                 f"the {name} split has {len(tensor)} bytes, too short for seq_len={seq_len} "
                 f"(it needs at least {seq_len + 1}); use a larger corpus or a shorter --seq-len"
             )
@@ -57,7 +66,7 @@ def random_windows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of random windows: inputs (B, seq_len) and next-byte targets (B, seq_len), int64."""
     if len(data) < seq_len + 1:
-        raise ValueError(f"data of {len(data)} bytes is too short for seq_len={seq_len}")
+        raise InvalidValueError(f"data of {len(data)} bytes is too short for seq_len={seq_len}")
     starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=generator)
     windows = torch.stack([data[s : s + seq_len + 1] for s in starts.tolist()]).long()
     return windows[:, :-1], windows[:, 1:]

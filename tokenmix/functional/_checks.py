@@ -11,20 +11,24 @@ from collections.abc import Sequence
 
 import torch
 
+from ..errors import InvalidTypeError, InvalidValueError
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def check_float_tensor(name: str, value: object, layout: str) -> torch.Tensor:
     """Check that ``value`` is a floating tensor whose rank matches ``layout`` (e.g. ``"(B, H, N, D)"``)."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value).__name__}")
+        raise InvalidTypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
-        raise TypeError(
+        raise InvalidTypeError(
             f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {value.dtype}"
         )
     rank = layout.count(",") + 1
     if value.dim() != rank:
-        raise ValueError(f"{name} must have shape {layout} ({rank} dims), got shape {tuple(value.shape)}")
+        raise InvalidValueError(
+            f"{name} must have shape {layout} ({rank} dims), got shape {tuple(value.shape)}"
+        )
     return value
 
 
@@ -35,11 +39,11 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> None:
     for name in names[1:]:
         other = tensors[name]
         if other.dtype != first.dtype:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"{name} has dtype {other.dtype} but {names[0]} has {first.dtype}; they must match"
             )
         if other.device != first.device:
-            raise ValueError(
+            raise InvalidValueError(
                 f"{name} is on {other.device} but {names[0]} is on {first.device}; they must match"
             )
 
@@ -56,7 +60,7 @@ def check_dims(expected: dict[str, int], **tensor_dims: tuple[torch.Tensor, Sequ
         for axis, dim_name in enumerate(dim_names):
             size = tensor.shape[axis]
             if dim_name in sizes and sizes[dim_name] != size:
-                raise ValueError(
+                raise InvalidValueError(
                     f"{arg} has {dim_name}={size} at dim {axis} (shape {tuple(tensor.shape)}) but "
                     f"{origin[dim_name]} has {dim_name}={sizes[dim_name]}; they must match"
                 )
@@ -72,27 +76,31 @@ def check_attention_mask(
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(
+        raise InvalidTypeError(
             f"attention_mask must be a bool or 0/1 tensor of shape (B, N) = ({batch_size}, {seq_len}) "
             f"or None, got {type(attention_mask).__name__}"
         )
     if tuple(attention_mask.shape) != (batch_size, seq_len):
-        raise ValueError(
+        raise InvalidValueError(
             f"attention_mask must have shape (B, N) = ({batch_size}, {seq_len}), "
             f"got {tuple(attention_mask.shape)}"
         )
     if attention_mask.device != device:
-        raise ValueError(f"attention_mask is on {attention_mask.device} but the inputs are on {device}")
+        raise InvalidValueError(
+            f"attention_mask is on {attention_mask.device} but the inputs are on {device}"
+        )
     if attention_mask.dtype == torch.bool:
         return attention_mask
     if attention_mask.is_complex() or not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0/1 (or True/False): 1 = real token, 0 = padding")
+        raise InvalidValueError(
+            "attention_mask must hold only 0/1 (or True/False): 1 = real token, 0 = padding"
+        )
     return attention_mask.bool()
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+        raise InvalidValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
     return value
 
 
@@ -101,9 +109,9 @@ def check_positive_int(name: str, value: object, *, allow_none: bool = False) ->
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         expected = "a positive int or None" if allow_none else "a positive int"
-        raise TypeError(f"{name} must be {expected}, got {value!r}")
+        raise InvalidTypeError(f"{name} must be {expected}, got {value!r}")
     if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise InvalidValueError(f"{name} must be positive, got {value}")
     return value
 
 
@@ -111,12 +119,14 @@ def check_real(name: str, value: object, *, allow_none: bool = False, positive: 
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number{' or None' if allow_none else ''}, got {value!r}")
+        raise InvalidTypeError(
+            f"{name} must be a real number{' or None' if allow_none else ''}, got {value!r}"
+        )
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise InvalidValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+        raise InvalidValueError(f"{name} must be positive, got {value}")
     return value
 
 

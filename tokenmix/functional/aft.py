@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..backend import use_kernel
+from ..errors import InvalidValueError
 from ._checks import (
     check_attention_mask,
     check_dims,
@@ -61,7 +62,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: to
 
 def _check_table(w: torch.Tensor, seq_len: int) -> None:
     if w.shape[0] != w.shape[1] or w.shape[0] < seq_len:
-        raise ValueError(
+        raise InvalidValueError(
             f"w must be a square (N_max, N_max) table with N_max ≥ N = {seq_len}, got shape {tuple(w.shape)}"
         )
 
@@ -424,7 +425,7 @@ def aft_local_lowrank(
     window = check_positive_int("window", window)
     seq_len = q.shape[1]
     if w_u.shape[0] < seq_len:
-        raise ValueError(f"w_u and w_v must have N_max ≥ N = {seq_len} rows, got {w_u.shape[0]}")
+        raise InvalidValueError(f"w_u and w_v must have N_max ≥ N = {seq_len} rows, got {w_u.shape[0]}")
     dtype = compute_dtype(q.dtype)
     w_u, w_v = w_u[:seq_len].to(dtype), w_v[:seq_len].to(dtype)
 
@@ -524,7 +525,7 @@ def aft_conv(
     batch, seq_len, heads, head_dim = q.shape
     kernel_size = sizes["K"]
     if not causal and kernel_size % 2 == 0:
-        raise ValueError(
+        raise InvalidValueError(
             f"a centred (causal=False) kernel needs an odd size K, got w of shape {tuple(w.shape)}"
         )
     mask = check_attention_mask(attention_mask, batch, seq_len, q.device)
@@ -565,10 +566,10 @@ def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
     check_same_dtype_device(q=q, k=k, v=v, w=w)
     check_dims({}, q=(q, "BXYHC"), k=(k, "BXYH"), v=(v, "BXYHC"), w=(w, "HIJ"))
     if causal:
-        raise ValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
+        raise InvalidValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
     use_kernel("aft_conv", q, unsupported="2-D grids run on the reference path only")  # raises if forced
     if w.shape[1] % 2 == 0 or w.shape[2] % 2 == 0:
-        raise ValueError(f"a 2-D kernel needs odd sizes (Kx, Ky), got w of shape {tuple(w.shape)}")
+        raise InvalidValueError(f"a 2-D kernel needs odd sizes (Kx, Ky), got w of shape {tuple(w.shape)}")
     batch, size_x, size_y = q.shape[:3]
     mask = None
     if attention_mask is not None:
@@ -580,7 +581,7 @@ def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
             shape = (
                 tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else attention_mask
             )
-            raise ValueError(
+            raise InvalidValueError(
                 f"attention_mask must have shape (B, X, Y) = {(batch, size_x, size_y)}, got {shape}"
             )
         flat = check_attention_mask(attention_mask.reshape(batch, -1), batch, size_x * size_y, q.device)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import use_kernel
+from ..errors import InvalidValueError
 from ._checks import (
     check_attention_mask,
     check_dims,
@@ -56,12 +57,12 @@ def _prepare(
     check_same_dtype_device(x=x, weight=weight)
     heads = weight.shape[-2]
     if heads == 0 or x.shape[-1] % heads:
-        raise ValueError(
+        raise InvalidValueError(
             f"the number of heads H = weight.shape[-2] = {heads} must divide the channels C = x.shape[-1] = "
             f"{x.shape[-1]}"
         )
     if weight.shape[-1] == 0:
-        raise ValueError("kernel_size K = weight.shape[-1] must be at least 1")
+        raise InvalidValueError("kernel_size K = weight.shape[-1] must be at least 1")
     mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
     dtype = compute_dtype(x.dtype)
     x = x.to(x_dtype or dtype)

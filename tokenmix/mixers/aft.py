@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
 from ..functional._checks import check_positive_int, check_real
 from .base import Mixer
@@ -58,7 +59,7 @@ class AFTMixer(Mixer):
 
     def _check_length(self, length: int) -> None:
         if self.max_len is not None and length > self.max_len:
-            raise ValueError(
+            raise InvalidValueError(
                 f"sequence of length {length} is longer than the learned position biases "
                 f"(max_len={self.max_len})"
             )
@@ -98,7 +99,7 @@ class AFTMixer(Mixer):
     def step(self, x_t: torch.Tensor, state: AFTState) -> tuple[torch.Tensor, AFTState]:
         x_t = self.check_step_input(x_t)
         if x_t.shape[0] != state.batch_size:
-            raise ValueError(
+            raise InvalidValueError(
                 f"state was made for batch_size={state.batch_size}, got a batch of {x_t.shape[0]}"
             )
         self._check_length(state.position + 1)
@@ -277,15 +278,15 @@ class AFTConv(AFTMixer):
         super().__init__(dim, causal=causal, hidden_dim=hidden_dim, max_len=None, dropout=dropout)
         self.heads = check_positive_int("heads", heads)
         if self.hidden_dim % self.heads:
-            raise ValueError(f"heads={heads} must divide hidden_dim={self.hidden_dim}")
+            raise InvalidValueError(f"heads={heads} must divide hidden_dim={self.hidden_dim}")
         self.kernel_size = check_positive_int("kernel_size", kernel_size)
         if (not causal or grid is not None) and kernel_size % 2 == 0:
-            raise ValueError(
+            raise InvalidValueError(
                 f"kernel_size must be odd unless causal in 1-D (the kernel needs a centre), got {kernel_size}"
             )
         if grid is not None:
             if causal:
-                raise ValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
+                raise InvalidValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
             grid = (check_positive_int("grid[0]", grid[0]), check_positive_int("grid[1]", grid[1]))
         self.grid = grid
         self.to_k = nn.Linear(dim, self.heads)  # one key per head
@@ -308,7 +309,7 @@ class AFTConv(AFTMixer):
         q, v = self._heads(q), self._heads(v)
         if self.grid is not None:  # (B, X·Y, …) → (B, X, Y, …)
             if q.shape[1] != self.grid[0] * self.grid[1]:
-                raise ValueError(
+                raise InvalidValueError(
                     f"x must hold the grid {self.grid}: {self.grid[0] * self.grid[1]} positions, "
                     f"got {q.shape[1]}"
                 )

@@ -11,6 +11,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..functional import attention as attention_ops
 from ..functional._checks import check_positive_int, check_real
 from .base import Mixer, pick_options
@@ -52,7 +53,7 @@ class MultiHeadAttention(Mixer):
         self.heads = check_positive_int("heads", heads)
         if head_dim is None:
             if dim % heads:
-                raise ValueError(f"heads={heads} must divide dim={dim} (or pass head_dim explicitly)")
+                raise InvalidValueError(f"heads={heads} must divide dim={dim} (or pass head_dim explicitly)")
             head_dim = dim // heads
         self.head_dim = check_positive_int("head_dim", head_dim)
         inner = self.heads * self.head_dim

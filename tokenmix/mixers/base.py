@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError, UnavailableError
 from ..functional._checks import check_attention_mask, check_float_tensor, check_positive_int
 
 
@@ -39,17 +40,17 @@ class Mixer(nn.Module):
         """Validate x: (B, N, dim) and the (B, N) padding mask; return x and the mask as bool (or None)."""
         check_float_tensor("x", x, "(B, N, dim)")
         if x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
+            raise InvalidValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         return x, check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
 
     def check_step_input(self, x_t: torch.Tensor) -> torch.Tensor:
         if not self.causal:
-            raise RuntimeError(
+            raise UnavailableError(
                 f"{type(self).__name__} was built with causal=False; step decoding needs causal=True"
             )
         check_float_tensor("x_t", x_t, "(B, dim)")
         if x_t.shape[-1] != self.dim:
-            raise ValueError(f"x_t must have shape (B, dim={self.dim}), got {tuple(x_t.shape)}")
+            raise InvalidValueError(f"x_t must have shape (B, dim={self.dim}), got {tuple(x_t.shape)}")
         return x_t
 
     def init_state(self, batch_size: int) -> Any:

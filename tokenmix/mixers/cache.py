@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidValueError
+
 
 class KVCache:
     """Keys (B, H, t, Dk) and values (B, H, t, Dv) seen so far; ``append`` returns both up to now."""
@@ -17,7 +19,7 @@ class KVCache:
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add (B, H, n, D) keys and values; return the whole cache so far."""
         if keys.shape[0] != self.batch_size:
-            raise ValueError(
+            raise InvalidValueError(
                 f"state was made for batch_size={self.batch_size}, got a batch of {keys.shape[0]}"
             )
         new_length = self.length + keys.shape[-2]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..functional._checks import check_positive_int, check_real
 from ..functional.conv import dynamic_conv, lightconv
 from .base import Mixer
@@ -58,7 +59,7 @@ class ConvolutionMixer(Mixer):
         super().__init__(dim, causal=causal)
         self.heads = check_positive_int("heads", heads)
         if dim % heads:
-            raise ValueError(f"heads={heads} must divide dim={dim}")
+            raise InvalidValueError(f"heads={heads} must divide dim={dim}")
         self.kernel_size = check_positive_int("kernel_size", kernel_size)
         self.weight_softmax = bool(weight_softmax)
         self.to_input = nn.Linear(dim, 2 * dim if glu else dim)
@@ -99,7 +100,7 @@ class ConvolutionMixer(Mixer):
         """The causal convolution's last output over the window of the K − 1 previous inputs and this one."""
         x = self.check_step_input(x_t)[:, None]
         if x.shape[0] != state.window.shape[0]:
-            raise ValueError(
+            raise InvalidValueError(
                 f"state was made for batch_size={state.window.shape[0]}, got a batch of {x.shape[0]}"
             )
         window = torch.cat((state.window, self.glu(self.to_input(x))), dim=1)  # (B, K, d)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..functional import attention as attention_ops
 from ..functional._checks import check_choice, check_positive_int, check_real
 from ..functional.flash import mixed_chunk_attention, mixed_chunk_attention_step
@@ -44,7 +45,7 @@ class GatedAttentionUnit(Mixer):
         super().__init__(dim, causal=causal)
         self.expanded = int(check_real("expansion", expansion, positive=True) * dim)
         if self.expanded < 1:
-            raise ValueError(f"expansion · dim must be at least 1, got {expansion} · {dim}")
+            raise InvalidValueError(f"expansion · dim must be at least 1, got {expansion} · {dim}")
         self.qk_dim = check_positive_int("qk_dim", qk_dim)
         self.to_uvz = nn.Linear(dim, 2 * self.expanded + self.qk_dim)
         self.gamma = nn.Parameter(torch.randn(num_qk, self.qk_dim) * 0.02)
@@ -221,7 +222,9 @@ class FLASH(GatedAttentionUnit):
     def step(self, x_t: torch.Tensor, state: ChunkState) -> tuple[torch.Tensor, ChunkState]:
         x = self.check_step_input(x_t)[:, None]
         if x.shape[0] != state.batch_size:
-            raise ValueError(f"state was made for batch_size={state.batch_size}, got a batch of {x.shape[0]}")
+            raise InvalidValueError(
+                f"state was made for batch_size={state.batch_size}, got a batch of {x.shape[0]}"
+            )
         u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, state.position)
         if state.chunk_keys is None:
             batch, chunk = x.shape[0], self.chunk_size

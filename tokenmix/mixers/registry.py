@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import InvalidTypeError, InvalidValueError
+
 __all__ = ["MixerInfo", "create_mixer", "list_mixers", "mixer_info", "register_mixer"]
 
 
@@ -37,7 +39,7 @@ def register_mixer(name: str, *, paper: str, time: str, memory: str, state: str)
 
     def decorate(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _MIXERS:
-            raise ValueError(
+            raise InvalidValueError(
                 f"a mixer named {name!r} is already registered ({_MIXERS[name].cls.__qualname__})"
             )
         params = inspect.signature(cls.__init__).parameters
@@ -61,7 +63,7 @@ def list_mixers() -> list[str]:
 def mixer_info(name: str) -> MixerInfo:
     """The registry entry of ``name``; ``ValueError`` listing the known names if there is none."""
     if name not in _MIXERS:
-        raise ValueError(f"unknown mixer {name!r}; known mixers: {', '.join(_MIXERS)}")
+        raise InvalidValueError(f"unknown mixer {name!r}; known mixers: {', '.join(_MIXERS)}")
     return _MIXERS[name]
 
 
@@ -74,5 +76,7 @@ def create_mixer(name: str, dim: int, *, causal: bool = False, **options: Any) -
     unknown = sorted(set(options) - set(info.options))
     if unknown:
         accepted = ", ".join(f"{key}={value!r}" for key, value in info.options.items())
-        raise TypeError(f"mixer {name!r} got unknown option(s) {', '.join(unknown)}; accepted: {accepted}")
+        raise InvalidTypeError(
+            f"mixer {name!r} got unknown option(s) {', '.join(unknown)}; accepted: {accepted}"
+        )
     return info.cls(dim, causal=causal, **options)

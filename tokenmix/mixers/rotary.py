@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError
+from ..functional._checks import check_real
+
 
 class RotaryEmbedding(nn.Module):
     """Rotates each pair (x_{2i}, x_{2i+1}) of the last dim by the angle p · base^(−2i/d) at position p,
@@ -18,7 +21,8 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, *, base: float = 10000.0) -> None:
         super().__init__()
         if dim % 2:
-            raise ValueError(f"rotary embedding needs an even head dimension, got {dim}")
+            raise InvalidValueError(f"rotary embedding needs an even head dimension, got {dim}")
+        base = check_real("rope_base", base, positive=True)
         inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 

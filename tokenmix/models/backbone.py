@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError, UnavailableError
 from ..functional._checks import check_choice, check_positive_int, check_real
 from ..mixers import create_mixer
 
@@ -57,7 +58,7 @@ def _per_layer(value: Any, depth: int, name: str) -> list[Any]:
         return [value] * depth
     values = list(value)
     if len(values) != depth:
-        raise ValueError(
+        raise InvalidValueError(
             f"{name} has {len(values)} entries but depth={depth}; give one per layer or a single one"
         )
     return values
@@ -120,7 +121,7 @@ class Backbone(nn.Module):
         if self.position_embedding is None:
             return x
         if end > self.max_len:
-            raise ValueError(
+            raise InvalidValueError(
                 f"sequence of length {end} is longer than the learned position table (max_len={self.max_len})"
             )
         return x + self.position_embedding.weight[start:end]
@@ -133,7 +134,7 @@ class Backbone(nn.Module):
 
     def init_state(self, batch_size: int) -> BackboneState:
         if not self.causal:
-            raise RuntimeError("decoding needs a causal model (causal=True)")
+            raise UnavailableError("decoding needs a causal model (causal=True)")
         return BackboneState([block.mixer.init_state(batch_size) for block in self.blocks])
 
     def step(self, x_t: torch.Tensor, state: BackboneState) -> tuple[torch.Tensor, BackboneState]:

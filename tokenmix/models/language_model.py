@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InvalidTypeError, InvalidValueError
 from ..functional._checks import check_attention_mask, check_positive_int, check_real
 from .backbone import Backbone, BackboneState
 
@@ -16,13 +17,13 @@ def _check_tokens(
     tokens: torch.Tensor, vocab_size: int, layout: str = "(B, N)", ndim: int = 2
 ) -> torch.Tensor:
     if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-        raise TypeError(
+        raise InvalidTypeError(
             f"tokens must be an int64/int32 tensor of shape {layout}, got {getattr(tokens, 'dtype', tokens)}"
         )
     if tokens.dim() != ndim:
-        raise ValueError(f"tokens must have shape {layout}, got {tuple(tokens.shape)}")
+        raise InvalidValueError(f"tokens must have shape {layout}, got {tuple(tokens.shape)}")
     if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(
+        raise InvalidValueError(
             f"tokens must lie in [0, vocab_size={vocab_size}), got values in [{tokens.min()}, {tokens.max()}]"
         )
     return tokens
@@ -90,11 +91,11 @@ class LanguageModel(nn.Module):
         """
         prompt = _check_tokens(prompt, self.vocab_size)
         if prompt.shape[1] == 0:
-            raise ValueError("prompt must hold at least one token per sequence")
+            raise InvalidValueError("prompt must hold at least one token per sequence")
         max_new_tokens = check_positive_int("max_new_tokens", max_new_tokens)
         temperature = check_real("temperature", temperature)
         if temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0, got {temperature}")
+            raise InvalidValueError(f"temperature must be ≥ 0, got {temperature}")
         top_k = check_positive_int("top_k", top_k, allow_none=True)
         state = self.init_state(prompt.shape[0])
         for t in range(prompt.shape[1]):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InvalidValueError
 from .language_model import LanguageModel
 
 
@@ -82,5 +83,5 @@ def list_presets() -> list[Preset]:
 def create_model(name: str, vocab_size: int = 256, **overrides: Any) -> LanguageModel:
     """The language model of preset ``name``; ``overrides`` replace config entries (e.g. ``max_len``)."""
     if name not in _PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(_PRESETS)}")
+        raise InvalidValueError(f"unknown preset {name!r}; known presets: {', '.join(_PRESETS)}")
     return LanguageModel(vocab_size, **{**_PRESETS[name].config, **overrides})

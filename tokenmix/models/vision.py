@@ -9,6 +9,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ..errors import InvalidValueError
 from ..functional._checks import check_choice, check_positive_int
 from ..mixers import mixer_info
 from .backbone import Backbone
@@ -17,7 +18,7 @@ from .backbone import Backbone
 def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
     pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2:
-        raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+        raise InvalidValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
     return check_positive_int(f"{name}[0]", pair[0]), check_positive_int(f"{name}[1]", pair[1])
 
 
@@ -48,14 +49,16 @@ class VisionTransformer(nn.Module):
         self.image_size, self.patch_size = _pair("image_size", image_size), _pair("patch_size", patch_size)
         for axis, (size, patch) in enumerate(zip(self.image_size, self.patch_size, strict=True)):
             if size % patch:
-                raise ValueError(f"patch_size {patch} must divide image_size {size} (axis {axis})")
+                raise InvalidValueError(f"patch_size {patch} must divide image_size {size} (axis {axis})")
         self.grid = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.pool = check_choice("pool", pool, ("cls", "mean"))
         if "grid" in mixer_info(mixer if isinstance(mixer, str) else mixer[0]).options:
             # A mixer that works on the 2-D patch grid (AFT-conv) gets it; a class token has no place there.
             if pool == "cls":
-                raise ValueError(f"mixer {mixer!r} works on the patch grid: use pool='mean' (no class token)")
+                raise InvalidValueError(
+                    f"mixer {mixer!r} works on the patch grid: use pool='mean' (no class token)"
+                )
             mixer_options = dict(backbone_options.pop("mixer_options", None) or {})
             mixer_options.setdefault("grid", self.grid)
             backbone_options["mixer_options"] = mixer_options
@@ -70,7 +73,9 @@ class VisionTransformer(nn.Module):
         expected = (self.in_channels, *self.image_size)
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != expected:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {shape}")
+            raise InvalidValueError(
+                f"images must have shape (B, {', '.join(map(str, expected))}), got {shape}"
+            )
         patches = rearrange(self.patch_embedding(images), "b d h w -> b (h w) d")
         if self.cls_token is not None:
             patches = torch.cat((self.cls_token.expand(len(patches), -1, -1), patches), dim=1)

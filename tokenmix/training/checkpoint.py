@@ -16,16 +16,27 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
+import socket
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from ..errors import InvalidValueError, RunDirectoryError
+
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
+LOCK = ".tokenmix.lock"
+_CHECKPOINT_NAME = re.compile(r"step-\d{8}")
+_TRAINER_KEYS = frozenset({"step", "optimizer", "scheduler", "rng", "best_val_loss", "window"})
 
 
 def _fsync(path: Path) -> None:
@@ -54,9 +65,26 @@ def save_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None =
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
+    """Load ``path`` into ``model``; a file that is not complete safetensors, or whose tensors do not
+    fit the model (names or shapes), raises ``InvalidValueError`` naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InvalidValueError(f"{str(path)!r} is not a complete safetensors file ({error})") from None
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    wrong = [
+        f"{n}: {shapes[n]} != {expected[n]}"
+        for n in shapes.keys() & expected.keys()
+        if shapes[n] != expected[n]
+    ]
+    if wrong:
+        raise InvalidValueError(
+            f"weights in {str(path)!r} do not fit the model: shapes {'; '.join(sorted(wrong))}"
+        )
     missing, unexpected = load_model(model, str(path), strict=False)
     if missing or unexpected:
-        raise ValueError(
+        raise InvalidValueError(
             f"weights in {str(path)!r} do not fit the model: missing {sorted(missing)}, "
             f"unexpected {sorted(unexpected)}"
         )
@@ -83,8 +111,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: d
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_text_atomically(root / LATEST, name + "\n")
-    for old in root.iterdir():
-        if old.is_dir() and old.name != name and not old.name.startswith("."):
+    for old in root.iterdir():  # only our own checkpoints: anything else there is left alone
+        if old.is_dir() and old.name != name and _CHECKPOINT_NAME.fullmatch(old.name):
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -100,7 +128,43 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model: nn.Module, map_location: torch.device) -> dict[str, Any]:
     """Load the weights into ``model``; return the trainer state."""
     load_weights(model, path / "model.safetensors")
-    return torch.load(path / "trainer.pt", map_location=map_location, weights_only=True)
+    file = path / "trainer.pt"
+    try:
+        if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; pickle would read garbage
+            raise OSError("not a zip archive")
+        state = torch.load(file, map_location=map_location, weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as error:
+        raise InvalidValueError(f"{str(file)!r} is not a complete checkpoint ({error})") from None
+    if not isinstance(state, dict) or not state.keys() >= _TRAINER_KEYS:
+        raise InvalidValueError(f"{str(path / 'trainer.pt')!r} is not a tokenmix trainer checkpoint")
+    return state
+
+
+class RunLock:
+    """One writer per run directory, held for the run's life: an advisory lock on ``.tokenmix.lock``
+    (``filelock``; released by the OS if the process dies), with the holder's pid and host beside it so
+    that a second writer can name it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.owner = run_dir / (LOCK + ".owner")
+        self._lock = FileLock(run_dir / LOCK)
+
+    def __enter__(self) -> RunLock:
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            holder = self.owner.read_text().strip() if self.owner.is_file() else "another process"
+            raise RunDirectoryError(
+                f"{str(self.run_dir)!r} is being written by {holder}; one writer per run "
+                "(wait for it to finish, or choose another --out)"
+            ) from None
+        write_text_atomically(self.owner, f"pid {os.getpid()} on {socket.gethostname()}\n")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.owner.unlink(missing_ok=True)
+        self._lock.release()
 
 
 def append_json_line(path: Path, record: dict[str, Any]) -> None:

@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidTypeError, InvalidValueError, MissingFileError
+
 TASKS = ("charlm", "image-cls", "image-ar", "mqar")
 # Fields that may change when a run is resumed: they do not change what the optimiser computes.
 RESUMABLE_CHANGES = frozenset({"out", "device", "compile", "resume", "progress"})
+
+
+# Real-valued fields: the test each must pass (finite first: inf and nan fail) and what it expects.
+_REAL_FIELDS = {
+    "lr": (lambda x: x > 0, "a finite number > 0"),
+    "min_lr_ratio": (lambda x: 0 <= x <= 1, "a number in [0, 1]"),
+    "weight_decay": (lambda x: x >= 0, "a finite number ≥ 0"),
+    "grad_clip": (lambda x: x >= 0, "a finite number ≥ 0 (0: no clipping)"),
+    "dropout": (lambda x: 0 <= x < 1, "a number in [0, 1)"),
+}
 
 
 @dataclass
@@ -50,29 +63,32 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+            raise InvalidValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         positive = ("dim", "depth", "seq_len", "batch_size", "grad_accum", "steps", "eval_every")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InvalidValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("warmup_steps", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+                raise InvalidValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if self.seed >= 2**31:
-            raise ValueError(f"seed must be below 2**31, got {self.seed}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+            raise InvalidValueError(f"seed must be below 2**31, got {self.seed}")
+        for name, (valid, expected) in _REAL_FIELDS.items():
+            value = getattr(self, name)
+            real = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (real and math.isfinite(value) and valid(value)):
+                raise InvalidValueError(f"{name} must be {expected}, got {value!r}")
         if self.eval_batches is not None and self.eval_batches < 1:
-            raise ValueError(f"eval_batches must be positive or None (whole split), got {self.eval_batches}")
+            raise InvalidValueError(
+                f"eval_batches must be positive or None (whole split), got {self.eval_batches}"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+            raise InvalidValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.progress not in ("auto", "bar", "log"):
-            raise ValueError(f"progress must be auto, bar or log, got {self.progress!r}")
+            raise InvalidValueError(f"progress must be auto, bar or log, got {self.progress!r}")
         if not isinstance(self.mixer_options, dict):
-            raise TypeError(f"mixer_options must be a dict, got {type(self.mixer_options).__name__}")
+            raise InvalidTypeError(f"mixer_options must be a dict, got {type(self.mixer_options).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,14 +98,14 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown training option(s): {', '.join(unknown)}")
+            raise InvalidValueError(f"unknown training option(s): {', '.join(unknown)}")
         return cls(**values)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> TrainConfig:
         path = Path(run_dir) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{str(run_dir)!r} holds no training run (no config.json)")
+            raise MissingFileError(f"{str(run_dir)!r} holds no training run (no config.json)")
         return cls.from_dict(json.loads(path.read_text()))
 
     def differences(self, other: TrainConfig) -> list[str]:

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InvalidValueError, MissingFileError
+from ..functional._checks import check_positive_int
 from .checkpoint import load_weights
 from .config import TrainConfig
 from .tasks import Task, create_task
@@ -21,12 +23,12 @@ def load_run(
 ) -> tuple[TrainConfig, Task, nn.Module]:
     """The configuration, task and trained model of ``run_dir`` (``weights``: ``"best"`` or ``"last"``)."""
     if weights not in WEIGHT_CHOICES:
-        raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
+        raise InvalidValueError(f"weights must be 'best' or 'last', got {weights!r}")
     run_dir = Path(run_dir)
     config = TrainConfig.load(run_dir)
     path = run_dir / WEIGHT_CHOICES[weights]
     if not path.is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} has no {path.name} yet (no evaluation or checkpoint)")
+        raise MissingFileError(f"{str(run_dir)!r} has no {path.name} yet (no evaluation or checkpoint)")
     task = create_task(config)
     model = task.build_model()
     load_weights(model, path)
@@ -43,7 +45,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a trained run on ``split`` (``"test"`` or ``"val"``; the whole split by default)."""
     if split not in ("val", "test"):
-        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        raise InvalidValueError(f"split must be 'val' or 'test', got {split!r}")
+    check_positive_int("max_batches", max_batches, allow_none=True)
     _, task, model = load_run(run_dir, weights, device)
     scores = evaluate_model(model, task, split, max_batches, next(model.parameters()).device)
     name = task.metric.removeprefix("val_")
@@ -69,13 +72,13 @@ def generate(
     """Continue ``prompt`` with a character-LM run, token by token through the mixers' decoding states."""
     config, _, model = load_run(run_dir, weights, device)
     if config.task != "charlm":
-        raise ValueError(f"generate needs a charlm run; {str(run_dir)!r} is a {config.task} run")
+        raise InvalidValueError(f"generate needs a charlm run; {str(run_dir)!r} is a {config.task} run")
     data = prompt.encode()
     if not data:
-        raise ValueError("prompt must not be empty")
+        raise InvalidValueError("prompt must not be empty")
     limit = model.backbone.max_len if model.backbone.positions == "learned" else None
     if limit is not None and len(data) + max_new_tokens > limit:
-        raise ValueError(
+        raise InvalidValueError(
             f"prompt ({len(data)} bytes) + max_new_tokens ({max_new_tokens}) exceed the learned position "
             f"table of this run (max_len={limit}); ask for fewer tokens"
         )

@@ -16,6 +16,7 @@ from torch import nn
 from ..data.images import ImageData, load_images
 from ..data.mqar import IGNORE, check_mqar, mqar_batch
 from ..data.text import VOCAB_SIZE, check_long_enough, load_corpus, random_windows, split
+from ..errors import InvalidValueError
 from ..mixers import mixer_info
 from ..models import LanguageModel, VisionTransformer
 from .config import TrainConfig
@@ -135,7 +136,9 @@ class ImageClassification(_ImageTask):
         height, width = self.data.shape
         self.patch_size = config.patch_size or (4 if height >= 16 else 2)
         if height % self.patch_size or width % self.patch_size:
-            raise ValueError(f"patch_size={self.patch_size} must divide the image size {height}×{width}")
+            raise InvalidValueError(
+                f"patch_size={self.patch_size} must divide the image size {height}×{width}"
+            )
         self.grid_mixer = "grid" in mixer_info(config.mixer).options
         self.sequence_length = (height // self.patch_size) * (width // self.patch_size) + (
             not self.grid_mixer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import signal
 import sys
 import threading
@@ -19,7 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import DivergedError, InvalidValueError, RunDirectoryError, UnavailableError
 from .checkpoint import (
+    LOCK,
+    RunLock,
     append_json_line,
     latest_checkpoint,
     load_checkpoint,
@@ -37,10 +41,17 @@ WEIGHTS, BEST_WEIGHTS = "model.safetensors", "model-best.safetensors"
 
 
 def resolve_device(name: str, world: World | None = None) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a device this machine has."""
+    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name)):
+        raise InvalidValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available")
+        raise UnavailableError(f"device {name!r} was asked for but CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UnavailableError(
+            f"device {name!r} was asked for but this machine has {torch.cuda.device_count()} GPU(s)"
+        )
     if name == "cuda" and world is not None:
         return torch.device("cuda", world.local_rank)
     return torch.device(name)
@@ -165,28 +176,41 @@ class _Progress:
             self.bar.close()
 
 
-def _prepare_run_dir(run_dir: Path, config: TrainConfig) -> Path | None:
-    """Check (before anything is written) that the run directory fits the request; return the
-    checkpoint to resume from, if any."""
+def _is_ours(path: Path) -> bool:
+    return path.name in (LOCK, LOCK + ".owner")
+
+
+def _check_run_dir(run_dir: Path, config: TrainConfig) -> Path | None:
+    """Check, before anything is written, that ``run_dir`` may take this run: a new or empty directory,
+    or (with ``resume``) a run of the same configuration. Returns the checkpoint to resume from, or None
+    to start at step 0 (also for a run that stopped before its first checkpoint)."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise RunDirectoryError(f"--out {str(run_dir)!r}: {str(path)!r} is a file, not a directory")
+            break
+    is_run = (run_dir / CONFIG).is_file()
     if not config.resume:
-        if (run_dir / CONFIG).exists():
-            raise FileExistsError(
+        if is_run:
+            raise RunDirectoryError(
                 f"{str(run_dir)!r} already holds a training run; pass --resume to continue it "
                 "or choose another --out"
+            )
+        if run_dir.is_dir() and any(not _is_ours(p) for p in run_dir.iterdir()):
+            raise RunDirectoryError(
+                f"--out {str(run_dir)!r} is a non-empty directory that is not a tokenmix run; "
+                "tokenmix writes only into a new or empty directory (its files are left alone)"
             )
         return None
     saved = TrainConfig.load(run_dir)
     differences = config.differences(saved)
     if differences:
-        raise ValueError(
+        raise InvalidValueError(
             f"--resume: {str(run_dir)!r} was trained with a different configuration ("
             + "; ".join(differences)
             + ")"
         )
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise FileNotFoundError(f"--resume: {str(run_dir)!r} holds no complete checkpoint to resume from")
-    return checkpoint
+    return latest_checkpoint(run_dir)
 
 
 def train(
@@ -195,7 +219,8 @@ def train(
     """Train as ``config`` says; returns the evaluation records (also in ``out/metrics.jsonl``).
 
     Under torchrun each process calls this; the global batch is split across ranks. ``on_step(step)``
-    is called after every optimiser step.
+    is called after every optimiser step. Nothing is written until the whole configuration has been
+    checked (the model built and run on one batch), and the run directory is locked while it trains.
     """
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     device = resolve_device(config.device)
@@ -206,144 +231,200 @@ def train(
         world.leave()
 
 
+class _Run:
+    """Everything one training run holds: task, model, optimiser, schedule and counters."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, world: World) -> None:
+        parts = world.size * config.grad_accum
+        if config.batch_size % parts:
+            raise InvalidValueError(
+                f"batch_size={config.batch_size} must be divisible by processes × grad_accum = "
+                f"{world.size} × {config.grad_accum}"
+            )
+        self.config, self.device, self.world = config, device, world
+        self.run_dir = Path(config.out)
+        self.task = create_task(config)
+        torch.manual_seed(config.seed)
+        self.model = self.task.build_model().to(device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, config)
+        )
+        self.step, self.best_val_loss, self.window = 0, math.inf, [0.0, 0]
+        self.rows = config.batch_size // world.size
+        self.saved = False
+
+    @torch.no_grad()
+    def dry_run(self) -> None:
+        """One example of the first batch through the model (eval mode, so no randomness is drawn):
+        a configuration the model rejects fails here, before anything is written."""
+        was_training = self.model.training
+        self.model.eval()
+        inputs, _ = self.task.train_batch(0)
+        with _autocast(self.device):
+            self.model(inputs[:1].to(self.device))
+        self.model.train(was_training)
+
+    def restore(self, checkpoint: Path) -> None:
+        state = load_checkpoint(checkpoint, self.model, self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.step, self.best_val_loss, self.window = (
+            state["step"],
+            state["best_val_loss"],
+            list(state["window"]),
+        )
+        self.saved = True
+
+    def start_files(self, resumed: bool) -> None:
+        """config.json and metrics.jsonl: new, or (resuming) the evaluations logged after the checkpoint
+        dropped, since they are redone."""
+        if not self.world.is_main:
+            return
+        if not resumed:
+            write_text_atomically(self.run_dir / CONFIG, _json(self.config.to_dict()))
+            write_text_atomically(self.run_dir / METRICS, "")
+            return
+        kept = [r for r in read_json_lines(self.run_dir / METRICS) if r["step"] <= self.step]
+        write_text_atomically(self.run_dir / METRICS, "".join(_json(r, indent=None) + "\n" for r in kept))
+
+    def save(self) -> None:
+        if self.world.is_main:
+            trainer_state = {
+                "step": self.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": {
+                    "cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                },
+                "best_val_loss": self.best_val_loss,
+                "window": self.window,
+            }
+            save_checkpoint(self.run_dir, self.step, self.model, trainer_state)
+            save_weights(self.model, self.run_dir / WEIGHTS, {"step": str(self.step)})
+        self.saved = True
+        self.world.barrier()
+
+    def train_step(self, forward: Callable[[torch.Tensor], torch.Tensor], trained: nn.Module) -> float:
+        """One optimiser step over the global batch of ``self.step`` (this rank's rows, in micro-batches)."""
+        config, world = self.config, self.world
+        inputs, targets = self.task.train_batch(self.step)
+        inputs = inputs[world.rank * self.rows : (world.rank + 1) * self.rows].to(self.device)
+        targets = targets[world.rank * self.rows : (world.rank + 1) * self.rows].to(self.device)
+        micro = self.rows // config.grad_accum
+        step_loss = torch.zeros((), device=self.device)
+        for index in range(config.grad_accum):
+            last = index == config.grad_accum - 1
+            sync = contextlib.nullcontext() if last or world.size == 1 else trained.no_sync()
+            part = slice(index * micro, (index + 1) * micro)
+            with sync:
+                with _autocast(self.device):
+                    logits = forward(inputs[part])
+                loss_sum, count, _ = _loss(logits, targets[part])
+                loss = loss_sum / count.clamp_min(1)
+                (loss / config.grad_accum).backward()
+            step_loss += loss.detach() / config.grad_accum
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        value = step_loss.item()
+        if not math.isfinite(value):
+            kept = (
+                "the last checkpoint is kept (continue with --resume)"
+                if self.saved
+                else "no checkpoint was written yet"
+            )
+            raise DivergedError(
+                f"training loss became {value} at step {self.step}; {kept}; try a lower --lr or --grad-clip"
+            )
+        self.window[0] += value
+        self.window[1] += 1
+        return value
+
+    def evaluate(self, elapsed: float) -> dict[str, Any]:
+        """Validation scores, logged to metrics.jsonl; the best weights kept."""
+        world, task = self.world, self.task
+        train_loss = world.sum(torch.tensor([self.window[0] / self.window[1]], device=self.device)).item()
+        scores = evaluate_model(self.model, task, "val", self.config.eval_batches, self.device, world)
+        record = {
+            "step": self.step,
+            "train_loss": train_loss / world.size,
+            "val_loss": scores["loss"],
+            task.metric: scores[task.metric.removeprefix("val_")],
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_s": self.window[1] * self.config.batch_size * task.sequence_length / elapsed,
+        }
+        if scores["loss"] < self.best_val_loss:
+            self.best_val_loss = scores["loss"]
+            if world.is_main:
+                save_weights(self.model, self.run_dir / BEST_WEIGHTS, {"step": str(self.step)})
+        self.window = [0.0, 0]
+        if world.is_main:
+            append_json_line(self.run_dir / METRICS, record)
+        return record
+
+
 def _train(
     config: TrainConfig, device: torch.device, world: World, on_step: Callable[[int], None] | None
 ) -> list[dict[str, Any]]:
-    parts = world.size * config.grad_accum
-    if config.batch_size % parts:
-        raise ValueError(
-            f"batch_size={config.batch_size} must be divisible by processes × grad_accum = "
-            f"{world.size} × {config.grad_accum}"
-        )
-    run_dir = Path(config.out)
-    # Everything that can fail on bad input happens before the run directory is touched.
-    task = create_task(config)
-    torch.manual_seed(config.seed)
-    model = task.build_model().to(device)
-    optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    checkpoint = _prepare_run_dir(run_dir, config)
-    world.barrier()  # every rank has checked the directory before rank 0 writes to it
-
-    step, best_val_loss, window = 0, math.inf, [0.0, 0]
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, device)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        step, best_val_loss, window = state["step"], state["best_val_loss"], list(state["window"])
-    if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint is None:
-            write_text_atomically(run_dir / CONFIG, _json(config.to_dict()))
-            write_text_atomically(run_dir / METRICS, "")
-        else:  # evaluations logged after the checkpoint are redone
-            kept = [r for r in read_json_lines(run_dir / METRICS) if r["step"] <= step]
-            write_text_atomically(run_dir / METRICS, "".join(_json(r, indent=None) + "\n" for r in kept))
+    run = _Run(config, device, world)
+    run.dry_run()
+    _check_run_dir(run.run_dir, config)  # every rank, before rank 0 writes
     world.barrier()
-
-    trained = DistributedDataParallel(model) if world.size > 1 else model
-    forward = torch.compile(trained) if config.compile else trained
-    rows = config.batch_size // world.size
-    micro = rows // config.grad_accum
-    progress = _Progress(config, step, world.is_main)
-    if world.is_main:
-        params = sum(p.numel() for p in model.parameters())
-        progress.write(
-            f"{config.task} | {config.mixer} | {params / 1e6:.2f}M parameters | {world.size} process(es) "
-            f"on {device} | step {step}/{config.steps}"
-        )
-
-    def save(step: int) -> None:
+    with contextlib.ExitStack() as held:
         if world.is_main:
-            trainer_state = {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {
-                    "cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                },
-                "best_val_loss": best_val_loss,
-                "window": window,
-            }
-            save_checkpoint(run_dir, step, model, trainer_state)
-            save_weights(model, run_dir / WEIGHTS, {"step": str(step)})
+            run.run_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(RunLock(run.run_dir))
+        checkpoint = _check_run_dir(run.run_dir, config)  # again, now that no one else can write
+        if checkpoint is not None:
+            run.restore(checkpoint)
+        run.start_files(resumed=checkpoint is not None)
         world.barrier()
+        _loop(run, on_step)
+        world.barrier()
+    return read_json_lines(run.run_dir / METRICS)
 
-    model.train()
+
+def _loop(run: _Run, on_step: Callable[[int], None] | None) -> None:
+    config, world = run.config, run.world
+    trained = DistributedDataParallel(run.model) if world.size > 1 else run.model
+    forward = torch.compile(trained) if config.compile else trained
+    progress = _Progress(config, run.step, world.is_main)
+    params = sum(p.numel() for p in run.model.parameters())
+    progress.write(
+        f"{config.task} | {config.mixer} | {params / 1e6:.2f}M parameters | {world.size} process(es) "
+        f"on {run.device} | step {run.step}/{config.steps}"
+    )
+    run.model.train()
     window_start = time.perf_counter()
     with _StopOnSignal() as stop:
-        while step < config.steps:
-            inputs, targets = task.train_batch(step)
-            inputs = inputs[world.rank * rows : (world.rank + 1) * rows].to(device)
-            targets = targets[world.rank * rows : (world.rank + 1) * rows].to(device)
-            step_loss = torch.zeros((), device=device)
-            for index in range(config.grad_accum):
-                last = index == config.grad_accum - 1
-                sync = contextlib.nullcontext() if last or world.size == 1 else trained.no_sync()
-                part = slice(index * micro, (index + 1) * micro)
-                with sync:
-                    with _autocast(device):
-                        logits = forward(inputs[part])
-                    loss_sum, count, _ = _loss(logits, targets[part])
-                    loss = loss_sum / count.clamp_min(1)
-                    (loss / config.grad_accum).backward()
-                step_loss += loss.detach() / config.grad_accum
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_value = step_loss.item()
-            if not math.isfinite(step_value):
-                raise FloatingPointError(
-                    f"training loss became {step_value} at step {step}; the last checkpoint is kept "
-                    "(try a lower --lr or --grad-clip)"
-                )
-            window[0] += step_value
-            window[1] += 1
-            progress.step(step_value)
+        while run.step < config.steps:
+            progress.step(run.train_step(forward, trained))
             if on_step is not None:
-                on_step(step)
-            stopping = world.any(stop.requested, device)
-            if step % config.eval_every == 0 or step == config.steps:
-                elapsed = time.perf_counter() - window_start
-                train_loss = world.sum(torch.tensor([window[0] / window[1]], device=device)).item()
-                scores = evaluate_model(model, task, "val", config.eval_batches, device, world)
-                record = {
-                    "step": step,
-                    "train_loss": train_loss / world.size,
-                    "val_loss": scores["loss"],
-                    task.metric: scores[task.metric.removeprefix("val_")],
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens_per_s": window[1] * config.batch_size * task.sequence_length / elapsed,
-                }
-                if scores["loss"] < best_val_loss:
-                    best_val_loss = scores["loss"]
-                    if world.is_main:
-                        save_weights(model, run_dir / BEST_WEIGHTS, {"step": str(step)})
-                window = [0.0, 0]
-                if world.is_main:
-                    append_json_line(run_dir / METRICS, record)
+                on_step(run.step)
+            stopping = world.any(stop.requested, run.device)
+            if run.step % config.eval_every == 0 or run.step == config.steps:
+                record = run.evaluate(time.perf_counter() - window_start)
                 progress.write(
-                    f"step {step}/{config.steps}  train_loss {record['train_loss']:.4f}  "
-                    f"val_loss {record['val_loss']:.4f}  {task.metric} {record[task.metric]:.4f}  "
+                    f"step {run.step}/{config.steps}  train_loss {record['train_loss']:.4f}  "
+                    f"val_loss {record['val_loss']:.4f}  {run.task.metric} {record[run.task.metric]:.4f}  "
                     f"{record['tokens_per_s']:.0f} tok/s"
                 )
-                save(step)
+                run.save()
                 window_start = time.perf_counter()
             elif stopping:
-                save(step)
+                run.save()
             if stopping:
-                progress.write(f"stopped at step {step}; continue with --resume")
+                progress.write(f"stopped at step {run.step}; continue with --resume")
                 break
     progress.close()
-    world.barrier()
-    return read_json_lines(run_dir / METRICS)
 
 
 def _json(value: Any, indent: int | None = 2) -> str:
