@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidValueError, UnavailableError
+from ..errors import InvalidValueError
 from ..functional._checks import check_positive_int
 from ..mixers import create_mixer, list_mixers, mixer_info
 from .measure import machine, measure
@@ -160,7 +160,7 @@ def bench(
         if name not in PASSES:
             raise InvalidValueError(f"unknown pass {name!r}; expected some of {', '.join(PASSES)}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise UnavailableError("device='cuda' was asked for but no CUDA device is available")
+        raise InvalidValueError("device='cuda' was asked for but no CUDA device is available")
     for name, values in (("seq_lens", seq_lens), ("dim", [dim]), ("batch", [batch]), ("repeats", [repeats])):
         for value in values:
             check_positive_int(name, value)

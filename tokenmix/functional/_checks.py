@@ -133,3 +133,18 @@ def check_real(name: str, value: object, *, allow_none: bool = False, positive: 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums run in: float32 for half types (they would overflow), else the input dtype."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def check_flag(name: str, value: object) -> bool:
+    """A True/False option (``causal``, ``weight_softmax``): a string such as "no" is not one."""
+    if not isinstance(value, bool):
+        raise InvalidTypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def empty_output(shape: Sequence[int], *inputs: torch.Tensor) -> torch.Tensor:
+    """The result of a call over no positions (B = 0 or N = 0): an empty tensor of ``shape`` that depends
+    on every input, so that backward runs and gives them zero gradients."""
+    first = inputs[0]
+    anchor = sum(t.sum() * 0 for t in inputs)  # no value survives in an empty result
+    return torch.zeros(shape, dtype=first.dtype, device=first.device) + anchor.to(first.dtype)

@@ -25,11 +25,14 @@ from ..errors import InvalidValueError
 from ._checks import (
     check_attention_mask,
     check_dims,
+    check_flag,
     check_float_tensor,
     check_positive_int,
     check_same_dtype_device,
     compute_dtype,
+    empty_output,
 )
+from ._excluded import causal_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
 
 __all__ = [
     "aft_accumulate",
@@ -104,7 +107,8 @@ def _exact(
         if causal:
             scores = scores.masked_fill(positions[None, :] > t[:, None], float("-inf"))
         weights = torch.exp(scores - _finite(scores.amax(-1, keepdim=True)))
-        ratios.append((weights * values[b, :, d]).sum(-1) / weights.sum(-1))
+        terms = torch.where(scores == float("-inf"), torch.zeros_like(weights), weights * values[b, :, d])
+        ratios.append(terms.sum(-1) / weights.sum(-1))
     return torch.cat(ratios) if ratios else keys.new_zeros(0)
 
 
@@ -123,7 +127,7 @@ def _finish(
     # Entries that are flagged or see no key divide by 1, selected (not multiplied) away: their tiny or
     # zero den would give the backward num/den² = inf, and inf·0 = NaN in the gradients of k, v and w.
     ratio = num / torch.where(flagged | ~sees_a_key, torch.ones_like(den), den)
-    if bool(flagged.any()):
+    if flagged.device.type != "meta" and bool(flagged.any()):  # meta tensors: shapes only, no values
         ratio = ratio.index_put(
             flagged.nonzero(as_tuple=True), _exact(keys, values, bias_rows, causal, flagged)
         )
@@ -158,6 +162,18 @@ def aft_simple(
         (B, N, D) in the inputs' dtype.
     """
     mask = _check(q, k, v, attention_mask)
+    causal = check_flag("causal", causal)
+    if q.numel() == 0:
+        return empty_output(q.shape, q, k, v)
+    q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
+    if causal:  # a NaN key or value in the future must not reach earlier rows, nor their gradients
+        k, v, seen = causal_finite(k, v, 1, key_channels=True)
+        return reinstate(_aft_simple(q, k, v, mask, True), seen)
+    return _aft_simple(q, k, v, mask, False)
+
+
+def _aft_simple(q, k, v, mask, causal: bool) -> torch.Tensor:
+    """aft_simple on checked inputs (see there)."""
     if use_kernel("aft_simple", q):
         from ..kernels.aft import aft_simple as kernel
 
@@ -210,10 +226,25 @@ def aft_full(
         (B, N, D) in the inputs' dtype.
     """
     mask = _check(q, k, v, attention_mask)
+    causal = check_flag("causal", causal)
     check_float_tensor("w", w, "(N_max, N_max)")
     check_same_dtype_device(q=q, w=w)
-    batch, seq_len, _ = q.shape
+    seq_len = q.shape[1]
     _check_table(w, seq_len)
+    if q.numel() == 0:
+        return empty_output(q.shape, q, k, v, w)
+    q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
+    if not causal:
+        return _aft_full(q, k, v, w, mask, False)
+    # The row blocks multiply future keys and values by 0: compute with finite ones, then mark the
+    # entries (row, channel) whose own terms are not.
+    k, v, seen = causal_finite(k, v, 1, key_channels=True)
+    return reinstate(_aft_full(q, k, v, w, mask, True), seen)
+
+
+def _aft_full(q, k, v, w, mask, causal: bool) -> torch.Tensor:
+    """aft_full on checked inputs (see there)."""
+    batch, seq_len, _ = q.shape
     if use_kernel("aft_full", q):
         from ..kernels.aft import aft_full as kernel
 
@@ -349,17 +380,24 @@ def _local(
     """AFT-local given ``band_from(columns)`` → the biases w_{t, columns[t, j]} (N, J) and the exact
     fallback's full bias rows (``rows_from``, already zero outside the window)."""
     seq_len = q.shape[1]
+    if q.numel() == 0:
+        return empty_output(q.shape, q, k, v)
+    q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
+    seen = None
+    if causal:  # a NaN key or value in the future must not reach earlier rows, nor their gradients
+        k, v, seen = causal_finite(k, v, 1, key_channels=True)
     columns, inside = _offsets(seq_len, window, causal, q.device)
     band = band_from(columns.clamp(0, seq_len - 1)).masked_fill(~inside, float("-inf"))
     if use_kernel("aft_local", q):
         from ..kernels.aft import aft_banded
 
-        return aft_banded(q, k, v, band[:, None], mask, window, bool(causal))
+        out = aft_banded(q, k, v, band[:, None], mask, window, bool(causal))
+        return out if seen is None else reinstate(out, seen)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, band = q.to(dtype), k.to(dtype), v.to(dtype), band.to(dtype)
     keys = _masked_keys(k, mask)[:, :, None]
     out = _windowed(q[:, :, None], keys, v[:, :, None], band[:, None], window, causal, mask, rows_from)
-    return out.to(out_dtype)
+    return (out if seen is None else reinstate(out, seen)).to(out_dtype)
 
 
 def _near(rows: torch.Tensor, seq_len: int, window: int) -> torch.Tensor:
@@ -391,6 +429,7 @@ def aft_local(
         (B, N, D) in the inputs' dtype.
     """
     mask = _check(q, k, v, attention_mask)
+    causal = check_flag("causal", causal)
     check_float_tensor("w", w, "(N_max, N_max)")
     check_same_dtype_device(q=q, w=w)
     window = check_positive_int("window", window)
@@ -418,6 +457,7 @@ def aft_local_lowrank(
     """``aft_local`` with the paper's factorised biases w = w_u w_vᵀ, given as w_u, w_v: (N_max, d'):
     only the band's entries u_t·v_t' are formed, O(N·window·d'), never the N×N table."""
     mask = _check(q, k, v, attention_mask)
+    causal = check_flag("causal", causal)
     check_float_tensor("w_u", w_u, "(N_max, rank)")
     check_float_tensor("w_v", w_v, "(N_max, rank)")
     check_same_dtype_device(q=q, w_u=w_u, w_v=w_v)
@@ -522,8 +562,11 @@ def aft_conv(
     check_float_tensor("w", w, "(H, K)")
     check_same_dtype_device(q=q, k=k, v=v, w=w)
     sizes = check_dims({}, q=(q, "BNHC"), k=(k, "BNH"), v=(v, "BNHC"), w=(w, "HK"))
-    batch, seq_len, heads, head_dim = q.shape
+    batch, seq_len = q.shape[:2]
     kernel_size = sizes["K"]
+    causal = check_flag("causal", causal)
+    if kernel_size == 0:
+        raise InvalidValueError(f"w must hold at least one tap (H, K ≥ 1), got shape {tuple(w.shape)}")
     if not causal and kernel_size % 2 == 0:
         raise InvalidValueError(
             f"a centred (causal=False) kernel needs an odd size K, got w of shape {tuple(w.shape)}"
@@ -531,6 +574,21 @@ def aft_conv(
     mask = check_attention_mask(attention_mask, batch, seq_len, q.device)
     if mask is not None:
         mask = mask | ~mask.any(1, keepdim=True)
+    if q.numel() == 0:
+        return empty_output(q.shape, q, k, v, w)
+    q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
+    if causal:  # a NaN key or value in the future must not reach earlier rows, nor their gradients
+        k, bad_keys = finite_part(k)
+        v, bad_values = finite_part(v)
+        seen = seen_in_window(bad_keys[..., None] | bad_values, 1, None)
+        return reinstate(_aft_conv(q, k, v, w, mask, True), seen)
+    return _aft_conv(q, k, v, w, mask, False)
+
+
+def _aft_conv(q, k, v, w, mask, causal: bool) -> torch.Tensor:
+    """1-D aft_conv on checked inputs (see there)."""
+    batch, seq_len, heads, head_dim = q.shape
+    kernel_size = w.shape[1]
     window = kernel_size if causal else kernel_size // 2 + 1
     if use_kernel("aft_conv", q):
         from ..kernels.aft import aft_banded
@@ -565,7 +623,7 @@ def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
     check_float_tensor("w", w, "(H, Kx, Ky)")
     check_same_dtype_device(q=q, k=k, v=v, w=w)
     check_dims({}, q=(q, "BXYHC"), k=(k, "BXYH"), v=(v, "BXYHC"), w=(w, "HIJ"))
-    if causal:
+    if check_flag("causal", causal):
         raise InvalidValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
     use_kernel("aft_conv", q, unsupported="2-D grids run on the reference path only")  # raises if forced
     if w.shape[1] % 2 == 0 or w.shape[2] % 2 == 0:
@@ -587,6 +645,10 @@ def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
         flat = check_attention_mask(attention_mask.reshape(batch, -1), batch, size_x * size_y, q.device)
         mask = (flat | ~flat.any(1, keepdim=True)).view(batch, size_x, size_y)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    if q.numel() == 0:
+        return empty_output(q.shape, q, k, v, w)
+    if mask is not None:  # padded values selected away (0·NaN = NaN)
+        v = torch.where(mask[..., None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
     return _aft_conv_2d(q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype), mask).to(out_dtype)
 
 

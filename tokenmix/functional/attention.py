@@ -17,12 +17,15 @@ from ._checks import (
     check_attention_mask,
     check_choice,
     check_dims,
+    check_flag,
     check_float_tensor,
     check_positive_int,
     check_real,
     check_same_dtype_device,
     compute_dtype,
+    empty_output,
 )
+from ._excluded import causal_finite, finite_at_padding, real_only, reinstate
 
 __all__ = [
     "ACTIVATIONS",
@@ -74,17 +77,26 @@ def softmax_attention(
         (B, H, N, Dv), in the dtype of the inputs.
     """
     sizes = _check_qkv(q, k, v)
+    causal = check_flag("causal", causal)
     batch, seq_len = sizes["B"], sizes["N"]
     scale = _default_scale(scale, sizes["K"])
     key_mask = check_attention_mask(attention_mask, batch, seq_len, q.device)
+    if q.numel() == 0 or v.numel() == 0:
+        return empty_output(v.shape, q, k, v)
+    q, k, v = finite_at_padding(q, key_mask, 2), real_only(k, key_mask, 2), real_only(v, key_mask, 2)
+    seen = None
+    if causal:  # future keys and values meet 0s in products: finite ones in, then mark rows that see others
+        k, v, seen = causal_finite(k, v, 2, key_channels=False)
     if key_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        return out if seen is None else reinstate(out, seen)
     allowed = key_mask[:, None, None, :]  # (B, 1, 1, N): keys
     if causal:
         allowed = allowed & torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
     # A padded query may see no real key (left padding, causal): give it every key instead of a 0/0 row.
     allowed = allowed | ~key_mask[:, None, :, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+    return out if seen is None else reinstate(out, seen)
 
 
 def softmax_attention_step(
@@ -326,9 +338,16 @@ def pointwise_attention(
         (B, H, N, Dv), in the dtype of the inputs.
     """
     sizes = _check_qkv(q, k, v)
+    causal = check_flag("causal", causal)
     activation, alpha, length = _check_pointwise_options(activation, alpha, length)
     scale = _default_scale(scale, sizes["K"])
     key_mask = check_attention_mask(attention_mask, sizes["B"], sizes["N"], q.device)
+    if q.numel() == 0 or v.numel() == 0:
+        return empty_output(v.shape, q, k, v)
+    q, k, v = finite_at_padding(q, key_mask, 2), real_only(k, key_mask, 2), real_only(v, key_mask, 2)
+    seen = None
+    if causal:  # future keys and values meet 0s in products: finite ones in, then mark rows that see others
+        k, v, seen = causal_finite(k, v, 2, key_channels=False)
     row_scale = _row_scale(
         key_mask,
         sizes["B"],
@@ -342,10 +361,11 @@ def pointwise_attention(
     if use_kernel("pointwise_attention", q):
         from ..kernels.pointwise_attention import pointwise_attention as kernel
 
-        return kernel(q, k, v, key_mask, row_scale[:, 0, :, 0], activation, scale, bool(causal))
-    if key_mask is not None:
-        key_mask = key_mask.repeat_interleave(sizes["H"], dim=0)  # (B·H, N), as q is flattened
-    return _PointwiseAttention.apply(q, k, v, key_mask, row_scale, activation, scale, bool(causal))
+        out = kernel(q, k, v, key_mask, row_scale[:, 0, :, 0], activation, scale, bool(causal))
+    else:
+        flat_mask = None if key_mask is None else key_mask.repeat_interleave(sizes["H"], dim=0)  # (B·H, N)
+        out = _PointwiseAttention.apply(q, k, v, flat_mask, row_scale, activation, scale, bool(causal))
+    return out if seen is None else reinstate(out, seen)
 
 
 def pointwise_attention_step(

@@ -24,10 +24,13 @@ from ..errors import InvalidValueError
 from ._checks import (
     check_attention_mask,
     check_dims,
+    check_flag,
     check_float_tensor,
     check_same_dtype_device,
     compute_dtype,
+    empty_output,
 )
+from ._excluded import finite_part, real_only, reinstate, seen_in_window
 
 __all__ = ["dynamic_conv", "lightconv"]
 
@@ -66,8 +69,7 @@ def _prepare(
     mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
     dtype = compute_dtype(x.dtype)
     x = x.to(x_dtype or dtype)
-    if mask is not None:
-        x = x * mask[..., None].to(x.dtype)
+    x = real_only(x, mask, 1)
     kernel = weight.to(dtype)
     return x, (kernel.softmax(-1) if weight_softmax else kernel), heads
 
@@ -151,7 +153,11 @@ def _convolve(
     weight_softmax: bool,
     attention_mask: torch.Tensor | None,
 ) -> torch.Tensor:
-    out_dtype = x.dtype
+    out_dtype = x.dtype if isinstance(x, torch.Tensor) else None
+    causal, weight_softmax = check_flag("causal", causal), check_flag("weight_softmax", weight_softmax)
+    if isinstance(x, torch.Tensor) and x.numel() == 0 and x.dim() == 3:
+        _prepare(x, weight, attention_mask, weight_softmax, layout)  # still checked
+        return empty_output(x.shape, x, weight)
     if use_kernel(op_name, x):
         from ..kernels.conv import convolve
 
@@ -160,8 +166,15 @@ def _convolve(
         return convolve(x, kernel.float(), heads, bool(causal))
     x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout)
     window, band = _PATHS[op_name]
-    path = band if _use_band(op_name, x.shape[1], kernel.shape[-1]) else window
-    return path(x, kernel, heads, causal).to(out_dtype)
+    kernel_size = kernel.shape[-1]
+    if not _use_band(op_name, x.shape[1], kernel_size):
+        return window(x, kernel, heads, causal).to(out_dtype)
+    # The band matrix holds 0s outside each row's taps: compute with finite inputs, then mark the
+    # outputs whose own taps see others.
+    x, bad = finite_part(x)
+    left = _left_padding(kernel_size, causal)
+    out = band(x, kernel, heads, causal)
+    return reinstate(out, seen_in_window(bad, 1, left, kernel_size - 1 - left)).to(out_dtype)
 
 
 def lightconv(

@@ -13,11 +13,14 @@ from ..backend import use_kernel
 from ._checks import (
     check_attention_mask,
     check_dims,
+    check_flag,
     check_float_tensor,
     check_positive_int,
     check_same_dtype_device,
     compute_dtype,
+    empty_output,
 )
+from ._excluded import finite_at_padding, finite_part, real_only, reinstate, seen_in_window
 from .attention import pointwise_attention, pointwise_attention_step
 
 __all__ = ["mixed_chunk_attention", "mixed_chunk_attention_step"]
@@ -71,12 +74,41 @@ def mixed_chunk_attention(
         v=(v, "BNE"),
     )
     chunk_size = check_positive_int("chunk_size", chunk_size)
-    batch, seq_len, qk_dim = sizes["B"], sizes["N"], sizes["S"]
+    causal = check_flag("causal", causal)
+    batch, seq_len = sizes["B"], sizes["N"]
     mask = check_attention_mask(attention_mask, batch, seq_len, v.device)
+    inputs = (q_quad, k_quad, q_lin, k_lin, v)
+    if v.numel() == 0 or q_quad.numel() == 0:
+        return empty_output(v.shape, *inputs)
+    q_quad, q_lin = finite_at_padding(q_quad, mask, 1), finite_at_padding(q_lin, mask, 1)
+    k_quad, k_lin, v = (real_only(t, mask, 1) for t in (k_quad, k_lin, v))
+    if not causal:
+        return _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, False)
+    # Causal sums meet future keys and values in products with 0: compute with finite ones, then mark
+    # the rows that see others of their own (a value at j ≤ i; a quadratic key at j ≤ i in the row's
+    # chunk; a linear key in an earlier chunk).
+    v, bad_values = finite_part(v)
+    k_quad, bad_quad = finite_part(k_quad)
+    k_lin, bad_lin = finite_part(k_lin)
+    padding = -seq_len % chunk_size
+
+    def by_chunk(bad: torch.Tensor) -> torch.Tensor:  # (B, N, S) → (B, G, C) counts per position
+        return F.pad(bad.any(-1), (0, padding)).view(batch, -1, chunk_size).to(torch.int32)
+
+    quad_seen = (by_chunk(bad_quad).cumsum(2) > 0).flatten(1)[:, :seq_len, None]
+    lin_chunks = by_chunk(bad_lin).sum(2)  # (B, G)
+    lin_seen = (lin_chunks.cumsum(1) - lin_chunks > 0).repeat_interleave(chunk_size, 1)[:, :seq_len, None]
+    out = _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, True)
+    return reinstate(out, seen_in_window(bad_values, 1, None) | quad_seen | lin_seen)
+
+
+def _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size: int, causal: bool) -> torch.Tensor:
+    """mixed_chunk_attention on checked inputs (see there)."""
     if use_kernel("mixed_chunk_attention", v):
         from ..kernels.flash import mixed_chunk_attention as kernel
 
         return kernel(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, bool(causal))
+    batch, seq_len, qk_dim = q_quad.shape
     dtype = compute_dtype(v.dtype)
 
     padding = -seq_len % chunk_size

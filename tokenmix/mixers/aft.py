@@ -97,7 +97,7 @@ class AFTMixer(Mixer):
         return AFTState(check_positive_int("batch_size", batch_size))
 
     def step(self, x_t: torch.Tensor, state: AFTState) -> tuple[torch.Tensor, AFTState]:
-        x_t = self.check_step_input(x_t)
+        x_t = self.check_step_input(x_t, state)
         if x_t.shape[0] != state.batch_size:
             raise InvalidValueError(
                 f"state was made for batch_size={state.batch_size}, got a batch of {x_t.shape[0]}"
@@ -285,6 +285,8 @@ class AFTConv(AFTMixer):
                 f"kernel_size must be odd unless causal in 1-D (the kernel needs a centre), got {kernel_size}"
             )
         if grid is not None:
+            if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+                raise InvalidValueError(f"grid must be a pair (X, Y) of positive ints, got {grid!r}")
             if causal:
                 raise InvalidValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
             grid = (check_positive_int("grid[0]", grid[0]), check_positive_int("grid[1]", grid[1]))

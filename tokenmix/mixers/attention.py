@@ -99,7 +99,7 @@ class MultiHeadAttention(Mixer):
         return KVCache(check_positive_int("batch_size", batch_size))
 
     def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
-        x = self.check_step_input(x_t)[:, None]
+        x = self.check_step_input(x_t, state)[:, None]
         q, k, v = self._qkv(x, offset=state.length)
         keys, values = state.append(k, v)
         return self._output(self.attend_step(q, keys, values), x)[:, 0], state

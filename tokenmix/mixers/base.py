@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidValueError, UnavailableError
-from ..functional._checks import check_attention_mask, check_float_tensor, check_positive_int
+from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
+from ..functional._checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
 
 
 def pick_options(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -32,7 +32,7 @@ class Mixer(nn.Module):
     def __init__(self, dim: int, *, causal: bool = False) -> None:
         super().__init__()
         self.dim = check_positive_int("dim", dim)
-        self.causal = bool(causal)
+        self.causal = check_flag("causal", causal)
 
     def check_input(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None
@@ -43,7 +43,12 @@ class Mixer(nn.Module):
             raise InvalidValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         return x, check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
 
-    def check_step_input(self, x_t: torch.Tensor) -> torch.Tensor:
+    def check_step_input(self, x_t: torch.Tensor, state: Any) -> torch.Tensor:
+        if not callable(getattr(state, "nbytes", None)):  # every decoding state reports its size
+            raise InvalidTypeError(
+                f"state must be what {type(self).__name__}.init_state(batch_size) returned (or the state "
+                f"the previous step returned), got {type(state).__name__}"
+            )
         if not self.causal:
             raise UnavailableError(
                 f"{type(self).__name__} was built with causal=False; step decoding needs causal=True"

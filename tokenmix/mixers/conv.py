@@ -98,7 +98,7 @@ class ConvolutionMixer(Mixer):
 
     def step(self, x_t: torch.Tensor, state: ConvState) -> tuple[torch.Tensor, ConvState]:
         """The causal convolution's last output over the window of the K − 1 previous inputs and this one."""
-        x = self.check_step_input(x_t)[:, None]
+        x = self.check_step_input(x_t, state)[:, None]
         if x.shape[0] != state.window.shape[0]:
             raise InvalidValueError(
                 f"state was made for batch_size={state.window.shape[0]}, got a batch of {x.shape[0]}"

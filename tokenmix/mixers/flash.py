@@ -131,7 +131,7 @@ class GAU(GatedAttentionUnit):
         return KVCache(check_positive_int("batch_size", batch_size))
 
     def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
-        x = self.check_step_input(x_t)[:, None]
+        x = self.check_step_input(x_t, state)[:, None]
         u, v, (q, k) = self.project(x, state.length)
         q, k, v = self._heads(q, k, v)
         keys, values = state.append(k, v)
@@ -220,7 +220,7 @@ class FLASH(GatedAttentionUnit):
         return ChunkState(check_positive_int("batch_size", batch_size))
 
     def step(self, x_t: torch.Tensor, state: ChunkState) -> tuple[torch.Tensor, ChunkState]:
-        x = self.check_step_input(x_t)[:, None]
+        x = self.check_step_input(x_t, state)[:, None]
         if x.shape[0] != state.batch_size:
             raise InvalidValueError(
                 f"state was made for batch_size={state.batch_size}, got a batch of {x.shape[0]}"

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidValueError, UnavailableError
-from ..functional._checks import check_choice, check_positive_int, check_real
-from ..mixers import create_mixer
+from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
+from ..functional._checks import check_choice, check_flag, check_positive_int, check_real
+from ..mixers import create_mixer, mixer_info
 
 POSITIONS = ("learned", "rope", "none")
 
@@ -98,14 +98,20 @@ class Backbone(nn.Module):
         depth = check_positive_int("depth", depth)
         self.positions = check_choice("positions", positions, POSITIONS)
         self.max_len = check_positive_int("max_len", max_len)
-        self.causal = bool(causal)
+        self.causal = check_flag("causal", causal)
         dropout = check_real("dropout", dropout)
         names = _per_layer(mixer, depth, "mixer")
         per_layer = _per_layer(layer_options, depth, "layer_options")
+        rotary = [name for name in names if "rope" in mixer_info(name).options]
+        if positions == "rope" and not rotary:
+            raise InvalidValueError(
+                f"positions='rope' needs a mixer with rotary positions (one with a rope option); "
+                f"{', '.join(dict.fromkeys(names))} take none: use positions='learned' or 'none'"
+            )
         blocks = []
         for name, extra in zip(names, per_layer, strict=True):
             options = {**(mixer_options or {}), **(extra or {})}
-            if positions == "rope":
+            if positions == "rope" and name in rotary:  # the others carry positions of their own (w, taps)
                 options.setdefault("rope", True)
             mixer_module = create_mixer(name, dim, causal=causal, **options)
             blocks.append(Block(dim, mixer_module, FeedForward(dim, ffn_mult, dropout) if ffn else None))
@@ -139,6 +145,10 @@ class Backbone(nn.Module):
 
     def step(self, x_t: torch.Tensor, state: BackboneState) -> tuple[torch.Tensor, BackboneState]:
         """One token (B, dim) at position ``state.position`` → its hidden state (B, dim)."""
+        if not isinstance(state, BackboneState):
+            raise InvalidTypeError(
+                f"state must be what init_state(batch_size) returned, got {type(state).__name__}"
+            )
         x_t = self.dropout(self._positions(x_t[:, None], state.position)[:, 0])
         for i, block in enumerate(self.blocks):
             x_t, state.layers[i] = block.step(x_t, state.layers[i])

@@ -53,15 +53,23 @@ class VisionTransformer(nn.Module):
         self.grid = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.pool = check_choice("pool", pool, ("cls", "mean"))
-        if "grid" in mixer_info(mixer if isinstance(mixer, str) else mixer[0]).options:
-            # A mixer that works on the 2-D patch grid (AFT-conv) gets it; a class token has no place there.
+        names = [mixer] * depth if isinstance(mixer, str) else list(mixer)
+        on_grid = [index for index, name in enumerate(names) if "grid" in mixer_info(name).options]
+        if on_grid:
+            # Each layer whose mixer works on the 2-D patch grid (AFT-conv) gets it; a class token has no
+            # place there.
             if pool == "cls":
                 raise InvalidValueError(
-                    f"mixer {mixer!r} works on the patch grid: use pool='mean' (no class token)"
+                    f"mixer {names[on_grid[0]]!r} works on the patch grid: use pool='mean' (no class token)"
                 )
-            mixer_options = dict(backbone_options.pop("mixer_options", None) or {})
-            mixer_options.setdefault("grid", self.grid)
-            backbone_options["mixer_options"] = mixer_options
+            layers = list(backbone_options.pop("layer_options", None) or [{}] * len(names))
+            if len(layers) != len(names):
+                raise InvalidValueError(
+                    f"layer_options has {len(layers)} entries but there are {len(names)} layers"
+                )
+            for index in on_grid:
+                layers[index] = {"grid": self.grid, **(layers[index] or {})}
+            backbone_options["layer_options"] = layers
         seq_len = self.grid[0] * self.grid[1] + (pool == "cls")
         backbone_options.setdefault("max_len", seq_len)
         self.patch_embedding = nn.Conv2d(in_channels, dim, self.patch_size, stride=self.patch_size)
