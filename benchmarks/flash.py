@@ -3,8 +3,8 @@
 
 Each layer is timed as the peer's module computes it: LayerNorm → mixer → residual (ours: a tokenmix
 Block with ffn=False). d = 256, e = 2d, s = 128, C = 256, B = 1, float32. The peer's layers also add a
-T5 relative-position bias that ours (following the paper's text, SPEC §3) do not have; the peer's FLASH
-gets rotary embeddings on 32 dims, as its FLASHTransformer does.
+T5 relative-position bias that ours (following the paper's text, docs/spec.md §3) do not have; the
+peer's FLASH gets rotary embeddings on 32 dims, as its FLASHTransformer does.
 
     python benchmarks/flash.py                      # N = 2048, 8192
 """

@@ -1,4 +1,4 @@
-"""Float64 references written straight from the equations of SPEC.md: loops and dense sums, obviously
+"""Float64 references written straight from the equations of docs/spec.md: loops and dense sums, obviously
 right, slow, never shared with the library's code. Every op is tested against these."""
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def query_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.
 
 
 def mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, *, chunk_size, causal=False, attention_mask=None):
-    """SPEC §3, term by term: quad_i over the real j of i's chunk (j ≤ i if causal) of
+    """docs/spec.md §3, term by term: quad_i over the real j of i's chunk (j ≤ i if causal) of
     relu²(q_quad_i·k_quad_j/√S)/C · v_j, plus lin_i = q_lin_i · M_i / n_i over the real j of all chunks
     (non-causal) or of the chunks before i's (causal; 0 when there are none)."""
     q_quad, k_quad, q_lin, k_lin, v = (t.double() for t in (q_quad, k_quad, q_lin, k_lin, v))
@@ -141,13 +141,13 @@ def _conv(x, kernel_at, heads, kernel_size, causal, attention_mask):
 
 
 def lightconv(x, weight, *, causal=False, weight_softmax=True, attention_mask=None):
-    """SPEC §5: one kernel W̃ = softmax(weight) (or weight) per head, shared by its C/H channels."""
+    """docs/spec.md §5: one kernel W̃ = softmax(weight) (or weight) per head, shared by its C/H channels."""
     kernel = torch.softmax(weight.double(), -1) if weight_softmax else weight.double()
     return _conv(x, lambda b, t, h: kernel[h], weight.shape[0], weight.shape[1], causal, attention_mask)
 
 
 def dynamic_conv(x, weight, *, causal=False, weight_softmax=True, attention_mask=None):
-    """SPEC §5: output position t of batch b uses the kernel weight[b, t] (normalised per head)."""
+    """docs/spec.md §5: output position t of batch b uses the kernel weight[b, t] (normalised per head)."""
     kernel = torch.softmax(weight.double(), -1) if weight_softmax else weight.double()
     return _conv(x, lambda b, t, h: kernel[b, t, h], weight.shape[2], weight.shape[3], causal, attention_mask)
 
@@ -174,8 +174,9 @@ def reference_grads(expected: torch.Tensor, inputs, grad_out: torch.Tensor) -> l
 
 
 def aft_full(q, k, v, w, *, causal=False, attention_mask=None):
-    """SPEC §4, one (row, channel) at a time: σ(q_td) · Σ exp(s) v / Σ exp(s), s_t' = k_t'd + w_tt' over the
-    real t' (≤ t if causal), with the joint maximum of s subtracted. Rows that see no real key are 0."""
+    """docs/spec.md §4, one (row, channel) at a time: σ(q_td) · Σ exp(s) v / Σ exp(s), s_t' = k_t'd + w_tt'
+    over the real t' (≤ t if causal), with the joint maximum of s subtracted. Rows that see no real key
+    are 0."""
     q, k, v, w = q.double(), k.double(), v.double(), w.double()
     batch, n, channels = q.shape
     rows = []
@@ -192,7 +193,7 @@ def aft_full(q, k, v, w, *, causal=False, attention_mask=None):
 
 
 def aft_simple(q, k, v, *, causal=False, attention_mask=None):
-    """SPEC §4: aft_full with w = 0."""
+    """docs/spec.md §4: aft_full with w = 0."""
     n = q.shape[1]
     return aft_full(
         q, k, v, torch.zeros(n, n, dtype=torch.float64), causal=causal, attention_mask=attention_mask
@@ -200,7 +201,7 @@ def aft_simple(q, k, v, *, causal=False, attention_mask=None):
 
 
 def aft_local(q, k, v, w, *, window, causal=False, attention_mask=None):
-    """SPEC §4: aft_full with w' = w inside |t − t'| < window and 0 outside."""
+    """docs/spec.md §4: aft_full with w' = w inside |t − t'| < window and 0 outside."""
     n = q.shape[1]
     positions = torch.arange(n)
     near = (positions[:, None] - positions[None, :]).abs() < window
@@ -209,7 +210,7 @@ def aft_local(q, k, v, w, *, window, causal=False, attention_mask=None):
 
 
 def aft_conv(q, k, v, w, *, causal=False, attention_mask=None):
-    """SPEC §4, 1-D: per head h, aft_full over its channels with k_t broadcast across them and
+    """docs/spec.md §4, 1-D: per head h, aft_full over its channels with k_t broadcast across them and
     w_{t,t'} = w[h, t' − t + P] inside the kernel, 0 outside (P = K // 2, or K − 1 when causal)."""
     batch, n, heads, head_dim = q.shape
     kernel_size = w.shape[1]
@@ -229,7 +230,7 @@ def aft_conv(q, k, v, w, *, causal=False, attention_mask=None):
 
 
 def aft_conv_2d(q, k, v, w, *, attention_mask=None):
-    """SPEC §4, 2-D: aft_full over the flattened (X, Y) grid per head, with w_{t,t'} = w[h, x'−x+Px,
+    """docs/spec.md §4, 2-D: aft_full over the flattened (X, Y) grid per head, with w_{t,t'} = w[h, x'−x+Px,
     y'−y+Py] inside the kernel and 0 outside."""
     batch, size_x, size_y, heads, head_dim = q.shape
     kernel_x, kernel_y = w.shape[1:]

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -57,3 +59,56 @@ def test_compare_rejects_unknown_mixers_before_any_work(tmp_path, capsys):
     assert main(["compare", "--mixers", "softmax,nope", "--out", str(tmp_path / "c")]) == 2
     assert "unknown mixer 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_compare_never_writes_into_a_users_directory(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own report")
+    assert main(["compare", "--mixers", "softmax", "--quick", "--steps", "2", "--out", str(mine)]) == 2
+    assert "no tokenmix compare wrote" in capsys.readouterr().err
+    assert [p.name for p in mine.iterdir()] == ["report.md"] and (
+        mine / "report.md"
+    ).read_text() == "my own report"
+
+
+@pytest.mark.parametrize("signum,at_step", [(signal.SIGTERM, 3), (signal.SIGINT, 1)])
+def test_a_signal_stops_the_whole_compare_and_the_next_one_resumes(tmp_path, monkeypatch, signum, at_step):
+    """SIGTERM used to stop only the current mixer's training; SIGINT before a mixer's first evaluation
+    ended in IndexError. Both stop compare; finished runs are reused and the cut one resumes."""
+    from tokenmix.bench import compare as module
+
+    real_train = module.train
+
+    def train_and_signal(config):
+        def hook(step):
+            if step == at_step and config.mixer == "aft_simple":
+                os.kill(os.getpid(), signum)
+
+        return real_train(config, on_step=hook)
+
+    out = tmp_path / "c"
+    options = dict(out=out, quick=True, steps=4, seq_lens=[32], device="cpu")
+    monkeypatch.setattr(module, "train", train_and_signal)
+    with pytest.raises(KeyboardInterrupt, match="aft_simple"):
+        compare(["softmax", "aft_simple", "lightconv"], **options)
+    assert not (out / "runs" / "lightconv").exists() and not (out / "compare.json").exists()
+    finished = (out / "runs" / "softmax" / "metrics.jsonl").read_text()
+    if signum == signal.SIGINT:
+        return  # resuming is the same for both signals; the benchmark makes it the slow half
+    monkeypatch.setattr(module, "train", real_train)
+    result = compare(["softmax", "aft_simple", "lightconv"], **options)
+    assert (out / "runs" / "softmax" / "metrics.jsonl").read_text() == finished  # reused, not retrained
+    assert all(run["curve"][-1][0] == 4 for run in result["mixers"].values())
+
+
+def test_compare_interrupted_from_the_command_line_is_one_line(tmp_path, monkeypatch, capsys):
+    from tokenmix.bench import compare as module
+
+    def interrupted(*args, **kwargs):
+        raise module.CompareStopped("stopped while training softmax; run the same compare again to resume")
+
+    monkeypatch.setattr(module, "_train_one", interrupted)
+    assert main(["compare", "--mixers", "softmax", "--quick", "--out", str(tmp_path / "c")]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run the same compare again" in err

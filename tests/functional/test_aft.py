@@ -1,4 +1,5 @@
-"""aft_full and aft_simple against the float64 equation of SPEC §4, including extreme keys and biases."""
+"""aft_full and aft_simple against the float64 equation of docs/spec.md §4, including extreme keys and
+biases."""
 
 from __future__ import annotations
 

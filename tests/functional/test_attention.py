@@ -1,4 +1,4 @@
-"""softmax_attention and pointwise_attention against the float64 equations of SPEC §1–2."""
+"""softmax_attention and pointwise_attention against the float64 equations of docs/spec.md §1–2."""
 
 from __future__ import annotations
 

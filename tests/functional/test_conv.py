@@ -1,4 +1,4 @@
-"""lightconv and dynamic_conv, both execution paths, against the float64 equation of SPEC §5."""
+"""lightconv and dynamic_conv, both execution paths, against the float64 equation of docs/spec.md §5."""
 
 from __future__ import annotations
 

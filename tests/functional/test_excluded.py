@@ -1,4 +1,4 @@
-"""Excluded terms are selected away (SPEC: padding, and future positions when causal): a NaN there
+"""Excluded terms are selected away (docs/spec.md §0: padding, and future positions when causal): a NaN there
 changes no output that does not see it, forward or backward; calls over no positions return empty
 results; ``causal`` must be a bool. Every op, both modes."""
 

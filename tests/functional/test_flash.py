@@ -1,4 +1,4 @@
-"""mixed_chunk_attention against the float64 equation of SPEC §3."""
+"""mixed_chunk_attention against the float64 equation of docs/spec.md §3."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 import tokenmix
@@ -30,3 +31,23 @@ def test_options_and_defaults_come_from_the_signature(monkeypatch):
     assert (toy.dim, toy.causal, toy.width) == (8, True, 5)
     with pytest.raises(ValueError, match="already registered"):
         registry.register_mixer("toy", paper="p", time="t", memory="m", state="s")(Toy)
+
+
+def test_bad_options_fail_at_construction_naming_them():
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        tokenmix.create_mixer("softmax", 16, causal="no")
+    for rope_base in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="rope_base must be"):
+            tokenmix.create_mixer("softmax", 16, heads=2, rope=True, rope_base=rope_base)
+    with pytest.raises(ValueError, match=r"grid must be a pair"):
+        tokenmix.create_mixer("aft_conv", 16, grid=(4,))
+    with pytest.raises(ValueError, match="kernel_size must be positive"):
+        tokenmix.create_mixer("aft_conv", 16, kernel_size=0, causal=True)
+
+
+@pytest.mark.parametrize("name", tokenmix.list_mixers())
+def test_step_without_a_state_names_init_state(name):
+    mixer = tokenmix.create_mixer(name, 16, causal=True)
+    for state in (None, {}, "state"):
+        with pytest.raises(TypeError, match=r"state must be what .*init_state\(batch_size\) returned"):
+            mixer.step(torch.randn(2, 16), state)

@@ -1,4 +1,4 @@
-"""The module suite every registered mixer passes (SPEC §6): shapes, gradients, padding and causal
+"""The module suite every registered mixer passes (docs/spec.md §6): shapes, gradients, padding and causal
 invariance, step decoding, option and shape errors. A new family is covered by registering it."""
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def test_causal_mixer_does_not_see_the_future(name):
         changed[:, cut + 1 :] = torch.randn(changed[:, cut + 1 :].shape, generator=gen, dtype=x.dtype)
         for m in (None, mask):
             before = mixer(x, attention_mask=m)[:, : cut + 1]
-            # Outputs at padded positions are unspecified (SPEC): compare the real ones.
+            # Outputs at padded positions are unspecified (docs/spec.md): compare the real ones.
             real = None if m is None else m[:, : cut + 1, None].expand_as(before)
             after = mixer(changed, attention_mask=m)[:, : cut + 1]
             assert_close(after, before, 1e-10, mask=real, what=f"cut={cut}")

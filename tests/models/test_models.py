@@ -25,7 +25,7 @@ def language_model(mixer="softmax", **options):
 @pytest.mark.parametrize("positions", ["learned", "rope", "none"])
 def test_language_model_steps_reproduce_forward(mixer, positions):
     if positions == "rope" and "rope" not in mixer_info(mixer).options:
-        with pytest.raises(TypeError, match=r"unknown option.*rope"):
+        with pytest.raises(ValueError, match=r"positions='rope' needs a mixer with rotary positions"):
             language_model(mixer, positions=positions)
         return
     model = language_model(mixer, positions=positions)
@@ -143,3 +143,35 @@ def test_vision_transformer_errors():
     model = VisionTransformer((8, 12), (4, 4), 10, dim=16, depth=1, mixer_options={"heads": 2})
     with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 8, 12\)"):
         model(torch.randn(2, 3, 12, 8))
+
+
+def test_rope_goes_to_the_layers_that_take_it():
+    """A hybrid stack with positions='rope': attention layers rotate, AFT and convolution layers keep
+    their own positions (w, taps) instead of failing on an unknown option."""
+    torch.manual_seed(0)
+    model = LanguageModel(
+        VOCAB, dim=32, depth=4, mixer=["softmax", "aft_full", "lightconv", "pointwise"], max_len=64,
+        positions="rope",
+    ).eval()  # fmt: skip
+    mixers = [block.mixer for block in model.backbone.blocks]
+    assert mixers[0].rotary is not None and mixers[3].rotary is not None
+    x = tokens()
+    with torch.no_grad():
+        logits = model(x)
+    assert_close(decode(model, x)[0], logits, 1e-5)
+
+
+def test_vision_transformer_gives_the_grid_to_every_layer_that_takes_it():
+    vit = VisionTransformer(
+        8, 2, 3, in_channels=1, dim=16, depth=2, mixer=["softmax", "aft_conv"], pool="mean"
+    )
+    assert vit.backbone.blocks[1].mixer.grid == (4, 4)
+    assert vit(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+    with pytest.raises(ValueError, match="works on the patch grid"):
+        VisionTransformer(8, 2, 3, in_channels=1, dim=16, depth=2, mixer=["softmax", "aft_conv"])
+
+
+def test_decoding_needs_a_state_from_init_state():
+    model = language_model()
+    with pytest.raises(TypeError, match="state must be what init_state"):
+        model.step(tokens()[:, 0], None)

@@ -1,4 +1,4 @@
-"""Attention Free Transformer ops (Zhai et al. 2021; SPEC §4): AFT-full, AFT-simple, AFT-local and
+"""Attention Free Transformer ops (Zhai et al. 2021; docs/spec.md §4): AFT-full, AFT-simple, AFT-local and
 AFT-conv (1-D and 2-D).
 
     y_t = σ(q_t) ⊙ Σ_{t'∈S(t)} exp(k_t' + w_{t,t'}) ⊙ v_t' / Σ_{t'∈S(t)} exp(k_t' + w_{t,t'})

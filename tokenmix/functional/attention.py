@@ -1,7 +1,7 @@
 """Softmax attention (the baseline) and pointwise attention (Wortsman et al. 2023; GAU's relu²).
 
 Both ops take q, k: (B, H, N, Dk) and v: (B, H, N, Dv) and return (B, H, N, Dv). ``attention_mask`` is
-(B, N) with True/1 = real token. See SPEC §1–2.
+(B, N) with True/1 = real token. See docs/spec.md §1–2.
 """
 
 from __future__ import annotations

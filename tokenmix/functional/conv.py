@@ -1,4 +1,4 @@
-"""Lightweight and dynamic convolutions (Wu et al. 2019; SPEC §5).
+"""Lightweight and dynamic convolutions (Wu et al. 2019; docs/spec.md §5).
 
 x: (B, N, C) with H heads; channel c belongs to head h(c) = c // (C/H) (contiguous blocks, as fairseq's
 LightweightConv1dTBC), and a head's channels share its kernel:

@@ -1,4 +1,4 @@
-"""Mixed-chunk attention, FLASH's linear-time attention (Hua et al. 2022, §3; SPEC §3).
+"""Mixed-chunk attention, FLASH's linear-time attention (Hua et al. 2022, §3; docs/spec.md §3).
 
 Within a chunk of C positions, relu² attention divided by C; across chunks, linear attention through
 the per-chunk states Kᵀ V (an exclusive prefix sum of them when causal). Memory O(N·C), never N×N.

@@ -1,4 +1,5 @@
-"""AFT kernels (SPEC §4): y_t = σ(q_t) ⊙ r_t, r_t = Σ_{t'∈S(t)} e^(s_tt' − lse_t) v_t', s_tt' = k_t' + w_tt'.
+"""AFT kernels (docs/spec.md §4): y_t = σ(q_t) ⊙ r_t, r_t = Σ_{t'∈S(t)} e^(s_tt' − lse_t) v_t',
+s_tt' = k_t' + w_tt'.
 
 State is float32 whatever the inputs' dtype. Three kinds of programs:
 - scans (AFT-simple; the unbiased keys beyond AFT-local's and AFT-conv's windows): a running log-sum-exp

@@ -1,4 +1,4 @@
-"""FLASH's mixed-chunk attention fused (SPEC §3): out_i = Σ_{j ∈ c(i)} relu²(q_i·k_j / √S) / C · v_j
+"""FLASH's mixed-chunk attention fused (docs/spec.md §3): out_i = Σ_{j ∈ c(i)} relu²(q_i·k_j / √S) / C · v_j
 + q_lin_i · M_{c(i)}, the quadratic part within chunks and the linear part through chunk states, in one
 pass over each block of rows.
 

@@ -44,14 +44,14 @@ class Mixer(nn.Module):
         return x, check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
 
     def check_step_input(self, x_t: torch.Tensor, state: Any) -> torch.Tensor:
+        if not self.causal:
+            raise UnavailableError(
+                f"{type(self).__name__} was built with causal=False; step decoding needs causal=True"
+            )
         if not callable(getattr(state, "nbytes", None)):  # every decoding state reports its size
             raise InvalidTypeError(
                 f"state must be what {type(self).__name__}.init_state(batch_size) returned (or the state "
                 f"the previous step returned), got {type(state).__name__}"
-            )
-        if not self.causal:
-            raise UnavailableError(
-                f"{type(self).__name__} was built with causal=False; step decoding needs causal=True"
             )
         check_float_tensor("x_t", x_t, "(B, dim)")
         if x_t.shape[-1] != self.dim:

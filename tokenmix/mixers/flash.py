@@ -80,7 +80,7 @@ class GAU(GatedAttentionUnit):
     Args:
         dim: model width d. expansion: e = expansion · d (2 in the paper). qk_dim: s (128).
         activation: relu2 (the paper), any other pointwise activation, or "softmax" for ablations.
-        length: None for L = the number of keys each position sees (SPEC default); an int for the
+        length: None for L = the number of keys each position sees (the contract's default); an int for the
             paper's fixed 1/n.
         rope: rotary positions on Q and K (on, as in the paper). dropout: on the output.
     """

@@ -376,13 +376,13 @@ def _train(
 ) -> list[dict[str, Any]]:
     run = _Run(config, device, world)
     run.dry_run()
-    _check_run_dir(run.run_dir, config)  # every rank, before rank 0 writes
+    checkpoint = _check_run_dir(run.run_dir, config)  # every rank, before rank 0 writes
     world.barrier()
     with contextlib.ExitStack() as held:
         if world.is_main:
             run.run_dir.mkdir(parents=True, exist_ok=True)
             held.enter_context(RunLock(run.run_dir))
-        checkpoint = _check_run_dir(run.run_dir, config)  # again, now that no one else can write
+            checkpoint = _check_run_dir(run.run_dir, config)  # again, now that no one else can write
         if checkpoint is not None:
             run.restore(checkpoint)
         run.start_files(resumed=checkpoint is not None)
