@@ -81,25 +81,20 @@ def test_low_precision(dtype, tol):
 
 
 def test_step_reproduces_causal_rows():
+    """From a state after t0 tokens (Σ k_lin ⊗ v of the finished chunks, the unfinished chunk's keys),
+    the rows t0 … N − 1 in one call equal the causal op's."""
     (q_quad, k_quad, q_lin, k_lin, v), _, _ = random_inputs(2, 13, 4, 3, seed=3)
     chunk_size = 4
     full = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=chunk_size, causal=True)
-    state, count = torch.zeros(2, 4, 3, dtype=torch.float64), 0
-    for t in range(13):
-        start = t - t % chunk_size
-        row = mixed_chunk_attention_step(
-            q_quad[:, t],
-            q_lin[:, t],
-            k_quad[:, start : t + 1],
-            v[:, start : t + 1],
-            state,
-            count,
-            chunk_size=chunk_size,
-        )
-        assert_close(row, full[:, t], 1e-12, what=f"t={t}")
-        if t % chunk_size == chunk_size - 1:
-            state = state + torch.einsum("bcs,bce->bse", k_lin[:, start : t + 1], v[:, start : t + 1])
-            count += chunk_size
+    for t0 in (0, 1, 4, 6, 12):
+        start = t0 - t0 % chunk_size  # the unfinished chunk's first token
+        state = torch.einsum("bns,bne->bse", k_lin[:, :start], v[:, :start])
+        rows = mixed_chunk_attention_step(
+            q_quad[:, t0:], k_quad[:, start:], q_lin[:, t0:], k_lin[:, start:], v[:, start:],
+            positions=torch.arange(t0, 13).expand(2, -1), key_positions=torch.arange(start, 13).expand(2, -1),
+            key_mask=None, linear_state=state, linear_count=torch.full((2,), start), chunk_size=chunk_size,
+        )  # fmt: skip
+        assert_close(rows, full[:, t0:], 1e-12, what=f"t0={t0}")
 
 
 def test_errors_name_the_argument():

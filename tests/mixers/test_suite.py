@@ -131,8 +131,10 @@ def test_bad_shapes_are_value_errors(name):
         mixer(x[..., :-1])
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         mixer(x, attention_mask=mask[:, :-1])
-    with pytest.raises(ValueError, match="x_t must have shape"):
+    with pytest.raises(ValueError, match=r"x must have shape \(B, dim=32\) or \(B, T, dim=32\)"):
         mixer.step(x[:, 0, :-1], mixer.init_state(2))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        mixer.step(x, mixer.init_state(2), mask[:, :-1])
 
 
 @names

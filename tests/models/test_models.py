@@ -101,7 +101,7 @@ def test_model_errors_are_clear():
     with pytest.raises(ValueError, match="positions"):
         LanguageModel(VOCAB, dim=32, depth=1, positions="sinusoidal")
     state = model.init_state(1)
-    state.position = 64
+    state.positions = torch.tensor([64])
     with pytest.raises(ValueError, match="max_len=64"):
         model.step(torch.zeros(1, dtype=torch.long), state)
 

@@ -1,6 +1,6 @@
 """The math of every mixer: tensors in, tensors out, no parameters (like ``torch.nn.functional``)."""
 
-from .aft import aft_accumulate, aft_conv, aft_full, aft_local, aft_local_lowrank, aft_simple, aft_step
+from .aft import aft_accumulate, aft_cached, aft_conv, aft_full, aft_local, aft_local_lowrank, aft_simple
 from .attention import (
     ACTIVATIONS,
     pointwise_attention,
@@ -14,12 +14,12 @@ from .flash import mixed_chunk_attention, mixed_chunk_attention_step
 __all__ = [
     "ACTIVATIONS",
     "aft_accumulate",
+    "aft_cached",
     "aft_conv",
     "aft_full",
     "aft_local",
     "aft_local_lowrank",
     "aft_simple",
-    "aft_step",
     "dynamic_conv",
     "lightconv",
     "mixed_chunk_attention",

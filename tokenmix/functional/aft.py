@@ -36,12 +36,12 @@ from ._excluded import causal_finite, finite_at_padding, finite_part, real_only,
 
 __all__ = [
     "aft_accumulate",
+    "aft_cached",
     "aft_conv",
     "aft_full",
     "aft_local",
     "aft_local_lowrank",
     "aft_simple",
-    "aft_step",
 ]
 
 # A denominator below this (relative to its separate maxima) is recomputed with the joint maximum; far
@@ -653,31 +653,81 @@ def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
 
 
 def aft_accumulate(
-    running: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, k: torch.Tensor, v: torch.Tensor
+    running: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fold unbiased keys k (B, J, D) with values v (B, J, D) into running (max, numerator, denominator),
-    each (B, D), relative to the running maximum: the state of AFT decoding for keys whose bias is 0."""
+    """Fold unbiased keys k (B, J, D) with values v (B, J, D) — those ``mask`` (B, J) selects — into
+    running (max, numerator, denominator), each (B, D), relative to the running maximum: the state of
+    AFT decoding for keys whose bias is 0. A row that has seen no key holds (−inf, 0, 0)."""
     dtype = compute_dtype(k.dtype)
     k, v = k.to(dtype), v.to(dtype)
-    new_max = k.amax(1).detach()  # a shift: the results are invariant to it (see _finite)
+    if mask is not None:
+        k = k.masked_fill(~mask[..., None], float("-inf"))
+        v = real_only(v, mask, 1)
+    new_max = k.amax(1) if k.shape[1] else k.new_full((k.shape[0], k.shape[2]), float("-inf"))
     if running is not None:
         new_max = torch.maximum(running[0], new_max)
-    weights = torch.exp(k - new_max[:, None])
+    new_max = new_max.detach()  # a shift: the results are invariant to it (see _finite)
+    shift = _finite(new_max)
+    weights = torch.exp(k - shift[:, None])
     numerator, denominator = (weights * v).sum(1), weights.sum(1)
     if running is not None:
-        rescale = torch.exp(running[0] - new_max)
+        rescale = torch.exp(running[0] - shift)
         numerator, denominator = numerator + rescale * running[1], denominator + rescale * running[2]
     return new_max, numerator, denominator
 
 
-def aft_step(
+def aft_cached(
     q: torch.Tensor,
-    scores: torch.Tensor,
+    k: torch.Tensor,
     v: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    key_mask: torch.Tensor | None = None,
     running: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One causal AFT decoding step: σ(q) ⊙ Σ exp(s) v / Σ exp(s) over the explicit terms, scores
-    s_j = k_j + w_{t,j} (B, J, D) with values v (B, J, D), and the keys already folded into ``running``
-    (see ``aft_accumulate``), under their joint maximum. q: (B, D) → (B, D)."""
-    _, numerator, denominator = aft_accumulate(running, scores, v)
-    return (torch.sigmoid(q.to(numerator.dtype)) * numerator / denominator).to(q.dtype)
+    """Causal AFT continued from a state: the newest T queries q (B, T, D) over explicit keys k, values
+    v (B, L, D), L ≥ T, the last T being the queries' own (causal offsets aligned to the end), with
+    biases ``bias`` (B, T, L) or per channel (B, T, L, D) (None: 0), real keys ``key_mask`` (B, L), and
+    older keys folded into ``running`` (see ``aft_accumulate``) with bias 0. Every (row, channel) is
+    computed under the joint maximum of its own terms. → (B, T, D)."""
+    dtype = compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    queries, length = q.shape[1], k.shape[1]
+    allowed = (
+        torch.arange(length, device=q.device)[None, :]
+        <= (length - queries + torch.arange(queries, device=q.device))[:, None]
+    )
+    allowed = allowed[None] if key_mask is None else allowed[None] & key_mask[:, None, :]  # (B, T, L)
+    values = v if key_mask is None else real_only(v, key_mask, 1)
+    if running is not None:  # the folded keys as one more term, seen by every query
+        seen = torch.isfinite(running[0])  # (B, D)
+        denominator = torch.where(seen, running[2], torch.ones_like(running[2]))
+        folded_key = torch.where(seen, running[0] + torch.log(denominator), torch.zeros_like(running[0]))
+        folded_value = running[1] / denominator
+    rows = max(1, _BLOCK_ELEMENTS // max(1, q.shape[0] * (length + 1) * q.shape[2]))
+    outputs = []
+    for start in range(0, queries, rows):
+        block = slice(start, min(queries, start + rows))
+        scores = (
+            k[:, None]
+            if bias is None
+            else k[:, None] + (bias[:, block] if bias.dim() == 4 else bias[:, block, :, None]).to(dtype)
+        )
+        scores = scores.expand(q.shape[0], block.stop - block.start, length, q.shape[2])
+        visible = allowed[:, block, :, None].expand_as(scores)
+        terms_values = values[:, None].expand_as(scores)
+        if running is not None:
+            extra = folded_key[:, None, None].expand(-1, scores.shape[1], 1, -1)
+            scores = torch.cat((scores, extra), 2)
+            visible = torch.cat((visible, seen[:, None, None].expand(-1, scores.shape[1], 1, -1)), 2)
+            terms_values = torch.cat((terms_values, folded_value[:, None, None].expand_as(extra)), 2)
+        visible = visible | ~visible.any(2, keepdim=True)  # a padded query that sees nothing: anything
+        scores = scores.masked_fill(~visible, float("-inf"))
+        weights = torch.exp(scores - _finite(scores.amax(2, keepdim=True)))
+        terms = torch.where(visible, weights * terms_values, torch.zeros((), dtype=dtype, device=q.device))
+        outputs.append(terms.sum(2) / weights.sum(2))
+    out = torch.sigmoid(q) * torch.cat(outputs, 1)
+    return out

@@ -99,13 +99,35 @@ def softmax_attention(
     return out if seen is None else reinstate(out, seen)
 
 
+def _cached_allowed(queries: int, keys: int, key_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """(B or 1, 1, T, L): query i (the (L − T + i)-th position) sees key j ≤ L − T + i that is real."""
+    allowed = (
+        torch.arange(keys, device=device)[None, :]
+        <= (keys - queries + torch.arange(queries, device=device))[:, None]
+    )
+    if key_mask is None:
+        return allowed[None, None]
+    return allowed[None, None] & key_mask[:, None, None, :]
+
+
 def softmax_attention_step(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decoding step: the newest query q (B, H, 1, Dk) over its cached prefix k (B, H, T, Dk),
-    v (B, H, T, Dv). Equals the last row of ``softmax_attention(..., causal=True)``."""
+    """Causal attention continued from a KV cache: the newest T queries q (B, H, T, Dk) over the keys
+    k (B, H, L, Dk), v (B, H, L, Dv) of every position so far, L ≥ T, the last T being the queries' own
+    (causal offsets aligned to the end). ``key_mask`` (B, L): True = real key. Equals the last T rows of
+    ``softmax_attention(..., causal=True)`` over the L positions."""
     scale = _default_scale(scale, q.shape[-1])
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    allowed = _cached_allowed(q.shape[-2], k.shape[-2], key_mask, q.device)
+    if key_mask is not None:
+        v = real_only(v, key_mask, 2)
+        allowed = allowed | ~allowed.any(-1, keepdim=True)  # a padded query with no real key: any row
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,12 +399,19 @@ def pointwise_attention_step(
     alpha: float = 1.0,
     scale: float | None = None,
     length: int | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decoding step: the newest query q (B, H, 1, Dk) over its cached prefix k (B, H, T, Dk),
-    v (B, H, T, Dv), all real. Equals the last row of ``pointwise_attention(..., causal=True)``."""
+    """Causal pointwise attention continued from a KV cache: the newest T queries q (B, H, T, Dk) over
+    k (B, H, L, Dk), v (B, H, L, Dv), L ≥ T, causal offsets aligned to the end; ``key_mask`` (B, L),
+    True = real key. Equals the last T rows of ``pointwise_attention(..., causal=True)``."""
     activation, alpha, length = _check_pointwise_options(activation, alpha, length)
     scale = _default_scale(scale, q.shape[-1])
     dtype = compute_dtype(q.dtype)
-    weights = ACTIVATIONS[activation].forward((q.to(dtype) * scale) @ k.to(dtype).transpose(-1, -2))
-    count = k.shape[-2] if length is None else length
-    return ((weights @ v.to(dtype)) * float(count) ** -alpha).to(q.dtype)
+    allowed = _cached_allowed(q.shape[-2], k.shape[-2], key_mask, q.device)
+    scores = (q.to(dtype) * scale) @ k.to(dtype).transpose(-1, -2)
+    weights = torch.where(
+        allowed, ACTIVATIONS[activation].forward(scores), torch.zeros((), dtype=dtype, device=q.device)
+    )
+    values = v.to(dtype) if key_mask is None else real_only(v.to(dtype), key_mask, 2)
+    count = allowed.sum(-1, keepdim=True).clamp_min(1).to(dtype) if length is None else float(length)
+    return ((weights @ values) * count**-alpha).to(q.dtype)

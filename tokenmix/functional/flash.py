@@ -21,7 +21,7 @@ from ._checks import (
     empty_output,
 )
 from ._excluded import finite_at_padding, finite_part, real_only, reinstate, seen_in_window
-from .attention import pointwise_attention, pointwise_attention_step
+from .attention import pointwise_attention
 
 __all__ = ["mixed_chunk_attention", "mixed_chunk_attention_step"]
 
@@ -160,28 +160,36 @@ def _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size: int, causal:
 
 def mixed_chunk_attention_step(
     q_quad: torch.Tensor,
+    k_quad: torch.Tensor,
     q_lin: torch.Tensor,
-    chunk_keys: torch.Tensor,
-    chunk_values: torch.Tensor,
-    linear_state: torch.Tensor,
-    linear_count: int,
+    k_lin: torch.Tensor,
+    v: torch.Tensor,
     *,
+    positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    linear_state: torch.Tensor,
+    linear_count: torch.Tensor,
     chunk_size: int,
 ) -> torch.Tensor:
-    """One causal decoding step of ``mixed_chunk_attention``.
-
-    q_quad, q_lin: (B, S) for the newest token; chunk_keys (B, c, S) and chunk_values (B, c, E): the
-    k_quad and v of its chunk so far, itself included (c ≤ C); linear_state (B, S, E): Σ k_lin ⊗ v over
-    the ``linear_count`` tokens of the finished chunks. Returns (B, E), the causal op's row for this token.
-    """
-    quad = pointwise_attention_step(
-        q_quad[:, None, None],
-        chunk_keys[:, None],
-        chunk_values[:, None],
-        **_quadratic_options(q_quad.shape[-1], chunk_size),
-    )[:, 0, 0]
-    if linear_count == 0:
-        return quad
-    dtype = compute_dtype(q_lin.dtype)
-    lin = torch.einsum("bs,bse->be", q_lin.to(dtype), linear_state.to(dtype)) / linear_count
-    return (quad.to(dtype) + lin).to(q_quad.dtype)
+    """Causal ``mixed_chunk_attention`` continued from a state: the newest T queries q_quad, q_lin
+    (B, T, S) at ``positions`` (B, T), over explicit keys k_quad, k_lin (B, L, S) and values v (B, L, E)
+    at ``key_positions`` (B, L), real where ``key_mask`` (B, L) — the unfinished chunk so far and the T
+    new tokens — and ``linear_state`` (B, S, E) = Σ k_lin ⊗ v over the ``linear_count`` (B,) tokens of
+    the chunks folded before them. Chunks are positions // C. Returns (B, T, E), the causal op's rows."""
+    dtype = compute_dtype(v.dtype)
+    q_quad, k_quad, q_lin, k_lin, v = (t.to(dtype) for t in (q_quad, k_quad, q_lin, k_lin, v))
+    visible = key_positions[:, None, :] <= positions[:, :, None]
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, :]
+        v = real_only(v, key_mask, 1)
+    query_chunks, key_chunks = positions // chunk_size, key_positions // chunk_size
+    same = visible & (key_chunks[:, None, :] == query_chunks[:, :, None])
+    earlier = visible & (key_chunks[:, None, :] < query_chunks[:, :, None])
+    zero = torch.zeros((), dtype=dtype, device=v.device)
+    scores = torch.relu(q_quad @ k_quad.transpose(1, 2) * q_quad.shape[-1] ** -0.5)
+    quad = torch.where(same, scores * scores, zero) @ v / chunk_size
+    linear_scores = torch.where(earlier, q_lin @ k_lin.transpose(1, 2), zero)
+    numerator = q_lin @ linear_state.to(dtype) + linear_scores @ v
+    count = (linear_count[:, None] + earlier.sum(-1)).clamp_min(1).to(dtype)
+    return quad + numerator / count[..., None]

@@ -8,6 +8,7 @@ with factors only ever forms the band of w.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from ..functional import aft as aft_ops
 from ..functional._checks import check_positive_int, check_real
 from .base import Mixer
 from .cache import KVCache
+from .chunks import Compacted, last_real
 from .registry import register_mixer
 
 PAPER = "Zhai et al. 2021, An Attention Free Transformer (arXiv 2105.14103)"
@@ -26,15 +28,20 @@ Running = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass
 class AFTState:
-    """Decoding state: the next position, unbiased keys folded into (max, numerator, denominator), and
-    the keys and values still needed one by one (all of them for AFT-full, the window for AFT-local)."""
+    """Decoding state: each row's next position (its count of real tokens), unbiased keys folded into
+    running (max, numerator, denominator), and the keys still needed one by one — every one for
+    AFT-full (``cache``), the last window − 1 for AFT-local and AFT-conv (``window_*``, right-aligned,
+    with their positions and which are real)."""
 
     batch_size: int
-    position: int = 0
+    positions: torch.Tensor | None = None  # (B,) long
     running: Running | None = None
     cache: KVCache | None = None
+    key_positions: torch.Tensor | None = None  # (B, t): AFT-full's cached keys' positions
     window_keys: torch.Tensor | None = None
     window_values: torch.Tensor | None = None
+    window_positions: torch.Tensor | None = None
+    window_real: torch.Tensor | None = None
 
     def nbytes(self) -> int:
         tensors = [*(self.running or ()), self.window_keys, self.window_values]
@@ -67,25 +74,56 @@ class AFTMixer(Mixer):
     def mix(self, q, k, v, attention_mask):
         raise NotImplementedError
 
-    def mix_step(self, q, k, v, state: AFTState) -> torch.Tensor:
-        raise NotImplementedError
-
-    def window_step(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: AFTState, window: int, bias
+    def window_advance(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: AFTState,
+        chunk: Compacted,
+        window: int,
+        bias: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """A causal step where the last ``window`` positions carry biases and older ones count unbiased:
-        they are kept one by one, and folded into the running sums as they leave the window.
-        ``bias(first, length)`` gives the biases (length, channels or 1) of positions first … t."""
+        """A causal chunk where keys within ``window`` − 1 positions of a query carry biases and older ones
+        count unbiased: the last window − 1 real keys are kept one by one, the older ones folded into the
+        running sums. ``bias(query_positions (B, T), key_positions (B, L))`` gives (B, T, L) or
+        (B, T, L, D) biases, 0 outside the window. The first chunk is the forward op."""
+        batch, _, channels = k.shape
+        positions = state.positions
         if state.window_keys is None:
-            state.window_keys, state.window_values = k[:, :0], v[:, :0]
-        keys = torch.cat((state.window_keys, k), dim=1)
-        values = torch.cat((state.window_values, v), dim=1)
-        if keys.shape[1] > window:  # the oldest leaves the window: from now on it counts unbiased
-            state.running = aft_ops.aft_accumulate(state.running, keys[:, :1], values[:, :1])
-            keys, values = keys[:, 1:], values[:, 1:]
-        state.window_keys, state.window_values = keys, values
-        first = state.position + 1 - keys.shape[1]
-        return aft_ops.aft_step(q, keys + bias(first, keys.shape[1]), values, state.running)
+            out = self.mix(q, self._key_heads(k), v, chunk.valid)
+            state.window_keys = k.new_zeros(batch, window - 1, channels)
+            state.window_values = v.new_zeros(batch, window - 1, v.shape[-1])
+            state.window_positions = positions.new_zeros(batch, window - 1)
+            state.window_real = torch.zeros(batch, window - 1, dtype=torch.bool, device=k.device)
+        else:
+            out = None
+        steps = torch.arange(k.shape[1], device=k.device)
+        keys = torch.cat((state.window_keys.to(k.dtype), k), 1)
+        values = torch.cat((state.window_values.to(v.dtype), v), 1)
+        key_positions = torch.cat((state.window_positions, positions[:, None] + steps), 1)
+        valid = (
+            chunk.valid
+            if chunk.valid is not None
+            else torch.ones_like(key_positions[:, window - 1 :], dtype=torch.bool)
+        )
+        real = torch.cat((state.window_real, valid), 1)
+        if out is None:
+            query_positions = positions[:, None] + steps
+            terms = bias(query_positions, key_positions.clamp_min(0))
+            out = aft_ops.aft_cached(q, keys, values, terms, key_mask=real, running=state.running)
+        # Keys older than the newest window − 1 real ones now count unbiased.
+        end = window - 1 + chunk.counts
+        older = real & (torch.arange(keys.shape[1], device=k.device)[None, :] < (end - (window - 1))[:, None])
+        state.running = aft_ops.aft_accumulate(state.running, keys, values, older)
+        state.window_keys, state.window_values, state.window_positions, state.window_real = (
+            last_real(t, chunk, window - 1) for t in (keys, values, key_positions, real)
+        )
+        return out
+
+    def _key_heads(self, k: torch.Tensor) -> torch.Tensor:
+        """Keys as the op takes them (AFT-conv: one per head)."""
+        return k
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x, attention_mask = self.check_input(x, attention_mask)
@@ -96,17 +134,21 @@ class AFTMixer(Mixer):
     def init_state(self, batch_size: int) -> AFTState:
         return AFTState(check_positive_int("batch_size", batch_size))
 
-    def step(self, x_t: torch.Tensor, state: AFTState) -> tuple[torch.Tensor, AFTState]:
-        x_t = self.check_step_input(x_t, state)
-        if x_t.shape[0] != state.batch_size:
+    def advance(self, x: torch.Tensor, state: AFTState, chunk: Compacted) -> torch.Tensor:
+        if x.shape[0] != state.batch_size:
             raise InvalidValueError(
-                f"state was made for batch_size={state.batch_size}, got a batch of {x_t.shape[0]}"
+                f"state was made for batch_size={state.batch_size}, got a batch of {x.shape[0]}"
             )
-        self._check_length(state.position + 1)
-        q, k, v = self.to_q(x_t), self.to_k(x_t), self.to_v(x_t)
-        y = self.mix_step(q, k[:, None], v[:, None], state)
-        state.position += 1
-        return self.dropout(self.to_out(y)), state
+        if state.positions is None:
+            state.positions = torch.zeros(state.batch_size, dtype=torch.long, device=x.device)
+        self._check_length(int((state.positions + chunk.counts).max()))
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        y = self.mix_chunk(q, k, v, state, chunk)
+        state.positions = state.positions + chunk.counts
+        return self.dropout(self.to_out(y))
+
+    def mix_chunk(self, q, k, v, state: AFTState, chunk: Compacted) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class PositionBias(nn.Module):
@@ -126,6 +168,12 @@ class PositionBias(nn.Module):
     def rows(self, rows: slice, columns: slice) -> torch.Tensor:
         """The block w[rows, columns]."""
         return self.table[rows, columns] if self.rank is None else self.u[rows] @ self.v[columns].T
+
+    def pairs(self, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """w[rows[b, i], columns[b, j]] for positions rows (B, T) and columns (B, L) → (B, T, L)."""
+        if self.rank is None:
+            return self.table[rows[:, :, None], columns[:, None, :]]
+        return self.u[rows] @ self.v[columns].transpose(1, 2)
 
 
 @register_mixer(
@@ -162,14 +210,18 @@ class AFTFull(AFTMixer):
         w = self.bias.rows(slice(0, seq_len), slice(0, seq_len))
         return aft_ops.aft_full(q, k, v, w, causal=self.causal, attention_mask=attention_mask)
 
-    def mix_step(self, q, k, v, state):
+    def mix_chunk(self, q, k, v, state, chunk):
+        positions = state.positions[:, None] + torch.arange(k.shape[1], device=k.device)
         if state.cache is None:
             state.cache = KVCache(state.batch_size)
-        keys, values = state.cache.append(k, v)
-        bias = self.bias.rows(
-            slice(state.position, state.position + 1), slice(0, state.position + 1)
-        )  # (1, t)
-        return aft_ops.aft_step(q, keys + bias[0, :, None], values)
+        empty = state.cache.length == 0
+        keys, values, real = state.cache.append(k[:, None], v[:, None], chunk.valid)
+        previous = state.key_positions if state.key_positions is not None else positions[:, :0]
+        state.key_positions = torch.cat((previous, positions), 1)
+        if empty:  # a first chunk is the forward op (its padding comes last)
+            return self.mix(q, k, v, chunk.valid)
+        bias = self.bias.pairs(positions, state.key_positions)
+        return aft_ops.aft_cached(q, keys[:, 0], values[:, 0], bias, key_mask=real)
 
 
 @register_mixer(
@@ -194,10 +246,13 @@ class AFTSimple(AFTMixer):
     def mix(self, q, k, v, attention_mask):
         return aft_ops.aft_simple(q, k, v, causal=self.causal, attention_mask=attention_mask)
 
-    def mix_step(self, q, k, v, state):
-        state.running = aft_ops.aft_accumulate(state.running, k, v)
-        _, numerator, denominator = state.running
-        return (torch.sigmoid(q.to(numerator.dtype)) * numerator / denominator).to(q.dtype)
+    def mix_chunk(self, q, k, v, state, chunk):
+        if state.running is None:
+            out = self.mix(q, k, v, chunk.valid)
+        else:  # the keys so far are one term under their running maximum
+            out = aft_ops.aft_cached(q, k, v, None, key_mask=chunk.valid, running=state.running)
+        state.running = aft_ops.aft_accumulate(state.running, k, v, chunk.valid)
+        return out
 
 
 @register_mixer(
@@ -237,11 +292,14 @@ class AFTLocal(AFTMixer):
             return aft_ops.aft_local(q, k, v, self.bias.table, **options)
         return aft_ops.aft_local_lowrank(q, k, v, self.bias.u, self.bias.v, **options)
 
-    def mix_step(self, q, k, v, state):
-        def bias(first: int, length: int) -> torch.Tensor:
-            return self.bias.rows(slice(state.position, state.position + 1), slice(first, first + length)).T
+    def mix_chunk(self, q, k, v, state, chunk):
+        def bias(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+            near = (rows[:, :, None] - columns[:, None, :]).abs() < self.window
+            return torch.where(
+                near, self.bias.pairs(rows, columns), torch.zeros((), dtype=q.dtype, device=q.device)
+            )
 
-        return self.window_step(q, k, v, state, self.window, bias)
+        return self.window_advance(q, k, v, state, chunk, self.window, bias)
 
 
 @register_mixer(
@@ -321,12 +379,19 @@ class AFTConv(AFTMixer):
         out = aft_ops.aft_conv(q, k, v, self.weight(), causal=self.causal, attention_mask=attention_mask)
         return out.flatten(-2).flatten(1, -2)
 
-    def mix_step(self, q, k, v, state):
+    def _key_heads(self, k: torch.Tensor) -> torch.Tensor:
+        return k[..., :: self.hidden_dim // self.heads]  # the per-channel copies back to one per head
+
+    def mix_chunk(self, q, k, v, state, chunk):
         head_dim = self.hidden_dim // self.heads
         weight = self.weight()
 
-        def bias(first: int, length: int) -> torch.Tensor:  # taps K − length … K − 1, per channel
-            return weight[:, self.kernel_size - length :].T.repeat_interleave(head_dim, dim=1)
+        def bias(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:  # tap K − 1 − (t − t')
+            taps = columns[:, None, :] - rows[:, :, None] + self.kernel_size - 1
+            inside = (taps >= 0) & (taps < self.kernel_size)
+            per_head = weight[:, taps.clamp(0, self.kernel_size - 1)].permute(1, 2, 3, 0)  # (B, T, L, H)
+            per_head = torch.where(inside[..., None], per_head, torch.zeros_like(per_head))
+            return per_head.repeat_interleave(head_dim, dim=-1)
 
         keys = k.repeat_interleave(head_dim, dim=-1)  # each head's key over its channels
-        return self.window_step(q, keys, v, state, self.kernel_size, bias)
+        return self.window_advance(q, keys, v, state, chunk, self.kernel_size, bias)

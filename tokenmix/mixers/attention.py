@@ -16,6 +16,7 @@ from ..functional import attention as attention_ops
 from ..functional._checks import check_positive_int, check_real
 from .base import Mixer, pick_options
 from .cache import KVCache
+from .chunks import Compacted
 from .registry import register_mixer
 from .rotary import RotaryEmbedding
 
@@ -71,11 +72,15 @@ class MultiHeadAttention(Mixer):
         """(B, H, N, D) q, k, v → (B, H, N, D) with the family's op."""
         raise NotImplementedError
 
-    def attend_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The newest query (B, H, 1, D) over the cache (B, H, t, D)."""
+    def attend_cached(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The newest T queries (B, H, T, D) over the cache (B, H, L, D), real keys ``real`` (B, L)."""
         raise NotImplementedError
 
-    def _qkv(self, x: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(
+        self, x: torch.Tensor, offset: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -98,11 +103,16 @@ class MultiHeadAttention(Mixer):
         """An empty KV cache: O(t · heads · head_dim) per sequence after t steps."""
         return KVCache(check_positive_int("batch_size", batch_size))
 
-    def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
-        x = self.check_step_input(x_t, state)[:, None]
-        q, k, v = self._qkv(x, offset=state.length)
-        keys, values = state.append(k, v)
-        return self._output(self.attend_step(q, keys, values), x)[:, 0], state
+    def advance(self, x: torch.Tensor, state: KVCache, chunk: Compacted) -> torch.Tensor:
+        state.check_batch(x.shape[0])
+        positions = state.next_positions(x.device)
+        q, k, v = self._qkv(x, offset=positions)
+        empty = state.length == 0
+        keys, values, real = state.append(k, v, chunk.valid)
+        # A first chunk is a causal forward (its padding comes last); later ones attend to the cache.
+        attended = self.attend(q, k, v, chunk.valid) if empty else self.attend_cached(q, keys, values, real)
+        state.positions = positions + chunk.counts
+        return self._output(attended, x)
 
 
 @register_mixer(
@@ -141,8 +151,8 @@ class SoftmaxAttention(MultiHeadAttention):
     def attend(self, q, k, v, attention_mask):
         return attention_ops.softmax_attention(q, k, v, causal=self.causal, attention_mask=attention_mask)
 
-    def attend_step(self, q, k, v):
-        return attention_ops.softmax_attention_step(q, k, v)
+    def attend_cached(self, q, k, v, real):
+        return attention_ops.softmax_attention_step(q, k, v, key_mask=real)
 
 
 @register_mixer(
@@ -198,5 +208,5 @@ class PointwiseAttention(MultiHeadAttention):
             q, k, v, causal=self.causal, attention_mask=attention_mask, **self._options()
         )
 
-    def attend_step(self, q, k, v):
-        return attention_ops.pointwise_attention_step(q, k, v, **self._options())
+    def attend_cached(self, q, k, v, real):
+        return attention_ops.pointwise_attention_step(q, k, v, key_mask=real, **self._options())

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 from ..functional._checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
+from .chunks import Compacted, compact
 
 
 def pick_options(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -43,7 +44,11 @@ class Mixer(nn.Module):
             raise InvalidValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         return x, check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
 
-    def check_step_input(self, x_t: torch.Tensor, state: Any) -> torch.Tensor:
+    def check_step_input(
+        self, x: torch.Tensor, state: Any, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+        """Validate a step's input: one token (B, dim) or a chunk (B, T, dim), its mask ((B,) or (B, T)),
+        and the state. Returns x as (B, T, dim), whether it was one token, and the mask as bool (B, T)."""
         if not self.causal:
             raise UnavailableError(
                 f"{type(self).__name__} was built with causal=False; step decoding needs causal=True"
@@ -53,13 +58,38 @@ class Mixer(nn.Module):
                 f"state must be what {type(self).__name__}.init_state(batch_size) returned (or the state "
                 f"the previous step returned), got {type(state).__name__}"
             )
-        check_float_tensor("x_t", x_t, "(B, dim)")
-        if x_t.shape[-1] != self.dim:
-            raise InvalidValueError(f"x_t must have shape (B, dim={self.dim}), got {tuple(x_t.shape)}")
-        return x_t
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+            check_float_tensor("x", x, "(B, dim) or (B, T, dim)")
+            raise InvalidValueError(f"x must have shape (B, dim) or (B, T, dim), got {tuple(x.shape)}")
+        check_float_tensor("x", x, "(B, dim)" if x.dim() == 2 else "(B, T, dim)")
+        if x.shape[-1] != self.dim:
+            raise InvalidValueError(
+                f"x must have shape (B, dim={self.dim}) or (B, T, dim={self.dim}), got {tuple(x.shape)}"
+            )
+        single = x.dim() == 2
+        if single:
+            x = x[:, None]
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+                attention_mask = attention_mask[:, None]
+        mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
+        return x, single, mask
 
     def init_state(self, batch_size: int) -> Any:
         raise NotImplementedError
 
-    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+    def step(
+        self, x: torch.Tensor, state: Any, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        """Advance ``state`` by one token x (B, dim) → (B, dim), or by a chunk x (B, T, dim) → (B, T, dim)
+        in one pass (docs/spec.md §7). ``attention_mask`` ((B,) or (B, T), True = real): a padded
+        position leaves the state unchanged and its output is 0; positions count each row's real
+        tokens. Gradients flow through the state across calls. The state is updated and returned."""
+        x, single, mask = self.check_step_input(x, state, attention_mask)
+        chunk = compact(mask, x.shape[0], x.shape[1], x.device)
+        y = chunk.scatter(self.advance(chunk.gather(x), state, chunk))
+        return (y[:, 0] if single else y), state
+
+    def advance(self, x: torch.Tensor, state: Any, chunk: Compacted) -> torch.Tensor:
+        """The causal outputs (B, T, dim) of a chunk whose real tokens come first in each row
+        (``chunk.counts``, ``chunk.valid``), updating ``state`` with the real ones only."""
         raise NotImplementedError

@@ -18,6 +18,7 @@ from ..errors import InvalidValueError
 from ..functional._checks import check_positive_int, check_real
 from ..functional.conv import dynamic_conv, lightconv
 from .base import Mixer
+from .chunks import Compacted, last_real
 from .registry import register_mixer
 
 PAPER = "Wu et al. 2019, Pay Less Attention with Lightweight and Dynamic Convolutions (arXiv 1901.10430)"
@@ -96,18 +97,16 @@ class ConvolutionMixer(Mixer):
         param = self.to_out.weight
         return ConvState(param.new_zeros(batch_size, self.kernel_size - 1, self.dim))
 
-    def step(self, x_t: torch.Tensor, state: ConvState) -> tuple[torch.Tensor, ConvState]:
-        """The causal convolution's last output over the window of the K − 1 previous inputs and this one."""
-        x = self.check_step_input(x_t, state)[:, None]
+    def advance(self, x: torch.Tensor, state: ConvState, chunk: Compacted) -> torch.Tensor:
+        """The causal convolution over the K − 1 previous real inputs and the chunk, in one call."""
         if x.shape[0] != state.window.shape[0]:
             raise InvalidValueError(
                 f"state was made for batch_size={state.window.shape[0]}, got a batch of {x.shape[0]}"
             )
-        window = torch.cat((state.window, self.glu(self.to_input(x))), dim=1)  # (B, K, d)
-        kernel = self._normalised_kernel(window)
-        y = self.convolve(window, kernel, None)[:, -1]
-        state.window = window[:, 1:]
-        return self.dropout(self.to_out(y)), state
+        window = torch.cat((state.window.to(x.dtype), self.glu(self.to_input(x))), dim=1)  # (B, K−1+T, d)
+        y = self.convolve(window, self._normalised_kernel(window), None)[:, self.kernel_size - 1 :]
+        state.window = last_real(window, chunk, self.kernel_size - 1)
+        return self.dropout(self.to_out(y))
 
 
 @register_mixer(

@@ -20,6 +20,7 @@ from ..functional._checks import check_choice, check_positive_int, check_real
 from ..functional.flash import mixed_chunk_attention, mixed_chunk_attention_step
 from .base import Mixer, pick_options
 from .cache import KVCache
+from .chunks import Compacted, last_real
 from .registry import register_mixer
 from .rotary import RotaryEmbedding
 
@@ -54,7 +55,9 @@ class GatedAttentionUnit(Mixer):
         self.to_out = nn.Linear(self.expanded, dim)
         self.dropout = nn.Dropout(check_real("dropout", dropout))
 
-    def project(self, x: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def project(
+        self, x: torch.Tensor, offset: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """x: (B, N, dim) at positions offset… → U (B, N, e), V (B, N, e), and ``num_qk`` of (B, N, s)."""
         u, v, z = nn.functional.silu(self.to_uvz(x)).split([self.expanded, self.expanded, self.qk_dim], -1)
         # (B, num_qk, N, s), laid out so that RoPE rotates all of them in one pass without a copy
@@ -116,44 +119,56 @@ class GAU(GatedAttentionUnit):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x, attention_mask = self.check_input(x, attention_mask)
         u, v, (q, k) = self.project(x, 0)
-        q, k, v = self._heads(q, k, v)
+        return self.output(u, self._attend(*self._heads(q, k, v), attention_mask)[:, 0])
+
+    def _attend(self, q, k, v, attention_mask):
         if self.activation == "softmax":
-            attended = attention_ops.softmax_attention(
+            return attention_ops.softmax_attention(
                 q, k, v, causal=self.causal, attention_mask=attention_mask, scale=self.qk_dim**-0.5
             )
-        else:
-            attended = attention_ops.pointwise_attention(
-                q, k, v, causal=self.causal, attention_mask=attention_mask, **self._pointwise_options()
-            )
-        return self.output(u, attended[:, 0])
+        return attention_ops.pointwise_attention(
+            q, k, v, causal=self.causal, attention_mask=attention_mask, **self._pointwise_options()
+        )
 
     def init_state(self, batch_size: int) -> KVCache:
         return KVCache(check_positive_int("batch_size", batch_size))
 
-    def step(self, x_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
-        x = self.check_step_input(x_t, state)[:, None]
-        u, v, (q, k) = self.project(x, state.length)
+    def advance(self, x: torch.Tensor, state: KVCache, chunk: Compacted) -> torch.Tensor:
+        state.check_batch(x.shape[0])
+        positions = state.next_positions(x.device)
+        u, v, (q, k) = self.project(x, positions)
         q, k, v = self._heads(q, k, v)
-        keys, values = state.append(k, v)
+        empty = state.length == 0
+        keys, values, real = state.append(k, v, chunk.valid)
+        state.positions = positions + chunk.counts
+        if empty:  # a first chunk is a causal forward (its padding comes last)
+            return self.output(u, self._attend(q, k, v, chunk.valid)[:, 0])
         if self.activation == "softmax":
-            attended = attention_ops.softmax_attention_step(q, keys, values, scale=self.qk_dim**-0.5)
+            attended = attention_ops.softmax_attention_step(
+                q, keys, values, scale=self.qk_dim**-0.5, key_mask=real
+            )
         else:
-            attended = attention_ops.pointwise_attention_step(q, keys, values, **self._pointwise_options())
-        return self.output(u, attended[:, 0])[:, 0], state
+            attended = attention_ops.pointwise_attention_step(
+                q, keys, values, key_mask=real, **self._pointwise_options()
+            )
+        return self.output(u, attended[:, 0])
 
 
 @dataclass
 class ChunkState:
-    """FLASH's decoding state, constant in t: Σ k_lin ⊗ v over finished chunks (and their token count),
-    plus the current chunk's k_quad, k_lin and v (at most C entries)."""
+    """FLASH's decoding state, constant in t: each row's next position, Σ k_lin ⊗ v over its finished
+    chunks (and their token count), and its unfinished chunk's k_quad, k_lin, v and positions (C slots,
+    right-aligned; ``chunk_real`` marks the ones in use)."""
 
     batch_size: int
-    position: int = 0
+    positions: torch.Tensor | None = None  # (B,) long
     linear_state: torch.Tensor | None = None  # (B, s, e)
-    linear_count: int = 0
+    linear_count: torch.Tensor | None = None  # (B,)
     chunk_keys: torch.Tensor | None = None  # (B, C, s)
     chunk_linear_keys: torch.Tensor | None = None  # (B, C, s)
     chunk_values: torch.Tensor | None = None  # (B, C, e)
+    chunk_positions: torch.Tensor | None = None  # (B, C)
+    chunk_real: torch.Tensor | None = None  # (B, C)
 
     def nbytes(self) -> int:
         tensors = (self.linear_state, self.chunk_keys, self.chunk_linear_keys, self.chunk_values)
@@ -195,7 +210,7 @@ class FLASH(GatedAttentionUnit):
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.linear = bool(linear)
 
-    def _project(self, x: torch.Tensor, offset: int):
+    def _project(self, x: torch.Tensor, offset: int | torch.Tensor):
         u, v, (q_quad, k_quad, q_lin, k_lin) = self.project(x, offset)
         if not self.linear:
             q_lin = torch.zeros_like(q_lin)  # lin_i = 0 · M_i / n_i
@@ -219,34 +234,56 @@ class FLASH(GatedAttentionUnit):
     def init_state(self, batch_size: int) -> ChunkState:
         return ChunkState(check_positive_int("batch_size", batch_size))
 
-    def step(self, x_t: torch.Tensor, state: ChunkState) -> tuple[torch.Tensor, ChunkState]:
-        x = self.check_step_input(x_t, state)[:, None]
+    def advance(self, x: torch.Tensor, state: ChunkState, chunk: Compacted) -> torch.Tensor:
         if x.shape[0] != state.batch_size:
             raise InvalidValueError(
                 f"state was made for batch_size={state.batch_size}, got a batch of {x.shape[0]}"
             )
-        u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, state.position)
-        if state.chunk_keys is None:
-            batch, chunk = x.shape[0], self.chunk_size
-            state.chunk_keys = k_quad.new_zeros(batch, chunk, self.qk_dim)
-            state.chunk_linear_keys = k_lin.new_zeros(batch, chunk, self.qk_dim)
-            state.chunk_values = v.new_zeros(batch, chunk, self.expanded)
+        batch, length, size = x.shape[0], x.shape[1], self.chunk_size
+        if state.positions is None:
+            state.positions = torch.zeros(batch, dtype=torch.long, device=x.device)
+        positions = state.positions
+        u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, positions)
+        first = state.chunk_keys is None
+        if first:  # a first chunk is the forward op (its padding comes last)
+            attended = mixed_chunk_attention(
+                q_quad, k_quad, q_lin, k_lin, v, chunk_size=size, causal=True, attention_mask=chunk.valid
+            )
+            state.chunk_keys = k_quad.new_zeros(batch, size, self.qk_dim)
+            state.chunk_linear_keys = k_lin.new_zeros(batch, size, self.qk_dim)
+            state.chunk_values = v.new_zeros(batch, size, self.expanded)
+            state.chunk_positions = positions.new_zeros(batch, size)
+            state.chunk_real = torch.zeros(batch, size, dtype=torch.bool, device=x.device)
             state.linear_state = v.new_zeros(batch, self.qk_dim, self.expanded)
-        filled = state.position % self.chunk_size
-        state.chunk_keys[:, filled] = k_quad[:, 0]
-        state.chunk_linear_keys[:, filled] = k_lin[:, 0]
-        state.chunk_values[:, filled] = v[:, 0]
-        attended = mixed_chunk_attention_step(
-            q_quad[:, 0],
-            q_lin[:, 0],
-            state.chunk_keys[:, : filled + 1],
-            state.chunk_values[:, : filled + 1],
-            state.linear_state,
-            state.linear_count,
-            chunk_size=self.chunk_size,
-        )
-        state.position += 1
-        if filled == self.chunk_size - 1:  # the chunk is finished: fold it into the linear state
-            state.linear_state += torch.einsum("bcs,bce->bse", state.chunk_linear_keys, state.chunk_values)
-            state.linear_count += self.chunk_size
-        return self.output(u[:, 0], attended), state
+            state.linear_count = positions.new_zeros(batch)
+        query_positions = positions[:, None] + torch.arange(length, device=x.device)
+        keys = torch.cat((state.chunk_keys.to(k_quad.dtype), k_quad), 1)
+        linear_keys = torch.cat((state.chunk_linear_keys.to(k_lin.dtype), k_lin), 1)
+        values = torch.cat((state.chunk_values.to(v.dtype), v), 1)
+        key_positions = torch.cat((state.chunk_positions, query_positions), 1)
+        valid = chunk.valid
+        if valid is None:
+            valid = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        real = torch.cat((state.chunk_real, valid), 1)
+        if not first:
+            attended = mixed_chunk_attention_step(
+                q_quad, keys, q_lin, linear_keys, values,
+                positions=query_positions, key_positions=key_positions, key_mask=real,
+                linear_state=state.linear_state, linear_count=state.linear_count, chunk_size=size,
+            )  # fmt: skip
+        # Tokens of chunks now finished join the linear state; the rest are the new unfinished chunk.
+        current = ((positions + chunk.counts) // size)[:, None]
+        finished = real & (key_positions // size < current)
+        weights = finished.to(values.dtype)[..., None]
+        state.linear_state = state.linear_state + torch.einsum("bls,ble->bse", linear_keys * weights, values)
+        state.linear_count = state.linear_count + finished.sum(1)
+        unfinished = real & (key_positions // size == current)
+        (
+            state.chunk_keys,
+            state.chunk_linear_keys,
+            state.chunk_values,
+            state.chunk_positions,
+            state.chunk_real,
+        ) = (last_real(t, chunk, size) for t in (keys, linear_keys, values, key_positions, unfinished))
+        state.positions = positions + chunk.counts
+        return self.output(u, attended.to(u.dtype))

@@ -26,10 +26,17 @@ class RotaryEmbedding(nn.Module):
         inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """``offset``: the position of x's first entry, an int or one per batch row (B,) (each row of a
+        batch of prompts counts its own real tokens)."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        positions = torch.arange(offset, offset + x.shape[-2], device=x.device, dtype=dtype)
-        angles = positions[:, None] * self.inv_freq.to(x.device, dtype)[None, :]
+        steps = torch.arange(x.shape[-2], device=x.device, dtype=dtype)
+        if isinstance(offset, torch.Tensor):  # (B,) → angles (B, 1 …, N, d/2) against x (B, …, N, d)
+            positions = offset.to(x.device, dtype)[:, None] + steps
+            angles = positions[..., None] * self.inv_freq.to(x.device, dtype)
+            angles = angles.view(x.shape[0], *[1] * (x.dim() - 3), x.shape[-2], -1)
+        else:
+            angles = (steps + offset)[:, None] * self.inv_freq.to(x.device, dtype)[None, :]
         rotation = torch.polar(torch.ones_like(angles), angles)
         pairs = torch.view_as_complex(x.to(dtype).unflatten(-1, (-1, 2)).contiguous())
         return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)

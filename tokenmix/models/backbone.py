@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
-from ..functional._checks import check_choice, check_flag, check_positive_int, check_real
+from ..functional._checks import (
+    check_attention_mask,
+    check_choice,
+    check_flag,
+    check_positive_int,
+    check_real,
+)
 from ..mixers import create_mixer, mixer_info
 
 POSITIONS = ("learned", "rope", "none")
@@ -40,9 +46,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self._ffn(x + self.mixer(self.mixer_norm(x), attention_mask))
 
-    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
-        y_t, state = self.mixer.step(self.mixer_norm(x_t), state)
-        return self._ffn(x_t + y_t), state
+    def step(
+        self, x: torch.Tensor, state: Any, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any]:
+        y, state = self.mixer.step(self.mixer_norm(x), state, attention_mask)
+        return self._ffn(x + y), state
 
 
 @dataclass
@@ -50,7 +58,7 @@ class BackboneState:
     """Decoding state of a stack: one state per layer and the next position."""
 
     layers: list[Any]
-    position: int = 0
+    positions: torch.Tensor | None = None  # (B,) long: each row's count of real tokens so far
 
 
 def _per_layer(value: Any, depth: int, name: str) -> list[Any]:
@@ -143,14 +151,37 @@ class Backbone(nn.Module):
             raise UnavailableError("decoding needs a causal model (causal=True)")
         return BackboneState([block.mixer.init_state(batch_size) for block in self.blocks])
 
-    def step(self, x_t: torch.Tensor, state: BackboneState) -> tuple[torch.Tensor, BackboneState]:
-        """One token (B, dim) at position ``state.position`` → its hidden state (B, dim)."""
+    def step(
+        self, x: torch.Tensor, state: BackboneState, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, BackboneState]:
+        """One token's embedding (B, dim) or a chunk's (B, T, dim) → hidden states of the same shape, in
+        one pass (docs/spec.md §7). ``attention_mask`` ((B,) or (B, T)): padded positions leave every
+        layer's state unchanged; positions count each row's real tokens."""
         if not isinstance(state, BackboneState):
             raise InvalidTypeError(
                 f"state must be what init_state(batch_size) returned, got {type(state).__name__}"
             )
-        x_t = self.dropout(self._positions(x_t[:, None], state.position)[:, 0])
+        single = isinstance(x, torch.Tensor) and x.dim() == 2
+        if single:
+            x = x[:, None]
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+                attention_mask = attention_mask[:, None]
+        mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
+        if state.positions is None:
+            state.positions = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        real = torch.ones(x.shape[:2], dtype=torch.long, device=x.device) if mask is None else mask.long()
+        positions = state.positions[:, None] + real.cumsum(1) - 1  # (B, T): padding gets its neighbour's
+        if self.position_embedding is not None:
+            end = int((state.positions + real.sum(1)).max())
+            if end > self.max_len:
+                raise InvalidValueError(
+                    f"sequence of length {end} is longer than the learned position table "
+                    f"(max_len={self.max_len})"
+                )
+            x = x + self.position_embedding(positions.clamp_min(0))
+        x = self.dropout(x)
         for i, block in enumerate(self.blocks):
-            x_t, state.layers[i] = block.step(x_t, state.layers[i])
-        state.position += 1
-        return self.norm(x_t), state
+            x, state.layers[i] = block.step(x, state.layers[i], mask)
+        state.positions = state.positions + real.sum(1)
+        x = self.norm(x)
+        return (x[:, 0] if single else x), state

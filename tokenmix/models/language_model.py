@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,10 +68,16 @@ class LanguageModel(nn.Module):
     def init_state(self, batch_size: int) -> BackboneState:
         return self.backbone.init_state(check_positive_int("batch_size", batch_size))
 
-    def step(self, tokens: torch.Tensor, state: BackboneState) -> tuple[torch.Tensor, BackboneState]:
-        """Next-token logits (B, vocab_size) after feeding ``tokens`` (B,) at position ``state.position``."""
-        tokens = _check_tokens(tokens, self.vocab_size, "(B,)", ndim=1)
-        hidden, state = self.backbone.step(self.embedding(tokens), state)
+    def step(
+        self, tokens: torch.Tensor, state: BackboneState, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, BackboneState]:
+        """Feed ``tokens`` (B,) or a chunk (B, T) in one pass → next-token logits (B, vocab) or
+        (B, T, vocab). ``attention_mask`` ((B,) or (B, T), True = real): padded positions leave the state
+        unchanged and count no position (left-padded prompts of different lengths)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() not in (1, 2):
+            _check_tokens(tokens, self.vocab_size, "(B,) or (B, T)", ndim=1)
+        tokens = _check_tokens(tokens, self.vocab_size, "(B,) or (B, T)", ndim=tokens.dim())
+        hidden, state = self.backbone.step(self.embedding(tokens), state, attention_mask)
         return self.head(hidden), state
 
     @torch.no_grad()
@@ -80,14 +86,22 @@ class LanguageModel(nn.Module):
         prompt: torch.Tensor,
         max_new_tokens: int,
         *,
+        attention_mask: torch.Tensor | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        streamer: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Extend ``prompt`` (B, T ≥ 1) by ``max_new_tokens`` sampled tokens → (B, T + max_new_tokens).
+        """Extend ``prompt`` (B, T ≥ 1) by up to ``max_new_tokens`` tokens → (B, T + n).
 
-        The prompt is fed through the decoding states one token at a time, then each new token is sampled
-        from softmax(logits / temperature) restricted to the ``top_k`` most likely; temperature 0 is greedy.
+        The prompt is prefilled in one chunked call (``attention_mask`` (B, T): left padding for prompts
+        of different lengths; each row continues from its last real token). Each new token is sampled
+        from softmax(logits / temperature), restricted to the ``top_k`` most likely and to the smallest
+        set whose probability reaches ``top_p``; temperature 0 (or top_k=1) is greedy. A row that emits
+        ``eos_token_id`` stops, and is filled with it while the others go on; generation ends when every
+        row has stopped (n < max_new_tokens then). ``streamer(tokens (B,))`` sees each new step.
         """
         prompt = _check_tokens(prompt, self.vocab_size)
         if prompt.shape[1] == 0:
@@ -97,26 +111,56 @@ class LanguageModel(nn.Module):
         if temperature < 0:
             raise InvalidValueError(f"temperature must be ≥ 0, got {temperature}")
         top_k = check_positive_int("top_k", top_k, allow_none=True)
+        top_p = check_real("top_p", top_p, allow_none=True)
+        if top_p is not None and not 0 < top_p <= 1:
+            raise InvalidValueError(f"top_p must lie in (0, 1], got {top_p}")
+        is_token = isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool)
+        if eos_token_id is not None and not (is_token and 0 <= eos_token_id < self.vocab_size):
+            raise InvalidValueError(
+                f"eos_token_id must be a token in [0, {self.vocab_size}), got {eos_token_id!r}"
+            )
+        mask = check_attention_mask(attention_mask, prompt.shape[0], prompt.shape[1], prompt.device)
+        if mask is not None and not bool(mask.any(1).all()):
+            raise InvalidValueError("attention_mask must leave at least one real token in every prompt")
         state = self.init_state(prompt.shape[0])
-        for t in range(prompt.shape[1]):
-            logits, state = self.step(prompt[:, t], state)
+        logits, state = self.step(prompt, state, mask)
+        last = prompt.shape[1] - 1 if mask is None else mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
+        logits = logits[torch.arange(prompt.shape[0], device=prompt.device), last]
         tokens = [prompt]
-        for _ in range(max_new_tokens):
-            next_token = _sample(logits, temperature, top_k, generator)
+        finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        for index in range(max_new_tokens):
+            next_token = _sample(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_token_id), next_token)
+                finished = finished | (next_token == eos_token_id)
             tokens.append(next_token[:, None])
+            if streamer is not None:
+                streamer(next_token)
+            if index == max_new_tokens - 1 or bool(finished.all()):
+                break
             logits, state = self.step(next_token, state)
         return torch.cat(tokens, dim=1)
 
 
 def _sample(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
-    if temperature == 0:
+    if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         threshold = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
+    if top_p is not None and top_p < 1:
+        # Nucleus: keep the most likely tokens up to and including the one that reaches top_p.
+        sorted_logits, order = logits.sort(-1, descending=True)
+        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
+        drop = (before >= top_p).scatter(-1, order, before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 

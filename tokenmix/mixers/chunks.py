@@ -1,0 +1,62 @@
+"""Feeding a decoding state a chunk of tokens in one call (docs/spec.md §7).
+
+``Mixer.step`` takes one token (B, dim) or a chunk (B, T, dim) with an optional (B, T) mask. A padded
+position must leave the state unchanged and positions must count each row's real tokens only, so the
+chunk is first *compacted*: each row's real tokens are moved, in order, to the front (a stable sort),
+the mixer advances its state over that right-padded chunk, and the outputs are put back where the
+tokens came from. A mixer's ``advance`` therefore only ever sees rows whose first ``counts[b]`` tokens
+are real and whose others come after them, which a causal computation ignores for the real ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Compacted:
+    """A chunk with each row's real tokens first: ``order[b, i]`` is where entry i came from."""
+
+    order: torch.Tensor | None  # (B, T) long, None when every position is real
+    valid: torch.Tensor | None  # (B, T) bool: the first counts[b] entries of each row
+    counts: torch.Tensor  # (B,) long: real tokens per row
+    length: int  # T
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, …) in the caller's order → compacted order."""
+        if self.order is None:
+            return x
+        index = self.order.view(*self.order.shape, *[1] * (x.dim() - 2)).expand_as(x)
+        return x.gather(1, index)
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, T, …) outputs in compacted order → the caller's order, zero at padded positions."""
+        if self.order is None:
+            return y
+        inverse = self.order.argsort(1)
+        index = inverse.view(*inverse.shape, *[1] * (y.dim() - 2)).expand_as(y)
+        back = y.gather(1, index)
+        real = self.valid.gather(1, inverse).view(*inverse.shape, *[1] * (y.dim() - 2))
+        return torch.where(real, back, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def compact(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> Compacted:
+    if mask is None:
+        return Compacted(None, None, torch.full((batch,), length, dtype=torch.long, device=device), length)
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    counts = mask.sum(1)
+    valid = torch.arange(length, device=device)[None, :] < counts[:, None]
+    return Compacted(order, valid, counts, length)
+
+
+def last_real(values: torch.Tensor, chunk: Compacted, keep: int) -> torch.Tensor:
+    """The ``keep`` newest real entries of (B, L, …) ``values``: a right-aligned buffer of L − T slots
+    followed by the compacted chunk of T, so the real entries end at index L − T + counts. Returns
+    (B, keep, …), right-aligned again."""
+    length, chunk_length = values.shape[1], chunk.length
+    end = length - chunk_length + chunk.counts  # (B,): one past the newest real entry
+    index = (end[:, None] - keep + torch.arange(keep, device=values.device)).clamp(0, max(length - 1, 0))
+    index = index.view(*index.shape, *[1] * (values.dim() - 2)).expand(-1, -1, *values.shape[2:])
+    return values.gather(1, index)
