@@ -284,3 +284,27 @@ def test_divergence_says_whether_a_checkpoint_exists(tmp_path, capsys, monkeypat
         # From the command line: one line, exit 2.
         argv = ["train", *SMALL, "--steps", "6", "--out", str(tmp_path / f"cli{when}")]
         assert_one_line_exit_2(argv, message, capsys)
+
+
+def test_generate_streams_greedy_stops_at_eos_and_takes_top_p(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--steps", "4", "--out", str(run)]) == 0
+    capsys.readouterr()
+    argv = ["generate", "--run", str(run), "--prompt", "Whale", "--max-new-tokens", "9"]
+    assert main([*argv, "--greedy"]) == 0
+    greedy = capsys.readouterr().out
+    assert greedy.startswith("Whale") and main([*argv, "--greedy"]) == 0
+    assert capsys.readouterr().out == greedy  # greedy is deterministic
+    import torch
+
+    from tokenmix.training import load_run
+
+    _, _, model = load_run(run, device="cpu")
+    first = int(model.generate(torch.tensor([list(b"Whale")]), 1, temperature=0)[0, -1])
+    assert main([*argv, "--greedy", "--eos", str(first)]) == 0
+    expected = (b"Whale" + bytes([first])).decode("utf-8", errors="replace")
+    assert capsys.readouterr().out == expected + "\n"  # stopped at the first new byte
+    assert main([*argv, "--top-p", "0.5", "--seed", "3"]) == 0
+    assert capsys.readouterr().out.startswith("Whale")
+    assert_one_line_exit_2([*argv, "--eos", "ab"], "--eos", capsys)
+    assert_one_line_exit_2([*argv, "--top-p", "1.5"], "top_p", capsys)

@@ -174,20 +174,43 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eos_byte(text: str | None) -> int | None:
+    """--eos: one character of one byte (e.g. '.'), or a byte value 0–255."""
+    if text is None:
+        return None
+    if text.isdigit() and 0 <= int(text) < 256:
+        return int(text)
+    if len(text.encode()) == 1:
+        return text.encode()[0]
+    raise InvalidValueError(f"--eos expects one single-byte character or a byte value 0–255, got {text!r}")
+
+
 def _generate(args: argparse.Namespace) -> int:
     from .training import generate
 
-    text = generate(
+    eos = _eos_byte(args.eos)
+    started = []
+
+    def stream(text: str) -> None:  # the prompt once the run is loaded, then each byte as it comes
+        if not started:
+            started.append(sys.stdout.write(args.prompt))
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    generate(
         args.run_dir,
         args.prompt,
         args.max_new_tokens,
-        temperature=args.temperature,
+        temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k,
+        top_p=args.top_p,
+        eos=eos,
         seed=args.seed,
         weights=args.weights,
         device=args.device,
+        stream=stream,
     )
-    print(text)
+    print()
     return 0
 
 
@@ -239,7 +262,12 @@ def _add_training_commands(commands) -> None:
     generate_parser.add_argument("--prompt", required=True)
     generate_parser.add_argument("--max-new-tokens", type=int, default=200)
     generate_parser.add_argument("--temperature", type=float, default=0.8)
-    generate_parser.add_argument("--top-k", type=int)
+    generate_parser.add_argument("--top-k", type=int, help="sample from the k most likely bytes")
+    generate_parser.add_argument(
+        "--top-p", type=float, help="sample from the smallest set reaching this mass"
+    )
+    generate_parser.add_argument("--greedy", action="store_true", help="the most likely byte (temperature 0)")
+    generate_parser.add_argument("--eos", help="stop at this byte: one character, or a value 0–255")
     generate_parser.add_argument("--seed", type=int, default=0)
     generate_parser.add_argument("--weights", default="best", choices=["best", "last"])
     generate_parser.add_argument("--device", default="auto")

@@ -175,3 +175,60 @@ def test_decoding_needs_a_state_from_init_state():
     model = language_model()
     with pytest.raises(TypeError, match="state must be what init_state"):
         model.step(tokens()[:, 0], None)
+
+
+@pytest.mark.parametrize("mixer", ["softmax", "aft_local", "flash", "lightconv"])
+def test_batched_left_padded_greedy_generation_equals_each_prompt_alone(mixer):
+    model = language_model(mixer, **({"mixer_options": {"chunk_size": 4}} if mixer == "flash" else {}))
+    prompts = [tokens(1, n, seed=n)[0] for n in (5, 2, 8)]
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        batch[row, width - len(prompt) :], mask[row, width - len(prompt) :] = prompt, True
+    together = model.generate(batch, 6, attention_mask=mask, temperature=0)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], 6, temperature=0)
+        assert torch.equal(together[row, width:], alone[0, len(prompt) :]), f"row {row}"
+        assert torch.equal(model.generate(prompt[None], 6, top_k=1), alone)  # top_k=1 is greedy too
+
+
+def test_prefill_in_one_call_equals_the_forward():
+    model = language_model("aft_full")
+    x = tokens(2, 9)
+    state = model.init_state(2)
+    with torch.no_grad():
+        logits, state = model.step(x[:, :6], state)
+        last, state = model.step(x[:, 6:], state)
+        assert_close(torch.cat((logits, last), 1), model(x), 1e-5)
+
+
+def test_eos_stops_each_row():
+    model = language_model()
+    prompt = tokens(3, 4)
+    free = model.generate(prompt, 8, temperature=0)
+    eos = int(free[0, 5])  # the first row's second new token
+    stopped = model.generate(prompt, 8, temperature=0, eos_token_id=eos)
+    for row in range(3):
+        new = free[row, 4:].tolist()
+        cut = new.index(eos) + 1 if eos in new else len(new)
+        assert stopped[row, 4 : 4 + cut].tolist() == new[:cut]
+        assert all(t == eos for t in stopped[row, 4 + cut :].tolist())
+    assert stopped.shape[1] <= free.shape[1]
+
+
+def test_top_p_keeps_the_nucleus_only():
+    model = language_model()
+    prompt = tokens(1, 4)
+    with torch.no_grad():
+        logits, _ = model.step(prompt, model.init_state(1))
+    probabilities = logits[0, -1].softmax(-1)
+    best = int(probabilities.argmax())
+    nucleus = float(probabilities.max()) * 0.999  # only the most likely token reaches it
+    seen = {
+        int(model.generate(prompt, 1, top_p=nucleus, generator=torch.Generator().manual_seed(s))[0, -1])
+        for s in range(20)
+    }
+    assert seen == {best}
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(prompt, 1, top_p=0)

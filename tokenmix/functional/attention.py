@@ -156,7 +156,7 @@ _aten = torch.ops.aten
 ACTIVATIONS: dict[str, Activation] = {
     "relu": Activation(torch.relu, torch.relu_, lambda s, a, g: _aten.threshold_backward(g, a, 0), False),
     "relu2": Activation(
-        lambda s: torch.relu(s).square_(), lambda s: s.relu_().square_(), _relu2_backward, True
+        lambda s: torch.relu(s).square(), lambda s: s.relu_().square_(), _relu2_backward, True
     ),
     "gelu": Activation(F.gelu, F.gelu, lambda s, a, g: _aten.gelu_backward(g, s), True),  # exact (erf) GELU
     "softplus": Activation(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +67,16 @@ def generate(
     *,
     temperature: float = 0.8,
     top_k: int | None = None,
+    top_p: float | None = None,
+    eos: int | None = None,
     seed: int = 0,
     weights: str = "best",
     device: str = "auto",
+    stream: Callable[[str], None] | None = None,
 ) -> str:
-    """Continue ``prompt`` with a character-LM run, token by token through the mixers' decoding states."""
+    """Continue ``prompt`` with a character-LM run: the prompt is prefilled in one chunked call, then
+    tokens are sampled one by one through the mixers' states (temperature 0: greedy), stopping at the
+    byte ``eos`` if given. ``stream(text)`` receives the continuation as it is decoded."""
     config, _, model = load_run(run_dir, weights, device)
     if config.task != "charlm":
         raise InvalidValueError(f"generate needs a charlm run; {str(run_dir)!r} is a {config.task} run")
@@ -85,5 +92,16 @@ def generate(
     device_of = next(model.parameters()).device
     tokens = torch.tensor([list(data)], device=device_of)
     generator = torch.Generator(device_of).manual_seed(seed)
-    out = model.generate(tokens, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def streamer(token: torch.Tensor) -> None:
+        if stream is not None:
+            stream(decoder.decode(bytes([int(token[0])])))
+
+    out = model.generate(
+        tokens, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos,
+        generator=generator, streamer=streamer,
+    )  # fmt: skip
+    if stream is not None:
+        stream(decoder.decode(b"", final=True))  # a multi-byte character cut short by the end
     return bytes(out[0].tolist()).decode("utf-8", errors="replace")
