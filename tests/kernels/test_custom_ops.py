@@ -110,3 +110,17 @@ def test_a_compiled_function_follows_a_change_of_backend():
         torch.testing.assert_close(compiled(q, q, q), functional.aft_simple(q, q, q))
     with tokenmix.use_backend("triton"), pytest.raises(Exception, match="float64 runs on the reference"):
         compiled(q, q, q)
+
+
+@pytest.mark.parametrize("name", ["pointwise", "aft_full", "flash"])
+def test_forced_triton_refuses_a_chunk_from_a_state(device, name):
+    """A first chunk is the forward op (its kernel runs); a chunk continued from a state has no kernel:
+    forced triton says so instead of falling back."""
+    mixer = tokenmix.create_mixer(name, 16, causal=True, **({"chunk_size": 4} if name == "flash" else {}))
+    mixer = mixer.to(device)
+    x = torch.randn(2, 6, 16, device=device)
+    with tokenmix.use_backend("triton"):
+        state = mixer.init_state(2)
+        _, state = mixer.step(x[:, :3], state)
+        with pytest.raises(RuntimeError, match="continued from a decoding state"):
+            mixer.step(x[:, 3:], state)

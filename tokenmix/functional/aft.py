@@ -693,6 +693,9 @@ def aft_cached(
     biases ``bias`` (B, T, L) or per channel (B, T, L, D) (None: 0), real keys ``key_mask`` (B, L), and
     older keys folded into ``running`` (see ``aft_accumulate``) with bias 0. Every (row, channel) is
     computed under the joint maximum of its own terms. → (B, T, D)."""
+    use_kernel(
+        "aft_full", q, unsupported="a chunk continued from a decoding state runs on the reference path"
+    )
     dtype = compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     queries, length = q.shape[1], k.shape[1]

@@ -99,6 +99,9 @@ def softmax_attention(
     return out if seen is None else reinstate(out, seen)
 
 
+_FROM_STATE = "a chunk continued from a decoding state runs on the reference path"
+
+
 def _cached_allowed(queries: int, keys: int, key_mask: torch.Tensor | None, device) -> torch.Tensor:
     """(B or 1, 1, T, L): query i (the (L − T + i)-th position) sees key j ≤ L − T + i that is real."""
     allowed = (
@@ -405,6 +408,7 @@ def pointwise_attention_step(
     k (B, H, L, Dk), v (B, H, L, Dv), L ≥ T, causal offsets aligned to the end; ``key_mask`` (B, L),
     True = real key. Equals the last T rows of ``pointwise_attention(..., causal=True)``."""
     activation, alpha, length = _check_pointwise_options(activation, alpha, length)
+    use_kernel("pointwise_attention", q, unsupported=_FROM_STATE)  # raises if triton is forced
     scale = _default_scale(scale, q.shape[-1])
     dtype = compute_dtype(q.dtype)
     allowed = _cached_allowed(q.shape[-2], k.shape[-2], key_mask, q.device)

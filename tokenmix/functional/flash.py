@@ -177,6 +177,11 @@ def mixed_chunk_attention_step(
     at ``key_positions`` (B, L), real where ``key_mask`` (B, L) — the unfinished chunk so far and the T
     new tokens — and ``linear_state`` (B, S, E) = Σ k_lin ⊗ v over the ``linear_count`` (B,) tokens of
     the chunks folded before them. Chunks are positions // C. Returns (B, T, E), the causal op's rows."""
+    use_kernel(
+        "mixed_chunk_attention",
+        v,
+        unsupported="a chunk continued from a decoding state runs on the reference path",
+    )
     dtype = compute_dtype(v.dtype)
     q_quad, k_quad, q_lin, k_lin, v = (t.to(dtype) for t in (q_quad, k_quad, q_lin, k_lin, v))
     visible = key_positions[:, None, :] <= positions[:, :, None]
