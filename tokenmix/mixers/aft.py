@@ -247,6 +247,11 @@ class AFTSimple(AFTMixer):
         return aft_ops.aft_simple(q, k, v, causal=self.causal, attention_mask=attention_mask)
 
     def mix_chunk(self, q, k, v, state, chunk):
+        if state.running is not None and chunk.valid is None and k.shape[1] == 1:  # one token: fold, read
+            state.running = aft_ops.aft_accumulate(state.running, k, v)
+            _, numerator, denominator = state.running
+            ratio = numerator[:, None] / denominator[:, None]
+            return (torch.sigmoid(q.to(numerator.dtype)) * ratio).to(q.dtype)
         if state.running is None:
             out = self.mix(q, k, v, chunk.valid)
         else:  # the keys so far are one term under their running maximum

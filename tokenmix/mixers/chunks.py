@@ -56,6 +56,8 @@ def last_real(values: torch.Tensor, chunk: Compacted, keep: int) -> torch.Tensor
     followed by the compacted chunk of T, so the real entries end at index L − T + counts. Returns
     (B, keep, …), right-aligned again."""
     length, chunk_length = values.shape[1], chunk.length
+    if chunk.order is None:  # every entry real: the newest ones are the last ones (a view, no copy)
+        return values[:, length - keep :]
     end = length - chunk_length + chunk.counts  # (B,): one past the newest real entry
     index = (end[:, None] - keep + torch.arange(keep, device=values.device)).clamp(0, max(length - 1, 0))
     index = index.view(*index.shape, *[1] * (values.dim() - 2)).expand(-1, -1, *values.shape[2:])

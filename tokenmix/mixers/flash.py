@@ -274,9 +274,10 @@ class FLASH(GatedAttentionUnit):
         # Tokens of chunks now finished join the linear state; the rest are the new unfinished chunk.
         current = ((positions + chunk.counts) // size)[:, None]
         finished = real & (key_positions // size < current)
-        weights = finished.to(values.dtype)[..., None]
-        state.linear_state = state.linear_state + torch.einsum("bls,ble->bse", linear_keys * weights, values)
-        state.linear_count = state.linear_count + finished.sum(1)
+        if bool(finished.any()):  # most single-token steps finish no chunk: skip the O(C·s·e) sum
+            weighted = linear_keys * finished.to(values.dtype)[..., None]
+            state.linear_state = state.linear_state + torch.einsum("bls,ble->bse", weighted, values)
+            state.linear_count = state.linear_count + finished.sum(1)
         unfinished = real & (key_positions // size == current)
         (
             state.chunk_keys,
