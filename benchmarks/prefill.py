@@ -59,9 +59,9 @@ def main() -> None:
         record = measure_mixer(mixer, args.seq_len, args.repeats)
         records.append(record)
         print(
-            f"{mixer:12s} forward {record['forward_ms']:8.1f} ms   "
-            f"generate(prompt, 1) {record['generate_1_ms']:8.1f} ms ({record['generate_over_forward']:.2f}×)   "
-            f"token by token {record['token_by_token_ms']:9.1f} ms ({record['token_by_token_over_forward']:.0f}×)"
+            f"{mixer:12s} forward {record['forward_ms']:8.1f} ms   generate(prompt, 1) "
+            f"{record['generate_1_ms']:8.1f} ms ({record['generate_over_forward']:.2f}×)   token by token "
+            f"{record['token_by_token_ms']:9.1f} ms ({record['token_by_token_over_forward']:.0f}×)"
         )
     print(f"wrote {write_results('prefill', records, args.out)}")
 
