@@ -388,3 +388,55 @@ def test_conv_2d_errors_name_the_argument():
         aft_conv(q, k, q, w, attention_mask=torch.ones(2, 12, dtype=torch.bool))
     with pytest.raises(ValueError, match="w must have shape"):
         aft_conv(q, k, q, torch.randn(2, 3))
+
+
+@given(
+    seq_len=st.integers(1, 12),
+    cut=st.integers(0, 12),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_aft_simple_initial_and_final_state_split_the_causal_op(seq_len, cut, masked, seed):
+    """The recurrent convention (docs/spec.md §7): the op over [0, cut) with output_final_state, then over
+    [cut, N) from that state, equals the causal op over [0, N) — outputs and gradients; padding folds
+    nothing into the state."""
+    cut = min(cut, seq_len)
+    tensors, mask, gen = random_case(2, seq_len, 3, seq_len, seed)
+    q, k, v, _ = tensors
+    mask = mask if masked else None
+    full = aft_simple(q, k, v, causal=True, attention_mask=mask)
+
+    def part(t, a, b):
+        return None if t is None else t[:, a:b]
+
+    first, state = aft_simple(
+        q[:, :cut],
+        k[:, :cut],
+        v[:, :cut],
+        causal=True,
+        attention_mask=part(mask, 0, cut),
+        output_final_state=True,
+    )
+    second = aft_simple(
+        q[:, cut:],
+        k[:, cut:],
+        v[:, cut:],
+        causal=True,
+        attention_mask=part(mask, cut, seq_len),
+        initial_state=state,
+    )
+    rows = None if mask is None else mask[..., None].expand_as(full)
+    joined = torch.cat((first, second), 1)
+    assert_matches(
+        joined, full.detach(), {"q": q, "k": k, "v": v}, 1e-10, rows=rows, generator=gen, grads=False
+    )
+    grad = torch.randn(full.shape, generator=gen, dtype=full.dtype) * (1 if rows is None else rows)
+    got = torch.autograd.grad(joined, (q, k, v), grad)
+    want = torch.autograd.grad(full, (q, k, v), grad)
+    assert_grads_close(got, want, 1e-9, list("qkv"), "split")
+
+
+def test_aft_simple_state_needs_causal():
+    q = torch.randn(1, 3, 2)
+    with pytest.raises(ValueError, match="causal=True"):
+        aft_simple(q, q, q, output_final_state=True)

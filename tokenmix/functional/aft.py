@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from ..backend import use_kernel
-from ..errors import InvalidValueError
+from ..errors import InvalidTypeError, InvalidValueError
 from ._checks import (
     check_attention_mask,
     check_dims,
@@ -149,18 +149,27 @@ def aft_simple(
     *,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    initial_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """AFT-simple: ``aft_full`` with w = 0, ``y_t = σ(q_t) ⊙ Σ softmax_{t'∈S(t)}(k)_{t'} ⊙ v_t'``, O(N·D).
 
     Bidirectional: one softmax over the sequence per channel. Causal: a prefix scan over chunks carrying
     the running maximum, numerator and denominator per channel.
 
     Args:
-        q, k, v: (B, N, D). causal: t sees t' ≤ t. attention_mask: (B, N), True/1 = real token.
+        q, k, v: (B, N, D).
+        causal: t sees t' ≤ t (default False).
+        attention_mask: (B, N), True/1 = real token (default None: all real).
+        initial_state: causal only — the (max, numerator, denominator) (B, D) of the keys before this
+            call, as a previous call's final state (default None: none).
+        output_final_state: causal only — also return the state after this call (default False).
 
     Returns:
-        (B, N, D) in the inputs' dtype.
+        (B, N, D) in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
+    if initial_state is not None or output_final_state:
+        return _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output_final_state)
     mask = _check(q, k, v, attention_mask)
     causal = check_flag("causal", causal)
     if q.numel() == 0:
@@ -170,6 +179,35 @@ def aft_simple(
         k, v, seen = causal_finite(k, v, 1, key_channels=True)
         return reinstate(_aft_simple(q, k, v, mask, True), seen)
     return _aft_simple(q, k, v, mask, False)
+
+
+def _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output_final_state):
+    """aft_simple continued from / returning the running (max, numerator, denominator)."""
+    if not check_flag("causal", causal):
+        raise InvalidValueError("initial_state and output_final_state need causal=True (the recurrent form)")
+    _check(q, k, v, attention_mask)
+    real = check_attention_mask(attention_mask, q.shape[0], q.shape[1], q.device)  # padding folds nothing
+    if initial_state is not None:
+        if not isinstance(initial_state, tuple) or len(initial_state) != 3:
+            raise InvalidTypeError("initial_state must be a (max, numerator, denominator) tuple")
+        for name, part in zip(("max", "numerator", "denominator"), initial_state, strict=True):
+            check_float_tensor(f"initial_state {name}", part, "(B, D)")
+            if tuple(part.shape) != (q.shape[0], q.shape[2]):
+                raise InvalidValueError(
+                    f"initial_state {name} must have shape (B, D) = {(q.shape[0], q.shape[2])}, "
+                    f"got {tuple(part.shape)}"
+                )
+    if initial_state is None or q.shape[1] == 0:
+        out = aft_simple(q, k, v, causal=True, attention_mask=attention_mask)
+    elif real is None and q.shape[1] == 1:  # one token: fold it in, then read the ratio
+        state = aft_accumulate(initial_state, k, v)
+        out = (torch.sigmoid(q.to(state[1].dtype)) * state[1][:, None] / state[2][:, None]).to(q.dtype)
+        return (out, state) if output_final_state else out
+    else:  # the keys so far are one term under their running maximum
+        out = aft_cached(q, k, v, None, key_mask=real, running=initial_state).to(q.dtype)
+    if not output_final_state:
+        return out
+    return out, aft_accumulate(initial_state, k, v, real)
 
 
 def _aft_simple(q, k, v, mask, causal: bool) -> torch.Tensor:

@@ -247,16 +247,15 @@ class AFTSimple(AFTMixer):
         return aft_ops.aft_simple(q, k, v, causal=self.causal, attention_mask=attention_mask)
 
     def mix_chunk(self, q, k, v, state, chunk):
-        if state.running is not None and chunk.valid is None and k.shape[1] == 1:  # one token: fold, read
-            state.running = aft_ops.aft_accumulate(state.running, k, v)
-            _, numerator, denominator = state.running
-            ratio = numerator[:, None] / denominator[:, None]
-            return (torch.sigmoid(q.to(numerator.dtype)) * ratio).to(q.dtype)
-        if state.running is None:
-            out = self.mix(q, k, v, chunk.valid)
-        else:  # the keys so far are one term under their running maximum
-            out = aft_ops.aft_cached(q, k, v, None, key_mask=chunk.valid, running=state.running)
-        state.running = aft_ops.aft_accumulate(state.running, k, v, chunk.valid)
+        out, state.running = aft_ops.aft_simple(
+            q,
+            k,
+            v,
+            causal=True,
+            attention_mask=chunk.valid,
+            initial_state=state.running,
+            output_final_state=True,
+        )
         return out
 
 
