@@ -10,6 +10,7 @@ covers the call — never a silent fallback. Kernels also run on CPU tensors und
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache  # a file-system search: once per process, not once per op call
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -138,3 +138,41 @@ def test_errors_name_the_argument():
         lightconv(x, torch.randn(2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="attention_mask must have shape"):
         lightconv(x, torch.randn(2, 3), attention_mask=torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("op", ["lightconv", "dynamic_conv"])
+@pytest.mark.parametrize("kernel_size", [1, 3, 6])
+@pytest.mark.parametrize("cut", [0, 2, 9])
+def test_initial_and_final_state_split_the_causal_op(op, kernel_size, cut):
+    """The recurrent convention (docs/spec.md §7): [0, cut) with output_final_state, then [cut, N) from
+    that state, equals the causal op over [0, N), outputs and gradients, with padding as zeros."""
+    gen = torch.Generator().manual_seed(kernel_size + cut)
+    x = torch.randn(2, 9, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    shape = (2, kernel_size) if op == "lightconv" else (2, 9, 2, kernel_size)
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 9, generator=gen) > 0.3
+    call = {"lightconv": lightconv, "dynamic_conv": dynamic_conv}[op]
+
+    def weight_of(a, b):
+        return weight if op == "lightconv" else weight[:, a:b]
+
+    full = call(x, weight, causal=True, attention_mask=mask)
+    first, state = call(
+        x[:, :cut], weight_of(0, cut), causal=True, attention_mask=mask[:, :cut], output_final_state=True
+    )
+    second = call(
+        x[:, cut:], weight_of(cut, 9), causal=True, attention_mask=mask[:, cut:], initial_state=state
+    )
+    joined = torch.cat((first, second), 1)
+    assert_close(joined, full, 1e-12)
+    grad = torch.randn(full.shape, generator=gen, dtype=torch.float64)
+    for got, want in zip(
+        torch.autograd.grad(joined, (x, weight), grad),
+        torch.autograd.grad(full, (x, weight), grad),
+        strict=True,
+    ):
+        assert_close(got, want, 1e-12)
+    with pytest.raises(ValueError, match="causal=True"):
+        call(x, weight, output_final_state=True)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        call(x, weight, causal=True, initial_state=torch.zeros(2, kernel_size + 1, 4, dtype=torch.float64))

@@ -184,19 +184,64 @@ def lightconv(
     causal: bool = False,
     weight_softmax: bool = True,
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lightweight convolution: ``y[b,t,c] = Σ_j W̃[h(c), j] · x[b, t+j−P, c]``, one kernel per head.
 
     Args:
-        x: (B, N, C). weight: (H, K), H dividing C; any K ≥ 1 (even, or longer than N, included).
-        causal: P = K − 1 (position t sees t−K+1 … t); else P = (K − 1) // 2.
-        weight_softmax: normalise each head's K taps with a softmax first.
-        attention_mask: (B, N), True/1 = real token; padded positions contribute 0.
+        x: (B, N, C).
+        weight: (H, K), H dividing C; any K ≥ 1 (even, or longer than N, included).
+        causal: P = K − 1 (position t sees t−K+1 … t); else P = (K − 1) // 2 (default False).
+        weight_softmax: normalise each head's K taps with a softmax first (default True).
+        attention_mask: (B, N), True/1 = real token; padded positions contribute 0 (default None).
+        initial_state: causal only — the K − 1 inputs (B, K − 1, C) before x, as a previous call's final
+            state (default None: zeros, the sequence's start).
+        output_final_state: causal only — also return the last K − 1 inputs (B, K − 1, C), padding as 0
+            (default False).
 
     Returns:
-        (B, N, C) in x's dtype (half precision is computed in float32).
+        (B, N, C) in x's dtype (half precision is computed in float32), or (that, final_state).
     """
+    if initial_state is not None or output_final_state:
+        return _from_state(
+            "lightconv",
+            x,
+            weight,
+            "(H, K)",
+            causal,
+            weight_softmax,
+            attention_mask,
+            initial_state,
+            output_final_state,
+        )
     return _convolve("lightconv", x, weight, "(H, K)", causal, weight_softmax, attention_mask)
+
+
+def _from_state(
+    op_name, x, weight, layout, causal, weight_softmax, attention_mask, initial_state, output_final_state
+):
+    """The causal convolution continued from the K − 1 inputs before x: one call over them and x."""
+    if not check_flag("causal", causal):
+        raise InvalidValueError("initial_state and output_final_state need causal=True (the recurrent form)")
+    check_float_tensor("x", x, "(B, N, C)")
+    check_float_tensor("weight", weight, layout)
+    batch, length, channels = x.shape
+    taps = weight.shape[-1]
+    shape = (batch, taps - 1, channels)
+    if initial_state is None:
+        initial_state = x.new_zeros(shape)
+    check_float_tensor("initial_state", initial_state, "(B, K − 1, C)")
+    if tuple(initial_state.shape) != shape:
+        raise InvalidValueError(
+            f"initial_state must have shape (B, K − 1, C) = {shape}, got {tuple(initial_state.shape)}"
+        )
+    mask = check_attention_mask(attention_mask, batch, length, x.device)
+    full = torch.cat((initial_state.to(x.dtype), real_only(x, mask, 1)), 1)
+    if op_name == "dynamic_conv":  # no outputs are read at the state's positions: any kernel there
+        weight = torch.cat((weight.new_zeros(batch, taps - 1, *weight.shape[2:]), weight), 1)
+    out = _convolve(op_name, full, weight, layout, True, weight_softmax, None)[:, taps - 1 :]
+    return (out, full[:, length:]) if output_final_state else out
 
 
 def dynamic_conv(
@@ -206,17 +251,25 @@ def dynamic_conv(
     causal: bool = False,
     weight_softmax: bool = True,
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dynamic convolution: as ``lightconv`` but output position t has its own kernel weight[b, t].
 
     Args:
-        x: (B, N, C). weight: (B, N, H, K), H dividing C.
-        causal, weight_softmax, attention_mask: as for ``lightconv``.
+        x: (B, N, C).
+        weight: (B, N, H, K), H dividing C.
+        causal, weight_softmax, attention_mask, initial_state, output_final_state: as for ``lightconv``.
 
     Returns:
-        (B, N, C) in x's dtype.
+        (B, N, C) in x's dtype, or (that, final_state).
     """
     check_float_tensor("x", x, "(B, N, C)")
     check_float_tensor("weight", weight, "(B, N, H, K)")
     check_dims({}, x=(x, "BN"), weight=(weight, "BN"))
+    if initial_state is not None or output_final_state:
+        return _from_state(
+            "dynamic_conv", x, weight, "(B, N, H, K)", causal, weight_softmax, attention_mask, initial_state,
+            output_final_state,
+        )  # fmt: skip
     return _convolve("dynamic_conv", x, weight, "(B, N, H, K)", causal, weight_softmax, attention_mask)

@@ -78,9 +78,9 @@ class ConvolutionMixer(Mixer):
         """The raw taps for convolution input u (B, N, d): (H, K) or (B, N, H, K)."""
         raise NotImplementedError
 
-    def convolve(
-        self, u: torch.Tensor, kernel: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def convolve(self, u: torch.Tensor, kernel: torch.Tensor, attention_mask: torch.Tensor | None, **state):
+        """The family's op on u (B, N, d) with normalised taps; ``state``: its initial_state and
+        output_final_state."""
         raise NotImplementedError
 
     def _normalised_kernel(self, u: torch.Tensor) -> torch.Tensor:
@@ -103,9 +103,17 @@ class ConvolutionMixer(Mixer):
             raise InvalidValueError(
                 f"state was made for batch_size={state.window.shape[0]}, got a batch of {x.shape[0]}"
             )
-        window = torch.cat((state.window.to(x.dtype), self.glu(self.to_input(x))), dim=1)  # (B, K−1+T, d)
-        y = self.convolve(window, self._normalised_kernel(window), None)[:, self.kernel_size - 1 :]
-        state.window = last_real(window, chunk, self.kernel_size - 1)
+        u = self.glu(self.to_input(x))
+        window = state.window.to(u.dtype)
+        y, final = self.convolve(
+            u, self._normalised_kernel(u), None, initial_state=window, output_final_state=True
+        )
+        # Padding comes last in a compacted chunk: the newest real inputs then end before it.
+        state.window = (
+            final
+            if chunk.order is None
+            else last_real(torch.cat((window, u), 1), chunk, self.kernel_size - 1)
+        )
         return self.dropout(self.to_out(y))
 
 
@@ -127,8 +135,10 @@ class LightConv(ConvolutionMixer):
     def kernel(self, u: torch.Tensor) -> torch.Tensor:
         return self.weight
 
-    def convolve(self, u, kernel, attention_mask):
-        return lightconv(u, kernel, causal=self.causal, weight_softmax=False, attention_mask=attention_mask)
+    def convolve(self, u, kernel, attention_mask, **state):
+        return lightconv(
+            u, kernel, causal=self.causal, weight_softmax=False, attention_mask=attention_mask, **state
+        )
 
 
 @register_mixer(
@@ -148,7 +158,7 @@ class DynamicConv(ConvolutionMixer):
     def kernel(self, u: torch.Tensor) -> torch.Tensor:
         return self.to_kernel(u).unflatten(-1, (self.heads, self.kernel_size))
 
-    def convolve(self, u, kernel, attention_mask):
+    def convolve(self, u, kernel, attention_mask, **state):
         return dynamic_conv(
-            u, kernel, causal=self.causal, weight_softmax=False, attention_mask=attention_mask
+            u, kernel, causal=self.causal, weight_softmax=False, attention_mask=attention_mask, **state
         )
