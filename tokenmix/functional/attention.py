@@ -126,6 +126,8 @@ def softmax_attention_step(
     (causal offsets aligned to the end). ``key_mask`` (B, L): True = real key. Equals the last T rows of
     ``softmax_attention(..., causal=True)`` over the L positions."""
     scale = _default_scale(scale, q.shape[-1])
+    if key_mask is None and q.shape[-2] == 1:  # the newest token sees every key: no mask to build
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     allowed = _cached_allowed(q.shape[-2], k.shape[-2], key_mask, q.device)
     if key_mask is not None:
         v = real_only(v, key_mask, 2)
@@ -411,8 +413,11 @@ def pointwise_attention_step(
     use_kernel("pointwise_attention", q, unsupported=_FROM_STATE)  # raises if triton is forced
     scale = _default_scale(scale, q.shape[-1])
     dtype = compute_dtype(q.dtype)
-    allowed = _cached_allowed(q.shape[-2], k.shape[-2], key_mask, q.device)
     scores = (q.to(dtype) * scale) @ k.to(dtype).transpose(-1, -2)
+    if key_mask is None and q.shape[-2] == 1:  # the newest token sees every key
+        count = k.shape[-2] if length is None else length
+        return ((ACTIVATIONS[activation].forward(scores) @ v.to(dtype)) * float(count) ** -alpha).to(q.dtype)
+    allowed = _cached_allowed(q.shape[-2], k.shape[-2], key_mask, q.device)
     weights = torch.where(
         allowed, ACTIVATIONS[activation].forward(scores), torch.zeros((), dtype=dtype, device=q.device)
     )
