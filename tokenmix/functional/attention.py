@@ -45,6 +45,17 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, i
     return check_dims({}, q=(q, "BHNK"), k=(k, "BHNK"), v=(v, "BHNV"))
 
 
+def _select_excluded(q, k, v, key_mask, causal: bool):
+    """Padded keys and values selected away, padded queries kept finite; when causal, finite keys and
+    values (future ones meet 0s in products) and ``seen``: the outputs whose own terms are not (docs/spec.md
+    §0). Returns q, k, v and seen (None when not causal)."""
+    q, k, v = finite_at_padding(q, key_mask, 2), real_only(k, key_mask, 2), real_only(v, key_mask, 2)
+    if not causal:
+        return q, k, v, None
+    k, v, seen = causal_finite(k, v, 2, key_channels=False)
+    return q, k, v, seen
+
+
 def _default_scale(scale: float | None, head_dim: int) -> float:
     scale = check_real("scale", scale, allow_none=True)
     return head_dim**-0.5 if scale is None else scale
@@ -83,10 +94,7 @@ def softmax_attention(
     key_mask = check_attention_mask(attention_mask, batch, seq_len, q.device)
     if q.numel() == 0 or v.numel() == 0:
         return empty_output(v.shape, q, k, v)
-    q, k, v = finite_at_padding(q, key_mask, 2), real_only(k, key_mask, 2), real_only(v, key_mask, 2)
-    seen = None
-    if causal:  # future keys and values meet 0s in products: finite ones in, then mark rows that see others
-        k, v, seen = causal_finite(k, v, 2, key_channels=False)
+    q, k, v, seen = _select_excluded(q, k, v, key_mask, causal)
     if key_mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
         return out if seen is None else reinstate(out, seen)
@@ -371,10 +379,7 @@ def pointwise_attention(
     key_mask = check_attention_mask(attention_mask, sizes["B"], sizes["N"], q.device)
     if q.numel() == 0 or v.numel() == 0:
         return empty_output(v.shape, q, k, v)
-    q, k, v = finite_at_padding(q, key_mask, 2), real_only(k, key_mask, 2), real_only(v, key_mask, 2)
-    seen = None
-    if causal:  # future keys and values meet 0s in products: finite ones in, then mark rows that see others
-        k, v, seen = causal_finite(k, v, 2, key_channels=False)
+    q, k, v, seen = _select_excluded(q, k, v, key_mask, causal)
     row_scale = _row_scale(
         key_mask,
         sizes["B"],
