@@ -21,6 +21,7 @@ from ..errors import RunDirectoryError
 from ..functional._checks import check_positive_int
 from ..mixers import list_mixers, mixer_info
 from ..training import TrainConfig, load_run, train
+from ..training.checkpoint import check_directory_path
 from .measure import machine
 from .runner import bench, plot
 
@@ -125,11 +126,7 @@ MARKER = ".tokenmix-compare"
 def _claim(out: Path) -> None:
     """``out`` must be new, empty or an earlier comparison's (marked): a user's files are never
     overwritten."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise RunDirectoryError(f"--out {str(out)!r}: {str(path)!r} is a file, not a directory")
-            break
+    check_directory_path(out)
     if out.is_dir() and not (out / MARKER).is_file() and any(out.iterdir()):
         raise RunDirectoryError(
             f"--out {str(out)!r} is a non-empty directory that no tokenmix compare wrote; "

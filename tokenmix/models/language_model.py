@@ -74,9 +74,10 @@ class LanguageModel(nn.Module):
         """Feed ``tokens`` (B,) or a chunk (B, T) in one pass → next-token logits (B, vocab) or
         (B, T, vocab). ``attention_mask`` ((B,) or (B, T), True = real): padded positions leave the state
         unchanged and count no position (left-padded prompts of different lengths)."""
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() not in (1, 2):
-            _check_tokens(tokens, self.vocab_size, "(B,) or (B, T)", ndim=1)
-        tokens = _check_tokens(tokens, self.vocab_size, "(B,) or (B, T)", ndim=tokens.dim())
+        one_or_two = isinstance(tokens, torch.Tensor) and tokens.dim() in (1, 2)
+        tokens = _check_tokens(
+            tokens, self.vocab_size, "(B,) or (B, T)", ndim=tokens.dim() if one_or_two else 1
+        )
         hidden, state = self.backbone.step(self.embedding(tokens), state, attention_mask)
         return self.head(hidden), state
 

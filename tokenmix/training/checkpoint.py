@@ -117,6 +117,15 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: d
     return final
 
 
+def check_directory_path(out: Path) -> None:
+    """``out`` can be a directory: it, or its nearest existing ancestor, is not a file."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise RunDirectoryError(f"--out {str(out)!r}: {str(path)!r} is a file, not a directory")
+            return
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = run_dir / CHECKPOINTS / LATEST
     if not pointer.is_file():

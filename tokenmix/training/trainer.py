@@ -25,6 +25,7 @@ from .checkpoint import (
     LOCK,
     RunLock,
     append_json_line,
+    check_directory_path,
     latest_checkpoint,
     load_checkpoint,
     read_json_lines,
@@ -184,11 +185,7 @@ def _check_run_dir(run_dir: Path, config: TrainConfig) -> Path | None:
     """Check, before anything is written, that ``run_dir`` may take this run: a new or empty directory,
     or (with ``resume``) a run of the same configuration. Returns the checkpoint to resume from, or None
     to start at step 0 (also for a run that stopped before its first checkpoint)."""
-    for path in (run_dir, *run_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                raise RunDirectoryError(f"--out {str(run_dir)!r}: {str(path)!r} is a file, not a directory")
-            break
+    check_directory_path(run_dir)
     is_run = (run_dir / CONFIG).is_file()
     if not config.resume:
         if is_run:
