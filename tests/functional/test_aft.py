@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import reference
+from tests.functional.recurrent import check_pieces
 from tests.reference import assert_close, assert_float32_matches, assert_grads_close, assert_matches
 from tokenmix.functional import aft, aft_conv, aft_full, aft_local, aft_local_lowrank, aft_simple
 
@@ -440,3 +441,59 @@ def test_aft_simple_state_needs_causal():
     q = torch.randn(1, 3, 2)
     with pytest.raises(ValueError, match="causal=True"):
         aft_simple(q, q, q, output_final_state=True)
+
+
+@pytest.mark.parametrize("form", ["aft_local", "aft_local_lowrank", "aft_conv"])
+@pytest.mark.parametrize("cuts", [[0, 9], [0, 1, 2, 6, 7, 9], [0, 4, 5, 9]])
+def test_windowed_ops_continue_from_their_state(form, cuts):
+    """aft_local, aft_local_lowrank, aft_conv in pieces from AFTWindowState: each left-padded row equals
+    its own causal op (biases by the row's own positions), outputs and every gradient, float64."""
+    gen = torch.Generator().manual_seed(len(cuts))
+    window = 3
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    if form == "aft_conv":
+        sequences = [randn(3, 9, 2, 2), randn(3, 9, 2), randn(3, 9, 2, 2)]
+        parameters = [randn(2, window).requires_grad_()]
+
+        def op(q, k, v, w, **state):
+            return aft_conv(q, k, v, w, causal=True, **state)
+
+    else:
+        sequences = [randn(3, 9, 4) for _ in range(3)]
+        if form == "aft_local":
+            parameters = [randn(12, 12).requires_grad_()]
+
+            def op(q, k, v, w, **state):
+                return aft_local(q, k, v, w, window=window, causal=True, **state)
+
+        else:
+            parameters = [randn(12, 2).requires_grad_(), randn(12, 2).requires_grad_()]
+
+            def op(q, k, v, w_u, w_v, **state):
+                return aft_local_lowrank(q, k, v, w_u, w_v, window=window, causal=True, **state)
+
+    check_pieces(op, sequences, parameters, cuts, [9, 5, 7], 1e-10)
+
+
+def test_windowed_state_errors_name_the_argument():
+    q, w = torch.randn(2, 4, 3), torch.randn(8, 8)
+    _, state = aft_local(q, q, q, w, window=2, causal=True, output_final_state=True)
+    with pytest.raises(ValueError, match="causal=True"):
+        aft_local(q, q, q, w, window=2, output_final_state=True)
+    with pytest.raises(TypeError, match="initial_state must be the AFTWindowState"):
+        aft_local(q, q, q, w, window=2, causal=True, initial_state=(1, 2))
+    with pytest.raises(ValueError, match="initial_state holds keys of shape"):
+        aft_local(q, q, q, w, window=3, causal=True, initial_state=state)
+    with pytest.raises(ValueError, match="N_max"):  # positions 4 … 11 run past the 8-row table
+        aft_local(
+            torch.randn(2, 8, 3),
+            torch.randn(2, 8, 3),
+            torch.randn(2, 8, 3),
+            w,
+            window=2,
+            causal=True,
+            initial_state=state,
+        )

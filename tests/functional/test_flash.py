@@ -8,9 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests import reference
+from tests.functional.recurrent import check_pieces
 from tests.functional.test_attention import TILINGS, tiling
-from tests.reference import assert_close, assert_matches
-from tokenmix.functional import mixed_chunk_attention, mixed_chunk_attention_step
+from tests.reference import assert_matches
+from tokenmix.functional import mixed_chunk_attention
 
 
 def random_inputs(batch, seq_len, qk_dim, value_dim, *, seed, dtype=torch.float64, requires_grad=False):
@@ -80,21 +81,27 @@ def test_low_precision(dtype, tol):
         check(inputs, mask, gen, 4, causal, tol)
 
 
-def test_step_reproduces_causal_rows():
-    """From a state after t0 tokens (Σ k_lin ⊗ v of the finished chunks, the unfinished chunk's keys),
-    the rows t0 … N − 1 in one call equal the causal op's."""
-    (q_quad, k_quad, q_lin, k_lin, v), _, _ = random_inputs(2, 13, 4, 3, seed=3)
-    chunk_size = 4
-    full = mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=chunk_size, causal=True)
-    for t0 in (0, 1, 4, 6, 12):
-        start = t0 - t0 % chunk_size  # the unfinished chunk's first token
-        state = torch.einsum("bns,bne->bse", k_lin[:, :start], v[:, :start])
-        rows = mixed_chunk_attention_step(
-            q_quad[:, t0:], k_quad[:, start:], q_lin[:, t0:], k_lin[:, start:], v[:, start:],
-            positions=torch.arange(t0, 13).expand(2, -1), key_positions=torch.arange(start, 13).expand(2, -1),
-            key_mask=None, linear_state=state, linear_count=torch.full((2,), start), chunk_size=chunk_size,
-        )  # fmt: skip
-        assert_close(rows, full[:, t0:], 1e-12, what=f"t0={t0}")
+@pytest.mark.parametrize("cuts", [[0, 13], [0, 1, 2, 6, 7, 13], [0, 4, 9, 10, 13]])
+def test_continues_from_its_state(cuts):
+    """mixed_chunk_attention in pieces from MixedChunkState (chunks finished inside a piece, pieces
+    inside a chunk): each left-padded row equals its own causal op, outputs and every gradient."""
+    (q_quad, k_quad, q_lin, k_lin, v), _, _ = random_inputs(3, 13, 4, 3, seed=len(cuts))
+
+    def op(q_quad, k_quad, q_lin, k_lin, v, **state):
+        return mixed_chunk_attention(q_quad, k_quad, q_lin, k_lin, v, chunk_size=4, causal=True, **state)
+
+    check_pieces(op, [q_quad, k_quad, q_lin, k_lin, v], [], cuts, [13, 6, 9], 1e-10)
+
+
+def test_state_errors_name_the_argument():
+    x, v = torch.randn(1, 5, 4), torch.randn(1, 5, 3)
+    _, state = mixed_chunk_attention(x, x, x, x, v, chunk_size=2, causal=True, output_final_state=True)
+    with pytest.raises(ValueError, match="causal=True"):
+        mixed_chunk_attention(x, x, x, x, v, chunk_size=2, output_final_state=True)
+    with pytest.raises(TypeError, match="initial_state must be the MixedChunkState"):
+        mixed_chunk_attention(x, x, x, x, v, chunk_size=2, causal=True, initial_state=(1,))
+    with pytest.raises(ValueError, match="initial_state holds keys of shape"):
+        mixed_chunk_attention(x, x, x, x, v, chunk_size=3, causal=True, initial_state=state)
 
 
 def test_errors_name_the_argument():

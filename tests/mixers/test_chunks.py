@@ -1,6 +1,7 @@
 """docs/spec.md §7 for every registered mixer: any split of a sequence into chunks and single tokens,
 with left padding of different lengths per row, reproduces each row's own causal forward — outputs and
-gradients."""
+gradients — from a growing state or one of fixed capacity; and a fixed-capacity step compiles to one
+graph that is not recompiled token after token."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def random_split(length: int, generator: torch.Generator) -> list[int]:
     return cuts
 
 
-def feed(mixer, x, mask, cuts):
-    state, outputs = mixer.init_state(x.shape[0]), []
+def feed(mixer, x, mask, cuts, capacity=None):
+    state, outputs = mixer.init_state(x.shape[0], capacity), []
     for start, end in itertools.pairwise(cuts):
         if end - start == 1:
             y, state = mixer.step(x[:, start], state, None if mask is None else mask[:, start])
@@ -48,7 +49,8 @@ def feed(mixer, x, mask, cuts):
 
 @pytest.mark.parametrize("name", list_mixers())
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_chunks_and_tokens_reproduce_the_causal_forward(name, dtype, tol):
+@pytest.mark.parametrize("capacity", [None, 11])
+def test_chunks_and_tokens_reproduce_the_causal_forward(name, dtype, tol, capacity):
     mixer = make(name, dtype)
     generator = torch.Generator().manual_seed(list_mixers().index(name))
     lengths = (11, 7, 9)  # real tokens per row, left-padded to 11
@@ -58,7 +60,7 @@ def test_chunks_and_tokens_reproduce_the_causal_forward(name, dtype, tol):
     for _ in range(2):  # two random splits
         cuts = random_split(11, generator)
         leaf = x.clone().requires_grad_()
-        chunked = feed(mixer, leaf, mask, cuts)
+        chunked = feed(mixer, leaf, mask, cuts, capacity)
         grad = (
             torch.randn(chunked.shape, generator=generator, dtype=torch.float64).to(dtype) * mask[..., None]
         )
@@ -101,3 +103,29 @@ def test_gradients_flow_across_chunked_calls():
     y, state = mixer.step(x[:, 4:], state)
     y.sum().backward()
     assert x.grad[:, :4].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", list_mixers())
+def test_a_fixed_capacity_step_compiles_once(name):
+    """torch.compile(step, fullgraph=True) on a fixed-capacity state: no graph break, the same outputs
+    as eager, and no new graph after the second token (the first one's static shapes become dynamic
+    once, in the number of positions fed)."""
+    mixer = make(name, torch.float64)
+    x = torch.randn(2, 12, DIM, dtype=torch.float64)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(mixer.step, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        eager_state, state = mixer.init_state(2, capacity=12), mixer.init_state(2, capacity=12)
+        _, eager_state = mixer.step(x[:, :4], eager_state)
+        _, state = mixer.step(x[:, :4], state)
+        graphs = []
+        for t in range(4, 12):
+            expected, eager_state = mixer.step(x[:, t], eager_state)
+            y, state = compiled(x[:, t], state)
+            assert_close(y, expected, 1e-12, what=f"{name} compiled step {t}")
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[-1] == graphs[1] <= 2, graphs
+    with pytest.raises(ValueError, match="capacity=12"):
+        mixer.step(x[:, 0], state)

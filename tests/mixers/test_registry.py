@@ -51,3 +51,16 @@ def test_step_without_a_state_names_init_state(name):
     for state in (None, {}, "state"):
         with pytest.raises(TypeError, match=r"state must be what .*init_state\(batch_size\) returned"):
             mixer.step(torch.randn(2, 16), state)
+
+
+@pytest.mark.parametrize("name", tokenmix.list_mixers())
+def test_a_state_of_another_mixer_or_batch_size_is_refused_naming_it(name):
+    mixer = tokenmix.create_mixer(name, 16, causal=True)
+    other = "aft_simple" if name != "aft_simple" else "softmax"
+    foreign = tokenmix.create_mixer(other, 16, causal=True).init_state(2)
+    with pytest.raises(TypeError, match=f"state was made by a '{other}' mixer.*'{name}' mixer"):
+        mixer.step(torch.randn(2, 16), foreign)
+    with pytest.raises(ValueError, match="state was made for batch_size=2, got a batch of 3"):
+        mixer.step(torch.randn(3, 4, 16), mixer.init_state(2))
+    with pytest.raises(ValueError, match="capacity must be positive"):
+        mixer.init_state(2, capacity=0)

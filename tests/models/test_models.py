@@ -232,3 +232,30 @@ def test_top_p_keeps_the_nucleus_only():
     assert seen == {best}
     with pytest.raises(ValueError, match="top_p"):
         model.generate(prompt, 1, top_p=0)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_compiled_decoding_from_a_fixed_capacity_state(positions):
+    """torch.compile(model.step, fullgraph=True): no graph break (no host sync on the way: the token
+    and length checks are bounded by the capacity), the eager logits, and no graph compiled after the
+    second token; past the capacity → ValueError naming it."""
+    model = language_model("softmax", positions=positions)
+    prompt = tokens(2, 5)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(model.step, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        eager_state, state = model.init_state(2), model.init_state(2, capacity=12)
+        expected, eager_state = model.step(prompt, eager_state)
+        logits, state = model.step(prompt, state)
+        graphs = []
+        for _ in range(7):
+            token = expected[:, -1].argmax(-1) if expected.dim() == 3 else expected.argmax(-1)
+            expected, eager_state = model.step(token, eager_state)
+            logits, state = compiled(token, state)
+            assert_close(logits, expected, 1e-5)
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs[-1] == graphs[1], graphs
+        with pytest.raises(ValueError, match="capacity=12"):
+            model.step(token, state)

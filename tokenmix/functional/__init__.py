@@ -1,6 +1,15 @@
 """The math of every mixer: tensors in, tensors out, no parameters (like ``torch.nn.functional``)."""
 
-from .aft import aft_accumulate, aft_cached, aft_conv, aft_full, aft_local, aft_local_lowrank, aft_simple
+from .aft import (
+    AFTWindowState,
+    aft_accumulate,
+    aft_cached,
+    aft_conv,
+    aft_full,
+    aft_local,
+    aft_local_lowrank,
+    aft_simple,
+)
 from .attention import (
     ACTIVATIONS,
     pointwise_attention,
@@ -9,10 +18,12 @@ from .attention import (
     softmax_attention_step,
 )
 from .conv import dynamic_conv, lightconv
-from .flash import mixed_chunk_attention, mixed_chunk_attention_step
+from .flash import MixedChunkState, mixed_chunk_attention
 
 __all__ = [
     "ACTIVATIONS",
+    "AFTWindowState",
+    "MixedChunkState",
     "aft_accumulate",
     "aft_cached",
     "aft_conv",
@@ -23,7 +34,6 @@ __all__ = [
     "dynamic_conv",
     "lightconv",
     "mixed_chunk_attention",
-    "mixed_chunk_attention_step",
     "pointwise_attention",
     "pointwise_attention_step",
     "softmax_attention",

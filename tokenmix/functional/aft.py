@@ -17,6 +17,7 @@ computed in float32.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -32,9 +33,11 @@ from ._checks import (
     compute_dtype,
     empty_output,
 )
+from ._chunks import compact, last_real
 from ._excluded import causal_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
 
 __all__ = [
+    "AFTWindowState",
     "aft_accumulate",
     "aft_cached",
     "aft_conv",
@@ -52,13 +55,17 @@ _BLOCK_ELEMENTS = 1 << 22
 _SCAN_CHUNK = 64
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None):
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None, recurrent=False
+):
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, tensor, "(B, N, D)")
     check_same_dtype_device(q=q, k=k, v=v)
     sizes = check_dims({}, q=(q, "BND"), k=(k, "BND"), v=(v, "BND"))
     mask = check_attention_mask(attention_mask, sizes["B"], sizes["N"], q.device)
-    if mask is not None:  # a sequence with no real token: every position counts (its outputs are unspecified)
+    # A sequence with no real token: every position counts (its outputs are unspecified) — except in a
+    # recurrent chunk, where padding only must leave the state alone.
+    if mask is not None and not recurrent:
         mask = mask | ~mask.any(1, keepdim=True)
     return mask
 
@@ -452,7 +459,9 @@ def aft_local(
     window: int,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    initial_state: AFTWindowState | None = None,
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """AFT-local: ``aft_full`` with w'_{t,t'} = w_{t,t'} where |t − t'| < window and 0 elsewhere (not
     −inf: positions outside the window still count, with no bias).
 
@@ -462,15 +471,32 @@ def aft_local(
     Args:
         q, k, v: (B, N, D). w: (N_max, N_max), N ≤ N_max (only its band within ``window`` is read).
         window: s ≥ 1. causal: t sees t' ≤ t. attention_mask: (B, N), True/1 = real token.
+        initial_state: causal only — the ``AFTWindowState`` a previous call returned: this call's tokens
+            come after those (default None: a fresh sequence).
+        output_final_state: causal only — also return the state after this call (default False).
+            In this recurrent form (either argument given), a padded position leaves the state unchanged
+            and positions count each row's real tokens only (docs/spec.md §7).
 
     Returns:
-        (B, N, D) in the inputs' dtype.
+        (B, N, D) in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
-    mask = _check(q, k, v, attention_mask)
+    mask = _check(q, k, v, attention_mask, recurrent=initial_state is not None or output_final_state)
     causal = check_flag("causal", causal)
     check_float_tensor("w", w, "(N_max, N_max)")
     check_same_dtype_device(q=q, w=w)
     window = check_positive_int("window", window)
+    if initial_state is not None or output_final_state:
+
+        def bias(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+            _check_table(w, _last_position(rows) + 1)
+            near = (rows[:, :, None] - columns[:, None, :]).abs() < window
+            pairs = w[rows[:, :, None], columns[:, None, :]].to(compute_dtype(q.dtype))
+            return torch.where(near, pairs, torch.zeros_like(pairs))
+
+        def forward(q, k, v, mask):
+            return aft_local(q, k, v, w, window=window, causal=True, attention_mask=mask)
+
+        return _recurrent(q, k, v, mask, causal, window, bias, forward, initial_state, output_final_state)
     seq_len = q.shape[1]
     _check_table(w, seq_len)
     w = w[:seq_len, :seq_len].to(compute_dtype(w.dtype))
@@ -491,16 +517,35 @@ def aft_local_lowrank(
     window: int,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    initial_state: AFTWindowState | None = None,
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """``aft_local`` with the paper's factorised biases w = w_u w_vᵀ, given as w_u, w_v: (N_max, d'):
-    only the band's entries u_t·v_t' are formed, O(N·window·d'), never the N×N table."""
-    mask = _check(q, k, v, attention_mask)
+    only the band's entries u_t·v_t' are formed, O(N·window·d'), never the N×N table. ``initial_state``
+    and ``output_final_state`` as for ``aft_local``."""
+    mask = _check(q, k, v, attention_mask, recurrent=initial_state is not None or output_final_state)
     causal = check_flag("causal", causal)
     check_float_tensor("w_u", w_u, "(N_max, rank)")
     check_float_tensor("w_v", w_v, "(N_max, rank)")
     check_same_dtype_device(q=q, w_u=w_u, w_v=w_v)
     check_dims({}, w_u=(w_u, "MR"), w_v=(w_v, "MR"))
     window = check_positive_int("window", window)
+    if initial_state is not None or output_final_state:
+
+        def bias(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+            if (last := _last_position(rows)) >= w_u.shape[0]:
+                raise InvalidValueError(
+                    f"w_u and w_v must have a row for position {last}, got {w_u.shape[0]} rows"
+                )
+            dtype = compute_dtype(q.dtype)
+            pairs = torch.einsum("btr,blr->btl", w_u[rows].to(dtype), w_v[columns].to(dtype))
+            near = (rows[:, :, None] - columns[:, None, :]).abs() < window
+            return torch.where(near, pairs, torch.zeros_like(pairs))
+
+        def forward(q, k, v, mask):
+            return aft_local_lowrank(q, k, v, w_u, w_v, window=window, causal=True, attention_mask=mask)
+
+        return _recurrent(q, k, v, mask, causal, window, bias, forward, initial_state, output_final_state)
     seq_len = q.shape[1]
     if w_u.shape[0] < seq_len:
         raise InvalidValueError(f"w_u and w_v must have N_max ≥ N = {seq_len} rows, got {w_u.shape[0]}")
@@ -578,7 +623,9 @@ def aft_conv(
     *,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    initial_state: AFTWindowState | None = None,
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """AFT-conv: per head h, ``aft_full`` over the head's channels with k_t broadcast across them and
     w_{t,t'} = w[h, t' − t + P] inside the kernel's window, 0 outside (P = K // 2 centred, K odd; or
     P = K − 1 and t' ≤ t when causal); in 2-D the same per axis. The paper's
@@ -588,11 +635,18 @@ def aft_conv(
         q, v: (B, N, H, Dh), or (B, X, Y, H, Dh) for a 2-D grid. k: (B, N, H) or (B, X, Y, H), one key per
             head. w: (H, K), or (H, Kx, Ky) in 2-D. causal: t sees t' ≤ t (1-D only).
         attention_mask: (B, N), or (B, X, Y) in 2-D; True/1 = real position.
+        initial_state: causal 1-D only — the ``AFTWindowState`` a previous call returned: this call's tokens
+            come after those (default None: a fresh sequence).
+        output_final_state: causal 1-D only — also return the state after this call (default False).
+            In this recurrent form (either argument given), a padded position leaves the state unchanged
+            and positions count each row's real tokens only (docs/spec.md §7).
 
     Returns:
-        q's shape, in the inputs' dtype.
+        q's shape, in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
     if isinstance(q, torch.Tensor) and q.dim() == 5:
+        if initial_state is not None or output_final_state:
+            raise InvalidValueError("initial_state and output_final_state need the causal 1-D form")
         return _aft_conv_2d_checked(q, k, v, w, causal, attention_mask)
     check_float_tensor("q", q, "(B, N, H, Dh)")
     check_float_tensor("k", k, "(B, N, H)")
@@ -610,6 +664,8 @@ def aft_conv(
             f"a centred (causal=False) kernel needs an odd size K, got w of shape {tuple(w.shape)}"
         )
     mask = check_attention_mask(attention_mask, batch, seq_len, q.device)
+    if initial_state is not None or output_final_state:
+        return _aft_conv_recurrent(q, k, v, w, mask, causal, initial_state, output_final_state)
     if mask is not None:
         mask = mask | ~mask.any(1, keepdim=True)
     if q.numel() == 0:
@@ -621,6 +677,33 @@ def aft_conv(
         seen = seen_in_window(bad_keys[..., None] | bad_values, 1, None)
         return reinstate(_aft_conv(q, k, v, w, mask, True), seen)
     return _aft_conv(q, k, v, w, mask, False)
+
+
+def _aft_conv_recurrent(q, k, v, w, mask, causal, initial_state, output_final_state):
+    """Causal 1-D aft_conv as the windowed recurrence over channels: each head's key over its channels,
+    its tap w[h, K − 1 − (t − t')] as the bias of (t, t')."""
+    heads, head_dim, kernel_size = q.shape[2], q.shape[3], w.shape[1]
+
+    def bias(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        taps = columns[:, None, :] - rows[:, :, None] + kernel_size - 1
+        inside = (taps >= 0) & (taps < kernel_size)
+        per_head = w[:, taps.clamp(0, kernel_size - 1)].permute(1, 2, 3, 0)  # (B, T, L, H)
+        per_head = torch.where(inside[..., None], per_head, torch.zeros_like(per_head))
+        return per_head.repeat_interleave(head_dim, dim=-1)
+
+    def forward(q, k, v, mask):
+        q, v = q.unflatten(-1, (heads, head_dim)), v.unflatten(-1, (heads, head_dim))
+        k = k[..., ::head_dim]
+        return aft_conv(q, k, v, w, causal=True, attention_mask=mask).flatten(-2)
+
+    flat_q, flat_v = q.flatten(-2), v.flatten(-2)
+    keys = k.repeat_interleave(head_dim, dim=-1)
+    result = _recurrent(
+        flat_q, keys, flat_v, mask, causal, kernel_size, bias, forward, initial_state, output_final_state
+    )
+    if output_final_state:
+        return result[0].unflatten(-1, (heads, head_dim)), result[1]
+    return result.unflatten(-1, (heads, head_dim))
 
 
 def _aft_conv(q, k, v, w, mask, causal: bool) -> torch.Tensor:
@@ -772,3 +855,105 @@ def aft_cached(
         outputs.append(terms.sum(2) / weights.sum(2))
     out = torch.sigmoid(q) * torch.cat(outputs, 1)
     return out
+
+
+class AFTWindowState(NamedTuple):
+    """Causal AFT-local's or AFT-conv's recurrent state: each row's next position (its count of real
+    tokens), its last window − 1 real keys and values one by one (right-aligned, with their positions
+    and which slots are in use), and every older key folded into running (max, numerator, denominator)
+    (see ``aft_accumulate``), whose bias is 0."""
+
+    positions: torch.Tensor  # (B,) long
+    keys: torch.Tensor  # (B, s − 1, D)
+    values: torch.Tensor  # (B, s − 1, D)
+    key_positions: torch.Tensor  # (B, s − 1) long
+    key_real: torch.Tensor  # (B, s − 1) bool
+    running: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B, D) each
+
+
+def _empty_window_state(k: torch.Tensor, v: torch.Tensor, kept: int) -> AFTWindowState:
+    batch, channels, dtype = k.shape[0], k.shape[-1], compute_dtype(k.dtype)
+    return AFTWindowState(
+        torch.zeros(batch, dtype=torch.long, device=k.device),
+        k.new_zeros(batch, kept, channels),
+        v.new_zeros(batch, kept, v.shape[-1]),
+        torch.zeros(batch, kept, dtype=torch.long, device=k.device),
+        torch.zeros(batch, kept, dtype=torch.bool, device=k.device),
+        (
+            torch.full((batch, channels), float("-inf"), dtype=dtype, device=k.device),
+            torch.zeros(batch, v.shape[-1], dtype=dtype, device=k.device),
+            torch.zeros(batch, channels, dtype=dtype, device=k.device),
+        ),
+    )
+
+
+def _check_window_state(state: object, q: torch.Tensor, kept: int) -> None:
+    if not isinstance(state, AFTWindowState):
+        raise InvalidTypeError(
+            f"initial_state must be the AFTWindowState a previous call returned, got {type(state).__name__}"
+        )
+    expected = (q.shape[0], kept, q.shape[-1])
+    if tuple(state.keys.shape) != expected or state.positions.shape != (q.shape[0],):
+        raise InvalidValueError(
+            f"initial_state holds keys of shape {tuple(state.keys.shape)}; this call needs (B, s − 1, D) = "
+            f"{expected}"
+        )
+
+
+def _last_position(rows: torch.Tensor) -> int:
+    """The largest query position, for a bound check — a host sync, so skipped inside a compiled graph
+    (whose caller bounds positions by the state's capacity instead)."""
+    return -1 if torch.compiler.is_compiling() or rows.numel() == 0 else int(rows.max())
+
+
+def _recurrent(q, k, v, mask, causal, window, bias, forward, initial_state, output_final_state):
+    if not causal:
+        raise InvalidValueError("initial_state and output_final_state need causal=True (the recurrent form)")
+    return _window_recurrent(q, k, v, mask, window, bias, forward, initial_state, output_final_state)
+
+
+def _window_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    window: int,
+    bias: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    forward: Callable[..., torch.Tensor],
+    initial_state: AFTWindowState | None,
+    output_final_state: bool,
+):
+    """Causal AFT over a chunk q, k, v (B, T, D) continued from ``initial_state``: keys within
+    ``window`` − 1 positions of a query carry ``bias(query_positions (B, T), key_positions (B, L))``
+    ((B, T, L) or (B, T, L, D), 0 outside the window), older ones count unbiased. Each row's real tokens
+    (``mask``) are moved to its front first, so a padded position leaves the state unchanged and positions
+    count real tokens only. Without a state the chunk is ``forward(q, k, v, mask)``, the op itself."""
+    kept = window - 1
+    if initial_state is not None:
+        _check_window_state(initial_state, q, kept)
+    chunk = compact(mask, q.shape[0], q.shape[1], q.device)
+    q, k, v = chunk.gather(q), chunk.gather(k), chunk.gather(v)
+    state = initial_state if initial_state is not None else _empty_window_state(k, v, kept)
+    steps = state.positions[:, None] + torch.arange(q.shape[1], device=q.device)  # (B, T)
+    keys = torch.cat((state.keys.to(k.dtype), k), 1)
+    values = torch.cat((state.values.to(v.dtype), v), 1)
+    key_positions = torch.cat((state.key_positions, steps), 1)
+    valid = chunk.valid if chunk.valid is not None else torch.ones_like(steps, dtype=torch.bool)
+    real = torch.cat((state.key_real, valid), 1)
+    if initial_state is None:  # positions start at 0 and the chunk's padding comes last: the op itself
+        out = forward(q, k, v, chunk.valid)
+    else:
+        terms = bias(steps, key_positions.clamp_min(0))
+        out = aft_cached(q, keys, values, terms, key_mask=real, running=state.running).to(q.dtype)
+    out = chunk.scatter(out)
+    if not output_final_state:
+        return out
+    # Keys older than the newest window − 1 real ones now count unbiased.
+    end = kept + chunk.counts
+    older = real & (torch.arange(keys.shape[1], device=q.device)[None, :] < (end - kept)[:, None])
+    final = AFTWindowState(
+        state.positions + chunk.counts,
+        *(last_real(t, chunk, kept) for t in (keys, values, key_positions, real)),
+        aft_accumulate(state.running, keys, values, older),
+    )
+    return out, final

@@ -6,10 +6,13 @@ the per-chunk states Kᵀ V (an exclusive prefix sum of them when causal). Memor
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from ..backend import use_kernel
+from ..errors import InvalidTypeError, InvalidValueError
 from ._checks import (
     check_attention_mask,
     check_dims,
@@ -20,10 +23,27 @@ from ._checks import (
     compute_dtype,
     empty_output,
 )
+from ._chunks import compact, last_real
 from ._excluded import finite_at_padding, finite_part, real_only, reinstate, seen_in_window
 from .attention import pointwise_attention
 
-__all__ = ["mixed_chunk_attention", "mixed_chunk_attention_step"]
+__all__ = ["MixedChunkState", "mixed_chunk_attention"]
+
+
+class MixedChunkState(NamedTuple):
+    """Causal mixed-chunk attention's recurrent state, constant in size: each row's next position (its
+    count of real tokens), Σ k_lin ⊗ v over the tokens of its finished chunks and their count, and its
+    unfinished chunk's k_quad, k_lin, v and positions (C slots, right-aligned; ``key_real`` marks those
+    in use). Chunks are positions // C."""
+
+    positions: torch.Tensor  # (B,) long
+    linear_state: torch.Tensor  # (B, S, E)
+    linear_count: torch.Tensor  # (B,) long
+    keys: torch.Tensor  # (B, C, S)
+    linear_keys: torch.Tensor  # (B, C, S)
+    values: torch.Tensor  # (B, C, E)
+    key_positions: torch.Tensor  # (B, C) long
+    key_real: torch.Tensor  # (B, C) bool
 
 
 def _quadratic_options(qk_dim: int, chunk_size: int) -> dict:
@@ -41,7 +61,9 @@ def mixed_chunk_attention(
     chunk_size: int,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    initial_state: MixedChunkState | None = None,
+    output_final_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, MixedChunkState]:
     """FLASH's mixed-chunk attention, ``out_i = quad_i + lin_i``:
 
         quad_i = Σ_{j ∈ chunk c(i), real, (j ≤ i if causal)} relu²(q_quad_i·k_quad_j / √S) / C · v_j
@@ -56,9 +78,15 @@ def mixed_chunk_attention(
             never a key.
         causal: position i sees positions j ≤ i.
         attention_mask: (B, N), True/1 = real token.
+        initial_state: causal only — the ``MixedChunkState`` a previous call returned: this call's
+            tokens come after those (default None: a fresh sequence).
+        output_final_state: causal only — also return the state after this call (default False).
+            In this recurrent form (either argument given), a padded position leaves the state unchanged
+            and positions (hence chunks) count each row's real tokens only (docs/spec.md §7).
 
     Returns:
-        (B, N, E) in the inputs' dtype; half-precision inputs are computed in float32.
+        (B, N, E) in the inputs' dtype, or (that, final_state) with ``output_final_state``; half-precision
+        inputs are computed in float32.
     """
     names = ("q_quad", "k_quad", "q_lin", "k_lin")
     for name, tensor in zip(names, (q_quad, k_quad, q_lin, k_lin), strict=True):
@@ -78,6 +106,12 @@ def mixed_chunk_attention(
     batch, seq_len = sizes["B"], sizes["N"]
     mask = check_attention_mask(attention_mask, batch, seq_len, v.device)
     inputs = (q_quad, k_quad, q_lin, k_lin, v)
+    if initial_state is not None or output_final_state:
+        if not causal:
+            raise InvalidValueError(
+                "initial_state and output_final_state need causal=True (the recurrent form)"
+            )
+        return _recurrent(*inputs, mask, chunk_size, initial_state, output_final_state)
     if v.numel() == 0 or q_quad.numel() == 0:
         return empty_output(v.shape, *inputs)
     q_quad, q_lin = finite_at_padding(q_quad, mask, 1), finite_at_padding(q_lin, mask, 1)
@@ -158,25 +192,96 @@ def _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size: int, causal:
     return out.view(batch, chunks * chunk_size, -1)[:, :seq_len].to(v.dtype)
 
 
-def mixed_chunk_attention_step(
-    q_quad: torch.Tensor,
-    k_quad: torch.Tensor,
-    q_lin: torch.Tensor,
-    k_lin: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    positions: torch.Tensor,
-    key_positions: torch.Tensor,
-    key_mask: torch.Tensor | None,
-    linear_state: torch.Tensor,
-    linear_count: torch.Tensor,
-    chunk_size: int,
+def _check_state(state: object, batch: int, chunk_size: int, sizes: dict) -> None:
+    if not isinstance(state, MixedChunkState):
+        raise InvalidTypeError(
+            f"initial_state must be the MixedChunkState a previous call returned, got {type(state).__name__}"
+        )
+    expected = (batch, chunk_size, sizes["S"])
+    linear = (batch, sizes["S"], sizes["E"])
+    if tuple(state.keys.shape) != expected or tuple(state.linear_state.shape) != linear:
+        raise InvalidValueError(
+            f"initial_state holds keys of shape {tuple(state.keys.shape)} and a linear state of shape "
+            f"{tuple(state.linear_state.shape)}; this call needs (B, C, S) = {expected} and "
+            f"(B, S, E) = {linear}"
+        )
+
+
+def _empty_state(k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> MixedChunkState:
+    batch, qk_dim, device = k.shape[0], k.shape[-1], k.device
+    positions = torch.zeros(batch, dtype=torch.long, device=device)
+    return MixedChunkState(
+        positions,
+        v.new_zeros(batch, qk_dim, v.shape[-1]),
+        positions.clone(),
+        k.new_zeros(batch, chunk_size, qk_dim),
+        k.new_zeros(batch, chunk_size, qk_dim),
+        v.new_zeros(batch, chunk_size, v.shape[-1]),
+        positions.new_zeros(batch, chunk_size),
+        torch.zeros(batch, chunk_size, dtype=torch.bool, device=device),
+    )
+
+
+def _recurrent(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, initial_state, output_final_state):
+    """The causal op over a chunk continued from ``initial_state``, each row's real tokens moved to its
+    front first (so padding leaves the state alone and positions count real tokens)."""
+    batch, length = v.shape[:2]
+    if initial_state is not None:
+        _check_state(initial_state, batch, chunk_size, {"S": k_quad.shape[-1], "E": v.shape[-1]})
+    chunk = compact(mask, batch, length, v.device)
+    q_quad, k_quad, q_lin, k_lin, v = (chunk.gather(t) for t in (q_quad, k_quad, q_lin, k_lin, v))
+    state = initial_state if initial_state is not None else _empty_state(k_quad, v, chunk_size)
+    query_positions = state.positions[:, None] + torch.arange(length, device=v.device)
+    keys = torch.cat((state.keys.to(k_quad.dtype), k_quad), 1)
+    linear_keys = torch.cat((state.linear_keys.to(k_lin.dtype), k_lin), 1)
+    values = torch.cat((state.values.to(v.dtype), v), 1)
+    key_positions = torch.cat((state.key_positions, query_positions), 1)
+    valid = chunk.valid if chunk.valid is not None else torch.ones_like(query_positions, dtype=torch.bool)
+    real = torch.cat((state.key_real, valid), 1)
+    if initial_state is None:  # positions start at 0 and the chunk's padding comes last: the op itself
+        out = mixed_chunk_attention(
+            q_quad, k_quad, q_lin, k_lin, v, chunk_size=chunk_size, causal=True, attention_mask=chunk.valid
+        )
+    else:
+        out = _continued(
+            q_quad, keys, q_lin, linear_keys, values, query_positions, key_positions, real,
+            state.linear_state, state.linear_count, chunk_size,
+        ).to(v.dtype)  # fmt: skip
+    out = chunk.scatter(out)
+    if not output_final_state:
+        return out
+    # Tokens of chunks now finished join the linear state; the rest are the new unfinished chunk.
+    current = ((state.positions + chunk.counts) // chunk_size)[:, None]
+    finished = real & (key_positions // chunk_size < current)
+    linear_state, linear_count = state.linear_state, state.linear_count
+    # Most single-token steps finish no chunk, so eager skips the O(C·S·E) sum; a compiled graph always
+    # adds it (zeros then) rather than break on the host sync.
+    if torch.compiler.is_compiling() or bool(finished.any()):
+        weighted = linear_keys * finished.to(values.dtype)[..., None]
+        linear_state = linear_state + torch.einsum("bls,ble->bse", weighted, values).to(linear_state.dtype)
+        linear_count = linear_count + finished.sum(1)
+    unfinished = real & (key_positions // chunk_size == current)
+    kept = (last_real(t, chunk, chunk_size) for t in (keys, linear_keys, values, key_positions, unfinished))
+    return out, MixedChunkState(state.positions + chunk.counts, linear_state, linear_count, *kept)
+
+
+def _continued(
+    q_quad,
+    k_quad,
+    q_lin,
+    k_lin,
+    v,
+    positions,
+    key_positions,
+    key_mask,
+    linear_state,
+    linear_count,
+    chunk_size,
 ) -> torch.Tensor:
-    """Causal ``mixed_chunk_attention`` continued from a state: the newest T queries q_quad, q_lin
-    (B, T, S) at ``positions`` (B, T), over explicit keys k_quad, k_lin (B, L, S) and values v (B, L, E)
-    at ``key_positions`` (B, L), real where ``key_mask`` (B, L) — the unfinished chunk so far and the T
-    new tokens — and ``linear_state`` (B, S, E) = Σ k_lin ⊗ v over the ``linear_count`` (B,) tokens of
-    the chunks folded before them. Chunks are positions // C. Returns (B, T, E), the causal op's rows."""
+    """The newest T queries q_quad, q_lin (B, T, S) at ``positions`` (B, T), over explicit keys k_quad,
+    k_lin (B, L, S) and values v (B, L, E) at ``key_positions`` (B, L), real where ``key_mask`` (B, L) —
+    the unfinished chunk so far and the T new tokens — and ``linear_state`` (B, S, E) = Σ k_lin ⊗ v over
+    the ``linear_count`` (B,) tokens of the chunks folded before them → (B, T, E), the causal op's rows."""
     use_kernel(
         "mixed_chunk_attention",
         v,
@@ -184,10 +289,8 @@ def mixed_chunk_attention_step(
     )
     dtype = compute_dtype(v.dtype)
     q_quad, k_quad, q_lin, k_lin, v = (t.to(dtype) for t in (q_quad, k_quad, q_lin, k_lin, v))
-    visible = key_positions[:, None, :] <= positions[:, :, None]
-    if key_mask is not None:
-        visible = visible & key_mask[:, None, :]
-        v = real_only(v, key_mask, 1)
+    visible = (key_positions[:, None, :] <= positions[:, :, None]) & key_mask[:, None, :]
+    v = real_only(v, key_mask, 1)
     query_chunks, key_chunks = positions // chunk_size, key_positions // chunk_size
     same = visible & (key_chunks[:, None, :] == query_chunks[:, :, None])
     earlier = visible & (key_chunks[:, None, :] < query_chunks[:, :, None])

@@ -8,7 +8,6 @@ with factors only ever forms the band of w.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,9 +16,9 @@ from torch import nn
 from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
 from ..functional._checks import check_positive_int, check_real
+from ..functional._chunks import Compacted
 from .base import Mixer
-from .cache import KVCache
-from .chunks import Compacted, last_real
+from .cache import KVCache, check_capacity
 from .registry import register_mixer
 
 PAPER = "Zhai et al. 2021, An Attention Free Transformer (arXiv 2105.14103)"
@@ -28,23 +27,22 @@ Running = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 @dataclass
 class AFTState:
-    """Decoding state: each row's next position (its count of real tokens), unbiased keys folded into
-    running (max, numerator, denominator), and the keys still needed one by one — every one for
-    AFT-full (``cache``), the last window − 1 for AFT-local and AFT-conv (``window_*``, right-aligned,
-    with their positions and which are real)."""
+    """Decoding state: each row's next position (its count of real tokens) and the op's state —
+    AFT-simple's running (max, numerator, denominator), AFT-full's cache of every key, AFT-local's and
+    AFT-conv's ``AFTWindowState`` (the last window − 1 keys and the sums of older ones)."""
 
     batch_size: int
+    capacity: int | None = None  # the most positions it may be fed (AFT-full's cache: fixed size)
+    fed: int = 0  # positions fed so far, padding included
     positions: torch.Tensor | None = None  # (B,) long
     running: Running | None = None
     cache: KVCache | None = None
     key_positions: torch.Tensor | None = None  # (B, t): AFT-full's cached keys' positions
-    window_keys: torch.Tensor | None = None
-    window_values: torch.Tensor | None = None
-    window_positions: torch.Tensor | None = None
-    window_real: torch.Tensor | None = None
+    window: aft_ops.AFTWindowState | None = None
 
     def nbytes(self) -> int:
-        tensors = [*(self.running or ()), self.window_keys, self.window_values]
+        window = () if self.window is None else (self.window.keys, self.window.values, *self.window.running)
+        tensors = [*(self.running or ()), *window]
         cached = self.cache.nbytes() if self.cache is not None else 0
         return cached + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -74,65 +72,17 @@ class AFTMixer(Mixer):
     def mix(self, q, k, v, attention_mask):
         raise NotImplementedError
 
-    def window_advance(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        state: AFTState,
-        chunk: Compacted,
-        window: int,
-        bias: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """A causal chunk where keys within ``window`` − 1 positions of a query carry biases and older ones
-        count unbiased: the last window − 1 real keys are kept one by one, the older ones folded into the
-        running sums. ``bias(query_positions (B, T), key_positions (B, L))`` gives (B, T, L) or
-        (B, T, L, D) biases, 0 outside the window. The first chunk is the forward op."""
-        batch, _, channels = k.shape
-        positions = state.positions
-        if state.window_keys is None:
-            out = self.mix(q, self._key_heads(k), v, chunk.valid)
-            state.window_keys = k.new_zeros(batch, window - 1, channels)
-            state.window_values = v.new_zeros(batch, window - 1, v.shape[-1])
-            state.window_positions = positions.new_zeros(batch, window - 1)
-            state.window_real = torch.zeros(batch, window - 1, dtype=torch.bool, device=k.device)
-        else:
-            out = None
-        steps = torch.arange(k.shape[1], device=k.device)
-        keys = torch.cat((state.window_keys.to(k.dtype), k), 1)
-        values = torch.cat((state.window_values.to(v.dtype), v), 1)
-        key_positions = torch.cat((state.window_positions, positions[:, None] + steps), 1)
-        valid = (
-            chunk.valid
-            if chunk.valid is not None
-            else torch.ones_like(key_positions[:, window - 1 :], dtype=torch.bool)
-        )
-        real = torch.cat((state.window_real, valid), 1)
-        if out is None:
-            query_positions = positions[:, None] + steps
-            terms = bias(query_positions, key_positions.clamp_min(0))
-            out = aft_ops.aft_cached(q, keys, values, terms, key_mask=real, running=state.running)
-        # Keys older than the newest window − 1 real ones now count unbiased.
-        end = window - 1 + chunk.counts
-        older = real & (torch.arange(keys.shape[1], device=k.device)[None, :] < (end - (window - 1))[:, None])
-        state.running = aft_ops.aft_accumulate(state.running, keys, values, older)
-        state.window_keys, state.window_values, state.window_positions, state.window_real = (
-            last_real(t, chunk, window - 1) for t in (keys, values, key_positions, real)
-        )
-        return out
-
-    def _key_heads(self, k: torch.Tensor) -> torch.Tensor:
-        """Keys as the op takes them (AFT-conv: one per head)."""
-        return k
-
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x, attention_mask = self.check_input(x, attention_mask)
         self._check_length(x.shape[1])
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         return self.dropout(self.to_out(self.mix(q, k, v, attention_mask)))
 
-    def init_state(self, batch_size: int) -> AFTState:
-        return AFTState(check_positive_int("batch_size", batch_size))
+    def new_state(self, batch_size: int, capacity: int | None = None) -> AFTState:
+        """An empty state. ``capacity``: AFT-full's cache holds that many positions (padding included)
+        in tensors of fixed shapes (for ``torch.compile``); the other AFT states are constant in size."""
+        capacity = check_positive_int("capacity", capacity, allow_none=True)
+        return AFTState(check_positive_int("batch_size", batch_size), capacity=capacity)
 
     def advance(self, x: torch.Tensor, state: AFTState, chunk: Compacted) -> torch.Tensor:
         if x.shape[0] != state.batch_size:
@@ -141,7 +91,9 @@ class AFTMixer(Mixer):
             )
         if state.positions is None:
             state.positions = torch.zeros(state.batch_size, dtype=torch.long, device=x.device)
-        self._check_length(int((state.positions + chunk.counts).max()))
+        state.fed = check_capacity(state.capacity, state.fed, x.shape[1])
+        if self.max_len is not None and (state.capacity is None or state.capacity > self.max_len):
+            self._check_length(int((state.positions + chunk.counts).max()))  # a host sync: only if needed
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         y = self.mix_chunk(q, k, v, state, chunk)
         state.positions = state.positions + chunk.counts
@@ -213,14 +165,19 @@ class AFTFull(AFTMixer):
     def mix_chunk(self, q, k, v, state, chunk):
         positions = state.positions[:, None] + torch.arange(k.shape[1], device=k.device)
         if state.cache is None:
-            state.cache = KVCache(state.batch_size)
-        empty = state.cache.length == 0
+            state.cache = KVCache(state.batch_size, state.capacity)
+            state.key_positions = positions.new_zeros(state.batch_size, state.capacity or 0)
+        start = state.cache.length
+        empty = start == 0 and state.capacity is None
         keys, values, real = state.cache.append(k[:, None], v[:, None], chunk.valid)
-        previous = state.key_positions if state.key_positions is not None else positions[:, :0]
-        state.key_positions = torch.cat((previous, positions), 1)
+        # The keys' positions, laid out as the cache lays out its keys.
+        if state.capacity is None:
+            state.key_positions = torch.cat((state.key_positions, positions), 1)
+        else:
+            state.key_positions = state.key_positions.slice_scatter(positions, 1, start, start + k.shape[1])
         if empty:  # a first chunk is the forward op (its padding comes last)
             return self.mix(q, k, v, chunk.valid)
-        bias = self.bias.pairs(positions, state.key_positions)
+        bias = self.bias.pairs(positions, state.key_positions[:, : keys.shape[-2]])
         return aft_ops.aft_cached(q, keys[:, 0], values[:, 0], bias, key_mask=real)
 
 
@@ -297,13 +254,16 @@ class AFTLocal(AFTMixer):
         return aft_ops.aft_local_lowrank(q, k, v, self.bias.u, self.bias.v, **options)
 
     def mix_chunk(self, q, k, v, state, chunk):
-        def bias(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-            near = (rows[:, :, None] - columns[:, None, :]).abs() < self.window
-            return torch.where(
-                near, self.bias.pairs(rows, columns), torch.zeros((), dtype=q.dtype, device=q.device)
+        options = dict(window=self.window, causal=True, attention_mask=chunk.valid, output_final_state=True)
+        if self.bias.rank is None:
+            out, state.window = aft_ops.aft_local(
+                q, k, v, self.bias.table, initial_state=state.window, **options
             )
-
-        return self.window_advance(q, k, v, state, chunk, self.window, bias)
+        else:
+            out, state.window = aft_ops.aft_local_lowrank(
+                q, k, v, self.bias.u, self.bias.v, initial_state=state.window, **options
+            )
+        return out
 
 
 @register_mixer(
@@ -383,19 +343,15 @@ class AFTConv(AFTMixer):
         out = aft_ops.aft_conv(q, k, v, self.weight(), causal=self.causal, attention_mask=attention_mask)
         return out.flatten(-2).flatten(1, -2)
 
-    def _key_heads(self, k: torch.Tensor) -> torch.Tensor:
-        return k[..., :: self.hidden_dim // self.heads]  # the per-channel copies back to one per head
-
     def mix_chunk(self, q, k, v, state, chunk):
-        head_dim = self.hidden_dim // self.heads
-        weight = self.weight()
-
-        def bias(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:  # tap K − 1 − (t − t')
-            taps = columns[:, None, :] - rows[:, :, None] + self.kernel_size - 1
-            inside = (taps >= 0) & (taps < self.kernel_size)
-            per_head = weight[:, taps.clamp(0, self.kernel_size - 1)].permute(1, 2, 3, 0)  # (B, T, L, H)
-            per_head = torch.where(inside[..., None], per_head, torch.zeros_like(per_head))
-            return per_head.repeat_interleave(head_dim, dim=-1)
-
-        keys = k.repeat_interleave(head_dim, dim=-1)  # each head's key over its channels
-        return self.window_advance(q, keys, v, state, chunk, self.kernel_size, bias)
+        out, state.window = aft_ops.aft_conv(
+            self._heads(q),
+            k,
+            self._heads(v),
+            self.weight(),
+            causal=True,
+            attention_mask=chunk.valid,
+            initial_state=state.window,
+            output_final_state=True,
+        )
+        return out.flatten(-2)

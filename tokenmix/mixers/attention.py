@@ -14,9 +14,9 @@ from torch import nn
 from ..errors import InvalidValueError
 from ..functional import attention as attention_ops
 from ..functional._checks import check_positive_int, check_real
+from ..functional._chunks import Compacted
 from .base import Mixer, pick_options
 from .cache import KVCache
-from .chunks import Compacted
 from .registry import register_mixer
 from .rotary import RotaryEmbedding
 
@@ -99,15 +99,17 @@ class MultiHeadAttention(Mixer):
         q, k, v = self._qkv(x, offset=0)
         return self._output(self.attend(q, k, v, attention_mask), x)
 
-    def init_state(self, batch_size: int) -> KVCache:
-        """An empty KV cache: O(t · heads · head_dim) per sequence after t steps."""
-        return KVCache(check_positive_int("batch_size", batch_size))
+    def new_state(self, batch_size: int, capacity: int | None = None) -> KVCache:
+        """An empty KV cache: O(t · heads · head_dim) per sequence after t steps.
+        ``capacity``: a fixed-size cache for that many positions (padding included), whose tensors keep
+        their shapes from step to step (for ``torch.compile``); None grows as needed."""
+        return KVCache(check_positive_int("batch_size", batch_size), capacity)
 
     def advance(self, x: torch.Tensor, state: KVCache, chunk: Compacted) -> torch.Tensor:
         state.check_batch(x.shape[0])
         positions = state.next_positions(x.device)
         q, k, v = self._qkv(x, offset=positions)
-        empty = state.length == 0
+        empty = state.length == 0 and state.capacity is None
         keys, values, real = state.append(k, v, chunk.valid)
         # A first chunk is a causal forward (its padding comes last); later ones attend to the cache.
         attended = self.attend(q, k, v, chunk.valid) if empty else self.attend_cached(q, keys, values, real)

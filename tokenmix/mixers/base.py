@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 from ..functional._checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
-from .chunks import Compacted, compact
+from ..functional._chunks import Compacted, compact
 
 
 def pick_options(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -53,10 +53,16 @@ class Mixer(nn.Module):
             raise UnavailableError(
                 f"{type(self).__name__} was built with causal=False; step decoding needs causal=True"
             )
-        if not callable(getattr(state, "nbytes", None)):  # every decoding state reports its size
+        made_by = getattr(state, "made_by", None)
+        if made_by is None:
             raise InvalidTypeError(
                 f"state must be what {type(self).__name__}.init_state(batch_size) returned (or the state "
                 f"the previous step returned), got {type(state).__name__}"
+            )
+        if made_by != (self.mixer_name or type(self).__name__):
+            raise InvalidTypeError(
+                f"state was made by a {made_by!r} mixer's init_state; this is a "
+                f"{self.mixer_name or type(self).__name__!r} mixer"
             )
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
             check_float_tensor("x", x, "(B, dim) or (B, T, dim)")
@@ -74,7 +80,20 @@ class Mixer(nn.Module):
         mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
         return x, single, mask
 
-    def init_state(self, batch_size: int) -> Any:
+    def init_state(self, batch_size: int, capacity: int | None = None) -> Any:
+        """An empty decoding state for ``batch_size`` sequences. ``capacity``: the most positions
+        (padding included) it will be fed, for a state whose tensors keep their shapes from step to step
+        (``torch.compile`` then compiles a step once, not per token); None lets a KV cache grow."""
+        if not self.causal:
+            raise UnavailableError(
+                f"{type(self).__name__} was built with causal=False; step decoding needs causal=True"
+            )
+        state = self.new_state(batch_size, capacity)
+        state.made_by = self.mixer_name or type(self).__name__  # so a state of another mixer is refused
+        return state
+
+    def new_state(self, batch_size: int, capacity: int | None) -> Any:
+        """The family's empty state (see ``init_state``)."""
         raise NotImplementedError
 
     def step(

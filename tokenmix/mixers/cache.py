@@ -1,18 +1,37 @@
-"""A key/value cache for decoding, growing by doubling so appending t tokens costs O(t) copies."""
+"""A key/value cache for decoding: growing by doubling (appending t tokens costs O(t) copies), or of a
+fixed capacity whose tensors keep their shapes from step to step, so a compiled step is not recompiled
+for every token."""
 
 from __future__ import annotations
 
 import torch
 
 from ..errors import InvalidValueError
+from ..functional._checks import check_positive_int
+
+
+def check_capacity(capacity: int | None, fed: int, arriving: int) -> int:
+    """How many positions a state of ``capacity`` has been fed after ``arriving`` more; raises past it."""
+    if capacity is not None and fed + arriving > capacity:
+        raise InvalidValueError(
+            f"the state holds capacity={capacity} positions; {fed + arriving} were fed "
+            f"(make the state with a larger capacity)"
+        )
+    return fed + arriving
 
 
 class KVCache:
     """Keys (B, H, t, Dk) and values (B, H, t, Dv) seen so far, which of them are real tokens (B, t), and
-    each row's next position (its count of real tokens). ``append`` returns all three up to now."""
+    each row's next position (its count of real tokens). ``append`` returns all three up to now.
 
-    def __init__(self, batch_size: int) -> None:
+    With a ``capacity`` C the cache is C slots from the start, written in order; appending one token
+    returns all C slots, the unwritten ones marked as padding, so a single-token step sees tensors of the
+    same shapes every time (a compiled step is not recompiled). A chunk gets the t slots written so far
+    (its causal offsets aligned to their end). More than C positions (padding included) → ``ValueError``."""
+
+    def __init__(self, batch_size: int, capacity: int | None = None) -> None:
         self.batch_size = batch_size
+        self.capacity = check_positive_int("capacity", capacity, allow_none=True)
         self.length = 0
         self.positions: torch.Tensor | None = None  # (B,) long, set on first use (device)
         self._keys: torch.Tensor | None = None
@@ -37,6 +56,8 @@ class KVCache:
         whole cache so far and its real-key mask (None while every key is real)."""
         self.check_batch(keys.shape[0])
         new_length = self.length + keys.shape[-2]
+        if self.capacity is not None:
+            return self._append_fixed(keys, values, valid, new_length)
         if valid is not None and self._real is None:  # the first padding: what came before was real
             self._real = torch.ones(self.batch_size, self.length, dtype=torch.bool, device=keys.device)
         if self._real is not None:
@@ -63,6 +84,29 @@ class KVCache:
         real = None if self._real is None else self._real[:, :new_length]
         return self._keys[..., :new_length, :], self._values[..., :new_length, :], real
 
+    def _append_fixed(self, keys, values, valid, new_length: int):
+        check_capacity(self.capacity, self.length, keys.shape[-2])
+        if self._keys is None:
+            self._keys = keys.new_zeros(*keys.shape[:-2], self.capacity, keys.shape[-1])
+            self._values = values.new_zeros(*values.shape[:-2], self.capacity, values.shape[-1])
+            self._real = torch.zeros(self.batch_size, self.capacity, dtype=torch.bool, device=keys.device)
+        fresh = torch.ones_like(keys[:, 0, :, 0], dtype=torch.bool) if valid is None else valid
+        start = self.length
+        if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
+            # Out of place, so that autograd follows the keys across chunked calls.
+            self._keys = self._keys.to(keys.dtype).slice_scatter(keys, -2, start, new_length)
+            self._values = self._values.to(values.dtype).slice_scatter(values, -2, start, new_length)
+            self._real = self._real.slice_scatter(fresh, 1, start, new_length)  # (earlier ones saved it)
+        else:
+            self._keys[..., start:new_length, :] = keys
+            self._values[..., start:new_length, :] = values
+            self._real[:, start:new_length] = fresh
+        self.length = new_length
+        if keys.shape[-2] == 1:  # every slot, the unwritten ones as padding: shapes that never change
+            return self._keys, self._values, self._real
+        # A chunk's causal offsets are aligned to the end of what is written so far.
+        return self._keys[..., :new_length, :], self._values[..., :new_length, :], self._real[:, :new_length]
+
     def _grow(self, old: torch.Tensor | None, like: torch.Tensor, capacity: int) -> torch.Tensor:
         buffer = like.new_empty(*like.shape[:-2], capacity, like.shape[-1])
         if old is not None:
@@ -70,7 +114,9 @@ class KVCache:
         return buffer
 
     def nbytes(self) -> int:
-        """Bytes the cached keys and values hold (the part in use)."""
+        """Bytes the cached keys and values hold (the part in use; all of it with a capacity)."""
         if self._keys is None:
             return 0
+        if self.capacity is not None:
+            return sum(t.numel() * t.element_size() for t in (self._keys, self._values))
         return sum(t[..., : self.length, :].numel() * t.element_size() for t in (self._keys, self._values))

@@ -16,9 +16,10 @@ from torch import nn
 
 from ..errors import InvalidValueError
 from ..functional._checks import check_positive_int, check_real
+from ..functional._chunks import Compacted, last_real
 from ..functional.conv import dynamic_conv, lightconv
 from .base import Mixer
-from .chunks import Compacted, last_real
+from .cache import check_capacity
 from .registry import register_mixer
 
 PAPER = "Wu et al. 2019, Pay Less Attention with Lightweight and Dynamic Convolutions (arXiv 1901.10430)"
@@ -29,6 +30,8 @@ class ConvState:
     """The last K − 1 convolution inputs (B, K − 1, d), zeros before the sequence starts: O(K·d)."""
 
     window: torch.Tensor
+    capacity: int | None = None  # the most positions it may be fed, padding included
+    fed: int = 0
 
     def nbytes(self) -> int:
         return self.window.numel() * self.window.element_size()
@@ -92,10 +95,13 @@ class ConvolutionMixer(Mixer):
         u = self.glu(self.to_input(x))
         return self.dropout(self.to_out(self.convolve(u, self._normalised_kernel(u), attention_mask)))
 
-    def init_state(self, batch_size: int) -> ConvState:
+    def new_state(self, batch_size: int, capacity: int | None = None) -> ConvState:
+        """Zeros for the inputs before the sequence: constant in size; ``capacity`` only bounds what it
+        may be fed."""
         batch_size = check_positive_int("batch_size", batch_size)
+        capacity = check_positive_int("capacity", capacity, allow_none=True)
         param = self.to_out.weight
-        return ConvState(param.new_zeros(batch_size, self.kernel_size - 1, self.dim))
+        return ConvState(param.new_zeros(batch_size, self.kernel_size - 1, self.dim), capacity)
 
     def advance(self, x: torch.Tensor, state: ConvState, chunk: Compacted) -> torch.Tensor:
         """The causal convolution over the K − 1 previous real inputs and the chunk, in one call."""
@@ -103,6 +109,7 @@ class ConvolutionMixer(Mixer):
             raise InvalidValueError(
                 f"state was made for batch_size={state.window.shape[0]}, got a batch of {x.shape[0]}"
             )
+        state.fed = check_capacity(state.capacity, state.fed, x.shape[1])
         u = self.glu(self.to_input(x))
         window = state.window.to(u.dtype)
         y, final = self.convolve(

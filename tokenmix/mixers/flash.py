@@ -17,10 +17,10 @@ from torch import nn
 from ..errors import InvalidValueError
 from ..functional import attention as attention_ops
 from ..functional._checks import check_choice, check_positive_int, check_real
-from ..functional.flash import mixed_chunk_attention, mixed_chunk_attention_step
+from ..functional._chunks import Compacted
+from ..functional.flash import MixedChunkState, mixed_chunk_attention
 from .base import Mixer, pick_options
-from .cache import KVCache
-from .chunks import Compacted, last_real
+from .cache import KVCache, check_capacity
 from .registry import register_mixer
 from .rotary import RotaryEmbedding
 
@@ -130,15 +130,18 @@ class GAU(GatedAttentionUnit):
             q, k, v, causal=self.causal, attention_mask=attention_mask, **self._pointwise_options()
         )
 
-    def init_state(self, batch_size: int) -> KVCache:
-        return KVCache(check_positive_int("batch_size", batch_size))
+    def new_state(self, batch_size: int, capacity: int | None = None) -> KVCache:
+        """An empty KV cache.
+        ``capacity``: a fixed-size cache for that many positions (padding included), whose tensors keep
+        their shapes from step to step (for ``torch.compile``); None grows as needed."""
+        return KVCache(check_positive_int("batch_size", batch_size), capacity)
 
     def advance(self, x: torch.Tensor, state: KVCache, chunk: Compacted) -> torch.Tensor:
         state.check_batch(x.shape[0])
         positions = state.next_positions(x.device)
         u, v, (q, k) = self.project(x, positions)
         q, k, v = self._heads(q, k, v)
-        empty = state.length == 0
+        empty = state.length == 0 and state.capacity is None
         keys, values, real = state.append(k, v, chunk.valid)
         state.positions = positions + chunk.counts
         if empty:  # a first chunk is a causal forward (its padding comes last)
@@ -156,23 +159,19 @@ class GAU(GatedAttentionUnit):
 
 @dataclass
 class ChunkState:
-    """FLASH's decoding state, constant in t: each row's next position, Σ k_lin ⊗ v over its finished
-    chunks (and their token count), and its unfinished chunk's k_quad, k_lin, v and positions (C slots,
-    right-aligned; ``chunk_real`` marks the ones in use)."""
+    """FLASH's decoding state, constant in t: the op's ``MixedChunkState`` (each row's next position,
+    Σ k_lin ⊗ v over its finished chunks, its unfinished chunk), once a token has been fed."""
 
     batch_size: int
-    positions: torch.Tensor | None = None  # (B,) long
-    linear_state: torch.Tensor | None = None  # (B, s, e)
-    linear_count: torch.Tensor | None = None  # (B,)
-    chunk_keys: torch.Tensor | None = None  # (B, C, s)
-    chunk_linear_keys: torch.Tensor | None = None  # (B, C, s)
-    chunk_values: torch.Tensor | None = None  # (B, C, e)
-    chunk_positions: torch.Tensor | None = None  # (B, C)
-    chunk_real: torch.Tensor | None = None  # (B, C)
+    capacity: int | None = None  # the most positions it may be fed, padding included
+    fed: int = 0
+    inner: MixedChunkState | None = None
 
     def nbytes(self) -> int:
-        tensors = (self.linear_state, self.chunk_keys, self.chunk_linear_keys, self.chunk_values)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        if self.inner is None:
+            return 0
+        tensors = (self.inner.linear_state, self.inner.keys, self.inner.linear_keys, self.inner.values)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @register_mixer(
@@ -231,60 +230,25 @@ class FLASH(GatedAttentionUnit):
         )
         return self.output(u, attended)
 
-    def init_state(self, batch_size: int) -> ChunkState:
-        return ChunkState(check_positive_int("batch_size", batch_size))
+    def new_state(self, batch_size: int, capacity: int | None = None) -> ChunkState:
+        """An empty state: constant in size; ``capacity`` only bounds what it may be fed."""
+        capacity = check_positive_int("capacity", capacity, allow_none=True)
+        return ChunkState(check_positive_int("batch_size", batch_size), capacity)
 
     def advance(self, x: torch.Tensor, state: ChunkState, chunk: Compacted) -> torch.Tensor:
         if x.shape[0] != state.batch_size:
             raise InvalidValueError(
                 f"state was made for batch_size={state.batch_size}, got a batch of {x.shape[0]}"
             )
-        batch, length, size = x.shape[0], x.shape[1], self.chunk_size
-        if state.positions is None:
-            state.positions = torch.zeros(batch, dtype=torch.long, device=x.device)
-        positions = state.positions
+        state.fed = check_capacity(state.capacity, state.fed, x.shape[1])
+        positions = (
+            state.inner.positions
+            if state.inner is not None
+            else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        )
         u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, positions)
-        first = state.chunk_keys is None
-        if first:  # a first chunk is the forward op (its padding comes last)
-            attended = mixed_chunk_attention(
-                q_quad, k_quad, q_lin, k_lin, v, chunk_size=size, causal=True, attention_mask=chunk.valid
-            )
-            state.chunk_keys = k_quad.new_zeros(batch, size, self.qk_dim)
-            state.chunk_linear_keys = k_lin.new_zeros(batch, size, self.qk_dim)
-            state.chunk_values = v.new_zeros(batch, size, self.expanded)
-            state.chunk_positions = positions.new_zeros(batch, size)
-            state.chunk_real = torch.zeros(batch, size, dtype=torch.bool, device=x.device)
-            state.linear_state = v.new_zeros(batch, self.qk_dim, self.expanded)
-            state.linear_count = positions.new_zeros(batch)
-        query_positions = positions[:, None] + torch.arange(length, device=x.device)
-        keys = torch.cat((state.chunk_keys.to(k_quad.dtype), k_quad), 1)
-        linear_keys = torch.cat((state.chunk_linear_keys.to(k_lin.dtype), k_lin), 1)
-        values = torch.cat((state.chunk_values.to(v.dtype), v), 1)
-        key_positions = torch.cat((state.chunk_positions, query_positions), 1)
-        valid = chunk.valid
-        if valid is None:
-            valid = torch.ones(batch, length, dtype=torch.bool, device=x.device)
-        real = torch.cat((state.chunk_real, valid), 1)
-        if not first:
-            attended = mixed_chunk_attention_step(
-                q_quad, keys, q_lin, linear_keys, values,
-                positions=query_positions, key_positions=key_positions, key_mask=real,
-                linear_state=state.linear_state, linear_count=state.linear_count, chunk_size=size,
-            )  # fmt: skip
-        # Tokens of chunks now finished join the linear state; the rest are the new unfinished chunk.
-        current = ((positions + chunk.counts) // size)[:, None]
-        finished = real & (key_positions // size < current)
-        if bool(finished.any()):  # most single-token steps finish no chunk: skip the O(C·s·e) sum
-            weighted = linear_keys * finished.to(values.dtype)[..., None]
-            state.linear_state = state.linear_state + torch.einsum("bls,ble->bse", weighted, values)
-            state.linear_count = state.linear_count + finished.sum(1)
-        unfinished = real & (key_positions // size == current)
-        (
-            state.chunk_keys,
-            state.chunk_linear_keys,
-            state.chunk_values,
-            state.chunk_positions,
-            state.chunk_real,
-        ) = (last_real(t, chunk, size) for t in (keys, linear_keys, values, key_positions, unfinished))
-        state.positions = positions + chunk.counts
+        attended, state.inner = mixed_chunk_attention(
+            q_quad, k_quad, q_lin, k_lin, v, chunk_size=self.chunk_size, causal=True,
+            attention_mask=chunk.valid, initial_state=state.inner, output_final_state=True,
+        )  # fmt: skip
         return self.output(u, attended.to(u.dtype))

@@ -18,6 +18,7 @@ from ..functional._checks import (
     check_real,
 )
 from ..mixers import create_mixer, mixer_info
+from ..mixers.cache import check_capacity
 
 POSITIONS = ("learned", "rope", "none")
 
@@ -59,6 +60,8 @@ class BackboneState:
 
     layers: list[Any]
     positions: torch.Tensor | None = None  # (B,) long: each row's count of real tokens so far
+    capacity: int | None = None  # the most positions it may be fed, padding included
+    fed: int = 0
 
 
 def _per_layer(value: Any, depth: int, name: str) -> list[Any]:
@@ -146,10 +149,12 @@ class Backbone(nn.Module):
             x = block(x, attention_mask)
         return self.norm(x)
 
-    def init_state(self, batch_size: int) -> BackboneState:
+    def init_state(self, batch_size: int, capacity: int | None = None) -> BackboneState:
+        """Every layer's empty state; ``capacity`` as in ``Mixer.init_state`` (fixed shapes)."""
         if not self.causal:
             raise UnavailableError("decoding needs a causal model (causal=True)")
-        return BackboneState([block.mixer.init_state(batch_size) for block in self.blocks])
+        layers = [block.mixer.init_state(batch_size, capacity) for block in self.blocks]
+        return BackboneState(layers, capacity=capacity)
 
     def step(
         self, x: torch.Tensor, state: BackboneState, attention_mask: torch.Tensor | None = None
@@ -171,13 +176,15 @@ class Backbone(nn.Module):
             state.positions = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         real = torch.ones(x.shape[:2], dtype=torch.long, device=x.device) if mask is None else mask.long()
         positions = state.positions[:, None] + real.cumsum(1) - 1  # (B, T): padding gets its neighbour's
+        state.fed = check_capacity(state.capacity, state.fed, x.shape[1])
         if self.position_embedding is not None:
-            end = int((state.positions + real.sum(1)).max())
-            if end > self.max_len:
-                raise InvalidValueError(
-                    f"sequence of length {end} is longer than the learned position table "
-                    f"(max_len={self.max_len})"
-                )
+            if state.capacity is None or state.capacity > self.max_len:  # else it cannot run past
+                end = int((state.positions + real.sum(1)).max())  # (a host sync)
+                if end > self.max_len:
+                    raise InvalidValueError(
+                        f"sequence of length {end} is longer than the learned position table "
+                        f"(max_len={self.max_len})"
+                    )
             x = x + self.position_embedding(positions.clamp_min(0))
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):

@@ -22,7 +22,9 @@ def _check_tokens(
         )
     if tokens.dim() != ndim:
         raise InvalidValueError(f"tokens must have shape {layout}, got {tuple(tokens.shape)}")
-    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    # A value check is a host sync; a compiled graph skips it (the embedding lookup still checks).
+    checked = tokens.numel() and not torch.compiler.is_compiling()
+    if checked and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise InvalidValueError(
             f"tokens must lie in [0, vocab_size={vocab_size}), got values in [{tokens.min()}, {tokens.max()}]"
         )
@@ -65,8 +67,11 @@ class LanguageModel(nn.Module):
         tokens = _check_tokens(tokens, self.vocab_size)
         return self.head(self.backbone(self.embedding(tokens), attention_mask))
 
-    def init_state(self, batch_size: int) -> BackboneState:
-        return self.backbone.init_state(check_positive_int("batch_size", batch_size))
+    def init_state(self, batch_size: int, capacity: int | None = None) -> BackboneState:
+        """An empty decoding state. ``capacity``: the most positions (padding included) it will be fed,
+        for a state whose tensors keep their shapes from step to step, so that
+        ``torch.compile(model.step)`` compiles once rather than per token; None lets KV caches grow."""
+        return self.backbone.init_state(check_positive_int("batch_size", batch_size), capacity)
 
     def step(
         self, tokens: torch.Tensor, state: BackboneState, attention_mask: torch.Tensor | None = None

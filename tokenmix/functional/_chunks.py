@@ -1,4 +1,4 @@
-"""Feeding a decoding state a chunk of tokens in one call (docs/spec.md §7).
+"""Feeding a recurrent state a chunk of tokens in one call (docs/spec.md §7): compaction.
 
 ``Mixer.step`` takes one token (B, dim) or a chunk (B, T, dim) with an optional (B, T) mask. A padded
 position must leave the state unchanged and positions must count each row's real tokens only, so the
