@@ -31,9 +31,7 @@ def build(mixer: str, seq_len: int) -> LanguageModel:
     torch.manual_seed(0)
     positioned = mixer in ("aft_full", "aft_local")  # their biases need a table as long as the sequence
     options = {"max_len": seq_len + 64} if positioned else None
-    return LanguageModel(
-        256, 128, depth=2, mixer=mixer, max_len=seq_len + 64, mixer_options=options
-    ).eval()
+    return LanguageModel(256, 128, depth=2, mixer=mixer, max_len=seq_len + 64, mixer_options=options).eval()
 
 
 @torch.no_grad()
