@@ -35,6 +35,7 @@ from ._checks import (
 )
 from ._chunks import compact, last_real
 from ._excluded import causal_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
+from ._varlen import call_packed
 
 __all__ = [
     "AFTWindowState",
@@ -158,6 +159,7 @@ def aft_simple(
     attention_mask: torch.Tensor | None = None,
     initial_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """AFT-simple: ``aft_full`` with w = 0, ``y_t = σ(q_t) ⊙ Σ softmax_{t'∈S(t)}(k)_{t'} ⊙ v_t'``, O(N·D).
 
@@ -171,10 +173,14 @@ def aft_simple(
         initial_state: causal only — the (max, numerator, denominator) (B, D) of the keys before this
             call, as a previous call's final state (default None: none).
         output_final_state: causal only — also return the state after this call (default False).
+        cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
+            segments of N are independent sequences, each as if called alone (docs/spec.md §8).
 
     Returns:
         (B, N, D) in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
+        return call_packed(aft_simple, locals(), q=1, k=1, v=1)
     if initial_state is not None or output_final_state:
         return _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output_final_state)
     mask = _check(q, k, v, attention_mask)
@@ -257,6 +263,7 @@ def aft_full(
     *,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AFT-full: ``y_t = σ(q_t) ⊙ Σ exp(k_t' + w_{t,t'}) ⊙ v_t' / Σ exp(k_t' + w_{t,t'})`` over t' ∈ S(t).
 
@@ -266,10 +273,14 @@ def aft_full(
     Args:
         q, k, v: (B, N, D). w: (N_max, N_max) pairwise position biases, N ≤ N_max; its top-left N×N
             block is used. causal: t sees t' ≤ t. attention_mask: (B, N), True/1 = real token.
+        cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
+            segments of N are independent sequences, each as if called alone (docs/spec.md §8).
 
     Returns:
         (B, N, D) in the inputs' dtype.
     """
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
+        return call_packed(aft_full, locals(), q=1, k=1, v=1)
     mask = _check(q, k, v, attention_mask)
     causal = check_flag("causal", causal)
     check_float_tensor("w", w, "(N_max, N_max)")
@@ -461,6 +472,7 @@ def aft_local(
     attention_mask: torch.Tensor | None = None,
     initial_state: AFTWindowState | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """AFT-local: ``aft_full`` with w'_{t,t'} = w_{t,t'} where |t − t'| < window and 0 elsewhere (not
     −inf: positions outside the window still count, with no bias).
@@ -476,10 +488,14 @@ def aft_local(
         output_final_state: causal only — also return the state after this call (default False).
             In this recurrent form (either argument given), a padded position leaves the state unchanged
             and positions count each row's real tokens only (docs/spec.md §7).
+        cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
+            segments of N are independent sequences, each as if called alone (docs/spec.md §8).
 
     Returns:
         (B, N, D) in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
+        return call_packed(aft_local, locals(), q=1, k=1, v=1)
     mask = _check(q, k, v, attention_mask, recurrent=initial_state is not None or output_final_state)
     causal = check_flag("causal", causal)
     check_float_tensor("w", w, "(N_max, N_max)")
@@ -519,10 +535,14 @@ def aft_local_lowrank(
     attention_mask: torch.Tensor | None = None,
     initial_state: AFTWindowState | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """``aft_local`` with the paper's factorised biases w = w_u w_vᵀ, given as w_u, w_v: (N_max, d'):
     only the band's entries u_t·v_t' are formed, O(N·window·d'), never the N×N table. ``initial_state``
-    and ``output_final_state`` as for ``aft_local``."""
+    and ``output_final_state`` as for ``aft_local``. ``cu_seqlens``: packed segments, as for the
+    other ops (docs/spec.md §8)."""
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
+        return call_packed(aft_local_lowrank, locals(), q=1, k=1, v=1)
     mask = _check(q, k, v, attention_mask, recurrent=initial_state is not None or output_final_state)
     causal = check_flag("causal", causal)
     check_float_tensor("w_u", w_u, "(N_max, rank)")
@@ -625,6 +645,7 @@ def aft_conv(
     attention_mask: torch.Tensor | None = None,
     initial_state: AFTWindowState | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """AFT-conv: per head h, ``aft_full`` over the head's channels with k_t broadcast across them and
     w_{t,t'} = w[h, t' − t + P] inside the kernel's window, 0 outside (P = K // 2 centred, K odd; or
@@ -640,10 +661,14 @@ def aft_conv(
         output_final_state: causal 1-D only — also return the state after this call (default False).
             In this recurrent form (either argument given), a padded position leaves the state unchanged
             and positions count each row's real tokens only (docs/spec.md §7).
+        cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
+            segments of N are independent sequences, each as if called alone (docs/spec.md §8).
 
     Returns:
         q's shape, in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
+        return call_packed(aft_conv, locals(), q=1, k=1, v=1)
     if isinstance(q, torch.Tensor) and q.dim() == 5:
         if initial_state is not None or output_final_state:
             raise InvalidValueError("initial_state and output_final_state need the causal 1-D form")

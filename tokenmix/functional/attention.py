@@ -26,6 +26,7 @@ from ._checks import (
     empty_output,
 )
 from ._excluded import causal_finite, finite_at_padding, real_only, reinstate
+from ._varlen import call_packed
 
 __all__ = [
     "ACTIVATIONS",
@@ -74,6 +75,7 @@ def softmax_attention(
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention, ``out = softmax(scale · q kᵀ + mask) v``, through PyTorch SDPA.
 
@@ -83,10 +85,14 @@ def softmax_attention(
         attention_mask: (B, N), True/1 = real token; padded keys get zero weight. Rows of padded queries
             are unspecified but finite (they are allowed every key, so no row is ever empty).
         scale: defaults to Dk^-1/2.
+        cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
+            segments of N are independent sequences, each as if called alone (docs/spec.md §8).
 
     Returns:
         (B, H, N, Dv), in the dtype of the inputs.
     """
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
+        return call_packed(softmax_attention, locals(), q=2, k=2, v=2)
     sizes = _check_qkv(q, k, v)
     causal = check_flag("causal", causal)
     batch, seq_len = sizes["B"], sizes["N"]
@@ -349,6 +355,7 @@ def pointwise_attention(
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
     length: int | None = None,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pointwise attention: ``out_i = Σ_{j∈S(i)} φ(scale · q_i·k_j) · L_i^(−alpha) · v_j``.
 
@@ -368,10 +375,14 @@ def pointwise_attention(
         causal: position i sees keys j ≤ i.
         attention_mask: (B, N), True/1 = real token; padded keys are excluded from the sum (and from L_i).
         length: None for L_i = |S(i)|, or a fixed positive int.
+        cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
+            segments of N are independent sequences, each as if called alone (docs/spec.md §8).
 
     Returns:
         (B, H, N, Dv), in the dtype of the inputs.
     """
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
+        return call_packed(pointwise_attention, locals(), q=2, k=2, v=2)
     sizes = _check_qkv(q, k, v)
     causal = check_flag("causal", causal)
     activation, alpha, length = _check_pointwise_options(activation, alpha, length)

@@ -31,6 +31,7 @@ from ._checks import (
     empty_output,
 )
 from ._excluded import finite_part, real_only, reinstate, seen_in_window
+from ._varlen import call_packed
 
 __all__ = ["dynamic_conv", "lightconv"]
 
@@ -186,6 +187,7 @@ def lightconv(
     attention_mask: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lightweight convolution: ``y[b,t,c] = Σ_j W̃[h(c), j] · x[b, t+j−P, c]``, one kernel per head.
 
@@ -199,10 +201,14 @@ def lightconv(
             state (default None: zeros, the sequence's start).
         output_final_state: causal only — also return the last K − 1 inputs (B, K − 1, C), padding as 0
             (default False).
+        cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
+            segments of N are independent sequences, each as if called alone (docs/spec.md §8).
 
     Returns:
         (B, N, C) in x's dtype (half precision is computed in float32), or (that, final_state).
     """
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
+        return call_packed(lightconv, locals(), x=1)
     if initial_state is not None or output_final_state:
         return _from_state(
             "lightconv",
@@ -253,6 +259,7 @@ def dynamic_conv(
     attention_mask: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dynamic convolution: as ``lightconv`` but output position t has its own kernel weight[b, t].
 
@@ -260,10 +267,14 @@ def dynamic_conv(
         x: (B, N, C).
         weight: (B, N, H, K), H dividing C.
         causal, weight_softmax, attention_mask, initial_state, output_final_state: as for ``lightconv``.
+        cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
+            segments of N are independent sequences, each as if called alone (docs/spec.md §8).
 
     Returns:
         (B, N, C) in x's dtype, or (that, final_state).
     """
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
+        return call_packed(dynamic_conv, locals(), x=1, weight=1)
     check_float_tensor("x", x, "(B, N, C)")
     check_float_tensor("weight", weight, "(B, N, H, K)")
     check_dims({}, x=(x, "BN"), weight=(weight, "BN"))

@@ -25,6 +25,7 @@ from ._checks import (
 )
 from ._chunks import compact, last_real
 from ._excluded import finite_at_padding, finite_part, real_only, reinstate, seen_in_window
+from ._varlen import call_packed
 from .attention import pointwise_attention
 
 __all__ = ["MixedChunkState", "mixed_chunk_attention"]
@@ -63,6 +64,7 @@ def mixed_chunk_attention(
     attention_mask: torch.Tensor | None = None,
     initial_state: MixedChunkState | None = None,
     output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, MixedChunkState]:
     """FLASH's mixed-chunk attention, ``out_i = quad_i + lin_i``:
 
@@ -83,11 +85,15 @@ def mixed_chunk_attention(
         output_final_state: causal only — also return the state after this call (default False).
             In this recurrent form (either argument given), a padded position leaves the state unchanged
             and positions (hence chunks) count each row's real tokens only (docs/spec.md §7).
+        cu_seqlens: (segments + 1,) int64 cumulative segment lengths, batch size 1 (default None): the
+            segments of N are independent sequences, each as if called alone (docs/spec.md §8).
 
     Returns:
         (B, N, E) in the inputs' dtype, or (that, final_state) with ``output_final_state``; half-precision
         inputs are computed in float32.
     """
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
+        return call_packed(mixed_chunk_attention, locals(), q_quad=1, k_quad=1, q_lin=1, k_lin=1, v=1)
     names = ("q_quad", "k_quad", "q_lin", "k_lin")
     for name, tensor in zip(names, (q_quad, k_quad, q_lin, k_lin), strict=True):
         check_float_tensor(name, tensor, "(B, N, S)")

@@ -72,8 +72,7 @@ class AFTMixer(Mixer):
     def mix(self, q, k, v, attention_mask):
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x, attention_mask = self.check_input(x, attention_mask)
+    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         self._check_length(x.shape[1])
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         return self.dropout(self.to_out(self.mix(q, k, v, attention_mask)))

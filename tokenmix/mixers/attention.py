@@ -94,8 +94,7 @@ class MultiHeadAttention(Mixer):
             out = out * nn.functional.silu(self.to_gate(x))
         return self.dropout(self.to_out(out))
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x, attention_mask = self.check_input(x, attention_mask)
+    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         q, k, v = self._qkv(x, offset=0)
         return self._output(self.attend(q, k, v, attention_mask), x)
 

@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 from ..functional._checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
 from ..functional._chunks import Compacted, compact
+from ..functional._varlen import check_cu_seqlens, packed_call
 
 
 def pick_options(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -21,7 +22,7 @@ def pick_options(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, A
 
 
 class Mixer(nn.Module):
-    """A token mixer: ``forward(x, attention_mask=None)`` maps (B, N, dim) to (B, N, dim).
+    """A token mixer: ``forward(x, attention_mask=None, cu_seqlens=None)`` maps (B, N, dim) to (B, N, dim).
 
     Causal mixers also decode: ``state = init_state(batch_size)``, then ``y_t, state = step(x_t, state)``
     with x_t: (B, dim); stepping through a sequence reproduces the causal forward. States are updated in
@@ -43,6 +44,25 @@ class Mixer(nn.Module):
         if x.shape[-1] != self.dim:
             raise InvalidValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         return x, check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, N, dim) → (B, N, dim). ``attention_mask`` (B, N), True = real token. ``cu_seqlens``
+        (S + 1,) with B = 1: the packed segments are independent sequences, each as if fed alone
+        (docs/spec.md §8)."""
+        x, attention_mask = self.check_input(x, attention_mask)
+        if cu_seqlens is None:
+            return self.mix_sequence(x, attention_mask)
+        check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], attention_mask)
+        return packed_call(self.mix_sequence, [(x, 1)], cu_seqlens)
+
+    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The family's forward over a checked x (B, N, dim) and mask (B, N) or None."""
+        raise NotImplementedError
 
     def check_step_input(
         self, x: torch.Tensor, state: Any, attention_mask: torch.Tensor | None = None

@@ -90,8 +90,7 @@ class ConvolutionMixer(Mixer):
         kernel = self.kernel(u)
         return self.weight_dropout(kernel.softmax(-1) if self.weight_softmax else kernel)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x, attention_mask = self.check_input(x, attention_mask)
+    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         u = self.glu(self.to_input(x))
         return self.dropout(self.to_out(self.convolve(u, self._normalised_kernel(u), attention_mask)))
 

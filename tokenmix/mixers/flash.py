@@ -116,8 +116,7 @@ class GAU(GatedAttentionUnit):
             "length": self.length,
         }
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x, attention_mask = self.check_input(x, attention_mask)
+    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         u, v, (q, k) = self.project(x, 0)
         return self.output(u, self._attend(*self._heads(q, k, v), attention_mask)[:, 0])
 
@@ -215,8 +214,7 @@ class FLASH(GatedAttentionUnit):
             q_lin = torch.zeros_like(q_lin)  # lin_i = 0 · M_i / n_i
         return u, v, q_quad, k_quad, q_lin, k_lin
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x, attention_mask = self.check_input(x, attention_mask)
+    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, 0)
         attended = mixed_chunk_attention(
             q_quad,

@@ -14,9 +14,11 @@ from ..functional._checks import (
     check_attention_mask,
     check_choice,
     check_flag,
+    check_float_tensor,
     check_positive_int,
     check_real,
 )
+from ..functional._varlen import check_cu_seqlens, plan
 from ..mixers import create_mixer, mixer_info
 from ..mixers.cache import check_capacity
 
@@ -44,8 +46,13 @@ class Block(nn.Module):
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.ffn is None else x + self.ffn(self.ffn_norm(x))
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._ffn(x + self.mixer(self.mixer_norm(x), attention_mask))
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self._ffn(x + self.mixer(self.mixer_norm(x), attention_mask, cu_seqlens))
 
     def step(
         self, x: torch.Tensor, state: Any, attention_mask: torch.Tensor | None = None
@@ -133,20 +140,36 @@ class Backbone(nn.Module):
         if self.position_embedding is not None:
             nn.init.normal_(self.position_embedding.weight, std=0.02)
 
-    def _positions(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        end = start + x.shape[-2]
+    def _positions(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         if self.position_embedding is None:
             return x
+        if cu_seqlens is None:
+            end = x.shape[-2]
+        else:  # positions restart at every segment
+            packing = plan(cu_seqlens, x.device)
+            end = max(packing.lengths, default=0)
         if end > self.max_len:
             raise InvalidValueError(
                 f"sequence of length {end} is longer than the learned position table (max_len={self.max_len})"
             )
-        return x + self.position_embedding.weight[start:end]
+        if cu_seqlens is None:
+            return x + self.position_embedding.weight[:end]
+        return x + self.position_embedding(packing.positions())
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.dropout(self._positions(x, 0))
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, N, dim) → (B, N, dim). ``cu_seqlens`` (S + 1,) with B = 1: packed segments, each
+        computed as if alone (positions restart; docs/spec.md §8)."""
+        if cu_seqlens is not None:
+            check_float_tensor("x", x, "(B, N, dim)")
+            check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], attention_mask)
+        x = self.dropout(self._positions(x, cu_seqlens))
         for block in self.blocks:
-            x = block(x, attention_mask)
+            x = block(x, attention_mask, cu_seqlens)
         return self.norm(x)
 
     def init_state(self, batch_size: int, capacity: int | None = None) -> BackboneState:

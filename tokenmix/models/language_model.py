@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
 from ..functional._checks import check_attention_mask, check_positive_int, check_real
+from ..functional._varlen import plan
 from .backbone import Backbone, BackboneState
 
 
@@ -63,9 +64,16 @@ class LanguageModel(nn.Module):
         if tie_weights:
             self.head.weight = self.embedding.weight
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, N) → logits (B, N, vocab_size). ``cu_seqlens`` (S + 1,) with B = 1: packed
+        documents, each predicted as if alone (docs/spec.md §8)."""
         tokens = _check_tokens(tokens, self.vocab_size)
-        return self.head(self.backbone(self.embedding(tokens), attention_mask))
+        return self.head(self.backbone(self.embedding(tokens), attention_mask, cu_seqlens))
 
     def init_state(self, batch_size: int, capacity: int | None = None) -> BackboneState:
         """An empty decoding state. ``capacity``: the most positions (padding included) it will be fed,
@@ -173,8 +181,9 @@ def _sample(
 class SequenceClassifier(nn.Module):
     """Encoder classifier: embedding → Backbone → mean over real tokens → Linear(dim → num_classes).
 
-    ``forward(tokens (B, N), attention_mask=None)`` returns logits (B, num_classes). Bidirectional by
-    default; ``causal=True`` builds causal mixers.
+    ``forward(tokens (B, N), attention_mask=None)`` returns logits (B, num_classes); with ``cu_seqlens``
+    (S + 1,) and B = 1, the S packed sequences are classified each as if alone → (S, num_classes) (an
+    empty one pools to zeros). Bidirectional by default; ``causal=True`` builds causal mixers.
     """
 
     def __init__(
@@ -194,11 +203,22 @@ class SequenceClassifier(nn.Module):
         self.backbone = Backbone(dim, depth, mixer, causal=causal, **backbone_options)
         self.head = nn.Linear(dim, check_positive_int("num_classes", num_classes))
 
-    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         tokens = _check_tokens(tokens, self.vocab_size)
         mask = check_attention_mask(attention_mask, tokens.shape[0], tokens.shape[1], tokens.device)
-        hidden = self.backbone(self.embedding(tokens), mask)
-        return self.head(masked_mean(hidden, mask))
+        hidden = self.backbone(self.embedding(tokens), mask, cu_seqlens)
+        if cu_seqlens is None:
+            return self.head(masked_mean(hidden, mask))
+        packing = plan(cu_seqlens, tokens.device)  # mean over each segment's tokens
+        segments = len(packing.lengths)
+        sums = hidden.new_zeros(segments, hidden.shape[-1]).index_add(0, packing.segment_ids, hidden[0])
+        counts = torch.tensor(packing.lengths, device=hidden.device).clamp_min(1).to(hidden.dtype)
+        return self.head(sums / counts[:, None])
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

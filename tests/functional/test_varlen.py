@@ -1,0 +1,151 @@
+"""docs/spec.md §8 for every functional op: a packed call (cu_seqlens, B = 1) equals the op on each
+segment alone — outputs and every gradient, float64, causal and bidirectional, with one-token and empty
+segments — and malformed cu_seqlens is refused naming it."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from tests.reference import assert_close
+from tokenmix import functional as F
+
+CU_SEQLENS = [0, 1, 1, 5, 12, 12]  # one token, empty, 4, 7, empty
+N = CU_SEQLENS[-1]
+
+
+def randn(generator, *shape):
+    return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+
+def case(name: str, causal: bool, generator: torch.Generator):
+    """(op(*sequences, *parameters, cu_seqlens=None), sequences with the dim N is at, parameters)."""
+    if name in ("softmax_attention", "pointwise_attention"):
+        op = getattr(F, name)
+        options = {"activation": "relu2"} if name == "pointwise_attention" else {}
+        return (
+            lambda q, k, v, **kw: op(q, k, v, causal=causal, **options, **kw),
+            [(randn(generator, 1, 2, N, 3), 2) for _ in range(3)],
+            [],
+        )
+    if name == "mixed_chunk_attention":
+        return (
+            lambda *t, **kw: F.mixed_chunk_attention(*t, chunk_size=3, causal=causal, **kw),
+            [(randn(generator, 1, N, 3), 1) for _ in range(4)] + [(randn(generator, 1, N, 2), 1)],
+            [],
+        )
+    qkv = [(randn(generator, 1, N, 4), 1) for _ in range(3)]
+    if name == "aft_full":
+        return (
+            lambda q, k, v, w, **kw: F.aft_full(q, k, v, w, causal=causal, **kw),
+            qkv,
+            [randn(generator, N, N)],
+        )
+    if name == "aft_simple":
+        return (lambda q, k, v, **kw: F.aft_simple(q, k, v, causal=causal, **kw), qkv, [])
+    if name == "aft_local":
+        return (
+            lambda q, k, v, w, **kw: F.aft_local(q, k, v, w, window=2, causal=causal, **kw),
+            qkv,
+            [randn(generator, N, N)],
+        )
+    if name == "aft_local_lowrank":
+        return (
+            lambda q, k, v, u, w, **kw: F.aft_local_lowrank(q, k, v, u, w, window=2, causal=causal, **kw),
+            qkv,
+            [randn(generator, N, 2), randn(generator, N, 2)],
+        )
+    if name == "aft_conv":
+        return (
+            lambda q, k, v, w, **kw: F.aft_conv(q, k, v, w, causal=causal, **kw),
+            [
+                (randn(generator, 1, N, 2, 2), 1),
+                (randn(generator, 1, N, 2), 1),
+                (randn(generator, 1, N, 2, 2), 1),
+            ],
+            [randn(generator, 2, 3)],
+        )
+    if name == "lightconv":
+        return (
+            lambda x, w, **kw: F.lightconv(x, w, causal=causal, **kw),
+            [(randn(generator, 1, N, 4), 1)],
+            [randn(generator, 2, 3)],
+        )
+    if name == "dynamic_conv":
+        return (
+            lambda x, w, **kw: F.dynamic_conv(x, w, causal=causal, **kw),
+            [(randn(generator, 1, N, 4), 1), (randn(generator, 1, N, 2, 3), 1)],
+            [],
+        )
+    raise AssertionError(name)
+
+
+OPS = [
+    "softmax_attention",
+    "pointwise_attention",
+    "mixed_chunk_attention",
+    "aft_full",
+    "aft_simple",
+    "aft_local",
+    "aft_local_lowrank",
+    "aft_conv",
+    "lightconv",
+    "dynamic_conv",
+]
+
+
+def segment(tensor: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
+    return tensor.narrow(dim, start, end - start)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", OPS)
+def test_a_packed_call_equals_each_segment_alone(name, causal):
+    generator = torch.Generator().manual_seed(OPS.index(name) + 100 * causal)
+    op, sequences, parameters = case(name, causal, generator)
+    leaves = [t.requires_grad_() for t, _ in sequences] + [p.requires_grad_() for p in parameters]
+    packed = op(*leaves, cu_seqlens=torch.tensor(CU_SEQLENS))
+    out_dim = sequences[0][1]
+    grad = randn(generator, *packed.shape)
+    got = torch.autograd.grad(packed, leaves, grad)
+    expected = [torch.zeros_like(leaf) for leaf in leaves]
+    for start, end in itertools.pairwise(CU_SEQLENS):
+        if start == end:
+            continue
+        alone = op(*(segment(t, d, start, end) for t, d in sequences), *parameters)
+        assert_close(segment(packed, out_dim, start, end), alone, 1e-10, what=f"{name} [{start}, {end})")
+        parts = torch.autograd.grad(alone, leaves, segment(grad, out_dim, start, end), allow_unused=True)
+        for index, part in enumerate(parts):
+            if part is not None:
+                expected[index] = expected[index] + part
+    for index, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert_close(g, e, 1e-10, what=f"{name} gradient of input {index}")
+
+
+@pytest.mark.parametrize(
+    "cu_seqlens,match",
+    [
+        ([1, 12], "start at 0 and end at N=12"),
+        ([0, 11], "start at 0 and end at N=12"),
+        ([0, 8, 4, 12], "be non-decreasing"),
+    ],
+)
+def test_malformed_cu_seqlens_is_refused_naming_it(cu_seqlens, match):
+    q = torch.randn(1, N, 4)
+    with pytest.raises(ValueError, match=f"cu_seqlens must {match}"):
+        F.aft_simple(q, q, q, cu_seqlens=torch.tensor(cu_seqlens))
+
+
+def test_cu_seqlens_needs_batch_one_no_mask_and_an_int_tensor():
+    q = torch.randn(2, N, 4)
+    cu = torch.tensor([0, 5, 12])
+    with pytest.raises(ValueError, match=r"cu_seqlens .* batch size must be 1, got 2"):
+        F.softmax_attention(q[:, None], q[:, None], q[:, None], cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens and attention_mask together"):
+        F.lightconv(q[:1], torch.randn(2, 3), attention_mask=torch.ones(1, N), cu_seqlens=cu)
+    with pytest.raises(TypeError, match="cu_seqlens must be an int64/int32 tensor"):
+        F.aft_simple(q[:1], q[:1], q[:1], cu_seqlens=[0, 12])
+    with pytest.raises(ValueError, match="cu_seqlens with initial_state"):
+        F.aft_simple(q[:1], q[:1], q[:1], causal=True, cu_seqlens=cu, output_final_state=True)

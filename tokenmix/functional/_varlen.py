@@ -1,0 +1,170 @@
+"""Packed variable-length sequences (docs/spec.md §8): ``cu_seqlens`` (S + 1,) marks S independent
+segments [cu_seqlens[i], cu_seqlens[i+1]) of one packed row (B = 1).
+
+The reference paths compute a packed call as the same call on the segments themselves: segments of
+similar length are gathered into a few right-padded batches (lengths up to a power of two apart, so at
+most about twice the real tokens are computed, and quadratic ops cost at most about 4 × Σ ℓ², never N²),
+the op runs on each batch with the padding masked, and the outputs are put back where the tokens came
+from. Every position-dependent term (positions, RoPE, AFT's w, convolution taps, FLASH's chunks) thereby
+restarts at each segment's start and nothing crosses a boundary.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import InvalidTypeError, InvalidValueError
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Segments of similar length as one right-padded batch: ``index`` (S_b, L_b) positions in the
+    packed row (padding points at the segment's first token), ``mask`` (S_b, L_b) True = real,
+    ``segments`` (S_b,) which segments they are."""
+
+    index: torch.Tensor
+    mask: torch.Tensor
+    segments: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Packing:
+    total: int  # N
+    lengths: tuple[int, ...]  # ℓ_i, S entries
+    buckets: tuple[Bucket, ...]
+    real_index: torch.Tensor  # (R,) packed positions of the buckets' real entries, in bucket order
+
+    @property
+    def segment_ids(self) -> torch.Tensor:
+        """(N,) the segment of every packed position."""
+        lengths = torch.tensor(self.lengths, device=self.real_index.device)
+        return torch.repeat_interleave(torch.arange(len(self.lengths), device=lengths.device), lengths)
+
+    def positions(self) -> torch.Tensor:
+        """(N,) each position's offset from its segment's start."""
+        lengths = torch.tensor(self.lengths, device=self.real_index.device)
+        starts = torch.cumsum(lengths, 0) - lengths
+        return torch.arange(self.total, device=lengths.device) - starts.repeat_interleave(lengths)
+
+
+def check_cu_seqlens(
+    cu_seqlens: object, batch: int, seq_len: int, attention_mask: object = None
+) -> torch.Tensor:
+    """Validate cu_seqlens for a (B, N, …) input: an int tensor (S + 1,), 0 first, N last, non-decreasing,
+    B = 1, no attention_mask beside it."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int64, torch.int32):
+        raise InvalidTypeError(
+            "cu_seqlens must be an int64/int32 tensor (S + 1,), got "
+            f"{getattr(cu_seqlens, 'dtype', cu_seqlens)!r}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0:
+        raise InvalidValueError(f"cu_seqlens must have shape (S + 1,), got {tuple(cu_seqlens.shape)}")
+    if batch != 1:
+        raise InvalidValueError(
+            f"cu_seqlens packs segments along N of a single row: batch size must be 1, got {batch}"
+        )
+    if attention_mask is not None:
+        raise InvalidValueError(
+            "cu_seqlens and attention_mask together: packed segments have no padding, pass one of them"
+        )
+    values = cu_seqlens.tolist()
+    if values[0] != 0 or values[-1] != seq_len:
+        raise InvalidValueError(
+            f"cu_seqlens must start at 0 and end at N={seq_len}, got {values[0]} … {values[-1]}"
+        )
+    if any(b < a for a, b in itertools.pairwise(values)):
+        raise InvalidValueError(f"cu_seqlens must be non-decreasing, got {values}")
+    return cu_seqlens
+
+
+def plan(cu_seqlens: torch.Tensor, device: torch.device) -> Packing:
+    """The buckets of a checked ``cu_seqlens`` (one host read of its values)."""
+    bounds = [int(b) for b in cu_seqlens.tolist()]
+    lengths = tuple(b - a for a, b in itertools.pairwise(bounds))
+    groups: dict[int, list[int]] = {}
+    for segment, length in enumerate(lengths):
+        if length:  # an empty segment has no output to compute
+            groups.setdefault((length - 1).bit_length(), []).append(segment)
+    buckets, real = [], []
+    for key in sorted(groups):
+        members = groups[key]
+        width = max(lengths[s] for s in members)
+        starts = torch.tensor([bounds[s] for s in members], device=device)
+        sizes = torch.tensor([lengths[s] for s in members], device=device)
+        steps = torch.arange(width, device=device)
+        mask = steps[None, :] < sizes[:, None]
+        index = starts[:, None] + torch.where(mask, steps[None, :], torch.zeros_like(steps)[None, :])
+        buckets.append(Bucket(index, mask, torch.tensor(members, device=device)))
+        real.append(index[mask])
+    real_index = torch.cat(real) if real else torch.zeros(0, dtype=torch.long, device=device)
+    return Packing(bounds[-1], lengths, tuple(buckets), real_index)
+
+
+def unpack(x: torch.Tensor, bucket: Bucket, dim: int = 1) -> torch.Tensor:
+    """(1, …, N at ``dim``, …) → (S_b, …, L_b at ``dim``, …): the bucket's segments as a batch."""
+    flat = x.squeeze(0).index_select(dim - 1, bucket.index.flatten())
+    return flat.unflatten(dim - 1, tuple(bucket.index.shape)).movedim(dim - 1, 0)
+
+
+def pack(outputs: Sequence[torch.Tensor], packing: Packing, dim: int = 1) -> torch.Tensor:
+    """Per-bucket outputs (S_b, …, L_b at ``dim``, …) → (1, …, N at ``dim``, …)."""
+    pieces = []
+    for y, bucket in zip(outputs, packing.buckets, strict=True):
+        y = y.movedim(0, dim - 1).flatten(dim - 1, dim)  # (…, S_b·L_b, …)
+        pieces.append(y.index_select(dim - 1, bucket.mask.flatten().nonzero().squeeze(1)))
+    real = torch.cat(pieces, dim - 1)
+    shape = list(real.shape)
+    shape[dim - 1] = packing.total
+    return real.new_zeros(shape).index_copy(dim - 1, packing.real_index, real).unsqueeze(0)
+
+
+def packed_call(
+    fn: Callable[..., torch.Tensor],
+    inputs: Sequence[tuple[torch.Tensor, int]],
+    cu_seqlens: torch.Tensor,
+    out_dim: int = 1,
+) -> torch.Tensor:
+    """``fn(*segments, mask)`` on each bucket's segments as a right-padded batch (mask (S_b, L_b), True =
+    real), the outputs packed back. ``inputs``: (tensor (1, …), the dim N is at). Segments cover N, so
+    every output position is some segment's."""
+    packing = plan(cu_seqlens, inputs[0][0].device)
+    if not packing.buckets:  # N = 0: the call on the (empty) row itself
+        return fn(*(t for t, _ in inputs), None)
+    outputs = [fn(*(unpack(t, bucket, dim) for t, dim in inputs), bucket.mask) for bucket in packing.buckets]
+    return pack(outputs, packing, out_dim)
+
+
+def call_packed(op: Callable[..., torch.Tensor], arguments: dict[str, Any], **dims: int) -> torch.Tensor:
+    """``op(**arguments)`` with ``arguments["cu_seqlens"]``: the inputs named in ``dims`` (name → the dim
+    N is at) are split into their segments, the op runs on those as right-padded batches, and its output
+    (N at the first input's dim) is packed back. For a functional op's first line:
+    ``if cu_seqlens is not None: return call_packed(op, locals(), q=2, k=2, v=2)``."""
+    arguments = dict(arguments)
+    cu_seqlens = arguments.pop("cu_seqlens")
+    names = list(dims)
+    inputs = [arguments[name] for name in names]
+    if not all(isinstance(t, torch.Tensor) and t.dim() > dims[n] for n, t in zip(names, inputs, strict=True)):
+        return op(**arguments)  # the op's own check names what is wrong
+    first = inputs[0]
+    check_cu_seqlens(cu_seqlens, first.shape[0], first.shape[dims[names[0]]], arguments.get("attention_mask"))
+    if arguments.get("initial_state") is not None or arguments.get("output_final_state"):
+        raise InvalidValueError(
+            "cu_seqlens with initial_state / output_final_state: a packed call has one state per segment; "
+            "continue each sequence on its own"
+        )
+    for name, tensor in zip(names, inputs, strict=True):
+        if tensor.shape[0] != 1 or tensor.shape[dims[name]] != first.shape[dims[names[0]]]:
+            return op(**arguments)  # mismatched sizes: the op's own check names them
+
+    def on_segments(*segments: torch.Tensor) -> torch.Tensor:
+        *tensors, mask = segments
+        return op(**{**arguments, **dict(zip(names, tensors, strict=True)), "attention_mask": mask})
+
+    return packed_call(
+        on_segments, [(t, dims[n]) for n, t in zip(names, inputs, strict=True)], cu_seqlens, dims[names[0]]
+    )
