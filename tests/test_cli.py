@@ -200,6 +200,8 @@ def test_bad_input_is_one_line_and_exit_2_never_a_traceback(tmp_path, capsys):
     not_gzip.write_text("plain text, not gzip " * 20)
     a_file = tmp_path / "file"
     a_file.write_text("a file")
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"body": "no text field"}\n')
     new = str(tmp_path / "new")
     cases = [
         (["train", *SMALL, "--data", str(not_gzip), "--out", new], "not a complete gzip file"),
@@ -218,6 +220,9 @@ def test_bad_input_is_one_line_and_exit_2_never_a_traceback(tmp_path, capsys):
         (["bench", "--repeats", "0"], "repeats must be positive"),
         (["bench", "--mixers", "aft_local", "--mixer-opt", "window=-1"], "window must be positive"),
         (["compare", "--steps", "0", "--out", new], "steps must be positive"),
+        (["train", *SMALL, "--task", "mqar", "--pack", "--out", new], "pack applies to the charlm task"),
+        (["train", *SMALL, "--pack", "--data", str(bad_jsonl), "--out", new], "line 1 has no string field"),
+        (["train", *SMALL, "--pack", "--data", str(tmp_path / "none.jsonl"), "--out", new], "does not exist"),
     ]
     if not torch.cuda.is_available():
         cases += [

@@ -156,7 +156,7 @@ def _train(args: argparse.Namespace) -> int:
         values["eval_batches"] = (
             None if args.eval_batches == "all" else _lengths("--eval-batches", args.eval_batches)[0]
         )
-    values.update(ffn=not args.no_ffn, compile=args.compile, resume=args.resume)
+    values.update(ffn=not args.no_ffn, compile=args.compile, resume=args.resume, pack=args.pack)
     records = train(TrainConfig.from_dict(values))
     if records and os.environ.get("RANK", "0") == "0":  # one summary line under torchrun
         print(json.dumps(records[-1]))
@@ -248,6 +248,11 @@ def _add_training_commands(commands) -> None:
     train_parser.add_argument("--eval-batches", help="validation batches per evaluation, or 'all'")
     train_parser.add_argument("--no-ffn", action="store_true", help="blocks without a feed-forward layer")
     train_parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    train_parser.add_argument(
+        "--pack",
+        action="store_true",
+        help="charlm: fill each sequence with whole documents (long ones split), attention kept inside each",
+    )
     train_parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     train_parser.set_defaults(run=_train)
     eval_parser = commands.add_parser("eval", help="metrics of a trained run on its test split")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tokenmix.training import train
 from tokenmix.training.checkpoint import read_json_lines
 
@@ -29,9 +31,10 @@ def torchrun(tmp_path, out, *extra: str) -> subprocess.CompletedProcess:
     return result
 
 
-def test_two_processes_equal_one(tmp_path):
-    one = train(dict(DDP, out=str(tmp_path / "one")))
-    result = torchrun(tmp_path, tmp_path / "two")
+@pytest.mark.parametrize("pack", [False, True])
+def test_two_processes_equal_one(tmp_path, pack):
+    one = train(dict(DDP, pack=pack, out=str(tmp_path / "one")))
+    result = torchrun(tmp_path, tmp_path / "two", *(["--pack"] if pack else []))
     assert result.stdout.count('"step": 12') == 1  # only rank 0 reports
     two = read_json_lines(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in two] == [r["step"] for r in one]

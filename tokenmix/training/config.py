@@ -32,7 +32,8 @@ class TrainConfig:
     micro-batches); ``steps`` counts optimiser steps."""
 
     task: str = "charlm"
-    data: str | None = None  # charlm: a text/byte file (default: embedded corpus); image-*: see load_images
+    data: str | None = None  # charlm: a file, a directory of files or a JSONL file; image-*: load_images
+    pack: bool = False  # charlm: whole documents packed into each sequence, with cu_seqlens
     mixer: str = "softmax"
     mixer_options: dict[str, Any] = field(default_factory=dict)
     dim: int = 128
@@ -87,6 +88,10 @@ class TrainConfig:
             raise InvalidValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.progress not in ("auto", "bar", "log"):
             raise InvalidValueError(f"progress must be auto, bar or log, got {self.progress!r}")
+        if not isinstance(self.pack, bool):
+            raise InvalidTypeError(f"pack must be True or False, got {self.pack!r}")
+        if self.pack and self.task != "charlm":
+            raise InvalidValueError(f"pack applies to the charlm task (documents of text), not {self.task!r}")
         if not isinstance(self.mixer_options, dict):
             raise InvalidTypeError(f"mixer_options must be a dict, got {type(self.mixer_options).__name__}")
 

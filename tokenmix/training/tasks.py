@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..data.documents import (
+    join_documents,
+    load_documents,
+    packed_rows,
+    packed_stream,
+    pieces,
+    split_documents,
+)
 from ..data.images import ImageData, load_images
 from ..data.mqar import IGNORE, check_mqar, mqar_batch
 from ..data.text import VOCAB_SIZE, check_long_enough, load_corpus, random_windows, split
@@ -21,7 +30,8 @@ from ..mixers import mixer_info
 from ..models import LanguageModel, VisionTransformer
 from .config import TrainConfig
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+# (inputs, targets), or (inputs, targets, segments) with --pack: each position's document within its row.
+Batch = tuple[torch.Tensor, ...]
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -72,14 +82,28 @@ class Task:
 
 
 class CharLM(Task):
-    """Next-byte prediction on a text/byte file (default: the embedded corpus); metric bits per byte."""
+    """Next-byte prediction on text (default: the embedded corpus); metric bits per byte. Without
+    ``pack``, random windows of the byte stream (documents joined by a blank line); with it, rows of
+    whole documents with their segments (``tokenmix.data.documents``)."""
 
     metric = "val_bpc"
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
         self.sequence_length = config.seq_len
-        self.splits = split(load_corpus(config.data))
+        if config.pack:
+            splits = split_documents(load_documents(config.data))
+            self.pieces = {name: pieces(documents, config.seq_len) for name, documents in splits.items()}
+            for name, documents in splits.items():
+                if sum(len(d) for d in documents) < config.seq_len + 1:
+                    raise InvalidValueError(
+                        f"the {name} split has {sum(len(d) for d in documents)} bytes, too short for "
+                        f"seq_len={config.seq_len}; use a larger corpus or a shorter --seq-len"
+                    )
+            return
+        data = config.data
+        many = data is not None and (Path(data).is_dir() or ".jsonl" in Path(data).name)
+        self.splits = split(join_documents(load_documents(data)) if many else load_corpus(data))
         check_long_enough(self.splits, config.seq_len)
 
     def build_model(self) -> nn.Module:
@@ -87,15 +111,20 @@ class CharLM(Task):
 
     def train_batch(self, step: int) -> Batch:
         generator = step_generator(self.config.seed, step)
+        if self.config.pack:
+            return packed_rows(self.pieces["train"], self.config.seq_len, self.config.batch_size, generator)
         return random_windows(self.splits["train"], self.config.seq_len, self.config.batch_size, generator)
 
     def eval_batches(self, split_name: str, max_batches: int | None) -> list[Batch]:
+        if self.config.pack:  # the split's documents in order, packed row after row
+            rows = packed_stream(self.pieces[split_name], self.config.seq_len)
+            return _batches(*rows, batch_size=self.config.batch_size, limit=max_batches)
         # Non-overlapping windows from the start of the split.
         data, seq_len = self.splits[split_name], self.config.seq_len
         count = (len(data) - 1) // seq_len
         inputs = data[: count * seq_len].long().view(count, seq_len)
         targets = data[1 : count * seq_len + 1].long().view(count, seq_len)
-        return _batches(inputs, targets, self.config.batch_size, max_batches)
+        return _batches(inputs, targets, batch_size=self.config.batch_size, limit=max_batches)
 
     def metric_value(self, loss: float, accuracy: float) -> float:
         return loss / math.log(2)
@@ -123,7 +152,7 @@ class _ImageTask(Task):
         return inputs[index], targets[index]
 
     def eval_batches(self, split_name: str, max_batches: int | None) -> list[Batch]:
-        return _batches(*self._examples(split_name), self.config.batch_size, max_batches)
+        return _batches(*self._examples(split_name), batch_size=self.config.batch_size, limit=max_batches)
 
 
 class ImageClassification(_ImageTask):
@@ -219,16 +248,15 @@ class MQAR(Task):
         offset = {"val": 1, "test": 2}[split_name]
         count = self.config.batch_size * (max_batches or 16)
         inputs, targets = self._draw(count, step_generator(0, 2**31 + offset))
-        return _batches(inputs, targets, self.config.batch_size, max_batches)
+        return _batches(inputs, targets, batch_size=self.config.batch_size, limit=max_batches)
 
     def metric_value(self, loss: float, accuracy: float) -> float:
         return accuracy
 
 
-def _batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, limit: int | None) -> list[Batch]:
-    batches = [
-        (inputs[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, len(inputs), batch_size)
-    ]
+def _batches(*tensors: torch.Tensor, batch_size: int, limit: int | None) -> list[Batch]:
+    """Consecutive batches of rows of ``tensors`` (inputs, targets[, segments])."""
+    batches = [tuple(t[i : i + batch_size] for t in tensors) for i in range(0, len(tensors[0]), batch_size)]
     return batches if limit is None else batches[:limit]
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..data.documents import cu_seqlens_of
 from ..errors import DivergedError, InvalidValueError, RunDirectoryError, UnavailableError
 from .checkpoint import (
     LOCK,
@@ -74,6 +75,18 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, to
     return loss, counted.sum(), correct
 
 
+def forward_rows(
+    forward: Callable[..., torch.Tensor], inputs: torch.Tensor, segments: torch.Tensor | None
+) -> torch.Tensor:
+    """Logits (B, N, V) of rows (B, N); rows of packed documents (``segments`` (B, N): each position's
+    document within its row) run as one packed row with cu_seqlens, so no document sees another."""
+    if segments is None:
+        return forward(inputs)
+    rows, length = inputs.shape
+    logits = forward(inputs.reshape(1, rows * length), cu_seqlens=cu_seqlens_of(segments))
+    return logits.view(rows, length, -1)
+
+
 def lr_factor(step: int, config: TrainConfig) -> float:
     """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at ``steps``."""
     if step < config.warmup_steps:
@@ -109,11 +122,12 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for index, (inputs, targets) in enumerate(task.eval_batches(split_name, max_batches)):
+    for index, (inputs, targets, *segments) in enumerate(task.eval_batches(split_name, max_batches)):
         if index % world.size != world.rank:
             continue
+        segments = segments[0].to(device) if segments else None
         with _autocast(device):
-            logits = model(inputs.to(device))
+            logits = forward_rows(model, inputs.to(device), segments)
         totals += torch.stack(_loss(logits, targets.to(device))).double()
     model.train(was_training)
     loss_sum, count, correct = world.sum(totals).tolist()
@@ -257,9 +271,9 @@ class _Run:
         a configuration the model rejects fails here, before anything is written."""
         was_training = self.model.training
         self.model.eval()
-        inputs, _ = self.task.train_batch(0)
+        inputs, _, *segments = self.task.train_batch(0)
         with _autocast(self.device):
-            self.model(inputs[:1].to(self.device))
+            forward_rows(self.model, inputs[:1].to(self.device), segments[0][:1] if segments else None)
         self.model.train(was_training)
 
     def restore(self, checkpoint: Path) -> None:
@@ -309,9 +323,9 @@ class _Run:
     def train_step(self, forward: Callable[[torch.Tensor], torch.Tensor], trained: nn.Module) -> float:
         """One optimiser step over the global batch of ``self.step`` (this rank's rows, in micro-batches)."""
         config, world = self.config, self.world
-        inputs, targets = self.task.train_batch(self.step)
-        inputs = inputs[world.rank * self.rows : (world.rank + 1) * self.rows].to(self.device)
-        targets = targets[world.rank * self.rows : (world.rank + 1) * self.rows].to(self.device)
+        mine = slice(world.rank * self.rows, (world.rank + 1) * self.rows)
+        inputs, targets, *segments = (t[mine].to(self.device) for t in self.task.train_batch(self.step))
+        segments = segments[0] if segments else None
         micro = self.rows // config.grad_accum
         step_loss = torch.zeros((), device=self.device)
         for index in range(config.grad_accum):
@@ -320,7 +334,7 @@ class _Run:
             part = slice(index * micro, (index + 1) * micro)
             with sync:
                 with _autocast(self.device):
-                    logits = forward(inputs[part])
+                    logits = forward_rows(forward, inputs[part], None if segments is None else segments[part])
                 loss_sum, count, _ = _loss(logits, targets[part])
                 loss = loss_sum / count.clamp_min(1)
                 (loss / config.grad_accum).backward()
