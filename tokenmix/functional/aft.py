@@ -240,13 +240,14 @@ def _aft_simple(q, k, v, mask, causal: bool) -> torch.Tensor:
     carry_num = keys.new_zeros(batch, 1, keys.shape[-1])
     carry_den = keys.new_zeros(batch, 1, keys.shape[-1])
     nums, dens = [], []
-    for start in range(0, seq_len, _SCAN_CHUNK):
-        chunk = keys[:, start : start + _SCAN_CHUNK]
+    # split, not slices: a slice's backward writes into a zero tensor of the full (B, N, D) each time,
+    # which made the scan's backward quadratic in N.
+    for chunk, values in zip(keys.split(_SCAN_CHUNK, 1), v.split(_SCAN_CHUNK, 1), strict=True):
         new_max = torch.maximum(carry_max, chunk.amax(1, keepdim=True)).detach()  # a shift (see _finite)
         reference = _finite(new_max)
         weights = torch.exp(chunk - reference)
         rescale = torch.exp(carry_max - reference)  # ≤ 1; 0 while nothing was seen
-        num = torch.cumsum(weights * v[:, start : start + _SCAN_CHUNK], 1) + rescale * carry_num
+        num = torch.cumsum(weights * values, 1) + rescale * carry_num
         den = torch.cumsum(weights, 1) + rescale * carry_den
         nums.append(num)
         dens.append(den)
