@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import InputError, InvalidValueError
+from .errors import InputError, InvalidValueError, UnavailableError
 from .mixers import list_mixers, mixer_info
 
 
@@ -214,6 +214,17 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from .hf.export import export_run
+    except ImportError as error:
+        raise UnavailableError(
+            f"tokenmix export needs transformers 5 (Python ≥ 3.11): pip install 'tokenmix[hf]' ({error})"
+        ) from None
+    print(export_run(args.run_dir, args.out, weights=args.weights))
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .bench.compare import compare
 
@@ -277,6 +288,14 @@ def _add_training_commands(commands) -> None:
     generate_parser.add_argument("--weights", default="best", choices=["best", "last"])
     generate_parser.add_argument("--device", default="auto")
     generate_parser.set_defaults(run=_generate)
+    export_parser = commands.add_parser(
+        "export",
+        help="a charlm run as a Hugging Face directory (AutoModelForCausalLM after import tokenmix.hf)",
+    )
+    export_parser.add_argument("--run", dest="run_dir", required=True, help="run directory")
+    export_parser.add_argument("--out", required=True, help="a new directory to write")
+    export_parser.add_argument("--weights", default="best", choices=["best", "last"])
+    export_parser.set_defaults(run=_export)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,9 +22,12 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         if dim % 2:
             raise InvalidValueError(f"rotary embedding needs an even head dimension, got {dim}")
-        base = check_real("rope_base", base, positive=True)
-        inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim, self.base = dim, check_real("rope_base", base, positive=True)
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self) -> torch.Tensor:
+        """base^(−2i/d) for the d/2 pairs (float32): the buffer's value, for whoever must refill it."""
+        return self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim)
 
     def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
         """``offset``: the position of x's first entry, an int or one per batch row (B,) (each row of a
