@@ -313,3 +313,53 @@ def test_generate_streams_greedy_stops_at_eos_and_takes_top_p(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("Whale")
     assert_one_line_exit_2([*argv, "--eos", "ab"], "--eos", capsys)
     assert_one_line_exit_2([*argv, "--top-p", "1.5"], "top_p", capsys)
+
+
+def test_a_config_file_sets_the_run_and_flags_override_it(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        'mixer = "aft_local"\ndim = 16\ndepth = 1\nseq-len = 16\nbatch_size = 4\nsteps = 9\neval_every = 2\n'
+        'eval_batches = 1\nprogress = "log"\n[mixer_options]\nwindow = 3\n'
+    )
+    run = tmp_path / "run"
+    assert (
+        main(
+            ["train", "--config", str(toml), "--steps", "2", "--mixer-opt", "bias_rank=4", "--out", str(run)]
+        )
+        == 0
+    )
+    config = json.loads((run / "config.json").read_text())
+    assert config["mixer"] == "aft_local" and config["seq_len"] == 16 and config["steps"] == 2
+    assert config["mixer_options"] == {"window": 3, "bias_rank": 4}
+    as_json = tmp_path / "run.json"
+    as_json.write_text(json.dumps({key: value for key, value in config.items() if key != "out"}))
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(as_json), "--out", str(again)]) == 0
+    assert (again / "metrics.jsonl").read_text().count("\n") == (run / "metrics.jsonl").read_text().count(
+        "\n"
+    )
+    capsys.readouterr()
+    (tmp_path / "bad.toml").write_text("steps = [")
+    (tmp_path / "unknown.json").write_text('{"stpes": 3}')
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for argv, message in [
+        (["train", "--config", str(tmp_path / "bad.toml")], "could not be read"),
+        (["train", "--config", str(tmp_path / "unknown.json")], "unknown training option(s): stpes"),
+        (["train", "--config", str(tmp_path / "list.json")], "must hold a table of options"),
+        (["train", "--config", str(tmp_path / "missing.toml")], "does not exist"),
+        (["train", "--config", str(toml)[:-5] + ".yaml"], "does not exist"),
+    ]:
+        assert_one_line_exit_2([*argv, "--out", str(tmp_path / "never")], message, capsys)
+    assert not (tmp_path / "never").exists()
+
+
+def test_log_tensorboard_writes_the_metrics_as_events(tmp_path):
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--log", "tensorboard", "--out", str(run)]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    events = accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    for name in ("train_loss", "val_loss", "val_bpc", "lr", "tokens_per_s"):
+        logged = [(e.step, e.value) for e in events.Scalars(name)]
+        assert logged == [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in records], name

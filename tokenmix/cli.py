@@ -7,8 +7,10 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from .errors import InputError, InvalidValueError, UnavailableError
+from .errors import InputError, InvalidValueError, MissingFileError, UnavailableError
 from .mixers import list_mixers, mixer_info
 
 
@@ -143,20 +145,50 @@ _TRAIN_FLAGS = {
     "seed": (int, "seed of the initialisation and of the batches"),
     "device": (str, "auto | cpu | cuda"),
     "progress": (str, "auto | bar | log"),
+    "log": (str, "jsonl | tensorboard (also TensorBoard event files in the run directory)"),
     "out": (str, "run directory"),
 }
+
+
+def _config_file(path: str) -> dict[str, Any]:
+    """A run's options from a TOML or JSON file: the flags' names (``seq_len`` or ``seq-len``),
+    ``mixer_options`` as a table."""
+    file = Path(path)
+    if not file.is_file():
+        raise MissingFileError(f"--config {path!r} does not exist or is not a file")
+    try:
+        if file.suffix == ".toml":
+            import tomllib  # Python ≥ 3.11
+
+            values = tomllib.loads(file.read_text())
+        elif file.suffix == ".json":
+            values = json.loads(file.read_text())
+        else:
+            raise InvalidValueError(f"--config {path!r} must be a .toml or .json file")
+    except (ValueError, ModuleNotFoundError) as error:
+        if isinstance(error, InvalidValueError):
+            raise
+        raise InvalidValueError(f"--config {path!r} could not be read: {error}") from None
+    if not isinstance(values, dict):
+        raise InvalidValueError(
+            f"--config {path!r} must hold a table of options, got {type(values).__name__}"
+        )
+    return {str(key).replace("-", "_"): value for key, value in values.items()}
 
 
 def _train(args: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
-    values = {name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None}
-    values["mixer_options"] = _mixer_options(args.mixer_opt)
+    values = _config_file(args.config) if args.config else {}  # flags given on the line override it
+    values.update({name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None})
+    values["mixer_options"] = {**values.get("mixer_options", {}), **_mixer_options(args.mixer_opt)}
     if args.eval_batches is not None:
         values["eval_batches"] = (
             None if args.eval_batches == "all" else _lengths("--eval-batches", args.eval_batches)[0]
         )
-    values.update(ffn=not args.no_ffn, compile=args.compile, resume=args.resume, pack=args.pack)
+    if args.no_ffn:
+        values["ffn"] = False
+    values.update({flag: True for flag in ("compile", "resume", "pack") if getattr(args, flag)})
     records = train(TrainConfig.from_dict(values))
     if records and os.environ.get("RANK", "0") == "0":  # one summary line under torchrun
         print(json.dumps(records[-1]))
@@ -256,6 +288,7 @@ def _add_training_commands(commands) -> None:
     for name, (kind, help_text) in _TRAIN_FLAGS.items():
         train_parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)
     train_parser.add_argument("--mixer-opt", action="append", default=[], metavar="KEY=VALUE")
+    train_parser.add_argument("--config", help="a TOML or JSON file of these options (flags override it)")
     train_parser.add_argument("--eval-batches", help="validation batches per evaluation, or 'all'")
     train_parser.add_argument("--no-ffn", action="store_true", help="blocks without a feed-forward layer")
     train_parser.add_argument("--compile", action="store_true", help="torch.compile the model")

@@ -13,7 +13,7 @@ from ..errors import InvalidTypeError, InvalidValueError, MissingFileError
 
 TASKS = ("charlm", "image-cls", "image-ar", "mqar")
 # Fields that may change when a run is resumed: they do not change what the optimiser computes.
-RESUMABLE_CHANGES = frozenset({"out", "device", "compile", "resume", "progress"})
+RESUMABLE_CHANGES = frozenset({"out", "device", "compile", "resume", "progress", "log"})
 
 
 # Real-valued fields: the test each must pass (finite first: inf and nan fail) and what it expects.
@@ -59,6 +59,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     progress: str = "auto"  # "bar", "log" or "auto" (a bar on a terminal)
+    log: str = "jsonl"  # "tensorboard": also TensorBoard event files in out/tensorboard
     out: str = "runs/latest"
     resume: bool = False
 
@@ -88,6 +89,8 @@ class TrainConfig:
             raise InvalidValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.progress not in ("auto", "bar", "log"):
             raise InvalidValueError(f"progress must be auto, bar or log, got {self.progress!r}")
+        if self.log not in ("jsonl", "tensorboard"):
+            raise InvalidValueError(f"log must be jsonl or tensorboard, got {self.log!r}")
         if not isinstance(self.pack, bool):
             raise InvalidTypeError(f"pack must be True or False, got {self.pack!r}")
         if self.pack and self.task != "charlm":

@@ -38,7 +38,7 @@ from .config import TrainConfig
 from .distributed import World
 from .tasks import IGNORE, Task, create_task
 
-METRICS, CONFIG = "metrics.jsonl", "config.json"
+METRICS, CONFIG, TENSORBOARD = "metrics.jsonl", "config.json", "tensorboard"
 WEIGHTS, BEST_WEIGHTS = "model.safetensors", "model-best.safetensors"
 
 
@@ -264,6 +264,14 @@ class _Run:
         self.step, self.best_val_loss, self.window = 0, math.inf, [0.0, 0]
         self.rows = config.batch_size // world.size
         self.saved = False
+        self.events: Any = None  # TensorBoard's SummaryWriter with --log tensorboard
+        if config.log == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401  (checked before anything is written)
+            except ImportError:
+                raise UnavailableError(
+                    "--log tensorboard needs the tensorboard package: pip install 'tokenmix[tensorboard]'"
+                ) from None
 
     @torch.no_grad()
     def dry_run(self) -> None:
@@ -379,7 +387,19 @@ class _Run:
         self.window = [0.0, 0]
         if world.is_main:
             append_json_line(self.run_dir / METRICS, record)
+            if self.events is not None:
+                for name, value in record.items():
+                    if name != "step":
+                        self.events.add_scalar(name, value, self.step)
+                self.events.flush()
         return record
+
+    def open_events(self) -> None:
+        """TensorBoard's writer for ``--log tensorboard`` (rank 0), once the run directory is ours."""
+        if self.config.log == "tensorboard" and self.world.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.events = SummaryWriter(str(self.run_dir / TENSORBOARD))
 
 
 def _train(
@@ -397,6 +417,9 @@ def _train(
         if checkpoint is not None:
             run.restore(checkpoint)
         run.start_files(resumed=checkpoint is not None)
+        run.open_events()
+        if run.events is not None:
+            held.callback(run.events.close)
         world.barrier()
         _loop(run, on_step)
         world.barrier()
