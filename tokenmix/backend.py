@@ -58,14 +58,23 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def use_kernel(op: str, tensor: torch.Tensor, unsupported: str | None = None) -> bool:
+def use_kernel(
+    op: str, tensor: torch.Tensor, unsupported: str | None = None, *, atomics: bool = False
+) -> bool:
     """Whether ``op`` runs its Triton kernel for a call on ``tensor``'s device and dtype. ``unsupported``
     says why the kernel does not cover this call's options, or is None when it does. No kernel takes
-    float64."""
+    float64. ``atomics``: this call's backward kernel would add with atomics, whose order (so whose
+    rounding) varies from run to run — under ``torch.use_deterministic_algorithms(True)`` ``auto`` takes
+    the reference path instead and forced ``triton`` raises, as PyTorch does for its own such ops."""
     backend = get_backend()
     if backend == "reference":
         return False
     reason = unsupported
+    if reason is None and atomics and torch.are_deterministic_algorithms_enabled():
+        reason = (
+            "its backward adds with atomics (not bit-reproducible) and "
+            "torch.use_deterministic_algorithms(True) is set"
+        )
     if reason is None and tensor.dtype == torch.float64:
         reason = "float64 runs on the reference path only"
     if reason is None and not triton_installed():

@@ -71,6 +71,11 @@ def _check(
     return mask
 
 
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether a backward will run: the AFT kernels' backward adds with atomics (see ``use_kernel``)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _check_table(w: torch.Tensor, seq_len: int) -> None:
     if w.shape[0] != w.shape[1] or w.shape[0] < seq_len:
         raise InvalidValueError(
@@ -225,7 +230,7 @@ def _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output
 
 def _aft_simple(q, k, v, mask, causal: bool) -> torch.Tensor:
     """aft_simple on checked inputs (see there)."""
-    if use_kernel("aft_simple", q):
+    if use_kernel("aft_simple", q, atomics=_needs_grad(q, k, v)):
         from ..kernels.aft import aft_simple as kernel
 
         return kernel(q, k, v, mask, bool(causal))
@@ -302,7 +307,7 @@ def aft_full(
 def _aft_full(q, k, v, w, mask, causal: bool) -> torch.Tensor:
     """aft_full on checked inputs (see there)."""
     batch, seq_len, _ = q.shape
-    if use_kernel("aft_full", q):
+    if use_kernel("aft_full", q, atomics=_needs_grad(q, k, v, w)):
         from ..kernels.aft import aft_full as kernel
 
         return kernel(q, k, v, w, mask, bool(causal))
@@ -445,7 +450,7 @@ def _local(
         k, v, seen = causal_finite(k, v, 1, key_channels=True)
     columns, inside = _offsets(seq_len, window, causal, q.device)
     band = band_from(columns.clamp(0, seq_len - 1)).masked_fill(~inside, float("-inf"))
-    if use_kernel("aft_local", q):
+    if use_kernel("aft_local", q, atomics=_needs_grad(q, k, v, band)):
         from ..kernels.aft import aft_banded
 
         out = aft_banded(q, k, v, band[:, None], mask, window, bool(causal))
@@ -737,7 +742,7 @@ def _aft_conv(q, k, v, w, mask, causal: bool) -> torch.Tensor:
     batch, seq_len, heads, head_dim = q.shape
     kernel_size = w.shape[1]
     window = kernel_size if causal else kernel_size // 2 + 1
-    if use_kernel("aft_conv", q):
+    if use_kernel("aft_conv", q, atomics=_needs_grad(q, k, v, w)):
         from ..kernels.aft import aft_banded
 
         flat = (batch, seq_len, heads * head_dim)
