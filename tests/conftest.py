@@ -3,6 +3,11 @@ import os
 import torch
 from hypothesis import HealthCheck, settings
 
+if not torch.cuda.is_available():
+    # Before anything imports triton (transformers does, for one), which reads it at import; the
+    # kernels' own tests need it, and auto never interprets CPU tensors, so nothing else changes.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 settings.register_profile(
     "default",
     deadline=None,

@@ -55,18 +55,25 @@ def exp_difference(x, y):
 
 
 @triton.jit
+def slice_offset(index, rows, width):
+    """Where slice ``index`` of (rows, width) slices starts: the product in 64 bits, since for a tensor
+    of more than 2**31 elements it passes what an int32 holds (program ids and sizes are int32)."""
+    return index.to(tl.int64) * rows * width
+
+
+@triton.jit
 def load_rows(ptr, rows, columns, seq_len, width, stride, other):
     """x[rows, columns] of a row-major (seq_len, ≥ width) matrix with row ``stride``; ``other`` where a
     row falls outside [0, seq_len) or a column past ``width``."""
     inside = (rows[:, None] >= 0) & (rows[:, None] < seq_len) & (columns[None, :] < width)
-    return tl.load(ptr + rows[:, None] * stride + columns[None, :], inside, other)
+    return tl.load(ptr + rows[:, None].to(tl.int64) * stride + columns[None, :], inside, other)
 
 
 @triton.jit
 def store_rows(ptr, x, rows, columns, seq_len, width, stride):
     """The counterpart of load_rows: x cast to the pointer's dtype, rows and columns in range only."""
     inside = (rows[:, None] >= 0) & (rows[:, None] < seq_len) & (columns[None, :] < width)
-    tl.store(ptr + rows[:, None] * stride + columns[None, :], x.to(ptr.dtype.element_ty), inside)
+    tl.store(ptr + rows[:, None].to(tl.int64) * stride + columns[None, :], x.to(ptr.dtype.element_ty), inside)
 
 
 @triton.jit

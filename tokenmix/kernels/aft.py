@@ -20,7 +20,16 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
-from ._common import exp_difference, int8_mask, linear_combine, load_rows, logaddexp, row_of, store_rows
+from ._common import (
+    exp_difference,
+    int8_mask,
+    linear_combine,
+    load_rows,
+    logaddexp,
+    row_of,
+    slice_offset,
+    store_rows,
+)
 
 
 @triton.jit
@@ -37,7 +46,7 @@ def _store(ptr, x, rows, channels, seq_len, dim):
 def _add(ptr, x, rows, channels, seq_len, dim):
     """Adds x into a float32 (seq_len, dim) buffer, rows and channels in range only."""
     inside = (rows[:, None] >= 0) & (rows[:, None] < seq_len) & (channels[None, :] < dim)
-    tl.atomic_add(ptr + rows[:, None] * dim + channels[None, :], x, inside)
+    tl.atomic_add(ptr + rows[:, None].to(tl.int64) * dim + channels[None, :], x, inside)
 
 
 @triton.jit
@@ -94,11 +103,11 @@ def _scan_forward_kernel(
     batch = tl.program_id(1)
     head, channels = _channels(tl.program_id(0), dim, head_dim, BLOCK_D)
     key_columns = _key_columns(head, channels, dim, key_width, KEY_PER_HEAD)
-    offset = batch * seq_len * dim
+    offset = slice_offset(batch, seq_len, dim)
     q_ptr, v_ptr, out_ptr = q_ptr + offset, v_ptr + offset, out_ptr + offset
     lse_ptr, ratio_ptr = lse_ptr + offset, ratio_ptr + offset
-    k_ptr += batch * seq_len * key_width
-    mask_ptr += batch * seq_len
+    k_ptr += slice_offset(batch, seq_len, key_width)
+    mask_ptr += slice_offset(batch, seq_len, 1)
     local = tl.arange(0, BLOCK_T)
     carry_lse = tl.full((BLOCK_D,), float("-inf"), tl.float32)
     carry_ratio = tl.zeros((BLOCK_D,), tl.float32)
@@ -142,13 +151,13 @@ def _scan_backward_kernel(
     batch = tl.program_id(1)
     head, channels = _channels(tl.program_id(0), dim, head_dim, BLOCK_D)
     key_columns = _key_columns(head, channels, dim, key_width, KEY_PER_HEAD)
-    offset = batch * seq_len * dim
+    offset = slice_offset(batch, seq_len, dim)
     grad_ptr, q_ptr, v_ptr = grad_ptr + offset, q_ptr + offset, v_ptr + offset
     scan_lse_ptr, lse_ptr, ratio_ptr = scan_lse_ptr + offset, lse_ptr + offset, ratio_ptr + offset
     dq_ptr, dv_ptr = dq_ptr + offset, dv_ptr + offset
-    k_ptr += batch * seq_len * key_width
-    dk_ptr += batch * seq_len * key_width
-    mask_ptr += batch * seq_len
+    k_ptr += slice_offset(batch, seq_len, key_width)
+    dk_ptr += slice_offset(batch, seq_len, key_width)
+    mask_ptr += slice_offset(batch, seq_len, 1)
     local = tl.arange(0, BLOCK_T)
     carry_r = tl.zeros((BLOCK_D,), tl.float32)
     carry_q = tl.zeros((BLOCK_D,), tl.float32)
@@ -196,9 +205,9 @@ def _global_forward_kernel(
     """Bidirectional AFT-simple: one online log-sum-exp and r per channel, then σ(q) ⊙ r at every row."""
     batch = tl.program_id(1)
     _, channels = _channels(tl.program_id(0), dim, dim, BLOCK_D)
-    offset = batch * seq_len * dim
+    offset = slice_offset(batch, seq_len, dim)
     q_ptr, k_ptr, v_ptr, out_ptr = q_ptr + offset, k_ptr + offset, v_ptr + offset, out_ptr + offset
-    mask_ptr += batch * seq_len
+    mask_ptr += slice_offset(batch, seq_len, 1)
     local = tl.arange(0, BLOCK_T)
     top = tl.full((BLOCK_D,), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK_D,), tl.float32)
@@ -215,8 +224,8 @@ def _global_forward_kernel(
         top = new_top
     total = tl.where(channels < dim, total, 1.0)  # channels past dim: nothing to divide
     ratio = weighted / total
-    tl.store(lse_ptr + batch * dim + channels, top + tl.log(total), channels < dim)
-    tl.store(ratio_ptr + batch * dim + channels, ratio, channels < dim)
+    tl.store(lse_ptr + slice_offset(batch, dim, 1) + channels, top + tl.log(total), channels < dim)
+    tl.store(ratio_ptr + slice_offset(batch, dim, 1) + channels, ratio, channels < dim)
     for start in range(0, seq_len, BLOCK_T):
         rows = start + local
         queries = _load(q_ptr, rows, channels, seq_len, dim, 0.0)
@@ -231,13 +240,13 @@ def _global_backward_kernel(
     """With A = Σ_t g_t σ(q_t): dv_t' = e^(k_t' − lse) A, dk_t' = e^(k_t' − lse) A (v_t' − r)."""
     batch = tl.program_id(1)
     _, channels = _channels(tl.program_id(0), dim, dim, BLOCK_D)
-    offset = batch * seq_len * dim
+    offset = slice_offset(batch, seq_len, dim)
     grad_ptr, q_ptr, k_ptr, v_ptr = grad_ptr + offset, q_ptr + offset, k_ptr + offset, v_ptr + offset
     dq_ptr, dk_ptr, dv_ptr = dq_ptr + offset, dk_ptr + offset, dv_ptr + offset
-    mask_ptr += batch * seq_len
+    mask_ptr += slice_offset(batch, seq_len, 1)
     local = tl.arange(0, BLOCK_T)
-    lse = tl.load(lse_ptr + batch * dim + channels, channels < dim, 0.0)
-    ratio = tl.load(ratio_ptr + batch * dim + channels, channels < dim, 0.0)
+    lse = tl.load(lse_ptr + slice_offset(batch, dim, 1) + channels, channels < dim, 0.0)
+    ratio = tl.load(ratio_ptr + slice_offset(batch, dim, 1) + channels, channels < dim, 0.0)
     adjoint_sum = tl.zeros((BLOCK_D,), tl.float32)
     for start in range(0, seq_len, BLOCK_T):
         rows = start + local
@@ -395,13 +404,13 @@ def _band_forward_kernel(
     block, batch = tl.program_id(0), tl.program_id(2)
     head, channels = _channels(tl.program_id(1), dim, head_dim, BLOCK_D)
     key_columns = _key_columns(head, channels, dim, key_width, KEY_PER_HEAD)
-    offset = batch * seq_len * dim
+    offset = slice_offset(batch, seq_len, dim)
     q_ptr, v_ptr, out_ptr = q_ptr + offset, v_ptr + offset, out_ptr + offset
     lse_ptr, ratio_ptr = lse_ptr + offset, ratio_ptr + offset
     prefix_lse_ptr, prefix_ratio_ptr = prefix_lse_ptr + offset, prefix_ratio_ptr + offset
     suffix_lse_ptr, suffix_ratio_ptr = suffix_lse_ptr + offset, suffix_ratio_ptr + offset
-    k_ptr += batch * seq_len * key_width
-    mask_ptr += batch * seq_len
+    k_ptr += slice_offset(batch, seq_len, key_width)
+    mask_ptr += slice_offset(batch, seq_len, 1)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     top = tl.full((BLOCK_M, BLOCK_D), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -441,7 +450,7 @@ def _band_backward_kernel(
     block, batch = tl.program_id(0), tl.program_id(2)
     head, channels = _channels(tl.program_id(1), dim, head_dim, BLOCK_D)
     key_columns = _key_columns(head, channels, dim, key_width, KEY_PER_HEAD)
-    offset = batch * seq_len * dim
+    offset = slice_offset(batch, seq_len, dim)
     grad_ptr, q_ptr, v_ptr = grad_ptr + offset, q_ptr + offset, v_ptr + offset
     lse_ptr, ratio_ptr, dq_ptr, dv_ptr = (
         lse_ptr + offset,
@@ -449,9 +458,9 @@ def _band_backward_kernel(
         dq_ptr + offset,
         dv_ptr + offset,
     )
-    k_ptr += batch * seq_len * key_width
-    dk_ptr += batch * seq_len * key_width
-    mask_ptr += batch * seq_len
+    k_ptr += slice_offset(batch, seq_len, key_width)
+    dk_ptr += slice_offset(batch, seq_len, key_width)
+    mask_ptr += slice_offset(batch, seq_len, 1)
     columns = block * BLOCK_M + tl.arange(0, BLOCK_M)
     keys = _keys(k_ptr, mask_ptr, columns, key_columns, seq_len, key_width, HAS_MASK)
     values = _load(v_ptr, columns, channels, seq_len, dim, 0.0)
@@ -639,7 +648,7 @@ def _scores(w_ptr, k_ptr, mask_ptr, rows, columns, channels, seq_len, dim, table
     inside = (rows[:, None] < seq_len) & (columns[None, :] < seq_len)
     if CAUSAL:
         inside = inside & (columns[None, :] <= rows[:, None])
-    bias = tl.load(w_ptr + rows[:, None] * table + columns[None, :], inside, 0.0).to(tl.float32)
+    bias = tl.load(w_ptr + rows[:, None].to(tl.int64) * table + columns[None, :], inside, 0.0).to(tl.float32)
     bias = tl.where(inside, bias, float("-inf"))
     return bias[:, :, None] + keys[None, :, :]
 
@@ -654,10 +663,10 @@ def _full_forward_kernel(
     softmax keeps one per row, so no product of separately shifted exponentials can underflow."""
     block, batch = tl.program_id(0), tl.program_id(2)
     channels = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offset = batch * seq_len * dim
+    offset = slice_offset(batch, seq_len, dim)
     q_ptr, k_ptr, v_ptr, out_ptr = q_ptr + offset, k_ptr + offset, v_ptr + offset, out_ptr + offset
     lse_ptr, ratio_ptr = lse_ptr + offset, ratio_ptr + offset
-    mask_ptr += batch * seq_len
+    mask_ptr += slice_offset(batch, seq_len, 1)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     top = tl.full((BLOCK_M, BLOCK_D), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -690,7 +699,7 @@ def _full_backward_kernel(
     (added atomically across channel blocks and batches)."""
     block, batch = tl.program_id(0), tl.program_id(2)
     channels = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offset = batch * seq_len * dim
+    offset = slice_offset(batch, seq_len, dim)
     grad_ptr, q_ptr, k_ptr, v_ptr = grad_ptr + offset, q_ptr + offset, k_ptr + offset, v_ptr + offset
     lse_ptr, ratio_ptr, dk_ptr, dv_ptr = (
         lse_ptr + offset,
@@ -698,7 +707,7 @@ def _full_backward_kernel(
         dk_ptr + offset,
         dv_ptr + offset,
     )
-    mask_ptr += batch * seq_len
+    mask_ptr += slice_offset(batch, seq_len, 1)
     columns = block * BLOCK_N + tl.arange(0, BLOCK_N)
     values = _load(v_ptr, columns, channels, seq_len, dim, 0.0)
     grad_k = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -719,7 +728,9 @@ def _full_backward_kernel(
         grad_scores = carried * (values[None, :, :] - ratio[:, None, :])
         grad_k += tl.sum(grad_scores, 0)
         inside = (rows[:, None] < seq_len) & (columns[None, :] < seq_len)
-        tl.atomic_add(dw_ptr + rows[:, None] * table + columns[None, :], tl.sum(grad_scores, 2), inside)
+        tl.atomic_add(
+            dw_ptr + rows[:, None].to(tl.int64) * table + columns[None, :], tl.sum(grad_scores, 2), inside
+        )
     _store(dk_ptr, grad_k, columns, channels, seq_len, dim)
     _store(dv_ptr, grad_v, columns, channels, seq_len, dim)
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
-from ._common import load_rows, store_rows
+from ._common import load_rows, slice_offset, store_rows
 
 
 @triton.jit
@@ -44,15 +44,21 @@ def _forward_kernel(
     width = channels // heads
     rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
     columns = tl.arange(0, BLOCK_C)
-    x_ptr += batch * seq_len * channels + head * width
+    x_ptr += slice_offset(batch, seq_len, channels) + head * width
     if DYNAMIC:
-        kernel_ptr += batch * seq_len * heads * kernel_size
+        kernel_ptr += slice_offset(batch, seq_len, heads * kernel_size)
     acc = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
     for tap in range(kernel_size):
         x = _tile(x_ptr, rows + tap - left, columns, seq_len, width, channels)
         acc += _taps(kernel_ptr, rows, head, tap, seq_len, heads, kernel_size, DYNAMIC) * x
     store_rows(
-        out_ptr + batch * seq_len * channels + head * width, acc, rows, columns, seq_len, width, channels
+        out_ptr + slice_offset(batch, seq_len, channels) + head * width,
+        acc,
+        rows,
+        columns,
+        seq_len,
+        width,
+        channels,
     )
 
 
@@ -68,11 +74,11 @@ def _backward_kernel(
     width = channels // heads
     rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
     columns = tl.arange(0, BLOCK_C)
-    offset = batch * seq_len * channels + head * width
+    offset = slice_offset(batch, seq_len, channels) + head * width
     x_ptr, grad_ptr, dx_ptr = x_ptr + offset, grad_ptr + offset, dx_ptr + offset
     if DYNAMIC:
-        kernel_ptr += batch * seq_len * heads * kernel_size
-        dkernel_ptr += batch * seq_len * heads * kernel_size
+        kernel_ptr += slice_offset(batch, seq_len, heads * kernel_size)
+        dkernel_ptr += slice_offset(batch, seq_len, heads * kernel_size)
     else:
         dkernel_ptr += (row * tl.num_programs(0) + block) * kernel_size
     grad_rows = _tile(grad_ptr, rows, columns, seq_len, width, channels)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
-from ._common import dot, dot_flags, int8_mask, key_visible, load_rows, store_rows
+from ._common import dot, dot_flags, int8_mask, key_visible, load_rows, slice_offset, store_rows
 
 
 @triton.jit
@@ -77,9 +77,9 @@ def _chunk_sums_kernel(
     chunk, b_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     a_range = tl.arange(0, BLOCK_A)
     b_range = b_block * BLOCK_B + tl.arange(0, BLOCK_B)
-    a_ptr += batch * seq_len * dim_a
-    b_ptr += batch * seq_len * dim_b
-    mask_ptr += batch * seq_len
+    a_ptr += slice_offset(batch, seq_len, dim_a)
+    b_ptr += slice_offset(batch, seq_len, dim_b)
+    mask_ptr += slice_offset(batch, seq_len, 1)
     acc = tl.zeros((BLOCK_A, BLOCK_B), tl.float32)
     end = tl.minimum(seq_len, (chunk + 1) * chunk_size)
     for start in range(chunk * chunk_size, end, BLOCK_T):
@@ -90,7 +90,7 @@ def _chunk_sums_kernel(
             a = tl.where(real[:, None] != 0, a, 0.0).to(a.dtype)
         b = load_rows(b_ptr, rows, b_range, end, dim_b, dim_b, 0.0)
         acc += dot(tl.trans(a), b.to(a.dtype), PRECISION, UPCAST)
-    out_ptr += (batch * chunks + chunk) * dim_a * dim_b
+    out_ptr += slice_offset(batch * chunks + chunk, dim_a, dim_b)
     store_rows(out_ptr, acc, a_range, b_range, dim_a, dim_b, dim_b)
 
 
@@ -122,10 +122,10 @@ def _values_kernel(
     block, e_block, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     mine = block * BLOCK + tl.arange(0, BLOCK)
     s_range, e_range = tl.arange(0, BLOCK_S), e_block * BLOCK_E + tl.arange(0, BLOCK_E)
-    offset_s, offset_e = batch * seq_len * dim_s, batch * seq_len * dim_e
+    offset_s, offset_e = slice_offset(batch, seq_len, dim_s), slice_offset(batch, seq_len, dim_e)
     qq_ptr, kq_ptr, lin_ptr = qq_ptr + offset_s, kq_ptr + offset_s, lin_ptr + offset_s
     x_ptr, out_ptr = x_ptr + offset_e, out_ptr + offset_e
-    mask_ptr += batch * seq_len
+    mask_ptr += slice_offset(batch, seq_len, 1)
     first, last, start, end = _partners(block, seq_len, chunk_size, KEYS, CAUSAL, BLOCK)
     own = load_rows(kq_ptr if KEYS else qq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
     acc = tl.zeros((BLOCK, BLOCK_E), tl.float32)
@@ -149,8 +149,8 @@ def _values_kernel(
     if KEYS:
         lin = _real_rows(lin, mine, mask_ptr, seq_len, HAS_MASK)
     acc = _chunk_linear(
-        acc, lin, mine, first, last, chunk_size, state_ptr + batch * state_batch_stride, state_chunk_stride,
-        s_range, e_range, dim_s, dim_e, False, PRECISION, UPCAST,
+        acc, lin, mine, first, last, chunk_size, state_ptr + slice_offset(batch, state_batch_stride, 1),
+        state_chunk_stride, s_range, e_range, dim_s, dim_e, False, PRECISION, UPCAST,
     )  # fmt: skip
     store_rows(out_ptr, acc, mine, e_range, seq_len, dim_e, dim_e)
 
@@ -197,7 +197,7 @@ def _backward_scores_kernel(
     block, batch = tl.program_id(0), tl.program_id(1)
     mine = block * BLOCK + tl.arange(0, BLOCK)
     s_range = tl.arange(0, BLOCK_S)
-    offset_s, offset_e = batch * seq_len * dim_s, batch * seq_len * dim_e
+    offset_s, offset_e = slice_offset(batch, seq_len, dim_s), slice_offset(batch, seq_len, dim_e)
     qq_ptr, kq_ptr, d_quad_ptr, d_lin_ptr = (
         qq_ptr + offset_s,
         kq_ptr + offset_s,
@@ -205,7 +205,7 @@ def _backward_scores_kernel(
         d_lin_ptr + offset_s,
     )
     v_ptr, g_ptr = v_ptr + offset_e, g_ptr + offset_e
-    mask_ptr += batch * seq_len
+    mask_ptr += slice_offset(batch, seq_len, 1)
     first, last, start, end = _partners(block, seq_len, chunk_size, KEYS, CAUSAL, BLOCK)
     own = load_rows(kq_ptr if KEYS else qq_ptr, mine, s_range, seq_len, dim_s, dim_s, 0.0)
     other_ptr, linear_ptr = (qq_ptr, v_ptr) if KEYS else (kq_ptr, g_ptr)
@@ -231,7 +231,8 @@ def _backward_scores_kernel(
         e_range = e_start + tl.arange(0, BLOCK_E)
         x = load_rows(linear_ptr, mine, e_range, seq_len, dim_e, dim_e, 0.0)
         grad_lin = _chunk_linear(
-            grad_lin, x, mine, first, last, chunk_size, state_ptr + batch * state_batch_stride,
+            grad_lin, x, mine, first, last, chunk_size,
+            state_ptr + slice_offset(batch, state_batch_stride, 1),
             state_chunk_stride, s_range, e_range, dim_s, dim_e, True, PRECISION, UPCAST,
         )  # fmt: skip
     if KEYS:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot, dot_flags, int8_mask, key_visible, load_rows, store_rows
+from ._common import dot, dot_flags, int8_mask, key_visible, load_rows, slice_offset, store_rows
 
 # Activation codes, in the order of the reference's ACTIVATIONS table.
 CODES = {"relu": 0, "relu2": 1, "gelu": 2, "softplus": 3, "identity": 4, "relu6": 5, "sigmoid": 6}
@@ -66,18 +66,18 @@ def _phi_grad(s, ACTIVATION: tl.constexpr):
 @triton.jit
 def _head_pointers(q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, head, heads, seq_len, dim_k, dim_v):
     """The (N, D) slices of one batch·head, and its batch's row of the key mask."""
-    q_ptr += head * seq_len * dim_k
-    k_ptr += head * seq_len * dim_k
-    v_ptr += head * seq_len * dim_v
-    g_ptr += head * seq_len * dim_v
-    mask_ptr += (head // heads) * seq_len
+    q_ptr += slice_offset(head, seq_len, dim_k)
+    k_ptr += slice_offset(head, seq_len, dim_k)
+    v_ptr += slice_offset(head, seq_len, dim_v)
+    g_ptr += slice_offset(head, seq_len, dim_v)
+    mask_ptr += slice_offset(head // heads, seq_len, 1)
     return q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr
 
 
 @triton.jit
 def _row_scale(row_scale_ptr, batch, batch_stride, rows, seq_len):
     """L_i^−α of the rows as a column, applied before any half-precision cast of what it scales."""
-    return tl.load(row_scale_ptr + batch * batch_stride + rows, rows < seq_len, 0.0)[:, None]
+    return tl.load(row_scale_ptr + slice_offset(batch, batch_stride, 1) + rows, rows < seq_len, 0.0)[:, None]
 
 
 @triton.jit
@@ -143,8 +143,10 @@ def _backward_keys_kernel(
         grad_weights = dot(g, tl.trans(v), PRECISION, UPCAST) * row_scale
         grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
         grad_k += dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, UPCAST)
-    store_rows(dk_ptr + head * seq_len * dim_k, grad_k * scale, columns, dk_range, seq_len, dim_k, dim_k)
-    store_rows(dv_ptr + head * seq_len * dim_v, grad_v, columns, dv_range, seq_len, dim_v, dim_v)
+    store_rows(
+        dk_ptr + slice_offset(head, seq_len, dim_k), grad_k * scale, columns, dk_range, seq_len, dim_k, dim_k
+    )
+    store_rows(dv_ptr + slice_offset(head, seq_len, dim_v), grad_v, columns, dv_range, seq_len, dim_v, dim_v)
 
 
 @triton.jit
@@ -176,7 +178,9 @@ def _backward_queries_kernel(
         grad_weights = dot(g, tl.trans(v), PRECISION, UPCAST) * row_scale
         grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
         grad_q += dot(grad_scores.to(q.dtype), k, PRECISION, UPCAST)
-    store_rows(dq_ptr + head * seq_len * dim_k, grad_q * scale, rows, dk_range, seq_len, dim_k, dim_k)
+    store_rows(
+        dq_ptr + slice_offset(head, seq_len, dim_k), grad_q * scale, rows, dk_range, seq_len, dim_k, dim_k
+    )
 
 
 def _blocks(dim_k: int, dim_v: int, seq_len: int) -> dict[str, int]:
