@@ -130,16 +130,35 @@ def pack(outputs: Sequence[torch.Tensor], packing: Packing, dim: int = 1) -> tor
     return real.new_zeros(shape).index_copy(dim - 1, packing.real_index, real).unsqueeze(0)
 
 
+def packing_of(
+    cu_seqlens: torch.Tensor | Packing,
+    batch: int,
+    seq_len: int,
+    attention_mask: object,
+    device: torch.device,
+) -> Packing:
+    """The checked plan of ``cu_seqlens`` for a (B, N, …) input. A ``Packing`` already made for this row
+    is used as it is: the backbone checks and plans once and hands the plan to every layer, rather than
+    each layer reading cu_seqlens back from the device and rebuilding its index tensors."""
+    if (
+        isinstance(cu_seqlens, Packing)
+        and batch == 1
+        and cu_seqlens.total == seq_len
+        and attention_mask is None
+    ):
+        return cu_seqlens
+    return plan(check_cu_seqlens(cu_seqlens, batch, seq_len, attention_mask), device)
+
+
 def packed_call(
     fn: Callable[..., torch.Tensor],
     inputs: Sequence[tuple[torch.Tensor, int]],
-    cu_seqlens: torch.Tensor,
+    packing: Packing,
     out_dim: int = 1,
 ) -> torch.Tensor:
     """``fn(*segments, mask)`` on each bucket's segments as a right-padded batch (mask (S_b, L_b), True =
     real), the outputs packed back. ``inputs``: (tensor (1, …), the dim N is at). Segments cover N, so
     every output position is some segment's."""
-    packing = plan(cu_seqlens, inputs[0][0].device)
     if not packing.buckets:  # N = 0: the call on the (empty) row itself
         return fn(*(t for t, _ in inputs), None)
     outputs = [fn(*(unpack(t, bucket, dim) for t, dim in inputs), bucket.mask) for bucket in packing.buckets]
@@ -158,7 +177,9 @@ def call_packed(op: Callable[..., torch.Tensor], arguments: dict[str, Any], **di
     if not all(isinstance(t, torch.Tensor) and t.dim() > dims[n] for n, t in zip(names, inputs, strict=True)):
         return op(**arguments)  # the op's own check names what is wrong
     first = inputs[0]
-    check_cu_seqlens(cu_seqlens, first.shape[0], first.shape[dims[names[0]]], arguments.get("attention_mask"))
+    packing = packing_of(
+        cu_seqlens, first.shape[0], first.shape[dims[names[0]]], arguments.get("attention_mask"), first.device
+    )
     if arguments.get("initial_state") is not None or arguments.get("output_final_state"):
         raise InvalidValueError(
             "cu_seqlens with initial_state / output_final_state: a packed call has one state per segment; "
@@ -173,5 +194,5 @@ def call_packed(op: Callable[..., torch.Tensor], arguments: dict[str, Any], **di
         return op(**{**arguments, **dict(zip(names, tensors, strict=True)), "attention_mask": mask})
 
     return packed_call(
-        on_segments, [(t, dims[n]) for n, t in zip(names, inputs, strict=True)], cu_seqlens, dims[names[0]]
+        on_segments, [(t, dims[n]) for n, t in zip(names, inputs, strict=True)], packing, dims[names[0]]
     )

@@ -80,8 +80,7 @@ class AFTMixer(Mixer):
     def new_state(self, batch_size: int, capacity: int | None = None) -> AFTState:
         """An empty state. ``capacity``: AFT-full's cache holds that many positions (padding included)
         in tensors of fixed shapes (for ``torch.compile``); the other AFT states are constant in size."""
-        capacity = check_positive_int("capacity", capacity, allow_none=True)
-        return AFTState(check_positive_int("batch_size", batch_size), capacity=capacity)
+        return AFTState(batch_size, capacity=capacity)
 
     def advance(self, x: torch.Tensor, state: AFTState, chunk: Compacted) -> torch.Tensor:
         if x.shape[0] != state.batch_size:

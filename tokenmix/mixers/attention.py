@@ -102,7 +102,7 @@ class MultiHeadAttention(Mixer):
         """An empty KV cache: O(t · heads · head_dim) per sequence after t steps.
         ``capacity``: a fixed-size cache for that many positions (padding included), whose tensors keep
         their shapes from step to step (for ``torch.compile``); None grows as needed."""
-        return KVCache(check_positive_int("batch_size", batch_size), capacity)
+        return KVCache(batch_size, capacity)
 
     def advance(self, x: torch.Tensor, state: KVCache, chunk: Compacted) -> torch.Tensor:
         state.check_batch(x.shape[0])

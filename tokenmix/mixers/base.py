@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 from ..functional._checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
 from ..functional._chunks import Compacted, compact
-from ..functional._varlen import check_cu_seqlens, packed_call
+from ..functional._varlen import Packing, packed_call, packing_of
 
 
 def pick_options(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -49,16 +49,16 @@ class Mixer(nn.Module):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Packing | None = None,
     ) -> torch.Tensor:
         """(B, N, dim) → (B, N, dim). ``attention_mask`` (B, N), True = real token. ``cu_seqlens``
         (S + 1,) with B = 1: the packed segments are independent sequences, each as if fed alone
-        (docs/spec.md §8)."""
+        (docs/spec.md §8); or the ``Packing`` a backbone planned from it."""
         x, attention_mask = self.check_input(x, attention_mask)
         if cu_seqlens is None:
             return self.mix_sequence(x, attention_mask)
-        check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], attention_mask)
-        return packed_call(self.mix_sequence, [(x, 1)], cu_seqlens)
+        packing = packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device)
+        return packed_call(self.mix_sequence, [(x, 1)], packing)
 
     def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The family's forward over a checked x (B, N, dim) and mask (B, N) or None."""
@@ -108,12 +108,14 @@ class Mixer(nn.Module):
             raise UnavailableError(
                 f"{type(self).__name__} was built with causal=False; step decoding needs causal=True"
             )
+        batch_size = check_positive_int("batch_size", batch_size)
+        capacity = check_positive_int("capacity", capacity, allow_none=True)
         state = self.new_state(batch_size, capacity)
         state.made_by = self.mixer_name or type(self).__name__  # so a state of another mixer is refused
         return state
 
     def new_state(self, batch_size: int, capacity: int | None) -> Any:
-        """The family's empty state (see ``init_state``)."""
+        """The family's empty state (see ``init_state``, which has checked both arguments)."""
         raise NotImplementedError
 
     def step(

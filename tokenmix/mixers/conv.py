@@ -97,8 +97,6 @@ class ConvolutionMixer(Mixer):
     def new_state(self, batch_size: int, capacity: int | None = None) -> ConvState:
         """Zeros for the inputs before the sequence: constant in size; ``capacity`` only bounds what it
         may be fed."""
-        batch_size = check_positive_int("batch_size", batch_size)
-        capacity = check_positive_int("capacity", capacity, allow_none=True)
         param = self.to_out.weight
         return ConvState(param.new_zeros(batch_size, self.kernel_size - 1, self.dim), capacity)
 

@@ -133,7 +133,7 @@ class GAU(GatedAttentionUnit):
         """An empty KV cache.
         ``capacity``: a fixed-size cache for that many positions (padding included), whose tensors keep
         their shapes from step to step (for ``torch.compile``); None grows as needed."""
-        return KVCache(check_positive_int("batch_size", batch_size), capacity)
+        return KVCache(batch_size, capacity)
 
     def advance(self, x: torch.Tensor, state: KVCache, chunk: Compacted) -> torch.Tensor:
         state.check_batch(x.shape[0])
@@ -230,8 +230,7 @@ class FLASH(GatedAttentionUnit):
 
     def new_state(self, batch_size: int, capacity: int | None = None) -> ChunkState:
         """An empty state: constant in size; ``capacity`` only bounds what it may be fed."""
-        capacity = check_positive_int("capacity", capacity, allow_none=True)
-        return ChunkState(check_positive_int("batch_size", batch_size), capacity)
+        return ChunkState(batch_size, capacity)
 
     def advance(self, x: torch.Tensor, state: ChunkState, chunk: Compacted) -> torch.Tensor:
         if x.shape[0] != state.batch_size:

@@ -18,7 +18,7 @@ from ..functional._checks import (
     check_positive_int,
     check_real,
 )
-from ..functional._varlen import check_cu_seqlens, plan
+from ..functional._varlen import Packing, packing_of
 from ..mixers import create_mixer, mixer_info
 from ..mixers.cache import check_capacity
 
@@ -50,7 +50,7 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Packing | None = None,
     ) -> torch.Tensor:
         return self._ffn(x + self.mixer(self.mixer_norm(x), attention_mask, cu_seqlens))
 
@@ -140,19 +140,16 @@ class Backbone(nn.Module):
         if self.position_embedding is not None:
             nn.init.normal_(self.position_embedding.weight, std=0.02)
 
-    def _positions(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    def _positions(self, x: torch.Tensor, packing: Packing | None) -> torch.Tensor:
         if self.position_embedding is None:
             return x
-        if cu_seqlens is None:
-            end = x.shape[-2]
-        else:  # positions restart at every segment
-            packing = plan(cu_seqlens, x.device)
-            end = max(packing.lengths, default=0)
+        # With packing, positions restart at every segment: the longest segment must fit.
+        end = x.shape[-2] if packing is None else max(packing.lengths, default=0)
         if end > self.max_len:
             raise InvalidValueError(
                 f"sequence of length {end} is longer than the learned position table (max_len={self.max_len})"
             )
-        if cu_seqlens is None:
+        if packing is None:
             return x + self.position_embedding.weight[:end]
         return x + self.position_embedding(packing.positions())
 
@@ -160,16 +157,18 @@ class Backbone(nn.Module):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Packing | None = None,
     ) -> torch.Tensor:
         """(B, N, dim) → (B, N, dim). ``cu_seqlens`` (S + 1,) with B = 1: packed segments, each
-        computed as if alone (positions restart; docs/spec.md §8)."""
+        computed as if alone (positions restart; docs/spec.md §8). Checked and planned once here, the
+        plan handed to every layer."""
+        packing = None
         if cu_seqlens is not None:
             check_float_tensor("x", x, "(B, N, dim)")
-            check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], attention_mask)
-        x = self.dropout(self._positions(x, cu_seqlens))
+            packing = packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device)
+        x = self.dropout(self._positions(x, packing))
         for block in self.blocks:
-            x = block(x, attention_mask, cu_seqlens)
+            x = block(x, attention_mask, packing)
         return self.norm(x)
 
     def init_state(self, batch_size: int, capacity: int | None = None) -> BackboneState:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
 from ..functional._checks import check_attention_mask, check_positive_int, check_real
-from ..functional._varlen import plan
+from ..functional._varlen import packing_of
 from .backbone import Backbone, BackboneState
 
 
@@ -211,10 +211,10 @@ class SequenceClassifier(nn.Module):
     ) -> torch.Tensor:
         tokens = _check_tokens(tokens, self.vocab_size)
         mask = check_attention_mask(attention_mask, tokens.shape[0], tokens.shape[1], tokens.device)
-        hidden = self.backbone(self.embedding(tokens), mask, cu_seqlens)
         if cu_seqlens is None:
-            return self.head(masked_mean(hidden, mask))
-        packing = plan(cu_seqlens, tokens.device)  # mean over each segment's tokens
+            return self.head(masked_mean(self.backbone(self.embedding(tokens), mask), mask))
+        packing = packing_of(cu_seqlens, tokens.shape[0], tokens.shape[1], mask, tokens.device)
+        hidden = self.backbone(self.embedding(tokens), mask, packing)  # then the mean of each segment
         segments = len(packing.lengths)
         sums = hidden.new_zeros(segments, hidden.shape[-1]).index_add(0, packing.segment_ids, hidden[0])
         counts = torch.tensor(packing.lengths, device=hidden.device).clamp_min(1).to(hidden.dtype)
