@@ -268,6 +268,11 @@ def _compare(args: argparse.Namespace) -> int:
         seq_lens=_lengths("--seq-lens", args.seq_lens) if args.seq_lens else None,
         steps=args.steps,
         seed=args.seed,
+        seeds=args.seeds,
+        task=args.task,
+        data=args.data,
+        pack=args.pack,
+        time_budget=args.time_budget,
     )
     return 0
 
@@ -282,7 +287,23 @@ def _add_training_commands(commands) -> None:
     compare_parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     compare_parser.add_argument("--seq-lens", help="benchmark lengths, e.g. 256,1024,4096")
     compare_parser.add_argument("--steps", type=int, help="training steps (overrides the budget)")
-    compare_parser.add_argument("--seed", type=int, default=0)
+    compare_parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    compare_parser.add_argument(
+        "--seeds",
+        type=int,
+        help="runs per mixer, seeds --seed, --seed + 1, ... (default: 1 with --quick, else 3)",
+    )
+    compare_parser.add_argument("--task", default="charlm", help="charlm, mqar, image-cls or image-ar")
+    compare_parser.add_argument("--data", help="the task's data, as tokenmix train --data takes it")
+    compare_parser.add_argument(
+        "--pack", action="store_true", help="charlm: whole documents per row (cu_seqlens)"
+    )
+    compare_parser.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="SECONDS",
+        help="train every mixer for this long (sets its steps)",
+    )
     compare_parser.set_defaults(run=_compare)
     train_parser = commands.add_parser("train", help="train a model with any mixer on a task")
     for name, (kind, help_text) in _TRAIN_FLAGS.items():

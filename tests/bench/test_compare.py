@@ -2,44 +2,125 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import statistics
 
 import pytest
 
-from tokenmix.bench.compare import compare, table
+from tokenmix.bench.compare import compare
+from tokenmix.bench.report import (
+    RULE,
+    mean_and_spread,
+    pareto_front,
+    ranking,
+    same_curves,
+    table,
+    tied_with_best,
+)
 from tokenmix.cli import main
+
+WORDS = [
+    "the",
+    "whale",
+    "sea",
+    "ship",
+    "captain",
+    "harpoon",
+    "deck",
+    "sail",
+    "storm",
+    "crew",
+    "white",
+    "ocean",
+    "wind",
+    "night",
+    "rope",
+    "boat",
+]
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def user_text(tmp_path_factory):
+    """A text tokenmix has never seen: random sentences over a small vocabulary (about 20 kB)."""
+    generator = random.Random(7)
+    sentences = (" ".join(generator.choices(WORDS, k=generator.randint(4, 12))) + "." for _ in range(600))
+    path = tmp_path_factory.mktemp("data") / "harbour-log.txt"
+    path.write_text(" ".join(sentences))
+    return path
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, user_text):
     out = tmp_path_factory.mktemp("compare")
-    result = compare(["softmax", "aft_simple"], out=out, quick=True, steps=4, seq_lens=[32, 64], device="cpu")
+    result = compare(
+        ["softmax", "aft_simple"],
+        out=out,
+        quick=True,
+        steps=4,
+        seeds=2,
+        data=str(user_text),
+        seq_lens=[32, 64],
+        device="cpu",
+    )
     return out, result
 
 
 def test_compare_writes_the_report_files(report):
     out, result = report
-    for name in ("report.md", "report.html", "compare.json", "curves.png", "time.png", "memory.png"):
+    names = ("report.md", "report.html", "compare.json", "curves.png", "pareto.png", "time.png", "memory.png")
+    for name in names:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(result))
     for mixer in ("softmax", "aft_simple"):
         run = result["mixers"][mixer]
         assert run["params"] > 0 and 0 < run["val_bpc"] < 9 and run["train_tokens_per_s"] > 0
-        assert [step for step, _ in run["curve"]] == [4]
-        assert (out / "runs" / mixer / "model.safetensors").is_file()
+        for seed in (0, 1):
+            assert (out / "runs" / mixer / f"seed-{seed}" / "model.safetensors").is_file()
+
+
+def test_every_seed_is_its_own_run_and_the_report_gives_the_spread(report, user_text):
+    out, result = report
+    assert result["seeds"] == [0, 1] and result["metric"] == "val_bpc"
+    for name, run in result["mixers"].items():
+        seeds = [r["seed"] for r in run["runs"]]
+        assert seeds == [0, 1], name
+        values = [r["val_bpc"] for r in run["runs"]]
+        assert values[0] != values[1], name  # different initialisations and batches
+        assert all(
+            r["steps"] == 4 and r["train_seconds"] > 0 and [s for s, _ in r["curve"]] == [4]
+            for r in run["runs"]
+        )
+        assert run["val_bpc"] == pytest.approx(statistics.fmean(values))
+        assert run["spread"] == pytest.approx(statistics.stdev(values))
+        # Each record is what its own run directory logged.
+        for record in run["runs"]:
+            logged = (
+                (out / "runs" / name / f"seed-{record['seed']}" / "metrics.jsonl").read_text().splitlines()
+            )
+            assert json.loads(logged[-1])["val_bpc"] == record["val_bpc"]
+    markdown = (out / "report.md").read_text()
+    assert (
+        markdown.count(" ± ") >= 3
+        and user_text.name in markdown
+        and "![Quality against cost](pareto.png)" in markdown
+    )
+    assert RULE in markdown
 
 
 def test_the_table_has_every_field_for_every_mixer(report):
     out, result = report
     header, rows = table(result)
-    assert header[:4] == ["mixer", "params", "val bpc", "train tok/s"]
+    assert header[:5] == ["mixer", "params", "val bpc", "≈ best", "seeds"]
     assert "ms fwd+bwd N=32" in header and "ms fwd+bwd N=64" in header and "state MB N=64" in header
     assert sorted(row[0] for row in rows) == ["aft_simple", "softmax"]
     assert all(len(row) == len(header) and "OOM" not in row for row in rows)
+    means = [result["mixers"][row[0]]["val_bpc"] for row in rows]
+    assert means == sorted(means)  # best (lowest bits per byte) first
     markdown = (out / "report.md").read_text()
     assert "| " + " | ".join(header) + " |" in markdown and "![Learning curves](curves.png)" in markdown
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and page.count("<tr>") == 3
+    assert page.count("data:image/png;base64,") == 4 and page.count("<tr>") == 3
 
 
 def test_the_state_column_shows_which_states_grow(report):
@@ -53,10 +134,144 @@ def test_the_state_column_shows_which_states_grow(report):
     assert state["aft_simple", 64] == 3 * dim * 4 / 2**20
 
 
-def test_a_second_compare_reuses_finished_runs(report):
+@pytest.fixture
+def no_benchmark(monkeypatch):
+    """For tests of the training half: the benchmark (a subprocess per point) is skipped."""
+    from tokenmix.bench import compare as module
+
+    monkeypatch.setattr(module, "_bench_all", lambda *args: [])
+
+
+def test_a_second_compare_reuses_finished_runs(report, user_text, no_benchmark):
     out, result = report
-    again = compare(["softmax"], out=out, quick=True, steps=4, seq_lens=[32], device="cpu")
-    assert again["mixers"]["softmax"]["curve"] == result["mixers"]["softmax"]["curve"]
+    again = compare(
+        ["softmax"], out=out, quick=True, steps=4, seeds=2, data=str(user_text), seq_lens=[32], device="cpu"
+    )
+    assert again["mixers"]["softmax"]["runs"] == result["mixers"]["softmax"]["runs"]
+
+
+def _result(values: dict[str, list[float]], metric: str = "val_bpc", curves=None) -> dict:
+    """A compare result holding only what the statistics read."""
+    mixers = {}
+    for name, per_seed in values.items():
+        runs = [
+            {
+                "seed": seed,
+                metric: value,
+                "curve": (curves or {}).get(name, [[(10, value)]] * len(per_seed))[seed],
+            }
+            for seed, value in enumerate(per_seed)
+        ]
+        mean, spread = mean_and_spread(per_seed)
+        mixers[name] = {"runs": runs, metric: mean, "spread": spread}
+    return {"metric": metric, "mixers": mixers}
+
+
+def test_mixers_within_the_noise_of_the_best_are_marked_so():
+    # b: 0.01 from the best with spreads of ~0.03 — not separable; c: 0.5 away — separable.
+    result = _result({"a": [3.00, 3.04, 2.98], "b": [3.01, 3.05, 2.99], "c": [3.50, 3.52, 3.49]})
+    assert ranking(result) == ["a", "b", "c"] and tied_with_best(result) == {"a", "b"}
+    # Accuracy: higher is better.
+    result = _result({"a": [0.50, 0.52], "b": [0.90, 0.91]}, metric="val_acc")
+    assert ranking(result) == ["b", "a"] and tied_with_best(result) == {"b"}
+    # One seed: no spread, nothing separable, and the summary names no winner.
+    one = _result({"a": [3.0], "c": [3.5]})
+    assert tied_with_best(one) == {"a", "c"}
+
+
+def test_mixers_that_learned_the_same_model_are_named():
+    same = [[(5, 3.2), (10, 3.0)], [(5, 3.3), (10, 3.1)]]
+    near = [[(5, 3.2 + 1e-6), (10, 3.0)], [(5, 3.3), (10, 3.1 - 2e-6)]]
+    apart = [[(5, 3.2), (10, 3.0)], [(5, 3.3), (10, 3.05)]]
+    result = _result({"aft_full": [3.0, 3.1], "aft_local": [3.0, 3.1], "x": [3.0, 3.05]},
+                     curves={"aft_full": same, "aft_local": near, "x": apart})  # fmt: skip
+    pairs = same_curves(result)
+    assert [(a, b) for a, b, _ in pairs] == [("aft_full", "aft_local")] and pairs[0][2] == pytest.approx(2e-6)
+
+
+def test_the_pareto_front_keeps_only_undominated_mixers():
+    points = {"cheap-bad": (1.0, 3.5), "dear-good": (5.0, 3.0), "dominated": (5.0, 3.6), "mid": (2.0, 3.2)}
+    assert pareto_front(points, higher_is_better=False) == {"cheap-bad", "dear-good", "mid"}
+    assert pareto_front(points, higher_is_better=True) == {"cheap-bad", "dominated"}
+
+
+def test_a_time_budget_sets_each_mixers_steps_from_its_measured_speed(
+    tmp_path, monkeypatch, no_benchmark, user_text
+):
+    """Steps = budget / measured seconds per step, so each schedule completes; the report lists them."""
+    from tokenmix.bench import compare as module
+
+    speeds = {"aft_simple": 0.05, "softmax": 0.2}
+    real = module.measure_steps
+
+    def measured(config, steps=0):
+        found = real(config, 0)
+        return found._replace(seconds_per_step=speeds[config["mixer"]] if steps else None)
+
+    monkeypatch.setattr(module, "measure_steps", measured)
+    out = tmp_path / "c"
+    result = compare(
+        ["aft_simple", "softmax"],
+        out=out,
+        quick=True,
+        seeds=1,
+        time_budget=0.6,
+        data=str(user_text),
+        seq_lens=[16],
+        device="cpu",
+    )
+    assert {name: run["steps"] for name, run in result["mixers"].items()} == {"aft_simple": 12, "softmax": 3}
+    assert result["time_budget"] == 0.6
+    markdown = (out / "report.md").read_text()
+    assert "0.6 s of training per run" in markdown
+    assert "| aft_simple |" in markdown and " | 12 | " in markdown and " | 3 | " in markdown
+    # A later compare of the same directory continues with the steps it chose (it does not re-time).
+    speeds.update(aft_simple=0.01, softmax=0.01)
+    again = compare(
+        ["aft_simple", "softmax"],
+        out=out,
+        quick=True,
+        seeds=1,
+        time_budget=0.6,
+        data=str(user_text),
+        seq_lens=[16],
+        device="cpu",
+    )
+    assert {name: run["steps"] for name, run in again["mixers"].items()} == {"aft_simple": 12, "softmax": 3}
+
+
+def test_compare_runs_other_tasks_with_their_metric(tmp_path, no_benchmark):
+    result = compare(
+        ["aft_simple"],
+        out=tmp_path / "c",
+        quick=True,
+        steps=2,
+        seeds=1,
+        task="mqar",
+        seq_lens=[16],
+        device="cpu",
+    )
+    assert result["metric"] == "val_acc" and 0 <= result["mixers"]["aft_simple"]["val_acc"] <= 1
+    assert "mqar" in (tmp_path / "c" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--seeds", "0"], "seeds"),
+        (["--time-budget", "0"], "time_budget"),
+        (["--time-budget", "nan"], "time_budget"),
+        (["--data", "no-such-file.txt"], "no-such-file.txt"),
+        (["--task", "poetry"], "task must be one of"),
+        (["--steps", "5", "--time-budget", "3"], "not both"),
+    ],
+)
+def test_bad_compare_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, flags, message):
+    out = tmp_path / "c"
+    assert main(["compare", "--mixers", "softmax", "--quick", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()
 
 
 def test_compare_rejects_unknown_mixers_before_any_work(tmp_path, capsys):
@@ -92,18 +307,20 @@ def test_a_signal_stops_the_whole_compare_and_the_next_one_resumes(tmp_path, mon
         return real_train(config, on_step=hook)
 
     out = tmp_path / "c"
-    options = dict(out=out, quick=True, steps=4, seq_lens=[32], device="cpu")
+    options = dict(out=out, quick=True, steps=4, seeds=1, seq_lens=[32], device="cpu")
     monkeypatch.setattr(module, "train", train_and_signal)
     with pytest.raises(KeyboardInterrupt, match="aft_simple"):
         compare(["softmax", "aft_simple", "lightconv"], **options)
     assert not (out / "runs" / "lightconv").exists() and not (out / "compare.json").exists()
-    finished = (out / "runs" / "softmax" / "metrics.jsonl").read_text()
+    finished = (out / "runs" / "softmax" / "seed-0" / "metrics.jsonl").read_text()
     if signum == signal.SIGINT:
         return  # resuming is the same for both signals; the benchmark makes it the slow half
     monkeypatch.setattr(module, "train", real_train)
     result = compare(["softmax", "aft_simple", "lightconv"], **options)
-    assert (out / "runs" / "softmax" / "metrics.jsonl").read_text() == finished  # reused, not retrained
-    assert all(run["curve"][-1][0] == 4 for run in result["mixers"].values())
+    assert (
+        out / "runs" / "softmax" / "seed-0" / "metrics.jsonl"
+    ).read_text() == finished  # reused, not retrained
+    assert all(run["runs"][0]["curve"][-1][0] == 4 for run in result["mixers"].values())
 
 
 def test_compare_interrupted_from_the_command_line_is_one_line(tmp_path, monkeypatch, capsys):
@@ -112,7 +329,7 @@ def test_compare_interrupted_from_the_command_line_is_one_line(tmp_path, monkeyp
     def interrupted(*args, **kwargs):
         raise module.CompareStopped("stopped while training softmax; run the same compare again to resume")
 
-    monkeypatch.setattr(module, "_train_one", interrupted)
+    monkeypatch.setattr(module, "_train_runs", interrupted)
     assert main(["compare", "--mixers", "softmax", "--quick", "--out", str(tmp_path / "c")]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run the same compare again" in err

@@ -1,12 +1,12 @@
-"""``tokenmix compare``: mixers side by side — what they learn (val bits per byte on the embedded
-corpus at one shared training budget) and what they cost (time, memory and decoding state across
-sequence lengths) — in ``report.md``, a self-contained ``report.html`` and ``compare.json``."""
+"""``tokenmix compare``: mixers side by side — what they learn (the task's validation metric, over
+several seeds, at one shared budget of steps or of wall-clock time) and what they cost (time, memory
+and decoding state across sequence lengths) — in ``report.md``, a self-contained ``report.html`` and
+``compare.json``. The report itself is built by ``tokenmix.bench.report``."""
 
 from __future__ import annotations
 
-import base64
-import html
 import json
+import math
 import signal
 import threading
 import time
@@ -17,13 +17,19 @@ from typing import Any
 
 import torch
 
-from ..errors import RunDirectoryError
+from ..data.text import load_corpus
+from ..errors import InvalidValueError, RunDirectoryError
 from ..functional._checks import check_positive_int
 from ..mixers import list_mixers, mixer_info
-from ..training import TrainConfig, load_run, train
+from ..training import TASKS, TrainConfig, train
 from ..training.checkpoint import check_directory_path
+from ..training.tasks import TASK_CLASSES
+from ..training.trainer import Measured, measure_steps
 from .measure import machine
-from .runner import bench, plot
+from .report import mean_and_spread, summary, table, write_report
+from .runner import bench
+
+CALIBRATION_STEPS = 3  # timed optimiser steps per mixer that set a time budget's steps
 
 
 @dataclass(frozen=True)
@@ -38,17 +44,19 @@ class Budget:
     eval_every: int
     seq_lens: tuple[int, ...]
     repeats: int
+    seeds: int  # runs per mixer unless --seeds says otherwise
     dtype: str = "float32"
     baselines: bool = True  # the raw SDPA layer in the benchmark
+    eval_batches: int = 64  # the whole validation split of the embedded corpus; a bound on larger data
 
 
 BUDGETS = {
     "quick": Budget(dim=64, depth=2, seq_len=128, batch_size=16, steps=120, eval_every=40,
-                    seq_lens=(256, 512), repeats=3, baselines=False),
+                    seq_lens=(256, 512), repeats=3, seeds=1, baselines=False),
     "default": Budget(dim=128, depth=2, seq_len=256, batch_size=16, steps=600, eval_every=100,
-                      seq_lens=(256, 1024, 4096), repeats=5),
+                      seq_lens=(256, 1024, 4096), repeats=5, seeds=3),
     "gpu": Budget(dim=256, depth=6, seq_len=512, batch_size=32, steps=2000, eval_every=250,
-                  seq_lens=(1024, 2048, 4096, 8192, 16384), repeats=10, dtype="bfloat16"),
+                  seq_lens=(1024, 2048, 4096, 8192, 16384), repeats=10, seeds=3, dtype="bfloat16"),
 }  # fmt: skip
 
 
@@ -66,36 +74,93 @@ def training_options(mixer: str, budget: Budget) -> dict[str, Any]:
     return {"mixer_options": options}
 
 
-def _train_one(mixer: str, budget: Budget, run_dir: Path, device: str, seed: int) -> dict[str, Any]:
-    config = {
-        "task": "charlm",
-        "mixer": mixer,
-        "dim": budget.dim,
-        "depth": budget.depth,
-        "seq_len": budget.seq_len,
-        "batch_size": budget.batch_size,
-        "steps": budget.steps,
-        "eval_every": budget.eval_every,
-        "warmup_steps": max(1, budget.steps // 20),
-        "eval_batches": None,
-        "seed": seed,
-        "device": device,
-        "progress": "log",
-        "out": str(run_dir),
-        **training_options(mixer, budget),
-    }
-    # An existing run of the same configuration is continued (or reused when finished).
-    config["resume"] = (run_dir / "config.json").is_file()
-    records = train(TrainConfig.from_dict(config))
-    if not records or records[-1]["step"] < budget.steps:  # train returns early only when signalled
-        raise CompareStopped(f"stopped while training {mixer}; run the same compare again to resume")
-    _, _, model = load_run(run_dir, weights="last", device="cpu")
+def _task_config(task: str, data: str | None, pack: bool, budget: Budget, device: str) -> dict[str, Any]:
+    """The options every mixer shares on ``task``; mqar and the image tasks keep their own defaults."""
+    config = {"task": task, "data": data, "pack": pack, "dim": budget.dim, "depth": budget.depth,
+              "seq_len": budget.seq_len, "batch_size": budget.batch_size, "eval_batches": budget.eval_batches,
+              "device": device, "progress": "log"}  # fmt: skip
+    if task == "mqar":
+        config.pop("data")
+    return config
+
+
+@dataclass
+class _Plan:
+    """One mixer's training: its configuration (all but seed and directory) and what measuring it found
+    (with a time budget, the seconds per step that set its steps)."""
+
+    config: dict[str, Any]
+    measured: Measured
+
+
+def _steps(config: dict[str, Any], steps: int, eval_every: int) -> dict[str, Any]:
     return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "curve": [(r["step"], r["val_bpc"]) for r in records],
-        "val_bpc": records[-1]["val_bpc"],
-        "best_val_bpc": min(r["val_bpc"] for r in records),
-        "train_tokens_per_s": sum(r["tokens_per_s"] for r in records) / len(records),
+        **config,
+        "steps": steps,
+        "eval_every": max(1, min(eval_every, steps)),
+        "warmup_steps": max(1, steps // 20),
+    }
+
+
+def _plan(name: str, shared: dict[str, Any], budget: Budget, time_budget: float | None, runs: Path) -> _Plan:
+    """Check the mixer's configuration (data read, model built and run on one example) without writing
+    anything; with a time budget, set its steps: the budget over the seconds per step measured here, or
+    those of an earlier run of this comparison, so that it is continued rather than retrained."""
+    config = {**shared, "mixer": name, "out": str(runs), **training_options(name, budget)}
+    if time_budget is None:
+        return _Plan(_steps(config, budget.steps, budget.eval_every), measure_steps(_steps(config, 1, 1)))
+    earlier = sorted(runs.glob(f"{name}/seed-*/config.json"))
+    measured = measure_steps(_steps(config, 1, 1), 0 if earlier else CALIBRATION_STEPS)
+    if earlier:
+        steps = TrainConfig.load(earlier[0].parent).steps
+    else:
+        steps = max(1, round(time_budget / measured.seconds_per_step))
+    print(f"== {name}: {steps} steps in {time_budget:g} s of training", flush=True)
+    return _Plan(_steps(config, steps, max(1, steps // 5)), measured)  # about five evaluations
+
+
+def _train_runs(name: str, plan: _Plan, seeds: list[int], runs: Path, metric: str) -> dict[str, Any]:
+    """Train ``name`` at every seed (finished runs are reused, a cut one continued) and gather them."""
+    records = []
+    for seed in seeds:
+        run_dir = runs / name / f"seed-{seed}"
+        print(f"== training {name}, seed {seed}", flush=True)
+        config = TrainConfig.from_dict({**plan.config, "seed": seed, "out": str(run_dir)})
+        config.resume = (run_dir / "config.json").is_file()
+        logged = train(config)
+        if not logged or logged[-1]["step"] < config.steps:  # train returns early only when signalled
+            raise CompareStopped(f"stopped while training {name}; run the same compare again to resume")
+        records.append(_run_record(logged, seed, metric, plan))
+    values = [record[metric] for record in records]
+    mean, spread = mean_and_spread(values)
+    seconds = sum(r["train_seconds"] for r in records)
+    steps = sum(r["steps"] for r in records)
+    return {
+        "params": plan.measured.params,
+        "runs": records,
+        metric: mean,
+        "spread": spread,
+        "steps": records[0]["steps"],
+        "seconds_per_step": seconds / steps,
+        "train_tokens_per_s": plan.measured.tokens_per_step * steps / seconds,
+    }
+
+
+def _run_record(logged: list[dict[str, Any]], seed: int, metric: str, plan: _Plan) -> dict[str, Any]:
+    """One seed's run: its final metric, curve and pure training time (evaluations excluded), the latter
+    read back from each evaluation window's tokens/s."""
+    tokens_per_step = plan.measured.tokens_per_step
+    seconds, previous = 0.0, 0
+    for record in logged:
+        seconds += (record["step"] - previous) * tokens_per_step / record["tokens_per_s"]
+        previous = record["step"]
+    return {
+        "seed": seed,
+        metric: logged[-1][metric],
+        "steps": logged[-1]["step"],
+        "train_seconds": seconds,
+        "train_tokens_per_s": logged[-1]["step"] * tokens_per_step / seconds,
+        "curve": [(r["step"], r[metric]) for r in logged],
     }
 
 
@@ -136,6 +201,21 @@ def _claim(out: Path) -> None:
     (out / MARKER).touch()
 
 
+def _data_name(task: str, data: str | None, pack: bool) -> str:
+    """The data as the report names it."""
+    if task == "mqar":
+        return "synthetic key-value recall (vocab 64, 8 pairs per sequence)"
+    if task != "charlm":
+        return f"images: {data or 'fashion-mnist'}"
+    if data is None:
+        return "the embedded corpus (Moby-Dick" + (", its 135 chapters packed)" if pack else ")")
+    kind = "documents, packed" if pack else "bytes"
+    path = Path(data)
+    if path.is_file() and ".jsonl" not in path.name:
+        return f"{path.name} ({len(load_corpus(path)):,} {kind})"
+    return f"{path.name} ({kind})"
+
+
 def compare(
     mixers: Sequence[str] | None = None,
     *,
@@ -145,13 +225,48 @@ def compare(
     seq_lens: Sequence[int] | None = None,
     steps: int | None = None,
     seed: int = 0,
+    seeds: int | None = None,
+    task: str = "charlm",
+    data: str | None = None,
+    pack: bool = False,
+    time_budget: float | None = None,
 ) -> dict[str, Any]:
-    """Train each mixer (default: all registered) on the embedded corpus at one budget, benchmark them,
-    and write the report. On a GPU the budget and the lengths scale up. Returns what compare.json holds."""
+    """Train each mixer (default: all registered) on ``task`` at one budget, ``seeds`` times (seeds
+    ``seed``, ``seed`` + 1, ...), benchmark them, and write the report. Returns what compare.json holds.
+
+    Args:
+        mixers: registered names (default: every one).
+        out: the report directory: new, empty, or an earlier comparison's (its finished runs are reused).
+        quick: the small budget (d=64, 120 steps; under 5 minutes for every mixer on 2 CPU cores).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``; on a GPU the budget and the lengths scale up.
+        seq_lens: benchmark lengths (default: the budget's).
+        steps: training steps (default: the budget's); exclusive with ``time_budget``.
+        seed: the first seed.
+        seeds: runs per mixer (default: the budget's: 1 quick, 3 otherwise).
+        task: ``"charlm"``, ``"mqar"``, ``"image-cls"`` or ``"image-ar"``.
+        data: the task's data as ``tokenmix train --data`` takes it (default: the built-in data).
+        pack: charlm: whole documents per row with cu_seqlens (``tokenmix train --pack``).
+        time_budget: seconds of training per run: each mixer's steps are this over its measured seconds
+            per step, so every learning-rate schedule completes.
+    """
     mixers = list(mixers or list_mixers())
     for name in mixers:
         mixer_info(name)  # unknown names fail before any work
     check_positive_int("steps", steps, allow_none=True)
+    seeds = check_positive_int("seeds", seeds, allow_none=True)
+    if task not in TASKS:
+        raise InvalidValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if time_budget is not None:
+        if isinstance(time_budget, bool) or not (
+            isinstance(time_budget, (int, float)) and math.isfinite(time_budget) and time_budget > 0
+        ):
+            raise InvalidValueError(
+                f"time_budget must be a finite number of seconds > 0, got {time_budget!r}"
+            )
+        if steps is not None:
+            raise InvalidValueError(
+                "give steps or time_budget, not both: a time budget sets each mixer's steps"
+            )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     budget = BUDGETS["quick" if quick else "gpu" if device == "cuda" else "default"]
@@ -159,32 +274,26 @@ def compare(
         budget = replace(budget, seq_lens=tuple(seq_lens))
     if steps is not None:
         budget = replace(budget, steps=steps, eval_every=max(1, min(budget.eval_every, steps)))
+    seed_list = list(range(seed, seed + (seeds or budget.seeds)))
     out = Path(out)
-    _claim(out)
+    check_directory_path(out)
+    shared = _task_config(task, data, pack, budget, device)
+    metric = TASK_CLASSES[task].metric
     started = time.perf_counter()
-    trained = {}
     with _SignalsStop():
-        for name in mixers:
-            print(f"== training {name}", flush=True)
-            trained[name] = _train_one(name, budget, out / "runs" / name, device, seed)
+        # Every mixer's configuration is checked (and, with a time budget, timed) before anything is written.
+        plans = {name: _plan(name, shared, budget, time_budget, out / "runs") for name in mixers}
+        _claim(out)
+        trained = {name: _train_runs(name, plans[name], seed_list, out / "runs", metric) for name in mixers}
         print("== benchmarking", flush=True)
         records = _bench_all(mixers, budget, device)
-    return _write(out, budget, device, trained, records, started)
-
-
-def _bench_all(mixers: list[str], budget: Budget, device: str) -> list[dict]:
-    """Forward+backward at every length; a decoding step (which first decodes N − 1 tokens, one Python
-    call each) only at the longest, the one the table reports."""
-    options = dict(dim=budget.dim, batch=1, dtype=budget.dtype, device=device, repeats=budget.repeats)
-    records = bench(mixers, budget.seq_lens, passes=("fwd+bwd",), baselines=budget.baselines, **options)
-    return records + bench(mixers, budget.seq_lens[-1:], passes=("step",), baselines=False, **options)
-
-
-def _write(
-    out: Path, budget: Budget, device: str, trained: dict, records: list[dict], started: float
-) -> dict[str, Any]:
     result = {
         "machine": machine(torch.device(device)),
+        "task": task,
+        "data": _data_name(task, data, pack),
+        "metric": metric,
+        "seeds": seed_list,
+        "time_budget": time_budget,
         "budget": budget.__dict__,
         "mixers": trained,
         "bench": records,
@@ -196,117 +305,12 @@ def _write(
     return result
 
 
-def _bench_value(records: list[dict], mixer: str, pass_name: str, seq_len: int, key: str) -> float | None:
-    for record in records:
-        if (record["mixer"], record["pass"], record["seq_len"]) == (mixer, pass_name, seq_len):
-            return None if record.get("oom") else record.get(key)
-    return None
-
-
-def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The report's one table: header and rows of formatted cells."""
-    lens, records = result["budget"]["seq_lens"], result["bench"]
-    header = ["mixer", "params", "val bpc", "train tok/s"]
-    header += [f"ms fwd+bwd N={n}" for n in lens]
-    header += [f"peak MB N={lens[-1]}", f"state MB N={lens[-1]}", f"ms/step N={lens[-1]}"]
-
-    def cell(value: float | None, digits: int) -> str:
-        return "OOM" if value is None else f"{value:.{digits}f}"
-
-    rows = []
-    for name, run in sorted(result["mixers"].items(), key=lambda item: item[1]["val_bpc"]):
-        row = [
-            name,
-            f"{run['params'] / 1e6:.2f}M",
-            f"{run['val_bpc']:.3f}",
-            f"{run['train_tokens_per_s']:,.0f}",
-        ]
-        row += [cell(_bench_value(records, name, "fwd+bwd", n, "ms"), 1) for n in lens]
-        row.append(cell(_bench_value(records, name, "fwd+bwd", lens[-1], "peak_mem_mb"), 1))
-        row.append(cell(_bench_value(records, name, "step", lens[-1], "state_mb"), 3))
-        row.append(cell(_bench_value(records, name, "step", lens[-1], "ms"), 2))
-        rows.append(row)
-    return header, rows
-
-
-def summary(result: dict[str, Any]) -> list[str]:
-    """Plain statements read off the measurements: who learned most, who is fastest at each length."""
-    runs, records = result["mixers"], result["bench"]
-    best = min(runs, key=lambda name: runs[name]["val_bpc"])
-    lines = [f"Lowest validation bits per byte at this budget: **{best}** ({runs[best]['val_bpc']:.3f})."]
-    for n in result["budget"]["seq_lens"]:
-        times = {
-            name: value
-            for name in runs
-            if (value := _bench_value(records, name, "fwd+bwd", n, "ms")) is not None
-        }
-        if times:
-            fastest = min(times, key=times.get)
-            lines.append(f"Fastest forward+backward at N={n}: **{fastest}** ({times[fastest]:.1f} ms).")
-    return lines
-
-
-def plot_curves(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name, run in result["mixers"].items():
-        steps, bpc = zip(*run["curve"], strict=True)
-        axis.plot(steps, bpc, marker="o", markersize=3, label=name)
-    axis.set(xlabel="optimiser step", ylabel="validation bits per byte", title="learning curves")
-    axis.grid(True, alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def write_report(result: dict[str, Any], out: Path) -> None:
-    """report.md (plots beside it) and report.html (plots inlined)."""
-    plot_curves(result, out / "curves.png")
-    plot(result["bench"], out)
-    header, rows = table(result)
-    budget, info = result["budget"], result["machine"]
-    setup = (
-        f"Character LM on the embedded corpus (Moby-Dick), d={budget['dim']}, {budget['depth']} layers, "
-        f"N={budget['seq_len']}, batch {budget['batch_size']}, {budget['steps']} steps, seed-matched. "
-        f"Benchmarks: one causal layer, d={budget['dim']}, batch 1, {budget['dtype']}. "
-        f"Machine: {info['device']} ({info['processor']}, {info['cpu_count']} cores, torch {info['torch']}). "
-        f"Total {result['seconds'] / 60:.1f} min."
-    )
-    figures = [("curves.png", "Learning curves"), ("time.png", "Time vs N"), ("memory.png", "Memory vs N")]
-    markdown = ["# tokenmix compare", "", setup, ""]
-    markdown += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    markdown += ["| " + " | ".join(row) + " |" for row in rows]
-    markdown += ["", *[f"- {line}" for line in summary(result)], ""]
-    markdown += [f"![{title}]({name})" for name, title in figures]
-    (out / "report.md").write_text("\n".join(markdown) + "\n")
-
-    def inline(name: str) -> str:
-        return base64.b64encode((out / name).read_bytes()).decode()
-
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    bold = [html.escape(line).replace("**", "") for line in summary(result)]
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>tokenmix compare</title><style>"
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-        "</style></head><body><h1>tokenmix compare</h1>"
-        f"<p>{html.escape(setup)}</p><table><tr>{head}</tr>{body}</table>"
-        "<ul>"
-        + "".join(f"<li>{line}</li>" for line in bold)
-        + "</ul>"
-        + "".join(
-            f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{inline(name)}'>"
-            for name, title in figures
-        )
-        + "</body></html>"
-    )
-    (out / "report.html").write_text(page)
+def _bench_all(mixers: list[str], budget: Budget, device: str) -> list[dict]:
+    """Forward+backward at every length; a decoding step (which first decodes N − 1 tokens, one Python
+    call each) only at the longest, the one the table reports."""
+    options = dict(dim=budget.dim, batch=1, dtype=budget.dtype, device=device, repeats=budget.repeats)
+    records = bench(mixers, budget.seq_lens, passes=("fwd+bwd",), baselines=budget.baselines, **options)
+    return records + bench(mixers, budget.seq_lens[-1:], passes=("step",), baselines=False, **options)
 
 
 __all__ = ["BUDGETS", "Budget", "compare", "summary", "table", "write_report"]

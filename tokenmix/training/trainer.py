@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -240,6 +240,32 @@ def train(
         return _train(config, resolve_device(config.device, world), world, on_step)
     finally:
         world.leave()
+
+
+class Measured(NamedTuple):
+    """What ``measure_steps`` found: parameters, positions per optimiser step, seconds per step."""
+
+    params: int
+    tokens_per_step: int
+    seconds_per_step: float | None  # None when no step was timed
+
+
+def measure_steps(config: TrainConfig | dict[str, Any], steps: int = 0) -> Measured:
+    """Check ``config`` as ``train`` does before writing (task, data, model on one example) and, with
+    ``steps`` > 0, time that many optimiser steps after one untimed warm-up step. Writes nothing."""
+    config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    run = _Run(config, resolve_device(config.device), World())
+    run.dry_run()
+    params = sum(p.numel() for p in run.model.parameters())
+    tokens = config.batch_size * run.task.sequence_length
+    if steps == 0:
+        return Measured(params, tokens, None)
+    run.model.train()
+    run.train_step(run.model, run.model)
+    start = time.perf_counter()
+    for _ in range(steps):
+        run.train_step(run.model, run.model)
+    return Measured(params, tokens, (time.perf_counter() - start) / steps)
 
 
 class _Run:

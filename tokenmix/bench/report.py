@@ -1,0 +1,342 @@
+"""What ``tokenmix compare`` writes: the statistics over seeds, the table, the plain-language summary,
+the plots (learning curves, quality against cost with the Pareto front) and report.md / report.html.
+
+Everything here reads the ``compare.json`` dictionary (``tokenmix.bench.compare.compare`` returns it),
+so a report can be rebuilt from a saved comparison.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import statistics
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from .runner import plot
+
+HIGHER_IS_BETTER = frozenset({"val_acc"})
+LABELS = {"val_bpc": "val bpc", "val_bpd": "val bpd", "val_acc": "val acc"}
+# Two mixers whose curves agree this closely at every evaluation of every seed learned the same model.
+SAME_CURVE = 1e-4
+RULE = (
+    "A mixer is marked ≈ best when the difference between its mean and the best mean is less than twice "
+    "the standard error of that difference, 2·√(s₁²/K₁ + s₂²/K₂) (s: standard deviation over its K seeds; "
+    "about a 95 % interval for many seeds, a rough screen for 2–3)."
+)
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value: no spread was measured)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _better(result: dict[str, Any]) -> int:
+    return -1 if result["metric"] in HIGHER_IS_BETTER else 1  # sort key sign: best first
+
+
+def ranking(result: dict[str, Any]) -> list[str]:
+    """Mixers from best to worst mean of the task metric."""
+    metric, sign = result["metric"], _better(result)
+    return sorted(result["mixers"], key=lambda name: sign * result["mixers"][name][metric])
+
+
+def tied_with_best(result: dict[str, Any]) -> set[str]:
+    """The mixers the data cannot separate from the best (the best included), by ``RULE``. With one
+    seed of either mixer nothing can be separated."""
+    metric, runs = result["metric"], result["mixers"]
+    best = ranking(result)[0]
+    tied = set()
+    for name, run in runs.items():
+        values, best_values = [r[metric] for r in run["runs"]], [r[metric] for r in runs[best]["runs"]]
+        if len(values) < 2 or len(best_values) < 2:
+            tied.add(name)
+            continue
+        error = math.sqrt(
+            statistics.variance(values) / len(values) + statistics.variance(best_values) / len(best_values)
+        )
+        if abs(run[metric] - runs[best][metric]) < 2 * error or name == best:
+            tied.add(name)
+    return tied
+
+
+def same_curves(result: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """Pairs of mixers whose learning curves agree within ``SAME_CURVE`` at every evaluation of every
+    seed, with the largest difference: at this budget they are one model."""
+    pairs = []
+    for a, b in combinations(sorted(result["mixers"]), 2):
+        runs_a, runs_b = result["mixers"][a]["runs"], result["mixers"][b]["runs"]
+        if [r["seed"] for r in runs_a] != [r["seed"] for r in runs_b]:
+            continue
+        gaps = []
+        for run_a, run_b in zip(runs_a, runs_b, strict=True):
+            steps_a, values_a = zip(*run_a["curve"], strict=True)
+            steps_b, values_b = zip(*run_b["curve"], strict=True)
+            if steps_a != steps_b:
+                break
+            gaps += [abs(x - y) for x, y in zip(values_a, values_b, strict=True)]
+        else:
+            if gaps and max(gaps) < SAME_CURVE:
+                pairs.append((a, b, max(gaps)))
+    return pairs
+
+
+def _bench_record(records: list[dict], mixer: str, pass_name: str, seq_len: int) -> dict | None:
+    for record in records:
+        if (record["mixer"], record["pass"], record["seq_len"]) == (mixer, pass_name, seq_len):
+            return record
+    return None
+
+
+def _bench_value(records: list[dict], mixer: str, pass_name: str, seq_len: int, key: str) -> float | None:
+    record = _bench_record(records, mixer, pass_name, seq_len)
+    return None if record is None or record.get("oom") else record.get(key)
+
+
+def costs(result: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """Each mixer's two costs for the quality-vs-cost plot: training seconds per step (mean over
+    seeds) and the decoding state's size at the longest benchmark length."""
+    longest = result["budget"]["seq_lens"][-1]
+    return {
+        name: {
+            "seconds_per_step": run["seconds_per_step"],
+            "state_mb": _bench_value(result["bench"], name, "step", longest, "state_mb"),
+        }
+        for name, run in result["mixers"].items()
+    }
+
+
+def pareto_front(points: dict[str, tuple[float, float]], higher_is_better: bool) -> set[str]:
+    """Names not dominated: no other point is at most as costly and at least as good, one of the two
+    strictly. ``points``: name → (cost, quality)."""
+    sign = -1 if higher_is_better else 1
+
+    def dominates(p: tuple[float, float], q: tuple[float, float]) -> bool:
+        return p[0] <= q[0] and sign * p[1] <= sign * q[1] and (p[0] < q[0] or p[1] != q[1])
+
+    return {name for name, p in points.items() if not any(dominates(q, p) for q in points.values())}
+
+
+def _metric_cell(run: dict[str, Any], metric: str) -> str:
+    digits = 4 if metric == "val_acc" else 3
+    if run["spread"] is None:
+        return f"{run[metric]:.{digits}f}"
+    return f"{run[metric]:.{digits}f} ± {run['spread']:.{digits}f}"
+
+
+def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The report's table, best mean first: header and rows of formatted cells."""
+    lens, records, metric = result["budget"]["seq_lens"], result["bench"], result["metric"]
+    header = ["mixer", "params", LABELS[metric], "≈ best", "seeds", "steps", "s/step", "train tok/s"]
+    header += [f"ms fwd+bwd N={n}" for n in lens]
+    header += [f"peak MB N={lens[-1]}", f"state MB N={lens[-1]}", f"ms/step N={lens[-1]}"]
+    tied = tied_with_best(result)
+
+    def cell(name: str, pass_name: str, n: int, key: str, digits: int) -> str:
+        record = _bench_record(records, name, pass_name, n)
+        if record is None:
+            return "—"
+        return "OOM" if record.get("oom") else f"{record[key]:.{digits}f}"
+
+    rows = []
+    for name in ranking(result):
+        run = result["mixers"][name]
+        row = [
+            name,
+            f"{run['params'] / 1e6:.2f}M",
+            _metric_cell(run, metric),
+            "yes" if name in tied else "",
+            str(len(run["runs"])),
+            str(run["steps"]),
+            f"{run['seconds_per_step']:.3f}",
+            f"{run['train_tokens_per_s']:,.0f}",
+        ]
+        row += [cell(name, "fwd+bwd", n, "ms", 1) for n in lens]
+        row.append(cell(name, "fwd+bwd", lens[-1], "peak_mem_mb", 1))
+        row.append(cell(name, "step", lens[-1], "state_mb", 3))
+        row.append(cell(name, "step", lens[-1], "ms", 2))
+        rows.append(row)
+    return header, rows
+
+
+def summary(result: dict[str, Any]) -> list[str]:
+    """Plain statements read off the measurements: which mixers the data can and cannot separate,
+    which learned the same model, who is fastest at each length, and the Pareto front."""
+    metric, runs, records = result["metric"], result["mixers"], result["bench"]
+    label, order, tied = LABELS[metric], ranking(result), tied_with_best(result)
+    best, seeds = order[0], min(len(run["runs"]) for run in runs.values())
+    lines = []
+    if seeds < 2:
+        lines.append(
+            f"One seed per mixer: the spread between seeds is not measured, so this run cannot tell which "
+            f"differences in {label} are real, and names no winner. Lowest at this seed: {best} "
+            f"({runs[best][metric]:.3f}). `--seeds 3` measures the spread."
+        )
+    elif tied == {best}:
+        lines.append(
+            f"Best mean {label} at this budget: **{best}** ({_metric_cell(runs[best], metric)}, "
+            f"{len(runs[best]['runs'])} seeds), separated from every other mixer by the rule below."
+        )
+    else:
+        others = ", ".join(name for name in order if name in tied and name != best)
+        lines.append(
+            f"Best mean {label} at this budget: **{best}** ({_metric_cell(runs[best], metric)}); the data "
+            f"cannot separate it from {others} — at this budget they are equally good."
+        )
+    for a, b, gap in same_curves(result):
+        lines.append(
+            f"{a} and {b} learned the same model at this budget: their curves agree within {gap:.1e} at "
+            "every evaluation, so whatever distinguishes them has not moved from its initial value yet."
+        )
+    for n in result["budget"]["seq_lens"]:
+        times = {name: value for name in runs if (value := _bench_value(records, name, "fwd+bwd", n, "ms"))}
+        if times:
+            fastest = min(times, key=times.get)
+            lines.append(f"Fastest forward+backward at N={n}: **{fastest}** ({times[fastest]:.1f} ms).")
+    for key, what in (("seconds_per_step", "training time per step"), ("state_mb", "decoding-state size")):
+        points = {
+            name: (c[key], runs[name][metric]) for name, c in costs(result).items() if c[key] is not None
+        }
+        front = pareto_front(points, metric in HIGHER_IS_BETTER)
+        lines.append(
+            f"Pareto-optimal in {label} against {what}: {', '.join(n for n in order if n in front)}."
+        )
+    if seeds >= 2:
+        lines.append(RULE)
+    return lines
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(result: dict[str, Any], path: Path) -> None:
+    """The mean validation curve of each mixer, shaded between its seeds' lowest and highest."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, run in result["mixers"].items():
+        curves = [dict(r["curve"]) for r in run["runs"]]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = [[c[s] for c in curves] for s in steps]
+        (line,) = axis.plot(
+            steps, [statistics.fmean(v) for v in values], marker="o", markersize=3, label=name
+        )
+        if len(curves) > 1:
+            axis.fill_between(
+                steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2
+            )
+    axis.set(xlabel="optimiser step", ylabel=LABELS[result["metric"]], title="learning curves (band: seeds)")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_pareto(result: dict[str, Any], path: Path) -> None:
+    """Quality against two costs, one panel each; Pareto-optimal mixers drawn as filled stars and
+    joined, error bars one standard deviation over seeds."""
+    plt = _pyplot()
+    metric, runs = result["metric"], result["mixers"]
+    panels = (("seconds_per_step", "training seconds per step"), ("state_mb", "decoding state MB (log)"))
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for axis, (key, xlabel) in zip(axes, panels, strict=True):
+        points = {
+            name: (c[key], runs[name][metric]) for name, c in costs(result).items() if c[key] is not None
+        }
+        front = pareto_front(points, metric in HIGHER_IS_BETTER)
+        for name, (x, y) in points.items():
+            optimal = name in front
+            style = dict(fmt="*", markersize=11, color="tab:red") if optimal else dict(fmt="o", markersize=6)
+            axis.errorbar(x, y, yerr=runs[name]["spread"] or 0, capsize=3, **style)
+            axis.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        line = sorted(points[name] for name in front)
+        if line:
+            axis.plot(*zip(*line, strict=True), color="tab:red", alpha=0.4, linestyle="--")
+        axis.set(xlabel=xlabel, ylabel=LABELS[metric], xscale="log" if key == "state_mb" else "linear")
+        axis.grid(True, alpha=0.3)
+    figure.suptitle("quality against cost (stars: Pareto-optimal)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+FIGURES = (
+    ("curves.png", "Learning curves"),
+    ("pareto.png", "Quality against cost"),
+    ("time.png", "Time vs N"),
+    ("memory.png", "Memory vs N"),
+)
+
+
+def setup_line(result: dict[str, Any]) -> str:
+    budget, info = result["budget"], result["machine"]
+    seeds = ", ".join(str(s) for s in result["seeds"])
+    if result["time_budget"] is not None:
+        length = f"{result['time_budget']:g} s of training per run (steps set from a measured throughput)"
+    else:
+        length = f"{budget['steps']} steps"
+    return (
+        f"Task {result['task']} on {result['data']}; d={budget['dim']}, {budget['depth']} layers, "
+        f"N={budget['seq_len']}, batch {budget['batch_size']}, {length}, seeds {seeds} (the same batches "
+        f"for every mixer at each seed). Benchmarks: one causal layer, d={budget['dim']}, batch 1, "
+        f"{budget['dtype']}. Machine: {info['device']} ({info['processor']}, {info['cpu_count']} cores, "
+        f"torch {info['torch']}). Total {result['seconds'] / 60:.1f} min."
+    )
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    """report.md (plots beside it) and report.html (plots inlined)."""
+    plot_curves(result, out / "curves.png")
+    plot_pareto(result, out / "pareto.png")
+    figures = FIGURES[:2]
+    if result["bench"]:
+        plot(result["bench"], out)
+        figures = FIGURES
+    header, rows = table(result)
+    setup, lines = setup_line(result), summary(result)
+    markdown = ["# tokenmix compare", "", setup, ""]
+    markdown += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    markdown += ["| " + " | ".join(row) + " |" for row in rows]
+    markdown += ["", *[f"- {line}" for line in lines], ""]
+    markdown += [f"![{title}]({name})" for name, title in figures]
+    (out / "report.md").write_text("\n".join(markdown) + "\n")
+
+    def inline(name: str) -> str:
+        return base64.b64encode((out / name).read_bytes()).decode()
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    items = "".join(f"<li>{html.escape(line).replace('**', '')}</li>" for line in lines)
+    images = "".join(
+        f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{inline(name)}'>"
+        for name, title in figures
+    )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>tokenmix compare</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+        "</style></head><body><h1>tokenmix compare</h1>"
+        f"<p>{html.escape(setup)}</p><table><tr>{head}</tr>{body}</table><ul>{items}</ul>{images}</body></html>"
+    )
+    (out / "report.html").write_text(page)
+
+
+__all__ = [
+    "RULE",
+    "mean_and_spread",
+    "pareto_front",
+    "ranking",
+    "same_curves",
+    "summary",
+    "table",
+    "tied_with_best",
+    "write_report",
+]
