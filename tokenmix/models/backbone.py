@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,6 +83,23 @@ def _per_layer(value: Any, depth: int, name: str) -> list[Any]:
     return values
 
 
+def _init_residual_branches(blocks: nn.ModuleList) -> None:
+    """GPT-2's initialisation of what each residual branch adds: its last projection (every mixer's
+    ``to_out``, the FFN's second layer) drawn with std 0.02/√(number of branches), biases zero, so the
+    stack starts close to the identity and the embeddings reach the head. With PyTorch's default
+    (std ≈ 0.05 at d=128) the branches drown the embeddings: benchmarks/recipe.py measured 3.49 against
+    3.19 validation bits per byte after 400 steps (x-transformers' decoder: 3.36)."""
+    projections = []
+    for block in blocks:
+        projections.append(block.mixer.to_out)
+        if block.ffn is not None:
+            projections.append(block.ffn[2])
+    for projection in projections:
+        nn.init.normal_(projection.weight, std=0.02 / math.sqrt(len(projections)))
+        if projection.bias is not None:
+            nn.init.zeros_(projection.bias)
+
+
 class Backbone(nn.Module):
     """Embeddings (B, N, dim) → hidden states (B, N, dim) through ``depth`` mixer blocks.
 
@@ -134,6 +152,7 @@ class Backbone(nn.Module):
             mixer_module = create_mixer(name, dim, causal=causal, **options)
             blocks.append(Block(dim, mixer_module, FeedForward(dim, ffn_mult, dropout) if ffn else None))
         self.blocks = nn.ModuleList(blocks)
+        _init_residual_branches(self.blocks)
         self.position_embedding = nn.Embedding(max_len, dim) if positions == "learned" else None
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
