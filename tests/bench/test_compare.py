@@ -15,8 +15,10 @@ from tokenmix.bench.report import (
     pareto_front,
     ranking,
     same_curves,
+    summary,
     table,
     tied_with_best,
+    unseparated_neighbours,
 )
 from tokenmix.cli import main
 
@@ -167,10 +169,22 @@ def _result(values: dict[str, list[float]], metric: str = "val_bpc", curves=None
     return {"metric": metric, "mixers": mixers}
 
 
+def _with_costs(result: dict) -> dict:
+    """What summary() reads beyond the statistics: no benchmark, a second per step for every mixer."""
+    for run in result["mixers"].values():
+        run["seconds_per_step"] = 1.0
+    return {**result, "bench": [], "budget": {"seq_lens": [16]}}
+
+
 def test_mixers_within_the_noise_of_the_best_are_marked_so():
     # b: 0.01 from the best with spreads of ~0.03 — not separable; c: 0.5 away — separable.
     result = _result({"a": [3.00, 3.04, 2.98], "b": [3.01, 3.05, 2.99], "c": [3.50, 3.52, 3.49]})
     assert ranking(result) == ["a", "b", "c"] and tied_with_best(result) == {"a", "b"}
+    assert unseparated_neighbours(result) == [("a", "b")]
+    result["mixers"]["d"] = _result({"d": [3.49, 3.53, 3.51]})["mixers"]["d"]  # within c's noise
+    assert unseparated_neighbours(result) == [("a", "b"), ("c", "d")]
+    lines = " ".join(summary(_with_costs(result)))
+    assert "Neighbours in the ranking that the data cannot tell apart: a ≈ b, c ≈ d." in lines
     # Accuracy: higher is better.
     result = _result({"a": [0.50, 0.52], "b": [0.90, 0.91]}, metric="val_acc")
     assert ranking(result) == ["b", "a"] and tied_with_best(result) == {"b"}

@@ -11,7 +11,7 @@ import base64
 import html
 import math
 import statistics
-from itertools import combinations
+from itertools import combinations, pairwise
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ LABELS = {"val_bpc": "val bpc", "val_bpd": "val bpd", "val_acc": "val acc"}
 # Two mixers whose curves agree this closely at every evaluation of every seed learned the same model.
 SAME_CURVE = 1e-4
 RULE = (
-    "A mixer is marked ≈ best when the difference between its mean and the best mean is less than twice "
-    "the standard error of that difference, 2·√(s₁²/K₁ + s₂²/K₂) (s: standard deviation over its K seeds; "
-    "about a 95 % interval for many seeds, a rough screen for 2–3)."
+    "Two mixers are told apart when the difference of their means is at least twice the standard error "
+    "of that difference, 2·√(s₁²/K₁ + s₂²/K₂) (s: standard deviation over K seeds) — about a 95 % "
+    "interval for many seeds, a rough screen for 2–3; ≈ best marks those not told apart from the best."
 )
 
 
@@ -43,23 +43,29 @@ def ranking(result: dict[str, Any]) -> list[str]:
     return sorted(result["mixers"], key=lambda name: sign * result["mixers"][name][metric])
 
 
+def separated(result: dict[str, Any], a: str, b: str) -> bool:
+    """Whether ``RULE`` separates mixers ``a`` and ``b``: never with one seed of either."""
+    metric = result["metric"]
+    values_a = [r[metric] for r in result["mixers"][a]["runs"]]
+    values_b = [r[metric] for r in result["mixers"][b]["runs"]]
+    if len(values_a) < 2 or len(values_b) < 2:
+        return False
+    error = math.sqrt(
+        statistics.variance(values_a) / len(values_a) + statistics.variance(values_b) / len(values_b)
+    )
+    return abs(statistics.fmean(values_a) - statistics.fmean(values_b)) >= 2 * error and a != b
+
+
 def tied_with_best(result: dict[str, Any]) -> set[str]:
-    """The mixers the data cannot separate from the best (the best included), by ``RULE``. With one
-    seed of either mixer nothing can be separated."""
-    metric, runs = result["metric"], result["mixers"]
+    """The mixers the data cannot separate from the best (the best included)."""
     best = ranking(result)[0]
-    tied = set()
-    for name, run in runs.items():
-        values, best_values = [r[metric] for r in run["runs"]], [r[metric] for r in runs[best]["runs"]]
-        if len(values) < 2 or len(best_values) < 2:
-            tied.add(name)
-            continue
-        error = math.sqrt(
-            statistics.variance(values) / len(values) + statistics.variance(best_values) / len(best_values)
-        )
-        if abs(run[metric] - runs[best][metric]) < 2 * error or name == best:
-            tied.add(name)
-    return tied
+    return {name for name in result["mixers"] if not separated(result, name, best)}
+
+
+def unseparated_neighbours(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """Pairs of mixers next to each other in the ranking that the data cannot separate."""
+    order = ranking(result)
+    return [(a, b) for a, b in pairwise(order) if not separated(result, a, b)]
 
 
 def same_curves(result: dict[str, Any]) -> list[tuple[str, str, float]]:
@@ -177,13 +183,19 @@ def summary(result: dict[str, Any]) -> list[str]:
     elif tied == {best}:
         lines.append(
             f"Best mean {label} at this budget: **{best}** ({_metric_cell(runs[best], metric)}, "
-            f"{len(runs[best]['runs'])} seeds), separated from every other mixer by the rule below."
+            f"{len(runs[best]['runs'])} seeds), told apart from every other mixer by the rule below."
         )
     else:
         others = ", ".join(name for name in order if name in tied and name != best)
         lines.append(
             f"Best mean {label} at this budget: **{best}** ({_metric_cell(runs[best], metric)}); the data "
             f"cannot separate it from {others} — at this budget they are equally good."
+        )
+    if seeds >= 2 and (pairs := unseparated_neighbours(result)):
+        lines.append(
+            "Neighbours in the ranking that the data cannot tell apart: "
+            + ", ".join(f"{a} ≈ {b}" for a, b in pairs)
+            + "."
         )
     for a, b, gap in same_curves(result):
         lines.append(
@@ -335,8 +347,10 @@ __all__ = [
     "pareto_front",
     "ranking",
     "same_curves",
+    "separated",
     "summary",
     "table",
     "tied_with_best",
+    "unseparated_neighbours",
     "write_report",
 ]
