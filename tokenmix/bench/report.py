@@ -53,7 +53,8 @@ def separated(result: dict[str, Any], a: str, b: str) -> bool:
     error = math.sqrt(
         statistics.variance(values_a) / len(values_a) + statistics.variance(values_b) / len(values_b)
     )
-    return abs(statistics.fmean(values_a) - statistics.fmean(values_b)) >= 2 * error and a != b
+    difference = abs(statistics.fmean(values_a) - statistics.fmean(values_b))
+    return difference > 0 and difference >= 2 * error
 
 
 def tied_with_best(result: dict[str, Any]) -> set[str]:
@@ -191,7 +192,8 @@ def summary(result: dict[str, Any]) -> list[str]:
             f"Best mean {label} at this budget: **{best}** ({_metric_cell(runs[best], metric)}); the data "
             f"cannot separate it from {others} — at this budget they are equally good."
         )
-    if seeds >= 2 and (pairs := unseparated_neighbours(result)):
+    pairs = [pair for pair in unseparated_neighbours(result) if not set(pair) <= tied]  # not said above
+    if seeds >= 2 and pairs:
         lines.append(
             "Neighbours in the ranking that the data cannot tell apart: "
             + ", ".join(f"{a} ≈ {b}" for a, b in pairs)
