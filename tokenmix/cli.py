@@ -322,7 +322,7 @@ def _add_training_commands(commands) -> None:
     train_parser.set_defaults(run=_train)
     eval_parser = commands.add_parser("eval", help="metrics of a trained run on its test split")
     eval_parser.add_argument("--run", dest="run_dir", required=True, help="run directory")
-    eval_parser.add_argument("--split", default="test", choices=["test", "val"])
+    eval_parser.add_argument("--split", default="test", choices=["test", "val", "heldout"])
     eval_parser.add_argument("--weights", default="best", choices=["best", "last"])
     eval_parser.add_argument("--device", default="auto")
     eval_parser.add_argument("--max-batches", help="at most this many batches (default: the whole split)")

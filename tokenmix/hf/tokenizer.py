@@ -1,8 +1,8 @@
 """``ByteTokenizer``: tokenmix's vocabulary (the 256 byte values, token id = byte) for ``AutoTokenizer``.
 
 Text is encoded as UTF-8 and each byte is one token, so any text round-trips; a token's string is the
-Latin-1 character of its byte. Byte 0 (NUL) is the padding token; there is no other special token unless
-one is given (``eos_token="\\n"``, say, for line-by-line generation)."""
+Latin-1 character of its byte. Byte 0 (NUL) is the padding and end-of-text token; there is no other
+special token unless one is given (``eos_token="\\n"``, say, for line-by-line generation)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,13 @@ class ByteTokenizer(PreTrainedTokenizer):
     model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
     vocab_files_names: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, pad_token: str = "\x00", padding_side: str = "left", **kwargs: Any) -> None:
-        super().__init__(pad_token=pad_token, padding_side=padding_side, **kwargs)
+    def __init__(
+        self, pad_token: str = "\x00", eos_token: str = "\x00", padding_side: str = "left", **kwargs: Any
+    ) -> None:
+        # NUL, which text never holds, is also the end-of-text token: tools that need one (the
+        # lm-evaluation-harness prefixes an empty context with it) find it; generate stops on it only
+        # when asked (eos_token_id).
+        super().__init__(pad_token=pad_token, eos_token=eos_token, padding_side=padding_side, **kwargs)
 
     @property
     def vocab_size(self) -> int:

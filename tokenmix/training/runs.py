@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.documents import pieces
+from ..data.heldout import heldout_sentences
 from ..errors import InvalidValueError, MissingFileError
 from ..functional._checks import check_positive_int
 from .checkpoint import load_weights
 from .config import TrainConfig
 from .tasks import Task, create_task
-from .trainer import BEST_WEIGHTS, WEIGHTS, evaluate_model, resolve_device
+from .trainer import BEST_WEIGHTS, WEIGHTS, evaluate_model, forward_rows, resolve_device, token_loss
 
 WEIGHT_CHOICES = {"best": BEST_WEIGHTS, "last": WEIGHTS}
 
@@ -45,12 +48,21 @@ def evaluate(
     device: str = "auto",
     max_batches: int | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a trained run on ``split`` (``"test"`` or ``"val"``; the whole split by default)."""
-    if split not in ("val", "test"):
-        raise InvalidValueError(f"split must be 'val' or 'test', got {split!r}")
+    """Metrics of a trained run on ``split``: ``"test"`` or ``"val"`` (the whole split by default), or,
+    for a charlm run, ``"heldout"``: the held-out sentences of the embedded corpus
+    (``tokenmix.data.heldout``), each scored alone from its first byte on — the number the bundled
+    lm-evaluation-harness task ``tokenmix_heldout_bpb`` reports for the exported model."""
+    if split not in ("val", "test", "heldout"):
+        raise InvalidValueError(f"split must be 'val', 'test' or 'heldout', got {split!r}")
     check_positive_int("max_batches", max_batches, allow_none=True)
-    _, task, model = load_run(run_dir, weights, device)
-    scores = evaluate_model(model, task, split, max_batches, next(model.parameters()).device)
+    config, task, model = load_run(run_dir, weights, device)
+    device_ = next(model.parameters()).device
+    if split == "heldout":
+        if config.task != "charlm":
+            raise InvalidValueError(f"split 'heldout' is text: it takes a charlm run, not {config.task!r}")
+        scores = _score_documents(model, [s.encode() for s in heldout_sentences()], config.seq_len, device_)
+    else:
+        scores = evaluate_model(model, task, split, max_batches, device_)
     name = task.metric.removeprefix("val_")
     return {
         "split": split,
@@ -58,6 +70,20 @@ def evaluate(
         f"{split}_loss": scores["loss"],
         f"{split}_{name}": scores[name],
     }
+
+
+@torch.no_grad()
+def _score_documents(model: nn.Module, documents: list[bytes], seq_len: int, device: torch.device) -> dict:
+    """Loss (nats per byte) and bits per byte of every byte after each document's first, each document
+    alone (one packed row; documents longer than ``seq_len`` + 1 bytes in pieces, as packing cuts them)."""
+    parts = pieces(documents, seq_len)
+    inputs = torch.cat([part[:-1] for part in parts]).long()[None]
+    targets = torch.cat([part[1:] for part in parts]).long()[None]
+    segments = torch.cat([torch.full((len(part) - 1,), i) for i, part in enumerate(parts)])[None]
+    logits = forward_rows(model, inputs.to(device), segments.to(device))
+    loss_sum, count, _ = token_loss(logits, targets.to(device))
+    loss = (loss_sum / count).item()
+    return {"loss": loss, "bpc": loss / math.log(2)}
 
 
 def generate(

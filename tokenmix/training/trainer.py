@@ -66,7 +66,9 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_loss(
+    logits: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Summed cross-entropy in nats, number of counted targets, number predicted right."""
     logits, targets = logits.float().flatten(0, -2), targets.flatten()
     counted = targets != IGNORE
@@ -128,7 +130,7 @@ def evaluate_model(
         segments = segments[0].to(device) if segments else None
         with _autocast(device):
             logits = forward_rows(model, inputs.to(device), segments)
-        totals += torch.stack(_loss(logits, targets.to(device))).double()
+        totals += torch.stack(token_loss(logits, targets.to(device))).double()
     model.train(was_training)
     loss_sum, count, correct = world.sum(totals).tolist()
     loss, accuracy = loss_sum / max(count, 1), correct / max(count, 1)
@@ -369,7 +371,7 @@ class _Run:
             with sync:
                 with _autocast(self.device):
                     logits = forward_rows(forward, inputs[part], None if segments is None else segments[part])
-                loss_sum, count, _ = _loss(logits, targets[part])
+                loss_sum, count, _ = token_loss(logits, targets[part])
                 loss = loss_sum / count.clamp_min(1)
                 (loss / config.grad_accum).backward()
             step_loss += loss.detach() / config.grad_accum

@@ -1,0 +1,81 @@
+"""lm-evaluation-harness on an exported run, offline, on the bundled held-out tasks: its bits per byte
+equals `tokenmix eval --split heldout` on the run itself, and the documented command runs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("lm_eval")
+
+from tokenmix.cli import main
+from tokenmix.data.heldout import cloze, heldout_sentences
+from tokenmix.data.text import embedded_corpus, split
+from tokenmix.hf.export import export_run
+from tokenmix.hf.lm_eval import evaluate as lm_evaluate
+from tokenmix.hf.lm_eval import main as lm_eval_main
+from tokenmix.training import evaluate, train
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A charlm run whose context (96) holds every held-out sentence, trained a few steps, exported."""
+    root = tmp_path_factory.mktemp("lm-eval")
+    config = {
+        "mixer": "aft_local", "mixer_options": {"window": 8}, "dim": 32, "depth": 2, "seq_len": 96,
+        "batch_size": 8, "steps": 30, "eval_every": 30, "eval_batches": 1, "warmup_steps": 3,
+        "progress": "log", "out": str(root / "run"),
+    }  # fmt: skip
+    train(config)
+    return root / "run", export_run(root / "run", root / "hf")
+
+
+def test_the_heldout_sentences_are_whole_sentences_of_the_test_split_only():
+    sentences = heldout_sentences()
+    assert len(sentences) >= 50 and len(set(sentences)) == len(sentences)
+    splits = {
+        name: " ".join(bytes(t.numpy()).decode("utf-8", "ignore").split())
+        for name, t in split(embedded_corpus()).items()
+    }
+    for sentence in sentences:
+        assert sentence in splits["test"] and sentence not in splits["train"], sentence
+        assert sentence.isascii() and 24 <= len(sentence) <= 96 and sentence[0].isupper()
+        context, word = cloze(sentence)
+        assert context + word + sentence[-1] == sentence and word.startswith(" ") and word[1:].isalpha()
+
+
+def test_lm_eval_bits_per_byte_equals_tokenmix_eval(exported):
+    run, directory = exported
+    results = lm_evaluate(directory)
+    ours = evaluate(run, "heldout", device="cpu")
+    assert results["tokenmix_heldout_bpb"]["sample_len"] == len(heldout_sentences())
+    assert results["tokenmix_heldout_bpb"]["bits_per_byte,none"] == pytest.approx(
+        ours["heldout_bpc"], abs=1e-4
+    )
+    assert 3 < ours["heldout_bpc"] < 8  # learned something (uniform: 8 bits), far from perfect
+    cloze_scores = results["tokenmix_heldout_cloze"]
+    assert 0 <= cloze_scores["acc,none"] <= 1 and math.isfinite(cloze_scores["perplexity,none"])
+
+
+def test_the_documented_command_runs_offline_with_a_limit(exported, tmp_path, capsys):
+    _, directory = exported
+    out = tmp_path / "results"
+    lm_eval_main(
+        ["--model", "hf", "--model_args", f"pretrained={directory}", "--tasks", "tokenmix_heldout_cloze",
+         "--limit", "5", "--device", "cpu", "--output_path", str(out)]
+    )  # fmt: skip
+    assert "tokenmix_heldout_cloze" in capsys.readouterr().out
+    (written,) = out.rglob("results_*.json")
+    scores = json.loads(written.read_text())["results"]["tokenmix_heldout_cloze"]
+    assert scores["sample_len"] == 5 and 0 <= scores["acc,none"] <= 1
+
+
+def test_heldout_evaluation_takes_charlm_runs_only(tmp_path, capsys):
+    run = tmp_path / "mqar"
+    train({"task": "mqar", "mixer": "softmax", "dim": 16, "depth": 1, "seq_len": 32, "batch_size": 4,
+           "steps": 1, "eval_every": 1, "eval_batches": 1, "progress": "log", "out": str(run)})  # fmt: skip
+    assert main(["eval", "--run", str(run), "--split", "heldout", "--device", "cpu"]) == 2
+    assert "split 'heldout' is text" in capsys.readouterr().err
