@@ -10,6 +10,7 @@ import pytest
 
 from tokenmix.bench.compare import compare
 from tokenmix.bench.report import (
+    LABELS,
     RULE,
     mean_and_spread,
     pareto_front,
@@ -239,19 +240,27 @@ def test_a_time_budget_sets_each_mixers_steps_from_its_measured_speed(
     assert {name: run["steps"] for name, run in again["mixers"].items()} == {"aft_simple": 12, "softmax": 3}
 
 
-def test_compare_runs_other_tasks_with_their_metric(tmp_path, no_benchmark):
-    result = compare(
-        ["aft_simple"],
-        out=tmp_path / "c",
-        quick=True,
-        steps=2,
-        seeds=1,
-        task="mqar",
-        seq_lens=[16],
-        device="cpu",
-    )
-    assert result["metric"] == "val_acc" and 0 <= result["mixers"]["aft_simple"]["val_acc"] <= 1
-    assert "mqar" in (tmp_path / "c" / "report.md").read_text()
+@pytest.mark.parametrize(
+    "task,data,metric,named",
+    [
+        ("mqar", None, "val_acc", "key-value recall"),
+        ("image-cls", "digits", "val_acc", "images: digits"),
+        ("image-ar", "digits", "val_bpd", "images: digits"),
+    ],
+)
+def test_compare_runs_other_tasks_with_their_metric(tmp_path, no_benchmark, task, data, metric, named):
+    if data == "digits":
+        pytest.importorskip("sklearn")
+    options = dict(quick=True, steps=2, seeds=2, task=task, data=data, seq_lens=[16], device="cpu")
+    result = compare(["aft_simple", "lightconv"], out=tmp_path / "c", **options)
+    assert result["metric"] == metric and result["task"] == task
+    for run in result["mixers"].values():
+        assert [r["seed"] for r in run["runs"]] == [0, 1] and all(r[metric] >= 0 for r in run["runs"])
+    if metric == "val_acc":  # higher is better: the best mean comes first
+        means = [result["mixers"][name][metric] for name in ranking(result)]
+        assert means == sorted(means, reverse=True) and all(0 <= m <= 1 for m in means)
+    markdown = (tmp_path / "c" / "report.md").read_text()
+    assert named in markdown and f"Task {task}" in markdown and LABELS[metric] in markdown
 
 
 @pytest.mark.parametrize(
