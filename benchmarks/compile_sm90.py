@@ -126,8 +126,10 @@ def compile_op(op: str) -> dict:
     launches, and per compile its stages, shared memory (bytes), registers and spill bytes."""
     import tokenmix  # here, after main's check: the kernels must be built as compilable functions
 
+    # Every module that holds a kernel name (its own or imported) gets the recorder.
     modules = [importlib.import_module(f"tokenmix.kernels.{name}") for name in
-               ("_common", "aft", "conv", "flash", "pointwise_attention")]  # fmt: skip
+               ("_common", "aft.common", "aft.scan", "aft.simple", "aft.banded", "aft.full", "conv", "flash",
+                "pointwise_attention")]  # fmt: skip
     launches = []
 
     class Recorder:

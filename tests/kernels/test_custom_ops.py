@@ -3,8 +3,11 @@ pass torch.library.opcheck, and torch.compile traces a call through them in one 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+import triton
 
 import tokenmix
 import tokenmix.kernels.aft
@@ -67,21 +70,22 @@ def opcheck_cases():
 
     ops = torch.ops.tokenmix
     return {
-        "pointwise_attention": (ops.pointwise_attention, (
+        "pointwise_attention_fwd": (ops.pointwise_attention_fwd, (
             *(randn(2, 3, 11, 5) for _ in range(3)), mask, torch.full((1, 11), 0.5), "relu2", 0.4, True)),
-        "mixed_chunk_attention": (
-            ops.mixed_chunk_attention, (*(randn(*bnd) for _ in range(5)), mask, 4, True)),
-        "aft_simple": (ops.aft_simple, (*(randn(*bnd) for _ in range(3)), mask, True)),
-        "aft_full": (ops.aft_full, (*(randn(*bnd) for _ in range(3)), randn(12, 12), mask, False)),
-        "aft_banded": (ops.aft_banded, (*(randn(*bnd) for _ in range(3)), randn(11, 1, 5), mask, 3, False)),
-        "aft_banded_per_head": (
-            ops.aft_banded, (randn(*bnd), randn(2, 11, 2), randn(*bnd), randn(1, 2, 3), None, 2, True)),
-        "depthwise_conv": (ops.depthwise_conv, (randn(*bnd), randn(2, 3), 2, True)),
+        "mixed_chunk_attention_fwd": (
+            ops.mixed_chunk_attention_fwd, (*(randn(*bnd) for _ in range(5)), mask, 4, True)),
+        "aft_simple_fwd": (ops.aft_simple_fwd, (*(randn(*bnd) for _ in range(3)), mask, True)),
+        "aft_full_fwd": (ops.aft_full_fwd, (*(randn(*bnd) for _ in range(3)), randn(12, 12), mask, False)),
+        "aft_banded_fwd": (
+            ops.aft_banded_fwd, (*(randn(*bnd) for _ in range(3)), randn(11, 1, 5), mask, 3, False)),
+        "aft_banded_fwd_per_head": (
+            ops.aft_banded_fwd, (randn(*bnd), randn(2, 11, 2), randn(*bnd), randn(1, 2, 3), None, 2, True)),
+        "depthwise_conv_fwd": (ops.depthwise_conv_fwd, (randn(*bnd), randn(2, 3), 2, True)),
     }  # fmt: skip
 
 
-OPCHECKED = ["pointwise_attention", "mixed_chunk_attention", "aft_simple", "aft_full", "aft_banded",
-             "aft_banded_per_head", "depthwise_conv"]  # fmt: skip
+OPCHECKED = ["pointwise_attention_fwd", "mixed_chunk_attention_fwd", "aft_simple_fwd", "aft_full_fwd",
+             "aft_banded_fwd", "aft_banded_fwd_per_head", "depthwise_conv_fwd"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", OPCHECKED)
@@ -97,8 +101,32 @@ def test_every_registered_forward_op_is_opchecked():
     registered = {
         name for name in dir(namespace) if isinstance(getattr(namespace, name), torch._ops.OpOverloadPacket)
     }
-    forward = {name for name in registered if not name.endswith("_backward")}
+    forward = {name for name in registered if name.endswith("_fwd")}
     assert forward == {name for name in OPCHECKED if not name.endswith("_per_head")}
+    assert registered == forward | {name.removesuffix("_fwd") + "_bwd" for name in forward}
+
+
+def _kernel_modules():
+    return [module for name, module in sorted(sys.modules.items()) if name.startswith("tokenmix.kernels.")]
+
+
+def test_every_op_and_kernel_is_named_as_its_python_function_and_uniquely():
+    """What a profiler, a compiled graph or a Triton cache shows is the Python name, and no two kernels
+    share one (two ``_forward_kernel``s could not be told apart)."""
+    ops, kernels = {}, {}
+    for module in _kernel_modules():
+        for attribute, value in vars(module).items():
+            if isinstance(value, torch._library.custom_ops.CustomOpDef):
+                assert value._qualname == f"tokenmix::{attribute}", (module.__name__, attribute)
+                ops.setdefault(attribute, set()).add(module.__name__)
+            jitted = isinstance(value, triton.runtime.jit.KernelInterface)  # compiled or interpreted
+            if jitted and value.fn.__module__ == module.__name__:
+                assert value.__name__ == attribute
+                if attribute.endswith("_kernel"):
+                    kernels.setdefault(attribute, set()).add(module.__name__)
+    assert len(ops) == 12 and all(len(where) == 1 for where in ops.values())
+    assert all(not name.startswith("_") and len(where) == 1 for name, where in kernels.items()), kernels
+    assert len(kernels) >= 15
 
 
 def test_a_compiled_function_follows_a_change_of_backend():

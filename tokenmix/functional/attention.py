@@ -402,7 +402,7 @@ def pointwise_attention(
         device=q.device,
     )
     if use_kernel("pointwise_attention", q):
-        from ..kernels.pointwise_attention import pointwise_attention as kernel
+        from ..kernels.pointwise_attention import pointwise_attention_fwd as kernel
 
         out = kernel(q, k, v, key_mask, row_scale[:, 0, :, 0], activation, scale, bool(causal))
     else:

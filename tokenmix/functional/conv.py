@@ -160,11 +160,11 @@ def _convolve(
         _prepare(x, weight, attention_mask, weight_softmax, layout)  # still checked
         return empty_output(x.shape, x, weight)
     if use_kernel(op_name, x):
-        from ..kernels.conv import convolve
+        from ..kernels.conv import depthwise_conv_fwd
 
         # The kernel reads x in its own dtype (padding zeroed) and float32 taps; it accumulates in float32.
         x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout, x_dtype=x.dtype)
-        return convolve(x, kernel.float(), heads, bool(causal))
+        return depthwise_conv_fwd(x, kernel.float(), heads, bool(causal))
     x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout)
     window, band = _PATHS[op_name]
     kernel_size = kernel.shape[-1]

@@ -35,7 +35,7 @@ def _taps(kernel_ptr, rows, head, tap, seq_len, heads, kernel_size, DYNAMIC: tl.
 
 
 @triton.jit
-def _forward_kernel(
+def depthwise_conv_fwd_kernel(
     x_ptr, kernel_ptr, out_ptr, seq_len, channels, heads, kernel_size, left,
     DYNAMIC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -63,7 +63,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_kernel(
+def depthwise_conv_bwd_kernel(
     x_ptr, kernel_ptr, grad_ptr, dx_ptr, dkernel_ptr, seq_len, channels, heads, kernel_size, left,
     DYNAMIC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
@@ -104,8 +104,8 @@ def _grid(x: torch.Tensor, heads: int) -> tuple[tuple[int, int], dict[str, int]]
     return (triton.cdiv(seq_len, blocks["BLOCK_T"]), batch * heads), blocks
 
 
-@torch.library.custom_op("tokenmix::depthwise_conv", mutates_args=())
-def convolve(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+@torch.library.custom_op("tokenmix::depthwise_conv_fwd", mutates_args=())
+def depthwise_conv_fwd(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
     """x: (B, N, C); kernel: float32 taps, (H, K) for lightconv or (B, N, H, K) for dynamic_conv.
     Returns (B, N, C) in x's dtype."""
     x, kernel = x.contiguous(), kernel.contiguous()
@@ -113,19 +113,19 @@ def convolve(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) ->
     left = kernel_size - 1 if causal else (kernel_size - 1) // 2
     out = torch.empty_like(x)
     grid, blocks = _grid(x, heads)
-    _forward_kernel[grid](
+    depthwise_conv_fwd_kernel[grid](
         x, kernel, out, x.shape[1], x.shape[2], heads, kernel_size, left, DYNAMIC=kernel.dim() == 4, **blocks
     )
     return out
 
 
-@convolve.register_fake
+@depthwise_conv_fwd.register_fake
 def _(x, kernel, heads, causal):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("tokenmix::depthwise_conv_backward", mutates_args=())
-def convolve_backward(
+@torch.library.custom_op("tokenmix::depthwise_conv_bwd", mutates_args=())
+def depthwise_conv_bwd(
     grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x, kernel, grad_out = x.contiguous(), kernel.contiguous(), grad_out.contiguous()
@@ -139,14 +139,14 @@ def convolve_backward(
         device=x.device,
         dtype=torch.float32,
     )
-    _backward_kernel[grid](
+    depthwise_conv_bwd_kernel[grid](
         x, kernel, grad_out, grad_x, partial, x.shape[1], x.shape[2], heads, kernel_size, left,
         DYNAMIC=dynamic, **blocks,
     )  # fmt: skip
     return grad_x, partial if dynamic else partial.sum((0, 2))
 
 
-@convolve_backward.register_fake
+@depthwise_conv_bwd.register_fake
 def _(grad_out, x, kernel, heads, causal):
     return torch.empty_like(x), torch.empty_like(kernel)
 
@@ -159,8 +159,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     x, kernel = ctx.saved_tensors
-    grad_x, grad_kernel = convolve_backward(grad_out, x, kernel, *ctx.options)
+    grad_x, grad_kernel = depthwise_conv_bwd(grad_out, x, kernel, *ctx.options)
     return grad_x, grad_kernel, None, None
 
 
-convolve.register_autograd(_backward, setup_context=_setup_context)
+depthwise_conv_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -67,7 +67,7 @@ def _relu_scores(
 
 
 @triton.jit
-def _chunk_sums_kernel(
+def mixed_chunk_sums_kernel(
     a_ptr, b_ptr, mask_ptr, out_ptr, seq_len, dim_a, dim_b, chunk_size, chunks,
     HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -109,7 +109,7 @@ def _partners(block, seq_len, chunk_size, KEYS: tl.constexpr, CAUSAL: tl.constex
 
 
 @triton.jit
-def _values_kernel(
+def mixed_chunk_values_kernel(
     qq_ptr, kq_ptr, lin_ptr, x_ptr, mask_ptr, state_ptr, out_ptr,
     seq_len, dim_s, dim_e, chunk_size, scale, state_batch_stride, state_chunk_stride,
     KEYS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
@@ -185,7 +185,7 @@ def _score_grads(
 
 
 @triton.jit
-def _backward_scores_kernel(
+def mixed_chunk_bwd_scores_kernel(
     qq_ptr, kq_ptr, v_ptr, g_ptr, mask_ptr, state_ptr, d_quad_ptr, d_lin_ptr,
     seq_len, dim_s, dim_e, chunk_size, scale, state_batch_stride, state_chunk_stride,
     KEYS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
@@ -261,7 +261,7 @@ def _chunk_sums(
     blocks = {"BLOCK_T": 16 if interpreting() else 64, "BLOCK_A": max(16, triton.next_power_of_2(dim_a))}
     blocks["BLOCK_B"] = max(16, min(64, triton.next_power_of_2(dim_b)))
     grid = (chunks, triton.cdiv(dim_b, blocks["BLOCK_B"]), batch)
-    _chunk_sums_kernel[grid](
+    mixed_chunk_sums_kernel[grid](
         a, b, int8_mask(a, key_mask), out, seq_len, dim_a, dim_b, chunk_size, chunks,
         HAS_MASK=key_mask is not None, **dot_flags(a.dtype), **blocks,
     )  # fmt: skip
@@ -305,8 +305,8 @@ def _strides(states: torch.Tensor) -> tuple[int, int]:
     return states.stride(0), states.stride(1) if states.shape[1] > 1 else 0
 
 
-@torch.library.custom_op("tokenmix::mixed_chunk_attention", mutates_args=())
-def mixed_chunk_forward(
+@torch.library.custom_op("tokenmix::mixed_chunk_attention_fwd", mutates_args=())
+def mixed_chunk_attention_fwd(
     q_quad: torch.Tensor,
     k_quad: torch.Tensor,
     q_lin: torch.Tensor,
@@ -326,22 +326,22 @@ def mixed_chunk_forward(
     out = torch.empty_like(v)
     sizes, flags = _arguments(q_quad, v, key_mask, chunk_size, causal)
     grid = (triton.cdiv(seq_len, flags["BLOCK"]), triton.cdiv(v.shape[-1], flags["BLOCK_E"]), batch)
-    _values_kernel[grid](
+    mixed_chunk_values_kernel[grid](
         q_quad, k_quad, q_lin, v, int8_mask(v, key_mask), states, out, *sizes, *_strides(states), KEYS=False,
         **flags,
     )  # fmt: skip
     return out, states
 
 
-@mixed_chunk_forward.register_fake
+@mixed_chunk_attention_fwd.register_fake
 def _(q_quad, k_quad, q_lin, k_lin, v, key_mask, chunk_size, causal):
     batch, seq_len, dim_s = q_quad.shape
     chunks = -(-seq_len // chunk_size) if causal else 1
     return torch.empty_like(v), v.new_empty(batch, chunks, dim_s, v.shape[-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("tokenmix::mixed_chunk_attention_backward", mutates_args=())
-def mixed_chunk_backward(
+@torch.library.custom_op("tokenmix::mixed_chunk_attention_bwd", mutates_args=())
+def mixed_chunk_attention_bwd(
     grad_out: torch.Tensor,
     q_quad: torch.Tensor,
     k_quad: torch.Tensor,
@@ -367,7 +367,7 @@ def mixed_chunk_backward(
     mask = int8_mask(v, key_mask)
     grads = [torch.empty_like(x) for x in (q_quad, k_quad, q_lin, k_lin, v)]
     blocks = triton.cdiv(seq_len, flags["BLOCK"])
-    _values_kernel[(blocks, triton.cdiv(v.shape[-1], flags["BLOCK_E"]), batch)](
+    mixed_chunk_values_kernel[(blocks, triton.cdiv(v.shape[-1], flags["BLOCK_E"]), batch)](
         q_quad, k_quad, k_lin, grad_out, mask, grad_states, grads[4], *sizes, *_strides(grad_states),
         KEYS=True, **flags,
     )  # fmt: skip
@@ -378,14 +378,14 @@ def mixed_chunk_backward(
         (True, grad_states, grads[1], grads[3]),
         (False, states, grads[0], grads[2]),
     ):
-        _backward_scores_kernel[(blocks, batch)](
+        mixed_chunk_bwd_scores_kernel[(blocks, batch)](
             q_quad, k_quad, v, grad_out, mask, state, d_quad, d_lin, *sizes, *_strides(state), KEYS=keys,
             **scores_flags,
         )  # fmt: skip
     return tuple(grads)
 
 
-@mixed_chunk_backward.register_fake
+@mixed_chunk_attention_bwd.register_fake
 def _(grad_out, q_quad, k_quad, q_lin, k_lin, v, key_mask, states, chunk_size, causal):
     return tuple(torch.empty_like(x) for x in (q_quad, k_quad, q_lin, k_lin, v))
 
@@ -397,10 +397,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_states):
-    return (*mixed_chunk_backward(grad_out, *ctx.saved_tensors, *ctx.options), None, None, None)
+    return (*mixed_chunk_attention_bwd(grad_out, *ctx.saved_tensors, *ctx.options), None, None, None)
 
 
-mixed_chunk_forward.register_autograd(_backward, setup_context=_setup_context)
+mixed_chunk_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def mixed_chunk_attention(
@@ -413,4 +413,4 @@ def mixed_chunk_attention(
     chunk_size: int,
     causal: bool,
 ) -> torch.Tensor:
-    return mixed_chunk_forward(q_quad, k_quad, q_lin, k_lin, v, key_mask, chunk_size, causal)[0]
+    return mixed_chunk_attention_fwd(q_quad, k_quad, q_lin, k_lin, v, key_mask, chunk_size, causal)[0]

@@ -5,7 +5,8 @@ key blocks. The backward recomputes the scores: one kernel walks the queries of 
 one the keys of each query block (dq), so nothing is accumulated atomically. Accumulation is float32;
 float32 inputs use exact (IEEE) dot products, not TF32.
 
-Registered as torch custom ops (``tokenmix::pointwise_attention``) so torch.compile traces through.
+Registered as torch custom ops (``tokenmix::pointwise_attention_fwd`` and ``_bwd``) so torch.compile
+traces through.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def _row_scale(row_scale_ptr, batch, batch_stride, rows, seq_len):
 
 
 @triton.jit
-def _forward_kernel(
+def pointwise_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, row_scale_ptr, out_ptr,
     seq_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
     ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -112,7 +113,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _backward_keys_kernel(
+def pointwise_attention_bwd_keys_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr, dk_ptr, dv_ptr,
     seq_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
     ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -150,7 +151,7 @@ def _backward_keys_kernel(
 
 
 @triton.jit
-def _backward_queries_kernel(
+def pointwise_attention_bwd_queries_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr, dq_ptr,
     seq_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
     ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -205,8 +206,8 @@ def _launch_arguments(q, key_mask, activation, causal):
     return flags, mask
 
 
-@torch.library.custom_op("tokenmix::pointwise_attention", mutates_args=())
-def pointwise_attention(
+@torch.library.custom_op("tokenmix::pointwise_attention_fwd", mutates_args=())
+def pointwise_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -226,20 +227,20 @@ def pointwise_attention(
     flags, mask = _launch_arguments(q, key_mask, activation, causal)
     grid = (triton.cdiv(seq_len, blocks["BLOCK_M"]), batch * heads)
     row_scale = row_scale.to(torch.float32).contiguous()
-    _forward_kernel[grid](
+    pointwise_attention_fwd_kernel[grid](
         q, k, v, mask, row_scale, out, seq_len, heads, dim_k, dim_v, scale,
         seq_len if row_scale.shape[0] > 1 else 0, **flags, **blocks,
     )  # fmt: skip
     return out
 
 
-@pointwise_attention.register_fake
+@pointwise_attention_fwd.register_fake
 def _(q, k, v, key_mask, row_scale, activation, scale, causal):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-@torch.library.custom_op("tokenmix::pointwise_attention_backward", mutates_args=())
-def pointwise_attention_backward(
+@torch.library.custom_op("tokenmix::pointwise_attention_bwd", mutates_args=())
+def pointwise_attention_bwd(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -259,16 +260,16 @@ def pointwise_attention_backward(
     blocks = _blocks(dim_k, dim_v, seq_len)
     flags, mask = _launch_arguments(q, key_mask, activation, causal)
     arguments = (seq_len, heads, dim_k, dim_v, scale, seq_len if row_scale.shape[0] > 1 else 0)
-    _backward_keys_kernel[(triton.cdiv(seq_len, blocks["BLOCK_N"]), batch * heads)](
+    pointwise_attention_bwd_keys_kernel[(triton.cdiv(seq_len, blocks["BLOCK_N"]), batch * heads)](
         q, k, v, grad, mask, row_scale, grad_k, grad_v, *arguments, **flags, **blocks
     )
-    _backward_queries_kernel[(triton.cdiv(seq_len, blocks["BLOCK_M"]), batch * heads)](
+    pointwise_attention_bwd_queries_kernel[(triton.cdiv(seq_len, blocks["BLOCK_M"]), batch * heads)](
         q, k, v, grad, mask, row_scale, grad_q, *arguments, **flags, **blocks
     )
     return grad_q, grad_k, grad_v
 
 
-@pointwise_attention_backward.register_fake
+@pointwise_attention_bwd.register_fake
 def _(grad_out, q, k, v, key_mask, row_scale, activation, scale, causal):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -281,8 +282,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     q, k, v, key_mask, row_scale = ctx.saved_tensors
-    grads = pointwise_attention_backward(grad_out, q, k, v, key_mask, row_scale, *ctx.options)
+    grads = pointwise_attention_bwd(grad_out, q, k, v, key_mask, row_scale, *ctx.options)
     return (*grads, None, None, None, None, None)
 
 
-pointwise_attention.register_autograd(_backward, setup_context=_setup_context)
+pointwise_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
