@@ -320,7 +320,9 @@ def _add_training_commands(commands) -> None:
     )
     train_parser.add_argument("--resume", action="store_true", help="continue the run in --out")
     train_parser.set_defaults(run=_train)
-    eval_parser = commands.add_parser("eval", help="metrics of a trained run on its test split")
+    eval_parser = commands.add_parser(
+        "eval", help="metrics of a trained run on its test split (or val, or the held-out sentences)"
+    )
     eval_parser.add_argument("--run", dest="run_dir", required=True, help="run directory")
     eval_parser.add_argument("--split", default="test", choices=["test", "val", "heldout"])
     eval_parser.add_argument("--weights", default="best", choices=["best", "last"])

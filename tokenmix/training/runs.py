@@ -56,13 +56,13 @@ def evaluate(
         raise InvalidValueError(f"split must be 'val', 'test' or 'heldout', got {split!r}")
     check_positive_int("max_batches", max_batches, allow_none=True)
     config, task, model = load_run(run_dir, weights, device)
-    device_ = next(model.parameters()).device
+    device_of = next(model.parameters()).device
     if split == "heldout":
         if config.task != "charlm":
             raise InvalidValueError(f"split 'heldout' is text: it takes a charlm run, not {config.task!r}")
-        scores = _score_documents(model, [s.encode() for s in heldout_sentences()], config.seq_len, device_)
+        scores = _score_documents(model, [s.encode() for s in heldout_sentences()], config.seq_len, device_of)
     else:
-        scores = evaluate_model(model, task, split, max_batches, device_)
+        scores = evaluate_model(model, task, split, max_batches, device_of)
     name = task.metric.removeprefix("val_")
     return {
         "split": split,
