@@ -497,3 +497,48 @@ def test_windowed_state_errors_name_the_argument():
             causal=True,
             initial_state=state,
         )
+
+
+def _saved_bytes(run) -> int:
+    """Bytes of the distinct storages autograd saves for the backward while ``run()`` builds its graph."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("op", ["aft_local", "aft_local_lowrank", "aft_conv"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_the_window_costs_no_more_saved_memory_than_its_bias_band(op, causal):
+    """O(N·d) for the backward whatever the window: from window 8 to 64 what autograd keeps grows by the
+    (N, J) band only, not by J copies of (N, d) (the low-rank band once gathered an (N, J, rank) copy)."""
+    seq_len, dim = 512, 32
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen).requires_grad_()
+
+    q, k, v = leaf(1, seq_len, dim), leaf(1, seq_len, dim), leaf(1, seq_len, dim)
+
+    def call(window: int):
+        if op == "aft_local":
+            return lambda: aft_local(q, k, v, leaf(seq_len, seq_len), window=window, causal=causal)
+        if op == "aft_local_lowrank":
+            u, w = leaf(seq_len, dim), leaf(seq_len, dim)
+            return lambda: aft_local_lowrank(q, k, v, u, w, window=window, causal=causal)
+        heads = 4
+        return lambda: aft_conv(
+            q.view(1, seq_len, heads, -1), k[..., :heads], v.view(1, seq_len, heads, -1),
+            leaf(heads, 2 * window - 1), causal=causal,
+        )  # fmt: skip
+
+    # The band grows by (N, J·heads) entries: 16 bytes each covers its index (int64), value and exponential.
+    offsets = (64 - 8) * (1 if causal else 2)
+    band_growth = 16 * seq_len * offsets * (4 if op == "aft_conv" else 1)
+    growth = _saved_bytes(call(64)) - _saved_bytes(call(8))
+    assert growth < band_growth + 4 * seq_len * dim * 4, growth

@@ -579,7 +579,12 @@ def aft_local_lowrank(
     w_u, w_v = w_u[:seq_len].to(dtype), w_v[:seq_len].to(dtype)
 
     def band_from(columns: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("nr,njr->nj", w_u, w_v[columns])
+        # Offset by offset over shifted views of w_v: gathering its rows for every (t, j) would keep an
+        # (N, J, rank) copy for the backward (64 MB at N=8192, rank 64, window 32). Rows past either end
+        # are zeros here and excluded by the caller.
+        padded = _padded(w_v, 0, window - 1, 0 if causal else window - 1)
+        terms = [(w_u * padded.narrow(0, j, seq_len)).sum(-1) for j in range(columns.shape[1])]
+        return torch.stack(terms, 1)
 
     def rows_from(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         full = w_u[rows] @ w_v.T
