@@ -1,4 +1,5 @@
-"""AFT on the CPU: how the causal aft_local mixer scales (window 32, d=64), and forward+backward of our
+"""AFT on the CPU: how the causal aft_local and aft_conv mixers scale (window and kernel 32, d=64; time,
+live tensors and resident memory beside one N×N float32 matrix), and forward+backward of our
 aft_full / aft_simple next to the peer package aft-pytorch (rish-16; `pip install tokenmix[peers]`) at
 equal settings (N = 1024, d = hidden = 512, bidirectional: the peer has no causal mode).
 
@@ -22,6 +23,8 @@ def build(layer: str, dim: int, seq_len: int, window: int):
         return create_mixer("aft_full", dim, max_len=seq_len, bias_rank=None)  # a full table, as the peer
     if layer == "tokenmix-aft_simple":
         return create_mixer("aft_simple", dim)
+    if layer == "tokenmix-aft_conv":  # heads of 8 channels; causal, K = window keys: aft_local's band
+        return create_mixer("aft_conv", dim, causal=True, heads=dim // 8, kernel_size=window)
     import aft_pytorch
 
     peer = {"aft-pytorch-AFTFull": aft_pytorch.AFTFull, "aft-pytorch-AFTSimple": aft_pytorch.AFTSimple}[layer]
@@ -87,20 +90,23 @@ def main() -> None:
 
     records = []
     local_lens = [int(n) for n in args.local_seq_lens.split(",")]
-    for seq_len in local_lens:
-        point = dict(
-            layer="tokenmix-aft_local",
-            seq_len=seq_len,
-            dim=args.local_dim,
-            window=args.window,
-            batch=args.batch,
-            repeats=args.repeats,
-        )
-        records.append(run_point(__file__, point))
-        print(f"N={seq_len:6d} aft_local (causal)    {summary(records[-1])}", flush=True)
-    if len(local_lens) > 1:
-        growth = records[1]["ms"] / records[0]["ms"]
-        print(f"  aft_local N={local_lens[-1]} / N={local_lens[0]}: {growth:.2f} (target ≤ 6)")
+    for layer in ("tokenmix-aft_local", "tokenmix-aft_conv"):
+        points = []
+        for seq_len in local_lens:
+            point = dict(
+                layer=layer,
+                seq_len=seq_len,
+                dim=args.local_dim,
+                window=args.window,
+                batch=args.batch,
+                repeats=args.repeats,
+            )
+            points.append(run_point(__file__, point))
+            print(f"N={seq_len:6d} {layer[9:]} (causal)    {summary(points[-1])}", flush=True)
+        if len(local_lens) > 1:
+            growth = points[-1]["ms"] / points[0]["ms"]
+            print(f"  {layer[9:]} N={local_lens[-1]} / N={local_lens[0]}: {growth:.2f} (target ≤ 6)")
+        records += points
     by_layer = {}
     for layer in ("tokenmix-aft_full", "aft-pytorch-AFTFull", "tokenmix-aft_simple", "aft-pytorch-AFTSimple"):
         point = dict(
