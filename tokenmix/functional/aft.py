@@ -112,11 +112,8 @@ def _exact(
     positions = torch.arange(seq_len, device=keys.device)
     ratios = []
     step = max(1, _BLOCK_ELEMENTS // seq_len)
-    # Blocks of rows bound the memory; inside a compiled graph their count is data-dependent: one block.
-    starts = [0] if torch.compiler.is_compiling() else range(0, len(batch_idx), step)
-    for start in starts:
-        end = len(batch_idx) if torch.compiler.is_compiling() else start + step
-        b, t, d = (idx[start:end] for idx in (batch_idx, row_idx, channel_idx))
+    for start in range(0, len(batch_idx), step):
+        b, t, d = (idx[start : start + step] for idx in (batch_idx, row_idx, channel_idx))
         scores = keys[b, :, d]  # (M, N); padded keys are −inf
         if bias_rows is not None:
             scores = scores + bias_rows(t, d)
@@ -143,17 +140,10 @@ def _finish(
     # Entries that are flagged or see no key divide by 1, selected (not multiplied) away: their tiny or
     # zero den would give the backward num/den² = inf, and inf·0 = NaN in the gradients of k, v and w.
     ratio = num / torch.where(flagged | ~sees_a_key, torch.ones_like(den), den)
-
-    def recomputed(ratio: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
-        exact = _exact(keys, values, bias_rows, causal, flagged)
-        return ratio.index_put(flagged.nonzero(as_tuple=True), exact)
-
-    if flagged.device.type == "meta":  # shapes only, no values
-        pass
-    elif torch.compiler.is_compiling():  # a branch inside the graph, not a host sync that breaks it
-        ratio = torch.cond(flagged.any(), recomputed, lambda ratio, flagged: ratio.clone(), (ratio, flagged))
-    elif bool(flagged.any()):
-        ratio = recomputed(ratio, flagged)
+    if flagged.device.type != "meta" and bool(flagged.any()):  # meta tensors: shapes only, no values
+        ratio = ratio.index_put(
+            flagged.nonzero(as_tuple=True), _exact(keys, values, bias_rows, causal, flagged)
+        )
     return torch.sigmoid(q) * ratio
 
 
