@@ -250,11 +250,13 @@ class Measured(NamedTuple):
     params: int
     tokens_per_step: int
     seconds_per_step: float | None  # None when no step was timed
+    first_step_seconds: float | None = None  # the untimed warm-up step (with --compile: compiling)
 
 
 def measure_steps(config: TrainConfig | dict[str, Any], steps: int = 0) -> Measured:
     """Check ``config`` as ``train`` does before writing (task, data, model on one example) and, with
-    ``steps`` > 0, time that many optimiser steps after one untimed warm-up step. Writes nothing."""
+    ``steps`` > 0, time that many optimiser steps after one warm-up step (``config.compile``: through
+    ``torch.compile``, as ``train`` runs it). Writes nothing."""
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     run = _Run(config, resolve_device(config.device), World())
     run.dry_run()
@@ -263,11 +265,14 @@ def measure_steps(config: TrainConfig | dict[str, Any], steps: int = 0) -> Measu
     if steps == 0:
         return Measured(params, tokens, None)
     run.model.train()
-    run.train_step(run.model, run.model)
+    forward = torch.compile(run.model) if config.compile else run.model
+    start = time.perf_counter()
+    run.train_step(forward, run.model)
+    first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
-        run.train_step(run.model, run.model)
-    return Measured(params, tokens, (time.perf_counter() - start) / steps)
+        run.train_step(forward, run.model)
+    return Measured(params, tokens, (time.perf_counter() - start) / steps, first)
 
 
 class _Run:
