@@ -52,3 +52,25 @@ def test_packed_kernels_equal_the_reference_per_segment(device, name, causal):
             expected = [e if p is None else e + p for e, p in zip(expected, parts, strict=True)]
     for index, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert_close(g, e, 1e-4, what=f"{name} gradient of input {index}")
+
+
+@pytest.mark.parametrize("name", ["lightconv", "dynamic_conv"])
+def test_packed_convolutions_take_every_segment_in_one_launch(device, name, monkeypatch):
+    """The convolution kernel reads each position's segment (no tap crosses a boundary), so segments of
+    any lengths share one launch, forward and backward, instead of one per group of similar lengths."""
+    from tokenmix.kernels import conv
+
+    launches = []
+    forward = conv.depthwise_conv_fwd
+
+    def counted(*args):
+        launches.append(args[-1])
+        return forward(*args)
+
+    monkeypatch.setattr(conv, "depthwise_conv_fwd", counted)
+    generator = torch.Generator().manual_seed(3)
+    op, sequences, parameters = case(name, True, generator)
+    inputs = [t.float().to(device) for t, _ in sequences] + [p.float().to(device) for p in parameters]
+    with tokenmix.use_backend("triton"):
+        op(*inputs, cu_seqlens=torch.tensor(CU_SEQLENS, device=device))
+    assert len(launches) == 1 and launches[0] is not None  # the segment ids

@@ -16,6 +16,9 @@ op picks by length; both are tested against the reference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +34,7 @@ from ._checks import (
     empty_output,
 )
 from ._excluded import finite_part, real_only, reinstate, seen_in_window
-from ._varlen import call_packed
+from ._varlen import call_packed, packing_of
 
 __all__ = ["dynamic_conv", "lightconv"]
 
@@ -145,6 +148,23 @@ _PATHS = {
 }
 
 
+def _packed(
+    op: Callable[..., torch.Tensor], layout: str, arguments: dict[str, Any], **dims: int
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A packed call (``cu_seqlens``): where the kernel takes it, one launch over every segment that
+    reads each position's segment so no tap crosses a boundary; otherwise segment by segment
+    (``call_packed``)."""
+    x, name = arguments["x"], op.__name__
+    recurrent = arguments["initial_state"] is not None or arguments["output_final_state"]
+    if recurrent or not (isinstance(x, torch.Tensor) and x.dim() == 3) or not use_kernel(name, x):
+        return call_packed(op, arguments, **dims)
+    packing = packing_of(
+        arguments["cu_seqlens"], x.shape[0], x.shape[1], arguments["attention_mask"], x.device
+    )
+    weight, causal, weight_softmax = arguments["weight"], arguments["causal"], arguments["weight_softmax"]
+    return _convolve(name, x, weight, layout, causal, weight_softmax, None, packing.segment_ids)
+
+
 def _convolve(
     op_name: str,
     x: torch.Tensor,
@@ -153,6 +173,7 @@ def _convolve(
     causal: bool,
     weight_softmax: bool,
     attention_mask: torch.Tensor | None,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out_dtype = x.dtype if isinstance(x, torch.Tensor) else None
     causal, weight_softmax = check_flag("causal", causal), check_flag("weight_softmax", weight_softmax)
@@ -164,7 +185,7 @@ def _convolve(
 
         # The kernel reads x in its own dtype (padding zeroed) and float32 taps; it accumulates in float32.
         x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout, x_dtype=x.dtype)
-        return depthwise_conv_fwd(x, kernel.float(), heads, bool(causal))
+        return depthwise_conv_fwd(x, kernel.float(), heads, bool(causal), segments)
     x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout)
     window, band = _PATHS[op_name]
     kernel_size = kernel.shape[-1]
@@ -208,7 +229,7 @@ def lightconv(
         (B, N, C) in x's dtype (half precision is computed in float32), or (that, final_state).
     """
     if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return call_packed(lightconv, locals(), x=1)
+        return _packed(lightconv, "(H, K)", locals(), x=1)
     if initial_state is not None or output_final_state:
         return _from_state(
             "lightconv",
@@ -274,7 +295,7 @@ def dynamic_conv(
         (B, N, C) in x's dtype, or (that, final_state).
     """
     if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return call_packed(dynamic_conv, locals(), x=1, weight=1)
+        return _packed(dynamic_conv, "(B, N, H, K)", locals(), x=1, weight=1)
     check_float_tensor("x", x, "(B, N, C)")
     check_float_tensor("weight", weight, "(B, N, H, K)")
     check_dims({}, x=(x, "BN"), weight=(weight, "BN"))

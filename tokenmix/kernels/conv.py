@@ -35,9 +35,21 @@ def _taps(kernel_ptr, rows, head, tap, seq_len, heads, kernel_size, DYNAMIC: tl.
 
 
 @triton.jit
+def _same_segment(segment_ptr, rows, others, seq_len, PACKED: tl.constexpr):
+    """Whether positions ``others`` lie in the packed segment of ``rows`` (always, unpacked)."""
+    if PACKED:
+        mine = tl.load(segment_ptr + rows, (rows >= 0) & (rows < seq_len), -1)
+        theirs = tl.load(segment_ptr + others, (others >= 0) & (others < seq_len), -2)
+        same = mine == theirs
+    else:
+        same = rows >= 0
+    return same[:, None]
+
+
+@triton.jit
 def depthwise_conv_fwd_kernel(
-    x_ptr, kernel_ptr, out_ptr, seq_len, channels, heads, kernel_size, left,
-    DYNAMIC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, kernel_ptr, segment_ptr, out_ptr, seq_len, channels, heads, kernel_size, left,
+    DYNAMIC: tl.constexpr, PACKED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     block, row = tl.program_id(0), tl.program_id(1)
     batch, head = row // heads, row % heads
@@ -49,7 +61,9 @@ def depthwise_conv_fwd_kernel(
         kernel_ptr += slice_offset(batch, seq_len, heads * kernel_size)
     acc = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
     for tap in range(kernel_size):
-        x = _tile(x_ptr, rows + tap - left, columns, seq_len, width, channels)
+        sources = rows + tap - left
+        x = _tile(x_ptr, sources, columns, seq_len, width, channels)
+        x = tl.where(_same_segment(segment_ptr, rows, sources, seq_len, PACKED), x, 0.0)
         acc += _taps(kernel_ptr, rows, head, tap, seq_len, heads, kernel_size, DYNAMIC) * x
     store_rows(
         out_ptr + slice_offset(batch, seq_len, channels) + head * width,
@@ -64,8 +78,8 @@ def depthwise_conv_fwd_kernel(
 
 @triton.jit
 def depthwise_conv_bwd_kernel(
-    x_ptr, kernel_ptr, grad_ptr, dx_ptr, dkernel_ptr, seq_len, channels, heads, kernel_size, left,
-    DYNAMIC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_ptr, kernel_ptr, segment_ptr, grad_ptr, dx_ptr, dkernel_ptr, seq_len, channels, heads, kernel_size,
+    left, DYNAMIC: tl.constexpr, PACKED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dx[s] = Σ_j W̃[s−j+P, j] g[s−j+P]; dW̃[t, j] = Σ_c g[t, c] x[t+j−P, c] (lightconv: partial sums
     over this program's rows, written to dkernel[program, j])."""
@@ -87,8 +101,11 @@ def depthwise_conv_bwd_kernel(
         # Inputs s = rows receive from outputs t = s − tap + P.
         outputs = rows - tap + left
         grad = _tile(grad_ptr, outputs, columns, seq_len, width, channels)
+        grad = tl.where(_same_segment(segment_ptr, rows, outputs, seq_len, PACKED), grad, 0.0)
         grad_x += _taps(kernel_ptr, outputs, head, tap, seq_len, heads, kernel_size, DYNAMIC) * grad
-        x = _tile(x_ptr, rows + tap - left, columns, seq_len, width, channels)
+        sources = rows + tap - left
+        x = _tile(x_ptr, sources, columns, seq_len, width, channels)
+        x = tl.where(_same_segment(segment_ptr, rows, sources, seq_len, PACKED), x, 0.0)
         if DYNAMIC:
             inside = rows < seq_len
             target = dkernel_ptr + (rows * heads + head) * kernel_size + tap
@@ -105,8 +122,11 @@ def _grid(x: torch.Tensor, heads: int) -> tuple[tuple[int, int], dict[str, int]]
 
 
 @torch.library.custom_op("tokenmix::depthwise_conv_fwd", mutates_args=())
-def depthwise_conv_fwd(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
-    """x: (B, N, C); kernel: float32 taps, (H, K) for lightconv or (B, N, H, K) for dynamic_conv.
+def depthwise_conv_fwd(
+    x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool, segments: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x: (B, N, C); kernel: float32 taps, (H, K) for lightconv or (B, N, H, K) for dynamic_conv;
+    segments: None, or with B = 1 each position's packed segment (N,) int32 — taps never cross one.
     Returns (B, N, C) in x's dtype."""
     x, kernel = x.contiguous(), kernel.contiguous()
     kernel_size = kernel.shape[-1]
@@ -114,19 +134,30 @@ def depthwise_conv_fwd(x: torch.Tensor, kernel: torch.Tensor, heads: int, causal
     out = torch.empty_like(x)
     grid, blocks = _grid(x, heads)
     depthwise_conv_fwd_kernel[grid](
-        x, kernel, out, x.shape[1], x.shape[2], heads, kernel_size, left, DYNAMIC=kernel.dim() == 4, **blocks
-    )
+        x, kernel, _segment_pointer(x, segments), out, x.shape[1], x.shape[2], heads, kernel_size, left,
+        DYNAMIC=kernel.dim() == 4, PACKED=segments is not None, **blocks,
+    )  # fmt: skip
     return out
 
 
+def _segment_pointer(x: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
+    """The segment ids as the kernels read them; x stands in when there are none (never read)."""
+    return x if segments is None else segments.to(torch.int32).contiguous()
+
+
 @depthwise_conv_fwd.register_fake
-def _(x, kernel, heads, causal):
+def _(x, kernel, heads, causal, segments=None):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("tokenmix::depthwise_conv_bwd", mutates_args=())
 def depthwise_conv_bwd(
-    grad_out: torch.Tensor, x: torch.Tensor, kernel: torch.Tensor, heads: int, causal: bool
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    kernel: torch.Tensor,
+    heads: int,
+    causal: bool,
+    segments: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     x, kernel, grad_out = x.contiguous(), kernel.contiguous(), grad_out.contiguous()
     kernel_size = kernel.shape[-1]
@@ -140,27 +171,27 @@ def depthwise_conv_bwd(
         dtype=torch.float32,
     )
     depthwise_conv_bwd_kernel[grid](
-        x, kernel, grad_out, grad_x, partial, x.shape[1], x.shape[2], heads, kernel_size, left,
-        DYNAMIC=dynamic, **blocks,
+        x, kernel, _segment_pointer(x, segments), grad_out, grad_x, partial, x.shape[1], x.shape[2], heads,
+        kernel_size, left, DYNAMIC=dynamic, PACKED=segments is not None, **blocks,
     )  # fmt: skip
     return grad_x, partial if dynamic else partial.sum((0, 2))
 
 
 @depthwise_conv_bwd.register_fake
-def _(grad_out, x, kernel, heads, causal):
+def _(grad_out, x, kernel, heads, causal, segments=None):
     return torch.empty_like(x), torch.empty_like(kernel)
 
 
 def _setup_context(ctx, inputs, output):
-    x, kernel, heads, causal = inputs
-    ctx.save_for_backward(x, kernel)
+    x, kernel, heads, causal, segments = inputs
+    ctx.save_for_backward(x, kernel, segments)
     ctx.options = (heads, causal)
 
 
 def _backward(ctx, grad_out):
-    x, kernel = ctx.saved_tensors
-    grad_x, grad_kernel = depthwise_conv_bwd(grad_out, x, kernel, *ctx.options)
-    return grad_x, grad_kernel, None, None
+    x, kernel, segments = ctx.saved_tensors
+    grad_x, grad_kernel = depthwise_conv_bwd(grad_out, x, kernel, *ctx.options, segments)
+    return grad_x, grad_kernel, None, None, None
 
 
 depthwise_conv_fwd.register_autograd(_backward, setup_context=_setup_context)
