@@ -74,3 +74,34 @@ def test_packed_convolutions_take_every_segment_in_one_launch(device, name, monk
     with tokenmix.use_backend("triton"):
         op(*inputs, cu_seqlens=torch.tensor(CU_SEQLENS, device=device))
     assert len(launches) == 1 and launches[0] is not None  # the segment ids
+
+
+@pytest.mark.parametrize("name", ["lightconv", "dynamic_conv"])
+def test_packed_convolution_mixers_run_one_launch_equal_to_each_segment_alone(device, name, monkeypatch):
+    """The mixers hand the whole packed row to the kernel (their projections are per position)."""
+    from tokenmix.kernels import conv
+
+    launches = []
+    forward = conv.depthwise_conv_fwd
+
+    def counted(*args):
+        launches.append(args[-1])
+        return forward(*args)
+
+    monkeypatch.setattr(conv, "depthwise_conv_fwd", counted)
+    torch.manual_seed(5)
+    mixer = tokenmix.create_mixer(name, 16, causal=True, heads=4, kernel_size=3).to(device)
+    x = torch.randn(1, CU_SEQLENS[-1], 16, device=device, requires_grad=True)
+    with tokenmix.use_backend("triton"):
+        packed = mixer(x, cu_seqlens=torch.tensor(CU_SEQLENS, device=device))
+    assert len(launches) == 1 and launches[0] is not None
+    grad = torch.randn_like(packed)
+    (got,) = torch.autograd.grad(packed, x, grad)
+    with tokenmix.use_backend("reference"):
+        for start, end in itertools.pairwise(CU_SEQLENS):
+            if start == end:
+                continue
+            alone = mixer(x[:, start:end])
+            assert_close(packed[:, start:end], alone, 1e-5, what=f"{name} [{start}, {end})")
+            (expected,) = torch.autograd.grad(alone, x, grad[:, start:end])
+            assert_close(got[:, start:end], expected[:, start:end], 1e-4, what=f"{name} dx [{start}, {end})")

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..backend import use_kernel
 from ..errors import InvalidValueError
 from ..functional._checks import check_positive_int, check_real
 from ..functional._chunks import Compacted, last_real
+from ..functional._varlen import Packing, packing_of
 from ..functional.conv import dynamic_conv, lightconv
 from .base import Mixer
 from .cache import check_capacity
@@ -90,9 +92,27 @@ class ConvolutionMixer(Mixer):
         kernel = self.kernel(u)
         return self.weight_dropout(kernel.softmax(-1) if self.weight_softmax else kernel)
 
-    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def mix_sequence(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlens: Packing | None = None
+    ) -> torch.Tensor:
         u = self.glu(self.to_input(x))
-        return self.dropout(self.to_out(self.convolve(u, self._normalised_kernel(u), attention_mask)))
+        kernel = self._normalised_kernel(u)
+        return self.dropout(self.to_out(self.convolve(u, kernel, attention_mask, cu_seqlens=cu_seqlens)))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | Packing | None = None,
+    ) -> torch.Tensor:
+        """As ``Mixer.forward``; where the convolution kernel runs, a packed row goes through it whole
+        (the projections are per position, the kernel keeps every tap inside its segment): one launch."""
+        x, attention_mask = self.check_input(x, attention_mask)
+        if cu_seqlens is None or not use_kernel(self.mixer_name, x):
+            return super().forward(x, attention_mask, cu_seqlens)
+        return self.mix_sequence(
+            x, None, packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device)
+        )
 
     def new_state(self, batch_size: int, capacity: int | None = None) -> ConvState:
         """Zeros for the inputs before the sequence: constant in size; ``capacity`` only bounds what it
