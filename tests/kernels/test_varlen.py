@@ -54,20 +54,26 @@ def test_packed_kernels_equal_the_reference_per_segment(device, name, causal):
         assert_close(g, e, 1e-4, what=f"{name} gradient of input {index}")
 
 
-@pytest.mark.parametrize("name", ["lightconv", "dynamic_conv"])
-def test_packed_convolutions_take_every_segment_in_one_launch(device, name, monkeypatch):
-    """The convolution kernel reads each position's segment (no tap crosses a boundary), so segments of
-    any lengths share one launch, forward and backward, instead of one per group of similar lengths."""
+@pytest.fixture
+def launches(monkeypatch):
+    """The segment ids (or None) of every convolution kernel call the test makes."""
     from tokenmix.kernels import conv
 
-    launches = []
+    seen = []
     forward = conv.depthwise_conv_fwd
 
     def counted(*args):
-        launches.append(args[-1])
+        seen.append(args[-1])
         return forward(*args)
 
     monkeypatch.setattr(conv, "depthwise_conv_fwd", counted)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["lightconv", "dynamic_conv"])
+def test_packed_convolutions_take_every_segment_in_one_launch(device, name, launches):
+    """The convolution kernel reads each position's segment (no tap crosses a boundary), so segments of
+    any lengths share one launch, forward and backward, instead of one per group of similar lengths."""
     generator = torch.Generator().manual_seed(3)
     op, sequences, parameters = case(name, True, generator)
     inputs = [t.float().to(device) for t, _ in sequences] + [p.float().to(device) for p in parameters]
@@ -77,18 +83,8 @@ def test_packed_convolutions_take_every_segment_in_one_launch(device, name, monk
 
 
 @pytest.mark.parametrize("name", ["lightconv", "dynamic_conv"])
-def test_packed_convolution_mixers_run_one_launch_equal_to_each_segment_alone(device, name, monkeypatch):
+def test_packed_convolution_mixers_run_one_launch_equal_to_each_segment_alone(device, name, launches):
     """The mixers hand the whole packed row to the kernel (their projections are per position)."""
-    from tokenmix.kernels import conv
-
-    launches = []
-    forward = conv.depthwise_conv_fwd
-
-    def counted(*args):
-        launches.append(args[-1])
-        return forward(*args)
-
-    monkeypatch.setattr(conv, "depthwise_conv_fwd", counted)
     torch.manual_seed(5)
     mixer = tokenmix.create_mixer(name, 16, causal=True, heads=4, kernel_size=3).to(device)
     x = torch.randn(1, CU_SEQLENS[-1], 16, device=device, requires_grad=True)
