@@ -107,9 +107,9 @@ class ConvolutionMixer(Mixer):
     ) -> torch.Tensor:
         """As ``Mixer.forward``; where the convolution kernel runs, a packed row goes through it whole
         (the projections are per position, the kernel keeps every tap inside its segment): one launch."""
-        x, attention_mask = self.check_input(x, attention_mask)
-        if cu_seqlens is None or not use_kernel(self.mixer_name, x):
+        if cu_seqlens is None or not (isinstance(x, torch.Tensor) and use_kernel(self.mixer_name, x)):
             return super().forward(x, attention_mask, cu_seqlens)
+        x, attention_mask = self.check_input(x, attention_mask)
         return self.mix_sequence(
             x, None, packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device)
         )
