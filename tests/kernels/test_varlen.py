@@ -1,5 +1,6 @@
 """Packed segments (cu_seqlens) through the kernels: under forced ``triton`` each segment's outputs and
-every gradient equal the reference path on that segment alone (float32; the interpreter on the CPU)."""
+every gradient equal the reference path on that segment alone (float32; the interpreter on the CPU);
+every kernel takes the packed row whole, in one call; a NaN in one segment reaches no other."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 import tokenmix
 from tests.functional.test_varlen import CU_SEQLENS, case, segment
+from tests.mixers.test_varlen import SMALL_OPTIONS
 from tests.reference import assert_close
 
 KERNEL_OPS = [
@@ -18,6 +20,7 @@ KERNEL_OPS = [
     "aft_full",
     "aft_simple",
     "aft_local",
+    "aft_local_lowrank",
     "aft_conv",
     "lightconv",
     "dynamic_conv",
@@ -54,43 +57,119 @@ def test_packed_kernels_equal_the_reference_per_segment(device, name, causal):
         assert_close(g, e, 1e-4, what=f"{name} gradient of input {index}")
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """The segment ids (or None) of every convolution kernel call the test makes."""
-    from tokenmix.kernels import conv
+# The kernel entry each functional op calls, by module: their last argument is the packed segments
+# (cu_seqlens, or the convolution's per-position segment ids), None for an unpacked call.
+ENTRIES = {
+    "pointwise_attention": ("pointwise_attention", "pointwise_attention_fwd"),
+    "mixed_chunk_attention": ("flash", "mixed_chunk_attention"),
+    "aft_full": ("aft", "aft_full"),
+    "aft_simple": ("aft", "aft_simple"),
+    "aft_local": ("aft", "aft_banded"),
+    "aft_local_lowrank": ("aft", "aft_banded"),
+    "aft_conv": ("aft", "aft_banded"),
+    "lightconv": ("conv", "depthwise_conv_fwd"),
+    "dynamic_conv": ("conv", "depthwise_conv_fwd"),
+}
 
+
+def count_launches(monkeypatch, name: str) -> list:
+    """The last argument of every call of ``name``'s kernel entry the test makes from then on."""
+    import importlib
+
+    module_name, function = ENTRIES[name]
+    module = importlib.import_module(f"tokenmix.kernels.{module_name}")
     seen = []
-    forward = conv.depthwise_conv_fwd
+    entry = getattr(module, function)
 
     def counted(*args):
         seen.append(args[-1])
-        return forward(*args)
+        return entry(*args)
 
-    monkeypatch.setattr(conv, "depthwise_conv_fwd", counted)
+    monkeypatch.setattr(module, function, counted)
     return seen
 
 
-@pytest.mark.parametrize("name", ["lightconv", "dynamic_conv"])
-def test_packed_convolutions_take_every_segment_in_one_launch(device, name, launches):
-    """The convolution kernel reads each position's segment (no tap crosses a boundary), so segments of
-    any lengths share one launch, forward and backward, instead of one per group of similar lengths."""
+@pytest.mark.parametrize("name", KERNEL_OPS)
+def test_packed_kernels_take_every_segment_in_one_launch(device, name, monkeypatch):
+    """Each kernel takes the packed segments itself (programs offset to their segment, or taps that
+    never cross one), so segments of any lengths share one call, instead of one per group of similar
+    lengths run as right-padded batches."""
+    calls = count_launches(monkeypatch, name)
     generator = torch.Generator().manual_seed(3)
     op, sequences, parameters = case(name, True, generator)
     inputs = [t.float().to(device) for t, _ in sequences] + [p.float().to(device) for p in parameters]
     with tokenmix.use_backend("triton"):
         op(*inputs, cu_seqlens=torch.tensor(CU_SEQLENS, device=device))
-    assert len(launches) == 1 and launches[0] is not None  # the segment ids
+    assert len(calls) == 1 and calls[0] is not None
 
 
-@pytest.mark.parametrize("name", ["lightconv", "dynamic_conv"])
-def test_packed_convolution_mixers_run_one_launch_equal_to_each_segment_alone(device, name, launches):
-    """The mixers hand the whole packed row to the kernel (their projections are per position)."""
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", KERNEL_OPS)
+def test_a_nan_in_one_packed_segment_reaches_no_other(device, name, causal):
+    """A NaN in one segment's keys and values: every other segment's outputs are as without it, and the
+    segment's own NaN outputs are where the op on that segment alone puts them."""
+    generator = torch.Generator().manual_seed(11 + KERNEL_OPS.index(name))
+    op, sequences, parameters = case(name, causal, generator)
+    inputs = [t.float().to(device) for t, _ in sequences]
+    weights = [p.float().to(device) for p in parameters]
+    poisoned_start, poisoned_end = CU_SEQLENS[3], CU_SEQLENS[4]  # the segment [5, 12)
+    for tensor, (_, dim) in list(zip(inputs, sequences, strict=True))[1:]:  # every input but the first
+        tensor.narrow(dim, poisoned_start + 3, 1).fill_(float("nan"))
+    with tokenmix.use_backend("triton"):
+        packed = op(*inputs, *weights, cu_seqlens=torch.tensor(CU_SEQLENS, device=device))
+    out_dim = sequences[0][1]
+    with tokenmix.use_backend("reference"):
+        for start, end in itertools.pairwise(CU_SEQLENS):
+            if start == end:
+                continue
+            alone = op(
+                *(segment(t, d, start, end) for t, (_, d) in zip(inputs, sequences, strict=True)), *weights
+            )
+            got = segment(packed, out_dim, start, end)
+            if (start, end) != (poisoned_start, poisoned_end):
+                assert_close(got, alone, 1e-5, what=f"{name} [{start}, {end})")
+                continue
+            assert torch.equal(got.isnan(), alone.isnan()), f"{name}: NaN where the segment alone has none"
+            finite = ~alone.isnan()
+            assert_close(got[finite], alone[finite], 1e-5, what=f"{name} poisoned segment, finite part")
+
+
+# The kernel entry each mixer's packed row goes through (the mixers' ``packed_op``).
+MIXER_OPS = {
+    "pointwise": "pointwise_attention",
+    "gau": "pointwise_attention",
+    "flash": "mixed_chunk_attention",
+    "aft_full": "aft_full",
+    "aft_simple": "aft_simple",
+    "aft_local": "aft_local",
+    "aft_conv": "aft_conv",
+    "lightconv": "lightconv",
+    "dynamic_conv": "dynamic_conv",
+}
+
+
+def test_every_mixer_with_a_kernel_is_listed():
+    """A mixer whose op takes packed rows in its kernel is checked below (softmax has no kernel: SDPA)."""
+    listed = {name for name in tokenmix.list_mixers() if tokenmix.create_mixer(name, 8).packed_op}
+    assert listed == set(MIXER_OPS)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", list(MIXER_OPS))
+def test_packed_mixers_run_one_launch_equal_to_each_segment_alone(device, name, causal, monkeypatch):
+    """A mixer hands a packed row to its kernel whole (its other layers are per position; RoPE counts
+    each segment from 0): one launch, and each segment's outputs and input gradients equal the mixer on
+    that segment alone."""
+    calls = count_launches(monkeypatch, MIXER_OPS[name])
     torch.manual_seed(5)
-    mixer = tokenmix.create_mixer(name, 16, causal=True, heads=4, kernel_size=3).to(device)
+    accepted = tokenmix.mixer_info(name).options
+    options = {key: value for key, value in {"heads": 4, "rope": True}.items() if key in accepted}
+    options.update(SMALL_OPTIONS.get(name, {}))
+    mixer = tokenmix.create_mixer(name, 16, causal=causal, **options).to(device)
     x = torch.randn(1, CU_SEQLENS[-1], 16, device=device, requires_grad=True)
     with tokenmix.use_backend("triton"):
         packed = mixer(x, cu_seqlens=torch.tensor(CU_SEQLENS, device=device))
-    assert len(launches) == 1 and launches[0] is not None
+    assert len(calls) == 1 and calls[0] is not None
     grad = torch.randn_like(packed)
     (got,) = torch.autograd.grad(packed, x, grad)
     with tokenmix.use_backend("reference"):

@@ -41,17 +41,25 @@ def finite_part(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(bad, torch.zeros((), dtype=x.dtype, device=x.device), x), bad
 
 
-def seen_in_window(bad: torch.Tensor, dim: int, before: int | None, after: int = 0) -> torch.Tensor:
+def seen_in_window(
+    bad: torch.Tensor, dim: int, before: int | None, after: int = 0, starts: torch.Tensor | None = None
+) -> torch.Tensor:
     """Whether position i has a flagged entry among positions i − before … i + after along ``dim``
-    (``before=None``: every position from 0), by differences of a running count: O(N) per channel."""
-    counts = bad.to(torch.int32).cumsum(dim)
+    (``before=None``: every position from 0), by differences of a running count: O(N) per channel.
+    ``starts`` (N,): where each position's packed segment starts — nothing before it counts."""
     length = bad.shape[dim]
-    padded = torch.cat(
-        (torch.zeros_like(counts.narrow(dim, 0, 1)).expand_as(counts.narrow(dim, 0, 1)), counts), dim
-    )  # padded[j] = number of flagged entries before position j
     index = torch.arange(length, device=bad.device)
     upper = (index + after + 1).clamp(max=length)
     lower = torch.zeros_like(index) if before is None else (index - before).clamp(min=0)
+    return seen_between(bad, dim, lower if starts is None else torch.maximum(lower, starts), upper)
+
+
+def seen_between(bad: torch.Tensor, dim: int, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """Whether position i has a flagged entry among positions lower[i] … upper[i] − 1 along ``dim``."""
+    counts = bad.to(torch.int32).cumsum(dim)
+    padded = torch.cat(
+        (torch.zeros_like(counts.narrow(dim, 0, 1)).expand_as(counts.narrow(dim, 0, 1)), counts), dim
+    )  # padded[j] = number of flagged entries before position j
     return padded.index_select(dim, upper) - padded.index_select(dim, lower) > 0
 
 
@@ -60,13 +68,24 @@ def reinstate(out: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     return torch.where(seen, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
 
 
-def causal_finite(keys: torch.Tensor, values: torch.Tensor, dim: int, key_channels: bool):
+def causal_finite(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    dim: int,
+    key_channels: bool,
+    starts: torch.Tensor | None = None,
+):
     """Finite keys and values for a causal sum along ``dim``, and where each output row sees a
-    non-finite one of its own (at a position ≤ its own): per channel for values, and for keys per
-    channel (``key_channels``, AFT) or across all of a row's channels (a key enters every channel
-    through its score)."""
+    non-finite one of its own (at a position ≤ its own, in its packed segment when ``starts`` (N,) says
+    where each position's starts): per channel for values, and for keys per channel (``key_channels``,
+    AFT) or across all of a row's channels (a key enters every channel through its score)."""
     keys, bad_keys = finite_part(keys)
     values, bad_values = finite_part(values)
     if not key_channels:
         bad_keys = bad_keys.any(-1, keepdim=True)
-    return keys, values, seen_in_window(bad_keys, dim, None) | seen_in_window(bad_values, dim, None)
+    return (
+        keys,
+        values,
+        seen_in_window(bad_keys, dim, None, starts=starts)
+        | seen_in_window(bad_values, dim, None, starts=starts),
+    )

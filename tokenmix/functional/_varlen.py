@@ -38,6 +38,7 @@ class Packing:
     lengths: tuple[int, ...]  # ℓ_i, S entries
     buckets: tuple[Bucket, ...]
     real_index: torch.Tensor  # (R,) packed positions of the buckets' real entries, in bucket order
+    bounds: torch.Tensor  # (S + 1,) the checked cu_seqlens, on the inputs' device: what kernels take
 
     @property
     def segment_ids(self) -> torch.Tensor:
@@ -50,6 +51,20 @@ class Packing:
         lengths = torch.tensor(self.lengths, device=self.real_index.device)
         starts = torch.cumsum(lengths, 0) - lengths
         return torch.arange(self.total, device=lengths.device) - starts.repeat_interleave(lengths)
+
+    @property
+    def longest(self) -> int:
+        """The longest segment's length (0 when there are none)."""
+        return max(self.lengths, default=0)
+
+    def starts(self) -> torch.Tensor:
+        """(N,) where each position's segment starts."""
+        return torch.arange(self.total, device=self.real_index.device) - self.positions()
+
+    def ends(self) -> torch.Tensor:
+        """(N,) where each position's segment ends (one past its last position)."""
+        lengths = torch.tensor(self.lengths, device=self.real_index.device)
+        return self.starts() + lengths.repeat_interleave(lengths)
 
 
 def check_cu_seqlens(
@@ -109,7 +124,7 @@ def plan(cu_seqlens: torch.Tensor, device: torch.device) -> Packing:
         buckets.append(Bucket(index, mask, torch.tensor(members, device=device)))
         real.append(index[mask])
     real_index = torch.cat(real) if real else torch.zeros(0, dtype=torch.long, device=device)
-    return Packing(bounds[-1], lengths, tuple(buckets), real_index)
+    return Packing(bounds[-1], lengths, tuple(buckets), real_index, cu_seqlens.to(device))
 
 
 def unpack(x: torch.Tensor, bucket: Bucket, dim: int = 1) -> torch.Tensor:
@@ -148,6 +163,26 @@ def packing_of(
     ):
         return cu_seqlens
     return plan(check_cu_seqlens(cu_seqlens, batch, seq_len, attention_mask), device)
+
+
+def kernel_packing(arguments: dict[str, Any], **dims: int) -> Packing | None:
+    """The checked plan of a packed call for an op whose kernel takes the packed row whole (docs/spec.md
+    §8), or None when the call should go segment by segment (``call_packed``): inputs the op's own checks
+    will name as wrong, or a recurrent call (refused there). ``dims``: as for ``call_packed``."""
+    names = list(dims)
+    inputs = [arguments[name] for name in names]
+    if not all(isinstance(t, torch.Tensor) and t.dim() > dims[n] for n, t in zip(names, inputs, strict=True)):
+        return None
+    if arguments.get("initial_state") is not None or arguments.get("output_final_state"):
+        return None
+    first, length = inputs[0], inputs[0].shape[dims[names[0]]]
+    if any(
+        t.shape[0] != first.shape[0] or t.shape[dims[n]] != length for n, t in zip(names, inputs, strict=True)
+    ):
+        return None
+    return packing_of(
+        arguments["cu_seqlens"], first.shape[0], length, arguments.get("attention_mask"), first.device
+    )
 
 
 def packed_call(

@@ -35,7 +35,7 @@ from ._checks import (
 )
 from ._chunks import compact, last_real
 from ._excluded import causal_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
-from ._varlen import call_packed
+from ._varlen import Packing, call_packed, kernel_packing
 
 __all__ = [
     "AFTWindowState",
@@ -74,6 +74,21 @@ def _check(
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     """Whether a backward will run: the AFT kernels' backward adds with atomics (see ``use_kernel``)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _whole_through_kernel(name: str, arguments: dict, *weights: str) -> Packing | None:
+    """The plan of a packed call (``cu_seqlens``) that goes whole through ``name``'s kernel, which takes
+    the segments itself; None when it goes segment by segment (``call_packed``): on the reference path,
+    and for inputs the op's own checks will name."""
+    if (packing := kernel_packing(arguments, q=1, k=1, v=1)) is None:
+        return None
+    tensors = [arguments[n] for n in ("q", "k", "v", *weights) if isinstance(arguments[n], torch.Tensor)]
+    return packing if use_kernel(name, arguments["q"], atomics=_needs_grad(*tensors)) else None
+
+
+def _starts(packing: Packing | None) -> torch.Tensor | None:
+    """Where each position's segment starts, for the causal NaN bookkeeping; None when not packed."""
+    return None if packing is None else packing.starts()
 
 
 def _check_table(w: torch.Tensor, seq_len: int) -> None:
@@ -184,8 +199,12 @@ def aft_simple(
     Returns:
         (B, N, D) in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return call_packed(aft_simple, locals(), q=1, k=1, v=1)
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
+        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
+        if (packing := _whole_through_kernel("aft_simple", arguments)) is None:
+            return call_packed(aft_simple, arguments, q=1, k=1, v=1)
+    else:
+        packing = None
     if initial_state is not None or output_final_state:
         return _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output_final_state)
     mask = _check(q, k, v, attention_mask)
@@ -194,9 +213,9 @@ def aft_simple(
         return empty_output(q.shape, q, k, v)
     q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
     if causal:  # a NaN key or value in the future must not reach earlier rows, nor their gradients
-        k, v, seen = causal_finite(k, v, 1, key_channels=True)
-        return reinstate(_aft_simple(q, k, v, mask, True), seen)
-    return _aft_simple(q, k, v, mask, False)
+        k, v, seen = causal_finite(k, v, 1, key_channels=True, starts=_starts(packing))
+        return reinstate(_aft_simple(q, k, v, mask, True, packing), seen)
+    return _aft_simple(q, k, v, mask, False, packing)
 
 
 def _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output_final_state):
@@ -228,12 +247,12 @@ def _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output
     return out, aft_accumulate(initial_state, k, v, real)
 
 
-def _aft_simple(q, k, v, mask, causal: bool) -> torch.Tensor:
-    """aft_simple on checked inputs (see there)."""
-    if use_kernel("aft_simple", q, atomics=_needs_grad(q, k, v)):
+def _aft_simple(q, k, v, mask, causal: bool, packing: Packing | None = None) -> torch.Tensor:
+    """aft_simple on checked inputs (see there); a packed row goes through the kernel."""
+    if packing is not None or use_kernel("aft_simple", q, atomics=_needs_grad(q, k, v)):
         from ..kernels.aft import aft_simple as kernel
 
-        return kernel(q, k, v, mask, bool(causal))
+        return kernel(q, k, v, mask, bool(causal), None if packing is None else packing.bounds)
     batch, seq_len, _ = q.shape
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -285,32 +304,35 @@ def aft_full(
     Returns:
         (B, N, D) in the inputs' dtype.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return call_packed(aft_full, locals(), q=1, k=1, v=1)
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
+        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
+        if (packing := _whole_through_kernel("aft_full", arguments, "w")) is None:
+            return call_packed(aft_full, arguments, q=1, k=1, v=1)
+    else:
+        packing = None
     mask = _check(q, k, v, attention_mask)
     causal = check_flag("causal", causal)
     check_float_tensor("w", w, "(N_max, N_max)")
     check_same_dtype_device(q=q, w=w)
-    seq_len = q.shape[1]
-    _check_table(w, seq_len)
+    _check_table(w, q.shape[1] if packing is None else packing.longest)
     if q.numel() == 0:
         return empty_output(q.shape, q, k, v, w)
     q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
     if not causal:
-        return _aft_full(q, k, v, w, mask, False)
+        return _aft_full(q, k, v, w, mask, False, packing)
     # The row blocks multiply future keys and values by 0: compute with finite ones, then mark the
     # entries (row, channel) whose own terms are not.
-    k, v, seen = causal_finite(k, v, 1, key_channels=True)
-    return reinstate(_aft_full(q, k, v, w, mask, True), seen)
+    k, v, seen = causal_finite(k, v, 1, key_channels=True, starts=_starts(packing))
+    return reinstate(_aft_full(q, k, v, w, mask, True, packing), seen)
 
 
-def _aft_full(q, k, v, w, mask, causal: bool) -> torch.Tensor:
-    """aft_full on checked inputs (see there)."""
+def _aft_full(q, k, v, w, mask, causal: bool, packing: Packing | None = None) -> torch.Tensor:
+    """aft_full on checked inputs (see there); a packed row goes through the kernel."""
     batch, seq_len, _ = q.shape
-    if use_kernel("aft_full", q, atomics=_needs_grad(q, k, v, w)):
+    if packing is not None or use_kernel("aft_full", q, atomics=_needs_grad(q, k, v, w)):
         from ..kernels.aft import aft_full as kernel
 
-        return kernel(q, k, v, w, mask, bool(causal))
+        return kernel(q, k, v, w, mask, bool(causal), None if packing is None else packing.bounds)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w[:seq_len, :seq_len].to(dtype)
     keys = _masked_keys(k, mask)
@@ -438,22 +460,28 @@ def _local(
     window: int,
     causal: bool,
     mask: torch.Tensor | None,
+    packing: Packing | None = None,
 ) -> torch.Tensor:
-    """AFT-local given ``band_from(columns)`` → the biases w_{t, columns[t, j]} (N, J) and the exact
-    fallback's full bias rows (``rows_from``, already zero outside the window)."""
-    seq_len = q.shape[1]
+    """AFT-local given ``band_from(columns)`` → the biases w_{t, columns[t, j]} (L, J) of the positions
+    t < L of a sequence (L = N, or a packed row's longest segment) and the exact fallback's full bias
+    rows (``rows_from``, already zero outside the window). A packed row goes through the kernel, each
+    position's band row that of its position within its segment."""
+    seq_len = q.shape[1] if packing is None else packing.longest
     if q.numel() == 0:
         return empty_output(q.shape, q, k, v)
     q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
     seen = None
     if causal:  # a NaN key or value in the future must not reach earlier rows, nor their gradients
-        k, v, seen = causal_finite(k, v, 1, key_channels=True)
+        k, v, seen = causal_finite(k, v, 1, key_channels=True, starts=_starts(packing))
     columns, inside = _offsets(seq_len, window, causal, q.device)
     band = band_from(columns.clamp(0, seq_len - 1)).masked_fill(~inside, float("-inf"))
-    if use_kernel("aft_local", q, atomics=_needs_grad(q, k, v, band)):
+    if packing is not None or use_kernel("aft_local", q, atomics=_needs_grad(q, k, v, band)):
         from ..kernels.aft import aft_banded
 
-        out = aft_banded(q, k, v, band[:, None], mask, window, bool(causal))
+        bounds = None
+        if packing is not None:  # keys past a segment's end are left out by the kernel
+            band, bounds = band[packing.positions()], packing.bounds
+        out = aft_banded(q, k, v, band[:, None], mask, window, bool(causal), bounds)
         return out if seen is None else reinstate(out, seen)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, band = q.to(dtype), k.to(dtype), v.to(dtype), band.to(dtype)
@@ -500,8 +528,12 @@ def aft_local(
     Returns:
         (B, N, D) in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return call_packed(aft_local, locals(), q=1, k=1, v=1)
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
+        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
+        if (packing := _whole_through_kernel("aft_local", arguments, "w")) is None:
+            return call_packed(aft_local, arguments, q=1, k=1, v=1)
+    else:
+        packing = None
     mask = _check(q, k, v, attention_mask, recurrent=initial_state is not None or output_final_state)
     causal = check_flag("causal", causal)
     check_float_tensor("w", w, "(N_max, N_max)")
@@ -519,14 +551,14 @@ def aft_local(
             return aft_local(q, k, v, w, window=window, causal=True, attention_mask=mask)
 
         return _recurrent(q, k, v, mask, causal, window, bias, forward, initial_state, output_final_state)
-    seq_len = q.shape[1]
+    seq_len = q.shape[1] if packing is None else packing.longest
     _check_table(w, seq_len)
     w = w[:seq_len, :seq_len].to(compute_dtype(w.dtype))
 
     def rows_from(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
         return torch.where(_near(rows, seq_len, window), w[rows], torch.zeros_like(w[rows]))
 
-    return _local(q, k, v, lambda columns: w.gather(1, columns), rows_from, window, causal, mask)
+    return _local(q, k, v, lambda columns: w.gather(1, columns), rows_from, window, causal, mask, packing)
 
 
 def aft_local_lowrank(
@@ -547,8 +579,12 @@ def aft_local_lowrank(
     only the band's entries u_t·v_t' are formed, O(N·window·d'), never the N×N table. ``initial_state``
     and ``output_final_state`` as for ``aft_local``. ``cu_seqlens``: packed segments, as for the
     other ops (docs/spec.md §8)."""
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return call_packed(aft_local_lowrank, locals(), q=1, k=1, v=1)
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
+        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
+        if (packing := _whole_through_kernel("aft_local", arguments, "w_u", "w_v")) is None:
+            return call_packed(aft_local_lowrank, arguments, q=1, k=1, v=1)
+    else:
+        packing = None
     mask = _check(q, k, v, attention_mask, recurrent=initial_state is not None or output_final_state)
     causal = check_flag("causal", causal)
     check_float_tensor("w_u", w_u, "(N_max, rank)")
@@ -572,7 +608,7 @@ def aft_local_lowrank(
             return aft_local_lowrank(q, k, v, w_u, w_v, window=window, causal=True, attention_mask=mask)
 
         return _recurrent(q, k, v, mask, causal, window, bias, forward, initial_state, output_final_state)
-    seq_len = q.shape[1]
+    seq_len = q.shape[1] if packing is None else packing.longest
     if w_u.shape[0] < seq_len:
         raise InvalidValueError(f"w_u and w_v must have N_max ≥ N = {seq_len} rows, got {w_u.shape[0]}")
     dtype = compute_dtype(q.dtype)
@@ -590,7 +626,7 @@ def aft_local_lowrank(
         full = w_u[rows] @ w_v.T
         return torch.where(_near(rows, seq_len, window), full, torch.zeros_like(full))
 
-    return _local(q, k, v, band_from, rows_from, window, causal, mask)
+    return _local(q, k, v, band_from, rows_from, window, causal, mask, packing)
 
 
 def _aft_conv_2d(q, k, v, w, mask):
@@ -678,8 +714,13 @@ def aft_conv(
     Returns:
         q's shape, in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return call_packed(aft_conv, locals(), q=1, k=1, v=1)
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
+        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
+        one_d = isinstance(q, torch.Tensor) and q.dim() == 4  # a 2-D grid is not packed through the kernel
+        if (packing := _whole_through_kernel("aft_conv", arguments, "w") if one_d else None) is None:
+            return call_packed(aft_conv, arguments, q=1, k=1, v=1)
+    else:
+        packing = None
     if isinstance(q, torch.Tensor) and q.dim() == 5:
         if initial_state is not None or output_final_state:
             raise InvalidValueError("initial_state and output_final_state need the causal 1-D form")
@@ -710,9 +751,9 @@ def aft_conv(
     if causal:  # a NaN key or value in the future must not reach earlier rows, nor their gradients
         k, bad_keys = finite_part(k)
         v, bad_values = finite_part(v)
-        seen = seen_in_window(bad_keys[..., None] | bad_values, 1, None)
-        return reinstate(_aft_conv(q, k, v, w, mask, True), seen)
-    return _aft_conv(q, k, v, w, mask, False)
+        seen = seen_in_window(bad_keys[..., None] | bad_values, 1, None, starts=_starts(packing))
+        return reinstate(_aft_conv(q, k, v, w, mask, True, packing), seen)
+    return _aft_conv(q, k, v, w, mask, False, packing)
 
 
 def _aft_conv_recurrent(q, k, v, w, mask, causal, initial_state, output_final_state):
@@ -742,16 +783,16 @@ def _aft_conv_recurrent(q, k, v, w, mask, causal, initial_state, output_final_st
     return result.unflatten(-1, (heads, head_dim))
 
 
-def _aft_conv(q, k, v, w, mask, causal: bool) -> torch.Tensor:
-    """1-D aft_conv on checked inputs (see there)."""
+def _aft_conv(q, k, v, w, mask, causal: bool, packing: Packing | None = None) -> torch.Tensor:
+    """1-D aft_conv on checked inputs (see there); a packed row goes through the kernel."""
     batch, seq_len, heads, head_dim = q.shape
     kernel_size = w.shape[1]
     window = kernel_size if causal else kernel_size // 2 + 1
-    if use_kernel("aft_conv", q, atomics=_needs_grad(q, k, v, w)):
+    if packing is not None or use_kernel("aft_conv", q, atomics=_needs_grad(q, k, v, w)):
         from ..kernels.aft import aft_banded
 
-        flat = (batch, seq_len, heads * head_dim)
-        out = aft_banded(q.reshape(flat), k, v.reshape(flat), w[None], mask, window, bool(causal))
+        flat, bounds = (batch, seq_len, heads * head_dim), None if packing is None else packing.bounds
+        out = aft_banded(q.reshape(flat), k, v.reshape(flat), w[None], mask, window, bool(causal), bounds)
         return out.view(q.shape)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype)

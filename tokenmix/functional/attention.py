@@ -26,7 +26,7 @@ from ._checks import (
     empty_output,
 )
 from ._excluded import causal_finite, finite_at_padding, real_only, reinstate
-from ._varlen import call_packed
+from ._varlen import Packing, call_packed, kernel_packing
 
 __all__ = [
     "ACTIVATIONS",
@@ -46,14 +46,15 @@ def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, i
     return check_dims({}, q=(q, "BHNK"), k=(k, "BHNK"), v=(v, "BHNV"))
 
 
-def _select_excluded(q, k, v, key_mask, causal: bool):
+def _select_excluded(q, k, v, key_mask, causal: bool, packing: Packing | None = None):
     """Padded keys and values selected away, padded queries kept finite; when causal, finite keys and
     values (future ones meet 0s in products) and ``seen``: the outputs whose own terms are not (docs/spec.md
-    §0). Returns q, k, v and seen (None when not causal)."""
+    §0), within each segment of a packed row. Returns q, k, v and seen (None when not causal)."""
     q, k, v = finite_at_padding(q, key_mask, 2), real_only(k, key_mask, 2), real_only(v, key_mask, 2)
     if not causal:
         return q, k, v, None
-    k, v, seen = causal_finite(k, v, 2, key_channels=False)
+    starts = None if packing is None else packing.starts()
+    k, v, seen = causal_finite(k, v, 2, key_channels=False, starts=starts)
     return q, k, v, seen
 
 
@@ -249,10 +250,14 @@ def _row_scale(
     length: int | None,
     dtype: torch.dtype,
     device: torch.device,
+    packing: Packing | None = None,
 ) -> torch.Tensor:
-    """L_i^(−alpha) as a (B or 1, 1, N, 1) tensor; L_i = number of keys row i sees unless ``length``."""
+    """L_i^(−alpha) as a (B or 1, 1, N, 1) tensor; L_i = number of keys row i sees unless ``length``
+    (within its segment, for a packed row)."""
     if length is not None:
         counts = torch.full((1, seq_len), float(length), dtype=dtype, device=device)
+    elif packing is not None:
+        counts = (packing.positions() + 1 if causal else packing.ends() - packing.starts())[None].to(dtype)
     elif key_mask is None:
         if causal:
             counts = torch.arange(1, seq_len + 1, dtype=dtype, device=device)[None]
@@ -381,8 +386,13 @@ def pointwise_attention(
     Returns:
         (B, H, N, Dv), in the dtype of the inputs.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return call_packed(pointwise_attention, locals(), q=2, k=2, v=2)
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
+        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
+        packing = kernel_packing(arguments, q=2, k=2, v=2)
+        if packing is None or not use_kernel("pointwise_attention", q):
+            return call_packed(pointwise_attention, arguments, q=2, k=2, v=2)
+    else:
+        packing = None
     sizes = _check_qkv(q, k, v)
     causal = check_flag("causal", causal)
     activation, alpha, length = _check_pointwise_options(activation, alpha, length)
@@ -390,7 +400,7 @@ def pointwise_attention(
     key_mask = check_attention_mask(attention_mask, sizes["B"], sizes["N"], q.device)
     if q.numel() == 0 or v.numel() == 0:
         return empty_output(v.shape, q, k, v)
-    q, k, v, seen = _select_excluded(q, k, v, key_mask, causal)
+    q, k, v, seen = _select_excluded(q, k, v, key_mask, causal, packing)
     row_scale = _row_scale(
         key_mask,
         sizes["B"],
@@ -400,11 +410,13 @@ def pointwise_attention(
         length=length,
         dtype=compute_dtype(q.dtype),
         device=q.device,
+        packing=packing,
     )
-    if use_kernel("pointwise_attention", q):
+    if packing is not None or use_kernel("pointwise_attention", q):
         from ..kernels.pointwise_attention import pointwise_attention_fwd as kernel
 
-        out = kernel(q, k, v, key_mask, row_scale[:, 0, :, 0], activation, scale, bool(causal))
+        bounds = None if packing is None else packing.bounds
+        out = kernel(q, k, v, key_mask, row_scale[:, 0, :, 0], activation, scale, bool(causal), bounds)
     else:
         flat_mask = None if key_mask is None else key_mask.repeat_interleave(sizes["H"], dim=0)  # (B·H, N)
         out = _PointwiseAttention.apply(q, k, v, flat_mask, row_scale, activation, scale, bool(causal))

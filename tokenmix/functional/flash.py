@@ -24,8 +24,8 @@ from ._checks import (
     empty_output,
 )
 from ._chunks import compact, last_real
-from ._excluded import finite_at_padding, finite_part, real_only, reinstate, seen_in_window
-from ._varlen import call_packed
+from ._excluded import finite_at_padding, finite_part, real_only, reinstate, seen_between, seen_in_window
+from ._varlen import Packing, call_packed, kernel_packing
 from .attention import pointwise_attention
 
 __all__ = ["MixedChunkState", "mixed_chunk_attention"]
@@ -92,8 +92,14 @@ def mixed_chunk_attention(
         (B, N, E) in the inputs' dtype, or (that, final_state) with ``output_final_state``; half-precision
         inputs are computed in float32.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return call_packed(mixed_chunk_attention, locals(), q_quad=1, k_quad=1, q_lin=1, k_lin=1, v=1)
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
+        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
+        dims = {"q_quad": 1, "k_quad": 1, "q_lin": 1, "k_lin": 1, "v": 1}
+        packing = kernel_packing(arguments, **dims)
+        if packing is None or not use_kernel("mixed_chunk_attention", v):
+            return call_packed(mixed_chunk_attention, arguments, **dims)
+    else:
+        packing = None
     names = ("q_quad", "k_quad", "q_lin", "k_lin")
     for name, tensor in zip(names, (q_quad, k_quad, q_lin, k_lin), strict=True):
         check_float_tensor(name, tensor, "(B, N, S)")
@@ -123,31 +129,32 @@ def mixed_chunk_attention(
     q_quad, q_lin = finite_at_padding(q_quad, mask, 1), finite_at_padding(q_lin, mask, 1)
     k_quad, k_lin, v = (real_only(t, mask, 1) for t in (k_quad, k_lin, v))
     if not causal:
-        return _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, False)
+        return _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, False, packing)
     # Causal sums meet future keys and values in products with 0: compute with finite ones, then mark
     # the rows that see others of their own (a value at j ≤ i; a quadratic key at j ≤ i in the row's
-    # chunk; a linear key in an earlier chunk).
+    # chunk; a linear key in an earlier chunk), all within the row's segment when packed.
     v, bad_values = finite_part(v)
     k_quad, bad_quad = finite_part(k_quad)
     k_lin, bad_lin = finite_part(k_lin)
-    padding = -seq_len % chunk_size
-
-    def by_chunk(bad: torch.Tensor) -> torch.Tensor:  # (B, N, S) → (B, G, C) counts per position
-        return F.pad(bad.any(-1), (0, padding)).view(batch, -1, chunk_size).to(torch.int32)
-
-    quad_seen = (by_chunk(bad_quad).cumsum(2) > 0).flatten(1)[:, :seq_len, None]
-    lin_chunks = by_chunk(bad_lin).sum(2)  # (B, G)
-    lin_seen = (lin_chunks.cumsum(1) - lin_chunks > 0).repeat_interleave(chunk_size, 1)[:, :seq_len, None]
-    out = _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, True)
-    return reinstate(out, seen_in_window(bad_values, 1, None) | quad_seen | lin_seen)
+    index = torch.arange(seq_len, device=v.device)
+    starts = torch.zeros_like(index) if packing is None else packing.starts()
+    chunk_starts = index - (index - starts) % chunk_size
+    quad_seen = seen_between(bad_quad.any(-1, keepdim=True), 1, chunk_starts, index + 1)
+    lin_seen = seen_between(bad_lin.any(-1, keepdim=True), 1, starts, chunk_starts)
+    out = _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, True, packing)
+    values_seen = seen_in_window(bad_values, 1, None, starts=None if packing is None else starts)
+    return reinstate(out, values_seen | quad_seen | lin_seen)
 
 
-def _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size: int, causal: bool) -> torch.Tensor:
-    """mixed_chunk_attention on checked inputs (see there)."""
-    if use_kernel("mixed_chunk_attention", v):
+def _mixed_chunk(
+    q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size: int, causal: bool, packing: Packing | None = None
+) -> torch.Tensor:
+    """mixed_chunk_attention on checked inputs (see there); a packed row goes through the kernel."""
+    if packing is not None or use_kernel("mixed_chunk_attention", v):
         from ..kernels.flash import mixed_chunk_attention as kernel
 
-        return kernel(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, bool(causal))
+        bounds = None if packing is None else packing.bounds
+        return kernel(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, bool(causal), bounds)
     batch, seq_len, qk_dim = q_quad.shape
     dtype = compute_dtype(v.dtype)
 

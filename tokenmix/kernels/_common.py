@@ -18,6 +18,24 @@ def dot_flags(dtype: torch.dtype) -> dict:
     }
 
 
+def segment_arguments(like: torch.Tensor, cu_seqlens: torch.Tensor | None, block: int) -> tuple:
+    """What a kernel launched over packed segments (docs/spec.md §8) reads, as flash-linear-attention lays
+    them out: the bounds (S + 1,) int32 and the table of row blocks, (P, 2) int32 pairs (segment, block
+    within it), each segment cut into blocks of ``block`` from its own start, so no program spans two
+    segments or falls past its segment's end. Also P, the programs along the rows. Without
+    ``cu_seqlens``: stand-ins the kernel never reads (``like``), and P = cdiv(N, block) of ``like``'s
+    rows (dim −2)."""
+    if cu_seqlens is None:
+        return like, like, triton.cdiv(like.shape[-2], block)
+    bounds = cu_seqlens.to(device=like.device, dtype=torch.int32).contiguous()
+    lengths = bounds.diff().tolist()  # one host read: the grid's size depends on it
+    pairs = [
+        (segment, i) for segment, length in enumerate(lengths) for i in range(triton.cdiv(length, block))
+    ]
+    table = torch.tensor(pairs or [(0, 0)], dtype=torch.int32, device=like.device)
+    return bounds, table, len(pairs)
+
+
 def int8_mask(like: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
     """The (B, N) key mask as contiguous int8 for a kernel; an empty tensor when there is none (the
     kernel then never reads it)."""
@@ -59,6 +77,42 @@ def slice_offset(index, rows, width):
     """Where slice ``index`` of (rows, width) slices starts: the product in 64 bits, since for a tensor
     of more than 2**31 elements it passes what an int32 holds (program ids and sizes are int32)."""
     return index.to(tl.int64) * rows * width
+
+
+@triton.jit
+def sequence_of(index, cu_ptr, seq_len, VARLEN: tl.constexpr):
+    """Sequence ``index``: its batch row, its first position within that row (int64) and its length.
+    Batch row ``index`` of N positions, or (VARLEN) segment ``index`` of the one packed row, its bounds
+    read from cu_seqlens: a program then offsets its pointers to its segment and never loads another's
+    positions (so nothing, not even a NaN, crosses a boundary)."""
+    if VARLEN:
+        start = tl.load(cu_ptr + index).to(tl.int64)
+        length = (tl.load(cu_ptr + index + 1) - start).to(tl.int32)
+        batch = index * 0
+    else:
+        start = (index * 0).to(tl.int64)
+        length = seq_len
+        batch = index
+    return batch, start, length
+
+
+@triton.jit
+def row_offset(batch, origin, seq_len, width):
+    """Where a sequence's first row lies in a (B, N, width) tensor: row ``origin`` of batch row ``batch``."""
+    return slice_offset(batch, seq_len, width) + origin * width
+
+
+@triton.jit
+def block_of(block_program, sequence_program, table_ptr, VARLEN: tl.constexpr):
+    """(sequence, block within it) of a program over blocks of rows: the grid's own indices, or (VARLEN)
+    the pair the block table lists for this program (see ``segment_arguments``)."""
+    if VARLEN:
+        sequence = tl.load(table_ptr + 2 * block_program)
+        block = tl.load(table_ptr + 2 * block_program + 1)
+    else:
+        sequence = sequence_program
+        block = block_program
+    return sequence, block
 
 
 @triton.jit

@@ -15,7 +15,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot, dot_flags, int8_mask, key_visible, load_rows, slice_offset, store_rows
+from ._common import (
+    block_of,
+    dot,
+    dot_flags,
+    int8_mask,
+    key_visible,
+    load_rows,
+    segment_arguments,
+    sequence_of,
+    slice_offset,
+    store_rows,
+)
 
 # Activation codes, in the order of the reference's ACTIVATIONS table.
 CODES = {"relu": 0, "relu2": 1, "gelu": 2, "softplus": 3, "identity": 4, "relu6": 5, "sigmoid": 6}
@@ -65,39 +76,54 @@ def _phi_grad(s, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _head_pointers(q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, head, heads, seq_len, dim_k, dim_v):
-    """The (N, D) slices of one batch·head, and its batch's row of the key mask."""
-    q_ptr += slice_offset(head, seq_len, dim_k)
-    k_ptr += slice_offset(head, seq_len, dim_k)
-    v_ptr += slice_offset(head, seq_len, dim_v)
-    g_ptr += slice_offset(head, seq_len, dim_v)
-    mask_ptr += slice_offset(head // heads, seq_len, 1)
-    return q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr
+def _sequence(block_program, head_program, cu_ptr, table_ptr, seq_len, heads, VARLEN: tl.constexpr):
+    """A program's block of rows, sequence and head: (block, batch, first position, length, batch·head)."""
+    sequence, block = block_of(block_program, head_program // heads, table_ptr, VARLEN)
+    batch, origin, length = sequence_of(sequence, cu_ptr, seq_len, VARLEN)
+    return block, batch, origin, length, batch * heads + head_program % heads
 
 
 @triton.jit
-def _row_scale(row_scale_ptr, batch, batch_stride, rows, seq_len):
+def _head_pointers(
+    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr, head, batch, origin, seq_len, dim_k, dim_v,
+    row_scale_batch_stride,
+):  # fmt: skip
+    """The rows of one batch·head's sequence, and its batch's key mask and L_i^−α from there."""
+    q_ptr += slice_offset(head, seq_len, dim_k) + origin * dim_k
+    k_ptr += slice_offset(head, seq_len, dim_k) + origin * dim_k
+    v_ptr += slice_offset(head, seq_len, dim_v) + origin * dim_v
+    g_ptr += slice_offset(head, seq_len, dim_v) + origin * dim_v
+    mask_ptr += slice_offset(batch, seq_len, 1) + origin
+    row_scale_ptr += slice_offset(batch, row_scale_batch_stride, 1) + origin
+    return q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr
+
+
+@triton.jit
+def _row_scale(row_scale_ptr, rows, seq_len):
     """L_i^−α of the rows as a column, applied before any half-precision cast of what it scales."""
-    return tl.load(row_scale_ptr + slice_offset(batch, batch_stride, 1) + rows, rows < seq_len, 0.0)[:, None]
+    return tl.load(row_scale_ptr + rows, rows < seq_len, 0.0)[:, None]
 
 
 @triton.jit
 def pointwise_attention_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, row_scale_ptr, out_ptr,
-    seq_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
-    ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, row_scale_ptr, cu_ptr, table_ptr, out_ptr,
+    total_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
+    ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    block, head = tl.program_id(0), tl.program_id(1)  # head indexes batch·heads
-    batch = head // heads
+    """One block of rows of one (batch row or segment)·head; positions below count within the sequence."""
+    block, batch, origin, seq_len, head = _sequence(
+        tl.program_id(0), tl.program_id(1), cu_ptr, table_ptr, total_len, heads, VARLEN
+    )
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     dk, dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
-    q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr = _head_pointers(
-        q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr, head, heads, seq_len, dim_k, dim_v
-    )
+    q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr, row_scale_ptr = _head_pointers(
+        q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr, row_scale_ptr, head, batch, origin, total_len, dim_k, dim_v,
+        row_scale_batch_stride,
+    )  # fmt: skip
     q = load_rows(q_ptr, rows, dk, seq_len, dim_k, dim_k, 0.0)
-    row_scale = _row_scale(row_scale_ptr, batch, row_scale_batch_stride, rows, seq_len)
+    row_scale = _row_scale(row_scale_ptr, rows, seq_len)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     end = tl.minimum((block + 1) * BLOCK_M, seq_len) if CAUSAL else seq_len
     for start in range(0, end, BLOCK_N):
@@ -114,19 +140,22 @@ def pointwise_attention_fwd_kernel(
 
 @triton.jit
 def pointwise_attention_bwd_keys_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr, dk_ptr, dv_ptr,
-    seq_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
-    ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr, cu_ptr, table_ptr, dk_ptr, dv_ptr,
+    total_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
+    ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """dk, dv of one key block, over the query blocks that see it (g: grad_out)."""
-    block, head = tl.program_id(0), tl.program_id(1)
+    block, batch, origin, seq_len, head = _sequence(
+        tl.program_id(0), tl.program_id(1), cu_ptr, table_ptr, total_len, heads, VARLEN
+    )
     columns = block * BLOCK_N + tl.arange(0, BLOCK_N)
     dk_range, dv_range = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
-    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr = _head_pointers(
-        q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, head, heads, seq_len, dim_k, dim_v
-    )
+    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr = _head_pointers(
+        q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr, head, batch, origin, total_len, dim_k, dim_v,
+        row_scale_batch_stride,
+    )  # fmt: skip
     k = load_rows(k_ptr, columns, dk_range, seq_len, dim_k, dim_k, 0.0)
     v = load_rows(v_ptr, columns, dv_range, seq_len, dim_v, dim_v, 0.0)
     grad_k = tl.zeros((BLOCK_N, BLOCK_DK), tl.float32)
@@ -136,7 +165,7 @@ def pointwise_attention_bwd_keys_kernel(
         rows = start + tl.arange(0, BLOCK_M)
         q = load_rows(q_ptr, rows, dk_range, seq_len, dim_k, dim_k, 0.0)
         g = load_rows(g_ptr, rows, dv_range, seq_len, dim_v, dim_v, 0.0)
-        row_scale = _row_scale(row_scale_ptr, head // heads, row_scale_batch_stride, rows, seq_len)
+        row_scale = _row_scale(row_scale_ptr, rows, seq_len)
         scores = dot(q, tl.trans(k), PRECISION, UPCAST) * scale  # (M, N)
         counted = key_visible(rows, columns, mask_ptr, seq_len, CAUSAL, HAS_MASK)
         weights = tl.where(counted, _phi(scores, ACTIVATION), 0.0) * row_scale
@@ -144,30 +173,33 @@ def pointwise_attention_bwd_keys_kernel(
         grad_weights = dot(g, tl.trans(v), PRECISION, UPCAST) * row_scale
         grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
         grad_k += dot(tl.trans(grad_scores).to(q.dtype), q, PRECISION, UPCAST)
-    store_rows(
-        dk_ptr + slice_offset(head, seq_len, dim_k), grad_k * scale, columns, dk_range, seq_len, dim_k, dim_k
-    )
-    store_rows(dv_ptr + slice_offset(head, seq_len, dim_v), grad_v, columns, dv_range, seq_len, dim_v, dim_v)
+    dk_ptr += slice_offset(head, total_len, dim_k) + origin * dim_k
+    dv_ptr += slice_offset(head, total_len, dim_v) + origin * dim_v
+    store_rows(dk_ptr, grad_k * scale, columns, dk_range, seq_len, dim_k, dim_k)
+    store_rows(dv_ptr, grad_v, columns, dv_range, seq_len, dim_v, dim_v)
 
 
 @triton.jit
 def pointwise_attention_bwd_queries_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr, dq_ptr,
-    seq_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
-    ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr, cu_ptr, table_ptr, dq_ptr,
+    total_len, heads, dim_k, dim_v, scale, row_scale_batch_stride,
+    ACTIVATION: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """dq of one query block, over the key blocks it sees."""
-    block, head = tl.program_id(0), tl.program_id(1)
+    block, batch, origin, seq_len, head = _sequence(
+        tl.program_id(0), tl.program_id(1), cu_ptr, table_ptr, total_len, heads, VARLEN
+    )
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     dk_range, dv_range = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
-    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr = _head_pointers(
-        q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, head, heads, seq_len, dim_k, dim_v
-    )
+    q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr = _head_pointers(
+        q_ptr, k_ptr, v_ptr, g_ptr, mask_ptr, row_scale_ptr, head, batch, origin, total_len, dim_k, dim_v,
+        row_scale_batch_stride,
+    )  # fmt: skip
     q = load_rows(q_ptr, rows, dk_range, seq_len, dim_k, dim_k, 0.0)
     g = load_rows(g_ptr, rows, dv_range, seq_len, dim_v, dim_v, 0.0)
-    row_scale = _row_scale(row_scale_ptr, head // heads, row_scale_batch_stride, rows, seq_len)
+    row_scale = _row_scale(row_scale_ptr, rows, seq_len)
     grad_q = tl.zeros((BLOCK_M, BLOCK_DK), tl.float32)
     end = tl.minimum((block + 1) * BLOCK_M, seq_len) if CAUSAL else seq_len
     for start in range(0, end, BLOCK_N):
@@ -179,9 +211,8 @@ def pointwise_attention_bwd_queries_kernel(
         grad_weights = dot(g, tl.trans(v), PRECISION, UPCAST) * row_scale
         grad_scores = tl.where(counted, grad_weights * _phi_grad(scores, ACTIVATION), 0.0)
         grad_q += dot(grad_scores.to(q.dtype), k, PRECISION, UPCAST)
-    store_rows(
-        dq_ptr + slice_offset(head, seq_len, dim_k), grad_q * scale, rows, dk_range, seq_len, dim_k, dim_k
-    )
+    dq_ptr += slice_offset(head, total_len, dim_k) + origin * dim_k
+    store_rows(dq_ptr, grad_q * scale, rows, dk_range, seq_len, dim_k, dim_k)
 
 
 def _blocks(dim_k: int, dim_v: int, seq_len: int) -> dict[str, int]:
@@ -195,15 +226,25 @@ def _blocks(dim_k: int, dim_v: int, seq_len: int) -> dict[str, int]:
     }
 
 
-def _launch_arguments(q, key_mask, activation, causal):
+def _launch(q, v, key_mask, row_scale, activation, causal, cu_seqlens, scale):
+    """Everything the three kernels share: (grid, tensors after q, k, v …, sizes, flags and blocks)."""
+    batch, heads, seq_len, dim_k = q.shape
+    dim_v = v.shape[-1]
+    blocks = _blocks(dim_k, dim_v, seq_len)
+    # BLOCK_M = BLOCK_N, so one table of row blocks serves queries and keys.
+    bounds, table, programs = segment_arguments(q[0, 0], cu_seqlens, blocks["BLOCK_M"])
     flags = {
         "ACTIVATION": CODES[activation],
         "CAUSAL": causal,
         "HAS_MASK": key_mask is not None,
+        "VARLEN": cu_seqlens is not None,
         **dot_flags(q.dtype),
+        **blocks,
     }
-    mask = int8_mask(q, key_mask)
-    return flags, mask
+    row_scale = row_scale.to(torch.float32).contiguous()
+    sizes = (seq_len, heads, dim_k, dim_v, scale, seq_len if row_scale.shape[0] > 1 else 0)
+    tensors = (int8_mask(q, key_mask), row_scale, bounds, table)
+    return (programs, batch * heads), tensors, sizes, flags
 
 
 @torch.library.custom_op("tokenmix::pointwise_attention_fwd", mutates_args=())
@@ -216,26 +257,20 @@ def pointwise_attention_fwd(
     activation: str,
     scale: float,
     causal: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q, k: (B, H, N, Dk) and v: (B, H, N, Dv), one dtype; key_mask: (B, N) bool or None;
-    row_scale: (B or 1, N) float32, L_i^(−α). Returns (B, H, N, Dv) in the inputs' dtype."""
-    batch, heads, seq_len, dim_k = q.shape
-    dim_v = v.shape[-1]
+    row_scale: (B or 1, N) float32, L_i^(−α); cu_seqlens: None, or with B = 1 the bounds (S + 1,) of
+    packed segments, each computed as a sequence of its own. Returns (B, H, N, Dv) in the inputs' dtype."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty(batch, heads, seq_len, dim_v, device=q.device, dtype=q.dtype)
-    blocks = _blocks(dim_k, dim_v, seq_len)
-    flags, mask = _launch_arguments(q, key_mask, activation, causal)
-    grid = (triton.cdiv(seq_len, blocks["BLOCK_M"]), batch * heads)
-    row_scale = row_scale.to(torch.float32).contiguous()
-    pointwise_attention_fwd_kernel[grid](
-        q, k, v, mask, row_scale, out, seq_len, heads, dim_k, dim_v, scale,
-        seq_len if row_scale.shape[0] > 1 else 0, **flags, **blocks,
-    )  # fmt: skip
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    grid, tensors, sizes, flags = _launch(q, v, key_mask, row_scale, activation, causal, cu_seqlens, scale)
+    pointwise_attention_fwd_kernel[grid](q, k, v, *tensors, out, *sizes, **flags)
     return out
 
 
 @pointwise_attention_fwd.register_fake
-def _(q, k, v, key_mask, row_scale, activation, scale, causal):
+def _(q, k, v, key_mask, row_scale, activation, scale, causal, cu_seqlens=None):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
@@ -250,40 +285,32 @@ def pointwise_attention_bwd(
     activation: str,
     scale: float,
     causal: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, heads, seq_len, dim_k = q.shape
-    dim_v = v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     grad = grad_out.to(q.dtype).contiguous()
-    row_scale = row_scale.to(torch.float32).contiguous()
     grad_q, grad_k, grad_v = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    blocks = _blocks(dim_k, dim_v, seq_len)
-    flags, mask = _launch_arguments(q, key_mask, activation, causal)
-    arguments = (seq_len, heads, dim_k, dim_v, scale, seq_len if row_scale.shape[0] > 1 else 0)
-    pointwise_attention_bwd_keys_kernel[(triton.cdiv(seq_len, blocks["BLOCK_N"]), batch * heads)](
-        q, k, v, grad, mask, row_scale, grad_k, grad_v, *arguments, **flags, **blocks
-    )
-    pointwise_attention_bwd_queries_kernel[(triton.cdiv(seq_len, blocks["BLOCK_M"]), batch * heads)](
-        q, k, v, grad, mask, row_scale, grad_q, *arguments, **flags, **blocks
-    )
+    grid, tensors, sizes, flags = _launch(q, v, key_mask, row_scale, activation, causal, cu_seqlens, scale)
+    pointwise_attention_bwd_keys_kernel[grid](q, k, v, grad, *tensors, grad_k, grad_v, *sizes, **flags)
+    pointwise_attention_bwd_queries_kernel[grid](q, k, v, grad, *tensors, grad_q, *sizes, **flags)
     return grad_q, grad_k, grad_v
 
 
 @pointwise_attention_bwd.register_fake
-def _(grad_out, q, k, v, key_mask, row_scale, activation, scale, causal):
+def _(grad_out, q, k, v, key_mask, row_scale, activation, scale, causal, cu_seqlens=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_mask, row_scale, activation, scale, causal = inputs
-    ctx.save_for_backward(q, k, v, key_mask, row_scale)
+    q, k, v, key_mask, row_scale, activation, scale, causal, cu_seqlens = inputs
+    ctx.save_for_backward(q, k, v, key_mask, row_scale, cu_seqlens)
     ctx.options = (activation, scale, causal)
 
 
 def _backward(ctx, grad_out):
-    q, k, v, key_mask, row_scale = ctx.saved_tensors
-    grads = pointwise_attention_bwd(grad_out, q, k, v, key_mask, row_scale, *ctx.options)
-    return (*grads, None, None, None, None, None)
+    q, k, v, key_mask, row_scale, cu_seqlens = ctx.saved_tensors
+    grads = pointwise_attention_bwd(grad_out, q, k, v, key_mask, row_scale, *ctx.options, cu_seqlens)
+    return (*grads, None, None, None, None, None, None)
 
 
 pointwise_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -17,6 +17,7 @@ from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
 from ..functional._checks import check_positive_int, check_real
 from ..functional._chunks import Compacted
+from ..functional._varlen import Packing
 from .base import Mixer
 from .cache import KVCache, check_capacity
 from .registry import register_mixer
@@ -69,13 +70,16 @@ class AFTMixer(Mixer):
                 f"(max_len={self.max_len})"
             )
 
-    def mix(self, q, k, v, attention_mask):
+    def mix(self, q, k, v, attention_mask, packing: Packing | None = None):
+        """The family's op on q, k, v (B, N, hidden) (over a packed row's segments)."""
         raise NotImplementedError
 
-    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        self._check_length(x.shape[1])
+    def mix_sequence(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
+    ) -> torch.Tensor:
+        self._check_length(x.shape[1] if packing is None else packing.longest)
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        return self.dropout(self.to_out(self.mix(q, k, v, attention_mask)))
+        return self.dropout(self.to_out(self.mix(q, k, v, attention_mask, packing)))
 
     def new_state(self, batch_size: int, capacity: int | None = None) -> AFTState:
         """An empty state. ``capacity``: AFT-full's cache holds that many positions (padding included)
@@ -155,10 +159,14 @@ class AFTFull(AFTMixer):
         super().__init__(dim, causal=causal, hidden_dim=hidden_dim, max_len=max_len, dropout=dropout)
         self.bias = PositionBias(self.max_len, bias_rank)
 
-    def mix(self, q, k, v, attention_mask):
-        seq_len = q.shape[1]
+    packed_op = "aft_full"
+
+    def mix(self, q, k, v, attention_mask, packing=None):
+        seq_len = q.shape[1] if packing is None else packing.longest  # w by position within a segment
         w = self.bias.rows(slice(0, seq_len), slice(0, seq_len))
-        return aft_ops.aft_full(q, k, v, w, causal=self.causal, attention_mask=attention_mask)
+        return aft_ops.aft_full(
+            q, k, v, w, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
+        )
 
     def mix_chunk(self, q, k, v, state, chunk):
         positions = state.positions[:, None] + torch.arange(k.shape[1], device=k.device)
@@ -198,8 +206,12 @@ class AFTSimple(AFTMixer):
     ) -> None:
         super().__init__(dim, causal=causal, hidden_dim=hidden_dim, max_len=None, dropout=dropout)
 
-    def mix(self, q, k, v, attention_mask):
-        return aft_ops.aft_simple(q, k, v, causal=self.causal, attention_mask=attention_mask)
+    packed_op = "aft_simple"
+
+    def mix(self, q, k, v, attention_mask, packing=None):
+        return aft_ops.aft_simple(
+            q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
+        )
 
     def mix_chunk(self, q, k, v, state, chunk):
         out, state.running = aft_ops.aft_simple(
@@ -245,8 +257,12 @@ class AFTLocal(AFTMixer):
         self.window = check_positive_int("window", window)
         self.bias = PositionBias(self.max_len, bias_rank)
 
-    def mix(self, q, k, v, attention_mask):
-        options = dict(window=self.window, causal=self.causal, attention_mask=attention_mask)
+    packed_op = "aft_local"
+
+    def mix(self, q, k, v, attention_mask, packing=None):
+        options = dict(
+            window=self.window, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
+        )
         if self.bias.rank is None:
             return aft_ops.aft_local(q, k, v, self.bias.table, **options)
         return aft_ops.aft_local_lowrank(q, k, v, self.bias.u, self.bias.v, **options)
@@ -327,7 +343,11 @@ class AFTConv(AFTMixer):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, self.hidden_dim // self.heads))
 
-    def mix(self, q, k, v, attention_mask):
+    @property
+    def packed_op(self) -> str | None:
+        return "aft_conv" if self.grid is None else None  # a 2-D grid is not packed through the kernel
+
+    def mix(self, q, k, v, attention_mask, packing=None):
         q, v = self._heads(q), self._heads(v)
         if self.grid is not None:  # (B, X·Y, …) → (B, X, Y, …)
             if q.shape[1] != self.grid[0] * self.grid[1]:
@@ -338,7 +358,9 @@ class AFTConv(AFTMixer):
             q, k, v = (t.unflatten(1, self.grid) for t in (q, k, v))
             if attention_mask is not None:
                 attention_mask = attention_mask.unflatten(1, self.grid)
-        out = aft_ops.aft_conv(q, k, v, self.weight(), causal=self.causal, attention_mask=attention_mask)
+        out = aft_ops.aft_conv(
+            q, k, v, self.weight(), causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
+        )
         return out.flatten(-2).flatten(1, -2)
 
     def mix_chunk(self, q, k, v, state, chunk):

@@ -15,6 +15,7 @@ from ..errors import InvalidValueError
 from ..functional import attention as attention_ops
 from ..functional._checks import check_positive_int, check_real
 from ..functional._chunks import Compacted
+from ..functional._varlen import Packing
 from .base import Mixer, pick_options
 from .cache import KVCache
 from .registry import register_mixer
@@ -67,9 +68,14 @@ class MultiHeadAttention(Mixer):
         self.dropout = nn.Dropout(check_real("dropout", dropout))
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        """(B, H, N, D) q, k, v → (B, H, N, D) with the family's op."""
+        """(B, H, N, D) q, k, v → (B, H, N, D) with the family's op (over a packed row's segments)."""
         raise NotImplementedError
 
     def attend_cached(
@@ -79,13 +85,14 @@ class MultiHeadAttention(Mixer):
         raise NotImplementedError
 
     def _qkv(
-        self, x: torch.Tensor, offset: int | torch.Tensor
+        self, x: torch.Tensor, offset: int | torch.Tensor, packing: Packing | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            positions = None if packing is None else packing.positions()  # each segment's from 0
+            q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
         return q, k, v
 
     def _output(self, attended: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -94,9 +101,11 @@ class MultiHeadAttention(Mixer):
             out = out * nn.functional.silu(self.to_gate(x))
         return self.dropout(self.to_out(out))
 
-    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self._qkv(x, offset=0)
-        return self._output(self.attend(q, k, v, attention_mask), x)
+    def mix_sequence(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
+    ) -> torch.Tensor:
+        q, k, v = self._qkv(x, 0, packing)
+        return self._output(self.attend(q, k, v, attention_mask, packing), x)
 
     def new_state(self, batch_size: int, capacity: int | None = None) -> KVCache:
         """An empty KV cache: O(t · heads · head_dim) per sequence after t steps.
@@ -149,8 +158,10 @@ class SoftmaxAttention(MultiHeadAttention):
     ) -> None:
         super().__init__(dim, **pick_options(locals(), _SHARED_OPTIONS))
 
-    def attend(self, q, k, v, attention_mask):
-        return attention_ops.softmax_attention(q, k, v, causal=self.causal, attention_mask=attention_mask)
+    def attend(self, q, k, v, attention_mask, packing=None):
+        return attention_ops.softmax_attention(
+            q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
+        )
 
     def attend_cached(self, q, k, v, real):
         return attention_ops.softmax_attention_step(q, k, v, key_mask=real)
@@ -178,6 +189,8 @@ class PointwiseAttention(MultiHeadAttention):
         qk_layernorm, rope, rope_base, gate, bias, dropout: as for ``"softmax"``.
     """
 
+    packed_op = "pointwise_attention"
+
     def __init__(
         self,
         dim: int,
@@ -204,9 +217,9 @@ class PointwiseAttention(MultiHeadAttention):
     def _options(self) -> dict:
         return {"activation": self.activation, "alpha": self.alpha, "length": self.length}
 
-    def attend(self, q, k, v, attention_mask):
+    def attend(self, q, k, v, attention_mask, packing=None):
         return attention_ops.pointwise_attention(
-            q, k, v, causal=self.causal, attention_mask=attention_mask, **self._options()
+            q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing, **self._options()
         )
 
     def attend_cached(self, q, k, v, real):

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..backend import use_kernel
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 from ..functional._checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
 from ..functional._chunks import Compacted, compact
@@ -33,6 +34,9 @@ class Mixer(nn.Module):
     """
 
     mixer_name: str = ""
+    # The functional op whose kernel takes a packed row's segments itself (docs/spec.md §8), for a
+    # family whose other layers are per position (or told each position's place in its segment).
+    packed_op: str | None = None
 
     def __init__(self, dim: int, *, causal: bool = False) -> None:
         super().__init__()
@@ -61,10 +65,16 @@ class Mixer(nn.Module):
         if cu_seqlens is None:
             return self.mix_sequence(x, attention_mask)
         packing = packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device)
+        if self.packed_op is not None and use_kernel(self.packed_op, x):  # one launch for every segment
+            return self.mix_sequence(x, None, packing)
         return packed_call(self.mix_sequence, [(x, 1)], packing)
 
-    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """The family's forward over a checked x (B, N, dim) and mask (B, N) or None."""
+    def mix_sequence(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
+    ) -> torch.Tensor:
+        """The family's forward over a checked x (B, N, dim) and mask (B, N) or None; or (``packing``,
+        families with a ``packed_op`` only) a packed row (1, N, dim) whose segments are independent
+        sequences."""
         raise NotImplementedError
 
     def check_step_input(

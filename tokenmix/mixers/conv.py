@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..backend import use_kernel
 from ..errors import InvalidValueError
 from ..functional._checks import check_positive_int, check_real
 from ..functional._chunks import Compacted, last_real
-from ..functional._varlen import Packing, packing_of
+from ..functional._varlen import Packing
 from ..functional.conv import dynamic_conv, lightconv
 from .base import Mixer
 from .cache import check_capacity
@@ -93,26 +92,11 @@ class ConvolutionMixer(Mixer):
         return self.weight_dropout(kernel.softmax(-1) if self.weight_softmax else kernel)
 
     def mix_sequence(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlens: Packing | None = None
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
     ) -> torch.Tensor:
         u = self.glu(self.to_input(x))
         kernel = self._normalised_kernel(u)
-        return self.dropout(self.to_out(self.convolve(u, kernel, attention_mask, cu_seqlens=cu_seqlens)))
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | Packing | None = None,
-    ) -> torch.Tensor:
-        """As ``Mixer.forward``; where the convolution kernel runs, a packed row goes through it whole
-        (the projections are per position, the kernel keeps every tap inside its segment): one launch."""
-        if cu_seqlens is None or not (isinstance(x, torch.Tensor) and use_kernel(self.mixer_name, x)):
-            return super().forward(x, attention_mask, cu_seqlens)
-        x, attention_mask = self.check_input(x, attention_mask)
-        return self.mix_sequence(
-            x, None, packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device)
-        )
+        return self.dropout(self.to_out(self.convolve(u, kernel, attention_mask, cu_seqlens=packing)))
 
     def new_state(self, batch_size: int, capacity: int | None = None) -> ConvState:
         """Zeros for the inputs before the sequence: constant in size; ``capacity`` only bounds what it
@@ -152,6 +136,8 @@ class LightConv(ConvolutionMixer):
     """Lightweight convolution: one learned kernel per head, shared by the head's d/H channels. Options as
     for ``ConvolutionMixer``."""
 
+    packed_op = "lightconv"
+
     def build_kernel(self) -> None:
         self.weight = nn.Parameter(torch.empty(self.heads, self.kernel_size))
         nn.init.xavier_uniform_(self.weight)
@@ -175,6 +161,8 @@ class LightConv(ConvolutionMixer):
 class DynamicConv(ConvolutionMixer):
     """Dynamic convolution: each position's H×K kernel is a linear function of its convolution input.
     Options as for ``ConvolutionMixer``."""
+
+    packed_op = "dynamic_conv"
 
     def build_kernel(self) -> None:
         self.to_kernel = nn.Linear(self.dim, self.heads * self.kernel_size, bias=False)

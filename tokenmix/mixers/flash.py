@@ -18,6 +18,7 @@ from ..errors import InvalidValueError
 from ..functional import attention as attention_ops
 from ..functional._checks import check_choice, check_positive_int, check_real
 from ..functional._chunks import Compacted
+from ..functional._varlen import Packing
 from ..functional.flash import MixedChunkState, mixed_chunk_attention
 from .base import Mixer, pick_options
 from .cache import KVCache, check_capacity
@@ -56,14 +57,16 @@ class GatedAttentionUnit(Mixer):
         self.dropout = nn.Dropout(check_real("dropout", dropout))
 
     def project(
-        self, x: torch.Tensor, offset: int | torch.Tensor
+        self, x: torch.Tensor, offset: int | torch.Tensor, packing: Packing | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """x: (B, N, dim) at positions offset… → U (B, N, e), V (B, N, e), and ``num_qk`` of (B, N, s)."""
+        """x: (B, N, dim) at positions offset… (a packed row's: each segment's from 0) → U (B, N, e),
+        V (B, N, e), and ``num_qk`` of (B, N, s)."""
         u, v, z = nn.functional.silu(self.to_uvz(x)).split([self.expanded, self.expanded, self.qk_dim], -1)
         # (B, num_qk, N, s), laid out so that RoPE rotates all of them in one pass without a copy
         queries_keys = z[:, None] * self.gamma[:, None, :] + self.beta[:, None, :]
         if self.rotary is not None:
-            queries_keys = self.rotary(queries_keys, offset)  # all at once: one pass, not num_qk
+            positions = None if packing is None else packing.positions()
+            queries_keys = self.rotary(queries_keys, offset, positions)  # all at once, not num_qk passes
         return u, v, list(queries_keys.unbind(-3))
 
     def output(self, u: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
@@ -116,18 +119,21 @@ class GAU(GatedAttentionUnit):
             "length": self.length,
         }
 
-    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        u, v, (q, k) = self.project(x, 0)
-        return self.output(u, self._attend(*self._heads(q, k, v), attention_mask)[:, 0])
+    @property
+    def packed_op(self) -> str | None:
+        return None if self.activation == "softmax" else "pointwise_attention"
 
-    def _attend(self, q, k, v, attention_mask):
+    def mix_sequence(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
+    ) -> torch.Tensor:
+        u, v, (q, k) = self.project(x, 0, packing)
+        return self.output(u, self._attend(*self._heads(q, k, v), attention_mask, packing)[:, 0])
+
+    def _attend(self, q, k, v, attention_mask, packing=None):
+        options = {"causal": self.causal, "attention_mask": attention_mask, "cu_seqlens": packing}
         if self.activation == "softmax":
-            return attention_ops.softmax_attention(
-                q, k, v, causal=self.causal, attention_mask=attention_mask, scale=self.qk_dim**-0.5
-            )
-        return attention_ops.pointwise_attention(
-            q, k, v, causal=self.causal, attention_mask=attention_mask, **self._pointwise_options()
-        )
+            return attention_ops.softmax_attention(q, k, v, scale=self.qk_dim**-0.5, **options)
+        return attention_ops.pointwise_attention(q, k, v, **options, **self._pointwise_options())
 
     def new_state(self, batch_size: int, capacity: int | None = None) -> KVCache:
         """An empty KV cache.
@@ -208,14 +214,18 @@ class FLASH(GatedAttentionUnit):
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.linear = bool(linear)
 
-    def _project(self, x: torch.Tensor, offset: int | torch.Tensor):
-        u, v, (q_quad, k_quad, q_lin, k_lin) = self.project(x, offset)
+    packed_op = "mixed_chunk_attention"
+
+    def _project(self, x: torch.Tensor, offset: int | torch.Tensor, packing: Packing | None = None):
+        u, v, (q_quad, k_quad, q_lin, k_lin) = self.project(x, offset, packing)
         if not self.linear:
             q_lin = torch.zeros_like(q_lin)  # lin_i = 0 · M_i / n_i
         return u, v, q_quad, k_quad, q_lin, k_lin
 
-    def mix_sequence(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, 0)
+    def mix_sequence(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
+    ) -> torch.Tensor:
+        u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, 0, packing)
         attended = mixed_chunk_attention(
             q_quad,
             k_quad,
@@ -225,6 +235,7 @@ class FLASH(GatedAttentionUnit):
             chunk_size=self.chunk_size,
             causal=self.causal,
             attention_mask=attention_mask,
+            cu_seqlens=packing,
         )
         return self.output(u, attended)
 

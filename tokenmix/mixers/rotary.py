@@ -29,12 +29,17 @@ class RotaryEmbedding(nn.Module):
         """base^(−2i/d) for the d/2 pairs (float32): the buffer's value, for whoever must refill it."""
         return self.base ** (-torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim)
 
-    def forward(self, x: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, offset: int | torch.Tensor = 0, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``offset``: the position of x's first entry, an int or one per batch row (B,) (each row of a
-        batch of prompts counts its own real tokens)."""
+        batch of prompts counts its own real tokens). ``positions`` (N,), in place of an offset: each
+        entry's own position (a packed row's, counted from its segment's start)."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         steps = torch.arange(x.shape[-2], device=x.device, dtype=dtype)
-        if isinstance(offset, torch.Tensor):  # (B,) → angles (B, 1 …, N, d/2) against x (B, …, N, d)
+        if positions is not None:
+            angles = positions.to(x.device, dtype)[:, None] * self.inv_freq.to(x.device, dtype)[None, :]
+        elif isinstance(offset, torch.Tensor):  # (B,) → angles (B, 1 …, N, d/2) against x (B, …, N, d)
             positions = offset.to(x.device, dtype)[:, None] + steps
             angles = positions[..., None] * self.inv_freq.to(x.device, dtype)
             angles = angles.view(x.shape[0], *[1] * (x.dim() - 3), x.shape[-2], -1)

@@ -11,9 +11,12 @@ import triton.language as tl
 
 from ...backend import interpreting
 from .._common import (
+    block_of,
     exp_difference,
     int8_mask,
-    slice_offset,
+    row_offset,
+    segment_arguments,
+    sequence_of,
 )
 from .common import (
     aft_absorb,
@@ -37,24 +40,27 @@ def _band_pointers(band_ptr, rows, head, index, row_stride, head_stride):
 @triton.jit
 def aft_band_fwd_kernel(
     q_ptr, k_ptr, v_ptr, band_ptr, mask_ptr, prefix_lse_ptr, prefix_ratio_ptr, suffix_lse_ptr,
-    suffix_ratio_ptr, out_ptr, lse_ptr, ratio_ptr,
-    seq_len, dim, head_dim, key_width, window, first, last, band_row_stride, band_head_stride,
-    CAUSAL: tl.constexpr, KEY_PER_HEAD: tl.constexpr, HAS_MASK: tl.constexpr,
+    suffix_ratio_ptr, cu_ptr, table_ptr, out_ptr, lse_ptr, ratio_ptr,
+    total_len, dim, head_dim, key_width, window, first, last, band_row_stride, band_head_stride,
+    CAUSAL: tl.constexpr, KEY_PER_HEAD: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """A block of rows t: the unbiased keys beyond the window from the prefix scan's row t − window (and
     the suffix scan's row t + window), then the keys t + j, j ∈ [first, last], each biased by
-    band[t, head, j + window − 1]."""
-    block, batch = tl.program_id(0), tl.program_id(2)
+    band[t, head, j + window − 1] (t counts within a packed segment, and the band's rows are the packed
+    row's when VARLEN)."""
+    sequence, block = block_of(tl.program_id(0), tl.program_id(2), table_ptr, VARLEN)
+    batch, origin, seq_len = sequence_of(sequence, cu_ptr, total_len, VARLEN)
     head, channels = aft_channels(tl.program_id(1), dim, head_dim, BLOCK_D)
     key_columns = aft_key_columns(head, channels, dim, key_width, KEY_PER_HEAD)
-    offset = slice_offset(batch, seq_len, dim)
+    offset = row_offset(batch, origin, total_len, dim)
     q_ptr, v_ptr, out_ptr = q_ptr + offset, v_ptr + offset, out_ptr + offset
     lse_ptr, ratio_ptr = lse_ptr + offset, ratio_ptr + offset
     prefix_lse_ptr, prefix_ratio_ptr = prefix_lse_ptr + offset, prefix_ratio_ptr + offset
     suffix_lse_ptr, suffix_ratio_ptr = suffix_lse_ptr + offset, suffix_ratio_ptr + offset
-    k_ptr += slice_offset(batch, seq_len, key_width)
-    mask_ptr += slice_offset(batch, seq_len, 1)
+    k_ptr += row_offset(batch, origin, total_len, key_width)
+    mask_ptr += row_offset(batch, origin, total_len, 1)
+    band_ptr += origin * band_row_stride
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     top = tl.full((BLOCK_M, BLOCK_D), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -82,19 +88,20 @@ def aft_band_fwd_kernel(
 
 @triton.jit
 def aft_band_bwd_kernel(
-    grad_ptr, q_ptr, k_ptr, v_ptr, band_ptr, mask_ptr, lse_ptr, ratio_ptr, dq_ptr, dk_ptr, dv_ptr,
-    dband_ptr, seq_len, dim, head_dim, key_width, window, first, last, band_row_stride, band_head_stride,
-    KEY_PER_HEAD: tl.constexpr, BAND_PER_ROW: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    grad_ptr, q_ptr, k_ptr, v_ptr, band_ptr, mask_ptr, cu_ptr, table_ptr, lse_ptr, ratio_ptr, dq_ptr,
+    dk_ptr, dv_ptr, dband_ptr, total_len, dim, head_dim, key_width, window, first, last, band_row_stride,
+    band_head_stride, KEY_PER_HEAD: tl.constexpr, BAND_PER_ROW: tl.constexpr, HAS_MASK: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """A block of keys t', over the rows t = t' − j whose window holds them. With a_t = g_t σ(q_t) and
     p = e^(k_t' + band_tj − lse_t): dv_t' += Σ p a, dk_t' += Σ p a (v_t' − r_t), dband_tj += Σ_channels
     p a (v_t' − r_t) (atomically, across batches and channel blocks, and over rows for a band shared by
     the rows). Also dq_t' = g σ'(q) r."""
-    block, batch = tl.program_id(0), tl.program_id(2)
+    sequence, block = block_of(tl.program_id(0), tl.program_id(2), table_ptr, VARLEN)
+    batch, origin, seq_len = sequence_of(sequence, cu_ptr, total_len, VARLEN)
     head, channels = aft_channels(tl.program_id(1), dim, head_dim, BLOCK_D)
     key_columns = aft_key_columns(head, channels, dim, key_width, KEY_PER_HEAD)
-    offset = slice_offset(batch, seq_len, dim)
+    offset = row_offset(batch, origin, total_len, dim)
     grad_ptr, q_ptr, v_ptr = grad_ptr + offset, q_ptr + offset, v_ptr + offset
     lse_ptr, ratio_ptr, dq_ptr, dv_ptr = (
         lse_ptr + offset,
@@ -102,9 +109,12 @@ def aft_band_bwd_kernel(
         dq_ptr + offset,
         dv_ptr + offset,
     )
-    k_ptr += slice_offset(batch, seq_len, key_width)
-    dk_ptr += slice_offset(batch, seq_len, key_width)
-    mask_ptr += slice_offset(batch, seq_len, 1)
+    k_ptr += row_offset(batch, origin, total_len, key_width)
+    dk_ptr += row_offset(batch, origin, total_len, key_width)
+    mask_ptr += row_offset(batch, origin, total_len, 1)
+    band_ptr += origin * band_row_stride
+    if BAND_PER_ROW:
+        dband_ptr += origin * band_row_stride
     columns = block * BLOCK_M + tl.arange(0, BLOCK_M)
     keys = aft_keys(k_ptr, mask_ptr, columns, key_columns, seq_len, key_width, HAS_MASK)
     values = aft_load(v_ptr, columns, channels, seq_len, dim, 0.0)
@@ -143,17 +153,20 @@ def aft_band_bwd_kernel(
 
 class BandLaunch(NamedTuple):
     """What the band kernels are launched with: the grid (row blocks, channel blocks of every head,
-    batch), block sizes, sizes (N, D, head width, key width, window, first and last offset), the bias
-    table's strides (batch, head; 0 where shared) and constexpr flags."""
+    batch; with packed segments, the listed blocks of every segment in place of the first and last),
+    block sizes, the segment bounds and block table (stand-ins without segments), sizes (N, D, head
+    width, key width, window, first and last offset), the bias table's strides (row, head; 0 where
+    shared) and constexpr flags."""
 
     grid: tuple[int, int, int]
     blocks: dict[str, int]
+    segments: tuple[torch.Tensor, torch.Tensor]
     sizes: tuple[int, ...]
     strides: tuple[int, int]
     flags: dict[str, bool]
 
 
-def band_launch(q, k, band, window, causal) -> BandLaunch:
+def band_launch(q, k, band, key_mask, window, causal, cu_seqlens) -> BandLaunch:
     """Launch arguments shared by the band kernels."""
     batch, seq_len, dim = q.shape
     heads = band.shape[1]
@@ -164,10 +177,16 @@ def band_launch(q, k, band, window, causal) -> BandLaunch:
     block_m = 16 if interpreting() else 32
     blocks = {"BLOCK_M": block_m, "BLOCK_D": min(64, triton.next_power_of_2(head_dim))}
     channel_programs = heads * triton.cdiv(head_dim, blocks["BLOCK_D"])
-    grid = (triton.cdiv(seq_len, block_m), channel_programs, batch)
+    bounds, table, programs = segment_arguments(q[0], cu_seqlens, block_m)
+    grid = (programs, channel_programs, batch)
     sizes = (seq_len, dim, head_dim, key_width, window, first, last)
     strides = (band.stride(0) if band.shape[0] > 1 else 0, band.stride(1) if heads > 1 else 0)
-    return BandLaunch(grid, blocks, sizes, strides, {"KEY_PER_HEAD": key_width != dim})
+    flags = {
+        "KEY_PER_HEAD": key_width != dim,
+        "HAS_MASK": key_mask is not None,
+        "VARLEN": cu_seqlens is not None,
+    }
+    return BandLaunch(grid, blocks, (bounds, table), sizes, strides, flags)
 
 
 @torch.library.custom_op("tokenmix::aft_banded_fwd", mutates_args=())
@@ -179,31 +198,36 @@ def aft_banded_fwd(
     key_mask: torch.Tensor | None,
     window: int,
     causal: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """AFT with biases on a band: q, v (B, N, D); k (B, N, D), or (B, N, H) with one key per head of
     D / H channels; band (N or 1, H or 1, J): the bias of key t + j for row t is band[t, h, j + window − 1]
     for j in (−window, window) (in (−window, 0] when causal), and 0 beyond. key_mask: (B, N) bool or None.
-    Returns the output in the inputs' dtype and, for the backward, float32 lse and r of the rows and the
-    lse of the prefix and suffix scans (the suffix's empty when causal), (B, N, D) each."""
+    cu_seqlens: None, or with B = 1 the bounds (S + 1,) of packed segments, each a sequence of its own
+    (no key beyond its segment; the band's rows stay the packed row's). Returns the output in the inputs'
+    dtype and, for the backward, float32 lse and r of the rows and the lse of the prefix and suffix scans
+    (the suffix's empty when causal), (B, N, D) each."""
     q, k, v, band = q.contiguous(), k.contiguous(), v.contiguous(), band.contiguous()
     mask, heads = int8_mask(q, key_mask), band.shape[1]
-    prefix_lse, prefix_ratio = scan_state(q, k, v, mask, key_mask, heads, reverse=False)
+    prefix_lse, prefix_ratio = scan_state(q, k, v, mask, key_mask, heads, False, cu_seqlens)
     if causal:  # no suffix: the kernels never read it
         suffix_lse, suffix_ratio = q.new_empty(0, dtype=torch.float32), prefix_ratio
     else:
-        suffix_lse, suffix_ratio = scan_state(q, k, v, mask, key_mask, heads, reverse=True)
+        suffix_lse, suffix_ratio = scan_state(q, k, v, mask, key_mask, heads, True, cu_seqlens)
     out = torch.empty_like(q)
     lse, ratio = torch.empty_like(prefix_lse), torch.empty_like(prefix_lse)
-    grid, blocks, sizes, strides, flags = band_launch(q, k, band, window, causal)
+    grid, blocks, segments, sizes, strides, flags = band_launch(
+        q, k, band, key_mask, window, causal, cu_seqlens
+    )
     aft_band_fwd_kernel[grid](
-        q, k, v, band, mask, prefix_lse, prefix_ratio, suffix_lse, suffix_ratio, out, lse, ratio, *sizes,
-        *strides, CAUSAL=causal, HAS_MASK=key_mask is not None, **flags, **blocks,
+        q, k, v, band, mask, prefix_lse, prefix_ratio, suffix_lse, suffix_ratio, *segments, out, lse, ratio,
+        *sizes, *strides, CAUSAL=causal, **flags, **blocks,
     )  # fmt: skip
     return out, lse, ratio, prefix_lse, suffix_lse
 
 
 @aft_banded_fwd.register_fake
-def _(q, k, v, band, key_mask, window, causal):
+def _(q, k, v, band, key_mask, window, causal, cu_seqlens=None):
     state = q.new_empty(q.shape, dtype=torch.float32)
     suffix = q.new_empty(0, dtype=torch.float32) if causal else torch.empty_like(state)
     return torch.empty_like(q), state, torch.empty_like(state), torch.empty_like(state), suffix
@@ -223,6 +247,7 @@ def aft_banded_bwd(
     suffix_lse: torch.Tensor,
     window: int,
     causal: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, band = q.contiguous(), k.contiguous(), v.contiguous(), band.contiguous()
     grad_out = grad_out.contiguous()
@@ -231,36 +256,39 @@ def aft_banded_bwd(
     grad_k, grad_v, grad_band = (
         torch.zeros(x.shape, device=x.device, dtype=torch.float32) for x in (k, v, band)
     )
-    grid, blocks, sizes, strides, flags = band_launch(q, k, band, window, causal)
+    grid, blocks, segments, sizes, strides, flags = band_launch(
+        q, k, band, key_mask, window, causal, cu_seqlens
+    )
     aft_band_bwd_kernel[grid](
-        grad_out, q, k, v, band, mask, lse, ratio, grad_q, grad_k, grad_v, grad_band, *sizes, *strides,
-        BAND_PER_ROW=band.shape[0] > 1, HAS_MASK=key_mask is not None, **flags, **blocks,
+        grad_out, q, k, v, band, mask, *segments, lse, ratio, grad_q, grad_k, grad_v, grad_band, *sizes,
+        *strides, BAND_PER_ROW=band.shape[0] > 1, **flags, **blocks,
     )  # fmt: skip
-    scan_grid, scan_blocks = scan_launch(q.shape[0], q.shape[-1], band.shape[1])
+    scan_grid, scan_blocks, bounds, _ = scan_launch(q, band.shape[1], key_mask, cu_seqlens)
     scan_sizes = sizes[:5]  # seq_len, dim, head_dim, key_width, and window as the scans' shift
     for reverse, scan_lse in ((False, prefix_lse), (True, suffix_lse))[: 1 if causal else 2]:
         aft_scan_bwd_kernel[scan_grid](
-            grad_out, q, k, v, mask, scan_lse, lse, ratio, grad_q, grad_k, grad_v, *scan_sizes,
-            REVERSE=reverse, WHOLE_OP=False, HAS_MASK=key_mask is not None, **flags, **scan_blocks,
+            grad_out, q, k, v, mask, bounds, scan_lse, lse, ratio, grad_q, grad_k, grad_v, *scan_sizes,
+            REVERSE=reverse, WHOLE_OP=False, **flags, **scan_blocks,
         )  # fmt: skip
     return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_band.to(band.dtype)
 
 
 @aft_banded_bwd.register_fake
-def _(grad_out, q, k, v, band, key_mask, lse, ratio, prefix_lse, suffix_lse, window, causal):
+def _(grad_out, q, k, v, band, key_mask, lse, ratio, prefix_lse, suffix_lse, window, causal, cu_seqlens=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(band)
 
 
 def _banded_setup_context(ctx, inputs, output):
-    q, k, v, band, key_mask, window, causal = inputs
+    q, k, v, band, key_mask, window, causal, cu_seqlens = inputs
     _, lse, ratio, prefix_lse, suffix_lse = output
-    ctx.save_for_backward(q, k, v, band, key_mask, lse, ratio, prefix_lse, suffix_lse)
+    ctx.save_for_backward(q, k, v, band, key_mask, lse, ratio, prefix_lse, suffix_lse, cu_seqlens)
     ctx.options = (window, causal)
 
 
 def _banded_backward(ctx, grad_out, *unused):
-    grads = aft_banded_bwd(grad_out, *ctx.saved_tensors, *ctx.options)
-    return (*grads, None, None, None)
+    *saved, cu_seqlens = ctx.saved_tensors
+    grads = aft_banded_bwd(grad_out, *saved, *ctx.options, cu_seqlens)
+    return (*grads, None, None, None, None)
 
 
 aft_banded_fwd.register_autograd(_banded_backward, setup_context=_banded_setup_context)
@@ -274,5 +302,6 @@ def aft_banded(
     key_mask: torch.Tensor | None,
     window: int,
     causal: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return aft_banded_fwd(q, k, v, band, key_mask, window, causal)[0]
+    return aft_banded_fwd(q, k, v, band, key_mask, window, causal, cu_seqlens)[0]

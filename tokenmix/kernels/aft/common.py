@@ -90,7 +90,7 @@ def aft_absorb(top, total, weighted, scores, values):
 def aft_finish_rows(top, total, weighted, q_ptr, out_ptr, lse_ptr, ratio_ptr, rows, channels, seq_len, dim):
     """Stores σ(q) ⊙ r, lse and r of rows from their running (max, Σ e^(s − max), Σ e^(s − max) v); a row
     with no real key outputs 0."""
-    sees = total > 0
+    sees = (total > 0) | (total != total)  # a NaN term is seen (and says so), not "no real key"
     ratio = tl.where(sees, weighted / tl.where(sees, total, 1.0), 0.0)
     lse = tl.where(sees, top + tl.log(tl.where(sees, total, 1.0)), float("-inf"))
     queries = aft_load(q_ptr, rows, channels, seq_len, dim, 0.0)

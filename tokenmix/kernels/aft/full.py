@@ -8,9 +8,12 @@ import triton
 import triton.language as tl
 
 from .._common import (
+    block_of,
     exp_difference,
     int8_mask,
-    slice_offset,
+    row_offset,
+    segment_arguments,
+    sequence_of,
 )
 from .common import (
     aft_finish_rows,
@@ -35,18 +38,20 @@ def _scores(w_ptr, k_ptr, mask_ptr, rows, columns, channels, seq_len, dim, table
 
 @triton.jit
 def aft_full_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, w_ptr, mask_ptr, out_ptr, lse_ptr, ratio_ptr, seq_len, dim, table,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, w_ptr, mask_ptr, cu_ptr, table_ptr, out_ptr, lse_ptr, ratio_ptr, total_len, dim,
+    table, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One (row block, channel block, batch): an online joint maximum per (row, channel), as online
-    softmax keeps one per row, so no product of separately shifted exponentials can underflow."""
-    block, batch = tl.program_id(0), tl.program_id(2)
+    softmax keeps one per row, so no product of separately shifted exponentials can underflow. With
+    VARLEN the sequence is a packed segment, and w is indexed by positions within it."""
+    sequence, block = block_of(tl.program_id(0), tl.program_id(2), table_ptr, VARLEN)
+    batch, origin, seq_len = sequence_of(sequence, cu_ptr, total_len, VARLEN)
     channels = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offset = slice_offset(batch, seq_len, dim)
+    offset = row_offset(batch, origin, total_len, dim)
     q_ptr, k_ptr, v_ptr, out_ptr = q_ptr + offset, k_ptr + offset, v_ptr + offset, out_ptr + offset
     lse_ptr, ratio_ptr = lse_ptr + offset, ratio_ptr + offset
-    mask_ptr += slice_offset(batch, seq_len, 1)
+    mask_ptr += row_offset(batch, origin, total_len, 1)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     top = tl.full((BLOCK_M, BLOCK_D), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -69,17 +74,17 @@ def aft_full_fwd_kernel(
 
 @triton.jit
 def aft_full_bwd_kernel(
-    grad_ptr, q_ptr, k_ptr, v_ptr, w_ptr, mask_ptr, lse_ptr, ratio_ptr, dk_ptr, dv_ptr, dw_ptr,
-    seq_len, dim, table,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    grad_ptr, q_ptr, k_ptr, v_ptr, w_ptr, mask_ptr, cu_ptr, table_ptr, lse_ptr, ratio_ptr, dk_ptr, dv_ptr,
+    dw_ptr, total_len, dim, table, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One (key block, channel block, batch), over the rows that see it, with a_td = g_td σ(q_td) and
     p = e^(w + k − lse): dv_t'd = Σ_t p a, dk_t'd = Σ_t p a (v_t'd − r_td), dw_tt' += Σ_d p a (v − r)
     (added atomically across channel blocks and batches)."""
-    block, batch = tl.program_id(0), tl.program_id(2)
+    sequence, block = block_of(tl.program_id(0), tl.program_id(2), table_ptr, VARLEN)
+    batch, origin, seq_len = sequence_of(sequence, cu_ptr, total_len, VARLEN)
     channels = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offset = slice_offset(batch, seq_len, dim)
+    offset = row_offset(batch, origin, total_len, dim)
     grad_ptr, q_ptr, k_ptr, v_ptr = grad_ptr + offset, q_ptr + offset, k_ptr + offset, v_ptr + offset
     lse_ptr, ratio_ptr, dk_ptr, dv_ptr = (
         lse_ptr + offset,
@@ -87,7 +92,7 @@ def aft_full_bwd_kernel(
         dk_ptr + offset,
         dv_ptr + offset,
     )
-    mask_ptr += slice_offset(batch, seq_len, 1)
+    mask_ptr += row_offset(batch, origin, total_len, 1)
     columns = block * BLOCK_N + tl.arange(0, BLOCK_N)
     values = aft_load(v_ptr, columns, channels, seq_len, dim, 0.0)
     grad_k = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -120,6 +125,16 @@ def _full_blocks(dim: int) -> dict[str, int]:
     return {"BLOCK_M": small, "BLOCK_N": small, "BLOCK_D": min(32, triton.next_power_of_2(dim))}
 
 
+def _launch(q, key_mask, causal, cu_seqlens, block):
+    """Grid and flags of the AFT-full kernels, whose programs take blocks of ``block`` rows (or keys)."""
+    batch, _, dim = q.shape
+    blocks = _full_blocks(dim)
+    bounds, table, programs = segment_arguments(q[0], cu_seqlens, blocks[block])
+    grid = (programs, triton.cdiv(dim, blocks["BLOCK_D"]), batch)
+    flags = {"CAUSAL": causal, "HAS_MASK": key_mask is not None, "VARLEN": cu_seqlens is not None, **blocks}
+    return grid, (int8_mask(q, key_mask), bounds, table), flags
+
+
 @torch.library.custom_op("tokenmix::aft_full_fwd", mutates_args=())
 def aft_full_fwd(
     q: torch.Tensor,
@@ -128,25 +143,24 @@ def aft_full_fwd(
     w: torch.Tensor,
     key_mask: torch.Tensor | None,
     causal: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q, k, v: (B, N, D); w: (N_max, N_max) with N ≤ N_max; key_mask: (B, N) bool or None. Returns the
-    output in the inputs' dtype and, for the backward, lse and r (B, N, D) in float32."""
+    """q, k, v: (B, N, D); w: (N_max, N_max) with N ≤ N_max (each segment's length ≤ N_max, packed);
+    key_mask: (B, N) bool or None; cu_seqlens: None, or with B = 1 the bounds (S + 1,) of packed segments,
+    each a sequence of its own. Returns the output in the inputs' dtype and, for the backward, lse and r
+    (B, N, D) in float32."""
     q, k, v, w = q.contiguous(), k.contiguous(), v.contiguous(), w.contiguous()
-    batch, seq_len, dim = q.shape
+    _, seq_len, dim = q.shape
     out = torch.empty_like(q)
-    lse = q.new_empty(batch, seq_len, dim, dtype=torch.float32)
+    lse = q.new_empty(q.shape, dtype=torch.float32)
     ratio = torch.empty_like(lse)
-    blocks = _full_blocks(dim)
-    grid = (triton.cdiv(seq_len, blocks["BLOCK_M"]), triton.cdiv(dim, blocks["BLOCK_D"]), batch)
-    aft_full_fwd_kernel[grid](
-        q, k, v, w, int8_mask(q, key_mask), out, lse, ratio, seq_len, dim, w.shape[1], CAUSAL=causal,
-        HAS_MASK=key_mask is not None, **blocks,
-    )  # fmt: skip
+    grid, tensors, flags = _launch(q, key_mask, causal, cu_seqlens, "BLOCK_M")
+    aft_full_fwd_kernel[grid](q, k, v, w, *tensors, out, lse, ratio, seq_len, dim, w.shape[1], **flags)
     return out, lse, ratio
 
 
 @aft_full_fwd.register_fake
-def _(q, k, v, w, key_mask, causal):
+def _(q, k, v, w, key_mask, causal, cu_seqlens=None):
     state = q.new_empty(q.shape, dtype=torch.float32)
     return torch.empty_like(q), state, torch.empty_like(state)
 
@@ -162,43 +176,37 @@ def aft_full_bwd(
     lse: torch.Tensor,
     ratio: torch.Tensor,
     causal: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v, w, grad_out = (
-        q.contiguous(),
-        k.contiguous(),
-        v.contiguous(),
-        w.contiguous(),
-        grad_out.contiguous(),
-    )
-    batch, seq_len, dim = q.shape
+    q, k, v, w, grad_out = (x.contiguous() for x in (q, k, v, w, grad_out))
+    _, seq_len, dim = q.shape
     grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
     grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
-    blocks = _full_blocks(dim)
-    grid = (triton.cdiv(seq_len, blocks["BLOCK_N"]), triton.cdiv(dim, blocks["BLOCK_D"]), batch)
+    grid, tensors, flags = _launch(q, key_mask, causal, cu_seqlens, "BLOCK_N")
     aft_full_bwd_kernel[grid](
-        grad_out, q, k, v, w, int8_mask(q, key_mask), lse, ratio, grad_k, grad_v, grad_w,
-        seq_len, dim, w.shape[1], CAUSAL=causal, HAS_MASK=key_mask is not None, **blocks,
-    )  # fmt: skip
+        grad_out, q, k, v, w, *tensors, lse, ratio, grad_k, grad_v, grad_w, seq_len, dim, w.shape[1], **flags
+    )
     sigmoid = torch.sigmoid(q.float())
     grad_q = (grad_out.float() * sigmoid * (1 - sigmoid) * ratio).to(q.dtype)
     return grad_q, grad_k, grad_v, grad_w.to(w.dtype)
 
 
 @aft_full_bwd.register_fake
-def _(grad_out, q, k, v, w, key_mask, lse, ratio, causal):
+def _(grad_out, q, k, v, w, key_mask, lse, ratio, causal, cu_seqlens=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(w)
 
 
 def _full_setup_context(ctx, inputs, output):
-    q, k, v, w, key_mask, causal = inputs
+    q, k, v, w, key_mask, causal, cu_seqlens = inputs
     _, lse, ratio = output
-    ctx.save_for_backward(q, k, v, w, key_mask, lse, ratio)
+    ctx.save_for_backward(q, k, v, w, key_mask, lse, ratio, cu_seqlens)
     ctx.causal = causal
 
 
 def _full_backward(ctx, grad_out, grad_lse, grad_ratio):
-    q, k, v, w, key_mask, lse, ratio = ctx.saved_tensors
-    return (*aft_full_bwd(grad_out, q, k, v, w, key_mask, lse, ratio, ctx.causal), None, None)
+    q, k, v, w, key_mask, lse, ratio, cu_seqlens = ctx.saved_tensors
+    grads = aft_full_bwd(grad_out, q, k, v, w, key_mask, lse, ratio, ctx.causal, cu_seqlens)
+    return (*grads, None, None, None)
 
 
 aft_full_fwd.register_autograd(_full_backward, setup_context=_full_setup_context)
@@ -211,5 +219,6 @@ def aft_full(
     w: torch.Tensor,
     key_mask: torch.Tensor | None,
     causal: bool,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return aft_full_fwd(q, k, v, w, key_mask, causal)[0]
+    return aft_full_fwd(q, k, v, w, key_mask, causal, cu_seqlens)[0]

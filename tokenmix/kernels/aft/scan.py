@@ -16,7 +16,9 @@ from .._common import (
     linear_combine,
     logaddexp,
     row_of,
-    slice_offset,
+    row_offset,
+    segment_arguments,
+    sequence_of,
 )
 from .common import (
     aft_add,
@@ -32,19 +34,20 @@ from .common import (
 
 @triton.jit
 def aft_scan_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, lse_ptr, ratio_ptr, seq_len, dim, head_dim, key_width,
+    q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, out_ptr, lse_ptr, ratio_ptr, total_len, dim, head_dim, key_width,
     REVERSE: tl.constexpr, KEY_PER_HEAD: tl.constexpr, WRITE_OUT: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """lse_t and r_t over the keys t' ≤ t (t' ≥ t when REVERSE) at every t; σ(q) ⊙ r too if WRITE_OUT."""
-    batch = tl.program_id(1)
+    """lse_t and r_t over the keys t' ≤ t (t' ≥ t when REVERSE) at every t of one sequence (a batch row,
+    or a packed segment when VARLEN); σ(q) ⊙ r too if WRITE_OUT."""
+    batch, origin, seq_len = sequence_of(tl.program_id(1), cu_ptr, total_len, VARLEN)
     head, channels = aft_channels(tl.program_id(0), dim, head_dim, BLOCK_D)
     key_columns = aft_key_columns(head, channels, dim, key_width, KEY_PER_HEAD)
-    offset = slice_offset(batch, seq_len, dim)
+    offset = row_offset(batch, origin, total_len, dim)
     q_ptr, v_ptr, out_ptr = q_ptr + offset, v_ptr + offset, out_ptr + offset
     lse_ptr, ratio_ptr = lse_ptr + offset, ratio_ptr + offset
-    k_ptr += slice_offset(batch, seq_len, key_width)
-    mask_ptr += slice_offset(batch, seq_len, 1)
+    k_ptr += row_offset(batch, origin, total_len, key_width)
+    mask_ptr += row_offset(batch, origin, total_len, 1)
     local = tl.arange(0, BLOCK_T)
     carry_lse = tl.full((BLOCK_D,), float("-inf"), tl.float32)
     carry_ratio = tl.zeros((BLOCK_D,), tl.float32)
@@ -74,10 +77,10 @@ def aft_scan_fwd_kernel(
 
 @triton.jit
 def aft_scan_bwd_kernel(
-    grad_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, scan_lse_ptr, lse_ptr, ratio_ptr, dq_ptr, dk_ptr, dv_ptr,
-    seq_len, dim, head_dim, key_width, shift,
+    grad_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, cu_ptr, scan_lse_ptr, lse_ptr, ratio_ptr, dq_ptr, dk_ptr,
+    dv_ptr, total_len, dim, head_dim, key_width, shift,
     REVERSE: tl.constexpr, KEY_PER_HEAD: tl.constexpr, WHOLE_OP: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """The scan's share of dk and dv. Key t' reaches the output row t of scan step τ + shift through the
     scan's lse P_τ (t' ≤ τ in scan order), with weight e^(k_t' − P_τ) · e^(P_τ − lse_t), each ≤ 1. With
@@ -85,16 +88,16 @@ def aft_scan_bwd_kernel(
     dk_t' = e^(k_t' − P_t') (v_t' R_t' − Q_t'), where R_τ = Σ_{τ' ≥ τ} e^(P_τ − P_τ') a_τ' and Q_τ likewise
     of a r_t, chained backwards in scan order. WHOLE_OP (AFT-simple: shift 0, the scan is the op): stores
     dq, dk and dv; otherwise adds dk and dv into float32 buffers."""
-    batch = tl.program_id(1)
+    batch, origin, seq_len = sequence_of(tl.program_id(1), cu_ptr, total_len, VARLEN)
     head, channels = aft_channels(tl.program_id(0), dim, head_dim, BLOCK_D)
     key_columns = aft_key_columns(head, channels, dim, key_width, KEY_PER_HEAD)
-    offset = slice_offset(batch, seq_len, dim)
+    offset = row_offset(batch, origin, total_len, dim)
     grad_ptr, q_ptr, v_ptr = grad_ptr + offset, q_ptr + offset, v_ptr + offset
     scan_lse_ptr, lse_ptr, ratio_ptr = scan_lse_ptr + offset, lse_ptr + offset, ratio_ptr + offset
     dq_ptr, dv_ptr = dq_ptr + offset, dv_ptr + offset
-    k_ptr += slice_offset(batch, seq_len, key_width)
-    dk_ptr += slice_offset(batch, seq_len, key_width)
-    mask_ptr += slice_offset(batch, seq_len, 1)
+    k_ptr += row_offset(batch, origin, total_len, key_width)
+    dk_ptr += row_offset(batch, origin, total_len, key_width)
+    mask_ptr += row_offset(batch, origin, total_len, 1)
     local = tl.arange(0, BLOCK_T)
     carry_r = tl.zeros((BLOCK_D,), tl.float32)
     carry_q = tl.zeros((BLOCK_D,), tl.float32)
@@ -135,27 +138,39 @@ def aft_scan_bwd_kernel(
 
 
 class ScanLaunch(NamedTuple):
-    """A scan kernel's grid (channel blocks of every head, batch) and its block sizes and warps."""
+    """A scan kernel's grid (channel blocks of every head, sequences: batch rows or packed segments), its
+    block sizes and warps, the segment bounds (q stands in when there are none) and flags."""
 
     grid: tuple[int, int]
     blocks: dict[str, int]
+    bounds: torch.Tensor
+    flags: dict[str, bool]
 
 
-def scan_launch(batch: int, dim: int, heads: int) -> ScanLaunch:
+def scan_launch(
+    q: torch.Tensor, heads: int, key_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+) -> ScanLaunch:
+    """How the scans run over q (B, N, D) with ``heads`` heads."""
+    batch, _, dim = q.shape
     head_dim = dim // heads
     blocks = {"BLOCK_T": 16 if interpreting() else 64, "BLOCK_D": min(64, triton.next_power_of_2(head_dim))}
     blocks["num_warps"] = 8  # the scans' tuples spill registers at 4 (ptxas, sm_90a)
-    return ScanLaunch((heads * triton.cdiv(head_dim, blocks["BLOCK_D"]), batch), blocks)
+    bounds, _, _ = segment_arguments(q[0], cu_seqlens, 1)
+    sequences = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    grid = (heads * triton.cdiv(head_dim, blocks["BLOCK_D"]), sequences)
+    return ScanLaunch(
+        grid, blocks, bounds, {"HAS_MASK": key_mask is not None, "VARLEN": cu_seqlens is not None}
+    )
 
 
-def scan_state(q, k, v, mask, key_mask, heads, reverse):
+def scan_state(q, k, v, mask, key_mask, heads, reverse, cu_seqlens=None):
     """The scan's (lse, r), float32 (B, N, D)."""
-    batch, seq_len, dim = q.shape
+    _, seq_len, dim = q.shape
     lse = q.new_empty(q.shape, dtype=torch.float32)
     ratio = torch.empty_like(lse)
-    grid, blocks = scan_launch(batch, dim, heads)
+    grid, blocks, bounds, flags = scan_launch(q, heads, key_mask, cu_seqlens)
     aft_scan_fwd_kernel[grid](  # no output (WRITE_OUT=False): q stands in for its pointer
-        q, k, v, mask, q, lse, ratio, seq_len, dim, dim // heads, k.shape[-1], REVERSE=reverse,
-        KEY_PER_HEAD=k.shape[-1] != dim, WRITE_OUT=False, HAS_MASK=key_mask is not None, **blocks,
+        q, k, v, mask, bounds, q, lse, ratio, seq_len, dim, dim // heads, k.shape[-1], REVERSE=reverse,
+        KEY_PER_HEAD=k.shape[-1] != dim, WRITE_OUT=False, **flags, **blocks,
     )  # fmt: skip
     return lse, ratio
