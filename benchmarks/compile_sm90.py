@@ -36,19 +36,27 @@ OPS = ["pointwise_attention", "mixed_chunk_attention", "aft_simple", "aft_full",
 
 def _calls(op: str):
     """(function, tensors, options) cases of the op, masked: bfloat16 causal and not, float32 causal (its
-    dots are IEEE, a separate compile)."""
+    dots are IEEE, a separate compile); and packed (cu_seqlens, B = 1), bfloat16 causal and not."""
     from tokenmix import functional
 
     generator = torch.Generator().manual_seed(0)
-    batch, seq_len, dim = 2, 96, 80
-    mask = torch.rand(batch, seq_len, generator=generator) > 0.2
+    seq_len, dim = 96, 80
+    mask = torch.rand(2, seq_len, generator=generator) > 0.2
+    cu_seqlens = torch.tensor([0, 30, 31, 31, seq_len])
 
     def randn(*shape, dtype):
         return torch.randn(*shape, generator=generator).to(dtype).requires_grad_()
 
     cases = []
-    for dtype, causal in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, True)):
-        options = {"causal": causal, "attention_mask": mask}
+    for dtype, causal, packed in (
+        (torch.bfloat16, False, False),
+        (torch.bfloat16, True, False),
+        (torch.float32, True, False),
+        (torch.bfloat16, False, True),
+        (torch.bfloat16, True, True),
+    ):
+        batch = 1 if packed else 2
+        options = {"causal": causal, **({"cu_seqlens": cu_seqlens} if packed else {"attention_mask": mask})}
         bnd = [randn(batch, seq_len, dim, dtype=dtype) for _ in range(3)]
         if op == "pointwise_attention":
             heads = [randn(batch, 2, seq_len, 64, dtype=dtype) for _ in range(3)]
