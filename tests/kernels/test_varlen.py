@@ -54,7 +54,7 @@ def test_packed_kernels_equal_the_reference_per_segment(device, name, causal):
             parts = torch.autograd.grad(alone, leaves, segment(grad, out_dim, start, end), allow_unused=True)
             expected = [e if p is None else e + p for e, p in zip(expected, parts, strict=True)]
     for index, (g, e) in enumerate(zip(got, expected, strict=True)):
-        assert_close(g, e, 1e-4, what=f"{name} gradient of input {index}")
+        assert_close(g, e, 1e-5, what=f"{name} gradient of input {index}")
 
 
 # The kernel entry each functional op calls, by module: their last argument is the packed segments
@@ -179,4 +179,4 @@ def test_packed_mixers_run_one_launch_equal_to_each_segment_alone(device, name, 
             alone = mixer(x[:, start:end])
             assert_close(packed[:, start:end], alone, 1e-5, what=f"{name} [{start}, {end})")
             (expected,) = torch.autograd.grad(alone, x, grad[:, start:end])
-            assert_close(got[:, start:end], expected[:, start:end], 1e-4, what=f"{name} dx [{start}, {end})")
+            assert_close(got[:, start:end], expected[:, start:end], 1e-5, what=f"{name} dx [{start}, {end})")
