@@ -75,6 +75,10 @@ def _calls(op: str):
             qv = [randn(batch, seq_len, 4, 20, dtype=dtype) for _ in range(2)]
             tensors = [qv[0], randn(batch, seq_len, 4, dtype=dtype), qv[1], randn(4, 7, dtype=dtype)]
             cases.append((functional.aft_conv, tensors, options))
+            if not causal and not packed:  # and on a 2-D grid (per-row band, per-head keys)
+                grid = [randn(batch, 8, 12, 4, 20, dtype=dtype) for _ in range(2)]
+                tensors = [grid[0], randn(batch, 8, 12, 4, dtype=dtype), grid[1], randn(4, 3, 5, dtype=dtype)]
+                cases.append((functional.aft_conv, tensors, {"attention_mask": mask.view(2, 8, 12)}))
         elif op == "lightconv":
             cases.append((functional.lightconv, [bnd[0], randn(4, 7, dtype=dtype)], options))
         elif op == "dynamic_conv":

@@ -12,6 +12,12 @@
    the bytes their kernels must read and write over the time — against the device's copy bandwidth.
 4. Prints and stores each of the issue's targets as measured: the ratio, and whether it is met.
 
+Sized for one call on a lent H100/H200 (at most 8 minutes): the timings run within ``--budget`` seconds
+(420 by default; the checks and start-up come on top), the points the targets need first, then the rest
+of the kernels' sweep, then the reference path (the slowest, least needed); each point takes as many
+repeats as fit in ``--point-seconds`` (at least 1, at most ``--repeats``), and a point that no longer fits
+is recorded as skipped, not run.
+
 Writes benchmarks/results/<device>-<date>.json and a plot beside it.
 """
 
@@ -22,6 +28,8 @@ import dataclasses
 import datetime
 import json
 import re
+import statistics
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenmix
-from tokenmix.bench.measure import machine, time_ms
+from tokenmix.bench.measure import machine, time_ms, wall_clock
 from tokenmix.functional import (
     aft_conv,
     aft_full,
@@ -77,6 +85,10 @@ def inputs(op: str, batch: int, seq_len: int, head_dim: int, shapes: Shapes, dev
     if op == "aft_local":
         qkv = [randn(batch, seq_len, width) for _ in range(3)]
         return [*qkv, randn(seq_len, seq_len, scale=0.1)], {"window": shapes.window}
+    if op == "aft_conv_2d":  # the grid 16 wide, bidirectional only
+        grid = (batch, seq_len // 16, 16, conv_heads, width // conv_heads)
+        qkv = [randn(*grid), randn(*grid[:-1]), randn(*grid)]
+        return [*qkv, randn(conv_heads, 3, 5, scale=0.1)], {}
     if op == "aft_conv":
         head_shape = (batch, seq_len, conv_heads, width // conv_heads)
         qkv = [randn(*head_shape), randn(batch, seq_len, conv_heads), randn(*head_shape)]
@@ -95,6 +107,7 @@ FUNCTIONS: dict[str, Callable] = {
     "aft_full": aft_full,
     "aft_local": aft_local,
     "aft_conv": aft_conv,
+    "aft_conv_2d": aft_conv,
     "lightconv": lightconv,
     "dynamic_conv": dynamic_conv,
     "sdpa": F.scaled_dot_product_attention,
@@ -127,7 +140,7 @@ def check(op: str, device: str, causal: bool, seq_len: int, shapes: Shapes) -> d
     return {"op": op, "causal": causal, "errors": errors, "ok": max(errors.values()) <= 1e-2}
 
 
-def timed(op: str, backend: str, seq_len: int, head_dim: int, causal: bool, args) -> dict:
+def timed(op: str, backend: str, seq_len: int, head_dim: int, causal: bool, args, deadline: float) -> dict:
     device, dtype = args.device, torch.bfloat16
     batch = max(1, args.tokens // seq_len)
     generator = torch.Generator(device).manual_seed(0)
@@ -139,8 +152,8 @@ def timed(op: str, backend: str, seq_len: int, head_dim: int, causal: bool, args
         with tokenmix.use_backend("reference" if backend == "sdpa" else backend):
             if op == "sdpa":
                 with torch.nn.attention.sdpa_kernel(_flash_backends(device)):
-                    return {**record, **_time(op, tensors, options, causal, args)}
-            return {**record, **_time(op, tensors, options, causal, args)}
+                    return {**record, **_time(op, tensors, options, causal, args, deadline)}
+            return {**record, **_time(op, tensors, options, causal, args, deadline)}
     except torch.OutOfMemoryError:
         return {**record, "oom": True}
 
@@ -150,7 +163,7 @@ def _flash_backends(device: str):
     return [backends.FLASH_ATTENTION] if device == "cuda" else [backends.MATH]
 
 
-def _time(op, tensors, options, causal, args) -> dict:
+def _time(op, tensors, options, causal, args, deadline: float) -> dict:
     device = torch.device(args.device)
     grad = None
 
@@ -166,10 +179,28 @@ def _time(op, tensors, options, causal, args) -> dict:
         for tensor in tensors:
             tensor.grad = None
 
-    return {
-        "fwd_ms": time_ms(forward, args.repeats, device),
-        "fwd_bwd_ms": time_ms(forward_backward, args.repeats, device),
-    }
+    result = {}
+    for name, run in (("fwd_ms", forward), ("fwd_bwd_ms", forward_backward)):
+        ms = _budgeted_ms(run, device, args, deadline)
+        if ms is None:
+            return {**result, "skipped": "budget"}
+        result[name] = ms
+    return result
+
+
+def _budgeted_ms(run: Callable[[], None], device: torch.device, args, deadline: float) -> float | None:
+    """Median milliseconds after a warm-up call (Triton compiles there): as many timed calls as fit in
+    ``args.point_seconds`` and before ``deadline``, 1 to ``args.repeats``; None when not even the warm-up
+    and one call fit."""
+    if time.monotonic() >= deadline:
+        return None
+    run()  # warm-up
+    first = wall_clock(run, device)
+    left = min(args.point_seconds, deadline - time.monotonic())
+    if left < 0:
+        return None
+    repeats = max(0, min(args.repeats - 1, int(left / max(first, 1e-6))))
+    return 1000 * statistics.median([first, *(wall_clock(run, device) for _ in range(repeats))])
 
 
 def minimal_bytes(op: str, record: dict, shapes: Shapes) -> int | None:
@@ -182,6 +213,42 @@ def minimal_bytes(op: str, record: dict, shapes: Shapes) -> int | None:
     if op == "dynamic_conv":  # plus the float32 taps of every position
         return tokens * (width * 2 * 2 + shapes.conv_heads * shapes.kernel_size * 4)
     return None
+
+
+ATTENTION_POINTS = (("sdpa", "sdpa"), ("pointwise_attention", "triton"), ("pointwise_attention", "reference"))
+
+
+def plan(
+    kernels: list[str], seq_lens: list[int], head_dims: list[int], smoke: bool, long: int, flash_len: int
+):
+    """Every timing as (op, backend, N, head dim, causal), in the order they run: what the targets need
+    (pointwise attention and SDPA at N ≥ ``long``, FLASH causal at ``flash_len``, the memory-bound
+    forwards), then the kernels' other points, then the reference path; shorter N first in each."""
+    points = []
+    for seq_len in seq_lens:
+        for causal in (True,) if smoke else (False, True):
+            for head_dim in head_dims:
+                for op, backend in ATTENTION_POINTS:
+                    points.append((op, backend, seq_len, head_dim, causal))
+            for op in kernels[1:]:
+                if op == "aft_full" and seq_len > 4096 and not smoke:
+                    continue  # O(N²·D) with no matmul: minutes per point
+                points += [
+                    (op, backend, seq_len, head_dims[0], causal) for backend in ("triton", "reference")
+                ]
+
+    def priority(point) -> int:
+        op, backend, seq_len, _, causal = point
+        if backend == "reference":
+            return 2
+        needed = (
+            (op in ("sdpa", "pointwise_attention") and seq_len >= long)
+            or (op == "mixed_chunk_attention" and causal and seq_len == flash_len)
+            or op in ("aft_simple", "lightconv", "dynamic_conv")
+        )
+        return 0 if needed else 1
+
+    return sorted(points, key=priority)  # stable: N ascending within each
 
 
 def targets(records: list[dict], long: int, flash_len: int) -> list[dict]:
@@ -240,6 +307,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, TRITON_INTERPRET=1)")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/<device>-<date>.json)")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds for the timings (default 420)")
+    parser.add_argument("--point-seconds", type=float, default=3.0, help="seconds of repeats per timing")
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     seq_lens = [64] if args.smoke else [1024, 2048, 4096, 8192, 16384]
@@ -260,7 +329,11 @@ def main() -> None:
     args.shapes = SMOKE if args.smoke else FULL
     check_len = 21 if args.smoke else 300
     checks = [
-        check(op, args.device, causal, check_len, args.shapes) for op in kernels for causal in (False, True)
+        check(
+            op, args.device, causal, check_len if op != "aft_conv_2d" else 16 * (check_len // 16), args.shapes
+        )
+        for op in (*kernels, "aft_conv_2d")
+        for causal in ((False,) if op == "aft_conv_2d" else (False, True))
     ]
     for result in checks:
         print(
@@ -273,27 +346,25 @@ def main() -> None:
 
     records = []
     bandwidth = copy_bandwidth(args.device)
-    for seq_len in seq_lens:
-        for causal in (True,) if args.smoke else (False, True):
-            for head_dim in head_dims:
-                for op, backend in (
-                    ("sdpa", "sdpa"),
-                    ("pointwise_attention", "triton"),
-                    ("pointwise_attention", "reference"),
-                ):
-                    records.append(timed(op, backend, seq_len, head_dim, causal, args))
-            for op in kernels[1:]:
-                if op == "aft_full" and seq_len > 4096 and not args.smoke:
-                    continue  # O(N²·D) with no matmul: minutes per point
-                for backend in ("triton", "reference"):
-                    record = timed(op, backend, seq_len, head_dims[0], causal, args)
-                    needed = minimal_bytes(op, record, args.shapes)
-                    if needed and backend == "triton" and not record.get("oom"):
-                        record["fwd_gb_per_s"] = needed / (record["fwd_ms"] / 1000) / 1e9
-                        record["fraction_of_copy_bandwidth"] = record["fwd_gb_per_s"] / bandwidth
-                    records.append(record)
-            print(f"N={seq_len} done", flush=True)
-    measured = targets(records, long=64 if args.smoke else 2048, flash_len=64 if args.smoke else 8192)
+    deadline = time.monotonic() + args.budget
+    long, flash_len = (64, 64) if args.smoke else (2048, 8192)
+    for op, backend, seq_len, head_dim, causal in plan(
+        kernels, seq_lens, head_dims, args.smoke, long, flash_len
+    ):
+        record = timed(op, backend, seq_len, head_dim, causal, args, deadline)
+        needed = minimal_bytes(op, record, args.shapes)
+        if needed and backend == "triton" and "fwd_ms" in record:
+            record["fwd_gb_per_s"] = needed / (record["fwd_ms"] / 1000) / 1e9
+            record["fraction_of_copy_bandwidth"] = record["fwd_gb_per_s"] / bandwidth
+        records.append(record)
+    skipped = sum("skipped" in record for record in records)
+    print(
+        f"timed {len(records) - skipped} points, skipped {skipped} (budget {args.budget:.0f} s)", flush=True
+    )
+    records = [record for record in records if "skipped" not in record] + [
+        record for record in records if "skipped" in record
+    ]
+    measured = targets([r for r in records if "skipped" not in r], long=long, flash_len=flash_len)
     for row in measured:
         print(
             f"target {row['op']:22s} N={row['seq_len']:<6d} causal={row['causal']!s:5s} "

@@ -3,11 +3,14 @@ goes to measuring, not to fixing the script."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels_gpu.py"
 
@@ -26,7 +29,7 @@ def test_the_gpu_benchmark_script_checks_times_and_writes(tmp_path):
     data = json.loads(out.read_text())
     assert {c["op"] for c in data["checks"]} == {
         "pointwise_attention", "mixed_chunk_attention", "aft_simple", "aft_full", "aft_local", "aft_conv",
-        "lightconv", "dynamic_conv",
+        "lightconv", "dynamic_conv", "aft_conv_2d",
     }  # fmt: skip
     assert all(c["ok"] for c in data["checks"]), data["checks"]
     kinds = {(r["op"], r["backend"]) for r in data["records"]}
@@ -43,3 +46,38 @@ def test_the_gpu_benchmark_script_checks_times_and_writes(tmp_path):
         "dynamic_conv",
     } <= measured
     assert all(row["value"] > 0 and isinstance(row["met"], bool) for row in data["targets"])
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("kernels_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_points_the_targets_need_run_first_and_the_reference_path_last():
+    script = _script()
+    kernels = list(script.FUNCTIONS)[:8]
+    points = script.plan(kernels, [1024, 2048, 8192], [64, 128], False, 2048, 8192)
+    backends = [backend for _, backend, *_ in points]
+    assert backends.index("reference") > max(i for i, b in enumerate(backends) if b != "reference")
+    first_other = next(i for i, (op, b, n, _, causal) in enumerate(points) if op == "aft_full")
+    needed = [i for i, (op, b, n, _, causal) in enumerate(points) if op == "mixed_chunk_attention" and causal
+              and n == 8192 and b == "triton"]  # fmt: skip
+    assert needed and needed[0] < first_other
+    assert len(points) == len(set(points))
+
+
+def test_a_timing_stops_at_the_deadline_and_takes_the_repeats_that_fit():
+    script = _script()
+    calls = []
+
+    def run():
+        calls.append(1)
+        time.sleep(0.01)
+
+    args = SimpleNamespace(point_seconds=0.05, repeats=20)
+    assert script._budgeted_ms(run, None, args, time.monotonic() - 1) is None and not calls
+    ms = script._budgeted_ms(run, None, args, time.monotonic() + 60)
+    assert ms >= 10 and 3 <= len(calls) <= 2 + 6  # warm-up, one call, then what fits in 0.05 s

@@ -35,7 +35,8 @@ def assert_kernel_gradients_finite(op, expected_op, inputs, *, attention_mask, *
             return op(*tensors, attention_mask=attention_mask, **options)
 
     out_shape = inputs["q"].shape
-    rows = attention_mask.view(*attention_mask.shape, *[1] * (len(out_shape) - 2)).expand(out_shape)
+    rows = attention_mask.view(*attention_mask.shape, *[1] * (len(out_shape) - attention_mask.dim()))
+    rows = rows.expand(out_shape)
     assert_float32_matches(
         kernel,
         lambda *tensors: expected_op(*tensors, attention_mask=attention_mask, **options),
@@ -204,7 +205,36 @@ def test_aft_local_and_conv_extreme_keys_and_biases_against_float64(device, caus
     )
 
 
-def test_aft_conv_2d_has_no_kernel(device):
-    q = torch.randn(1, 3, 3, 2, 4, device=device)
-    with tokenmix.use_backend("triton"), pytest.raises(RuntimeError, match=r"aft_conv.*2-D grids"):
-        aft_conv(q, q[..., 0], q, torch.randn(2, 3, 3, device=device))
+def conv_2d_case(device, dtype, size_x=5, size_y=7, heads=2, head_dim=5, kernel=(3, 5), seed=0):
+    """A grid whose rows are longer than the kernel's (the flat span wraps across rows) and not square."""
+    generator = torch.Generator(device).manual_seed(seed)
+    shape = (2, size_x, size_y, heads, head_dim)
+    q, v = (torch.randn(shape, generator=generator, device=device) for _ in range(2))
+    k = torch.randn(shape[:-1], generator=generator, device=device)
+    w = torch.randn(heads, *kernel, generator=generator, device=device)
+    tensors = [t.to(dtype).requires_grad_() for t in (q, k, v, w)]
+    grad = torch.randn(shape, generator=generator, device=device).to(dtype)
+    mask = torch.rand(2, size_x, size_y, generator=generator, device=device) > 0.3
+    return tensors, grad, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kernel", [(3, 5), (5, 1), (9, 9)])  # (9, 9): wider than the 5×7 grid
+def test_aft_conv_2d_matches_the_reference(device, dtype, masked, kernel):
+    inputs, grad, mask = conv_2d_case(device, dtype, kernel=kernel)
+    options = {"attention_mask": mask if masked else None}
+    assert_kernel_matches(aft_conv, inputs, grad, dtype, ("out", "dq", "dk", "dv", "dw"), **options)
+
+
+def test_aft_conv_2d_extreme_keys_and_biases_against_float64(device):
+    """|k| and |w| in the hundreds: finite, and within 1e-3 of float64, gradients included."""
+    (q, k, v, w), _, mask = conv_2d_case(device, torch.float64, seed=3)
+    q, k, v, w = q.detach(), k.detach() * 300, v.detach(), w.detach() * 300
+    with tokenmix.use_backend("triton"):
+        out = aft_conv(q.float(), k.float(), v.float(), w.float(), attention_mask=mask)
+    assert torch.isfinite(out).all()
+    assert_close(out, reference.aft_conv_2d(q, k, v, w, attention_mask=mask), 1e-4)
+    assert_kernel_gradients_finite(
+        aft_conv, reference.aft_conv_2d, dict(q=q, k=k, v=v, w=w), attention_mask=mask
+    )

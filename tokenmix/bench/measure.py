@@ -46,18 +46,20 @@ def peak_allocated_mb(run: Callable[[], None], device: torch.device) -> float:
 
 def time_ms(run: Callable[[], None], repeats: int, device: torch.device | None = None) -> float:
     """Median milliseconds of ``repeats`` calls after one warm-up call (synchronised on CUDA)."""
-    cuda = device is not None and device.type == "cuda"
     run()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(wall_clock(run, device) for _ in range(repeats))
+
+
+def wall_clock(run: Callable[[], None], device: torch.device | None = None) -> float:
+    """Seconds of one call, synchronised on CUDA before and after."""
+    cuda = device is not None and device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def measure(run: Callable[[], None], repeats: int, device: torch.device | None = None) -> dict:

@@ -823,7 +823,6 @@ def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
     check_dims({}, q=(q, "BXYHC"), k=(k, "BXYH"), v=(v, "BXYHC"), w=(w, "HIJ"))
     if check_flag("causal", causal):
         raise InvalidValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
-    use_kernel("aft_conv", q, unsupported="2-D grids run on the reference path only")  # raises if forced
     if w.shape[1] % 2 == 0 or w.shape[2] % 2 == 0:
         raise InvalidValueError(f"a 2-D kernel needs odd sizes (Kx, Ky), got w of shape {tuple(w.shape)}")
     batch, size_x, size_y = q.shape[:3]
@@ -847,7 +846,38 @@ def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
         return empty_output(q.shape, q, k, v, w)
     if mask is not None:  # padded values selected away (0·NaN = NaN)
         v = torch.where(mask[..., None, None], v, torch.zeros((), dtype=v.dtype, device=v.device))
+    if use_kernel("aft_conv", q, atomics=_needs_grad(q, k, v, w)):
+        return _aft_conv_2d_kernel(q, k, v, w, mask)
     return _aft_conv_2d(q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype), mask).to(out_dtype)
+
+
+def _aft_conv_2d_kernel(q, k, v, w, mask):
+    """2-D aft_conv through the band kernel. With the grid flattened row-major (t = x·Y + y), every key
+    within Px rows and Py columns of t lies at a flat offset |j| < W = Px·Y + Py + 1: the band holds the
+    tap there, and 0 (unbiased) at the span's other offsets (columns farther than Py, wrapping across
+    rows); keys beyond the span come from the kernel's prefix and suffix scans. O(N·W·D) time."""
+    from ..kernels.aft import aft_banded
+
+    batch, size_x, size_y, heads, head_dim = q.shape
+    kernel_x, kernel_y = w.shape[1:]
+    centre_x, centre_y = kernel_x // 2, kernel_y // 2
+    length = size_x * size_y
+    window = min(centre_x * size_y + centre_y, length - 1) + 1
+    positions = torch.arange(length, device=q.device)
+    targets = positions[:, None] + torch.arange(1 - window, window, device=q.device)[None, :]  # (N, J)
+    dx = targets.div(size_y, rounding_mode="floor") - (positions // size_y)[:, None]
+    dy = targets.remainder(size_y) - (positions % size_y)[:, None]
+    taps = w[:, (dx + centre_x).clamp(0, kernel_x - 1), (dy + centre_y).clamp(0, kernel_y - 1)]  # (H, N, J)
+    inside = (dx.abs() <= centre_x) & (dy.abs() <= centre_y)
+    band = torch.where(inside, taps, torch.zeros((), dtype=w.dtype, device=w.device))
+    in_grid = (targets >= 0) & (targets < length)
+    band = band.masked_fill(~in_grid, float("-inf")).permute(1, 0, 2)  # (N, H, J)
+    flat = (batch, length, heads * head_dim)
+    key_mask = None if mask is None else mask.reshape(batch, length)
+    out = aft_banded(
+        q.reshape(flat), k.reshape(batch, length, heads), v.reshape(flat), band, key_mask, window, False
+    )
+    return out.view(q.shape)
 
 
 def aft_accumulate(
