@@ -23,6 +23,7 @@ import torch
 
 from ..backend import use_kernel
 from ..errors import InvalidTypeError, InvalidValueError
+from ._aft_exact import NO_BIAS, Bias, recompute_underflowed
 from ._checks import (
     check_attention_mask,
     check_dims,
@@ -110,36 +111,6 @@ def _finite(m: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
 
 
-BiasRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _exact(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    bias_rows: BiasRows | None,
-    causal: bool,
-    flagged: torch.Tensor,
-) -> torch.Tensor:
-    """Σ exp(s) v / Σ exp(s) with s_{t'} = k_{t'} + w_{t,t'} over row t's visible keys, with the joint
-    maximum of s subtracted, for each flagged (b, t, d) of the (B, N, D) boolean ``flagged``."""
-    batch_idx, row_idx, channel_idx = flagged.nonzero(as_tuple=True)
-    seq_len = keys.shape[1]
-    positions = torch.arange(seq_len, device=keys.device)
-    ratios = []
-    step = max(1, _BLOCK_ELEMENTS // seq_len)
-    for start in range(0, len(batch_idx), step):
-        b, t, d = (idx[start : start + step] for idx in (batch_idx, row_idx, channel_idx))
-        scores = keys[b, :, d]  # (M, N); padded keys are −inf
-        if bias_rows is not None:
-            scores = scores + bias_rows(t, d)
-        if causal:
-            scores = scores.masked_fill(positions[None, :] > t[:, None], float("-inf"))
-        weights = torch.exp(scores - _finite(scores.amax(-1, keepdim=True)))
-        terms = torch.where(scores == float("-inf"), torch.zeros_like(weights), weights * values[b, :, d])
-        ratios.append(terms.sum(-1) / weights.sum(-1))
-    return torch.cat(ratios) if ratios else keys.new_zeros(0)
-
-
 def _finish(
     q: torch.Tensor,
     num: torch.Tensor,
@@ -147,7 +118,7 @@ def _finish(
     sees_a_key: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    bias_rows: BiasRows | None,
+    bias: Bias,
     causal: bool,
 ) -> torch.Tensor:
     """σ(q) ⊙ num/den, with underflowed denominators recomputed exactly and key-less rows set to 0."""
@@ -155,11 +126,7 @@ def _finish(
     # Entries that are flagged or see no key divide by 1, selected (not multiplied) away: their tiny or
     # zero den would give the backward num/den² = inf, and inf·0 = NaN in the gradients of k, v and w.
     ratio = num / torch.where(flagged | ~sees_a_key, torch.ones_like(den), den)
-    if flagged.device.type != "meta" and bool(flagged.any()):  # meta tensors: shapes only, no values
-        ratio = ratio.index_put(
-            flagged.nonzero(as_tuple=True), _exact(keys, values, bias_rows, causal, flagged)
-        )
-    return torch.sigmoid(q) * ratio
+    return torch.sigmoid(q) * recompute_underflowed(ratio, flagged, keys, values, bias, causal)
 
 
 def _sees_a_key(mask: torch.Tensor | None, batch: int, seq_len: int, causal: bool, device) -> torch.Tensor:
@@ -277,7 +244,7 @@ def _aft_simple(q, k, v, mask, causal: bool, packing: Packing | None = None) -> 
         dens.append(den)
         carry_max, carry_num, carry_den = new_max, num[:, -1:], den[:, -1:]
     sees = _sees_a_key(mask, batch, seq_len, True, q.device)
-    return _finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, None, True).to(out_dtype)
+    return _finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, NO_BIAS, True).to(out_dtype)
 
 
 def aft_full(
@@ -357,10 +324,7 @@ def _aft_full(q, k, v, w, mask, causal: bool, packing: Packing | None = None) ->
     num, den = torch.cat(blocks, 1).chunk(2, dim=-1)
     sees = _sees_a_key(mask, batch, seq_len, causal, q.device)
 
-    def bias_rows(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-        return w[rows]  # the same biases for every channel
-
-    return _finish(q, num, den, sees, keys, v, bias_rows, causal).to(out_dtype)
+    return _finish(q, num, den, sees, keys, v, Bias("table", (w,)), causal).to(out_dtype)
 
 
 def _offsets(
@@ -411,7 +375,7 @@ def _windowed(
     window: int,
     causal: bool,
     mask: torch.Tensor | None,
-    bias_rows: BiasRows,
+    bias: Bias,
 ) -> torch.Tensor:
     """The core of AFT-local and AFT-conv: biases w_{t,t+j} on the band's offsets (see ``_offsets``), 0
     elsewhere (positions then still count, unbiased).
@@ -446,7 +410,7 @@ def _windowed(
         sees,
         keys.expand_as(values).reshape(flat),
         values.reshape(flat),
-        bias_rows,
+        bias,
         causal,
     )
 
@@ -456,15 +420,15 @@ def _local(
     k: torch.Tensor,
     v: torch.Tensor,
     band_from: Callable[[torch.Tensor], torch.Tensor],
-    rows_from: BiasRows,
+    bias: Bias,
     window: int,
     causal: bool,
     mask: torch.Tensor | None,
     packing: Packing | None = None,
 ) -> torch.Tensor:
     """AFT-local given ``band_from(columns)`` → the biases w_{t, columns[t, j]} (L, J) of the positions
-    t < L of a sequence (L = N, or a packed row's longest segment) and the exact fallback's full bias
-    rows (``rows_from``, already zero outside the window). A packed row goes through the kernel, each
+    t < L of a sequence (L = N, or a packed row's longest segment) and the exact fallback's biases
+    (``bias``, zero outside the window). A packed row goes through the kernel, each
     position's band row that of its position within its segment."""
     seq_len = q.shape[1] if packing is None else packing.longest
     if q.numel() == 0:
@@ -486,13 +450,8 @@ def _local(
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, band = q.to(dtype), k.to(dtype), v.to(dtype), band.to(dtype)
     keys = _masked_keys(k, mask)[:, :, None]
-    out = _windowed(q[:, :, None], keys, v[:, :, None], band[:, None], window, causal, mask, rows_from)
+    out = _windowed(q[:, :, None], keys, v[:, :, None], band[:, None], window, causal, mask, bias)
     return (out if seen is None else reinstate(out, seen)).to(out_dtype)
-
-
-def _near(rows: torch.Tensor, seq_len: int, window: int) -> torch.Tensor:
-    """(M, N): whether key position t' lies within ``window`` of each row t."""
-    return (torch.arange(seq_len, device=rows.device)[None, :] - rows[:, None]).abs() < window
 
 
 def aft_local(
@@ -555,10 +514,8 @@ def aft_local(
     _check_table(w, seq_len)
     w = w[:seq_len, :seq_len].to(compute_dtype(w.dtype))
 
-    def rows_from(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-        return torch.where(_near(rows, seq_len, window), w[rows], torch.zeros_like(w[rows]))
-
-    return _local(q, k, v, lambda columns: w.gather(1, columns), rows_from, window, causal, mask, packing)
+    bias = Bias("table", (w,), (window,))
+    return _local(q, k, v, lambda columns: w.gather(1, columns), bias, window, causal, mask, packing)
 
 
 def aft_local_lowrank(
@@ -622,11 +579,7 @@ def aft_local_lowrank(
         terms = [(w_u * padded.narrow(0, j, seq_len)).sum(-1) for j in range(columns.shape[1])]
         return torch.stack(terms, 1)
 
-    def rows_from(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-        full = w_u[rows] @ w_v.T
-        return torch.where(_near(rows, seq_len, window), full, torch.zeros_like(full))
-
-    return _local(q, k, v, band_from, rows_from, window, causal, mask, packing)
+    return _local(q, k, v, band_from, Bias("lowrank", (w_u, w_v), (window,)), window, causal, mask, packing)
 
 
 def _aft_conv_2d(q, k, v, w, mask):
@@ -656,16 +609,6 @@ def _aft_conv_2d(q, k, v, w, mask):
         return outside_weight * (far_rows + near_rows) + inside
 
     flat = (batch, size_x * size_y, heads * head_dim)
-    positions_x = torch.arange(size_x * size_y, device=q.device) // size_y
-    positions_y = torch.arange(size_x * size_y, device=q.device) % size_y
-
-    def bias_rows(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-        dx = positions_x[None, :] - positions_x[rows, None] + centre_x
-        dy = positions_y[None, :] - positions_y[rows, None] + centre_y
-        inside = (dx >= 0) & (dx < kernel_x) & (dy >= 0) & (dy < kernel_y)
-        taps = w[(channels // head_dim)[:, None], dx.clamp(0, kernel_x - 1), dy.clamp(0, kernel_y - 1)]
-        return torch.where(inside, taps, torch.zeros_like(taps))
-
     flat_mask = None if mask is None else mask.reshape(batch, -1)
     sees = _sees_a_key(flat_mask, batch, size_x * size_y, False, q.device)
     num, den = total(weighted_values), total(exp_keys)
@@ -676,7 +619,7 @@ def _aft_conv_2d(q, k, v, w, mask):
         sees,
         keys.expand_as(v).reshape(flat),
         v.reshape(flat),
-        bias_rows,
+        Bias("conv2d", (w,), (head_dim, size_y)),
         False,
     )
     return out.view(q.shape)
@@ -798,19 +741,9 @@ def _aft_conv(q, k, v, w, mask, causal: bool, packing: Packing | None = None) ->
     q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype)
     _, inside = _offsets(seq_len, window, causal, q.device)
     band = w[None].expand(seq_len, -1, -1).masked_fill(~inside[:, None, :], float("-inf"))  # (N, H, K)
-    positions = torch.arange(seq_len, device=q.device)
     centre = kernel_size - 1 if causal else kernel_size // 2
-
-    def bias_rows(rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
-        taps = positions[None, :] - rows[:, None] + centre  # (M, N): kernel index of each key position
-        near = (taps >= 0) & (taps < kernel_size)
-        kernels = w[channels // head_dim]  # (M, K)
-        return torch.where(
-            near, kernels.gather(1, taps.clamp(0, kernel_size - 1)), torch.zeros_like(kernels[:, :1])
-        )
-
     keys = _masked_keys(k, mask)[..., None]  # (B, N, H, 1)
-    out = _windowed(q, keys, v, band, window, causal, mask, bias_rows)
+    out = _windowed(q, keys, v, band, window, causal, mask, Bias("conv", (w,), (head_dim, centre)))
     return out.view(batch, seq_len, heads, head_dim).to(out_dtype)
 
 

@@ -1,0 +1,187 @@
+"""AFT's exact recomputation of underflowed denominators (docs/spec.md §4).
+
+The reference paths compute Σ e^(s) v / Σ e^(s), s_{t,t'} = k_t' + w_{t,t'}, with separately shifted
+exponentials (matmuls, running sums); an entry whose terms all lie far below the separate maxima
+underflows and is recomputed under its own joint maximum. Which entries do is known only from the values,
+so in eager mode they are gathered with ``nonzero``. Under ``torch.compile`` the recomputation is one
+opaque custom op (``tokenmix::aft_exact_underflowed``), with a backward op that replays it under
+autograd: the graph keeps static shapes and no host sync, so ``fullgraph=True`` traces every AFT op.
+
+The biases w_{t,t'} are described by data (``Bias``), not a closure, so the custom ops can take them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+# Elements of one block of flagged entries × keys.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+class Bias(NamedTuple):
+    """The biases w_{t,t'} of rows t, as data. ``kind``:
+    - "none": 0 (AFT-simple);
+    - "table": rows of ``tensors[0]`` (N, N), zeroed where |t − t'| ≥ ``sizes[0]`` unless that is 0;
+    - "lowrank": rows of u vᵀ (``tensors`` = (u, v), each (N, rank)), windowed likewise;
+    - "conv": the tap w[h, t' − t + centre] of head h = channel // head_dim inside the kernel, else 0
+      (``tensors[0]`` (H, K), ``sizes`` = (head_dim, centre));
+    - "conv2d": the same on a grid ``size_y`` wide, flattened row-major (``tensors[0]`` (H, Kx, Ky), odd
+      sizes, centred; ``sizes`` = (head_dim, size_y))."""
+
+    kind: str
+    tensors: tuple[torch.Tensor, ...] = ()
+    sizes: tuple[int, ...] = ()
+
+
+NO_BIAS = Bias("none")
+
+
+def bias_rows(bias: Bias, seq_len: int, rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor | None:
+    """(M, N): the biases of rows ``rows`` (M,) for channels ``channels`` (M,); None for "none"."""
+    if bias.kind == "none":
+        return None
+    positions = torch.arange(seq_len, device=rows.device)
+    if bias.kind in ("table", "lowrank"):
+        full = bias.tensors[0][rows] if bias.kind == "table" else bias.tensors[0][rows] @ bias.tensors[1].T
+        window = bias.sizes[0] if bias.sizes else 0
+        if not window:
+            return full
+        near = (positions[None, :] - rows[:, None]).abs() < window
+        return torch.where(near, full, torch.zeros_like(full))
+    (w,), (head_dim, extent) = bias.tensors, bias.sizes
+    if bias.kind == "conv":
+        kernels, kernel_size = w[channels // head_dim], w.shape[1]  # (M, K)
+        taps = positions[None, :] - rows[:, None] + extent  # (M, N): the kernel index of each key
+        near = (taps >= 0) & (taps < kernel_size)
+        return torch.where(
+            near, kernels.gather(1, taps.clamp(0, kernel_size - 1)), torch.zeros_like(kernels[:, :1])
+        )
+    kernel_x, kernel_y = w.shape[1:]
+    dx = positions[None, :] // extent - (rows // extent)[:, None] + kernel_x // 2
+    dy = positions[None, :] % extent - (rows % extent)[:, None] + kernel_y // 2
+    inside = (dx >= 0) & (dx < kernel_x) & (dy >= 0) & (dy < kernel_y)
+    taps = w[(channels // head_dim)[:, None], dx.clamp(0, kernel_x - 1), dy.clamp(0, kernel_y - 1)]
+    return torch.where(inside, taps, torch.zeros_like(taps))
+
+
+def exact(
+    keys: torch.Tensor, values: torch.Tensor, bias: Bias, causal: bool, flagged: torch.Tensor
+) -> torch.Tensor:
+    """Σ exp(s) v / Σ exp(s) with s_{t'} = k_{t'} + w_{t,t'} over row t's visible keys, with the joint
+    maximum of s subtracted, for each flagged (b, t, d) of the (B, N, D) boolean ``flagged``, in the
+    order of ``flagged.nonzero()``. keys, values: (B, N, D); padded keys are −inf."""
+    batch_idx, row_idx, channel_idx = flagged.nonzero(as_tuple=True)
+    seq_len = keys.shape[1]
+    positions = torch.arange(seq_len, device=keys.device)
+    ratios = []
+    step = max(1, _BLOCK_ELEMENTS // seq_len)
+    for start in range(0, len(batch_idx), step):
+        b, t, d = (idx[start : start + step] for idx in (batch_idx, row_idx, channel_idx))
+        scores = keys[b, :, d]  # (M, N)
+        rows = bias_rows(bias, seq_len, t, d)
+        if rows is not None:
+            scores = scores + rows
+        if causal:
+            scores = scores.masked_fill(positions[None, :] > t[:, None], float("-inf"))
+        top = scores.amax(-1, keepdim=True)
+        weights = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach())
+        terms = torch.where(scores == float("-inf"), torch.zeros_like(weights), weights * values[b, :, d])
+        ratios.append(terms.sum(-1) / weights.sum(-1))
+    return torch.cat(ratios) if ratios else keys.new_zeros(0)
+
+
+def recompute_underflowed(
+    ratio: torch.Tensor,
+    flagged: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: Bias,
+    causal: bool,
+) -> torch.Tensor:
+    """``ratio`` (B, N, D) with its ``flagged`` entries replaced by ``exact``'s."""
+    if torch.compiler.is_compiling():
+        sizes = (*bias.sizes, 0, 0)[:2]  # ints, not a list: the op's backward returns None for each
+        return aft_exact_underflowed(
+            ratio, flagged, keys, values, list(bias.tensors), bias.kind, *sizes, causal
+        )
+    if flagged.device.type != "meta" and bool(flagged.any()):  # meta tensors: shapes only, no values
+        return ratio.index_put(flagged.nonzero(as_tuple=True), exact(keys, values, bias, causal, flagged))
+    return ratio
+
+
+@torch.library.custom_op("tokenmix::aft_exact_underflowed", mutates_args=())
+def aft_exact_underflowed(
+    ratio: torch.Tensor,
+    flagged: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias_tensors: list[torch.Tensor],
+    kind: str,
+    size_a: int,
+    size_b: int,
+    causal: bool,
+) -> torch.Tensor:
+    """``recompute_underflowed`` as one op (see the module's docstring); size_a, size_b: the bias's
+    sizes, 0 where it has fewer."""
+    if not bool(flagged.any()):
+        return ratio.clone()
+    bias = Bias(kind, tuple(bias_tensors), (size_a, size_b))
+    return ratio.index_put(flagged.nonzero(as_tuple=True), exact(keys, values, bias, causal, flagged))
+
+
+@aft_exact_underflowed.register_fake
+def _(ratio, flagged, keys, values, bias_tensors, kind, size_a, size_b, causal):
+    return torch.empty_like(ratio)
+
+
+@torch.library.custom_op("tokenmix::aft_exact_underflowed_bwd", mutates_args=())
+def aft_exact_underflowed_bwd(
+    grad: torch.Tensor,
+    flagged: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias_tensors: list[torch.Tensor],
+    kind: str,
+    size_a: int,
+    size_b: int,
+    causal: bool,
+) -> list[torch.Tensor]:
+    """The gradients of ``aft_exact_underflowed`` w.r.t. ratio, keys, values and the bias tensors: grad
+    with the flagged entries zeroed, and the exact values' by replaying them under autograd."""
+    grad_ratio = grad.masked_fill(flagged, 0)
+    inputs = (keys, values, *bias_tensors)
+    if not bool(flagged.any()):
+        return [grad_ratio, *(torch.zeros_like(t) for t in inputs)]
+
+    def recompute(keys, values, *tensors):
+        return exact(keys, values, Bias(kind, tensors, (size_a, size_b)), causal, flagged)
+
+    # torch.func's vjp: a custom op's body runs below PyTorch's autograd, which would record nothing.
+    _, vjp = torch.func.vjp(recompute, *inputs)
+    return [grad_ratio, *vjp(grad[flagged])]
+
+
+@aft_exact_underflowed_bwd.register_fake
+def _(grad, flagged, keys, values, bias_tensors, kind, size_a, size_b, causal):
+    return [torch.empty_like(grad), torch.empty_like(keys), torch.empty_like(values)] + [
+        torch.empty_like(t) for t in bias_tensors
+    ]
+
+
+def _setup_context(ctx, inputs, output):
+    _, flagged, keys, values, bias_tensors, *options = inputs
+    ctx.save_for_backward(flagged, keys, values, *bias_tensors)
+    ctx.options = options
+
+
+def _backward(ctx, grad):
+    flagged, keys, values, *bias_tensors = ctx.saved_tensors
+    grad_ratio, grad_keys, grad_values, *grad_bias = aft_exact_underflowed_bwd(
+        grad, flagged, keys, values, bias_tensors, *ctx.options
+    )
+    return grad_ratio, None, grad_keys, grad_values, grad_bias, None, None, None, None
+
+
+aft_exact_underflowed.register_autograd(_backward, setup_context=_setup_context)
