@@ -10,7 +10,6 @@ covers the call — never a silent fallback. Kernels also run on CPU tensors und
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -53,9 +52,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache  # a file-system search: once per process, not once per op call
+# A file-system search, once per process (not once per op call, and not inside a compiled graph).
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def use_kernel(
