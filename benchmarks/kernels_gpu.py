@@ -13,10 +13,10 @@
 4. Prints and stores each of the issue's targets as measured: the ratio, and whether it is met.
 
 Sized for one call on a lent H100/H200 (at most 8 minutes): the timings run within ``--budget`` seconds
-(420 by default; the checks and start-up come on top), the points the targets need first, then the rest
-of the kernels' sweep, then the reference path (the slowest, least needed); each point takes as many
-repeats as fit in ``--point-seconds`` (at least 1, at most ``--repeats``), and a point that no longer fits
-is recorded as skipped, not run.
+(300 by default; the checks, Triton's first compiles and start-up come on top), the points the targets
+need first, then the rest of the kernels' sweep, then the reference path (the slowest, least needed);
+each point takes as many repeats as fit in ``--point-seconds`` (at least 1, at most ``--repeats``), and
+a point that no longer fits is recorded as skipped, not run.
 
 Writes benchmarks/results/<device>-<date>.json and a plot beside it.
 """
@@ -307,7 +307,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU, TRITON_INTERPRET=1)")
     parser.add_argument("--out", help="JSON path (default benchmarks/results/<device>-<date>.json)")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--budget", type=float, default=420.0, help="seconds for the timings (default 420)")
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds for the timings (default 300)")
     parser.add_argument("--point-seconds", type=float, default=3.0, help="seconds of repeats per timing")
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"

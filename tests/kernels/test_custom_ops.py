@@ -1,5 +1,6 @@
-"""The kernels are torch custom ops: their schemas, fake (meta) implementations and autograd registrations
-pass torch.library.opcheck, and torch.compile traces a call through them in one graph."""
+"""The kernels are torch custom ops (and so is the reference path's one data-dependent step, AFT's exact
+recomputation under torch.compile): their schemas, fake (meta) implementations and autograd
+registrations pass torch.library.opcheck, and torch.compile traces a call through them in one graph."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import tokenmix.kernels.conv
 import tokenmix.kernels.flash
 import tokenmix.kernels.pointwise_attention  # registers the ops
 from tokenmix import functional
+from tokenmix.functional import _aft_exact
 
 
 def _randn(generator, *shape, requires_grad=True):
@@ -81,11 +83,17 @@ def opcheck_cases():
         "aft_banded_fwd_per_head": (
             ops.aft_banded_fwd, (randn(*bnd), randn(2, 11, 2), randn(*bnd), randn(1, 2, 3), None, 2, True)),
         "depthwise_conv_fwd": (ops.depthwise_conv_fwd, (randn(*bnd), randn(2, 3), 2, True)),
+        # The reference path's one custom op (AFT's exact recomputation under torch.compile), some
+        # entries flagged.
+        "aft_exact_underflowed_fwd": (ops.aft_exact_underflowed_fwd, (
+            randn(*bnd), mask[..., None].expand(bnd).clone(), randn(*bnd), randn(*bnd), [randn(11, 11)],
+            "table", 3, 0, True)),
     }  # fmt: skip
 
 
 OPCHECKED = ["pointwise_attention_fwd", "mixed_chunk_attention_fwd", "aft_simple_fwd", "aft_full_fwd",
-             "aft_banded_fwd", "aft_banded_fwd_per_head", "depthwise_conv_fwd"]  # fmt: skip
+             "aft_banded_fwd", "aft_banded_fwd_per_head", "depthwise_conv_fwd",
+             "aft_exact_underflowed_fwd"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", OPCHECKED)
@@ -114,7 +122,7 @@ def test_every_op_and_kernel_is_named_as_its_python_function_and_uniquely():
     """What a profiler, a compiled graph or a Triton cache shows is the Python name, and no two kernels
     share one (two ``_forward_kernel``s could not be told apart)."""
     ops, kernels = {}, {}
-    for module in _kernel_modules():
+    for module in [*_kernel_modules(), _aft_exact]:
         for attribute, value in vars(module).items():
             if isinstance(value, torch._library.custom_ops.CustomOpDef):
                 assert value._qualname == f"tokenmix::{attribute}", (module.__name__, attribute)
@@ -124,7 +132,7 @@ def test_every_op_and_kernel_is_named_as_its_python_function_and_uniquely():
                 assert value.__name__ == attribute
                 if attribute.endswith("_kernel"):
                     kernels.setdefault(attribute, set()).add(module.__name__)
-    assert len(ops) == 12 and all(len(where) == 1 for where in ops.values())
+    assert len(ops) == 14 and all(len(where) == 1 for where in ops.values())
     assert all(not name.startswith("_") and len(where) == 1 for name, where in kernels.items()), kernels
     assert len(kernels) >= 15
 

@@ -4,7 +4,7 @@ The reference paths compute Σ e^(s) v / Σ e^(s), s_{t,t'} = k_t' + w_{t,t'}, w
 exponentials (matmuls, running sums); an entry whose terms all lie far below the separate maxima
 underflows and is recomputed under its own joint maximum. Which entries do is known only from the values,
 so in eager mode they are gathered with ``nonzero``. Under ``torch.compile`` the recomputation is one
-opaque custom op (``tokenmix::aft_exact_underflowed``), with a backward op that replays it under
+opaque custom op (``tokenmix::aft_exact_underflowed_fwd``), with a backward op that replays it under
 autograd: the graph keeps static shapes and no host sync, so ``fullgraph=True`` traces every AFT op.
 
 The biases w_{t,t'} are described by data (``Bias``), not a closure, so the custom ops can take them.
@@ -103,7 +103,7 @@ def recompute_underflowed(
     """``ratio`` (B, N, D) with its ``flagged`` entries replaced by ``exact``'s."""
     if torch.compiler.is_compiling():
         sizes = (*bias.sizes, 0, 0)[:2]  # ints, not a list: the op's backward returns None for each
-        return aft_exact_underflowed(
+        return aft_exact_underflowed_fwd(
             ratio, flagged, keys, values, list(bias.tensors), bias.kind, *sizes, causal
         )
     if flagged.device.type != "meta" and bool(flagged.any()):  # meta tensors: shapes only, no values
@@ -111,8 +111,8 @@ def recompute_underflowed(
     return ratio
 
 
-@torch.library.custom_op("tokenmix::aft_exact_underflowed", mutates_args=())
-def aft_exact_underflowed(
+@torch.library.custom_op("tokenmix::aft_exact_underflowed_fwd", mutates_args=())
+def aft_exact_underflowed_fwd(
     ratio: torch.Tensor,
     flagged: torch.Tensor,
     keys: torch.Tensor,
@@ -131,7 +131,7 @@ def aft_exact_underflowed(
     return ratio.index_put(flagged.nonzero(as_tuple=True), exact(keys, values, bias, causal, flagged))
 
 
-@aft_exact_underflowed.register_fake
+@aft_exact_underflowed_fwd.register_fake
 def _(ratio, flagged, keys, values, bias_tensors, kind, size_a, size_b, causal):
     return torch.empty_like(ratio)
 
@@ -148,7 +148,7 @@ def aft_exact_underflowed_bwd(
     size_b: int,
     causal: bool,
 ) -> list[torch.Tensor]:
-    """The gradients of ``aft_exact_underflowed`` w.r.t. ratio, keys, values and the bias tensors: grad
+    """The gradients of ``aft_exact_underflowed_fwd`` w.r.t. ratio, keys, values and the bias tensors: grad
     with the flagged entries zeroed, and the exact values' by replaying them under autograd."""
     grad_ratio = grad.masked_fill(flagged, 0)
     inputs = (keys, values, *bias_tensors)
@@ -184,4 +184,4 @@ def _backward(ctx, grad):
     return grad_ratio, None, grad_keys, grad_values, grad_bias, None, None, None, None
 
 
-aft_exact_underflowed.register_autograd(_backward, setup_context=_setup_context)
+aft_exact_underflowed_fwd.register_autograd(_backward, setup_context=_setup_context)
