@@ -180,3 +180,21 @@ def test_packed_mixers_run_one_launch_equal_to_each_segment_alone(device, name, 
             assert_close(packed[:, start:end], alone, 1e-5, what=f"{name} [{start}, {end})")
             (expected,) = torch.autograd.grad(alone, x, grad[:, start:end])
             assert_close(got[:, start:end], expected[:, start:end], 1e-5, what=f"{name} dx [{start}, {end})")
+
+
+def test_a_packed_model_reads_the_segment_lengths_once(device, monkeypatch):
+    """The kernels' block tables need the lengths on the host (a device sync): a model hands the same
+    cu_seqlens to every layer, so a forward and backward through two layers read them once, not once per
+    kernel call (four here)."""
+    from tokenmix.kernels import _common
+    from tokenmix.models import LanguageModel
+
+    reads = []
+    read = _common.read_lengths
+    monkeypatch.setattr(_common, "read_lengths", lambda bounds: reads.append(1) or read(bounds))
+    torch.manual_seed(0)
+    model = LanguageModel(256, 16, depth=2, mixer="pointwise", mixer_options={"heads": 2}).to(device)
+    tokens = torch.randint(0, 256, (1, CU_SEQLENS[-1]), device=device)
+    with tokenmix.use_backend("triton"):
+        model(tokens, cu_seqlens=torch.tensor(CU_SEQLENS, device=device)).sum().backward()
+    assert len(reads) == 1

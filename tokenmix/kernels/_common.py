@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -24,16 +26,43 @@ def segment_arguments(like: torch.Tensor, cu_seqlens: torch.Tensor | None, block
     within it), each segment cut into blocks of ``block`` from its own start, so no program spans two
     segments or falls past its segment's end. Also P, the programs along the rows. Without
     ``cu_seqlens``: stand-ins the kernel never reads (``like``), and P = cdiv(N, block) of ``like``'s
-    rows (dim −2)."""
+    rows (dim −2).
+
+    The table's size needs the lengths on the host, a device sync: it is kept for the same (unchanged)
+    ``cu_seqlens`` tensor, which a model hands to every layer, so a packed forward and backward read the
+    lengths once per block size, not once per kernel call."""
     if cu_seqlens is None:
         return like, like, triton.cdiv(like.shape[-2], block)
-    bounds = cu_seqlens.to(device=like.device, dtype=torch.int32).contiguous()
-    lengths = bounds.diff().tolist()  # one host read: the grid's size depends on it
+    key = (id(cu_seqlens), cu_seqlens._version, block, like.device)
+    kept = _TABLES.get(key)
+    if kept is not None and kept[0]() is cu_seqlens:
+        return kept[1:]
+    bounds = segment_bounds(like, cu_seqlens)
     pairs = [
-        (segment, i) for segment, length in enumerate(lengths) for i in range(triton.cdiv(length, block))
+        (segment, i)
+        for segment, length in enumerate(read_lengths(bounds))
+        for i in range(triton.cdiv(length, block))
     ]
     table = torch.tensor(pairs or [(0, 0)], dtype=torch.int32, device=like.device)
+    if len(_TABLES) >= 32:  # a few rows' worth: older ones are not coming back
+        _TABLES.clear()
+    _TABLES[key] = (weakref.ref(cu_seqlens), bounds, table, len(pairs))
     return bounds, table, len(pairs)
+
+
+_TABLES: dict[tuple, tuple] = {}
+
+
+def segment_bounds(like: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """cu_seqlens as the kernels read it, int32 on ``like``'s device (``like`` stands in without it)."""
+    if cu_seqlens is None:
+        return like
+    return cu_seqlens.to(device=like.device, dtype=torch.int32).contiguous()
+
+
+def read_lengths(bounds: torch.Tensor) -> list[int]:
+    """The segments' lengths on the host (the one device sync of a packed launch)."""
+    return bounds.diff().tolist()
 
 
 def int8_mask(like: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from .._common import (
     logaddexp,
     row_of,
     row_offset,
-    segment_arguments,
+    segment_bounds,
     sequence_of,
 )
 from .common import (
@@ -155,7 +155,7 @@ def scan_launch(
     head_dim = dim // heads
     blocks = {"BLOCK_T": 16 if interpreting() else 64, "BLOCK_D": min(64, triton.next_power_of_2(head_dim))}
     blocks["num_warps"] = 8  # the scans' tuples spill registers at 4 (ptxas, sm_90a)
-    bounds, _, _ = segment_arguments(q[0], cu_seqlens, 1)
+    bounds = segment_bounds(q, cu_seqlens)  # one program per sequence: no table of blocks
     sequences = batch if cu_seqlens is None else cu_seqlens.numel() - 1
     grid = (heads * triton.cdiv(head_dim, blocks["BLOCK_D"]), sequences)
     return ScanLaunch(
