@@ -3,6 +3,7 @@ biases."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from unittest import mock
 
@@ -65,13 +66,22 @@ cases = dict(
 )
 
 
+# Blocks of a few elements: every blocked loop of the reference paths takes several turns.
+SMALL_BLOCKS = (
+    (aft.exact, {"BLOCK_ELEMENTS": 7}),
+    (aft.simple, {"SCAN_CHUNK": 3}),
+)
+
+
 @given(**cases)
 def test_matches_reference(
     op_name, window, batch, seq_len, channels, extra_len, causal, masked, small_blocks, seed
 ):
     tensors, mask, gen = random_case(batch, seq_len, channels, seq_len + extra_len, seed)
-    blocks = {"_BLOCK_ELEMENTS": 7, "_SCAN_CHUNK": 3} if small_blocks else {}
-    with mock.patch.multiple(aft, **blocks) if blocks else mock.patch.dict({}):
+    small = (mock.patch.multiple(module, **sizes) for module, sizes in SMALL_BLOCKS) if small_blocks else ()
+    with contextlib.ExitStack() as stack:
+        for patch in small:
+            stack.enter_context(patch)
         check(op_name, tensors, mask if masked else None, gen, causal, window=window)
 
 
@@ -81,7 +91,7 @@ def test_exact_fallback_matches_reference(
 ):
     """Every entry recomputed with its joint maximum (the path underflowed entries take)."""
     tensors, mask, gen = random_case(batch, seq_len, channels, seq_len + extra_len, seed)
-    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")}):
+    with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")}):
         check(op_name, tensors, mask if masked else None, gen, causal, window=window)
 
 
@@ -165,7 +175,7 @@ def test_gradcheck(op_name, causal):
         )
 
     assert torch.autograd.gradcheck(op, args)
-    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")}):  # the exact path too
+    with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")}):  # the exact path too
         assert torch.autograd.gradcheck(op, args)
 
 
@@ -239,7 +249,7 @@ def test_conv_matches_reference(
 ):
     kernel_size = 2 * half_kernel + 1 + (1 if even and causal else 0)  # even sizes only where allowed
     tensors, mask, gen = conv_case(batch, seq_len, heads, head_dim, kernel_size, seed)
-    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")} if exact else {}):
+    with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")} if exact else {}):
         check_conv(tensors, mask if masked else None, gen, causal)
 
 
@@ -268,7 +278,7 @@ def test_conv_gradcheck(causal):
     tensors, mask, _ = conv_case(2, 6, 2, 2, 3, seed=3)
     op = lambda *a: aft_conv(*a, causal=causal, attention_mask=mask)  # noqa: E731
     assert torch.autograd.gradcheck(op, tuple(tensors))
-    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")}):
+    with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")}):
         assert torch.autograd.gradcheck(op, tuple(tensors))
 
 
@@ -345,7 +355,7 @@ def test_conv_2d_matches_reference(size_x, size_y, heads, head_dim, half_x, half
     tensors, mask, gen = conv_2d_case(
         2, size_x, size_y, heads, head_dim, 2 * half_x + 1, 2 * half_y + 1, seed
     )
-    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")} if exact else {}):
+    with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")} if exact else {}):
         check_conv(tensors, mask if masked else None, gen)
 
 
@@ -372,7 +382,7 @@ def test_conv_2d_gradcheck_and_low_precision():
     tensors, mask, gen = conv_2d_case(1, 3, 4, 2, 2, 3, 3, seed=5)
     op = lambda *a: aft_conv(*a, attention_mask=mask)  # noqa: E731
     assert torch.autograd.gradcheck(op, tuple(tensors))
-    with mock.patch.dict(aft._TINY, {torch.float64: float("inf")}):
+    with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")}):
         assert torch.autograd.gradcheck(op, tuple(tensors))
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         half = [t.detach().to(dtype) for t in tensors]

@@ -76,7 +76,7 @@ def test_every_op_compiles_in_one_graph(name, causal, masked):
 def test_aft_recomputes_underflowed_entries_in_one_graph(name, monkeypatch):
     """Keys and biases in the hundreds: some denominators underflow and are recomputed exactly, by the
     custom op (counted), forward and backward, equal to eager."""
-    from tokenmix.functional import _aft_exact
+    from tokenmix.functional.aft import exact as _aft_exact
 
     calls = []
     recompute = _aft_exact.exact

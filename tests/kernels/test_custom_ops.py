@@ -16,7 +16,7 @@ import tokenmix.kernels.conv
 import tokenmix.kernels.flash
 import tokenmix.kernels.pointwise_attention  # registers the ops
 from tokenmix import functional
-from tokenmix.functional import _aft_exact
+from tokenmix.functional.aft import exact as _aft_exact
 
 
 def _randn(generator, *shape, requires_grad=True):

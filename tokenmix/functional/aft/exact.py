@@ -16,8 +16,9 @@ from typing import NamedTuple
 
 import torch
 
-# Elements of one block of flagged entries × keys.
-_BLOCK_ELEMENTS = 1 << 22
+# Elements of one block of the reference paths: flagged entries × keys here, score rows × keys (×
+# batch) in aft_full, rows × keys × channels in aft_cached.
+BLOCK_ELEMENTS = 1 << 22
 
 
 class Bias(NamedTuple):
@@ -76,7 +77,7 @@ def exact(
     seq_len = keys.shape[1]
     positions = torch.arange(seq_len, device=keys.device)
     ratios = []
-    step = max(1, _BLOCK_ELEMENTS // seq_len)
+    step = max(1, BLOCK_ELEMENTS // seq_len)
     for start in range(0, len(batch_idx), step):
         b, t, d = (idx[start : start + step] for idx in (batch_idx, row_idx, channel_idx))
         scores = keys[b, :, d]  # (M, N)

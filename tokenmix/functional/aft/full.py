@@ -1,0 +1,109 @@
+"""AFT-full: pairwise position biases w (N_max, N_max), as matmuls over blocks of rows."""
+
+from __future__ import annotations
+
+import torch
+
+from ...backend import use_kernel
+from .._checks import (
+    check_flag,
+    check_float_tensor,
+    check_same_dtype_device,
+    compute_dtype,
+    empty_output,
+)
+from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
+from .._varlen import Packing, call_packed
+from . import exact
+from .common import (
+    check_inputs,
+    check_table,
+    finish,
+    finite_shift,
+    masked_keys,
+    needs_grad,
+    sees_a_key,
+    segment_starts,
+    whole_through_kernel,
+)
+from .exact import Bias
+
+
+def aft_full(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """AFT-full: ``y_t = σ(q_t) ⊙ Σ exp(k_t' + w_{t,t'}) ⊙ v_t' / Σ exp(k_t' + w_{t,t'})`` over t' ∈ S(t).
+
+    Computed as matmuls of exp(w − max_row w) with exp(k − max k) ⊙ v and exp(k − max k) over blocks of
+    rows (memory O(rows·N + N·D), never (B, N, N, D)); underflowed entries are recomputed exactly.
+
+    Args:
+        q, k, v: (B, N, D). w: (N_max, N_max) pairwise position biases, N ≤ N_max; its top-left N×N
+            block is used. causal: t sees t' ≤ t. attention_mask: (B, N), True/1 = real token.
+        cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
+            segments of N are independent sequences, each as if called alone (docs/spec.md §8).
+
+    Returns:
+        (B, N, D) in the inputs' dtype.
+    """
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
+        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
+        if (packing := whole_through_kernel("aft_full", arguments, "w")) is None:
+            return call_packed(aft_full, arguments, q=1, k=1, v=1)
+    else:
+        packing = None
+    mask = check_inputs(q, k, v, attention_mask)
+    causal = check_flag("causal", causal)
+    check_float_tensor("w", w, "(N_max, N_max)")
+    check_same_dtype_device(q=q, w=w)
+    check_table(w, q.shape[1] if packing is None else packing.longest)
+    if q.numel() == 0:
+        return empty_output(q.shape, q, k, v, w)
+    q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
+    if not causal:
+        return _aft_full(q, k, v, w, mask, False, packing)
+    # The row blocks multiply future keys and values by 0: compute with finite ones, then mark the
+    # entries (row, channel) whose own terms are not.
+    k, v, seen = causal_finite(k, v, 1, key_channels=True, starts=segment_starts(packing))
+    return reinstate(_aft_full(q, k, v, w, mask, True, packing), seen)
+
+
+def _aft_full(q, k, v, w, mask, causal: bool, packing: Packing | None = None) -> torch.Tensor:
+    """aft_full on checked inputs (see there); a packed row goes through the kernel."""
+    batch, seq_len, _ = q.shape
+    if packing is not None or use_kernel("aft_full", q, atomics=needs_grad(q, k, v, w)):
+        from ...kernels.aft import aft_full as kernel
+
+        return kernel(q, k, v, w, mask, bool(causal), None if packing is None else packing.bounds)
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w[:seq_len, :seq_len].to(dtype)
+    keys = masked_keys(k, mask)
+    rows = max(1, min(seq_len, exact.BLOCK_ELEMENTS // max(1, batch * seq_len)))
+    positions = torch.arange(seq_len, device=q.device)
+    blocks = []
+    for start in range(0, seq_len, rows):
+        end = min(seq_len, start + rows)
+        key_end = end if causal else seq_len
+        if causal or not blocks:  # causal blocks see a growing prefix: its own key maximum
+            visible_keys = keys[:, :key_end]
+            exp_keys = torch.exp(visible_keys - finite_shift(visible_keys.amax(1, keepdim=True)))
+            # Numerator and denominator in one matmul: [exp(k) ⊙ v, exp(k)].
+            stacked = torch.cat((exp_keys * v[:, :key_end], exp_keys), dim=-1)
+        bias = w[start:end, :key_end]
+        if mask is not None:
+            bias = bias.masked_fill(~mask[:, None, :key_end], float("-inf"))
+        if causal:
+            bias = bias.masked_fill(positions[start:end, None] < positions[None, :key_end], float("-inf"))
+        exp_bias = torch.exp(bias - finite_shift(bias.amax(-1, keepdim=True)))  # (B or 1, rows, keys)
+        blocks.append(torch.matmul(exp_bias, stacked))
+    num, den = torch.cat(blocks, 1).chunk(2, dim=-1)
+    sees = sees_a_key(mask, batch, seq_len, causal, q.device)
+
+    return finish(q, num, den, sees, keys, v, Bias("table", (w,)), causal).to(out_dtype)

@@ -1,0 +1,142 @@
+"""AFT-simple: ``aft_full`` with w = 0 — one softmax per channel (bidirectional) or a chunked prefix scan
+carrying the running maximum (causal); its recurrent form."""
+
+from __future__ import annotations
+
+import torch
+
+from ...backend import use_kernel
+from ...errors import InvalidTypeError, InvalidValueError
+from .._checks import (
+    check_attention_mask,
+    check_flag,
+    check_float_tensor,
+    compute_dtype,
+    empty_output,
+)
+from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
+from .._varlen import Packing, call_packed
+from .common import (
+    check_inputs,
+    finish,
+    finite_shift,
+    masked_keys,
+    needs_grad,
+    sees_a_key,
+    segment_starts,
+    whole_through_kernel,
+)
+from .exact import NO_BIAS
+from .recurrent import aft_accumulate, aft_cached
+
+SCAN_CHUNK = 64
+
+
+def aft_simple(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """AFT-simple: ``aft_full`` with w = 0, ``y_t = σ(q_t) ⊙ Σ softmax_{t'∈S(t)}(k)_{t'} ⊙ v_t'``, O(N·D).
+
+    Bidirectional: one softmax over the sequence per channel. Causal: a prefix scan over chunks carrying
+    the running maximum, numerator and denominator per channel.
+
+    Args:
+        q, k, v: (B, N, D).
+        causal: t sees t' ≤ t (default False).
+        attention_mask: (B, N), True/1 = real token (default None: all real).
+        initial_state: causal only — the (max, numerator, denominator) (B, D) of the keys before this
+            call, as a previous call's final state (default None: none).
+        output_final_state: causal only — also return the state after this call (default False).
+        cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
+            segments of N are independent sequences, each as if called alone (docs/spec.md §8).
+
+    Returns:
+        (B, N, D) in the inputs' dtype, or (that, final_state) with ``output_final_state``.
+    """
+    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
+        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
+        if (packing := whole_through_kernel("aft_simple", arguments)) is None:
+            return call_packed(aft_simple, arguments, q=1, k=1, v=1)
+    else:
+        packing = None
+    if initial_state is not None or output_final_state:
+        return _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output_final_state)
+    mask = check_inputs(q, k, v, attention_mask)
+    causal = check_flag("causal", causal)
+    if q.numel() == 0:
+        return empty_output(q.shape, q, k, v)
+    q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
+    if causal:  # a NaN key or value in the future must not reach earlier rows, nor their gradients
+        k, v, seen = causal_finite(k, v, 1, key_channels=True, starts=segment_starts(packing))
+        return reinstate(_aft_simple(q, k, v, mask, True, packing), seen)
+    return _aft_simple(q, k, v, mask, False, packing)
+
+
+def _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output_final_state):
+    """aft_simple continued from / returning the running (max, numerator, denominator)."""
+    if not check_flag("causal", causal):
+        raise InvalidValueError("initial_state and output_final_state need causal=True (the recurrent form)")
+    check_inputs(q, k, v, attention_mask)
+    real = check_attention_mask(attention_mask, q.shape[0], q.shape[1], q.device)  # padding folds nothing
+    if initial_state is not None:
+        if not isinstance(initial_state, tuple) or len(initial_state) != 3:
+            raise InvalidTypeError("initial_state must be a (max, numerator, denominator) tuple")
+        for name, part in zip(("max", "numerator", "denominator"), initial_state, strict=True):
+            check_float_tensor(f"initial_state {name}", part, "(B, D)")
+            if tuple(part.shape) != (q.shape[0], q.shape[2]):
+                raise InvalidValueError(
+                    f"initial_state {name} must have shape (B, D) = {(q.shape[0], q.shape[2])}, "
+                    f"got {tuple(part.shape)}"
+                )
+    if initial_state is None or q.shape[1] == 0:
+        out = aft_simple(q, k, v, causal=True, attention_mask=attention_mask)
+    elif real is None and q.shape[1] == 1:  # one token: fold it in, then read the ratio
+        state = aft_accumulate(initial_state, k, v)
+        out = (torch.sigmoid(q.to(state[1].dtype)) * state[1][:, None] / state[2][:, None]).to(q.dtype)
+        return (out, state) if output_final_state else out
+    else:  # the keys so far are one term under their running maximum
+        out = aft_cached(q, k, v, None, key_mask=real, running=initial_state).to(q.dtype)
+    if not output_final_state:
+        return out
+    return out, aft_accumulate(initial_state, k, v, real)
+
+
+def _aft_simple(q, k, v, mask, causal: bool, packing: Packing | None = None) -> torch.Tensor:
+    """aft_simple on checked inputs (see there); a packed row goes through the kernel."""
+    if packing is not None or use_kernel("aft_simple", q, atomics=needs_grad(q, k, v)):
+        from ...kernels.aft import aft_simple as kernel
+
+        return kernel(q, k, v, mask, bool(causal), None if packing is None else packing.bounds)
+    batch, seq_len, _ = q.shape
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    keys = masked_keys(k, mask)
+    if not causal:
+        weights = torch.softmax(keys, dim=1)  # every sequence has a real key (see check_inputs)
+        return (torch.sigmoid(q) * (weights * v).sum(1, keepdim=True)).to(out_dtype)
+    carry_max = keys.new_full((batch, 1, keys.shape[-1]), float("-inf"))
+    carry_num = keys.new_zeros(batch, 1, keys.shape[-1])
+    carry_den = keys.new_zeros(batch, 1, keys.shape[-1])
+    nums, dens = [], []
+    # split, not slices: a slice's backward writes into a zero tensor of the full (B, N, D) each time,
+    # which made the scan's backward quadratic in N.
+    for chunk, values in zip(keys.split(SCAN_CHUNK, 1), v.split(SCAN_CHUNK, 1), strict=True):
+        new_max = torch.maximum(carry_max, chunk.amax(1, keepdim=True)).detach()  # a shift (see finite_shift)
+        reference = finite_shift(new_max)
+        weights = torch.exp(chunk - reference)
+        rescale = torch.exp(carry_max - reference)  # ≤ 1; 0 while nothing was seen
+        num = torch.cumsum(weights * values, 1) + rescale * carry_num
+        den = torch.cumsum(weights, 1) + rescale * carry_den
+        nums.append(num)
+        dens.append(den)
+        carry_max, carry_num, carry_den = new_max, num[:, -1:], den[:, -1:]
+    sees = sees_a_key(mask, batch, seq_len, True, q.device)
+    return finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, NO_BIAS, True).to(out_dtype)
