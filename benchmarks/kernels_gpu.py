@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
 import json
 import re
 import statistics
@@ -140,16 +141,55 @@ def check(op: str, device: str, causal: bool, seq_len: int, shapes: Shapes) -> d
     return {"op": op, "causal": causal, "errors": errors, "ok": max(errors.values()) <= 1e-2}
 
 
+# Documents of one packed step (tokens), cycled and the last cut to fit: packed into one row with
+# cu_seqlens against padded to the longest, the same real tokens.
+DOCUMENTS = (1536, 512, 2048, 256, 1024, 768, 128, 3072, 640, 384)
+SMOKE_DOCUMENTS = (20, 7, 30, 7)
+PACKED_OPS = ("pointwise_attention", "mixed_chunk_attention", "aft_simple", "lightconv")
+
+
+def document_lengths(tokens: int, smoke: bool) -> list[int]:
+    lengths, total = [], 0
+    for length in itertools.cycle(SMOKE_DOCUMENTS if smoke else DOCUMENTS):
+        lengths.append(min(length, tokens - total))
+        total += lengths[-1]
+        if total == tokens:
+            return lengths
+    raise AssertionError("unreachable")
+
+
+def documents(op: str, backend: str, head_dim: int, args, generator) -> tuple[list, dict, dict]:
+    """The op's bfloat16 inputs for the documents of one step: one packed row with cu_seqlens
+    ("packed"), or a batch padded to the longest with an attention mask ("padded"); and the record's
+    sizes."""
+    lengths = document_lengths(args.tokens, args.smoke)
+    device, shapes = args.device, args.shapes
+    if backend == "packed":
+        tensors, options = inputs(op, 1, sum(lengths), head_dim, shapes, device, torch.bfloat16, generator)
+        bounds = torch.tensor([0, *itertools.accumulate(lengths)], device=device)
+        return tensors, {**options, "cu_seqlens": bounds}, {"batch": 1, "seq_len": sum(lengths)}
+    longest = max(lengths)
+    tensors, options = inputs(op, len(lengths), longest, head_dim, shapes, device, torch.bfloat16, generator)
+    mask = torch.arange(longest, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+    return tensors, {**options, "attention_mask": mask}, {"batch": len(lengths), "seq_len": longest}
+
+
 def timed(op: str, backend: str, seq_len: int, head_dim: int, causal: bool, args, deadline: float) -> dict:
     device, dtype = args.device, torch.bfloat16
-    batch = max(1, args.tokens // seq_len)
     generator = torch.Generator(device).manual_seed(0)
-    tensors, options = inputs(op, batch, seq_len, head_dim, args.shapes, device, dtype, generator)
+    if backend in ("packed", "padded"):  # the kernels on documents, with or without packing
+        tensors, options, sizes = documents(op, backend, head_dim, args, generator)
+        batch, seq_len = sizes["batch"], sizes["seq_len"]
+    else:
+        batch = max(1, args.tokens // seq_len)
+        tensors, options = inputs(op, batch, seq_len, head_dim, args.shapes, device, dtype, generator)
     record = {"op": op, "backend": backend, "seq_len": seq_len, "batch": batch, "head_dim": head_dim}
     record["width"] = args.shapes.width
     record["causal"] = causal
     try:
-        with tokenmix.use_backend("reference" if backend == "sdpa" else backend):
+        with tokenmix.use_backend(
+            {"sdpa": "reference", "packed": "triton", "padded": "triton"}.get(backend, backend)
+        ):
             if op == "sdpa":
                 with torch.nn.attention.sdpa_kernel(_flash_backends(device)):
                     return {**record, **_time(op, tensors, options, causal, args, deadline)}
@@ -236,6 +276,8 @@ def plan(
                 points += [
                     (op, backend, seq_len, head_dims[0], causal) for backend in ("triton", "reference")
                 ]
+    for op in PACKED_OPS:  # documents packed against padded (N: the tokens of a step)
+        points += [(op, backend, 0, head_dims[0], True) for backend in ("packed", "padded")]
 
     def priority(point) -> int:
         op, backend, seq_len, _, causal = point
@@ -249,6 +291,19 @@ def plan(
         return 0 if needed else 1
 
     return sorted(points, key=priority)  # stable: N ascending within each
+
+
+def packing(records: list[dict]) -> list[dict]:
+    """Per op, padded over packed forward+backward milliseconds on the same documents."""
+    timed = {(r["op"], r["backend"]): r for r in records if "fwd_bwd_ms" in r}
+    return [
+        {
+            "op": op,
+            "padded_over_packed": timed[op, "padded"]["fwd_bwd_ms"] / timed[op, "packed"]["fwd_bwd_ms"],
+        }
+        for op in PACKED_OPS
+        if (op, "packed") in timed and (op, "padded") in timed
+    ]
 
 
 def targets(records: list[dict], long: int, flash_len: int) -> list[dict]:
@@ -365,6 +420,9 @@ def main() -> None:
         record for record in records if "skipped" in record
     ]
     measured = targets([r for r in records if "skipped" not in r], long=long, flash_len=flash_len)
+    packed = packing(records)
+    for row in packed:
+        print(f"packing {row['op']:22s} padded / packed fwd+bwd: {row['padded_over_packed']:.2f}")
     for row in measured:
         print(
             f"target {row['op']:22s} N={row['seq_len']:<6d} causal={row['causal']!s:5s} "
@@ -383,6 +441,7 @@ def main() -> None:
                 "checks": checks,
                 "records": records,
                 "targets": measured,
+                "packing": packed,
             },
             indent=2,
         )
@@ -401,7 +460,8 @@ def plot(records: list[dict], path: Path) -> None:
     for axis, causal in zip(axes, (False, True), strict=True):
         lines: dict[str, list] = {}
         for r in records:
-            if r["causal"] == causal and not r.get("oom") and r["head_dim"] == records[0]["head_dim"]:
+            timed = "fwd_bwd_ms" in r and r["backend"] not in ("packed", "padded")  # not skipped, per N
+            if timed and r["causal"] == causal and r["head_dim"] == records[0]["head_dim"]:
                 lines.setdefault(f"{r['op']} ({r['backend']})", []).append((r["seq_len"], r["fwd_bwd_ms"]))
         for label, points in lines.items():
             axis.plot(*zip(*sorted(points), strict=True), marker="o", label=label)

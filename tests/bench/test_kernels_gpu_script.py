@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels_gpu.py"
 
 
@@ -35,6 +37,10 @@ def test_the_gpu_benchmark_script_checks_times_and_writes(tmp_path):
     kinds = {(r["op"], r["backend"]) for r in data["records"]}
     assert ("sdpa", "sdpa") in kinds and ("pointwise_attention", "triton") in kinds
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 for r in data["records"])
+    assert {row["op"] for row in data["packing"]} == {
+        "pointwise_attention", "mixed_chunk_attention", "aft_simple", "lightconv",
+    }  # fmt: skip
+    assert all(row["padded_over_packed"] > 0 for row in data["packing"])
     assert any("fraction_of_copy_bandwidth" in r for r in data["records"])
     assert out.with_suffix(".png").is_file()
     measured = {row["op"] for row in data["targets"]}
@@ -67,6 +73,20 @@ def test_the_points_the_targets_need_run_first_and_the_reference_path_last():
               and n == 8192 and b == "triton"]  # fmt: skip
     assert needed and needed[0] < first_other
     assert len(points) == len(set(points))
+
+
+def test_documents_pack_into_one_row_or_pad_to_the_longest():
+    script = _script()
+    lengths = script.document_lengths(16384, False)
+    assert sum(lengths) == 16384 and min(lengths) > 0
+    args = SimpleNamespace(tokens=64, smoke=True, device="cpu", shapes=script.SMOKE)
+    generator = torch.Generator().manual_seed(0)
+    tensors, options, sizes = script.documents("aft_simple", "packed", 32, args, generator)
+    assert tensors[0].shape[:2] == (1, 64) and options["cu_seqlens"].tolist() == [0, 20, 27, 57, 64]
+    assert sizes == {"batch": 1, "seq_len": 64}
+    tensors, options, sizes = script.documents("aft_simple", "padded", 32, args, generator)
+    assert tensors[0].shape[:2] == (4, 30) and options["attention_mask"].sum().item() == 64
+    assert sizes == {"batch": 4, "seq_len": 30}
 
 
 def test_a_timing_stops_at_the_deadline_and_takes_the_repeats_that_fit():
