@@ -68,13 +68,6 @@ def masked_keys(k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return k if mask is None else k.masked_fill(~mask[..., None], float("-inf"))
 
 
-def finite_shift(m: torch.Tensor) -> torch.Tensor:
-    """A maximum as a shift: detached (every result here is invariant to the shift, so its gradient
-    through the shift is exactly 0 and skipping it saves a backward pass), and finite (a maximum over no
-    terms is −inf; any finite stand-in works there, since all its terms are 0)."""
-    return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
-
-
 def finish(
     q: torch.Tensor,
     num: torch.Tensor,

@@ -20,14 +20,13 @@ from .._excluded import finite_at_padding, finite_part, real_only, reinstate, se
 from .._varlen import Packing, call_packed
 from .common import (
     finish,
-    finite_shift,
     masked_keys,
     needs_grad,
     sees_a_key,
     segment_starts,
     whole_through_kernel,
 )
-from .exact import Bias
+from .exact import Bias, finite_shift
 from .local import band_offsets, outside_sum, pad_zeros, shift_zeros, windowed
 from .recurrent import AFTWindowState, recurrent
 

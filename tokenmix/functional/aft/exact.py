@@ -21,6 +21,13 @@ import torch
 BLOCK_ELEMENTS = 1 << 22
 
 
+def finite_shift(m: torch.Tensor) -> torch.Tensor:
+    """A maximum as a shift: detached (every result here is invariant to the shift, so its gradient
+    through the shift is exactly 0 and skipping it saves a backward pass), and finite (a maximum over no
+    terms is −inf; any finite stand-in works there, since all its terms are 0)."""
+    return torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+
+
 class Bias(NamedTuple):
     """The biases w_{t,t'} of rows t, as data. ``kind``:
     - "none": 0 (AFT-simple);
@@ -86,8 +93,7 @@ def exact(
             scores = scores + rows
         if causal:
             scores = scores.masked_fill(positions[None, :] > t[:, None], float("-inf"))
-        top = scores.amax(-1, keepdim=True)
-        weights = torch.exp(scores - torch.where(torch.isfinite(top), top, torch.zeros_like(top)).detach())
+        weights = torch.exp(scores - finite_shift(scores.amax(-1, keepdim=True)))
         terms = torch.where(scores == float("-inf"), torch.zeros_like(weights), weights * values[b, :, d])
         ratios.append(terms.sum(-1) / weights.sum(-1))
     return torch.cat(ratios) if ratios else keys.new_zeros(0)

@@ -24,14 +24,13 @@ from .common import (
     check_inputs,
     check_table,
     finish,
-    finite_shift,
     masked_keys,
     needs_grad,
     sees_a_key,
     segment_starts,
     whole_through_kernel,
 )
-from .exact import Bias
+from .exact import Bias, finite_shift
 from .recurrent import AFTWindowState, last_position, recurrent
 
 

@@ -16,7 +16,7 @@ from .._checks import (
 from .._chunks import compact, last_real
 from .._excluded import real_only
 from . import exact
-from .common import finite_shift
+from .exact import finite_shift
 
 
 def aft_accumulate(

@@ -19,14 +19,13 @@ from .._varlen import Packing, call_packed
 from .common import (
     check_inputs,
     finish,
-    finite_shift,
     masked_keys,
     needs_grad,
     sees_a_key,
     segment_starts,
     whole_through_kernel,
 )
-from .exact import NO_BIAS
+from .exact import NO_BIAS, finite_shift
 from .recurrent import aft_accumulate, aft_cached
 
 SCAN_CHUNK = 64
