@@ -238,3 +238,16 @@ def test_aft_conv_2d_extreme_keys_and_biases_against_float64(device):
     assert_kernel_gradients_finite(
         aft_conv, reference.aft_conv_2d, dict(q=q, k=k, v=v, w=w), attention_mask=mask
     )
+
+
+def test_aft_conv_2d_flattens_the_grid_along_the_narrower_span(device, monkeypatch):
+    """A 5 × 1 kernel on a 5 × 7 grid spans ±2 flat positions column-major, ±14 row-major."""
+    import tokenmix.kernels.aft as kernels
+
+    windows = []
+    banded = kernels.aft_banded
+    monkeypatch.setattr(kernels, "aft_banded", lambda *a: windows.append(a[5]) or banded(*a))
+    inputs, _, mask = conv_2d_case(device, torch.float32, kernel=(5, 1))
+    with tokenmix.use_backend("triton"):
+        aft_conv(*inputs, attention_mask=mask)
+    assert windows == [3]

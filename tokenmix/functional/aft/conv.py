@@ -239,12 +239,19 @@ def _aft_conv_2d_kernel(q, k, v, w, mask):
     """2-D aft_conv through the band kernel. With the grid flattened row-major (t = x·Y + y), every key
     within Px rows and Py columns of t lies at a flat offset |j| < W = Px·Y + Py + 1: the band holds the
     tap there, and 0 (unbiased) at the span's other offsets (columns farther than Py, wrapping across
-    rows); keys beyond the span come from the kernel's prefix and suffix scans. O(N·W·D) time."""
+    rows); keys beyond the span come from the kernel's prefix and suffix scans. O(N·W·D) time, so the grid
+    is flattened along whichever axis gives the narrower span (the op is symmetric in the two axes)."""
     from ...kernels.aft import aft_banded
 
     batch, size_x, size_y, heads, head_dim = q.shape
     kernel_x, kernel_y = w.shape[1:]
     centre_x, centre_y = kernel_x // 2, kernel_y // 2
+    if centre_y * size_x + centre_x < centre_x * size_y + centre_y:  # column-major is narrower
+        transposed = _aft_conv_2d_kernel(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), w.transpose(1, 2),
+            None if mask is None else mask.transpose(1, 2),
+        )  # fmt: skip
+        return transposed.transpose(1, 2)
     length = size_x * size_y
     window = min(centre_x * size_y + centre_y, length - 1) + 1
     positions = torch.arange(length, device=q.device)
