@@ -61,10 +61,10 @@ class Packing:
         """(N,) where each position's segment starts."""
         return torch.arange(self.total, device=self.real_index.device) - self.positions()
 
-    def ends(self) -> torch.Tensor:
-        """(N,) where each position's segment ends (one past its last position)."""
+    def lengths_at(self) -> torch.Tensor:
+        """(N,) the length of each position's segment."""
         lengths = torch.tensor(self.lengths, device=self.real_index.device)
-        return self.starts() + lengths.repeat_interleave(lengths)
+        return lengths.repeat_interleave(lengths)
 
 
 def check_cu_seqlens(

@@ -257,7 +257,7 @@ def _row_scale(
     if length is not None:
         counts = torch.full((1, seq_len), float(length), dtype=dtype, device=device)
     elif packing is not None:
-        counts = (packing.positions() + 1 if causal else packing.ends() - packing.starts())[None].to(dtype)
+        counts = (packing.positions() + 1 if causal else packing.lengths_at())[None].to(dtype)
     elif key_mask is None:
         if causal:
             counts = torch.arange(1, seq_len + 1, dtype=dtype, device=device)[None]
