@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
 
-__all__ = ["MixerInfo", "create_mixer", "list_mixers", "mixer_info", "register_mixer"]
+__all__ = ["MixerInfo", "check_options", "create_mixer", "list_mixers", "mixer_info", "register_mixer"]
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,18 @@ def create_mixer(name: str, dim: int, *, causal: bool = False, **options: Any) -
 
     Unknown options raise ``TypeError`` listing the accepted ones with their defaults.
     """
+    info = check_options(name, options)
+    return info.cls(dim, causal=causal, **options)
+
+
+def check_options(name: str, options: dict[str, Any]) -> MixerInfo:
+    """The registry entry of ``name``, after checking that it takes every one of ``options`` (and
+    ``causal``); ``TypeError`` listing the accepted ones with their defaults."""
     info = mixer_info(name)
-    unknown = sorted(set(options) - set(info.options))
+    unknown = sorted(set(options) - set(info.options) - {"causal"})
     if unknown:
         accepted = ", ".join(f"{key}={value!r}" for key, value in info.options.items())
         raise InvalidTypeError(
             f"mixer {name!r} got unknown option(s) {', '.join(unknown)}; accepted: {accepted}"
         )
-    return info.cls(dim, causal=causal, **options)
+    return info

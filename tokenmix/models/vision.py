@@ -30,6 +30,11 @@ class VisionTransformer(nn.Module):
     bidirectional Backbone. Mixers with a ``grid`` option (AFT-conv) get the patch grid and run in 2-D,
     mean-pooled without a class token, as the AFT paper does. Backbone options (``mixer_options``,
     ``positions``, ...) are passed through; the learned position table is sized to the number of patches.
+
+    timm's ``VisionTransformer`` arguments and these: ``img_size`` → ``image_size``, ``patch_size``,
+    ``num_classes``, ``in_chans`` → ``in_channels``, ``embed_dim`` → ``dim``, ``depth``, ``num_heads`` →
+    ``mixer_options={"heads": ...}``, ``global_pool="token"`` / ``"avg"`` → ``pool="cls"`` / ``"mean"``
+    (``class_token`` follows ``pool``). To run a mixer inside timm's own ViT instead, see ``tokenmix.timm``.
     """
 
     def __init__(
