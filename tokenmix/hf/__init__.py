@@ -6,14 +6,19 @@ and ``ByteTokenizer`` with ``AutoConfig``, ``AutoModelForCausalLM`` and ``AutoTo
 mask, and ``generate`` runs on the mixers' decoding states (docs/spec.md §7) — the prompt prefilled in one
 call, then one token per step — held as the model's ``cache``. ``tokenmix export`` writes a directory
 that ``from_pretrained`` loads.
+
+``register_attention()`` makes tokenmix's attention functions (``"tokenmix_pointwise"``,
+``"tokenmix_softmax"``, ``"tokenmix_aft_simple"``) available to every transformers model as its
+``attn_implementation`` (``tokenmix.hf.attention``).
 """
 
 from __future__ import annotations
 
+from .attention import register_attention
 from .modeling import TokenmixConfig, TokenmixForCausalLM, TokenmixState
 from .tokenizer import ByteTokenizer
 
-__all__ = ["ByteTokenizer", "TokenmixConfig", "TokenmixForCausalLM", "TokenmixState"]
+__all__ = ["ByteTokenizer", "TokenmixConfig", "TokenmixForCausalLM", "TokenmixState", "register_attention"]
 
 
 def _register() -> None:
