@@ -171,3 +171,15 @@ def test_construction_on_the_meta_device_and_in_another_dtype():
 def test_what_has_no_counterpart_is_refused_naming_it(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_the_readmes_timm_snippet_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python timm\n(.*?)```", readme, flags=re.DOTALL)
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    assert namespace["logits"].shape == (2, 1000)

@@ -106,12 +106,16 @@ def test_a_llama_attends_as_the_equation_with_padding_gqa_and_the_cache(case, sp
         model(ids, attention_mask=mask)
         check_calls(spy, options)
         spy.clear()
-        cached = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                return_dict_in_generate=True, output_scores=True)  # fmt: skip
+        greedy = {
+            "max_new_tokens": 4,
+            "do_sample": False,
+            "return_dict_in_generate": True,
+            "output_scores": True,
+        }
+        cached = model.generate(ids, attention_mask=mask, **greedy)
         check_calls(spy, options)
         assert any(call[2].shape[2] == 1 < call[3].shape[2] for call in spy)  # steps over the cache
-        uncached = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_cache=False,
-                                  return_dict_in_generate=True, output_scores=True)  # fmt: skip
+        uncached = model.generate(ids, attention_mask=mask, use_cache=False, **greedy)
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), rtol=1e-4, atol=1e-4)
 
