@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tokenmix.errors import InvalidTypeError, InvalidValueError, UnavailableError  # noqa: E402
-from tokenmix.functional import ACTIVATIONS  # noqa: E402
+from tokenmix.functional import ACTIVATIONS, pointwise_attention  # noqa: E402
 from tokenmix.hf import register_attention  # noqa: E402
 from tokenmix.hf.attention import ATTENTION_FUNCTIONS  # noqa: E402
 
@@ -26,12 +26,16 @@ CASES = {
 }
 
 
+def rms(x):
+    """x over its root mean square across the head (eps 1e-6): the parameter-free qk-norm."""
+    return x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+
 def oracle(implementation, q, k, v, allowed, scale, options):
     """The float64 equation over an explicit (B, Q, K) boolean mask; q (B, H, Q, D), k, v (B, H, K, D)."""
     q, k, v = q.double(), k.double(), v.double()
     if options.get("qk_norm"):
-        q = q / q.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-        k = k / k.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        q, k = rms(q), rms(k)
     allowed = allowed[:, None]  # (B, 1, Q, K)
     if implementation == "tokenmix_aft_simple":  # per channel of the flattened heads
         weights = torch.where(allowed[..., None], k.exp()[:, :, None], 0.0)  # (B, H, Q, K, D)
@@ -93,6 +97,14 @@ def check_calls(calls, options):
         rows = allowed.any(-1)  # a query that sees no key (left padding) is unspecified but finite
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out[rows].double(), want[rows], rtol=1e-5, atol=1e-5)
+        if name == "tokenmix_pointwise" and mask is not None and query.shape[2] == key.shape[2]:
+            # the same as tokenmix's own op, causal over the left-padded keys
+            q, k = (rms(query), rms(key)) if options.get("qk_norm") else (query, key)
+            op_options = {name: value for name, value in options.items() if name != "qk_norm"}
+            ours = pointwise_attention(
+                q, k, value, causal=True, attention_mask=mask[:, 0, -1], scale=module.scaling, **op_options
+            )
+            torch.testing.assert_close(out[rows], ours.transpose(1, 2)[rows], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", list(CASES))
