@@ -9,7 +9,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import tokenmix.hf  # noqa: E402
 from tokenmix.cli import main  # noqa: E402
+from tokenmix.errors import InvalidValueError  # noqa: E402
 from tokenmix.hf.export import export_run  # noqa: E402
 from tokenmix.training import load_run, train  # noqa: E402
 
@@ -101,3 +103,101 @@ def test_export_refuses_a_directory_in_use_and_names_it(exported, tmp_path, caps
     assert (taken / "notes.txt").read_text() == "mine" and len(list(taken.iterdir())) == 1
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "new"), "--weights", "last"]) == 0
     assert (tmp_path / "new" / "config.json").is_file()
+
+
+def tiny_model(mixer="softmax", positions="learned", **options):
+    config = tokenmix.hf.TokenmixConfig(
+        dim=32, depth=2, mixer=mixer, positions=positions, max_len=64, pad_token_id=0, mixer_options=options
+    )
+    torch.manual_seed(0)
+    return tokenmix.hf.TokenmixForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("mixer", "positions", "options"),
+    [("softmax", "learned", {"heads": 2}), ("aft_full", "none", {}), ("aft_local", "learned", {"window": 4})],
+)
+def test_a_left_padded_forward_equals_the_row_alone_and_its_decoding(mixer, positions, options):
+    model = tiny_model(mixer, positions, **options)
+    ids = torch.randint(1, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits
+        alone = model(ids[1:, 4:]).logits
+        decoded = model(ids, attention_mask=mask, use_cache=True).logits
+    torch.testing.assert_close(padded[1, 4:], alone[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[1, 4:], decoded[1, 4:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[0], model(ids[:1]).logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_without_the_cache_equals_generate_with_it_and_runs_the_forward(monkeypatch):
+    model = tiny_model("aft_full")
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    cached = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    steps = []
+    original = model.model.step
+    monkeypatch.setattr(model.model, "step", lambda *a, **k: steps.append(1) or original(*a, **k))
+    uncached = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert not steps  # use_cache=False is the forward, every step
+    assert torch.equal(cached, uncached)
+
+
+def test_prompts_generate_cannot_continue_are_refused_naming_the_row():
+    model = tiny_model()
+    ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(2))
+    right = torch.ones_like(ids)
+    right[1, 3:] = 0
+    with pytest.raises(InvalidValueError, match="row 1 of the prompt ends in padding"):
+        model.generate(ids, attention_mask=right, max_new_tokens=2)
+    empty = torch.ones_like(ids)
+    empty[0] = 0
+    with pytest.raises(InvalidValueError, match="row 0 of the prompt has no real token"):
+        model.generate(ids, attention_mask=empty, max_new_tokens=2)
+    with pytest.raises(InvalidValueError, match="at least one token"):
+        model.generate(ids[:, :0], max_new_tokens=2)
+    with pytest.raises(InvalidValueError, match="no position to predict"):
+        model(ids, labels=torch.full_like(ids, -100))
+
+
+def test_the_token_embeddings_resize():
+    model = tiny_model()
+    model.resize_token_embeddings(260)
+    assert model.config.vocab_size == 260 and model.get_output_embeddings().weight.shape == (260, 32)
+    logits = model(torch.tensor([[259, 3]])).logits
+    assert logits.shape == (1, 2, 260)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+
+
+def test_an_export_pads_with_the_tokenizers_pad_and_refuses_runs_whose_tokens_are_not_bytes(
+    exported, tmp_path, capsys
+):
+    _, directory = exported["flash"]
+    config = transformers.AutoConfig.from_pretrained(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    assert config.pad_token_id == tokenizer.pad_token_id == 0
+    run = tmp_path / "mqar"
+    train({"task": "mqar", "mixer": "softmax", "dim": 16, "depth": 1, "seq_len": 32, "batch_size": 4,
+           "steps": 1, "eval_every": 1, "eval_batches": 1, "progress": "log", "out": str(run)})  # fmt: skip
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert "'mqar' run, whose tokens are not bytes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_through_symlinks(exported, tmp_path, capsys):
+    run, _ = exported["aft_local"]
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    assert main(["export", "--run", str(run), "--out", str(link)]) == 0
+    assert link.is_symlink() and (target / "config.json").is_file()  # written where the link points
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--out", str(dangling)]) == 2
+    assert "symlink to nothing" in capsys.readouterr().err
+    assert dangling.is_symlink() and not (tmp_path / "nowhere").exists()

@@ -19,17 +19,17 @@ from .tokenizer import ByteTokenizer
 def export_run(run_dir: str | Path, out: str | Path, weights: str = "best") -> Path:
     """Write the run's ``weights`` ("best" or "last") to ``out``, which must not exist yet or be empty
     (nothing is overwritten); the directory appears whole or not at all."""
-    out = Path(out)
-    check_directory_path(out)
-    if out.exists() and any(out.iterdir()):
-        raise RunDirectoryError(f"--out {str(out)!r} exists and is not empty; export writes a new directory")
+    out = _output_directory(Path(out))
     config, task, model = load_run(run_dir, weights)
-    if not isinstance(model, LanguageModel):
+    if config.task != "charlm" or not isinstance(model, LanguageModel):
         raise InvalidValueError(
-            f"export takes a charlm run (a LanguageModel); {str(run_dir)!r} is {config.task!r}"
+            f"export takes a charlm run (a byte-level language model, which the exported byte tokenizer "
+            f"reads); {str(run_dir)!r} is a {config.task!r} run, whose tokens are not bytes"
         )
     options = task._backbone_options()
-    hf_config = TokenmixConfig(vocab_size=model.vocab_size, tie_word_embeddings=True, **options)
+    hf_config = TokenmixConfig(
+        vocab_size=model.vocab_size, tie_word_embeddings=True, pad_token_id=ByteTokenizer.PAD_ID, **options
+    )
     hf_model = TokenmixForCausalLM(hf_config)
     hf_model.model.load_state_dict(model.state_dict())
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -43,4 +43,19 @@ def export_run(run_dir: str | Path, out: str | Path, weights: str = "best") -> P
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    return out
+
+
+def _output_directory(out: Path) -> Path:
+    """Where to write: ``out``, or the empty directory a symlink ``out`` points to; refused if it holds
+    anything or is a link to nothing (a user's file, never replaced)."""
+    if out.is_symlink():
+        if not out.exists():
+            raise RunDirectoryError(
+                f"--out {str(out)!r} is a symlink to nothing; export writes a new directory"
+            )
+        out = out.resolve()
+    check_directory_path(out)
+    if out.exists() and any(out.iterdir()):
+        raise RunDirectoryError(f"--out {str(out)!r} exists and is not empty; export writes a new directory")
     return out

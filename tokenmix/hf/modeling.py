@@ -10,7 +10,7 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..data.mqar import IGNORE
-from ..errors import InvalidTypeError
+from ..errors import InvalidTypeError, InvalidValueError
 from ..mixers.rotary import RotaryEmbedding
 from ..models import LanguageModel
 from ..models.backbone import BackboneState
@@ -122,6 +122,9 @@ class TokenmixForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.model.head
 
+    def set_output_embeddings(self, value: torch.nn.Module) -> None:
+        self.model.head = value
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -144,6 +147,11 @@ class TokenmixForCausalLM(PreTrainedModel, GenerationMixin):
             shifted = labels[:, 1:].masked_fill(
                 torch.zeros_like(labels[:, 1:], dtype=torch.bool) if mask is None else ~mask[:, 1:], IGNORE
             )
+            if not bool((shifted != IGNORE).any()):  # a mean over no target is no loss (NaN), not 0
+                raise InvalidValueError(
+                    f"labels {tuple(labels.shape)} leave no position to predict: every next-token label "
+                    f"is {IGNORE} or padding"
+                )
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=IGNORE
             )
@@ -164,6 +172,14 @@ class TokenmixForCausalLM(PreTrainedModel, GenerationMixin):
         cache.length += new
         return logits, cache
 
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """transformers' ``generate``, after checking that it can continue the prompt: a token in every
+        row and each row's last position real (left padding), since the next token is read there."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(prompt, torch.Tensor):
+            _check_prompt(prompt, kwargs.get("attention_mask"))
+        return super().generate(inputs, **kwargs)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -172,6 +188,8 @@ class TokenmixForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
+        if kwargs.get("use_cache") is False:  # the whole sequence through the forward, every step
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         # The prompt goes in whole once, then only what the state has not seen.
         if cache is not None:
             input_ids = input_ids[:, cache.length :]
@@ -181,3 +199,23 @@ class TokenmixForCausalLM(PreTrainedModel, GenerationMixin):
             "cache": cache,
             "use_cache": True,
         }
+
+
+def _check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """A prompt ``generate`` can continue: a token in every row, the last position real (left padding)."""
+    if input_ids.shape[1] == 0:
+        raise InvalidValueError(
+            f"generate needs a prompt of at least one token, got input_ids {tuple(input_ids.shape)}"
+        )
+    if attention_mask is None:
+        return
+    real = attention_mask.bool()
+    empty = (~real.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise InvalidValueError(f"attention_mask: row {empty[0]} of the prompt has no real token")
+    right = (~real[:, -1]).nonzero().flatten().tolist()
+    if right:
+        raise InvalidValueError(
+            f"attention_mask: row {right[0]} of the prompt ends in padding (right padding); generate "
+            "continues each row from its last position: pad on the left (tokenizer.padding_side='left')"
+        )

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizer
 
 class ByteTokenizer(PreTrainedTokenizer):
     model_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
+    PAD_ID: ClassVar[int] = 0  # NUL: padding and end of text
     vocab_files_names: ClassVar[dict[str, str]] = {}
 
     def __init__(

@@ -19,6 +19,7 @@ from ..functional._checks import (
     check_positive_int,
     check_real,
 )
+from ..functional._chunks import Compacted, compact
 from ..functional._varlen import Packing, packing_of
 from ..mixers import create_mixer, mixer_info
 from ..mixers.cache import check_capacity
@@ -98,6 +99,15 @@ def _init_residual_branches(blocks: nn.ModuleList) -> None:
         nn.init.normal_(projection.weight, std=0.02 / math.sqrt(len(projections)))
         if projection.bias is not None:
             nn.init.zeros_(projection.bias)
+
+
+def _real_first(mask: torch.Tensor | None) -> Compacted | None:
+    """Positions count each row's real tokens, in a forward as in ``step``: a row whose padding comes
+    before a real token (left padding, holes) is computed with its real tokens moved to the front, in
+    order, and put back after; None when every row already starts with its real tokens."""
+    if mask is None or (not torch.compiler.is_compiling() and bool((mask[:, 1:] <= mask[:, :-1]).all())):
+        return None  # (a host sync, as the mask check's; a compiled graph always compacts)
+    return compact(mask, mask.shape[0], mask.shape[1], mask.device)
 
 
 class Backbone(nn.Module):
@@ -180,15 +190,23 @@ class Backbone(nn.Module):
     ) -> torch.Tensor:
         """(B, N, dim) → (B, N, dim). ``cu_seqlens`` (S + 1,) with B = 1: packed segments, each
         computed as if alone (positions restart; docs/spec.md §8). Checked and planned once here, the
-        plan handed to every layer."""
-        packing = None
+        plan handed to every layer. ``attention_mask`` (B, N): positions count each row's real tokens,
+        as in ``step`` (a left-padded row equals the row alone; docs/spec.md §7)."""
+        packing = chunk = None
         if cu_seqlens is not None:
             check_float_tensor("x", x, "(B, N, dim)")
             packing = packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device)
+        elif attention_mask is not None:
+            check_float_tensor("x", x, "(B, N, dim)")
+            attention_mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
+            chunk = _real_first(attention_mask)
+            if chunk is not None:
+                x, attention_mask = chunk.gather(x), chunk.valid
         x = self.dropout(self._positions(x, packing))
         for block in self.blocks:
             x = block(x, attention_mask, packing)
-        return self.norm(x)
+        x = self.norm(x)
+        return x if chunk is None else chunk.scatter(x)
 
     def init_state(self, batch_size: int, capacity: int | None = None) -> BackboneState:
         """Every layer's empty state; ``capacity`` as in ``Mixer.init_state`` (fixed shapes)."""

@@ -38,7 +38,16 @@ class TokenEmbedding(nn.Embedding):
         nn.init.normal_(self.weight, std=0.02)
 
 
-class LanguageModel(nn.Module):
+class _TokenModel(nn.Module):
+    embedding: nn.Embedding
+
+    @property
+    def vocab_size(self) -> int:
+        """The embedding's rows (so it follows a resized embedding)."""
+        return self.embedding.num_embeddings
+
+
+class LanguageModel(_TokenModel):
     """Causal language model: embedding → Backbone (causal) → tied output head.
 
     ``forward(tokens (B, N), attention_mask=None)`` returns logits (B, N, vocab_size). ``generate`` decodes
@@ -57,7 +66,6 @@ class LanguageModel(nn.Module):
         **backbone_options: Any,
     ) -> None:
         super().__init__()
-        self.vocab_size = vocab_size
         self.embedding = TokenEmbedding(vocab_size, dim)
         self.backbone = Backbone(dim, depth, mixer, causal=True, **backbone_options)
         self.head = nn.Linear(dim, vocab_size, bias=False)
@@ -178,7 +186,7 @@ def _sample(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-class SequenceClassifier(nn.Module):
+class SequenceClassifier(_TokenModel):
     """Encoder classifier: embedding → Backbone → mean over real tokens → Linear(dim → num_classes).
 
     ``forward(tokens (B, N), attention_mask=None)`` returns logits (B, num_classes); with ``cu_seqlens``
@@ -198,7 +206,6 @@ class SequenceClassifier(nn.Module):
         **backbone_options: Any,
     ) -> None:
         super().__init__()
-        self.vocab_size = vocab_size
         self.embedding = TokenEmbedding(vocab_size, dim)
         self.backbone = Backbone(dim, depth, mixer, causal=causal, **backbone_options)
         self.head = nn.Linear(dim, check_positive_int("num_classes", num_classes))
