@@ -22,10 +22,11 @@ from tokenmix.training import evaluate, train
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A charlm run whose context (96) holds every held-out sentence, trained a few steps, exported."""
+    """A charlm run whose context (32) is shorter than most held-out sentences (24–96 bytes), so they are
+    scored in several windows, trained a few steps, exported."""
     root = tmp_path_factory.mktemp("lm-eval")
     config = {
-        "mixer": "aft_local", "mixer_options": {"window": 8}, "dim": 32, "depth": 2, "seq_len": 96,
+        "mixer": "aft_local", "mixer_options": {"window": 8}, "dim": 32, "depth": 2, "seq_len": 32,
         "batch_size": 8, "steps": 30, "eval_every": 30, "eval_batches": 1, "warmup_steps": 3,
         "progress": "log", "out": str(root / "run"),
     }  # fmt: skip
@@ -79,3 +80,18 @@ def test_heldout_evaluation_takes_charlm_runs_only(tmp_path, capsys):
            "steps": 1, "eval_every": 1, "eval_batches": 1, "progress": "log", "out": str(run)})  # fmt: skip
     assert main(["eval", "--run", str(run), "--split", "heldout", "--device", "cpu"]) == 2
     assert "split 'heldout' is text" in capsys.readouterr().err
+
+
+def test_bad_input_to_the_command_line_is_one_line(exported, tmp_path, capsys):
+    _, directory = exported
+    with pytest.raises(SystemExit) as missing:
+        lm_eval_main(["--model", "hf", "--model_args", f"pretrained={tmp_path / 'nowhere'}", "--tasks",
+                      "tokenmix_heldout_bpb"])  # fmt: skip
+    assert missing.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not a model directory" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as unknown:
+        lm_eval_main(["--model", "hf", "--model_args", f"pretrained={directory},dtype=float32", "--tasks",
+                      "tokenmix_nonexistent_task", "--device", "cpu"])  # fmt: skip
+    assert unknown.value.code == 2
+    assert "Tasks not found: tokenmix_nonexistent_task" in capsys.readouterr().err.splitlines()[-1]

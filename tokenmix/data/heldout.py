@@ -9,7 +9,7 @@ from functools import cache
 
 from .text import embedded_corpus, split
 
-SHORTEST, LONGEST = 24, 96  # bytes: each sentence fits the context of any run with seq_len ≥ 96
+SHORTEST, LONGEST = 24, 96  # bytes; longer than a run's context, a sentence is scored in windows
 
 
 @cache

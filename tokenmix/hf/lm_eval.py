@@ -13,9 +13,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from ..errors import InputError, UnavailableError
+from ..errors import InputError, MissingFileError, UnavailableError
 from . import modeling  # noqa: F401  (registers the Auto classes)
 from .lm_eval_tasks import TASKS_DIR
 
@@ -37,6 +37,7 @@ def evaluate(
 ) -> dict[str, dict[str, Any]]:
     """Scores of an exported model (``tokenmix export``) on lm-eval ``tasks``: task → {metric: value}."""
     lm_eval = _harness()
+    _check_model_dir(model_dir)
     from lm_eval.tasks import TaskManager
 
     results = lm_eval.simple_evaluate(
@@ -51,19 +52,58 @@ def evaluate(
     return results["results"]
 
 
+def _check_model_dir(model_dir: str | Path) -> None:
+    """An exported model is a directory here: anything else would send transformers to the hub."""
+    if not (Path(model_dir) / "config.json").is_file():
+        raise MissingFileError(
+            f"pretrained={str(model_dir)!r} is not a model directory (no config.json): give the directory "
+            "that `tokenmix export` wrote"
+        )
+
+
+def _pretrained(args: Sequence[str]) -> str | None:
+    """The ``pretrained=`` value of ``--model_args`` (``a=1,b=2`` or separate ``a=1 b=2`` words)."""
+    if "--model_args" not in args:
+        return None
+    words = args[args.index("--model_args") + 1 :]
+    for word in words:
+        if word.startswith("--"):
+            break
+        for pair in word.split(","):
+            key, _, value = pair.partition("=")
+            if key.strip() == "pretrained":
+                return value.strip()
+    return None
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"python -m tokenmix.hf.lm_eval: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """The harness's command line, with ``--include_path`` set to the bundled tasks unless given."""
+    """The harness's command line, with ``--include_path`` set to the bundled tasks unless given. Bad
+    input it can name here (no harness, a model directory that is not there, an unknown task) ends in
+    one line and exit 2, as tokenmix's own commands do."""
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
         _harness()
-    except InputError as error:  # one line and exit 2, as tokenmix's own commands do
-        raise SystemExit(f"python -m tokenmix.hf.lm_eval: error: {error}") from None
+        pretrained = _pretrained(args)
+        if pretrained is not None:
+            _check_model_dir(pretrained)
+    except InputError as error:
+        _fail(str(error))
     from lm_eval.__main__ import cli_evaluate
 
-    args = list(sys.argv[1:] if argv is None else argv)
     if "--include_path" not in args:
         args += ["--include_path", str(TASKS_DIR)]
     sys.argv = ["lm-eval", *args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ValueError as error:
+        if not str(error).startswith("Tasks not found"):
+            raise
+        _fail(f"--tasks: {error} (bundled: {', '.join(TASKS)}; `lm-eval ls tasks` lists the harness's)")
 
 
 if __name__ == "__main__":

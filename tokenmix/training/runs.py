@@ -50,8 +50,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a trained run on ``split``: ``"test"`` or ``"val"`` (the whole split by default), or,
     for a charlm run, ``"heldout"``: the held-out sentences of the embedded corpus
-    (``tokenmix.data.heldout``), each scored alone from its first byte on — the number the bundled
-    lm-evaluation-harness task ``tokenmix_heldout_bpb`` reports for the exported model."""
+    (``tokenmix.data.heldout``), each scored alone, every byte (the first after the end-of-text byte
+    NUL), in windows of the run's context — the number the bundled lm-evaluation-harness task
+    ``tokenmix_heldout_bpb`` reports for the exported model (the harness's rolling log-likelihood)."""
     if split not in ("val", "test", "heldout"):
         raise InvalidValueError(f"split must be 'val', 'test' or 'heldout', got {split!r}")
     check_positive_int("max_batches", max_batches, allow_none=True)
@@ -60,7 +61,10 @@ def evaluate(
     if split == "heldout":
         if config.task != "charlm":
             raise InvalidValueError(f"split 'heldout' is text: it takes a charlm run, not {config.task!r}")
-        scores = _score_documents(model, [s.encode() for s in heldout_sentences()], config.seq_len, device_of)
+        # Every byte, the first after the end-of-text byte NUL, in windows of the context: the harness's
+        # rolling log-likelihood (tokenmix_heldout_bpb), window for window.
+        sentences = [END_OF_TEXT + s.encode() for s in heldout_sentences()]
+        scores = _score_documents(model, sentences, config.seq_len, device_of)
     else:
         scores = evaluate_model(model, task, split, max_batches, device_of)
     name = task.metric.removeprefix("val_")
@@ -70,6 +74,9 @@ def evaluate(
         f"{split}_loss": scores["loss"],
         f"{split}_{name}": scores[name],
     }
+
+
+END_OF_TEXT = b"\x00"  # the byte tokenizer's end-of-text (and padding) token, which text never holds
 
 
 @torch.no_grad()
