@@ -224,6 +224,23 @@ def test_bad_input_is_one_line_and_exit_2_never_a_traceback(tmp_path, capsys):
         (["train", *SMALL, "--pack", "--data", str(bad_jsonl), "--out", new], "line 1 has no string field"),
         (["train", *SMALL, "--pack", "--data", str(tmp_path / "none.jsonl"), "--out", new], "does not exist"),
     ]
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    bad_gz_dir = tmp_path / "gzdir"
+    bad_gz_dir.mkdir()
+    (bad_gz_dir / "a.txt").write_text("fine text " * 50)
+    (bad_gz_dir / "b.gz").write_text("not gzip")
+    bad_jsonl_gz = tmp_path / "d.jsonl.gz"
+    bad_jsonl_gz.write_text("not gzip")
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    cases += [
+        (["train", *SMALL, "--data", str(latin1), "--out", new], "line 2 is not UTF-8"),
+        (["train", *SMALL, "--pack", "--data", str(latin1), "--out", new], "line 2 is not UTF-8"),
+        (["train", *SMALL, "--data", str(bad_gz_dir), "--out", new], "not a complete gzip file"),
+        (["train", *SMALL, "--pack", "--data", str(bad_jsonl_gz), "--out", new], "not a complete gzip file"),
+        (["train", *SMALL, "--data", str(empty), "--out", new], "holds no text"),
+    ]
     if not torch.cuda.is_available():
         cases += [
             (["train", *SMALL, "--device", "cuda", "--out", new], "CUDA is not available"),

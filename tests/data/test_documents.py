@@ -40,6 +40,9 @@ def test_directories_and_jsonl_files_are_documents(tmp_path):
     lines = [json.dumps({"text": "one", "id": 1}), "", json.dumps({"text": "two ✓"})]
     (tmp_path / "d.jsonl").write_text("\n".join(lines))
     assert load_documents(tmp_path / "d.jsonl") == [b"one", "two ✓".encode()]
+    # a JSON string may hold U+2028 and U+0085 raw: records end at "\n" only
+    (tmp_path / "sep.jsonl").write_text(json.dumps({"text": "a\u2028b\u0085c"}, ensure_ascii=False) + "\n")
+    assert load_documents(tmp_path / "sep.jsonl") == ["a\u2028b\u0085c".encode()]
     (tmp_path / "plain.txt").write_bytes(b"all of it")
     assert load_documents(tmp_path / "plain.txt") == [b"all of it"]
     assert join_documents([b"a", b"b"]) == b"a" + SEPARATOR + b"b"

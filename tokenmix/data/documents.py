@@ -13,7 +13,6 @@ ones only (its first byte is no target, its last byte no input).
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from pathlib import Path
@@ -37,12 +36,20 @@ def embedded_documents() -> list[bytes]:
 
 
 def _read(path: Path) -> bytes:
-    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    return load_corpus(path, allow_empty=True)  # an empty file is an empty document, dropped
 
 
 def _jsonl(path: Path) -> list[bytes]:
     documents = []
-    for number, line in enumerate(_read(path).decode("utf-8").splitlines(), 1):
+    # Records end at "\n" only: U+2028 and the like are legal inside a JSON string (splitlines() cut there).
+    for number, raw in enumerate(_read(path).split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidValueError(
+                f"{str(path)!r} line {number} is not UTF-8 (its byte {error.start + 1} is "
+                f"{raw[error.start : error.start + 1]!r})"
+            ) from None
         if not line.strip():
             continue
         try:

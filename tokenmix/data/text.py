@@ -21,22 +21,25 @@ def embedded_corpus() -> bytes:
     return gzip.decompress(compressed)
 
 
-def load_corpus(path: str | Path | None = None) -> bytes:
-    """The bytes of ``path`` (any text or binary file; ``.gz`` is decompressed), or the embedded corpus."""
+def load_corpus(path: str | Path | None = None, *, allow_empty: bool = False) -> bytes:
+    """The bytes of ``path`` (any text or binary file; ``.gz`` is decompressed), or the embedded corpus.
+    An empty file is refused unless ``allow_empty`` (a directory's empty document)."""
     if path is None:
         return embedded_corpus()
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"data file {str(path)!r} does not exist or is not a file")
     data = path.read_bytes()
-    if path.suffix != ".gz":
-        return data
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError) as error:  # not gzip, or cut short
-        raise InvalidValueError(
-            f"data file {str(path)!r} ends in .gz but is not a complete gzip file ({error})"
-        ) from None
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as error:  # not gzip, or cut short
+            raise InvalidValueError(
+                f"data file {str(path)!r} ends in .gz but is not a complete gzip file ({error})"
+            ) from None
+    if not data and not allow_empty:
+        raise InvalidValueError(f"data file {str(path)!r} holds no text (0 bytes)")
+    return data
 
 
 def split(data: bytes, fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)) -> dict[str, torch.Tensor]:
