@@ -234,12 +234,15 @@ def test_bad_input_is_one_line_and_exit_2_never_a_traceback(tmp_path, capsys):
     bad_jsonl_gz.write_text("not gzip")
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
+    one_byte_documents = tmp_path / "one-byte.jsonl"
+    one_byte_documents.write_text("".join(json.dumps({"text": "abcdefgh"[i % 8]}) + "\n" for i in range(400)))
     cases += [
         (["train", *SMALL, "--data", str(latin1), "--out", new], "line 2 is not UTF-8"),
         (["train", *SMALL, "--pack", "--data", str(latin1), "--out", new], "line 2 is not UTF-8"),
         (["train", *SMALL, "--data", str(bad_gz_dir), "--out", new], "not a complete gzip file"),
         (["train", *SMALL, "--pack", "--data", str(bad_jsonl_gz), "--out", new], "not a complete gzip file"),
         (["train", *SMALL, "--data", str(empty), "--out", new], "holds no text"),
+        (["train", *SMALL, "--pack", "--data", str(one_byte_documents), "--out", new], "no byte to predict"),
     ]
     if not torch.cuda.is_available():
         cases += [

@@ -100,6 +100,13 @@ class CharLM(Task):
                         f"the {name} split has {sum(len(d) for d in documents)} bytes, too short for "
                         f"seq_len={config.seq_len}; use a larger corpus or a shorter --seq-len"
                     )
+                # A packed document predicts its own bytes after its first: one-byte documents give none,
+                # and a loss over no target is no score (it read 0.0, a perfect one).
+                if not any(len(piece) > 1 for piece in self.pieces[name]):
+                    raise InvalidValueError(
+                        f"the {name} split of --data {str(config.data)!r} has no byte to predict with "
+                        f"--pack: each of its {len(documents)} documents is one byte long"
+                    )
             return
         data = config.data
         many = data is not None and (Path(data).is_dir() or ".jsonl" in Path(data).name)
