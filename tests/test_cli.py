@@ -383,3 +383,28 @@ def test_log_tensorboard_writes_the_metrics_as_events(tmp_path):
     for name in ("train_loss", "val_loss", "val_bpc", "lr", "tokens_per_s"):
         logged = [(e.step, e.value) for e in events.Scalars(name)]
         assert logged == [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in records], name
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("device = 5", "device must be a string"),
+        ('mixer_options = "x"', "mixer_options must be a table"),
+        ("data = 5", "data must be a string"),
+        ("num_pairs = 4.5", "num_pairs must be an integer"),
+        ('vocab_size = "64"', "vocab_size must be an integer"),
+        ("eval_batches = 1.5", "eval_batches must be an integer"),
+        ("eval_batches = true", "eval_batches must be an integer"),
+        ('ffn = "false"', "ffn must be true or false"),
+        ('compile = "no"', "compile must be true or false"),
+        ("seq-len = 16\nseq_len = 32", "sets seq_len twice"),
+    ],
+)
+def test_a_config_files_values_are_type_checked_before_anything_is_written(tmp_path, capsys, line, message):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'dim = 16\ndepth = 1\nsteps = 1\nprogress = "log"\n{line}\n')
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(toml), "--out", str(run)]
+    assert_one_line_exit_2(argv, message, capsys)
+    assert_one_line_exit_2([*argv, "--mixer-opt", "heads=2"], message, capsys)
+    assert not run.exists()

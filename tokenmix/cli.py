@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, InvalidValueError, MissingFileError, UnavailableError
+from .errors import InputError, InvalidTypeError, InvalidValueError, MissingFileError, UnavailableError
 from .mixers import list_mixers, mixer_info
 
 
@@ -173,7 +173,13 @@ def _config_file(path: str) -> dict[str, Any]:
         raise InvalidValueError(
             f"--config {path!r} must hold a table of options, got {type(values).__name__}"
         )
-    return {str(key).replace("-", "_"): value for key, value in values.items()}
+    options: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name in options:  # seq_len and seq-len: which one was meant?
+            raise InvalidValueError(f"--config {path!r} sets {name} twice (as {key!r} and another spelling)")
+        options[name] = value
+    return options
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -181,7 +187,11 @@ def _train(args: argparse.Namespace) -> int:
 
     values = _config_file(args.config) if args.config else {}  # flags given on the line override it
     values.update({name: getattr(args, name) for name in _TRAIN_FLAGS if getattr(args, name) is not None})
-    values["mixer_options"] = {**values.get("mixer_options", {}), **_mixer_options(args.mixer_opt)}
+    if args.mixer_opt:  # merged into the file's table (which TrainConfig checks is one)
+        given = values.get("mixer_options", {})
+        if not isinstance(given, dict):
+            raise InvalidTypeError(f"mixer_options must be a table, got {given!r} ({type(given).__name__})")
+        values["mixer_options"] = {**given, **_mixer_options(args.mixer_opt)}
     if args.eval_batches is not None:
         values["eval_batches"] = (
             None if args.eval_batches == "all" else _lengths("--eval-batches", args.eval_batches)[0]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,17 @@ _REAL_FIELDS = {
     "grad_clip": (lambda x: x >= 0, "a finite number ≥ 0 (0: no clipping)"),
     "dropout": (lambda x: 0 <= x < 1, "a number in [0, 1)"),
 }
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a table",
+               type(None): "null (None)"}  # fmt: skip
+
+
+def _kinds(hint: Any) -> tuple[type, ...]:
+    """The classes a field's annotation admits: ``int | None`` → (int, NoneType); a float takes ints."""
+    kinds = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    kinds = tuple(typing.get_origin(kind) or kind for kind in kinds)  # dict[str, Any] → dict
+    return (*kinds, int) if float in kinds else kinds
 
 
 @dataclass
@@ -64,15 +77,17 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.task not in TASKS:
             raise InvalidValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        positive = ("dim", "depth", "seq_len", "batch_size", "grad_accum", "steps", "eval_every")
+        positive = ("dim", "depth", "seq_len", "batch_size", "grad_accum", "steps", "eval_every",
+                    "vocab_size", "num_pairs", "patch_size", "eval_batches")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value is not None and value < 1:
                 raise InvalidValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("warmup_steps", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+            if getattr(self, name) < 0:
                 raise InvalidValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
         if self.seed >= 2**31:
             raise InvalidValueError(f"seed must be below 2**31, got {self.seed}")
@@ -81,22 +96,30 @@ class TrainConfig:
             real = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (real and math.isfinite(value) and valid(value)):
                 raise InvalidValueError(f"{name} must be {expected}, got {value!r}")
-        if self.eval_batches is not None and self.eval_batches < 1:
-            raise InvalidValueError(
-                f"eval_batches must be positive or None (whole split), got {self.eval_batches}"
-            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.progress not in ("auto", "bar", "log"):
             raise InvalidValueError(f"progress must be auto, bar or log, got {self.progress!r}")
         if self.log not in ("jsonl", "tensorboard"):
             raise InvalidValueError(f"log must be jsonl or tensorboard, got {self.log!r}")
-        if not isinstance(self.pack, bool):
-            raise InvalidTypeError(f"pack must be True or False, got {self.pack!r}")
         if self.pack and self.task != "charlm":
             raise InvalidValueError(f"pack applies to the charlm task (documents of text), not {self.task!r}")
-        if not isinstance(self.mixer_options, dict):
-            raise InvalidTypeError(f"mixer_options must be a dict, got {type(self.mixer_options).__name__}")
+
+    def _check_types(self) -> None:
+        """Each field holds a value of its annotated type (a config file's ``"false"`` is no bool, and
+        ``true`` no int), before any value is read."""
+        hints = typing.get_type_hints(type(self))
+        for name in (f.name for f in dataclasses.fields(self)):
+            value, kinds = getattr(self, name), _kinds(hints[name])
+            if value is None and type(None) in kinds:
+                continue
+            fits = any(
+                isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, float))
+                for kind in kinds
+            )
+            if not fits:
+                expected = " or ".join(_KIND_NAMES.get(kind, kind.__name__) for kind in kinds)
+                raise InvalidTypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
