@@ -333,6 +333,16 @@ def test_generate_streams_greedy_stops_at_eos_and_takes_top_p(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("Whale")
     assert_one_line_exit_2([*argv, "--eos", "ab"], "--eos", capsys)
     assert_one_line_exit_2([*argv, "--top-p", "1.5"], "top_p", capsys)
+    assert_one_line_exit_2([*argv, "--eos", "²"], "--eos", capsys)  # a digit, but not 0-9
+    assert_one_line_exit_2([*argv, "--eos", "٣"], "--eos", capsys)  # (int() reads it as 3)
+    assert_one_line_exit_2([*argv, "--seed", "99999999999999999999999"], "seed must be", capsys)
+    # a temperature so small that logits / T overflow: the most likely byte, as greedy
+    assert main([*argv, "--temperature", "1e-45"]) == 0
+    assert capsys.readouterr().out == greedy
+    # a prompt that is not UTF-8 (the command line hands it over surrogate-escaped): its bytes, as given
+    latin1 = b"caf\xe9".decode("utf-8", "surrogateescape")
+    assert main(["generate", "--run", str(run), "--prompt", latin1, "--max-new-tokens", "3", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("caf\ufffd")
 
 
 def test_a_config_file_sets_the_run_and_flags_override_it(tmp_path, capsys):

@@ -220,7 +220,7 @@ def _eos_byte(text: str | None) -> int | None:
     """--eos: one character of one byte (e.g. '.'), or a byte value 0–255."""
     if text is None:
         return None
-    if text.isdigit() and 0 <= int(text) < 256:
+    if text.isascii() and text.isdigit() and 0 <= int(text) < 256:  # ASCII digits: not '²' or '٣'
         return int(text)
     if len(text.encode()) == 1:
         return text.encode()[0]
@@ -234,8 +234,9 @@ def _generate(args: argparse.Namespace) -> int:
     started = []
 
     def stream(text: str) -> None:  # the prompt once the run is loaded, then each byte as it comes
-        if not started:
-            started.append(sys.stdout.write(args.prompt))
+        if not started:  # the prompt's bytes as given (a non-UTF-8 one shown with U+FFFD)
+            shown = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            started.append(sys.stdout.write(shown))
         sys.stdout.write(text)
         sys.stdout.flush()
 

@@ -173,7 +173,9 @@ def _sample(
 ) -> torch.Tensor:
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    # Max-subtracted before the division: a tiny temperature sends the others to −inf, never inf − inf.
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         threshold = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < threshold, float("-inf"))

@@ -113,9 +113,11 @@ def generate(
     config, _, model = load_run(run_dir, weights, device)
     if config.task != "charlm":
         raise InvalidValueError(f"generate needs a charlm run; {str(run_dir)!r} is a {config.task} run")
-    data = prompt.encode()
+    data = prompt.encode("utf-8", "surrogateescape")  # bytes the command line could not decode, as given
     if not data:
         raise InvalidValueError("prompt must not be empty")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise InvalidValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     limit = model.backbone.max_len if model.backbone.positions == "learned" else None
     if limit is not None and len(data) + max_new_tokens > limit:
         raise InvalidValueError(
