@@ -177,6 +177,37 @@ def test_decoding_needs_a_state_from_init_state():
         model.step(tokens()[:, 0], None)
 
 
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"depth": 3},  # deeper: an IndexError past the last layer's state
+        {"depth": 1},  # shallower: accepted, silently, before
+        {"dim": 48},  # wider
+        {"mixer_options": {"heads": 4}},  # the same parameters, other heads: a RuntimeError in SDPA
+        {"mixer": ["softmax", "pointwise"]},
+    ],
+)
+def test_a_state_of_another_model_is_refused_naming_both(other):
+    model = language_model(mixer_options={"heads": 2})
+    state = model.init_state(2)
+    options = {"vocab_size": VOCAB, "dim": 32, "depth": 2, "mixer": "softmax", "max_len": 64,
+               "mixer_options": {"heads": 2}, **other}  # fmt: skip
+    torch.manual_seed(0)
+    another = LanguageModel(**options)
+    with pytest.raises(ValueError, match=r"state was made by another model: 2 layers \[SoftmaxAttention"):
+        another.step(tokens()[:, 0], state)
+    model.step(tokens()[:, 0], state)  # its own model takes it
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_a_packed_call_over_no_position_is_empty(positions):
+    cu_seqlens = torch.tensor([0])
+    logits = language_model(positions=positions)(tokens(1, 0), cu_seqlens=cu_seqlens)
+    assert logits.shape == (1, 0, VOCAB)
+    classifier = SequenceClassifier(VOCAB, 3, dim=16, depth=1, positions=positions)
+    assert classifier(tokens(1, 0), cu_seqlens=cu_seqlens).shape == (0, 3)
+
+
 @pytest.mark.parametrize("mixer", ["softmax", "aft_local", "flash", "lightconv"])
 def test_batched_left_padded_greedy_generation_equals_each_prompt_alone(mixer):
     model = language_model(mixer, **({"mixer_options": {"chunk_size": 4}} if mixer == "flash" else {}))

@@ -43,12 +43,12 @@ class Packing:
     @property
     def segment_ids(self) -> torch.Tensor:
         """(N,) the segment of every packed position."""
-        lengths = torch.tensor(self.lengths, device=self.real_index.device)
+        lengths = torch.tensor(self.lengths, dtype=torch.long, device=self.real_index.device)
         return torch.repeat_interleave(torch.arange(len(self.lengths), device=lengths.device), lengths)
 
     def positions(self) -> torch.Tensor:
         """(N,) each position's offset from its segment's start."""
-        lengths = torch.tensor(self.lengths, device=self.real_index.device)
+        lengths = torch.tensor(self.lengths, dtype=torch.long, device=self.real_index.device)
         starts = torch.cumsum(lengths, 0) - lengths
         return torch.arange(self.total, device=lengths.device) - starts.repeat_interleave(lengths)
 
@@ -63,7 +63,7 @@ class Packing:
 
     def lengths_at(self) -> torch.Tensor:
         """(N,) the length of each position's segment."""
-        lengths = torch.tensor(self.lengths, device=self.real_index.device)
+        lengths = torch.tensor(self.lengths, dtype=torch.long, device=self.real_index.device)
         return lengths.repeat_interleave(lengths)
 
 
@@ -116,12 +116,12 @@ def plan(cu_seqlens: torch.Tensor, device: torch.device) -> Packing:
     for key in sorted(groups):
         members = groups[key]
         width = max(lengths[s] for s in members)
-        starts = torch.tensor([bounds[s] for s in members], device=device)
-        sizes = torch.tensor([lengths[s] for s in members], device=device)
+        starts = torch.tensor([bounds[s] for s in members], dtype=torch.long, device=device)
+        sizes = torch.tensor([lengths[s] for s in members], dtype=torch.long, device=device)
         steps = torch.arange(width, device=device)
         mask = steps[None, :] < sizes[:, None]
         index = starts[:, None] + torch.where(mask, steps[None, :], torch.zeros_like(steps)[None, :])
-        buckets.append(Bucket(index, mask, torch.tensor(members, device=device)))
+        buckets.append(Bucket(index, mask, torch.tensor(members, dtype=torch.long, device=device)))
         real.append(index[mask])
     real_index = torch.cat(real) if real else torch.zeros(0, dtype=torch.long, device=device)
     return Packing(bounds[-1], lengths, tuple(buckets), real_index, cu_seqlens.to(device))

@@ -71,6 +71,7 @@ class BackboneState:
     positions: torch.Tensor | None = None  # (B,) long: each row's count of real tokens so far
     capacity: int | None = None  # the most positions it may be fed, padding included
     fed: int = 0
+    made_for: tuple = ()  # the shape of the stack that made it (Backbone.layer_shapes)
 
 
 def _per_layer(value: Any, depth: int, name: str) -> list[Any]:
@@ -213,7 +214,40 @@ class Backbone(nn.Module):
         if not self.causal:
             raise UnavailableError("decoding needs a causal model (causal=True)")
         layers = [block.mixer.init_state(batch_size, capacity) for block in self.blocks]
-        return BackboneState(layers, capacity=capacity)
+        return BackboneState(layers, capacity=capacity, made_for=self.layer_shapes())
+
+    def layer_shapes(self) -> tuple:
+        """Per layer: the mixer's kind, width, heads and parameter shapes — what a decoding state must
+        have been made for (computed once; a state of another stack is refused by ``step``)."""
+        if getattr(self, "_layer_shapes", None) is None:
+            self._layer_shapes = tuple(
+                (
+                    type(block.mixer).__name__,
+                    block.mixer.dim,
+                    getattr(block.mixer, "heads", None),
+                    getattr(block.mixer, "head_dim", None),
+                    tuple(tuple(p.shape) for p in block.mixer.parameters()),
+                )
+                for block in self.blocks
+            )
+        return self._layer_shapes
+
+    def _check_state(self, state: object) -> BackboneState:
+        if not isinstance(state, BackboneState):
+            raise InvalidTypeError(
+                f"state must be what init_state(batch_size) returned, got {type(state).__name__}"
+            )
+        if state.made_for != self.layer_shapes():
+            theirs, ours = state.made_for, self.layer_shapes()
+
+            def describe(shapes: tuple) -> str:
+                return ", ".join(f"{kind}(dim={dim}, heads={heads})" for kind, dim, heads, *_ in shapes)
+
+            raise InvalidValueError(
+                f"state was made by another model: {len(theirs)} layers [{describe(theirs)}]; this one has "
+                f"{len(ours)} [{describe(ours)}]"
+            )
+        return state
 
     def step(
         self, x: torch.Tensor, state: BackboneState, attention_mask: torch.Tensor | None = None
@@ -221,10 +255,7 @@ class Backbone(nn.Module):
         """One token's embedding (B, dim) or a chunk's (B, T, dim) → hidden states of the same shape, in
         one pass (docs/spec.md §7). ``attention_mask`` ((B,) or (B, T)): padded positions leave every
         layer's state unchanged; positions count each row's real tokens."""
-        if not isinstance(state, BackboneState):
-            raise InvalidTypeError(
-                f"state must be what init_state(batch_size) returned, got {type(state).__name__}"
-            )
+        state = self._check_state(state)
         single = isinstance(x, torch.Tensor) and x.dim() == 2
         if single:
             x = x[:, None]
