@@ -22,6 +22,7 @@ from tokenmix.bench.report import (
     unseparated_neighbours,
 )
 from tokenmix.cli import main
+from tokenmix.errors import RunDirectoryError
 
 WORDS = [
     "the",
@@ -153,7 +154,7 @@ def test_a_second_compare_reuses_finished_runs(report, user_text, no_benchmark):
     assert again["mixers"]["softmax"]["runs"] == result["mixers"]["softmax"]["runs"]
 
 
-def _result(values: dict[str, list[float]], metric: str = "val_bpc", curves=None) -> dict:
+def _result(values: dict[str, list[float]], metric: str = "val_bpc", curves=None, loss_curves=None) -> dict:
     """A compare result holding only what the statistics read."""
     mixers = {}
     for name, per_seed in values.items():
@@ -165,6 +166,9 @@ def _result(values: dict[str, list[float]], metric: str = "val_bpc", curves=None
             }
             for seed, value in enumerate(per_seed)
         ]
+        if loss_curves is not None:
+            for run, curve in zip(runs, loss_curves[name], strict=True):
+                run["loss_curve"] = curve
         mean, spread = mean_and_spread(per_seed)
         mixers[name] = {"runs": runs, metric: mean, "spread": spread}
     return {"metric": metric, "mixers": mixers}
@@ -204,6 +208,28 @@ def test_mixers_that_learned_the_same_model_are_named():
     assert [(a, b) for a, b, _ in pairs] == [("aft_full", "aft_local")] and pairs[0][2] == pytest.approx(2e-6)
 
 
+def test_accuracies_that_tie_by_coarseness_are_not_the_same_model():
+    """Accuracy moves in steps of 1/examples: equal accuracy curves with different losses are two
+    models; equal loss curves are one."""
+    accuracy = [[(5, 0.25), (10, 0.5)]]
+    losses = {"aft_conv": [[(5, 2.1), (10, 1.7)]], "softmax": [[(5, 2.0), (10, 1.2)]]}
+    result = _result({"aft_conv": [0.5], "softmax": [0.5]}, metric="val_acc",
+                     curves={"aft_conv": accuracy, "softmax": accuracy}, loss_curves=losses)  # fmt: skip
+    assert same_curves(result) == []
+    losses["aft_conv"] = losses["softmax"]
+    result = _result({"aft_conv": [0.5], "softmax": [0.5]}, metric="val_acc",
+                     curves={"aft_conv": accuracy, "softmax": accuracy}, loss_curves=losses)  # fmt: skip
+    assert [(a, b) for a, b, _ in same_curves(result)] == [("aft_conv", "softmax")]
+
+
+@pytest.mark.parametrize(("metric", "values", "words"), [
+    ("val_acc", {"softmax": [0.9], "aft_simple": [0.35]}, "Highest at this seed: softmax (0.900)"),
+    ("val_bpc", {"softmax": [2.5], "aft_simple": [3.1]}, "Lowest at this seed: softmax (2.500)"),
+])  # fmt: skip
+def test_one_seed_names_the_best_by_the_metrics_direction(metric, values, words):
+    assert words in " ".join(summary(_with_costs(_result(values, metric=metric))))
+
+
 def test_the_pareto_front_keeps_only_undominated_mixers():
     points = {"cheap-bad": (1.0, 3.5), "dear-good": (5.0, 3.0), "dominated": (5.0, 3.6), "mid": (2.0, 3.2)}
     assert pareto_front(points, higher_is_better=False) == {"cheap-bad", "dear-good", "mid"}
@@ -211,7 +237,7 @@ def test_the_pareto_front_keeps_only_undominated_mixers():
 
 
 def test_a_time_budget_sets_each_mixers_steps_from_its_measured_speed(
-    tmp_path, monkeypatch, no_benchmark, user_text
+    tmp_path, monkeypatch, no_benchmark, user_text, capsys
 ):
     """Steps = budget / measured seconds per step, so each schedule completes; the report lists them."""
     from tokenmix.bench import compare as module
@@ -221,7 +247,10 @@ def test_a_time_budget_sets_each_mixers_steps_from_its_measured_speed(
 
     def measured(config, steps=0):
         found = real(config, 0)
-        return found._replace(seconds_per_step=speeds[config["mixer"]] if steps else None)
+        speed = speeds[config["mixer"]]
+        # one timed step slowed fourfold by the machine: the median ignores it, the range reports it
+        times = (speed, speed, speed * 4, speed, speed)[:steps]
+        return found._replace(seconds_per_step=speed if steps else None, step_seconds=times)
 
     monkeypatch.setattr(module, "measure_steps", measured)
     out = tmp_path / "c"
@@ -234,10 +263,23 @@ def test_a_time_budget_sets_each_mixers_steps_from_its_measured_speed(
     markdown = (out / "report.md").read_text()
     assert "0.6 s of training per run" in markdown
     assert "| aft_simple |" in markdown and " | 12 | " in markdown and " | 3 | " in markdown
+    assert "median of 5 timed steps" in markdown and "ranged 0.05–0.2 s a step around 0.05 s" in markdown
+    assert result["mixers"]["softmax"]["calibration"] == {
+        "timed_steps": 5, "median_s": 0.2, "min_s": 0.2, "max_s": pytest.approx(0.8)
+    }  # fmt: skip
     # A later compare of the same directory continues with the steps it chose (it does not re-time).
     speeds.update(aft_simple=0.01, softmax=0.01)
     again = compare(["aft_simple", "softmax"], **options)
     assert {name: run["steps"] for name, run in again["mixers"].items()} == {"aft_simple": 12, "softmax": 3}
+    assert again["mixers"]["softmax"]["calibration"] == result["mixers"]["softmax"]["calibration"]
+    # ... but not for another budget: those runs were not trained for it
+    with pytest.raises(RunDirectoryError, match=r"aft_simple runs trained for --time-budget 0\.6"):
+        compare(["aft_simple", "softmax"], **{**options, "time_budget": 5.0})
+    before = (out / "compare.json").read_text()
+    assert main(["compare", "--mixers", "aft_simple", "--out", str(out), "--time-budget", "5", "--quick",
+                 "--data", str(user_text), "--seq-lens", "16"]) == 2  # fmt: skip
+    assert "needs a new --out" in capsys.readouterr().err
+    assert (out / "compare.json").read_text() == before
 
 
 @pytest.mark.parametrize(

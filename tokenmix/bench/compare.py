@@ -28,7 +28,8 @@ from .measure import machine
 from .report import mean_and_spread, summary, table, write_report
 from .runner import bench
 
-CALIBRATION_STEPS = 3  # timed optimiser steps per mixer that set a time budget's steps
+CALIBRATION_STEPS = 5  # timed optimiser steps per mixer: their median sets a time budget's steps
+BUDGET_FILE = "budget.json"  # beside a mixer's runs: the time budget that set their steps
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class _Plan:
 
     config: dict[str, Any]
     measured: Measured
+    budget: dict[str, Any] | None = None  # with a time budget: it, the steps it set, their calibration
 
 
 def _steps(config: dict[str, Any], steps: int, eval_every: int) -> dict[str, Any]:
@@ -108,19 +110,51 @@ def _plan(name: str, shared: dict[str, Any], budget: Budget, time_budget: float 
     config = {**shared, "mixer": name, "out": str(runs), **training_options(name, budget)}
     if time_budget is None:
         return _Plan(_steps(config, budget.steps, budget.eval_every), measure_steps(_steps(config, 1, 1)))
-    earlier = sorted(runs.glob(f"{name}/seed-*/config.json"))
+    earlier = _earlier_budget(runs / name, time_budget)
     measured = measure_steps(_steps(config, 1, 1), 0 if earlier else CALIBRATION_STEPS)
     if earlier:
-        steps = TrainConfig.load(earlier[0].parent).steps
+        steps, calibration = earlier["steps"], earlier["calibration"]
     else:
         steps = max(1, round(time_budget / measured.seconds_per_step))
-    print(f"== {name}: {steps} steps in {time_budget:g} s of training", flush=True)
-    return _Plan(_steps(config, steps, max(1, steps // 5)), measured)  # about five evaluations
+        times = measured.step_seconds
+        calibration = {"timed_steps": len(times), "median_s": measured.seconds_per_step,
+                       "min_s": min(times), "max_s": max(times)}  # fmt: skip
+    print(
+        f"== {name}: {steps} steps in {time_budget:g} s of training (a step: median "
+        f"{calibration['median_s']:.3g} s of {calibration['timed_steps']} timed, "
+        f"{calibration['min_s']:.3g}–{calibration['max_s']:.3g} s)",
+        flush=True,
+    )
+    plan = _Plan(_steps(config, steps, max(1, steps // 5)), measured)  # about five evaluations
+    return replace(plan, budget={"time_budget": time_budget, "steps": steps, "calibration": calibration})
+
+
+def _earlier_budget(runs: Path, time_budget: float) -> dict[str, Any] | None:
+    """What set the steps of a mixer's earlier runs in this ``--out`` (None: there are none). Runs of
+    another budget are not reused for this one (they would be reported as trained for it)."""
+    if not any(runs.glob("seed-*/config.json")):
+        return None
+    file = runs / BUDGET_FILE
+    try:
+        earlier = json.loads(file.read_text())
+    except (OSError, ValueError):
+        earlier = {"time_budget": None}
+    if earlier.get("time_budget") != time_budget:
+        given = earlier.get("time_budget")
+        what = "a fixed number of steps" if given is None else f"--time-budget {given:g}"
+        raise RunDirectoryError(
+            f"--out {str(runs.parent.parent)!r} holds {runs.name} runs trained for {what}; a comparison at "
+            f"--time-budget {time_budget:g} needs a new --out (or the same budget, to continue those runs)"
+        )
+    return earlier
 
 
 def _train_runs(name: str, plan: _Plan, seeds: list[int], runs: Path, metric: str) -> dict[str, Any]:
     """Train ``name`` at every seed (finished runs are reused, a cut one continued) and gather them."""
     records = []
+    if plan.budget is not None:  # written once, before the runs it describes
+        (runs / name).mkdir(parents=True, exist_ok=True)
+        (runs / name / BUDGET_FILE).write_text(json.dumps(plan.budget))
     for seed in seeds:
         run_dir = runs / name / f"seed-{seed}"
         print(f"== training {name}, seed {seed}", flush=True)
@@ -136,6 +170,7 @@ def _train_runs(name: str, plan: _Plan, seeds: list[int], runs: Path, metric: st
     steps = sum(r["steps"] for r in records)
     return {
         "params": plan.measured.params,
+        "calibration": None if plan.budget is None else plan.budget["calibration"],
         "runs": records,
         metric: mean,
         "spread": spread,
@@ -160,6 +195,7 @@ def _run_record(logged: list[dict[str, Any]], seed: int, metric: str, plan: _Pla
         "train_seconds": seconds,
         "train_tokens_per_s": logged[-1]["step"] * tokens_per_step / seconds,
         "curve": [(r["step"], r[metric]) for r in logged],
+        "loss_curve": [(r["step"], r["val_loss"]) for r in logged],
     }
 
 

@@ -70,8 +70,9 @@ def unseparated_neighbours(result: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def same_curves(result: dict[str, Any]) -> list[tuple[str, str, float]]:
-    """Pairs of mixers whose learning curves agree within ``SAME_CURVE`` at every evaluation of every
-    seed, with the largest difference: at this budget they are one model."""
+    """Pairs of mixers whose validation-loss curves agree within ``SAME_CURVE`` at every evaluation of
+    every seed, with the largest difference: at this budget they are one model. The loss, not the metric:
+    an accuracy moves in steps of 1/examples, and two different models tie on it by chance."""
     pairs = []
     for a, b in combinations(sorted(result["mixers"]), 2):
         runs_a, runs_b = result["mixers"][a]["runs"], result["mixers"][b]["runs"]
@@ -79,8 +80,14 @@ def same_curves(result: dict[str, Any]) -> list[tuple[str, str, float]]:
             continue
         gaps = []
         for run_a, run_b in zip(runs_a, runs_b, strict=True):
-            steps_a, values_a = zip(*run_a["curve"], strict=True)
-            steps_b, values_b = zip(*run_b["curve"], strict=True)
+            if "loss_curve" not in run_a or "loss_curve" not in run_b:  # a record from before the loss
+                if result["metric"] in HIGHER_IS_BETTER:
+                    break
+                curve_a, curve_b = run_a["curve"], run_b["curve"]
+            else:
+                curve_a, curve_b = run_a["loss_curve"], run_b["loss_curve"]
+            steps_a, values_a = zip(*curve_a, strict=True)
+            steps_b, values_b = zip(*curve_b, strict=True)
             if steps_a != steps_b:
                 break
             gaps += [abs(x - y) for x, y in zip(values_a, values_b, strict=True)]
@@ -178,7 +185,8 @@ def summary(result: dict[str, Any]) -> list[str]:
     if seeds < 2:
         lines.append(
             f"One seed per mixer: the spread between seeds is not measured, so this run cannot tell which "
-            f"differences in {label} are real, and names no winner. Lowest at this seed: {best} "
+            f"differences in {label} are real, and names no winner. "
+            f"{'Highest' if metric in HIGHER_IS_BETTER else 'Lowest'} at this seed: {best} "
             f"({runs[best][metric]:.3f}). `--seeds 3` measures the spread."
         )
     elif tied == {best}:
@@ -290,11 +298,28 @@ FIGURES = (
 )
 
 
+def calibration_note(result: dict[str, Any]) -> str:
+    """How a time budget set the steps, and how noisy the timing that set them was."""
+    timed = {name: run["calibration"] for name, run in result["mixers"].items() if run.get("calibration")}
+    if not timed:
+        return "steps set from a measured throughput"
+
+    def width(c: dict[str, float]) -> float:
+        return (c["max_s"] - c["min_s"]) / c["median_s"]
+
+    noisiest = max(timed, key=lambda name: width(timed[name]))
+    c = timed[noisiest]
+    return (
+        f"each mixer's steps set from the median of {c['timed_steps']} timed steps; the noisiest timing, "
+        f"{noisiest}'s, ranged {c['min_s']:.3g}–{c['max_s']:.3g} s a step around {c['median_s']:.3g} s"
+    )
+
+
 def setup_line(result: dict[str, Any]) -> str:
     budget, info = result["budget"], result["machine"]
     seeds = ", ".join(str(s) for s in result["seeds"])
     if result["time_budget"] is not None:
-        length = f"{result['time_budget']:g} s of training per run (steps set from a measured throughput)"
+        length = f"{result['time_budget']:g} s of training per run ({calibration_note(result)})"
     else:
         length = f"{budget['steps']} steps"
     return (

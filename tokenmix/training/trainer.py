@@ -8,6 +8,7 @@ import json
 import math
 import re
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -249,8 +250,9 @@ class Measured(NamedTuple):
 
     params: int
     tokens_per_step: int
-    seconds_per_step: float | None  # None when no step was timed
+    seconds_per_step: float | None  # None when no step was timed: the median of the timed steps
     first_step_seconds: float | None = None  # the untimed warm-up step (with --compile: compiling)
+    step_seconds: tuple[float, ...] = ()  # each timed step (their spread: how noisy the timing was)
 
 
 def measure_steps(config: TrainConfig | dict[str, Any], steps: int = 0) -> Measured:
@@ -269,10 +271,12 @@ def measure_steps(config: TrainConfig | dict[str, Any], steps: int = 0) -> Measu
     start = time.perf_counter()
     run.train_step(forward, run.model)
     first = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(steps):
+    times = []
+    for _ in range(steps):  # each step timed alone: the median resists one step slowed by the machine
+        start = time.perf_counter()
         run.train_step(forward, run.model)
-    return Measured(params, tokens, (time.perf_counter() - start) / steps, first)
+        times.append(time.perf_counter() - start)
+    return Measured(params, tokens, statistics.median(times), first, tuple(times))
 
 
 class _Run:
