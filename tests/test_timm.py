@@ -173,13 +173,13 @@ def test_what_has_no_counterpart_is_refused_naming_it(make, error, match):
         make()
 
 
-def test_the_readmes_timm_snippet_runs():
+def test_the_guides_timm_snippet_runs():
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
     blocks = re.findall(r"```python timm\n(.*?)```", readme, flags=re.DOTALL)
     assert len(blocks) == 1
     namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    exec(compile(blocks[0], "docs/guide.md", "exec"), namespace)
     assert namespace["logits"].shape == (2, 1000)
