@@ -198,7 +198,8 @@ def _train(args: argparse.Namespace) -> int:
         )
     if args.no_ffn:
         values["ffn"] = False
-    values.update({flag: True for flag in ("compile", "resume", "pack") if getattr(args, flag)})
+    flags = ("compile", "resume", "pack", "fsdp", "activation_checkpointing")
+    values.update({flag: True for flag in flags if getattr(args, flag)})
     records = train(TrainConfig.from_dict(values))
     if records and os.environ.get("RANK", "0") == "0":  # one summary line under torchrun
         print(json.dumps(records[-1]))
@@ -330,6 +331,16 @@ def _add_training_commands(commands) -> None:
         help="charlm: fill each sequence with whole documents (long ones split), attention kept inside each",
     )
     train_parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train_parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard weights, gradients and optimiser state across the torchrun processes (FSDP2)",
+    )
+    train_parser.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="keep only each block's input and recompute the block in the backward pass",
+    )
     train_parser.set_defaults(run=_train)
     eval_parser = commands.add_parser(
         "eval", help="metrics of a trained run on its test split (or val, or the held-out sentences)"

@@ -111,7 +111,7 @@ class TokenmixForCausalLM(PreTrainedModel, GenerationMixin):
         # then fills from the weights file leaves the one buffer not saved there, RoPE's frequencies.
         if isinstance(module, RotaryEmbedding):
             with torch.no_grad():
-                module.inv_freq.copy_(module.frequencies().to(module.inv_freq.device))
+                module.init_own()
 
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embedding

@@ -18,6 +18,7 @@ from ..functional import aft as aft_ops
 from ..functional._checks import check_positive_int, check_real
 from ..functional._chunks import Compacted
 from ..functional._varlen import Packing
+from ..init import SelfInitialising
 from .base import Mixer
 from .cache import KVCache, check_capacity
 from .registry import register_mixer
@@ -105,7 +106,7 @@ class AFTMixer(Mixer):
         raise NotImplementedError
 
 
-class PositionBias(nn.Module):
+class PositionBias(SelfInitialising):
     """w = u vᵀ with u, v ∈ R^{max_len × rank}, N(0, 0.02); or, with ``rank=None``, a full learned
     (max_len, max_len) table w, N(0, 0.02)."""
 
@@ -113,11 +114,15 @@ class PositionBias(nn.Module):
         super().__init__()
         rank = check_positive_int("bias_rank", rank, allow_none=True)
         if rank is None:
-            self.table = nn.Parameter(torch.randn(max_len, max_len) * 0.02)
+            self.table = nn.Parameter(torch.empty(max_len, max_len))
         else:
-            self.u = nn.Parameter(torch.randn(max_len, rank) * 0.02)
-            self.v = nn.Parameter(torch.randn(max_len, rank) * 0.02)
+            self.u = nn.Parameter(torch.empty(max_len, rank))
+            self.v = nn.Parameter(torch.empty(max_len, rank))
         self.rank = rank
+
+    def init_own(self) -> None:
+        for parameter in self.parameters(recurse=False):
+            nn.init.normal_(parameter, std=0.02)
 
     def rows(self, rows: slice, columns: slice) -> torch.Tensor:
         """The block w[rows, columns]."""
@@ -329,9 +334,14 @@ class AFTConv(AFTMixer):
         self.grid = grid
         self.to_k = nn.Linear(dim, self.heads)  # one key per head
         taps = (self.kernel_size,) * (1 if grid is None else 2)
-        self.kernel = nn.Parameter(torch.randn(self.heads, *taps))
-        self.gamma = nn.Parameter(torch.zeros(self.heads))
-        self.beta = nn.Parameter(torch.zeros(self.heads))
+        self.kernel = nn.Parameter(torch.empty(self.heads, *taps))
+        self.gamma = nn.Parameter(torch.empty(self.heads))
+        self.beta = nn.Parameter(torch.empty(self.heads))
+
+    def init_own(self) -> None:
+        nn.init.normal_(self.kernel)
+        nn.init.zeros_(self.gamma)
+        nn.init.zeros_(self.beta)
 
     def weight(self) -> torch.Tensor:
         """w = γ·(w̃ − mean)/std + β over each head's taps: (H, K), or (H, K, K) on a grid."""

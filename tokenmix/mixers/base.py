@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..backend import use_kernel
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 from ..functional._checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
 from ..functional._chunks import Compacted, compact
 from ..functional._varlen import Packing, packed_call, packing_of
+from ..init import SelfInitialising
 
 
 def pick_options(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -22,7 +22,7 @@ def pick_options(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, A
     return {name: arguments[name] for name in names}
 
 
-class Mixer(nn.Module):
+class Mixer(SelfInitialising):
     """A token mixer: ``forward(x, attention_mask=None, cu_seqlens=None)`` maps (B, N, dim) to (B, N, dim).
 
     Causal mixers also decode: ``state = init_state(batch_size)``, then ``y_t, state = step(x_t, state)``

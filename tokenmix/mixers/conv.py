@@ -140,6 +140,8 @@ class LightConv(ConvolutionMixer):
 
     def build_kernel(self) -> None:
         self.weight = nn.Parameter(torch.empty(self.heads, self.kernel_size))
+
+    def init_own(self) -> None:
         nn.init.xavier_uniform_(self.weight)
 
     def kernel(self, u: torch.Tensor) -> torch.Tensor:

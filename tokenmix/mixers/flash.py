@@ -50,11 +50,15 @@ class GatedAttentionUnit(Mixer):
             raise InvalidValueError(f"expansion · dim must be at least 1, got {expansion} · {dim}")
         self.qk_dim = check_positive_int("qk_dim", qk_dim)
         self.to_uvz = nn.Linear(dim, 2 * self.expanded + self.qk_dim)
-        self.gamma = nn.Parameter(torch.randn(num_qk, self.qk_dim) * 0.02)
-        self.beta = nn.Parameter(torch.zeros(num_qk, self.qk_dim))
+        self.gamma = nn.Parameter(torch.empty(num_qk, self.qk_dim))
+        self.beta = nn.Parameter(torch.empty(num_qk, self.qk_dim))
         self.rotary = RotaryEmbedding(self.qk_dim, base=rope_base) if rope else None
         self.to_out = nn.Linear(self.expanded, dim)
         self.dropout = nn.Dropout(check_real("dropout", dropout))
+
+    def init_own(self) -> None:
+        nn.init.normal_(self.gamma, std=0.02)
+        nn.init.zeros_(self.beta)
 
     def project(
         self, x: torch.Tensor, offset: int | torch.Tensor, packing: Packing | None = None

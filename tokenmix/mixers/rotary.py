@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..errors import InvalidValueError
 from ..functional._checks import check_real
+from ..init import SelfInitialising
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(SelfInitialising):
     """Rotates each pair (x_{2i}, x_{2i+1}) of the last dim by the angle p · base^(−2i/d) at position p,
     as RoFormer does: one complex multiplication per pair, in float64 for float64 inputs and float32
     otherwise.
@@ -24,6 +24,9 @@ class RotaryEmbedding(nn.Module):
             raise InvalidValueError(f"rotary embedding needs an even head dimension, got {dim}")
         self.dim, self.base = dim, check_real("rope_base", base, positive=True)
         self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def init_own(self) -> None:
+        self.inv_freq.copy_(self.frequencies())  # a buffer to_empty() left unset, and no file holds
 
     def frequencies(self) -> torch.Tensor:
         """base^(−2i/d) for the d/2 pairs (float32): the buffer's value, for whoever must refill it."""

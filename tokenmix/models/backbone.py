@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 from ..functional._checks import (
@@ -21,13 +22,14 @@ from ..functional._checks import (
 )
 from ..functional._chunks import Compacted, compact
 from ..functional._varlen import Packing, packing_of
+from ..init import SelfInitialising
 from ..mixers import create_mixer, mixer_info
 from ..mixers.cache import check_capacity
 
 POSITIONS = ("learned", "rope", "none")
 
 
-class FeedForward(nn.Sequential):
+class FeedForward(SelfInitialising, nn.Sequential):
     """Linear(dim → mult·dim), GELU, Linear(mult·dim → dim), dropout."""
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
@@ -36,7 +38,7 @@ class FeedForward(nn.Sequential):
         )
 
 
-class Block(nn.Module):
+class Block(SelfInitialising):
     """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) unless ``ffn`` is None."""
 
     def __init__(self, dim: int, mixer: nn.Module, ffn: nn.Module | None) -> None:
@@ -111,7 +113,7 @@ def _real_first(mask: torch.Tensor | None) -> Compacted | None:
     return compact(mask, mask.shape[0], mask.shape[1], mask.device)
 
 
-class Backbone(nn.Module):
+class Backbone(SelfInitialising):
     """Embeddings (B, N, dim) → hidden states (B, N, dim) through ``depth`` mixer blocks.
 
     Args:
@@ -123,7 +125,13 @@ class Backbone(nn.Module):
         ffn: add a feed-forward sublayer to each block (False for mixers with their own gating, e.g. GAU).
         positions: ``"learned"`` absolute embeddings (up to ``max_len``), ``"rope"`` (passed to the mixers
             as ``rope=True``), or ``"none"``.
+
+    ``activation_checkpointing`` (an attribute, False by default): in training, keep only each block's
+    input and recompute the block in the backward pass (non-reentrant ``torch.utils.checkpoint``): the
+    activations held are the blocks' inputs and one block's at a time, for one more forward pass.
     """
+
+    activation_checkpointing: bool = False
 
     def __init__(
         self,
@@ -163,10 +171,12 @@ class Backbone(nn.Module):
             mixer_module = create_mixer(name, dim, causal=causal, **options)
             blocks.append(Block(dim, mixer_module, FeedForward(dim, ffn_mult, dropout) if ffn else None))
         self.blocks = nn.ModuleList(blocks)
-        _init_residual_branches(self.blocks)
         self.position_embedding = nn.Embedding(max_len, dim) if positions == "learned" else None
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
+
+    def init_own(self) -> None:
+        _init_residual_branches(self.blocks)
         if self.position_embedding is not None:
             nn.init.normal_(self.position_embedding.weight, std=0.02)
 
@@ -204,8 +214,12 @@ class Backbone(nn.Module):
             if chunk is not None:
                 x, attention_mask = chunk.gather(x), chunk.valid
         x = self.dropout(self._positions(x, packing))
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, attention_mask, packing)
+            if recompute:  # the RNG state is replayed, so dropout draws the same mask again
+                x = checkpoint(block, x, attention_mask, packing, use_reentrant=False)
+            else:
+                x = block(x, attention_mask, packing)
         x = self.norm(x)
         return x if chunk is None else chunk.scatter(x)
 

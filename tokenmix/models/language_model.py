@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import InvalidTypeError, InvalidValueError
 from ..functional._checks import check_attention_mask, check_positive_int, check_real
 from ..functional._varlen import packing_of
+from ..init import SelfInitialising
 from .backbone import Backbone, BackboneState
 
 
@@ -32,13 +33,17 @@ def _check_tokens(
     return tokens
 
 
-class TokenEmbedding(nn.Embedding):
+class TokenEmbedding(SelfInitialising, nn.Embedding):
+    """nn.Embedding drawn N(0, 0.02)."""
+
     def __init__(self, vocab_size: int, dim: int) -> None:
         super().__init__(check_positive_int("vocab_size", vocab_size), dim)
+
+    def init_own(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
 
 
-class _TokenModel(nn.Module):
+class _TokenModel(SelfInitialising):
     embedding: nn.Embedding
 
     @property
@@ -69,8 +74,22 @@ class LanguageModel(_TokenModel):
         self.embedding = TokenEmbedding(vocab_size, dim)
         self.backbone = Backbone(dim, depth, mixer, causal=True, **backbone_options)
         self.head = nn.Linear(dim, vocab_size, bias=False)
-        if tie_weights:
+        self.tie_weights = tie_weights
+        self._tie()
+
+    def _tie(self) -> None:
+        if self.tie_weights:
             self.head.weight = self.embedding.weight
+
+    def init_own(self) -> None:
+        if self.tie_weights:  # the head's initialiser (a child's, so run before this) drew over it
+            self.embedding.init_own()
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> LanguageModel:
+        # A conversion that makes new parameters (to_empty from the meta device) makes two of the tied one.
+        super()._apply(fn, recurse)
+        self._tie()
+        return self
 
     def forward(
         self,

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import InvalidValueError
 from ..functional._checks import check_choice, check_positive_int
+from ..init import SelfInitialising
 from ..mixers import mixer_info
 from .backbone import Backbone
 
@@ -22,7 +23,7 @@ def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
     return check_positive_int(f"{name}[0]", pair[0]), check_positive_int(f"{name}[1]", pair[1])
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(SelfInitialising):
     """Images (B, C, H, W) → logits (B, num_classes).
 
     Non-overlapping patches are embedded by a strided convolution, a class token is prepended
@@ -78,9 +79,13 @@ class VisionTransformer(nn.Module):
         seq_len = self.grid[0] * self.grid[1] + (pool == "cls")
         backbone_options.setdefault("max_len", seq_len)
         self.patch_embedding = nn.Conv2d(in_channels, dim, self.patch_size, stride=self.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        self.cls_token = nn.Parameter(torch.empty(1, 1, dim)) if pool == "cls" else None
         self.backbone = Backbone(dim, depth, mixer, causal=False, **backbone_options)
         self.head = nn.Linear(dim, check_positive_int("num_classes", num_classes))
+
+    def init_own(self) -> None:
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         expected = (self.in_channels, *self.image_size)

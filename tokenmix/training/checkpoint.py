@@ -7,6 +7,8 @@ Layout of a run directory::
     model-best.safetensors     weights of the best validation loss so far
     checkpoints/LATEST         name of the newest complete checkpoint
     checkpoints/step-00000100/ model.safetensors + trainer.pt (optimizer, scheduler, RNG, step, ...)
+                               or, with --fsdp, each rank's shard of weights and optimizer state as
+                               torch.distributed.checkpoint writes them (.metadata, *.distcp) + trainer.pt
 
 A checkpoint directory is written under a temporary name and renamed into place, then LATEST is
 replaced by rename; only after that is the older checkpoint removed.
@@ -90,31 +92,50 @@ def load_weights(model: nn.Module, path: Path) -> None:
         )
 
 
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step-{step:08d}"
+
+
+def staging_path(final: Path) -> Path:
+    """Where the checkpoint ``final`` is written before it is renamed into place (one name for every
+    rank of a sharded save; a leftover of a killed save is ours to remove)."""
+    return final.with_name(f".{final.name}.tmp")
+
+
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, trainer_state: dict[str, Any]) -> Path:
-    root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
-    final = root / name
-    previous = latest_checkpoint(run_dir)
-    if previous == final:
+    final = checkpoint_path(run_dir, step)
+    if latest_checkpoint(run_dir) == final:
         return final  # this step is already saved
-    staging = root / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = start_staging(final)
     try:
         save_model(model, str(staging / "model.safetensors"), metadata={"step": str(step)})
         torch.save(trainer_state, staging / "trainer.pt")
-        for path in staging.iterdir():
-            _fsync(path)
-        shutil.rmtree(final, ignore_errors=True)  # a leftover that LATEST never pointed to
-        os.replace(staging, final)
+        finish_checkpoint(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    write_text_atomically(root / LATEST, name + "\n")
-    for old in root.iterdir():  # only our own checkpoints: anything else there is left alone
-        if old.is_dir() and old.name != name and _CHECKPOINT_NAME.fullmatch(old.name):
-            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def start_staging(final: Path) -> Path:
+    """An empty staging directory for the checkpoint ``final``."""
+    staging = staging_path(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def finish_checkpoint(staging: Path, final: Path) -> None:
+    """Flush a complete staging directory to disk, rename it to ``final``, point LATEST at it and remove
+    the older checkpoints."""
+    for path in staging.iterdir():
+        _fsync(path)
+    shutil.rmtree(final, ignore_errors=True)  # a leftover that LATEST never pointed to
+    os.replace(staging, final)
+    root = final.parent
+    write_text_atomically(root / LATEST, final.name + "\n")
+    for old in root.iterdir():  # only our own checkpoints: anything else there is left alone
+        if old.is_dir() and old.name != final.name and _CHECKPOINT_NAME.fullmatch(old.name):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def check_directory_path(out: Path) -> None:
@@ -137,6 +158,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, model: nn.Module, map_location: torch.device) -> dict[str, Any]:
     """Load the weights into ``model``; return the trainer state."""
     load_weights(model, path / "model.safetensors")
+    return load_trainer_state(path, map_location)
+
+
+def load_trainer_state(path: Path, map_location: torch.device) -> dict[str, Any]:
+    """The step, optimiser (None in a sharded checkpoint, which holds it beside), schedule, RNG and
+    counters a checkpoint holds."""
     file = path / "trainer.pt"
     try:
         if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; pickle would read garbage

@@ -15,7 +15,11 @@ from ..errors import InvalidTypeError, InvalidValueError, MissingFileError
 
 TASKS = ("charlm", "image-cls", "image-ar", "mqar")
 # Fields that may change when a run is resumed: they do not change what the optimiser computes.
-RESUMABLE_CHANGES = frozenset({"out", "device", "compile", "resume", "progress", "log"})
+# Activation checkpointing recomputes the same values; a sharded run is resumed sharded (its checkpoints
+# are distributed ones), at any number of processes.
+RESUMABLE_CHANGES = frozenset(
+    {"out", "device", "compile", "resume", "progress", "log", "activation_checkpointing"}
+)
 
 
 # Real-valued fields: the test each must pass (finite first: inf and nan fail) and what it expects.
@@ -71,6 +75,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False
+    fsdp: bool = False  # shard parameters, gradients and optimiser state across the ranks (FSDP2)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
     progress: str = "auto"  # "bar", "log" or "auto" (a bar on a terminal)
     log: str = "jsonl"  # "tensorboard": also TensorBoard event files in out/tensorboard
     out: str = "runs/latest"

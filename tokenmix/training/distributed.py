@@ -21,16 +21,21 @@ class World:
         return self.rank == 0
 
     @classmethod
-    def join(cls, device_type: str) -> World:
-        """Join the torchrun process group if this process was launched by torchrun."""
+    def join(cls, device_type: str, sharded: bool = False) -> World:
+        """Join the torchrun process group if this process was launched by torchrun. ``sharded`` (FSDP
+        needs a process group): one process not launched by torchrun makes a group of its own."""
+        backend = "nccl" if device_type == "cuda" else "gloo"
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls()
+            if not sharded:
+                return cls()
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            return cls(owns_group=True)
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend)
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.documents import pieces
 from ..data.heldout import heldout_sentences
 from ..errors import InvalidValueError, MissingFileError
 from ..functional._checks import check_positive_int
 from .checkpoint import load_weights
 from .config import TrainConfig
-from .tasks import Task, create_task
+from .tasks import IGNORE, Task, create_task
 from .trainer import BEST_WEIGHTS, WEIGHTS, evaluate_model, forward_rows, resolve_device, token_loss
 
 WEIGHT_CHOICES = {"best": BEST_WEIGHTS, "last": WEIGHTS}
@@ -80,13 +79,33 @@ END_OF_TEXT = b"\x00"  # the byte tokenizer's end-of-text (and padding) token, w
 
 
 @torch.no_grad()
+def rolling_windows(length: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """The harness's rolling windows (``lm_eval.utils.get_rolling_token_windows``, context 1) over a
+    document of ``length`` tokens, every one after the first predicted once: (start, end, scored) — inputs
+    ``document[start:end]``, of which the last ``scored`` positions count. Windows after the first are
+    full: a short last one takes earlier tokens as context, unscored."""
+    first = min(seq_len, length - 1)
+    windows, predicted = [(0, first, first)], first
+    while predicted < length - 1:
+        scored = min(length - 1 - predicted, seq_len)
+        predicted += scored
+        windows.append((predicted - seq_len, predicted, scored))
+    return windows
+
+
 def _score_documents(model: nn.Module, documents: list[bytes], seq_len: int, device: torch.device) -> dict:
     """Loss (nats per byte) and bits per byte of every byte after each document's first, each document
-    alone (one packed row; documents longer than ``seq_len`` + 1 bytes in pieces, as packing cuts them)."""
-    parts = pieces(documents, seq_len)
-    inputs = torch.cat([part[:-1] for part in parts]).long()[None]
-    targets = torch.cat([part[1:] for part in parts]).long()[None]
-    segments = torch.cat([torch.full((len(part) - 1,), i) for i, part in enumerate(parts)])[None]
+    alone, in the harness's rolling windows (``rolling_windows``), every window one segment of a packed
+    row."""
+    inputs, targets, segments = [], [], []
+    for document in documents:
+        tokens = torch.tensor(list(document))
+        for start, end, scored in rolling_windows(len(tokens), seq_len):
+            inputs.append(tokens[start:end])
+            targets.append(tokens[start + 1 : end + 1].clone())
+            targets[-1][: end - start - scored] = IGNORE  # context only
+            segments.append(torch.full((end - start,), len(segments)))
+    inputs, targets, segments = (torch.cat(parts)[None] for parts in (inputs, targets, segments))
     logits = forward_rows(model, inputs.to(device), segments.to(device))
     loss_sum, count, _ = token_loss(logits, targets.to(device))
     loss = (loss_sum / count).item()

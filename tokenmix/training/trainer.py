@@ -1,5 +1,6 @@
 """The training loop: AdamW, linear warmup + cosine decay, clipping, accumulation, bf16 autocast on
-CUDA, optional torch.compile, DDP under torchrun, atomic checkpoints and bit-exact resume."""
+CUDA, optional torch.compile, DDP or FSDP2 under torchrun, activation checkpointing, atomic checkpoints
+and bit-exact resume."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.documents import cu_seqlens_of
 from ..errors import DivergedError, InvalidValueError, RunDirectoryError, UnavailableError
+from ..models.backbone import Backbone
 from .checkpoint import (
     LOCK,
     RunLock,
@@ -30,6 +32,7 @@ from .checkpoint import (
     check_directory_path,
     latest_checkpoint,
     load_checkpoint,
+    load_trainer_state,
     read_json_lines,
     save_checkpoint,
     save_weights,
@@ -37,6 +40,14 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .distributed import World
+from .sharding import (
+    build_sharded,
+    is_distributed_checkpoint,
+    is_sharded,
+    load_sharded,
+    save_full_weights,
+    save_sharded_checkpoint,
+)
 from .tasks import IGNORE, Task, create_task
 
 METRICS, CONFIG, TENSORBOARD = "metrics.jsonl", "config.json", "tensorboard"
@@ -120,23 +131,33 @@ def evaluate_model(
     world: World | None = None,
 ) -> dict[str, float]:
     """Loss (nats per counted target), accuracy and the task's metric over fixed batches of a split;
-    under DDP each rank takes every size-th batch and the sums are all-reduced."""
+    under DDP or FSDP each rank takes every size-th batch and the sums are all-reduced."""
     world = world or World()
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    for index, (inputs, targets, *segments) in enumerate(task.eval_batches(split_name, max_batches)):
-        if index % world.size != world.rank:
-            continue
+    batches = list(task.eval_batches(split_name, max_batches))
+    # A sharded model gathers its weights in every forward, with every rank: all run the same number.
+    rounds = math.ceil(len(batches) / world.size) if is_sharded(model) else None
+    for index in _my_batches(len(batches), world, rounds):
+        inputs, targets, *segments = batches[index % len(batches)]
         segments = segments[0].to(device) if segments else None
         with _autocast(device):
             logits = forward_rows(model, inputs.to(device), segments)
-        totals += torch.stack(token_loss(logits, targets.to(device))).double()
+        if index < len(batches):  # (beyond: a sharded rank's forward that only keeps the others company)
+            totals += torch.stack(token_loss(logits, targets.to(device))).double()
     model.train(was_training)
     loss_sum, count, correct = world.sum(totals).tolist()
     loss, accuracy = loss_sum / max(count, 1), correct / max(count, 1)
     name = task.metric.removeprefix("val_")
     return {"loss": loss, "accuracy": accuracy, name: task.metric_value(loss, accuracy)}
+
+
+def _my_batches(count: int, world: World, rounds: int | None) -> range:
+    """The indices of the batches this rank evaluates: every size-th; with ``rounds``, exactly that many
+    (indices past ``count`` are forwards whose result is dropped)."""
+    end = count if rounds is None else rounds * world.size
+    return range(world.rank, end, world.size)
 
 
 class _StopOnSignal:
@@ -238,7 +259,7 @@ def train(
     """
     config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     device = resolve_device(config.device)
-    world = World.join(device.type)
+    world = World.join(device.type, sharded=config.fsdp)
     try:
         return _train(config, resolve_device(config.device, world), world, on_step)
     finally:
@@ -293,7 +314,13 @@ class _Run:
         self.run_dir = Path(config.out)
         self.task = create_task(config)
         torch.manual_seed(config.seed)
-        self.model = self.task.build_model().to(device)
+        if config.fsdp:
+            self.model = build_sharded(self.task.build_model, device, config.seed)
+        else:
+            self.model = self.task.build_model().to(device)
+        for module in self.model.modules():
+            if isinstance(module, Backbone):
+                module.activation_checkpointing = config.activation_checkpointing
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, config)
@@ -322,8 +349,17 @@ class _Run:
         self.model.train(was_training)
 
     def restore(self, checkpoint: Path) -> None:
-        state = load_checkpoint(checkpoint, self.model, self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(self.model) != is_distributed_checkpoint(checkpoint):
+            raise InvalidValueError(
+                f"--resume: {str(checkpoint)!r} is not a checkpoint of a"
+                + (" sharded (--fsdp) run" if is_sharded(self.model) else " run without --fsdp")
+            )
+        if is_sharded(self.model):
+            load_sharded(checkpoint, self.model, self.optimizer)
+            state = load_trainer_state(checkpoint, self.device)
+        else:
+            state = load_checkpoint(checkpoint, self.model, self.device)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["cpu"])
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
@@ -347,21 +383,32 @@ class _Run:
         kept = [r for r in read_json_lines(self.run_dir / METRICS) if r["step"] <= self.step]
         write_text_atomically(self.run_dir / METRICS, "".join(_json(r, indent=None) + "\n" for r in kept))
 
+    def trainer_state(self, window: list[float]) -> dict[str, Any]:
+        sharded = is_sharded(self.model)  # its optimiser state is saved by every rank, beside
+        return {
+            "step": self.step,
+            "optimizer": None if sharded else self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            },
+            "best_val_loss": self.best_val_loss,
+            "window": window,
+        }
+
     def save(self) -> None:
-        if self.world.is_main:
-            trainer_state = {
-                "step": self.step,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": {
-                    "cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                },
-                "best_val_loss": self.best_val_loss,
-                "window": self.window,
-            }
-            save_checkpoint(self.run_dir, self.step, self.model, trainer_state)
-            save_weights(self.model, self.run_dir / WEIGHTS, {"step": str(self.step)})
+        metadata = {"step": str(self.step)}
+        # The ranks' mean of their running loss sums, so that any number of ranks resumes the window.
+        total = self.world.sum(torch.tensor([self.window[0]], dtype=torch.float64, device=self.device))
+        window = [total.item() / self.world.size, self.window[1]]
+        if is_sharded(self.model):  # every rank writes its shard; rank 0 the gathered weights
+            state = self.trainer_state(window)
+            save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state)
+            save_full_weights(self.model, self.run_dir / WEIGHTS, metadata)
+        elif self.world.is_main:
+            save_checkpoint(self.run_dir, self.step, self.model, self.trainer_state(window))
+            save_weights(self.model, self.run_dir / WEIGHTS, metadata)
         self.saved = True
         self.world.barrier()
 
@@ -375,7 +422,7 @@ class _Run:
         step_loss = torch.zeros((), device=self.device)
         for index in range(config.grad_accum):
             last = index == config.grad_accum - 1
-            sync = contextlib.nullcontext() if last or world.size == 1 else trained.no_sync()
+            sync = _gradient_sync(trained, last or world.size == 1)
             part = slice(index * micro, (index + 1) * micro)
             with sync:
                 with _autocast(self.device):
@@ -419,7 +466,9 @@ class _Run:
         }
         if scores["loss"] < self.best_val_loss:
             self.best_val_loss = scores["loss"]
-            if world.is_main:
+            if is_sharded(self.model):
+                save_full_weights(self.model, self.run_dir / BEST_WEIGHTS, {"step": str(self.step)})
+            elif world.is_main:
                 save_weights(self.model, self.run_dir / BEST_WEIGHTS, {"step": str(self.step)})
         self.window = [0.0, 0]
         if world.is_main:
@@ -437,6 +486,18 @@ class _Run:
             from torch.utils.tensorboard import SummaryWriter
 
             self.events = SummaryWriter(str(self.run_dir / TENSORBOARD))
+
+
+def _gradient_sync(trained: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Where gradients are reduced across ranks (the last micro-batch) and where they accumulate locally."""
+    if sync:
+        if is_sharded(trained):
+            trained.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if is_sharded(trained):
+        trained.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return trained.no_sync()
 
 
 def _train(
@@ -465,13 +526,14 @@ def _train(
 
 def _loop(run: _Run, on_step: Callable[[int], None] | None) -> None:
     config, world = run.config, run.world
-    trained = DistributedDataParallel(run.model) if world.size > 1 else run.model
+    replicated = world.size > 1 and not is_sharded(run.model)
+    trained = DistributedDataParallel(run.model) if replicated else run.model
     forward = torch.compile(trained) if config.compile else trained
     progress = _Progress(config, run.step, world.is_main)
     params = sum(p.numel() for p in run.model.parameters())
     progress.write(
-        f"{config.task} | {config.mixer} | {params / 1e6:.2f}M parameters | {world.size} process(es) "
-        f"on {run.device} | step {run.step}/{config.steps}"
+        f"{config.task} | {config.mixer} | {params / 1e6:.2f}M parameters | {world.size} process(es)"
+        f"{' sharded' if is_sharded(run.model) else ''} on {run.device} | step {run.step}/{config.steps}"
     )
     run.model.train()
     window_start = time.perf_counter()
