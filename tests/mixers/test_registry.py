@@ -33,6 +33,29 @@ def test_options_and_defaults_come_from_the_signature(monkeypatch):
         registry.register_mixer("toy", paper="p", time="t", memory="m", state="s")(Toy)
 
 
+def test_a_mixers_model_defaults_live_with_its_registration(monkeypatch):
+    """compare and the presets build a mixer's stack from its registered defaults, not from its name."""
+    from tokenmix.bench.compare import BUDGETS, training_options
+
+    monkeypatch.setattr(registry, "_MIXERS", dict(registry._MIXERS))
+    defaults = registry.ModelDefaults(head_width=16, layers_per_block=3, ffn=False, positions="none")
+
+    @registry.register_mixer("gated_toy", paper="p", time="t", memory="m", state="s", defaults=defaults)
+    class GatedToy(nn.Module):
+        def __init__(self, dim, *, causal=False, heads=1, chunk_size=512):
+            super().__init__()
+
+    budget = BUDGETS["quick"]  # d=64, 2 layers, sequences of 128
+    assert training_options("gated_toy", budget) == {
+        "depth": 6, "ffn": False, "positions": "none", "mixer_options": {"heads": 4, "chunk_size": 64},
+    }  # fmt: skip
+    assert registry.model_options("gated_toy", 64, 2, heads=2)["mixer_options"] == {"heads": 2}
+    assert training_options("aft_simple", budget) == {"depth": 2, "ffn": True, "mixer_options": {}}
+    assert training_options("softmax", budget)["mixer_options"] == {"heads": 2}  # 32-wide heads
+    gau = training_options("gau", budget)
+    assert (gau["depth"], gau["ffn"], gau["positions"]) == (4, False, "none")  # the paper's stack
+
+
 def test_bad_options_fail_at_construction_naming_them():
     with pytest.raises(TypeError, match="causal must be True or False"):
         tokenmix.create_mixer("softmax", 16, causal="no")

@@ -19,7 +19,7 @@ import torch
 from ..data.text import load_corpus
 from ..errors import InvalidValueError, RunDirectoryError
 from ..functional._checks import check_positive_int, check_real
-from ..mixers import list_mixers, mixer_info
+from ..mixers import list_mixers, mixer_info, model_options
 from ..training import TrainConfig, train
 from ..training.checkpoint import check_directory_path
 from ..training.tasks import TASK_CLASSES
@@ -61,17 +61,16 @@ BUDGETS = {
 
 
 def training_options(mixer: str, budget: Budget) -> dict[str, Any]:
-    """How each mixer is put into the shared language model. GAU and FLASH follow their paper: blocks
-    without an FFN, two per Transformer layer, RoPE inside the mixer. Attention gets 32-channel heads."""
+    """How each mixer is put into the shared language model: as its registration says
+    (``ModelDefaults``: GAU and FLASH as their paper stacks them, attention with 32-channel heads); a
+    chunk at most half the sequence."""
     info = mixer_info(mixer)
     options: dict[str, Any] = {}
-    if mixer in ("softmax", "pointwise"):
-        options["heads"] = max(1, budget.dim // 32)
     if "chunk_size" in info.options:
         options["chunk_size"] = min(info.options["chunk_size"], budget.seq_len // 2)
-    if mixer in ("gau", "flash"):
-        return {"mixer_options": options, "depth": 2 * budget.depth, "ffn": False, "positions": "none"}
-    return {"mixer_options": options}
+    config = model_options(mixer, budget.dim, budget.depth, **options)
+    del config["dim"], config["mixer"]  # the shared task configuration's
+    return config
 
 
 def _task_config(task: str, data: str | None, pack: bool, budget: Budget, device: str) -> dict[str, Any]:

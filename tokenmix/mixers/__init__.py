@@ -2,6 +2,23 @@
 
 from . import aft, attention, conv, flash  # noqa: F401  (each family registers its mixers)
 from .base import Mixer
-from .registry import MixerInfo, create_mixer, list_mixers, mixer_info, register_mixer
+from .registry import (
+    MixerInfo,
+    ModelDefaults,
+    create_mixer,
+    list_mixers,
+    mixer_info,
+    model_options,
+    register_mixer,
+)
 
-__all__ = ["Mixer", "MixerInfo", "create_mixer", "list_mixers", "mixer_info", "register_mixer"]
+__all__ = [
+    "Mixer",
+    "MixerInfo",
+    "ModelDefaults",
+    "create_mixer",
+    "list_mixers",
+    "mixer_info",
+    "model_options",
+    "register_mixer",
+]

@@ -18,7 +18,7 @@ from ..functional._chunks import Compacted
 from ..functional._varlen import Packing
 from .base import Mixer, pick_options
 from .cache import KVCache
-from .registry import register_mixer
+from .registry import ModelDefaults, register_mixer
 from .rotary import RotaryEmbedding
 
 _SHARED_OPTIONS = (
@@ -131,6 +131,7 @@ class MultiHeadAttention(Mixer):
     time="O(N²·d)",
     memory="O(N·d) (SDPA; O(N²) bool mask with causal+padding)",
     state="KV cache, O(t·d)",
+    defaults=ModelDefaults(head_width=32),
 )
 class SoftmaxAttention(MultiHeadAttention):
     """Multi-head softmax attention over PyTorch SDPA.
@@ -173,6 +174,7 @@ class SoftmaxAttention(MultiHeadAttention):
     time="O(N²·d)",
     memory="O(N·d) (query blocks, recomputed in backward)",
     state="KV cache, O(t·d)",
+    defaults=ModelDefaults(head_width=32),
 )
 class PointwiseAttention(MultiHeadAttention):
     """Multi-head pointwise attention: softmax replaced by φ(q·k/√d) · L^(−alpha).

@@ -22,11 +22,14 @@ from ..functional._varlen import Packing
 from ..functional.flash import MixedChunkState, mixed_chunk_attention
 from .base import Mixer, pick_options
 from .cache import KVCache, check_capacity
-from .registry import register_mixer
+from .registry import ModelDefaults, register_mixer
 from .rotary import RotaryEmbedding
 
 PAPER = "Hua et al. 2022, Transformer Quality in Linear Time (arXiv 2202.10447)"
 _SHARED_OPTIONS = ("causal", "expansion", "qk_dim", "rope", "rope_base", "dropout")
+# The paper's stacks: no FFN (the unit gates itself), two GAU layers per Transformer layer (each has about
+# half the parameters of attention + FFN), RoPE inside the unit and no absolute positions.
+GAU_DEFAULTS = ModelDefaults(layers_per_block=2, ffn=False, positions="none")
 
 
 class GatedAttentionUnit(Mixer):
@@ -83,6 +86,7 @@ class GatedAttentionUnit(Mixer):
     time="O(N²·s + N·d·e)",
     memory="O(N·(d+e+s)) (pointwise attention's query blocks)",
     state="KV cache, O(t·(s+e))",
+    defaults=GAU_DEFAULTS,
 )
 class GAU(GatedAttentionUnit):
     """Gated attention unit with quadratic attention, A = φ(Q Kᵀ/√s) / L (φ = relu² in the paper).
@@ -189,6 +193,7 @@ class ChunkState:
     time="O(N·C·s + N·s·e + N·d·e)",
     memory="O(N·(C+d+e+s))",
     state="Σ KᵀV (s×e) + current chunk (≤ C tokens): O(s·e + C·(s+e)), constant in t",
+    defaults=GAU_DEFAULTS,
 )
 class FLASH(GatedAttentionUnit):
     """GAU whose attention is mixed-chunk attention: relu² attention within chunks of ``chunk_size``

@@ -11,7 +11,27 @@ from torch import nn
 
 from ..errors import InvalidTypeError, InvalidValueError
 
-__all__ = ["MixerInfo", "check_options", "create_mixer", "list_mixers", "mixer_info", "register_mixer"]
+__all__ = [
+    "MixerInfo",
+    "ModelDefaults",
+    "check_options",
+    "create_mixer",
+    "list_mixers",
+    "mixer_info",
+    "model_options",
+    "register_mixer",
+]
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """How a mixer sits in a model unless told otherwise (timm's ``default_cfg``): what ``compare`` and
+    the presets build from, so that no caller tests mixer names."""
+
+    head_width: int | None = None  # heads = max(1, dim // head_width) (a mixer with a ``heads`` option)
+    layers_per_block: int = 1  # mixer layers per Transformer layer: 2 for GAU's (half the parameters)
+    ffn: bool = True  # False for mixers gated themselves (GAU)
+    positions: str | None = None  # the model's position scheme; None: the model's default
 
 
 @dataclass(frozen=True)
@@ -25,16 +45,20 @@ class MixerInfo:
     memory: str  # activation memory of a full forward
     state: str  # what a decoding state holds and how it grows with t
     options: dict[str, Any] = field(default_factory=dict)  # option name -> default
+    defaults: ModelDefaults = ModelDefaults()
 
 
 _MIXERS: dict[str, MixerInfo] = {}
 
 
-def register_mixer(name: str, *, paper: str, time: str, memory: str, state: str):
+def register_mixer(
+    name: str, *, paper: str, time: str, memory: str, state: str, defaults: ModelDefaults = ModelDefaults()
+):
     """Class decorator registering a mixer under ``name``.
 
     The class must take ``(dim, *, causal=False, **options)`` with every option keyword-only and
-    defaulted; the options and their defaults are read from that signature.
+    defaulted; the options and their defaults are read from that signature. ``defaults``: how the mixer
+    sits in a model (``model_options``).
     """
 
     def decorate(cls: type[nn.Module]) -> type[nn.Module]:
@@ -48,7 +72,7 @@ def register_mixer(name: str, *, paper: str, time: str, memory: str, state: str)
             for p in params.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "causal"
         }
-        _MIXERS[name] = MixerInfo(name, cls, paper, time, memory, state, options)
+        _MIXERS[name] = MixerInfo(name, cls, paper, time, memory, state, options, defaults)
         cls.mixer_name = name
         return cls
 
@@ -65,6 +89,22 @@ def mixer_info(name: str) -> MixerInfo:
     if name not in _MIXERS:
         raise InvalidValueError(f"unknown mixer {name!r}; known mixers: {', '.join(_MIXERS)}")
     return _MIXERS[name]
+
+
+def model_options(name: str, dim: int, transformer_layers: int, **mixer_options: Any) -> dict[str, Any]:
+    """The model options (``Backbone``'s, ``LanguageModel``'s) of a stack of ``name`` as wide as ``dim``
+    and as deep as ``transformer_layers`` Transformer layers, by the mixer's registered ``defaults``;
+    ``mixer_options`` on top."""
+    info = check_options(name, mixer_options)
+    defaults = info.defaults
+    options = dict(mixer_options)
+    if defaults.head_width is not None and "heads" in info.options:
+        options.setdefault("heads", max(1, dim // defaults.head_width))
+    config = {"dim": dim, "depth": defaults.layers_per_block * transformer_layers, "mixer": name,
+              "ffn": defaults.ffn, "mixer_options": options}  # fmt: skip
+    if defaults.positions is not None:
+        config["positions"] = defaults.positions
+    return config
 
 
 def create_mixer(name: str, dim: int, *, causal: bool = False, **options: Any) -> nn.Module:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidValueError
+from ..mixers import model_options
 from .language_model import LanguageModel
 
 
@@ -23,14 +24,7 @@ class Preset:
 
 
 def _gau_stack(mixer: str, dim: int, transformer_layers: int, **mixer_options: Any) -> dict[str, Any]:
-    return {
-        "dim": dim,
-        "depth": 2 * transformer_layers,
-        "mixer": mixer,
-        "ffn": False,
-        "positions": "none",
-        "mixer_options": mixer_options,
-    }
+    return model_options(mixer, dim, transformer_layers, **mixer_options)  # the registered GAU recipe
 
 
 _PRESETS = {
