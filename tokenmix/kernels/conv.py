@@ -23,12 +23,26 @@ def _tile(ptr, rows, columns, seq_len, width, stride):
 
 
 @triton.jit
+def dynamic_tap_offset(rows, heads, head, kernel_size, tap):
+    """Where W̃[rows, head, tap] lies in a (B·N, H, K) kernel: in 64 bits (B·N·H·K passes 2**31)."""
+    return (tl.cast(rows, tl.int64) * heads + head) * kernel_size + tap
+
+
+@triton.jit
+def partial_offset(row, programs, block, kernel_size):
+    """Where program (row, block)'s partial sums of a shared kernel's gradient start, in 64 bits."""
+    return (tl.cast(row, tl.int64) * programs + block) * kernel_size
+
+
+@triton.jit
 def _taps(kernel_ptr, rows, head, tap, seq_len, heads, kernel_size, DYNAMIC: tl.constexpr):
     """W̃[·, head, tap] for output rows (dynamic: (rows,) from (B·N, H, K); else a scalar from (H, K))."""
     # One return: compiled Triton wants a single return type even where a constexpr picks the branch.
     if DYNAMIC:
         inside = (rows >= 0) & (rows < seq_len)
-        taps = tl.load(kernel_ptr + (rows * heads + head) * kernel_size + tap, inside, 0.0)[:, None]
+        taps = tl.load(kernel_ptr + dynamic_tap_offset(rows, heads, head, kernel_size, tap), inside, 0.0)[
+            :, None
+        ]
     else:
         taps = tl.load(kernel_ptr + head * kernel_size + tap)
     return taps
@@ -94,7 +108,7 @@ def depthwise_conv_bwd_kernel(
         kernel_ptr += slice_offset(batch, seq_len, heads * kernel_size)
         dkernel_ptr += slice_offset(batch, seq_len, heads * kernel_size)
     else:
-        dkernel_ptr += (row * tl.num_programs(0) + block) * kernel_size
+        dkernel_ptr += partial_offset(row, tl.num_programs(0), block, kernel_size)
     grad_rows = _tile(grad_ptr, rows, columns, seq_len, width, channels)
     grad_x = tl.zeros((BLOCK_T, BLOCK_C), tl.float32)
     for tap in range(kernel_size):
@@ -108,7 +122,7 @@ def depthwise_conv_bwd_kernel(
         x = tl.where(_same_segment(segment_ptr, rows, sources, seq_len, PACKED), x, 0.0)
         if DYNAMIC:
             inside = rows < seq_len
-            target = dkernel_ptr + (rows * heads + head) * kernel_size + tap
+            target = dkernel_ptr + dynamic_tap_offset(rows, heads, head, kernel_size, tap)
             tl.store(target, tl.sum(grad_rows * x, 1), inside)
         else:
             tl.store(dkernel_ptr + tap, tl.sum(grad_rows * x))

@@ -50,6 +50,12 @@ def _chunks(first_row, seq_len, chunk_size, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def chunk_offset(chunk, chunk_stride):
+    """Where chunk ``chunk``'s (S, E) matrix starts, in 64 bits (chunks · S · E passes 2**31)."""
+    return tl.cast(chunk, tl.int64) * chunk_stride  # (a cast: the interpreter's loop index is an int)
+
+
+@triton.jit
 def _chunk_linear(
     acc, x, rows, first, last, chunk_size, m_ptr, chunk_stride, s_range, e_range, dim_s, dim_e,
     TRANSPOSE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -59,7 +65,9 @@ def _chunk_linear(
     inside = (s_range[:, None] < dim_s) & (e_range[None, :] < dim_e)
     for chunk in range(first, last + 1):
         tile = tl.load(
-            m_ptr + chunk * chunk_stride + s_range[:, None] * dim_e + e_range[None, :], inside, 0.0
+            m_ptr + chunk_offset(chunk, chunk_stride) + s_range[:, None] * dim_e + e_range[None, :],
+            inside,
+            0.0,
         )
         if TRANSPOSE:
             tile = tl.trans(tile)

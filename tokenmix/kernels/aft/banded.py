@@ -33,8 +33,14 @@ from .scan import aft_scan_bwd_kernel, scan_launch, scan_state
 
 
 @triton.jit
+def band_offset(rows, head, index, row_stride, head_stride):
+    """Where the band's entry (rows, head, index) lies, in 64 bits (N·H·W passes 2**31)."""
+    return tl.cast(rows, tl.int64) * row_stride + head * head_stride + index
+
+
+@triton.jit
 def _band_pointers(band_ptr, rows, head, index, row_stride, head_stride):
-    return band_ptr + rows * row_stride + head * head_stride + index
+    return band_ptr + band_offset(rows, head, index, row_stride, head_stride)
 
 
 @triton.jit

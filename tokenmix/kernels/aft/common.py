@@ -60,11 +60,18 @@ def aft_keys(k_ptr, mask_ptr, rows, columns, seq_len, width, HAS_MASK: tl.conste
 
 
 @triton.jit
+def key_offset(rows, key_width, head):
+    """Where head ``head``'s key of ``rows`` lies in (N, key_width) keys, in 64 bits."""
+    return tl.cast(rows, tl.int64) * key_width + head
+
+
+@triton.jit
 def aft_add_key_grad(
     dk_ptr, grad_k, rows, head, channels, seq_len, dim, key_width, KEY_PER_HEAD: tl.constexpr
 ):
     if KEY_PER_HEAD:  # a head's channels share one key
-        tl.atomic_add(dk_ptr + rows * key_width + head, tl.sum(grad_k, 1), (rows >= 0) & (rows < seq_len))
+        inside = (rows >= 0) & (rows < seq_len)
+        tl.atomic_add(dk_ptr + key_offset(rows, key_width, head), tl.sum(grad_k, 1), inside)
     else:
         aft_add(dk_ptr, grad_k, rows, channels, seq_len, dim)
 
