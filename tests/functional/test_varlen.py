@@ -159,3 +159,21 @@ def test_cu_seqlens_needs_batch_one_no_mask_and_an_int_tensor():
         F.aft_simple(q[:1], q[:1], q[:1], cu_seqlens=[0, 12])
     with pytest.raises(ValueError, match="cu_seqlens with initial_state"):
         F.aft_simple(q[:1], q[:1], q[:1], causal=True, cu_seqlens=cu, output_final_state=True)
+
+
+def test_no_segment_is_padded_by_an_eighth_of_its_length():
+    """The reference path's buckets: 4097 and 5120 once shared width 5120 (+25 % for the 4097s)."""
+    from tokenmix.functional._varlen import plan
+
+    generator = torch.Generator().manual_seed(0)
+    cases = [[4097] * 10 + [5120], list(range(1, 300)), [1, 2, 3, 8, 9, 16, 17, 1023, 1024, 1025, 1151]]
+    cases += [torch.randint(1, 20000, (50,), generator=generator).tolist() for _ in range(20)]
+    for lengths in cases:
+        cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)])
+        packing = plan(cu_seqlens, torch.device("cpu"))
+        for bucket in packing.buckets:
+            width = bucket.mask.shape[1]
+            for segment in bucket.segments.tolist():
+                assert width - lengths[segment] < lengths[segment] / 8, (lengths[segment], width)
+        computed = sum(bucket.mask.numel() for bucket in packing.buckets)
+        assert computed < 1.125 * sum(lengths)

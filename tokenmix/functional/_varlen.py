@@ -2,8 +2,9 @@
 segments [cu_seqlens[i], cu_seqlens[i+1]) of one packed row (B = 1).
 
 The reference paths compute a packed call as the same call on the segments themselves: segments of
-similar length are gathered into a few right-padded batches (lengths within an eighth of their power of
-two, so at most 12.5 % more than the real tokens is computed, and quadratic ops cost about Σ ℓ², never N²),
+similar length are gathered into a few right-padded batches (lengths within an eighth of the power of
+two below them, so no segment is padded by more than 12.5 % of its length, and quadratic ops cost about
+Σ ℓ², never N²),
 the op runs on each batch with the padding masked, and the outputs are put back where the tokens came
 from. Every position-dependent term (positions, RoPE, AFT's w, convolution taps, FLASH's chunks) thereby
 restarts at each segment's start and nothing crosses a boundary.
@@ -99,8 +100,10 @@ def check_cu_seqlens(
 
 def _width(length: int) -> int:
     """The padded width a segment of ``length`` shares with others: ``length`` rounded up to a multiple
-    of an eighth of its power of two, so a bucket computes at most 12.5 % more than its real tokens."""
-    step = max(1, (1 << (length - 1).bit_length()) // 8)
+    of an eighth of the power of two at or below it. A bucket's width is its longest length, which is
+    below a member's own length plus its step (≤ length / 8): no segment is padded by 12.5 % of its
+    length or more. (An eighth of the power of two above, as before, padded 4097 to 5120: +25 %.)"""
+    step = max(1, (1 << (length.bit_length() - 1)) // 8)
     return -(-length // step) * step
 
 
