@@ -125,6 +125,25 @@ def check(op: str, device: str, causal: bool, seq_len: int, shapes: Shapes) -> d
     generator = torch.Generator(device).manual_seed(0)
     head_dim = min(64, shapes.width // 2)
     tensors, options = inputs(op, 2, seq_len, head_dim, shapes, device, torch.bfloat16, generator)
+    return {"op": op, "causal": causal, **_backends_agree(op, tensors, options, causal, device)}
+
+
+def check_packed(op: str, args) -> dict:
+    """The packed kernel vs the reference path (each document alone) on the documents the packing
+    points time, causal, out and every gradient."""
+    generator = torch.Generator(args.device).manual_seed(0)
+    head_dim = min(64, args.shapes.width // 2)
+    lengths = list(SMOKE_CHECK_DOCUMENTS) if args.smoke else None
+    tensors, options, _ = documents(op, "packed", head_dim, args, generator, lengths)
+    return {
+        "op": op,
+        "causal": True,
+        "packed": True,
+        **_backends_agree(op, tensors, options, True, args.device),
+    }
+
+
+def _backends_agree(op: str, tensors, options, causal: bool, device: str) -> dict:
     errors = {}
     results = {}
     for backend in ("reference", "triton"):
@@ -138,7 +157,7 @@ def check(op: str, device: str, causal: bool, seq_len: int, shapes: Shapes) -> d
         errors["out" if index == 0 else f"grad{index - 1}"] = float(
             (ours.double() - want).norm() / want.norm().clamp_min(1e-30)
         )
-    return {"op": op, "causal": causal, "errors": errors, "ok": max(errors.values()) <= 1e-2}
+    return {"errors": errors, "ok": max(errors.values()) <= 1e-2}
 
 
 # Documents of one packed step (tokens), cycled and the last cut to fit: packed into one row with
@@ -146,6 +165,11 @@ def check(op: str, device: str, causal: bool, seq_len: int, shapes: Shapes) -> d
 DOCUMENTS = (1536, 512, 2048, 256, 1024, 768, 128, 3072, 640, 384)
 SMOKE_DOCUMENTS = (20, 7, 30, 7)
 PACKED_OPS = ("pointwise_attention", "mixed_chunk_attention", "aft_simple", "lightconv")
+
+
+# The packed checks' documents in a smoke run: longer than the interpreter's blocks (16–64 rows), so a
+# segment spans several blocks and a block holds the end of one segment and the start of the next.
+SMOKE_CHECK_DOCUMENTS = (70, 7, 45, 1, 33)
 
 
 def document_lengths(tokens: int, smoke: bool) -> list[int]:
@@ -158,11 +182,13 @@ def document_lengths(tokens: int, smoke: bool) -> list[int]:
     raise AssertionError("unreachable")
 
 
-def documents(op: str, backend: str, head_dim: int, args, generator) -> tuple[list, dict, dict]:
-    """The op's bfloat16 inputs for the documents of one step: one packed row with cu_seqlens
-    ("packed"), or a batch padded to the longest with an attention mask ("padded"); and the record's
-    sizes."""
-    lengths = document_lengths(args.tokens, args.smoke)
+def documents(
+    op: str, backend: str, head_dim: int, args, generator, lengths: list[int] | None = None
+) -> tuple[list, dict, dict]:
+    """The op's bfloat16 inputs for the documents of one step (or of ``lengths``): one packed row with
+    cu_seqlens ("packed"), or a batch padded to the longest with an attention mask ("padded"); and the
+    record's sizes."""
+    lengths = lengths or document_lengths(args.tokens, args.smoke)
     device, shapes = args.device, args.shapes
     if backend == "packed":
         tensors, options = inputs(op, 1, sum(lengths), head_dim, shapes, device, torch.bfloat16, generator)
@@ -390,9 +416,11 @@ def main() -> None:
         for op in (*kernels, "aft_conv_2d")
         for causal in ((False,) if op == "aft_conv_2d" else (False, True))
     ]
+    checks += [check_packed(op, args) for op in PACKED_OPS if op in kernels]
     for result in checks:
+        kind = "packed " if result.get("packed") else ""
         print(
-            f"check {result['op']:22s} causal={result['causal']!s:5s} "
+            f"check {result['op']:22s} causal={result['causal']!s:5s} {kind}"
             + " ".join(f"{name} {error:.1e}" for name, error in result["errors"].items()),
             flush=True,
         )
