@@ -35,7 +35,7 @@ from harness import run_point, write_results
 
 from tokenmix.bench.measure import peak_allocated_mb, rss_mb
 from tokenmix.models import LanguageModel
-from tokenmix.models.backbone import Backbone
+from tokenmix.models.backbone import set_activation_checkpointing
 
 MIXERS = {
     "softmax": {"heads": 4},
@@ -49,9 +49,7 @@ def activations_point(point: dict) -> dict:
     torch.manual_seed(0)
     length = point["seq_len"]
     model = LanguageModel(256, 256, 4, point["mixer"], mixer_options=MIXERS[point["mixer"]], max_len=length)
-    for module in model.modules():
-        if isinstance(module, Backbone):
-            module.activation_checkpointing = point["checkpointing"]
+    set_activation_checkpointing(model, point["checkpointing"])
     tokens = torch.randint(0, 256, (1, length))
 
     def run() -> None:

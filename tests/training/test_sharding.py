@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tokenmix.cli import main
-from tokenmix.models.backbone import Backbone
+from tokenmix.models.backbone import set_activation_checkpointing
 from tokenmix.models.language_model import LanguageModel
 from tokenmix.training import evaluate, generate, train
 from tokenmix.training.checkpoint import latest_checkpoint, read_json_lines
@@ -162,9 +162,7 @@ def test_resuming_with_another_sharding_or_another_models_checkpoint_is_one_line
 
 
 def _gradients(model: torch.nn.Module, tokens: torch.Tensor, recompute: bool) -> dict[str, torch.Tensor]:
-    for module in model.modules():
-        if isinstance(module, Backbone):
-            module.activation_checkpointing = recompute
+    set_activation_checkpointing(model, recompute)
     model.zero_grad()
     torch.manual_seed(1)  # dropout's masks: drawn again, the same, in the recomputation
     model(tokens).logsumexp(-1).mean().backward()
@@ -189,9 +187,7 @@ def test_activation_checkpointing_keeps_only_the_blocks_inputs():
     tokens = torch.randint(0, 50, (2, 64))
 
     def saved_bytes(recompute: bool) -> int:
-        for module in model.modules():
-            if isinstance(module, Backbone):
-                module.activation_checkpointing = recompute
+        set_activation_checkpointing(model, recompute)
         storages: dict[int, int] = {}
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:

@@ -113,6 +113,13 @@ def _real_first(mask: torch.Tensor | None) -> Compacted | None:
     return compact(mask, mask.shape[0], mask.shape[1], mask.device)
 
 
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """Turn ``Backbone.activation_checkpointing`` on or off in every backbone of ``model``."""
+    for module in model.modules():
+        if isinstance(module, Backbone):
+            module.activation_checkpointing = enabled
+
+
 class Backbone(SelfInitialising):
     """Embeddings (B, N, dim) → hidden states (B, N, dim) through ``depth`` mixer blocks.
 

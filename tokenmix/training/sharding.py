@@ -1,8 +1,8 @@
 """``train --fsdp``: PyTorch's FSDP2 over the process group, and its distributed checkpoints.
 
-Every rank builds the model from the same seed (eagerly, or on the meta device and then
-``reset_parameters()``, which gives the same weights; tokenmix/init.py), ``fully_shard`` splits each
-block and then the rest (embeddings, head, final norm) across the ranks, and the optimiser holds only this
+The model is built on the meta device, ``fully_shard`` splits each block and then the rest (embeddings,
+head, final norm) across the ranks, each rank allocates its shard, and rank 0's eagerly built weights
+(tokenmix/init.py: the same as a plain run's for the seed) are scattered; the optimiser holds only this
 rank's shard of every moment. Checkpoints are ``torch.distributed.checkpoint`` directories: each rank
 writes its own shard, and any number of ranks reads them back (a run may resume at another world size).
 """
@@ -113,7 +113,8 @@ def save_sharded_checkpoint(
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Read a checkpoint ``save_sharded`` wrote, by any number of ranks, into this rank's shards."""
+    """Read a checkpoint ``save_sharded_checkpoint`` wrote, by any number of ranks, into this rank's
+    shards."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
@@ -134,11 +135,8 @@ def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     an empty dict on the other ranks. Every rank must call it."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
-    first_name: dict[int, str] = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        first_name.setdefault(id(parameter), name)
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first_name[id(p)] != n}
-    return {name: tensor.contiguous() for name, tensor in state.items() if name not in tied}
+    kept = dict(model.named_parameters()).keys() | dict(model.named_buffers()).keys()  # a tied one once
+    return {name: tensor.contiguous() for name, tensor in state.items() if name in kept}
 
 
 def save_full_weights(model: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.documents import cu_seqlens_of
 from ..errors import DivergedError, InvalidValueError, RunDirectoryError, UnavailableError
-from ..models.backbone import Backbone
+from ..models.backbone import set_activation_checkpointing
 from .checkpoint import (
     LOCK,
     RunLock,
@@ -318,9 +318,7 @@ class _Run:
             self.model = build_sharded(self.task.build_model, device, config.seed)
         else:
             self.model = self.task.build_model().to(device)
-        for module in self.model.modules():
-            if isinstance(module, Backbone):
-                module.activation_checkpointing = config.activation_checkpointing
+        set_activation_checkpointing(self.model, config.activation_checkpointing)
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, config)
@@ -398,19 +396,26 @@ class _Run:
         }
 
     def save(self) -> None:
-        metadata = {"step": str(self.step)}
         # The ranks' mean of their running loss sums, so that any number of ranks resumes the window.
         total = self.world.sum(torch.tensor([self.window[0]], dtype=torch.float64, device=self.device))
         window = [total.item() / self.world.size, self.window[1]]
-        if is_sharded(self.model):  # every rank writes its shard; rank 0 the gathered weights
+        if is_sharded(self.model):  # every rank writes its shard
             state = self.trainer_state(window)
             save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state)
-            save_full_weights(self.model, self.run_dir / WEIGHTS, metadata)
         elif self.world.is_main:
             save_checkpoint(self.run_dir, self.step, self.model, self.trainer_state(window))
-            save_weights(self.model, self.run_dir / WEIGHTS, metadata)
+        self.save_weights(WEIGHTS)
         self.saved = True
         self.world.barrier()
+
+    def save_weights(self, name: str) -> None:
+        """The whole model's weights as ``name`` in the run directory (sharded: gathered by every rank,
+        written by rank 0)."""
+        path, metadata = self.run_dir / name, {"step": str(self.step)}
+        if is_sharded(self.model):
+            save_full_weights(self.model, path, metadata)
+        elif self.world.is_main:
+            save_weights(self.model, path, metadata)
 
     def train_step(self, forward: Callable[[torch.Tensor], torch.Tensor], trained: nn.Module) -> float:
         """One optimiser step over the global batch of ``self.step`` (this rank's rows, in micro-batches)."""
@@ -466,10 +471,7 @@ class _Run:
         }
         if scores["loss"] < self.best_val_loss:
             self.best_val_loss = scores["loss"]
-            if is_sharded(self.model):
-                save_full_weights(self.model, self.run_dir / BEST_WEIGHTS, {"step": str(self.step)})
-            elif world.is_main:
-                save_weights(self.model, self.run_dir / BEST_WEIGHTS, {"step": str(self.step)})
+            self.save_weights(BEST_WEIGHTS)
         self.window = [0.0, 0]
         if world.is_main:
             append_json_line(self.run_dir / METRICS, record)
@@ -490,14 +492,10 @@ class _Run:
 
 def _gradient_sync(trained: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
     """Where gradients are reduced across ranks (the last micro-batch) and where they accumulate locally."""
-    if sync:
-        if is_sharded(trained):
-            trained.set_requires_gradient_sync(True)
-        return contextlib.nullcontext()
     if is_sharded(trained):
-        trained.set_requires_gradient_sync(False)
+        trained.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
-    return trained.no_sync()
+    return contextlib.nullcontext() if sync else trained.no_sync()
 
 
 def _train(
