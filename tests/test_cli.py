@@ -242,7 +242,7 @@ def test_bad_input_is_one_line_and_exit_2_never_a_traceback(tmp_path, capsys):
         (["train", *SMALL, "--data", str(bad_gz_dir), "--out", new], "not a complete gzip file"),
         (["train", *SMALL, "--pack", "--data", str(bad_jsonl_gz), "--out", new], "not a complete gzip file"),
         (["train", *SMALL, "--data", str(empty), "--out", new], "holds no text"),
-        (["train", *SMALL, "--pack", "--data", str(one_byte_documents), "--out", new], "no byte to predict"),
+        (["train", *SMALL, "--pack", "--data", str(one_byte_documents), "--out", new], "no token to predict"),
     ]
     if not torch.cuda.is_available():
         cases += [

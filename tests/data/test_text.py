@@ -46,7 +46,7 @@ def test_windows_are_next_byte_pairs():
 
 def test_too_short_for_the_sequence_length_says_so():
     parts = split(b"x" * 1000)
-    with pytest.raises(ValueError, match="the val split has 50 bytes, too short for seq_len=64"):
+    with pytest.raises(ValueError, match="the val split has 50 tokens, too short for seq_len=64"):
         check_long_enough(parts, 64)
     with pytest.raises(ValueError, match="too short for seq_len=16"):
         random_windows(torch.zeros(10, dtype=torch.uint8), 16, 2, torch.Generator())

@@ -35,7 +35,7 @@ def test_charlm_evaluation_covers_the_split_with_next_byte_targets():
     batches = task.eval_batches("val", None)
     inputs = torch.cat([x for x, _ in batches])
     targets = torch.cat([y for _, y in batches])
-    data = task.splits["val"]
+    data = task.text.splits["val"][:]
     assert len(inputs) == (len(data) - 1) // 100
     assert torch.equal(inputs.flatten(), data[: inputs.numel()].long())
     assert torch.equal(targets.flatten(), data[1 : inputs.numel() + 1].long())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,39 +28,53 @@ SEPARATOR = b"\n\n"
 _CHAPTER = re.compile(rb"^CHAPTER \d+\.", flags=re.MULTILINE)
 
 
-def embedded_documents() -> list[bytes]:
-    """The embedded Moby-Dick, one document per chapter (135)."""
+def embedded_document_ranges() -> list[tuple[int, int]]:
+    """Where each chapter of the embedded Moby-Dick (135) lies in it, surrounding whitespace excluded."""
     text = embedded_corpus()
     starts = [match.start() for match in _CHAPTER.finditer(text)] or [0]
     starts[0] = 0  # anything before the first heading belongs to the first chapter
-    return [text[a:b].strip() for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+    ranges = []
+    for a, b in zip(starts, [*starts[1:], len(text)], strict=True):
+        piece = text[a:b]
+        lead = len(piece) - len(piece.lstrip())
+        ranges.append((a + lead, max(a + lead, a + len(piece.rstrip()))))
+    return ranges
+
+
+def embedded_documents() -> list[bytes]:
+    """The embedded Moby-Dick, one document per chapter (135)."""
+    text = embedded_corpus()
+    return [text[a:b] for a, b in embedded_document_ranges()]
 
 
 def _read(path: Path) -> bytes:
     return load_corpus(path, allow_empty=True)  # an empty file is an empty document, dropped
 
 
+def jsonl_text(path: Path, number: int, raw: bytes) -> bytes:
+    """The ``"text"`` of line ``number`` (``raw``, without its newline) of the JSONL file ``path``, as
+    UTF-8 (empty for a blank line)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidValueError(
+            f"{str(path)!r} line {number} is not UTF-8 (its byte {error.start + 1} is "
+            f"{raw[error.start : error.start + 1]!r})"
+        ) from None
+    if not line.strip():
+        return b""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise InvalidValueError(f"{str(path)!r} line {number} is not JSON ({error.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise InvalidValueError(f"{str(path)!r} line {number} has no string field 'text'")
+    return record["text"].encode("utf-8")
+
+
 def _jsonl(path: Path) -> list[bytes]:
-    documents = []
     # Records end at "\n" only: U+2028 and the like are legal inside a JSON string (splitlines() cut there).
-    for number, raw in enumerate(_read(path).split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise InvalidValueError(
-                f"{str(path)!r} line {number} is not UTF-8 (its byte {error.start + 1} is "
-                f"{raw[error.start : error.start + 1]!r})"
-            ) from None
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InvalidValueError(f"{str(path)!r} line {number} is not JSON ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise InvalidValueError(f"{str(path)!r} line {number} has no string field 'text'")
-        documents.append(record["text"].encode("utf-8"))
-    return documents
+    return [jsonl_text(path, number, raw) for number, raw in enumerate(_read(path).split(b"\n"), 1)]
 
 
 def load_documents(path: str | Path | None = None) -> list[bytes]:
@@ -134,7 +149,7 @@ def _place(piece: torch.Tensor, room: int, inputs: list, targets: list, segments
 
 
 def packed_rows(
-    parts: list[torch.Tensor], seq_len: int, rows: int, generator: torch.Generator
+    parts: Sequence[torch.Tensor], seq_len: int, rows: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``rows`` rows of ``seq_len`` positions, each filled with pieces drawn at random (the last one cut
     to fit): inputs (B, N), next-byte targets (B, N) (IGNORE after a document's last byte), and each
@@ -152,9 +167,12 @@ def packed_rows(
     return torch.stack(out_inputs), torch.stack(out_targets), torch.stack(out_segments)
 
 
-def packed_stream(parts: list[torch.Tensor], seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def packed_stream(
+    parts: Sequence[torch.Tensor], seq_len: int, rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every piece in order, packed into consecutive rows of ``seq_len`` (a piece that does not fit goes
-    on in the next row as a new segment; the last partial row is dropped): the fixed evaluation rows."""
+    on in the next row as a new segment; the last partial row is dropped): the fixed evaluation rows, at
+    most ``rows`` of them (None: all)."""
     inputs, targets, segments = [], [], []
     row_inputs, row_targets, row_segments, filled, segment = [], [], [], 0, 0
     for piece in parts:
@@ -166,9 +184,11 @@ def packed_stream(parts: list[torch.Tensor], seq_len: int) -> tuple[torch.Tensor
                 targets.append(torch.cat(row_targets))
                 segments.append(torch.cat(row_segments))
                 row_inputs, row_targets, row_segments, filled, segment = [], [], [], 0, 0
-            if used >= len(piece) - 1:  # the piece is placed whole
+            if used >= len(piece) - 1 or len(inputs) == rows:  # placed whole, or enough rows
                 break
             piece = piece[used:]  # the rest goes on in the next row
+        if len(inputs) == rows:
+            break
     if not inputs:
         raise InvalidValueError(
             f"the documents hold fewer than seq_len={seq_len} positions: no full row to evaluate"

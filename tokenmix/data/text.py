@@ -4,6 +4,7 @@ deterministic contiguous split, and random training windows."""
 from __future__ import annotations
 
 import gzip
+from collections.abc import Mapping, Sized
 from importlib import resources
 from pathlib import Path
 
@@ -54,12 +55,12 @@ def split(data: bytes, fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
     return dict(zip(SPLITS, (tensor[:train_end], tensor[train_end:val_end], tensor[val_end:]), strict=True))
 
 
-def check_long_enough(splits: dict[str, torch.Tensor], seq_len: int) -> None:
-    """Every split must hold at least one window of seq_len inputs plus its next-byte target."""
+def check_long_enough(splits: Mapping[str, Sized], seq_len: int) -> None:
+    """Every split must hold at least one window of seq_len inputs plus its next-token target."""
     for name, tensor in splits.items():
         if len(tensor) < seq_len + 1:
             raise InvalidValueError(
-                f"the {name} split has {len(tensor)} bytes, too short for seq_len={seq_len} "
+                f"the {name} split has {len(tensor)} tokens, too short for seq_len={seq_len} "
                 f"(it needs at least {seq_len + 1}); use a larger corpus or a shorter --seq-len"
             )
 

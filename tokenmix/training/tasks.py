@@ -14,17 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.documents import (
-    join_documents,
-    load_documents,
-    packed_rows,
-    packed_stream,
-    pieces,
-    split_documents,
-)
+from ..data.documents import packed_rows, packed_stream
 from ..data.images import ImageData, load_images
 from ..data.mqar import IGNORE, check_mqar, mqar_batch
-from ..data.text import VOCAB_SIZE, check_long_enough, load_corpus, random_windows, split
+from ..data.prepared import TextData
+from ..data.text import check_long_enough, random_windows
 from ..errors import InvalidValueError
 from ..mixers import mixer_info
 from ..models import LanguageModel, VisionTransformer
@@ -61,8 +55,16 @@ class Task:
         """Fixed batches covering ``split_name`` (at most ``max_batches``)."""
         raise NotImplementedError
 
-    def metric_value(self, loss: float, accuracy: float) -> float:
+    def target_bytes(self, targets: torch.Tensor) -> torch.Tensor:
+        """What the loss is divided by for ``metric_value``'s ``loss_per_byte``: bytes of text for a
+        language model, the counted targets otherwise."""
+        return (targets != IGNORE).sum()
+
+    def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
         raise NotImplementedError
+
+    def save_files(self, run_dir: Path) -> None:
+        """Write what a run needs beside its weights to be read again (a tokenizer)."""
 
     def _backbone_options(self) -> dict[str, Any]:
         config = self.config
@@ -82,59 +84,69 @@ class Task:
 
 
 class CharLM(Task):
-    """Next-byte prediction on text (default: the embedded corpus); metric bits per byte. Without
-    ``pack``, random windows of the byte stream (documents joined by a blank line); with it, rows of
-    whole documents with their segments (``tokenmix.data.documents``)."""
+    """Next-token prediction on text (default: the embedded corpus; a prepared dataset, a raw file, a
+    directory or JSONL of documents: ``TextData``); metric bits per byte of text, whatever the tokenizer.
+    Without ``pack``, random windows of the token stream (documents joined by the tokenizer's
+    separator); with it, rows of whole documents with their segments (``tokenmix.data.documents``)."""
 
     metric = "val_bpc"
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
         self.sequence_length = config.seq_len
-        if config.pack:
-            splits = split_documents(load_documents(config.data))
-            self.pieces = {name: pieces(documents, config.seq_len) for name, documents in splits.items()}
-            for name, documents in splits.items():
-                if sum(len(d) for d in documents) < config.seq_len + 1:
-                    raise InvalidValueError(
-                        f"the {name} split has {sum(len(d) for d in documents)} bytes, too short for "
-                        f"seq_len={config.seq_len}; use a larger corpus or a shorter --seq-len"
-                    )
-                # A packed document predicts its own bytes after its first: one-byte documents give none,
-                # and a loss over no target is no score (it read 0.0, a perfect one).
-                if not any(len(piece) > 1 for piece in self.pieces[name]):
-                    raise InvalidValueError(
-                        f"the {name} split of --data {str(config.data)!r} has no byte to predict with "
-                        f"--pack: each of its {len(documents)} documents is one byte long"
-                    )
+        self.text = TextData.load(config.data)
+        self.tokenizer = self.text.tokenizer
+        self._lengths = torch.from_numpy(self.tokenizer.token_lengths)
+        if not config.pack:
+            check_long_enough(self.text.splits, config.seq_len)
             return
-        data = config.data
-        many = data is not None and (Path(data).is_dir() or ".jsonl" in Path(data).name)
-        self.splits = split(join_documents(load_documents(data)) if many else load_corpus(data))
-        check_long_enough(self.splits, config.seq_len)
+        self.pieces = self.text.pieces(config.seq_len)
+        for name, parts in self.pieces.items():
+            if parts.positions() < config.seq_len + 1:
+                raise InvalidValueError(
+                    f"the {name} split has {parts.positions()} tokens, too short for "
+                    f"seq_len={config.seq_len}; use a larger corpus or a shorter --seq-len"
+                )
+            # A packed document predicts its own tokens after its first: one-token documents give none,
+            # and a loss over no target is no score (it read 0.0, a perfect one).
+            if parts.positions() == len(parts.parts):
+                raise InvalidValueError(
+                    f"the {name} split of --data {str(config.data)!r} has no token to predict with "
+                    f"--pack: each of its {len(parts.parts)} documents is one token long"
+                )
 
     def build_model(self) -> nn.Module:
-        return LanguageModel(VOCAB_SIZE, **self._backbone_options())
+        return LanguageModel(self.tokenizer.vocab_size, **self._backbone_options())
 
     def train_batch(self, step: int) -> Batch:
         generator = step_generator(self.config.seed, step)
         if self.config.pack:
             return packed_rows(self.pieces["train"], self.config.seq_len, self.config.batch_size, generator)
-        return random_windows(self.splits["train"], self.config.seq_len, self.config.batch_size, generator)
+        stream = self.text.splits["train"]
+        return random_windows(stream, self.config.seq_len, self.config.batch_size, generator)
 
     def eval_batches(self, split_name: str, max_batches: int | None) -> list[Batch]:
+        batch_size, seq_len = self.config.batch_size, self.config.seq_len
+        limit = None if max_batches is None else max_batches * batch_size  # rows read, no more
         if self.config.pack:  # the split's documents in order, packed row after row
-            rows = packed_stream(self.pieces[split_name], self.config.seq_len)
-            return _batches(*rows, batch_size=self.config.batch_size, limit=max_batches)
+            rows = packed_stream(self.pieces[split_name], seq_len, limit)
+            return _batches(*rows, batch_size=batch_size, limit=max_batches)
         # Non-overlapping windows from the start of the split.
-        data, seq_len = self.splits[split_name], self.config.seq_len
-        count = (len(data) - 1) // seq_len
-        inputs = data[: count * seq_len].long().view(count, seq_len)
-        targets = data[1 : count * seq_len + 1].long().view(count, seq_len)
-        return _batches(inputs, targets, batch_size=self.config.batch_size, limit=max_batches)
+        data = self.text.splits[split_name]
+        count = (len(data) - 1) // seq_len if limit is None else min((len(data) - 1) // seq_len, limit)
+        tokens = data[: count * seq_len + 1]
+        inputs, targets = tokens[:-1].view(count, seq_len), tokens[1:].view(count, seq_len)
+        return _batches(inputs, targets, batch_size=batch_size, limit=max_batches)
 
-    def metric_value(self, loss: float, accuracy: float) -> float:
-        return loss / math.log(2)
+    def target_bytes(self, targets: torch.Tensor) -> torch.Tensor:
+        counted = targets != IGNORE
+        return self._lengths.to(targets.device)[targets.masked_fill(~counted, 0)][counted].sum()
+
+    def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
+        return loss_per_byte / math.log(2)
+
+    def save_files(self, run_dir: Path) -> None:
+        self.tokenizer.save(run_dir)  # a BPE run keeps its tokenizer.json
 
 
 class _ImageTask(Task):
@@ -199,7 +211,7 @@ class ImageClassification(_ImageTask):
     def _examples(self, split_name: str) -> Batch:
         return self._normalised[split_name], self.data.labels[split_name]
 
-    def metric_value(self, loss: float, accuracy: float) -> float:
+    def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
         return accuracy
 
 
@@ -226,7 +238,7 @@ class ImageAutoregressive(_ImageTask):
     def _examples(self, split_name: str) -> Batch:
         return self._sequences[split_name]
 
-    def metric_value(self, loss: float, accuracy: float) -> float:
+    def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
         return loss / math.log(2)
 
 
@@ -257,7 +269,7 @@ class MQAR(Task):
         inputs, targets = self._draw(count, step_generator(0, 2**31 + offset))
         return _batches(inputs, targets, batch_size=self.config.batch_size, limit=max_batches)
 
-    def metric_value(self, loss: float, accuracy: float) -> float:
+    def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
         return accuracy
 
 

@@ -135,7 +135,7 @@ def evaluate_model(
     world = world or World()
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
     batches = list(task.eval_batches(split_name, max_batches))
     # A sharded model gathers its weights in every forward, with every rank: all run the same number.
     rounds = math.ceil(len(batches) / world.size) if is_sharded(model) else None
@@ -145,12 +145,13 @@ def evaluate_model(
         with _autocast(device):
             logits = forward_rows(model, inputs.to(device), segments)
         if index < len(batches):  # (beyond: a sharded rank's forward that only keeps the others company)
-            totals += torch.stack(token_loss(logits, targets.to(device))).double()
+            targets = targets.to(device)
+            totals += torch.stack((*token_loss(logits, targets), task.target_bytes(targets))).double()
     model.train(was_training)
-    loss_sum, count, correct = world.sum(totals).tolist()
+    loss_sum, count, correct, text_bytes = world.sum(totals).tolist()
     loss, accuracy = loss_sum / max(count, 1), correct / max(count, 1)
-    name = task.metric.removeprefix("val_")
-    return {"loss": loss, "accuracy": accuracy, name: task.metric_value(loss, accuracy)}
+    metric = task.metric_value(loss, accuracy, loss_sum / max(text_bytes, 1))
+    return {"loss": loss, "accuracy": accuracy, task.metric.removeprefix("val_"): metric}
 
 
 def _my_batches(count: int, world: World, rounds: int | None) -> range:
@@ -375,6 +376,7 @@ class _Run:
         if not self.world.is_main:
             return
         if not resumed:
+            self.task.save_files(self.run_dir)
             write_text_atomically(self.run_dir / CONFIG, _json(self.config.to_dict()))
             write_text_atomically(self.run_dir / METRICS, "")
             return

@@ -1,0 +1,205 @@
+"""Text into model tokens (docs/spec.md §12): ``bytes`` (a token is a byte: the default, nothing to
+train) and ``bpe`` (byte-level BPE trained with Hugging Face ``tokenizers``, GPT-2's pre-tokenizer).
+
+Either way a token stands for a fixed byte string (``token_bytes``: empty for the special token), so
+text round-trips and a model's loss is reported in bits per byte of text, whatever its vocabulary.
+BPE reads text as UTF-8: a byte that is not UTF-8 becomes U+FFFD (three bytes) before encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from functools import cache, cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidValueError, MissingFileError
+
+END_OF_TEXT = "<|endoftext|>"  # BPE's one special token: between documents, and before one scored alone
+TOKENIZER_FILE = "tokenizer.json"
+KINDS = ("bytes", "bpe")
+
+
+@cache
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's printable stand-in character for each byte (``bytes_to_unicode``), inverted: what
+    byte-level BPE writes in its vocabulary for each byte."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(shown), 0
+    for byte in range(256):
+        if byte not in shown:
+            shown.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(char): byte for byte, char in zip(shown, chars, strict=True)}
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise InvalidValueError(f"vocab_size must be at most 2**32, got {vocab_size}")
+
+
+class Tokenizer:
+    """What tokenmix needs of a tokenizer. ``separator``: the tokens joining documents into one stream;
+    ``end_of_text``: the token before a document scored alone (the harness's prefix token)."""
+
+    kind: str
+    vocab_size: int
+    separator: tuple[int, ...]
+    end_of_text: int
+
+    def encode_batch(self, texts: Sequence[bytes]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def encode(self, text: bytes) -> np.ndarray:
+        return self.encode_batch([text])[0]
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each token id stands for."""
+        raise NotImplementedError
+
+    @cached_property
+    def token_lengths(self) -> np.ndarray:
+        """Bytes of text per token id (int64): what bits per byte divides by."""
+        return np.array([len(b) for b in self.token_bytes], dtype=np.int64)
+
+    def decode(self, ids: Iterable[int]) -> bytes:
+        table = self.token_bytes
+        return b"".join(table[i] for i in ids)
+
+    def cut(self, text: bytes) -> int:
+        """A position at which ``text`` can be split and encoded in two parts with the tokens of the
+        whole (0 where none was found)."""
+        return len(text)
+
+    def save(self, directory: Path) -> None:
+        """Write the tokenizer's files into ``directory`` (none for bytes)."""
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of what decides the encodings: a dataset's manifest records it."""
+        return self.kind
+
+
+class ByteTokenizer(Tokenizer):
+    """A token per byte (id = byte value); documents joined by a blank line, NUL before a lone one."""
+
+    kind = "bytes"
+    vocab_size = 256
+    separator = (10, 10)  # b"\n\n"
+    end_of_text = 0  # NUL, which text never holds
+
+    def encode_batch(self, texts: Sequence[bytes]) -> list[np.ndarray]:
+        return [np.frombuffer(text, dtype=np.uint8) for text in texts]
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        return [bytes([value]) for value in range(256)]
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (a ``tokenizers.Tokenizer``) with ``END_OF_TEXT`` as its only special token."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        eot = tokenizer.token_to_id(END_OF_TEXT)
+        if eot is None:
+            raise InvalidValueError(f"a BPE tokenizer for tokenmix needs the special token {END_OF_TEXT!r}")
+        self.end_of_text = eot
+        self.separator = (eot,)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise MissingFileError(f"tokenizer file {str(path)!r} does not exist")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as error:  # tokenizers raises its own Exception for a malformed file
+            raise InvalidValueError(f"tokenizer file {str(path)!r} could not be read ({error})") from None
+
+    def encode_batch(self, texts: Sequence[bytes]) -> list[np.ndarray]:
+        strings = [text.decode("utf-8", errors="replace") for text in texts]
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch_fast(strings)]
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        byte_of = _byte_of_char()
+        table = [b""] * self.vocab_size
+        special = {token.content for token in self.tokenizer.get_added_tokens_decoder().values()}
+        for token, index in self.tokenizer.get_vocab(with_added_tokens=True).items():
+            table[index] = b"" if token in special else bytes(byte_of[char] for char in token)
+        return table
+
+    def cut(self, text: bytes) -> int:
+        # GPT-2's pre-tokenizer never joins a newline to a following non-space character, and merges stay
+        # inside pre-tokens: after b"\n" before a printable ASCII byte, the two parts encode as the whole.
+        # (A Unicode space is not ASCII, so it is never the byte after the cut.)
+        position = len(text) - 1
+        while (position := text.rfind(b"\n", 0, position)) >= 0:
+            if 0x21 <= text[position + 1] <= 0x7E:
+                return position + 1
+        return 0
+
+    def save(self, directory: Path) -> None:
+        self.tokenizer.save(str(directory / TOKENIZER_FILE))
+
+    @cached_property
+    def fingerprint(self) -> str:
+        canonical = json.dumps(json.loads(self.tokenizer.to_str()), sort_keys=True)
+        return "bpe:" + hashlib.blake2b(canonical.encode(), digest_size=16).hexdigest()
+
+
+def train_bpe(texts: Iterable[bytes], vocab_size: int) -> BPETokenizer:
+    """Byte-level BPE of ``vocab_size`` tokens (at most: a small corpus may support fewer), the 256 bytes
+    and ``END_OF_TEXT`` included, learned from ``texts``."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+        raise InvalidValueError(
+            f"vocab_size must be an integer ≥ 257 (the 256 bytes and {END_OF_TEXT}), got {vocab_size!r}"
+        )
+    tokenizer = HFTokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator((text.decode("utf-8", errors="replace") for text in texts), trainer)
+    return BPETokenizer(tokenizer)
+
+
+def load_tokenizer(kind: str, directory: Path | None = None) -> Tokenizer:
+    """The tokenizer of ``kind``, a BPE one read from ``directory``'s tokenizer file."""
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "bpe" and directory is not None:
+        return BPETokenizer.load(directory / TOKENIZER_FILE)
+    raise InvalidValueError(f"tokenizer must be one of {', '.join(KINDS)}, got {kind!r}")
+
+
+__all__ = [
+    "END_OF_TEXT",
+    "BPETokenizer",
+    "ByteTokenizer",
+    "Tokenizer",
+    "load_tokenizer",
+    "token_dtype",
+    "train_bpe",
+]
