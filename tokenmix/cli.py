@@ -123,7 +123,11 @@ def _bench(args: argparse.Namespace) -> int:
 # Flags of `tokenmix train` that map one-to-one onto TrainConfig fields: flag -> (type, help).
 _TRAIN_FLAGS = {
     "task": (str, "charlm | image-cls | image-ar | mqar"),
-    "data": (str, "charlm: text/byte file (default: embedded corpus); image-*: fashion-mnist | digits | DIR"),
+    "data": (
+        str,
+        "charlm: a prepared dataset (tokenmix prepare), a text file, a directory or a .jsonl (default: "
+        "embedded corpus); image-*: fashion-mnist | digits | DIR",
+    ),
     "mixer": (str, "registered mixer name (tokenmix list)"),
     "dim": (int, "model width"),
     "depth": (int, "number of blocks"),
@@ -269,6 +273,33 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from .data.prepared import BPE_SAMPLE_BYTES, SHARD_TOKENS, PreparedDataset, prepare
+
+    if args.tokenizer != "bpe" and args.vocab_size is not None:
+        raise InvalidValueError("--vocab-size applies to --tokenizer bpe (bytes has 256 tokens)")
+    start = time.perf_counter()
+    out = prepare(
+        args.data,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=8192 if args.vocab_size is None else args.vocab_size,
+        val_fraction=args.val_fraction,
+        sample_bytes=BPE_SAMPLE_BYTES if args.sample_bytes is None else args.sample_bytes,
+        shard_tokens=SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
+        progress=None,
+    )
+    manifest = PreparedDataset(out).manifest
+    keys = ("tokens", "documents", "text_bytes")
+    summary = {"out": str(out), **{key: manifest[key] for key in keys}, "shards": len(manifest["shards"])}
+    summary["vocab_size"] = manifest["tokenizer"]["vocab_size"]
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    print(json.dumps(summary))
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .bench.compare import compare
 
@@ -317,6 +348,23 @@ def _add_training_commands(commands) -> None:
         help="train every mixer for this long (sets its steps)",
     )
     compare_parser.set_defaults(run=_compare)
+    prepare_parser = commands.add_parser(
+        "prepare", help="tokenize a corpus of any size once into memory-mapped shards for --data"
+    )
+    prepare_parser.add_argument(
+        "--data", required=True, help="a text file (.gz too), a directory (a document per file) or a .jsonl"
+    )
+    prepare_parser.add_argument("--out", required=True, help="the dataset directory to write")
+    prepare_parser.add_argument("--tokenizer", default="bytes", choices=["bytes", "bpe"])
+    prepare_parser.add_argument(
+        "--vocab-size", type=int, help="BPE vocabulary, special token included (8192)"
+    )
+    prepare_parser.add_argument(
+        "--val-fraction", type=float, default=0.05, help="validation share of the tokens, and test's"
+    )
+    prepare_parser.add_argument("--sample-bytes", type=int, help="text BPE learns from (default 256 MiB)")
+    prepare_parser.add_argument("--shard-tokens", type=int, help="tokens per shard file (default 2**30)")
+    prepare_parser.set_defaults(run=_prepare)
     train_parser = commands.add_parser("train", help="train a model with any mixer on a task")
     for name, (kind, help_text) in _TRAIN_FLAGS.items():
         train_parser.add_argument("--" + name.replace("_", "-"), type=kind, help=help_text)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..data.prepared import PreparedDataset, is_prepared
 from ..data.text import load_corpus
 from ..errors import InvalidValueError, RunDirectoryError
 from ..functional._checks import check_positive_int, check_real
@@ -246,6 +247,10 @@ def _data_name(task: str, data: str | None, pack: bool) -> str:
         return "the embedded corpus (Moby-Dick" + (", its chapters packed)" if pack else ")")
     kind = "documents, packed" if pack else "bytes"
     path = Path(data)
+    if is_prepared(path):
+        manifest = PreparedDataset(path).manifest
+        tokens = f"{manifest['tokens']:,} {manifest['tokenizer']['kind']} tokens"
+        return f"{path.name} (prepared: {tokens}" + (", documents packed)" if pack else ")")
     if path.is_file() and ".jsonl" not in path.name:
         return f"{path.name} ({len(load_corpus(path)):,} {kind})"
     return f"{path.name} ({kind})"

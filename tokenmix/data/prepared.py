@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InvalidValueError, MissingFileError, RunDirectoryError
 from .stream import SPLITS, Pieces, TokenStream, document_parts, split_bounds
-from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, token_dtype, train_bpe
+from .tokenizer import KINDS, ByteTokenizer, Tokenizer, load_tokenizer, token_dtype, train_bpe
 
 MANIFEST = "tokenmix-dataset.json"
 FORMAT = "tokenmix-prepared-dataset"
@@ -258,8 +258,11 @@ def prepare(
     source = Source.of(data)
     if not isinstance(val_fraction, float | int) or not 0 < val_fraction < 1 / 3:
         raise InvalidValueError(f"--val-fraction must be in (0, 1/3), got {val_fraction!r}")
-    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
-        raise InvalidValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
+    for name, value in (("shard_tokens", shard_tokens), ("sample_bytes", sample_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    if tokenizer not in KINDS:
+        raise InvalidValueError(f"--tokenizer must be one of {', '.join(KINDS)}, got {tokenizer!r}")
     out = _check_out(Path(out))
     if tokenizer == "bpe":
         text_tokenizer: Tokenizer = train_bpe(_bpe_sample(source, sample_bytes), vocab_size)

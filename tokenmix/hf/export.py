@@ -1,6 +1,6 @@
 """``tokenmix export``: a trained charlm run as a transformers directory (config, safetensors weights,
-tokenizer files) that ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load after
-``import tokenmix.hf``."""
+tokenizer files: tokenmix's byte tokenizer, or a BPE run's own as a fast tokenizer) that
+``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained`` load after ``import tokenmix.hf``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from ..data.tokenizer import END_OF_TEXT, BPETokenizer, Tokenizer
 from ..errors import InvalidValueError, RunDirectoryError
 from ..models import LanguageModel
 from ..training.checkpoint import check_directory_path
@@ -23,12 +26,13 @@ def export_run(run_dir: str | Path, out: str | Path, weights: str = "best") -> P
     config, task, model = load_run(run_dir, weights)
     if config.task != "charlm" or not isinstance(model, LanguageModel):
         raise InvalidValueError(
-            f"export takes a charlm run (a byte-level language model, which the exported byte tokenizer "
-            f"reads); {str(run_dir)!r} is a {config.task!r} run, whose tokens are not bytes"
+            f"export takes a charlm run (a language model of text, which the exported tokenizer reads); "
+            f"{str(run_dir)!r} is a {config.task!r} run, whose tokens are not text"
         )
     options = task._backbone_options()
+    tokenizer = hf_tokenizer(task.tokenizer)
     hf_config = TokenmixConfig(
-        vocab_size=model.vocab_size, tie_word_embeddings=True, pad_token_id=ByteTokenizer.PAD_ID, **options
+        vocab_size=model.vocab_size, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, **options
     )
     hf_model = TokenmixForCausalLM(hf_config)
     hf_model.model.load_state_dict(model.state_dict())
@@ -36,7 +40,7 @@ def export_run(run_dir: str | Path, out: str | Path, weights: str = "best") -> P
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         hf_model.save_pretrained(staging)
-        ByteTokenizer().save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         if out.exists():
             out.rmdir()  # empty, checked above
         staging.rename(out)
@@ -44,6 +48,20 @@ def export_run(run_dir: str | Path, out: str | Path, weights: str = "best") -> P
         if staging.exists():
             shutil.rmtree(staging)
     return out
+
+
+def hf_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerBase:
+    """The transformers tokenizer with ``tokenizer``'s encodings: ``ByteTokenizer``, or for BPE a fast
+    tokenizer whose end-of-text token is also its beginning (the harness's prefix) and padding."""
+    if isinstance(tokenizer, BPETokenizer):
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer.tokenizer,
+            bos_token=END_OF_TEXT,
+            eos_token=END_OF_TEXT,
+            pad_token=END_OF_TEXT,
+            padding_side="left",
+        )
+    return ByteTokenizer()
 
 
 def _output_directory(out: Path) -> Path:
