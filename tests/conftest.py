@@ -1,5 +1,7 @@
+import json
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -17,3 +19,15 @@ settings.register_profile(
 )
 settings.load_profile("default")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def bpe_data(tmp_path_factory):
+    """A prepared BPE dataset (512 tokens) of the embedded corpus's chapters, one JSONL line each."""
+    from tokenmix.data.documents import embedded_documents
+    from tokenmix.data.prepared import prepare
+
+    root = tmp_path_factory.mktemp("bpe-data")
+    lines = (json.dumps({"text": chapter.decode()}) for chapter in embedded_documents())
+    (root / "chapters.jsonl").write_text("\n".join(lines) + "\n")
+    return prepare(root / "chapters.jsonl", root / "prepared", tokenizer="bpe", vocab_size=512)

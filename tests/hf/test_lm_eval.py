@@ -14,6 +14,7 @@ pytest.importorskip("lm_eval")
 from tokenmix.cli import main
 from tokenmix.data.heldout import cloze, heldout_sentences
 from tokenmix.data.text import embedded_corpus, split
+from tokenmix.data.tokenizer import BPETokenizer
 from tokenmix.hf.export import export_run
 from tokenmix.hf.lm_eval import evaluate as lm_evaluate
 from tokenmix.hf.lm_eval import main as lm_eval_main
@@ -33,6 +34,38 @@ def exported(tmp_path_factory):
     }  # fmt: skip
     train(config)
     return root / "run", export_run(root / "run", root / "hf")
+
+
+@pytest.fixture(scope="module")
+def exported_bpe(tmp_path_factory, bpe_data):
+    """A charlm run on a prepared BPE dataset (512 tokens), trained a few steps, exported."""
+    root = tmp_path_factory.mktemp("lm-eval-bpe")
+    config = {
+        "data": str(bpe_data), "mixer": "softmax", "dim": 32, "depth": 1, "seq_len": 16, "batch_size": 8,
+        "steps": 20, "eval_every": 20, "eval_batches": 1, "warmup_steps": 2, "progress": "log",
+        "out": str(root / "run"),
+    }  # fmt: skip
+    train(config)
+    return root / "run", export_run(root / "run", root / "hf")
+
+
+def test_a_bpe_model_scores_the_same_bits_per_byte_in_the_harness(exported_bpe):
+    """The exported fast tokenizer encodes as tokenmix does, so the harness's rolling windows are ours
+    and its bits per byte (log-likelihood over the sentences' bytes) equals ``tokenmix eval``'s."""
+    from transformers import AutoTokenizer
+
+    run, directory = exported_bpe
+    theirs, ours = AutoTokenizer.from_pretrained(directory), BPETokenizer.load(run / "tokenizer.json")
+    for text in ("Call me Ishmael.", "Ünïcödé — 日本語 🙂\n\n  indented\ttab", *heldout_sentences()[:5]):
+        ids = theirs(text)["input_ids"]
+        assert ids == ours.encode(text.encode()).tolist() and theirs.decode(ids) == text
+    assert theirs.eos_token_id == theirs.bos_token_id == ours.end_of_text
+    results = lm_evaluate(directory, ["tokenmix_heldout_bpb"])
+    score = evaluate(run, "heldout", device="cpu")["heldout_bpc"]
+    assert results["tokenmix_heldout_bpb"]["bits_per_byte,none"] == pytest.approx(score, abs=1e-5)
+    sentences = [s.encode() for s in heldout_sentences()]
+    tokens = sum(len(ours.encode(s)) for s in sentences)
+    assert tokens < 0.8 * sum(map(len, sentences))  # BPE tokens: fewer than bytes, so the units differ
 
 
 def test_the_heldout_sentences_are_whole_sentences_of_the_test_split_only():

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from tokenmix.data.tokenizer import BPETokenizer
 from tokenmix.training import TrainConfig, evaluate, generate, load_run, train
 from tokenmix.training.checkpoint import latest_checkpoint
 from tokenmix.training.trainer import lr_factor
@@ -169,10 +170,11 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
     assert all(a >= b for a, b in itertools.pairwise(factors))
 
 
-def test_packed_training_resumes_bit_exact_and_evaluates_packed(tmp_path):
-    """--pack: batches stay a pure function of (seed, step), so a stopped run resumes bit-exactly; the
-    evaluation reproduces the logged validation loss on the packed validation rows."""
-    config = dict(TINY, pack=True, grad_accum=2, mixer="aft_simple", mixer_options={})
+def test_packed_training_on_prepared_bpe_resumes_bit_exact_evaluates_and_generates(tmp_path, bpe_data):
+    """--pack on a prepared BPE dataset: batches stay a pure function of (seed, step), so a stopped run
+    resumes bit-exactly; the evaluation reproduces the logged validation loss on the packed validation
+    rows; generation decodes through the run's tokenizer as greedy full forwards do."""
+    config = dict(TINY, pack=True, grad_accum=2, mixer="aft_simple", mixer_options={}, data=str(bpe_data))
     full = train(dict(config, out=str(tmp_path / "full")))
     assert all(math.isfinite(r["val_loss"]) for r in full)
     train(dict(config, out=str(tmp_path / "cut")), on_step=interrupt_at(7))
@@ -181,6 +183,24 @@ def test_packed_training_resumes_bit_exact_and_evaluates_packed(tmp_path):
     assert_same_weights(weights(tmp_path / "cut"), weights(tmp_path / "full"))
     scores = evaluate(tmp_path / "full", "val", weights="last", device="cpu", max_batches=2)
     assert scores["val_loss"] == pytest.approx(full[-1]["val_loss"], rel=1e-5)
+    tokenizer = BPETokenizer.load(tmp_path / "full" / "tokenizer.json")  # the run keeps its tokenizer
+    # Bits per byte: the loss summed over the targets, over the bytes of text they decode to.
+    targets = torch.cat(
+        [batch[1].flatten() for batch in load_run(tmp_path / "full")[1].eval_batches("val", 2)]
+    )
+    counted = targets[targets != -100].tolist()
+    per_byte = scores["val_loss"] * len(counted) / len(tokenizer.decode(counted)) / math.log(2)
+    assert scores["val_bpc"] == pytest.approx(per_byte, rel=1e-6) and per_byte < scores[
+        "val_loss"
+    ] / math.log(2)
+    text = generate(tmp_path / "full", "Call me Ishmaël", 12, temperature=0, weights="last", device="cpu")
+    _, _, model = load_run(tmp_path / "full", weights="last", device="cpu")
+    tokens = torch.from_numpy(tokenizer.encode("Call me Ishmaël".encode()))[None]
+    with torch.no_grad():
+        for _ in range(12):
+            tokens = torch.cat((tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert text == tokenizer.decode(tokens[0].tolist()).decode("utf-8", errors="replace")
+    assert text.startswith("Call me Ishmaël") and model.vocab_size == 512
 
 
 def test_packed_rows_are_predicted_document_by_document():

@@ -144,12 +144,13 @@ class BPETokenizer(Tokenizer):
         return table
 
     def cut(self, text: bytes) -> int:
-        # GPT-2's pre-tokenizer never joins a newline to a following non-space character, and merges stay
-        # inside pre-tokens: after b"\n" before a printable ASCII byte, the two parts encode as the whole.
-        # (A Unicode space is not ASCII, so it is never the byte after the cut.)
+        # GPT-2's pre-tokenizer splits a lone newline between two visible characters off both neighbours,
+        # and merges stay inside pre-tokens: cut there, the two parts encode as the whole. (After a run of
+        # spaces a newline is not alone: at the end of a part the run would be one pre-token, in the
+        # whole the newline its own. Unicode spaces are not ASCII, so "visible ASCII" excludes them.)
         position = len(text) - 1
-        while (position := text.rfind(b"\n", 0, position)) >= 0:
-            if 0x21 <= text[position + 1] <= 0x7E:
+        while (position := text.rfind(b"\n", 1, position)) >= 1:
+            if 0x21 <= text[position - 1] <= 0x7E and 0x21 <= text[position + 1] <= 0x7E:
                 return position + 1
         return 0
 

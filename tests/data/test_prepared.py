@@ -1,0 +1,171 @@
+"""Prepared datasets: the raw path's batches from memory-mapped shards, the documents' tokens whole
+whatever the read and shard sizes, and damaged or interrupted datasets refused in one line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tokenmix.cli import main
+from tokenmix.data import prepared
+from tokenmix.data.documents import embedded_documents
+from tokenmix.data.prepared import MANIFEST, PreparedDataset, prepare
+from tokenmix.training.config import TrainConfig
+from tokenmix.training.tasks import create_task
+
+DOCUMENTS = [*embedded_documents()[:12], "Ünïcödé — 日本語 🙂\nsecond line\n".encode(), b"x"]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """The same documents as a directory (an empty file among them), a JSONL file and one text file."""
+    root = tmp_path_factory.mktemp("sources")
+    (root / "docs").mkdir()
+    for number, document in enumerate(DOCUMENTS):
+        (root / "docs" / f"{number:03d}.txt").write_bytes(document)
+    (root / "docs" / "empty.txt").write_bytes(b"")
+    lines = [json.dumps({"text": d.decode()}) for d in DOCUMENTS]
+    (root / "docs.jsonl").write_text("\n".join([*lines[:5], "", *lines[5:]]) + "\n")
+    (root / "book.txt.gz").write_bytes(gzip.compress(b"".join(DOCUMENTS)))
+    return root
+
+
+def assert_same_batches(raw, ours, steps=3):
+    for step in range(steps):
+        for mine, theirs in zip(ours.train_batch(step), raw.train_batch(step), strict=True):
+            assert torch.equal(mine, theirs), step
+    for split in ("val", "test"):
+        for mine, theirs in zip(ours.eval_batches(split, 2), raw.eval_batches(split, 2), strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+
+
+@pytest.mark.parametrize("source", ["docs", "docs.jsonl", "book.txt.gz"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_a_prepared_byte_dataset_gives_the_raw_paths_batches(sources, tmp_path, source, pack):
+    out = prepare(sources / source, tmp_path / "prepared", shard_tokens=7000)  # several shards
+    assert len(json.loads((out / MANIFEST).read_text())["shards"]) > 1
+    config = {"data": str(sources / source), "seq_len": 48, "batch_size": 4, "pack": pack}
+    raw, ours = create_task(TrainConfig(**config)), create_task(TrainConfig(**dict(config, data=str(out))))
+    assert_same_batches(raw, ours)
+    assert ours.build_model().vocab_size == 256
+
+
+def test_a_raw_text_file_is_mapped_not_read(sources, tmp_path):
+    (tmp_path / "book.txt").write_bytes(gzip.decompress((sources / "book.txt.gz").read_bytes()))
+    task = create_task(TrainConfig(data=str(tmp_path / "book.txt"), seq_len=32, batch_size=2))
+    assert all(isinstance(array, np.memmap) for array in task.text.stream.arrays)
+    assert_same_batches(
+        create_task(TrainConfig(data=str(sources / "book.txt.gz"), seq_len=32, batch_size=2)), task
+    )
+
+
+def test_bpe_tokens_are_each_document_encoded_whole(sources, tmp_path, monkeypatch):
+    # Reads, batches and shards far smaller than a document: every cut must leave the tokens unchanged.
+    monkeypatch.setattr(prepared, "READ_BYTES", 97)
+    monkeypatch.setattr(prepared, "BATCH_BYTES", 1000)
+    out = prepare(sources / "docs", tmp_path / "bpe", tokenizer="bpe", vocab_size=500, shard_tokens=3001)
+    dataset = PreparedDataset(out)
+    tokenizer, manifest = dataset.tokenizer, dataset.manifest
+    encoded = [tokenizer.encode(document) for document in DOCUMENTS]  # whole, in one call each
+    expected = np.concatenate([np.concatenate((e, [tokenizer.end_of_text])) for e in encoded])[:-1]
+    assert torch.equal(dataset.stream[:], torch.from_numpy(expected))
+    ends = np.cumsum([len(e) + 1 for e in encoded])
+    assert dataset.documents.tolist() == [
+        [end - len(e) - 1, end - 1] for end, e in zip(ends, encoded, strict=True)
+    ]
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["vocab_size"] == 500
+    assert manifest["text_bytes"] == sum(map(len, DOCUMENTS)) and manifest["documents"] == len(DOCUMENTS)
+    start, end = dataset.documents[-2]
+    assert tokenizer.decode(dataset.stream[start:end].tolist()) == DOCUMENTS[-2]  # non-ASCII round trip
+    task = create_task(TrainConfig(data=str(out), seq_len=16, batch_size=2))
+    assert task.build_model().vocab_size == 500
+    inputs, targets = task.train_batch(0)
+    assert inputs.max() < 500 and torch.equal(inputs[:, 1:], targets[:, :-1])
+
+
+def assert_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_damaged_prepared_dataset_is_one_line_and_nothing_is_written(sources, tmp_path, capsys):
+    good = prepare(sources / "docs", tmp_path / "good", tokenizer="bpe", vocab_size=400)
+    other = prepare(sources / "docs.jsonl", tmp_path / "other", tokenizer="bpe", vocab_size=300)
+
+    def damaged(name, change):
+        copy = tmp_path / name
+        copy.mkdir()
+        for file in good.iterdir():
+            (copy / file.name).write_bytes(file.read_bytes())
+        change(copy)
+        return copy
+
+    def truncate(name):
+        return lambda d: (d / name).write_bytes((d / name).read_bytes()[:-3])
+
+    cases = {
+        "tokens-00000.bin has": damaged("short-shard", truncate("tokens-00000.bin")),
+        "documents.bin has": damaged("short-index", truncate("documents.bin")),
+        "is not readable JSON": damaged("short-manifest", truncate(MANIFEST)),
+        "not the tokenizer its tokens were made with": damaged(
+            "swapped", lambda d: (d / "tokenizer.json").write_bytes((other / "tokenizer.json").read_bytes())
+        ),
+        "tokens-00000.bin is missing": damaged("no-shard", lambda d: (d / "tokens-00000.bin").unlink()),
+    }
+    for message, data in cases.items():
+        run = tmp_path / f"run-{data.name}"
+        argv = ["train", "--data", str(data), "--steps", "1", "--seq-len", "8", "--out", str(run)]
+        assert_one_line_exit_2(argv, message, capsys)
+        assert not run.exists()
+
+
+def test_an_interrupted_prepare_leaves_the_previous_dataset_and_no_staging(sources, tmp_path, monkeypatch):
+    out = prepare(sources / "docs", tmp_path / "data")
+    before = {file.name: file.read_bytes() for file in out.iterdir()}
+
+    def interrupted(self, tokens):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepared._ShardWriter, "write", interrupted)
+    for target in (out, tmp_path / "new"):
+        with pytest.raises(KeyboardInterrupt):
+            prepare(sources / "docs.jsonl", target)
+    assert {file.name: file.read_bytes() for file in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no staging directory, no "new"
+
+
+def test_prepare_replaces_only_its_own_datasets(sources, tmp_path, capsys):
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    (tmp_path / "file").write_text("keep me too")
+    bad = {
+        "is not empty and is not a prepared dataset": ["--out", str(user)],
+        "is a file": ["--out", str(tmp_path / "file")],
+        "--vocab-size applies to --tokenizer bpe": ["--out", str(tmp_path / "a"), "--vocab-size", "300"],
+        "--val-fraction must be in (0, 1/3)": ["--out", str(tmp_path / "a"), "--val-fraction", "0.5"],
+        "does not exist": ["--out", str(tmp_path / "a"), "--data", str(tmp_path / "nowhere")],
+        "vocab_size must be an integer ≥ 257": [
+            "--out",
+            str(tmp_path / "a"),
+            "--tokenizer",
+            "bpe",
+            "--vocab-size",
+            "9",
+        ],
+    }
+    for message, argv in bad.items():
+        assert_one_line_exit_2(["prepare", "--data", str(sources / "docs"), *argv], message, capsys)
+    assert (user / "notes.txt").read_text() == "keep me" and (tmp_path / "file").read_text() == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine"]
+    assert main(["prepare", "--data", str(sources / "docs"), "--out", str(tmp_path / "a")]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["tokens"] == PreparedDataset(tmp_path / "a").manifest["tokens"] and first["shards"] == 1
+    assert main(["prepare", "--data", str(sources / "docs.jsonl"), "--out", str(tmp_path / "a")]) == 0
+    assert PreparedDataset(tmp_path / "a").manifest["source"]["path"].endswith("docs.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "file", "mine"]

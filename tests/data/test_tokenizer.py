@@ -1,0 +1,72 @@
+"""Tokenizers: bytes and byte-level BPE round-trip any text, each token stands for fixed bytes, and a cut
+where ``cut`` allows encodes as the whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tokenmix.data.documents import embedded_documents
+from tokenmix.data.tokenizer import END_OF_TEXT, ByteTokenizer, token_dtype, train_bpe
+
+TEXTS = [
+    "Call me Ishmael. Héllo wörld — 日本語 🙂 naïve\n\nNext\u2028line\u3000ideographic space\n",
+    "  two  spaces\t\ttabs\r\nCRLF\n\n\n  indented\n-dash\n\u00a0nbsp\n",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    code = b"def f():\n\n    return 1\n\n\n  \n" * 200  # whitespace runs across newlines, merged
+    return train_bpe([*embedded_documents()[:20], code, *(t.encode() for t in TEXTS)], 600)
+
+
+def test_bpe_round_trips_any_text_through_its_token_bytes(bpe):
+    assert bpe.vocab_size == 600 and bpe.token_bytes[bpe.end_of_text] == b""
+    assert bpe.tokenizer.token_to_id(END_OF_TEXT) == bpe.end_of_text
+    for text in TEXTS:
+        ids = bpe.encode(text.encode())
+        assert bpe.decode(ids) == text.encode()
+        assert int(bpe.token_lengths[ids].sum()) == len(text.encode())
+        assert bpe.tokenizer.decode(ids.tolist()) == text  # tokenizers' own decoder agrees
+    assert len(bpe.encode(TEXTS[0].encode())) < len(TEXTS[0].encode())  # merges happened
+    assert bpe.decode(bpe.encode(b"\xff\xfeabc")) == "\ufffd\ufffdabc".encode()  # not UTF-8: U+FFFD
+
+
+def test_bytes_are_their_own_tokens():
+    tokens = ByteTokenizer()
+    data = bytes(range(256))
+    assert tokens.encode(data).tolist() == list(range(256)) and tokens.decode(range(256)) == data
+    assert tokens.token_lengths.tolist() == [1] * 256
+
+
+def test_text_cut_where_bpe_allows_encodes_as_the_whole(bpe):
+    rng = np.random.default_rng(0)
+    alphabet = [*list("ab \n\t.é日-"), "\u3000", "\xa0", "\r\n", "  ", "    ", "\n\n", "return"]
+    checked = 0
+    for _ in range(1000):
+        text = "".join(rng.choice(alphabet, int(rng.integers(2, 40)))).encode()
+        cut = bpe.cut(text)
+        if cut:
+            whole = bpe.encode(text).tolist()
+            assert bpe.encode(text[:cut]).tolist() + bpe.encode(text[cut:]).tolist() == whole, text
+            checked += 1
+    assert checked > 80
+
+
+def test_a_cut_anywhere_else_can_change_the_tokens(bpe):
+    """What ``cut`` avoids: a newline cut from the spaces after it, or a word cut in two."""
+    for text, position in ((b"x\n\n    return", 2), (b"the whale", 6)):
+        whole = bpe.encode(text).tolist()
+        assert bpe.encode(text[:position]).tolist() + bpe.encode(text[position:]).tolist() != whole
+        assert bpe.cut(text) == 0
+
+
+def test_the_token_dtype_is_the_smallest_that_holds_the_vocabulary():
+    assert [token_dtype(n).name for n in (256, 257, 65536, 65537)] == ["uint8", "uint16", "uint16", "uint32"]
+
+
+def test_a_vocabulary_without_room_for_the_bytes_is_refused():
+    with pytest.raises(ValueError, match="vocab_size must be an integer ≥ 257"):
+        train_bpe([b"abc"], 256)
