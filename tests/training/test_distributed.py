@@ -32,9 +32,12 @@ def torchrun(tmp_path, out, *extra: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("pack", [False, True])
-def test_two_processes_equal_one(tmp_path, pack):
-    one = train(dict(DDP, pack=pack, out=str(tmp_path / "one")))
-    result = torchrun(tmp_path, tmp_path / "two", *(["--pack"] if pack else []))
+def test_two_processes_equal_one(tmp_path, pack, bpe_data):
+    # Packed: on a prepared BPE dataset, which both ranks map (the raw path's batches are the same).
+    data = {"data": str(bpe_data)} if pack else {}
+    one = train(dict(DDP, pack=pack, out=str(tmp_path / "one"), **data))
+    extra = ["--pack", "--data", str(bpe_data)] if pack else []
+    result = torchrun(tmp_path, tmp_path / "two", *extra)
     assert result.stdout.count('"step": 12') == 1  # only rank 0 reports
     two = read_json_lines(tmp_path / "two" / "metrics.jsonl")
     assert [r["step"] for r in two] == [r["step"] for r in one]
