@@ -355,7 +355,11 @@ def _add_training_commands(commands) -> None:
         "--data", required=True, help="a text file (.gz too), a directory (a document per file) or a .jsonl"
     )
     prepare_parser.add_argument("--out", required=True, help="the dataset directory to write")
-    prepare_parser.add_argument("--tokenizer", default="bytes", choices=["bytes", "bpe"])
+    prepare_parser.add_argument(
+        "--tokenizer",
+        default="bytes",
+        help="bytes, bpe (learned from --data), or a BPE tokenizer to reuse: tokenizer.json, dataset or run",
+    )
     prepare_parser.add_argument(
         "--vocab-size", type=int, help="BPE vocabulary, special token included (8192)"
     )

@@ -83,6 +83,9 @@ def test_bpe_tokens_are_each_document_encoded_whole(sources, tmp_path, monkeypat
     assert tokenizer.decode(dataset.stream[start:end].tolist()) == DOCUMENTS[-2]  # non-ASCII round trip
     task = create_task(TrainConfig(data=str(out), seq_len=16, batch_size=2))
     assert task.build_model().vocab_size == 500
+    again = PreparedDataset(prepare(sources / "docs.jsonl", tmp_path / "reused", tokenizer=out))  # reused
+    assert again.tokenizer.fingerprint == tokenizer.fingerprint
+    assert torch.equal(again.stream[:], dataset.stream[:])  # the same documents, the same tokens
     inputs, targets = task.train_batch(0)
     assert inputs.max() < 500 and torch.equal(inputs[:, 1:], targets[:, :-1])
 
@@ -150,6 +153,12 @@ def test_prepare_replaces_only_its_own_datasets(sources, tmp_path, capsys):
         "--vocab-size applies to --tokenizer bpe": ["--out", str(tmp_path / "a"), "--vocab-size", "300"],
         "--val-fraction must be in (0, 1/3)": ["--out", str(tmp_path / "a"), "--val-fraction", "0.5"],
         "does not exist": ["--out", str(tmp_path / "a"), "--data", str(tmp_path / "nowhere")],
+        "--tokenizer must be bytes, bpe or a tokenizer.json": [
+            "--out",
+            str(tmp_path / "a"),
+            "--tokenizer",
+            "wordpiece",
+        ],
         "vocab_size must be an integer ≥ 257": [
             "--out",
             str(tmp_path / "a"),

@@ -32,7 +32,16 @@ import numpy as np
 
 from ..errors import InvalidValueError, MissingFileError, RunDirectoryError
 from .stream import SPLITS, Pieces, TokenStream, document_parts, split_bounds
-from .tokenizer import KINDS, ByteTokenizer, Tokenizer, load_tokenizer, token_dtype, train_bpe
+from .tokenizer import (
+    KINDS,
+    TOKENIZER_FILE,
+    BPETokenizer,
+    ByteTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    token_dtype,
+    train_bpe,
+)
 
 MANIFEST = "tokenmix-dataset.json"
 FORMAT = "tokenmix-prepared-dataset"
@@ -233,7 +242,7 @@ def prepare(
     data: str | Path,
     out: str | Path,
     *,
-    tokenizer: str = "bytes",
+    tokenizer: str | Path = "bytes",
     vocab_size: int = 8192,
     val_fraction: float = 0.05,
     sample_bytes: int = BPE_SAMPLE_BYTES,
@@ -246,7 +255,8 @@ def prepare(
         data: a text file (``.gz`` read through), a directory (one document per file) or a ``.jsonl``.
         out: the dataset's directory: new, empty, or a prepared dataset (replaced); anything else is
             refused.
-        tokenizer: ``"bytes"`` or ``"bpe"`` (learned from the first ``sample_bytes`` of ``data``).
+        tokenizer: ``"bytes"``, ``"bpe"`` (learned from the first ``sample_bytes`` of ``data``), or a BPE
+            tokenizer to reuse: its tokenizer.json, or a prepared dataset or run that holds one.
         vocab_size: BPE's vocabulary, the 256 bytes and the end-of-text token included. Default: 8192.
         val_fraction: the validation split's share of the tokens, and the test split's. Default: 0.05.
         sample_bytes: how much text BPE learns from. Default: 256 MiB.
@@ -261,13 +271,14 @@ def prepare(
     for name, value in (("shard_tokens", shard_tokens), ("sample_bytes", sample_bytes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    if tokenizer not in KINDS:
-        raise InvalidValueError(f"--tokenizer must be one of {', '.join(KINDS)}, got {tokenizer!r}")
+    given = None if tokenizer in KINDS else _tokenizer_file(tokenizer)
     out = _check_out(Path(out))
-    if tokenizer == "bpe":
-        text_tokenizer: Tokenizer = train_bpe(_bpe_sample(source, sample_bytes), vocab_size)
+    if given is not None:
+        text_tokenizer: Tokenizer = BPETokenizer.load(given)
+    elif tokenizer == "bpe":
+        text_tokenizer = train_bpe(_bpe_sample(source, sample_bytes), vocab_size)
     else:
-        text_tokenizer = load_tokenizer(tokenizer)
+        text_tokenizer = ByteTokenizer()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=out.parent))
     try:
@@ -283,6 +294,18 @@ def prepare(
         if staging.exists():
             shutil.rmtree(staging)
     return out
+
+
+def _tokenizer_file(given: str | Path) -> Path:
+    """A BPE tokenizer to reuse: a tokenizer.json, or a directory holding one (a prepared dataset, a run)."""
+    path = Path(given)
+    path = path / TOKENIZER_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise InvalidValueError(
+            f"--tokenizer must be bytes, bpe or a tokenizer.json (or a directory holding one: a prepared "
+            f"dataset, a run), got {str(given)!r}"
+        )
+    return path
 
 
 def _write(source: Source, tokenizer: Tokenizer, staging: Path, shard_tokens: int, bar: Any) -> dict:
