@@ -29,3 +29,27 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     assert namespace["text"].shape == (2, 40)
     assert [r["step"] for r in namespace["metrics"]] == [10, 20]
     assert namespace["reference_out"].shape == (2, 100, 64)
+
+
+def test_readme_corpus_commands_run(tmp_path, monkeypatch, capsys):
+    """The three commands from a folder of text to a trained BPE model run as written, the training
+    cut to a few steps."""
+    import shlex
+
+    from tokenmix.cli import main
+    from tokenmix.data.documents import embedded_documents
+
+    section = README.read_text().split("## From a folder of text", 1)[1]
+    commands = re.search(r"```bash\n(.*?)```", section, flags=re.DOTALL).group(1).strip().splitlines()
+    assert [shlex.split(c)[:2] for c in commands] == [["tokenmix", "prepare"], ["tokenmix", "train"],
+                                                     ["tokenmix", "generate"]]  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-texts").mkdir()
+    for number, chapter in enumerate(embedded_documents()[:30]):
+        (tmp_path / "my-texts" / f"{number}.txt").write_bytes(chapter)
+    shorter = {"train": ["--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--progress", "log"],
+               "generate": ["--max-new-tokens", "5"]}  # fmt: skip
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        assert main([*argv, *shorter.get(argv[0], [])]) == 0, command
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("Once upon a time")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,8 +55,15 @@ def test_a_prepared_byte_dataset_gives_the_raw_paths_batches(sources, tmp_path, 
     assert ours.build_model().vocab_size == 256
 
 
-def test_a_raw_text_file_is_mapped_not_read(sources, tmp_path):
+def test_a_raw_text_file_is_mapped_not_read(sources, tmp_path, monkeypatch):
     (tmp_path / "book.txt").write_bytes(gzip.decompress((sources / "book.txt.gz").read_bytes()))
+    read_bytes = Path.read_bytes
+
+    def no_whole_book(path):
+        assert path.name != "book.txt", "the raw file was read whole"
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", no_whole_book)
     task = create_task(TrainConfig(data=str(tmp_path / "book.txt"), seq_len=32, batch_size=2))
     assert all(isinstance(array, np.memmap) for array in task.text.stream.arrays)
     assert_same_batches(

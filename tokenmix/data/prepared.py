@@ -23,7 +23,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,6 +51,7 @@ VERSION = 1
 DOCUMENTS = "documents.bin"
 READ_BYTES = 8 << 20  # read the source this much at a time
 BATCH_BYTES = 32 << 20  # text encoded in one call (the tokenizer's threads share it)
+PIECE_BYTES = 1 << 20  # the pieces of that text (BPE encoded 64 MiB 1.4× as fast in 1 MiB pieces as in 8)
 SHARD_TOKENS = 1 << 30  # tokens per shard file
 BPE_SAMPLE_BYTES = 256 << 20  # BPE learns from the corpus's first this many bytes by default
 
@@ -59,6 +62,25 @@ def is_prepared(path: str | Path | None) -> bool:
 
 
 # --- Reading the source: documents as streams of byte chunks -------------------------------------------
+
+
+class _Digest:
+    """A blake2b hash updated on a thread of its own (hashlib lets go of the GIL), in order, so that
+    hashing the source overlaps reading, tokenizing and writing it."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.blake2b(digest_size=16)
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: deque[Future] = deque()
+
+    def update(self, data: bytes) -> None:
+        self.pending.append(self.pool.submit(self.hash.update, data))
+        while len(self.pending) > 4:  # at most a few chunks held for hashing
+            self.pending.popleft().result()
+
+    def hexdigest(self) -> str:
+        self.pool.shutdown(wait=True)
+        return self.hash.hexdigest()
 
 
 class _Hashing:
@@ -75,8 +97,7 @@ class _Hashing:
 
     def readinto(self, buffer: Any) -> int:  # gzip reads through readinto
         count = self.file.readinto(buffer)
-        view = memoryview(buffer)[:count]
-        self.digest.update(view)
+        self.digest.update(bytes(memoryview(buffer)[:count]))  # a copy: the buffer is reused
         self.progress.update(count)
         return count
 
@@ -205,7 +226,9 @@ def _encoded(tokenizer: Tokenizer, documents: Iterator[Iterator[bytes]]) -> Iter
         pending = b""
         for chunk in chunks:
             pending += chunk
-            if cut := tokenizer.cut(pending):
+            while len(pending) >= PIECE_BYTES and (
+                cut := tokenizer.cut(pending[:PIECE_BYTES]) or tokenizer.cut(pending)
+            ):
                 batch.append(pending[:cut])
                 owners.append(number)
                 held, pending = held + cut, pending[cut:]
@@ -311,7 +334,8 @@ def _tokenizer_file(given: str | Path) -> Path:
 def _write(source: Source, tokenizer: Tokenizer, staging: Path, shard_tokens: int, bar: Any) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     shards = _ShardWriter(staging, dtype, shard_tokens)
-    digest, lengths = hashlib.blake2b(digest_size=16), tokenizer.token_lengths
+    digest, lengths = _Digest(), tokenizer.token_lengths
+    one_byte_each = bool((lengths == 1).all())  # bytes: no need to look the tokens up
     separator = np.asarray(tokenizer.separator, dtype=np.int64)
     text_bytes, count, current, start = 0, 0, -1, 0
     with open(staging / DOCUMENTS, "wb") as index:
@@ -322,7 +346,7 @@ def _write(source: Source, tokenizer: Tokenizer, staging: Path, shard_tokens: in
                     shards.write(separator)
                 current, start, count = number, shards.total, count + 1
             shards.write(tokens)
-            text_bytes += int(lengths[tokens].sum())
+            text_bytes += len(tokens) if one_byte_each else int(lengths[tokens].sum())
         if count:
             index.write(np.array([start, shards.total], dtype="<i8").tobytes())
     shards.close()
@@ -475,7 +499,7 @@ class TextData:
         """The corpus ``data`` names: a prepared dataset, a raw text/byte file, a directory or ``.jsonl``
         of documents, or the embedded corpus (None)."""
         from .documents import SEPARATOR, embedded_document_ranges, load_documents
-        from .text import embedded_corpus, load_corpus
+        from .text import check_data_file, embedded_corpus, load_corpus
 
         if is_prepared(data):
             dataset = PreparedDataset(data)  # type: ignore[arg-type]
@@ -485,7 +509,7 @@ class TextData:
             return cls(TokenStream([text]), np.array(embedded_document_ranges()), ByteTokenizer())
         path = Path(data)
         if path.is_file() and path.suffix != ".gz" and ".jsonl" not in path.name:
-            load_corpus(path)  # the same checks (exists, not empty) as every raw file
+            check_data_file(path)  # exists, not empty: nothing read
             mapped = np.memmap(path, dtype=np.uint8, mode="r")
             return cls(TokenStream([mapped]), np.array([[0, len(mapped)]]), ByteTokenizer())
         many = path.is_dir() or ".jsonl" in path.name

@@ -22,14 +22,22 @@ def embedded_corpus() -> bytes:
     return gzip.decompress(compressed)
 
 
+def check_data_file(path: str | Path, *, allow_empty: bool = False) -> Path:
+    """``path`` as a ``Path``, if it is a file and (unless ``allow_empty``) not empty; nothing is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"data file {str(path)!r} does not exist or is not a file")
+    if not allow_empty and path.stat().st_size == 0:
+        raise InvalidValueError(f"data file {str(path)!r} holds no text (0 bytes)")
+    return path
+
+
 def load_corpus(path: str | Path | None = None, *, allow_empty: bool = False) -> bytes:
     """The bytes of ``path`` (any text or binary file; ``.gz`` is decompressed), or the embedded corpus.
     An empty file is refused unless ``allow_empty`` (a directory's empty document)."""
     if path is None:
         return embedded_corpus()
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"data file {str(path)!r} does not exist or is not a file")
+    path = check_data_file(path, allow_empty=True)
     data = path.read_bytes()
     if path.suffix == ".gz":
         try:
