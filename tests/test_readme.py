@@ -33,7 +33,7 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
 
 def test_readme_corpus_commands_run(tmp_path, monkeypatch, capsys):
     """The three commands from a folder of text to a trained BPE model run as written, the training
-    cut to a few steps."""
+    cut to a few small steps."""
     import shlex
 
     from tokenmix.cli import main
@@ -47,7 +47,8 @@ def test_readme_corpus_commands_run(tmp_path, monkeypatch, capsys):
     (tmp_path / "my-texts").mkdir()
     for number, chapter in enumerate(embedded_documents()[:30]):
         (tmp_path / "my-texts" / f"{number}.txt").write_bytes(chapter)
-    shorter = {"train": ["--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--progress", "log"],
+    shorter = {"train": ["--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--progress", "log",
+                         "--dim", "32", "--seq-len", "64", "--batch-size", "4"],
                "generate": ["--max-new-tokens", "5"]}  # fmt: skip
     for command in commands:
         argv = shlex.split(command)[1:]

@@ -183,7 +183,7 @@ def test_an_export_pads_with_the_tokenizers_pad_and_refuses_runs_whose_tokens_ar
            "steps": 1, "eval_every": 1, "eval_batches": 1, "progress": "log", "out": str(run)})  # fmt: skip
     capsys.readouterr()
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "out")]) == 2
-    assert "'mqar' run, whose tokens are not bytes" in capsys.readouterr().err
+    assert "'mqar' run, whose tokens are not text" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
