@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from ..errors import InvalidValueError, MissingFileError
+from .stream import SPLITS, split_bounds
 
 VOCAB_SIZE = 256  # bytes
-SPLITS = ("train", "val", "test")
 
 
 def embedded_corpus() -> bytes:
@@ -57,10 +57,8 @@ def split(data: bytes, fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
     if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
         raise InvalidValueError(f"fractions must be three positive numbers summing to 1, got {fractions}")
     tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    total = len(tensor)
-    train_end = int(total * fractions[0])
-    val_end = train_end + int(total * fractions[1])
-    return dict(zip(SPLITS, (tensor[:train_end], tensor[train_end:val_end], tensor[val_end:]), strict=True))
+    bounds = split_bounds(len(tensor), fractions)
+    return {name: tensor[a:b] for name, a, b in zip(SPLITS, bounds, bounds[1:], strict=False)}
 
 
 def check_long_enough(splits: Mapping[str, Sized], seq_len: int) -> None:
