@@ -122,7 +122,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 # Flags of `tokenmix train` that map one-to-one onto TrainConfig fields: flag -> (type, help).
 _TRAIN_FLAGS = {
-    "task": (str, "charlm | image-cls | image-ar | mqar"),
+    "task": (str, "charlm | image-cls | image-ar | image-seq | mqar | induction | selective-copy | listops"),
     "data": (
         str,
         "charlm: a prepared dataset (tokenmix prepare), a text file, a directory or a .jsonl (default: "
@@ -133,10 +133,11 @@ _TRAIN_FLAGS = {
     "depth": (int, "number of blocks"),
     "positions": (str, "learned | rope | none"),
     "dropout": (float, "dropout in the FFN and after positions"),
-    "seq_len": (int, "tokens per example (charlm, mqar)"),
+    "seq_len": (int, "tokens per example (charlm, mqar, induction, selective-copy, listops)"),
     "patch_size": (int, "ViT patch size (image-cls)"),
-    "vocab_size": (int, "vocabulary (mqar)"),
+    "vocab_size": (int, "vocabulary (mqar, induction, selective-copy)"),
     "num_pairs": (int, "key-value pairs per sequence (mqar)"),
+    "num_tokens": (int, "the repeated segment's length (induction), the tokens to copy (selective-copy)"),
     "batch_size": (int, "global batch, split across processes and accumulation steps"),
     "grad_accum": (int, "micro-batches per optimiser step"),
     "steps": (int, "optimiser steps"),
@@ -303,6 +304,8 @@ def _prepare(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from .bench.compare import compare
 
+    if args.suite or args.tasks:
+        return _compare_suite(args)
     compare(
         args.mixers.split(",") if args.mixers else None,
         out=args.out,
@@ -315,6 +318,39 @@ def _compare(args: argparse.Namespace) -> int:
         task=args.task,
         data=args.data,
         pack=args.pack,
+        time_budget=args.time_budget,
+    )
+    return 0
+
+
+# compare flags that set up one task, which a suite sets per task itself.
+_ONE_TASK_FLAGS = {
+    "task": "charlm",
+    "data": None,
+    "pack": False,
+    "quick": False,
+    "steps": None,
+    "seq_lens": None,
+}
+
+
+def _compare_suite(args: argparse.Namespace) -> int:
+    from .bench.suite import compare_suite
+
+    given = [name for name, default in _ONE_TASK_FLAGS.items() if getattr(args, name) != default]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise InvalidValueError(
+            f"{flags}: a suite sets each task's own; give --suite/--tasks or --task, not both"
+        )
+    compare_suite(
+        args.mixers.split(",") if args.mixers else None,
+        suite=args.suite or "quick",
+        tasks=args.tasks.split(",") if args.tasks else None,
+        out=args.out,
+        device=args.device,
+        seed=args.seed,
+        seeds=args.seeds,
         time_budget=args.time_budget,
     )
     return 0
@@ -336,7 +372,19 @@ def _add_training_commands(commands) -> None:
         type=int,
         help="runs per mixer, seeds --seed, --seed + 1, ... (default: 1 with --quick, else 3)",
     )
-    compare_parser.add_argument("--task", default="charlm", help="charlm, mqar, image-cls or image-ar")
+    compare_parser.add_argument(
+        "--task",
+        default="charlm",
+        help="one task: charlm, image-cls, image-ar, image-seq, mqar, induction, selective-copy or listops",
+    )
+    compare_parser.add_argument(
+        "--suite",
+        choices=["quick", "full"],
+        help="every mixer on the suite's tasks (recall, induction, copying, ListOps, pixels; full: + bytes)",
+    )
+    compare_parser.add_argument(
+        "--tasks", help="comma-separated tasks of the suite (default: all; suite quick)"
+    )
     compare_parser.add_argument("--data", help="the task's data, as tokenmix train --data takes it")
     compare_parser.add_argument(
         "--pack", action="store_true", help="charlm: whole documents per row (cu_seqlens)"

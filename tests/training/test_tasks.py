@@ -82,3 +82,22 @@ def test_image_classification_learns_digits(tmp_path):
 def test_image_tasks_reject_a_patch_that_does_not_divide(tmp_path):
     with pytest.raises(ValueError, match="patch_size=3 must divide the image size 8×8"):
         create_task(TrainConfig(task="image-cls", data="digits", patch_size=3))
+
+
+# Each generated or sequence task, small enough to learn in seconds: (options, steps, margin over chance).
+LEARNS = {
+    "induction": ({"dim": 64, "seq_len": 32, "vocab_size": 32, "num_tokens": 8}, 150, 0.04),
+    "selective-copy": ({"seq_len": 24, "vocab_size": 8, "num_tokens": 4}, 120, 0.2),
+    "listops": ({"seq_len": 48}, 120, 0.05),
+    "image-seq": ({"dim": 64, "data": "digits"}, 150, 0.4),
+}
+
+
+@pytest.mark.parametrize("task", LEARNS)
+def test_each_sequence_task_learns_above_its_chance(tmp_path, task):
+    options, steps, margin = LEARNS[task]
+    config = dict(TINY, task=task, steps=steps, eval_every=steps, warmup_steps=10, lr=3e-3, batch_size=32,
+                  eval_batches=8, **options)  # fmt: skip
+    chance = create_task(TrainConfig.from_dict(config)).chance()
+    records = train(dict(config, out=str(tmp_path)))
+    assert records[-1]["val_acc"] > chance + margin, (records[-1]["val_acc"], chance)

@@ -23,6 +23,7 @@ from ..functional._checks import check_positive_int, check_real
 from ..mixers import list_mixers, mixer_info, model_options
 from ..training import TrainConfig, train
 from ..training.checkpoint import check_directory_path
+from ..training.config import DATA_TASKS
 from ..training.tasks import TASK_CLASSES
 from ..training.trainer import Measured, measure_steps
 from .measure import machine
@@ -75,11 +76,11 @@ def training_options(mixer: str, budget: Budget) -> dict[str, Any]:
 
 
 def _task_config(task: str, data: str | None, pack: bool, budget: Budget, device: str) -> dict[str, Any]:
-    """The options every mixer shares on ``task``; mqar and the image tasks keep their own defaults."""
+    """The options every mixer shares on ``task``; the generated and image tasks keep their own lengths."""
     config = {"task": task, "data": data, "pack": pack, "dim": budget.dim, "depth": budget.depth,
               "seq_len": budget.seq_len, "batch_size": budget.batch_size, "eval_batches": budget.eval_batches,
               "device": device, "progress": "log"}  # fmt: skip
-    if task == "mqar":
+    if task not in DATA_TASKS:
         config.pop("data")
     return config
 

@@ -212,7 +212,8 @@ class SequenceClassifier(_TokenModel):
 
     ``forward(tokens (B, N), attention_mask=None)`` returns logits (B, num_classes); with ``cu_seqlens``
     (S + 1,) and B = 1, the S packed sequences are classified each as if alone → (S, num_classes) (an
-    empty one pools to zeros). Bidirectional by default; ``causal=True`` builds causal mixers.
+    empty one pools to zeros). Bidirectional by default; ``causal=True`` builds causal mixers. With
+    ``pad_token``, tokens equal to it are padding: the mask when no ``attention_mask`` is given.
     """
 
     def __init__(
@@ -224,12 +225,16 @@ class SequenceClassifier(_TokenModel):
         mixer: str | Sequence[str] = "softmax",
         *,
         causal: bool = False,
+        pad_token: int | None = None,
         **backbone_options: Any,
     ) -> None:
         super().__init__()
         self.embedding = TokenEmbedding(vocab_size, dim)
         self.backbone = Backbone(dim, depth, mixer, causal=causal, **backbone_options)
         self.head = nn.Linear(dim, check_positive_int("num_classes", num_classes))
+        if pad_token is not None and not (isinstance(pad_token, int) and 0 <= pad_token < vocab_size):
+            raise InvalidValueError(f"pad_token must be a token id in [0, {vocab_size}), got {pad_token!r}")
+        self.pad_token = pad_token
 
     def forward(
         self,
@@ -238,6 +243,8 @@ class SequenceClassifier(_TokenModel):
         cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tokens = _check_tokens(tokens, self.vocab_size)
+        if attention_mask is None and self.pad_token is not None:
+            attention_mask = tokens != self.pad_token
         mask = check_attention_mask(attention_mask, tokens.shape[0], tokens.shape[1], tokens.device)
         if cu_seqlens is None:
             return self.head(masked_mean(self.backbone(self.embedding(tokens), mask), mask))

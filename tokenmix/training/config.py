@@ -13,7 +13,13 @@ from typing import Any
 
 from ..errors import InvalidTypeError, InvalidValueError, MissingFileError
 
-TASKS = ("charlm", "image-cls", "image-ar", "mqar")
+TASKS = ("charlm", "image-cls", "image-ar", "image-seq", "mqar", "induction", "selective-copy", "listops")
+DATA_TASKS = (
+    "charlm",
+    "image-cls",
+    "image-ar",
+    "image-seq",
+)  # those that read --data; the rest generate theirs
 # Fields that may change when a run is resumed: they do not change what the optimiser computes.
 # Activation checkpointing recomputes the same values; a sharded run is resumed sharded (its checkpoints
 # are distributed ones), at any number of processes.
@@ -58,10 +64,11 @@ class TrainConfig:
     ffn: bool = True
     positions: str = "learned"
     dropout: float = 0.0
-    seq_len: int = 128  # charlm and mqar
+    seq_len: int = 128  # charlm, mqar, induction, selective-copy, listops (its longest expression)
     patch_size: int | None = None  # image-cls (default: 4 for 28×28 images, 2 for 8×8)
-    vocab_size: int = 64  # mqar
+    vocab_size: int = 64  # mqar, induction, selective-copy
     num_pairs: int = 8  # mqar
+    num_tokens: int = 8  # induction: the repeated segment's length; selective-copy: the tokens to copy
     batch_size: int = 32
     grad_accum: int = 1
     steps: int = 500
@@ -87,7 +94,7 @@ class TrainConfig:
         if self.task not in TASKS:
             raise InvalidValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         positive = ("dim", "depth", "seq_len", "batch_size", "grad_accum", "steps", "eval_every",
-                    "vocab_size", "num_pairs", "patch_size", "eval_batches")  # fmt: skip
+                    "vocab_size", "num_pairs", "num_tokens", "patch_size", "eval_batches")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -108,6 +115,10 @@ class TrainConfig:
             raise InvalidValueError(f"progress must be auto, bar or log, got {self.progress!r}")
         if self.log not in ("jsonl", "tensorboard"):
             raise InvalidValueError(f"log must be jsonl or tensorboard, got {self.log!r}")
+        if self.data is not None and self.task not in DATA_TASKS:
+            raise InvalidValueError(
+                f"data: the {self.task} task generates its data and reads none, got {self.data!r}"
+            )
         if self.pack and self.task != "charlm":
             raise InvalidValueError(f"pack applies to the charlm task (documents of text), not {self.task!r}")
 

@@ -14,14 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import listops
 from ..data.documents import packed_rows, packed_stream
 from ..data.images import ImageData, load_images
-from ..data.mqar import IGNORE, check_mqar, mqar_batch
+from ..data.mqar import IGNORE, mqar_batch
 from ..data.prepared import TextData
+from ..data.synthetic import induction_batch, selective_copy_batch
 from ..data.text import check_long_enough, random_windows
 from ..errors import InvalidValueError
 from ..mixers import mixer_info
-from ..models import LanguageModel, VisionTransformer
+from ..models import LanguageModel, SequenceClassifier, VisionTransformer
 from .config import TrainConfig
 
 # (inputs, targets), or (inputs, targets, segments) with --pack: each position's document within its row.
@@ -65,6 +67,11 @@ class Task:
 
     def save_files(self, run_dir: Path) -> None:
         """Write what a run needs beside its weights to be read again (a tokenizer)."""
+
+    def chance(self) -> float | None:
+        """The metric of a model that learned nothing of the task (None where no such figure is stated:
+        a language model's bits per byte)."""
+        return None
 
     def _backbone_options(self) -> dict[str, Any]:
         config = self.config
@@ -242,22 +249,49 @@ class ImageAutoregressive(_ImageTask):
         return loss / math.log(2)
 
 
-class MQAR(Task):
-    """Multi-query associative recall (tokenmix.data.mqar); metric accuracy on the queries."""
+class ImageSequence(_ImageTask):
+    """Long Range Arena's Image task on these datasets: a bidirectional encoder reads the image pixel by
+    pixel (each intensity level a token, H·W tokens: 784 for Fashion-MNIST) and classifies it; metric
+    accuracy, chance the most frequent class of the validation split."""
 
     metric = "val_acc"
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
-        check_mqar(config.vocab_size, config.seq_len, config.num_pairs)
+        height, width = self.data.shape
+        self.sequence_length = height * width
+        self._pixels = {name: images.long().flatten(1) for name, images in self.data.images.items()}
+
+    def build_model(self) -> nn.Module:
+        return SequenceClassifier(self.data.levels, self.data.num_classes, **self._backbone_options())
+
+    def _examples(self, split_name: str) -> Batch:
+        return self._pixels[split_name], self.data.labels[split_name]
+
+    def chance(self) -> float:
+        labels = self.data.labels["val"]
+        return labels.bincount().max().item() / len(labels)
+
+    def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
+        return accuracy
+
+
+class _SyntheticLM(Task):
+    """A generated sequence task read by a causal language model (mqar, induction, selective-copy):
+    batches drawn afresh at every step, fixed held-out sets; metric accuracy on the answered positions."""
+
+    metric = "val_acc"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
         self.sequence_length = config.seq_len
+        self._draw(1, torch.Generator())  # bad settings fail here, before a model is built
 
     def build_model(self) -> nn.Module:
         return LanguageModel(self.config.vocab_size, **self._backbone_options())
 
     def _draw(self, count: int, generator: torch.Generator) -> Batch:
-        config = self.config
-        return mqar_batch(count, config.vocab_size, config.seq_len, config.num_pairs, generator)
+        raise NotImplementedError
 
     def train_batch(self, step: int) -> Batch:
         return self._draw(self.config.batch_size, step_generator(self.config.seed, step))
@@ -273,17 +307,71 @@ class MQAR(Task):
         return accuracy
 
 
+class MQAR(_SyntheticLM):
+    """Multi-query associative recall (tokenmix.data.mqar); chance: one value of the upper half."""
+
+    def chance(self) -> float:
+        return 1 / (self.config.vocab_size - self.config.vocab_size // 2)
+
+    def _draw(self, count: int, generator: torch.Generator) -> Batch:
+        config = self.config
+        return mqar_batch(count, config.vocab_size, config.seq_len, config.num_pairs, generator)
+
+
+class Induction(_SyntheticLM):
+    """Induction heads (tokenmix.data.synthetic); chance: one segment token of the upper half."""
+
+    def chance(self) -> float:
+        return 1 / (self.config.vocab_size - self.config.vocab_size // 2)
+
+    def _draw(self, count: int, generator: torch.Generator) -> Batch:
+        config = self.config
+        return induction_batch(count, config.vocab_size, config.seq_len, config.num_tokens, generator)
+
+
+class SelectiveCopy(_SyntheticLM):
+    """Selective copying (tokenmix.data.synthetic); chance: one of the vocab_size − 2 content tokens."""
+
+    def chance(self) -> float:
+        return 1 / (self.config.vocab_size - 2)
+
+    def _draw(self, count: int, generator: torch.Generator) -> Batch:
+        config = self.config
+        return selective_copy_batch(count, config.vocab_size, config.seq_len, config.num_tokens, generator)
+
+
+class ListOps(_SyntheticLM):
+    """LRA's ListOps (tokenmix.data.listops): a bidirectional encoder classifies the padded expression
+    (padding masked out); metric accuracy, chance the most frequent class of the validation set."""
+
+    def build_model(self) -> nn.Module:
+        options = self._backbone_options()
+        return SequenceClassifier(listops.VOCAB_SIZE, listops.NUM_CLASSES, pad_token=listops.PAD, **options)
+
+    def chance(self) -> float:
+        (_, labels), *rest = self.eval_batches("val", self.config.eval_batches)
+        labels = torch.cat([labels, *(batch[1] for batch in rest)])
+        return labels.bincount().max().item() / len(labels)
+
+    def _draw(self, count: int, generator: torch.Generator) -> Batch:
+        return listops.listops_batch(count, self.config.seq_len, generator)
+
+
 def _batches(*tensors: torch.Tensor, batch_size: int, limit: int | None) -> list[Batch]:
     """Consecutive batches of rows of ``tensors`` (inputs, targets[, segments])."""
     batches = [tuple(t[i : i + batch_size] for t in tensors) for i in range(0, len(tensors[0]), batch_size)]
     return batches if limit is None else batches[:limit]
 
 
-TASK_CLASSES = {
+TASK_CLASSES: dict[str, type[Task]] = {
     "charlm": CharLM,
     "image-cls": ImageClassification,
     "image-ar": ImageAutoregressive,
+    "image-seq": ImageSequence,
     "mqar": MQAR,
+    "induction": Induction,
+    "selective-copy": SelectiveCopy,
+    "listops": ListOps,
 }
 
 

@@ -1,0 +1,230 @@
+"""``tokenmix compare --suite quick|full``: every mixer on the tasks where token mixers really differ —
+associative recall (MQAR), induction heads, selective copying, ListOps, images read pixel by pixel, and
+byte-level language modelling in the full suite — at one time budget per run, over seeds.
+
+Each task's settings live here with it (``SuiteTask``), as a mixer's live with its registration: what
+every mixer shares on it, and its learning-rate grid (MQAR takes each mixer's best learning rate on the
+validation set, as Zoology does). ``compare.json`` keeps every run: ``tasks[NAME]`` is the record a
+one-task ``compare`` writes (``task``, ``metric``, ``mixers[name]["runs"]``), plus the task's chance level
+and, with a grid, every learning rate's runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InvalidValueError
+from ..functional._checks import check_positive_int, check_real
+from ..mixers import list_mixers, mixer_info
+from ..training import TrainConfig
+from ..training.checkpoint import check_directory_path
+from ..training.tasks import TASK_CLASSES, create_task
+from .compare import BUDGETS, _claim, _plan, _SignalsStop, _task_config, _train_runs
+from .measure import machine
+from .report import HIGHER_IS_BETTER
+from .suite_report import write_suite_report
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """One task of a suite: the training options every mixer shares on it and its learning-rate grid."""
+
+    task: str  # a training task (``TrainConfig.task``)
+    options: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields beside the suite's
+    lrs: tuple[float, ...] = (2e-3,)  # each mixer's best on the validation metric is reported
+    about: str = ""  # what the report says of the data
+
+
+@dataclass(frozen=True)
+class Suite:
+    dim: int
+    depth: int
+    time_budget: float  # seconds of training per run
+    seeds: int
+    tasks: dict[str, SuiteTask]
+
+
+_RECALL = {"seq_len": 32, "vocab_size": 32, "num_pairs": 4, "batch_size": 64}
+_COMMON = {
+    "mqar": SuiteTask("mqar", _RECALL, (1e-3, 3e-3), "4 key-value pairs in 32 tokens, vocabulary 32"),
+    "induction": SuiteTask(
+        "induction",
+        {"seq_len": 64, "vocab_size": 32, "num_tokens": 8, "batch_size": 32},
+        about="a segment of 8 tokens repeated in 64, vocabulary 32",
+    ),
+    "selective-copy": SuiteTask(
+        "selective-copy",
+        {"seq_len": 64, "vocab_size": 16, "num_tokens": 8, "batch_size": 32},
+        about="8 tokens among 56 blanks, copied in order; vocabulary 16",
+    ),
+    "listops": SuiteTask(
+        "listops", {"seq_len": 128, "batch_size": 32}, about="expressions of 32–128 tokens, depth ≤ 5"
+    ),
+}
+SUITES = {
+    "quick": Suite(
+        dim=64,
+        depth=2,
+        time_budget=8.0,
+        seeds=1,
+        tasks={
+            **_COMMON,
+            "image-seq": SuiteTask(
+                "image-seq", {"data": "digits", "batch_size": 32}, about="8×8 digits, 64 pixels"
+            ),
+        },
+    ),
+    "full": Suite(
+        dim=128,
+        depth=2,
+        time_budget=30.0,
+        seeds=2,
+        tasks={
+            **_COMMON,
+            "image-seq": SuiteTask(
+                "image-seq", {"data": "fashion-mnist", "batch_size": 32}, about="Fashion-MNIST, 784 pixels"
+            ),
+            "charlm": SuiteTask("charlm", {"seq_len": 256, "batch_size": 16}, about="Moby-Dick, bytes"),
+        },
+    ),
+}
+
+
+def _check_tasks(suite: Suite, tasks: Sequence[str] | None, name: str) -> list[str]:
+    chosen = list(tasks or suite.tasks)
+    for task in chosen:
+        if task not in suite.tasks:
+            raise InvalidValueError(
+                f"--tasks: unknown task {task!r} in the {name} suite; its tasks: {', '.join(suite.tasks)}"
+            )
+    return list(dict.fromkeys(chosen))
+
+
+def _runs_dir(out: Path, task: str, lr: float, grid: bool) -> Path:
+    return out / "runs" / task / f"lr-{lr:g}" if grid else out / "runs" / task
+
+
+def compare_suite(
+    mixers: Sequence[str] | None = None,
+    *,
+    suite: str = "quick",
+    tasks: Sequence[str] | None = None,
+    out: str | Path = "compare-out",
+    device: str = "auto",
+    seed: int = 0,
+    seeds: int | None = None,
+    time_budget: float | None = None,
+) -> dict[str, Any]:
+    """Train every mixer (default: all registered) on every task of ``suite`` (or ``tasks`` of it) for
+    ``time_budget`` seconds a run, ``seeds`` times, and write report.md, report.html, heatmap.png and
+    compare.json to ``out``. Returns what compare.json holds.
+
+    Args:
+        mixers: registered names (default: every one).
+        suite: ``"quick"`` (d=64, 8 s a run, one seed) or ``"full"`` (d=128, 30 s a run, two seeds).
+        tasks: a subset of the suite's tasks (default: all of them).
+        out: the report directory: new, empty, or an earlier comparison's (its finished runs are reused).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        seed: the first seed.
+        seeds: runs per mixer and learning rate (default: the suite's).
+        time_budget: seconds of training per run (default: the suite's).
+    """
+    if suite not in SUITES:
+        raise InvalidValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
+    spec = SUITES[suite]
+    chosen = _check_tasks(spec, tasks, suite)
+    mixers = list(mixers or list_mixers())
+    for name in mixers:
+        mixer_info(name)
+    seeds = check_positive_int("seeds", seeds, allow_none=True) or spec.seeds
+    time_budget = check_real("time_budget", time_budget, allow_none=True, positive=True) or spec.time_budget
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = Path(out)
+    check_directory_path(out)
+    seed_list = list(range(seed, seed + seeds))
+    started = time.perf_counter()
+    with _SignalsStop():
+        # Every task's data and every mixer's model are checked and timed before anything is written.
+        plans, about = {}, {}
+        for task in chosen:
+            shared, about[task] = _shared(spec, spec.tasks[task], device)
+            grid = len(spec.tasks[task].lrs) > 1
+            for name in mixers:
+                for lr in spec.tasks[task].lrs:
+                    runs = _runs_dir(out, task, lr, grid)
+                    plans[task, name, lr] = _plan(
+                        name, {**shared, "lr": lr}, about[task]["budget"], time_budget, runs
+                    )
+        _claim(out)
+        records = {}
+        for task in chosen:
+            metric, grid = TASK_CLASSES[spec.tasks[task].task].metric, len(spec.tasks[task].lrs) > 1
+            by_lr = {
+                name: {
+                    lr: _train_runs(
+                        name, plans[task, name, lr], seed_list, _runs_dir(out, task, lr, grid), metric
+                    )
+                    for lr in spec.tasks[task].lrs
+                }
+                for name in mixers
+            }
+            records[task] = _task_record(about[task], metric, by_lr)
+    result = {
+        "machine": machine(torch.device(device)),
+        "suite": suite,
+        "dim": spec.dim,
+        "depth": spec.depth,
+        "seeds": seed_list,
+        "time_budget": time_budget,
+        "tasks": records,
+        "seconds": time.perf_counter() - started,
+    }
+    (out / "compare.json").write_text(json.dumps(result, indent=2))
+    write_suite_report(result, out)
+    print(f"wrote {out}/report.md, report.html, heatmap.png and compare.json")
+    return result
+
+
+def _shared(spec: Suite, task: SuiteTask, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The options every mixer shares on ``task`` and what the report says of it (its chance level read
+    from the task itself)."""
+    options = {"seq_len": TrainConfig().seq_len, "batch_size": 32, "eval_batches": 16, **task.options}
+    budget = replace(
+        BUDGETS["quick"],
+        dim=spec.dim,
+        depth=spec.depth,
+        seq_len=options["seq_len"],
+        batch_size=options["batch_size"],
+    )
+    shared = {**_task_config(task.task, task.options.get("data"), False, budget, device), **options}
+    instance = create_task(TrainConfig.from_dict({**shared, "mixer": "softmax"}))  # data checked here
+    about = {"task": task.task, "data": task.about, "chance": instance.chance(), "options": task.options,
+             "lrs": list(task.lrs), "budget": budget}  # fmt: skip
+    return shared, about
+
+
+def _task_record(about: dict[str, Any], metric: str, by_lr: dict[str, dict[float, dict]]) -> dict[str, Any]:
+    """A one-task compare's record of the task: each mixer at its best learning rate (on the validation
+    metric's mean over seeds), every rate's runs kept under ``lrs``."""
+    sign = 1 if metric in HIGHER_IS_BETTER else -1
+    mixers = {}
+    for name, runs in by_lr.items():
+        best = max(runs, key=lambda lr: sign * runs[lr][metric])
+        mixers[name] = {**runs[best], "lr": best}
+        if len(runs) > 1:
+            mixers[name]["lrs"] = {
+                f"{lr:g}": {metric: r[metric], "spread": r["spread"]} for lr, r in runs.items()
+            }
+    record = {key: value for key, value in about.items() if key != "budget"}
+    return {**record, "metric": metric, "mixers": mixers}
+
+
+__all__ = ["SUITES", "Suite", "SuiteTask", "compare_suite"]

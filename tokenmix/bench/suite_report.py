@@ -1,0 +1,146 @@
+"""What ``tokenmix compare --suite`` writes: one table of mixers × tasks (mean ± sd over seeds, ≈ where the
+data cannot separate a mixer from the task's best by ``report.RULE``), a heatmap, per task the mixers tied
+with its best, in report.md and a self-contained report.html. Reads only the compare.json dictionary."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+from .report import HIGHER_IS_BETTER, LABELS, RULE, _pyplot, ranking, tied_with_best
+
+
+def _cell(run: dict[str, Any], metric: str) -> str:
+    spread = "" if run["spread"] is None else f" ± {run['spread']:.3f}"
+    return f"{run[metric]:.3f}{spread}"
+
+
+def suite_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: a row per mixer, a column per task (its metric); **best**, ≈ tied with it."""
+    tasks = result["tasks"]
+    mixers = list(next(iter(tasks.values()))["mixers"])
+    header = ["mixer", *(f"{name} ({LABELS[record['metric']]})" for name, record in tasks.items())]
+    rows = []
+    for mixer in mixers:
+        row = [mixer]
+        for record in tasks.values():
+            text = _cell(record["mixers"][mixer], record["metric"])
+            best, tied = ranking(record)[0], tied_with_best(record)
+            seeds = min(len(run["runs"]) for run in record["mixers"].values())
+            if mixer == best:
+                text = f"**{text}**"
+            elif seeds > 1 and mixer in tied:
+                text = f"≈ {text}"
+            row.append(text)
+        rows.append(row)
+    chance = ["chance", *(_chance(record) for record in tasks.values())]
+    return header, [*rows, chance]
+
+
+def _chance(record: dict[str, Any]) -> str:
+    return "—" if record.get("chance") is None else f"{record['chance']:.3f}"
+
+
+def task_lines(result: dict[str, Any]) -> list[str]:
+    """Per task: the best mixer and those the data cannot separate from it, or that one seed cannot."""
+    lines = []
+    for name, record in result["tasks"].items():
+        order, tied = ranking(record), tied_with_best(record)
+        metric, best = record["metric"], order[0]
+        seeds = min(len(run["runs"]) for run in record["mixers"].values())
+        value = f"{record['mixers'][best][metric]:.3f}"
+        chance = "" if record.get("chance") is None else f", chance {record['chance']:.3f}"
+        if seeds < 2:
+            lines.append(f"{name}: highest {LABELS[metric]} at this seed {best} ({value}{chance}); one seed "
+                         "measures no spread, so nothing is told apart.")  # fmt: skip
+            continue
+        others = [mixer for mixer in order if mixer in tied and mixer != best]
+        apart = (
+            "told apart from every other mixer" if not others else f"not told apart from {', '.join(others)}"
+        )
+        lines.append(f"{name}: best **{best}** ({value}{chance}), {apart}.")
+    return lines
+
+
+def separating_tasks(result: dict[str, Any]) -> list[str]:
+    """Tasks on which the data separates the best mixer from at least one other."""
+    return [
+        name
+        for name, record in result["tasks"].items()
+        if len(tied_with_best(record)) < len(record["mixers"])
+    ]
+
+
+def plot_heatmap(result: dict[str, Any], path: Path) -> None:
+    """Mixers × tasks, each column scaled from its worst mixer (0) to its best (1), values written in."""
+    plt = _pyplot()
+    tasks = result["tasks"]
+    mixers = list(next(iter(tasks.values()))["mixers"])
+    grid = []
+    for record in tasks.values():
+        values = [record["mixers"][m][record["metric"]] for m in mixers]
+        sign = 1 if record["metric"] in HIGHER_IS_BETTER else -1
+        low, high = min(sign * v for v in values), max(sign * v for v in values)
+        grid.append([(sign * v - low) / (high - low) if high > low else 1.0 for v in values])
+    figure, axis = plt.subplots(figsize=(1.4 * len(tasks) + 2, 0.45 * len(mixers) + 1.5))
+    columns = list(zip(*grid, strict=True))
+    axis.imshow(columns, cmap="viridis", aspect="auto", vmin=0, vmax=1)
+    for i, mixer in enumerate(mixers):
+        for j, record in enumerate(tasks.values()):
+            value = record["mixers"][mixer][record["metric"]]
+            colour = "black" if columns[i][j] > 0.6 else "white"
+            axis.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color=colour)
+    axis.set_xticks(range(len(tasks)), [f"{n}\n{LABELS[r['metric']]}" for n, r in tasks.items()], fontsize=8)
+    axis.set_yticks(range(len(mixers)), mixers, fontsize=8)
+    axis.set_title("each task scaled from its worst mixer (dark) to its best (light)", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def setup_line(result: dict[str, Any]) -> str:
+    info = result["machine"]
+    seeds = ", ".join(str(s) for s in result["seeds"])
+    data = "; ".join(f"{name}: {record['data']}" for name, record in result["tasks"].items())
+    return (
+        f"Suite {result['suite']}: d={result['dim']}, {result['depth']} layers, "
+        f"{result['time_budget']:g} s of training per run (each mixer's steps set from its own measured "
+        f"step time), seeds {seeds}. {data}. "
+        f"Machine: {info['device']} ({info['processor']}, {info['cpu_count']} cores, torch {info['torch']}). "
+        f"Total {result['seconds'] / 60:.1f} min."
+    )
+
+
+def write_suite_report(result: dict[str, Any], out: Path) -> None:
+    plot_heatmap(result, out / "heatmap.png")
+    header, rows = suite_table(result)
+    lines = task_lines(result)
+    if len(result["seeds"]) > 1:
+        lines += [f"Tasks that separate the mixers: {', '.join(separating_tasks(result)) or 'none'}.", RULE]
+    setup = setup_line(result)
+    markdown = ["# tokenmix compare --suite", "", setup, ""]
+    markdown += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    markdown += ["| " + " | ".join(row) + " |" for row in rows]
+    markdown += ["", *[f"- {line}" for line in lines], "", "![mixers × tasks](heatmap.png)"]
+    (out / "report.md").write_text("\n".join(markdown) + "\n")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c).replace('**', '')}</td>" for c in row) + "</tr>"
+        for row in rows
+    )
+    items = "".join(f"<li>{html.escape(line).replace('**', '')}</li>" for line in lines)
+    image = base64.b64encode((out / "heatmap.png").read_bytes()).decode()
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>tokenmix compare --suite</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
+        f"</style></head><body><h1>tokenmix compare --suite</h1><p>{html.escape(setup)}</p>"
+        f"<table><tr>{head}</tr>{body}</table><ul>{items}</ul>"
+        f"<img alt='mixers × tasks' src='data:image/png;base64,{image}'></body></html>"
+    )
+    (out / "report.html").write_text(page)
+
+
+__all__ = ["plot_heatmap", "separating_tasks", "suite_table", "task_lines", "write_suite_report"]
