@@ -50,6 +50,7 @@ class Budget:
     dtype: str = "float32"
     baselines: bool = True  # the raw SDPA layer in the benchmark
     eval_batches: int = 64  # the whole validation split of the embedded corpus; a bound on larger data
+    head_width: int | None = None  # a task's head width for the mixers registered with one (attention)
 
 
 BUDGETS = {
@@ -65,9 +66,11 @@ BUDGETS = {
 def training_options(mixer: str, budget: Budget) -> dict[str, Any]:
     """How each mixer is put into the shared language model: as its registration says
     (``ModelDefaults``: GAU and FLASH as their paper stacks them, attention with 32-channel heads); a
-    chunk at most half the sequence."""
+    chunk at most half the sequence; a budget's ``head_width`` replaces the registered one."""
     info = mixer_info(mixer)
     options: dict[str, Any] = {}
+    if budget.head_width is not None and info.defaults.head_width is not None and "heads" in info.options:
+        options["heads"] = max(1, budget.dim // budget.head_width)
     if "chunk_size" in info.options:
         options["chunk_size"] = min(info.options["chunk_size"], budget.seq_len // 2)
     config = model_options(mixer, budget.dim, budget.depth, **options)

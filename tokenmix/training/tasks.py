@@ -260,10 +260,18 @@ class ImageSequence(_ImageTask):
         super().__init__(config)
         height, width = self.data.shape
         self.sequence_length = height * width
-        self._pixels = {name: images.long().flatten(1) for name, images in self.data.images.items()}
+        # uint8 until batched: 60,000 Fashion-MNIST images as int64 would take 376 MB.
+        self._pixels = {name: images.flatten(1) for name, images in self.data.images.items()}
 
     def build_model(self) -> nn.Module:
         return SequenceClassifier(self.data.levels, self.data.num_classes, **self._backbone_options())
+
+    def train_batch(self, step: int) -> Batch:
+        pixels, labels = super().train_batch(step)
+        return pixels.long(), labels
+
+    def eval_batches(self, split_name: str, max_batches: int | None) -> list[Batch]:
+        return [(pixels.long(), labels) for pixels, labels in super().eval_batches(split_name, max_batches)]
 
     def _examples(self, split_name: str) -> Batch:
         return self._pixels[split_name], self.data.labels[split_name]
