@@ -326,8 +326,7 @@ def setup_line(result: dict[str, Any]) -> str:
         f"Task {result['task']} on {result['data']}; d={budget['dim']}, {budget['depth']} layers, "
         f"N={budget['seq_len']}, batch {budget['batch_size']}, {length}, seeds {seeds} (the same batches "
         f"for every mixer at each seed). Benchmarks: one causal layer, d={budget['dim']}, batch 1, "
-        f"{budget['dtype']}. Machine: {info['device']} ({info['processor']}, {info['cpu_count']} cores, "
-        f"torch {info['torch']}). Total {result['seconds'] / 60:.1f} min."
+        f"{budget['dtype']}. {machine_text(info)} Total {result['seconds'] / 60:.1f} min."
     )
 
 
@@ -340,29 +339,51 @@ def write_report(result: dict[str, Any], out: Path) -> None:
         plot(result["bench"], out)
         figures = FIGURES
     header, rows = table(result)
-    setup, lines = setup_line(result), summary(result)
-    markdown = ["# tokenmix compare", "", setup, ""]
+    write_pages(out, "tokenmix compare", setup_line(result), header, rows, summary(result), figures)
+
+
+def machine_text(info: dict[str, Any]) -> str:
+    return (
+        f"Machine: {info['device']} ({info['processor']}, {info['cpu_count']} cores, torch {info['torch']})."
+    )
+
+
+def write_pages(
+    out: Path,
+    title: str,
+    setup: str,
+    header: list[str],
+    rows: list[list[str]],
+    lines: list[str],
+    figures: list[tuple[str, str]],
+) -> None:
+    """report.md (figures beside it, by file name) and report.html (figures inlined): the setup, the
+    table, the statements and the figures ``(file name, title)`` in ``out``."""
+    markdown = [f"# {title}", "", setup, ""]
     markdown += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     markdown += ["| " + " | ".join(row) + " |" for row in rows]
     markdown += ["", *[f"- {line}" for line in lines], ""]
-    markdown += [f"![{title}]({name})" for name, title in figures]
+    markdown += [f"![{caption}]({name})" for name, caption in figures]
     (out / "report.md").write_text("\n".join(markdown) + "\n")
 
     def inline(name: str) -> str:
         return base64.b64encode((out / name).read_bytes()).decode()
 
+    def text(line: str) -> str:
+        return html.escape(line).replace("**", "")
+
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    items = "".join(f"<li>{html.escape(line).replace('**', '')}</li>" for line in lines)
+    body = "".join("<tr>" + "".join(f"<td>{text(c)}</td>" for c in row) + "</tr>" for row in rows)
+    items = "".join(f"<li>{text(line)}</li>" for line in lines)
     images = "".join(
-        f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{inline(name)}'>"
-        for name, title in figures
+        f"<h2>{caption}</h2><img alt='{caption}' src='data:image/png;base64,{inline(name)}'>"
+        for name, caption in figures
     )
     page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>tokenmix compare</title><style>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-        "</style></head><body><h1>tokenmix compare</h1>"
+        f"</style></head><body><h1>{title}</h1>"
         f"<p>{html.escape(setup)}</p><table><tr>{head}</tr>{body}</table><ul>{items}</ul>{images}</body></html>"
     )
     (out / "report.html").write_text(page)
@@ -370,6 +391,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
 
 __all__ = [
     "RULE",
+    "machine_text",
     "mean_and_spread",
     "pareto_front",
     "ranking",
@@ -379,5 +401,6 @@ __all__ = [
     "table",
     "tied_with_best",
     "unseparated_neighbours",
+    "write_pages",
     "write_report",
 ]

@@ -4,12 +4,19 @@ with its best, in report.md and a self-contained report.html. Reads only the com
 
 from __future__ import annotations
 
-import base64
-import html
 from pathlib import Path
 from typing import Any
 
-from .report import HIGHER_IS_BETTER, LABELS, RULE, _pyplot, ranking, tied_with_best
+from .report import (
+    HIGHER_IS_BETTER,
+    LABELS,
+    RULE,
+    _pyplot,
+    machine_text,
+    ranking,
+    tied_with_best,
+    write_pages,
+)
 
 
 def _cell(run: dict[str, Any], metric: str) -> str:
@@ -101,14 +108,12 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
 
 
 def setup_line(result: dict[str, Any]) -> str:
-    info = result["machine"]
     seeds = ", ".join(str(s) for s in result["seeds"])
     data = "; ".join(f"{name}: {record['data']}" for name, record in result["tasks"].items())
     return (
         f"Suite {result['suite']}: d={result['dim']}, {result['depth']} layers, "
         f"{result['time_budget']:g} s of training per run (each mixer's steps set from its own measured "
-        f"step time), seeds {seeds}. {data}. "
-        f"Machine: {info['device']} ({info['processor']}, {info['cpu_count']} cores, torch {info['torch']}). "
+        f"step time), seeds {seeds}. {data}. {machine_text(result['machine'])} "
         f"Total {result['seconds'] / 60:.1f} min."
     )
 
@@ -119,28 +124,8 @@ def write_suite_report(result: dict[str, Any], out: Path) -> None:
     lines = task_lines(result)
     if len(result["seeds"]) > 1:
         lines += [f"Tasks that separate the mixers: {', '.join(separating_tasks(result)) or 'none'}.", RULE]
-    setup = setup_line(result)
-    markdown = ["# tokenmix compare --suite", "", setup, ""]
-    markdown += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    markdown += ["| " + " | ".join(row) + " |" for row in rows]
-    markdown += ["", *[f"- {line}" for line in lines], "", "![mixers × tasks](heatmap.png)"]
-    (out / "report.md").write_text("\n".join(markdown) + "\n")
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c).replace('**', '')}</td>" for c in row) + "</tr>"
-        for row in rows
-    )
-    items = "".join(f"<li>{html.escape(line).replace('**', '')}</li>" for line in lines)
-    image = base64.b64encode((out / "heatmap.png").read_bytes()).decode()
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>tokenmix compare --suite</title><style>"
-        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}"
-        f"</style></head><body><h1>tokenmix compare --suite</h1><p>{html.escape(setup)}</p>"
-        f"<table><tr>{head}</tr>{body}</table><ul>{items}</ul>"
-        f"<img alt='mixers × tasks' src='data:image/png;base64,{image}'></body></html>"
-    )
-    (out / "report.html").write_text(page)
+    figures = [("heatmap.png", "mixers × tasks")]
+    write_pages(out, "tokenmix compare --suite", setup_line(result), header, rows, lines, figures)
 
 
 __all__ = ["plot_heatmap", "separating_tasks", "suite_table", "task_lines", "write_suite_report"]
