@@ -122,11 +122,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 # Flags of `tokenmix train` that map one-to-one onto TrainConfig fields: flag -> (type, help).
 _TRAIN_FLAGS = {
-    "task": (str, "charlm | image-cls | image-ar | image-seq | mqar | induction | selective-copy | listops"),
+    "task": (
+        str,
+        "charlm | image-cls | image-ar | image-seq | text-cls | mqar | induction | selective-copy | listops",
+    ),
     "data": (
         str,
         "charlm: a prepared dataset (tokenmix prepare), a text file, a directory or a .jsonl (default: "
-        "embedded corpus); image-*: fashion-mnist | digits | DIR",
+        "embedded corpus); image-*: fashion-mnist | digits | DIR; text-cls: the npm package's directory",
     ),
     "mixer": (str, "registered mixer name (tokenmix list)"),
     "dim": (int, "model width"),
@@ -375,7 +378,8 @@ def _add_training_commands(commands) -> None:
     compare_parser.add_argument(
         "--task",
         default="charlm",
-        help="one task: charlm, image-cls, image-ar, image-seq, mqar, induction, selective-copy or listops",
+        help="one task: charlm, image-cls, image-ar, image-seq, text-cls, mqar, induction, selective-copy or "
+        "listops",
     )
     compare_parser.add_argument(
         "--suite",

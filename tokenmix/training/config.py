@@ -13,13 +13,10 @@ from typing import Any
 
 from ..errors import InvalidTypeError, InvalidValueError, MissingFileError
 
-TASKS = ("charlm", "image-cls", "image-ar", "image-seq", "mqar", "induction", "selective-copy", "listops")
-DATA_TASKS = (
-    "charlm",
-    "image-cls",
-    "image-ar",
-    "image-seq",
-)  # those that read --data; the rest generate theirs
+TASKS = ("charlm", "image-cls", "image-ar", "image-seq", "text-cls", "mqar", "induction", "selective-copy",
+         "listops")  # fmt: skip
+# Those that read --data; the rest generate theirs.
+DATA_TASKS = ("charlm", "image-cls", "image-ar", "image-seq", "text-cls")
 # Fields that may change when a run is resumed: they do not change what the optimiser computes.
 # Activation checkpointing recomputes the same values; a sharded run is resumed sharded (its checkpoints
 # are distributed ones), at any number of processes.

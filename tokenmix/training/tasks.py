@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import listops
+from ..data import listops, spam
 from ..data.documents import packed_rows, packed_stream
 from ..data.images import ImageData, load_images
 from ..data.mqar import IGNORE, mqar_batch
@@ -156,10 +156,9 @@ class CharLM(Task):
         self.tokenizer.save(run_dir)  # a BPE run keeps its tokenizer.json
 
 
-class _ImageTask(Task):
-    def __init__(self, config: TrainConfig) -> None:
-        super().__init__(config)
-        self.data: ImageData = load_images(config.data)
+class _FixedExamples(Task):
+    """A task over a fixed set of examples per split, read in epochs of shuffled order. Token inputs may
+    be kept narrower than int64 (uint8 pixels, int16 bytes): batches widen them."""
 
     def _examples(self, split_name: str) -> Batch:
         raise NotImplementedError
@@ -175,10 +174,18 @@ class _ImageTask(Task):
             order = torch.randperm(count, generator=step_generator(self.config.seed, 2**31 + epoch))
             in_epoch = stream.div(count, rounding_mode="floor") == epoch
             index[in_epoch] = order[stream[in_epoch] % count]
-        return inputs[index], targets[index]
+        return _widened(inputs[index]), targets[index]
 
     def eval_batches(self, split_name: str, max_batches: int | None) -> list[Batch]:
-        return _batches(*self._examples(split_name), batch_size=self.config.batch_size, limit=max_batches)
+        inputs, targets = self._examples(split_name)
+        batches = _batches(inputs, targets, batch_size=self.config.batch_size, limit=max_batches)
+        return [(_widened(inputs), targets) for inputs, targets in batches]
+
+
+class _ImageTask(_FixedExamples):
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        self.data: ImageData = load_images(config.data)
 
 
 class ImageClassification(_ImageTask):
@@ -266,18 +273,37 @@ class ImageSequence(_ImageTask):
     def build_model(self) -> nn.Module:
         return SequenceClassifier(self.data.levels, self.data.num_classes, **self._backbone_options())
 
-    def train_batch(self, step: int) -> Batch:
-        pixels, labels = super().train_batch(step)
-        return pixels.long(), labels
-
-    def eval_batches(self, split_name: str, max_batches: int | None) -> list[Batch]:
-        return [(pixels.long(), labels) for pixels, labels in super().eval_batches(split_name, max_batches)]
-
     def _examples(self, split_name: str) -> Batch:
         return self._pixels[split_name], self.data.labels[split_name]
 
     def chance(self) -> float:
         labels = self.data.labels["val"]
+        return labels.bincount().max().item() / len(labels)
+
+    def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
+        return accuracy
+
+
+class TextClassification(_FixedExamples):
+    """LRA-Text's analogue: spam or not from a message body's first ``seq_len`` bytes (SpamAssassin,
+    tokenmix.data.spam), a bidirectional encoder with the padding masked; metric accuracy, chance 0.5
+    (each split balanced)."""
+
+    metric = "val_acc"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        self.sequence_length = config.seq_len
+        self._splits = spam.load_spam(config.data, config.seq_len)  # int16 until batched
+
+    def build_model(self) -> nn.Module:
+        return SequenceClassifier(spam.VOCAB_SIZE, 2, pad_token=spam.PAD, **self._backbone_options())
+
+    def _examples(self, split_name: str) -> Batch:
+        return self._splits[split_name]
+
+    def chance(self) -> float:
+        labels = self._splits["val"][1]
         return labels.bincount().max().item() / len(labels)
 
     def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
@@ -365,6 +391,10 @@ class ListOps(_SyntheticLM):
         return listops.listops_batch(count, self.config.seq_len, generator)
 
 
+def _widened(inputs: torch.Tensor) -> torch.Tensor:
+    return inputs.long() if not inputs.is_floating_point() else inputs
+
+
 def _batches(*tensors: torch.Tensor, batch_size: int, limit: int | None) -> list[Batch]:
     """Consecutive batches of rows of ``tensors`` (inputs, targets[, segments])."""
     batches = [tuple(t[i : i + batch_size] for t in tensors) for i in range(0, len(tensors[0]), batch_size)]
@@ -380,6 +410,7 @@ TASK_CLASSES: dict[str, type[Task]] = {
     "induction": Induction,
     "selective-copy": SelectiveCopy,
     "listops": ListOps,
+    "text-cls": TextClassification,
 }
 
 
