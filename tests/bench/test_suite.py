@@ -18,6 +18,7 @@ TINY_SUITE = Suite(
     depth=1,
     time_budget=0.3,
     seeds=2,
+    evaluations=2,
     tasks={
         "mqar": SuiteTask("mqar", _RECALL, (1e-3, 1e-2), "recall"),
         "listops": SuiteTask("listops", {"seq_len": 24, "batch_size": 8, "eval_batches": 2}, about="lists"),

@@ -107,7 +107,14 @@ def _steps(config: dict[str, Any], steps: int, eval_every: int) -> dict[str, Any
     }
 
 
-def _plan(name: str, shared: dict[str, Any], budget: Budget, time_budget: float | None, runs: Path) -> _Plan:
+def _plan(
+    name: str,
+    shared: dict[str, Any],
+    budget: Budget,
+    time_budget: float | None,
+    runs: Path,
+    evaluations: int = 5,
+) -> _Plan:
     """Check the mixer's configuration (data read, model built and run on one example) without writing
     anything; with a time budget, set its steps: the budget over the seconds per step measured here, or
     those of an earlier run of this comparison, so that it is continued rather than retrained."""
@@ -129,7 +136,7 @@ def _plan(name: str, shared: dict[str, Any], budget: Budget, time_budget: float 
         f"{calibration['min_s']:.3g}–{calibration['max_s']:.3g} s)",
         flush=True,
     )
-    plan = _Plan(_steps(config, steps, max(1, steps // 5)), measured)  # about five evaluations
+    plan = _Plan(_steps(config, steps, max(1, steps // evaluations)), measured)
     return replace(plan, budget={"time_budget": time_budget, "steps": steps, "calibration": calibration})
 
 

@@ -49,6 +49,7 @@ class Suite:
     depth: int
     time_budget: float  # seconds of training per run
     seeds: int
+    evaluations: int  # per run: the last is the one reported, the others draw its curve
     tasks: dict[str, SuiteTask]
 
 
@@ -79,6 +80,7 @@ SUITES = {
         depth=2,
         time_budget=8.0,
         seeds=1,
+        evaluations=5,
         tasks={
             **_COMMON,
             "image-seq": SuiteTask(
@@ -89,8 +91,9 @@ SUITES = {
     "full": Suite(
         dim=64,
         depth=2,
-        time_budget=20.0,
+        time_budget=12.0,
         seeds=2,
+        evaluations=2,
         tasks={
             **_COMMON,
             "image-seq": SuiteTask(
@@ -138,8 +141,8 @@ def compare_suite(
 
     Args:
         mixers: registered names (default: every one).
-        suite: ``"quick"`` (8 s a run, one seed) or ``"full"`` (20 s a run, two seeds, Fashion-MNIST's 784
-            pixels for the digits' 64, and bytes of text); d=64 in both.
+        suite: ``"quick"`` (8 s a run, one seed) or ``"full"`` (12 s a run, two seeds, Fashion-MNIST's 784
+            pixels for the digits' 64, bytes of text and spam); d=64 in both.
         tasks: a subset of the suite's tasks (default: all of them).
         out: the report directory: new, empty, or an earlier comparison's (its finished runs are reused).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
@@ -171,9 +174,9 @@ def compare_suite(
             for name in mixers:
                 for lr in spec.tasks[task].lrs:
                     runs = _runs_dir(out, task, lr, grid)
-                    plans[task, name, lr] = _plan(
-                        name, {**shared, "lr": lr}, about[task]["budget"], time_budget, runs
-                    )
+                    budget = about[task]["budget"]
+                    config = {**shared, "lr": lr}
+                    plans[task, name, lr] = _plan(name, config, budget, time_budget, runs, spec.evaluations)
         _claim(out)
         records = {}
         for task in chosen:
