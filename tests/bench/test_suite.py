@@ -127,3 +127,13 @@ def test_a_generated_task_takes_no_data(tmp_path, capsys):
     assert main(["train", "--task", "listops", "--data", "x.txt", "--out", str(tmp_path / "r")]) == 2
     assert "the listops task generates its data and reads none" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_task_that_does_not_fit_the_mixer_is_one_line(tmp_path, capsys):
+    """A causal task (MQAR's language model) on a bidirectional-only option (aft_conv's 2-D grid)."""
+    argv = ["train", "--task", "mqar", "--mixer", "aft_conv", "--mixer-opt", "grid=[4,8]", "--seq-len", "32",
+            "--num-pairs", "4", "--vocab-size", "32", "--out", str(tmp_path / "r")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bidirectional only" in err
+    assert not (tmp_path / "r").exists()

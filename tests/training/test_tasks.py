@@ -87,6 +87,7 @@ def test_image_tasks_reject_a_patch_that_does_not_divide(tmp_path):
 
 # Each generated or sequence task, small enough to learn in seconds: (options, steps, margin over chance).
 LEARNS = {
+    "mqar": ({"seq_len": 16, "vocab_size": 16, "num_pairs": 2}, 120, 0.2),
     "induction": ({"dim": 64, "seq_len": 32, "vocab_size": 32, "num_tokens": 8}, 150, 0.04),
     "selective-copy": ({"seq_len": 24, "vocab_size": 8, "num_tokens": 4}, 120, 0.2),
     "listops": ({"seq_len": 48}, 120, 0.05),
