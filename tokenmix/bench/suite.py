@@ -120,8 +120,9 @@ def _check_tasks(suite: Suite, tasks: Sequence[str] | None, name: str) -> list[s
     return list(dict.fromkeys(chosen))
 
 
-def _runs_dir(out: Path, task: str, lr: float, grid: bool) -> Path:
-    return out / "runs" / task / f"lr-{lr:g}" if grid else out / "runs" / task
+def _runs_dir(out: Path, task: str, lrs: tuple[float, ...], lr: float) -> Path:
+    """Where a task's runs at ``lr`` live: one directory per rate when the task has a grid."""
+    return out / "runs" / task / f"lr-{lr:g}" if len(lrs) > 1 else out / "runs" / task
 
 
 def compare_suite(
@@ -170,23 +171,23 @@ def compare_suite(
         plans, about = {}, {}
         for task in chosen:
             shared, about[task] = _shared(spec, spec.tasks[task], device)
-            grid = len(spec.tasks[task].lrs) > 1
+            lrs = spec.tasks[task].lrs
             for name in mixers:
-                for lr in spec.tasks[task].lrs:
-                    runs = _runs_dir(out, task, lr, grid)
+                for lr in lrs:
+                    runs = _runs_dir(out, task, lrs, lr)
                     budget = about[task]["budget"]
                     config = {**shared, "lr": lr}
                     plans[task, name, lr] = _plan(name, config, budget, time_budget, runs, spec.evaluations)
         _claim(out)
         records = {}
         for task in chosen:
-            metric, grid = TASK_CLASSES[spec.tasks[task].task].metric, len(spec.tasks[task].lrs) > 1
+            metric, lrs = TASK_CLASSES[spec.tasks[task].task].metric, spec.tasks[task].lrs
             by_lr = {
                 name: {
                     lr: _train_runs(
-                        name, plans[task, name, lr], seed_list, _runs_dir(out, task, lr, grid), metric
+                        name, plans[task, name, lr], seed_list, _runs_dir(out, task, lrs, lr), metric
                     )
-                    for lr in spec.tasks[task].lrs
+                    for lr in lrs
                 }
                 for name in mixers
             }
