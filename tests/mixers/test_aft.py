@@ -127,8 +127,22 @@ def test_aft_conv_on_a_grid_is_the_2d_op():
     grid = lambda t: t.unflatten(1, (3, 5))  # noqa: E731
     out = aft_conv(grid(q).unflatten(-1, (4, 4)), grid(k), grid(v).unflatten(-1, (4, 4)), mixer.weight())
     assert_close(mixer(x), mixer.to_out(out.flatten(-2).flatten(1, 2)), 1e-6)
-    with pytest.raises(ValueError, match=r"grid \(3, 5\): 15 positions, got 14"):
+    with pytest.raises(ValueError, match=r"grid \(3, 5\): 15 positions, got \(14,\)"):
         mixer(x[:, :14])
+
+
+def test_aft_conv_on_a_grid_packs_whole_grids():
+    """A packed row of grids (cu_seqlens, one grid a segment) equals each grid alone; a segment that is
+    not one grid is named."""
+    torch.manual_seed(0)
+    mixer = create_mixer("aft_conv", 16, heads=4, kernel_size=3, grid=(2, 3))
+    with torch.no_grad():
+        mixer.gamma.normal_()
+    x = torch.randn(1, 18, 16)
+    packed = mixer(x, cu_seqlens=torch.tensor([0, 6, 12, 18]))
+    assert_close(packed, mixer(x.view(3, 6, 16)).view(1, 18, 16), 1e-6)
+    with pytest.raises(ValueError, match=r"every packed segment must hold the grid \(2, 3\): 6 positions"):
+        mixer(x, cu_seqlens=torch.tensor([0, 6, 11, 18]))
 
 
 @pytest.mark.parametrize(

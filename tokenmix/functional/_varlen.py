@@ -12,6 +12,8 @@ restarts at each segment's start and nothing crosses a boundary.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -168,23 +170,59 @@ def packing_of(
     return plan(check_cu_seqlens(cu_seqlens, batch, seq_len, attention_mask), device)
 
 
-def kernel_packing(arguments: dict[str, Any], **dims: int) -> Packing | None:
-    """The checked plan of a packed call for an op whose kernel takes the packed row whole (docs/spec.md
-    §8), or None when the call should go segment by segment (``call_packed``): inputs the op's own checks
-    will name as wrong, or a recurrent call (refused there). ``dims``: as for ``call_packed``."""
+def packable(kernel: Callable[..., bool] | None = None, **dims: int) -> Callable:
+    """The one way a functional op takes packed segments (docs/spec.md §8): decorates an op with a
+    ``cu_seqlens`` keyword. ``dims``: the inputs split into segments (name → the dim N is at; the first
+    one's N is the output's). ``kernel(*args, **kwargs)``: whether the op's kernel takes this call's packed
+    row whole (it reads each position's segment itself); the op is then called once with
+    ``cu_seqlens`` replaced by the checked ``Packing``. Otherwise the op runs on the segments as
+    right-padded batches (their padding as ``attention_mask``) and the outputs are packed back. Without
+    ``cu_seqlens`` the op is called as it is (no inspection: ``torch.compile`` traces straight through)."""
+
+    def decorate(op: Callable) -> Callable:
+        parameters = list(inspect.signature(op).parameters)
+        where = {name: parameters.index(name) for name in dims}
+
+        @functools.wraps(op)
+        def dispatch(*args: Any, cu_seqlens: torch.Tensor | Packing | None = None, **kwargs: Any) -> Any:
+            if cu_seqlens is None:
+                return op(*args, **kwargs)
+            return _call_packed(op, kernel, dims, where, args, kwargs, cu_seqlens)
+
+        return dispatch
+
+    return decorate
+
+
+def _call_packed(op, kernel, dims, where, args, kwargs, cu_seqlens):
     names = list(dims)
-    inputs = [arguments[name] for name in names]
+    inputs = [args[where[n]] if where[n] < len(args) else kwargs.get(n) for n in names]
     if not all(isinstance(t, torch.Tensor) and t.dim() > dims[n] for n, t in zip(names, inputs, strict=True)):
-        return None
-    if arguments.get("initial_state") is not None or arguments.get("output_final_state"):
-        return None
+        return op(*args, **kwargs)  # the op's own check names what is wrong
     first, length = inputs[0], inputs[0].shape[dims[names[0]]]
-    if any(
-        t.shape[0] != first.shape[0] or t.shape[dims[n]] != length for n, t in zip(names, inputs, strict=True)
-    ):
-        return None
-    return packing_of(
-        arguments["cu_seqlens"], first.shape[0], length, arguments.get("attention_mask"), first.device
+    packing = packing_of(cu_seqlens, first.shape[0], length, kwargs.get("attention_mask"), first.device)
+    if kwargs.get("initial_state") is not None or kwargs.get("output_final_state"):
+        raise InvalidValueError(
+            "cu_seqlens with initial_state / output_final_state: a packed call has one state per segment; "
+            "continue each sequence on its own"
+        )
+    if any(t.shape[0] != 1 or t.shape[dims[n]] != length for n, t in zip(names, inputs, strict=True)):
+        return op(*args, **kwargs)  # mismatched sizes: the op's own check names them
+    if kernel is not None and kernel(*args, **kwargs):
+        return op(*args, cu_seqlens=packing, **kwargs)
+
+    def on_segments(*segments: torch.Tensor) -> torch.Tensor:
+        *tensors, mask = segments
+        positional, keywords = list(args), {**kwargs, "attention_mask": mask}
+        for name, tensor in zip(names, tensors, strict=True):
+            if where[name] < len(args):
+                positional[where[name]] = tensor
+            else:
+                keywords[name] = tensor
+        return op(*positional, **keywords)
+
+    return packed_call(
+        on_segments, [(t, dims[n]) for n, t in zip(names, inputs, strict=True)], packing, dims[names[0]]
     )
 
 
@@ -201,36 +239,3 @@ def packed_call(
         return fn(*(t for t, _ in inputs), None)
     outputs = [fn(*(unpack(t, bucket, dim) for t, dim in inputs), bucket.mask) for bucket in packing.buckets]
     return pack(outputs, packing, out_dim)
-
-
-def call_packed(op: Callable[..., torch.Tensor], arguments: dict[str, Any], **dims: int) -> torch.Tensor:
-    """``op(**arguments)`` with ``arguments["cu_seqlens"]``: the inputs named in ``dims`` (name → the dim
-    N is at) are split into their segments, the op runs on those as right-padded batches, and its output
-    (N at the first input's dim) is packed back. For a functional op's first line:
-    ``if cu_seqlens is not None: return call_packed(op, locals(), q=2, k=2, v=2)``."""
-    arguments = dict(arguments)
-    cu_seqlens = arguments.pop("cu_seqlens")
-    names = list(dims)
-    inputs = [arguments[name] for name in names]
-    if not all(isinstance(t, torch.Tensor) and t.dim() > dims[n] for n, t in zip(names, inputs, strict=True)):
-        return op(**arguments)  # the op's own check names what is wrong
-    first = inputs[0]
-    packing = packing_of(
-        cu_seqlens, first.shape[0], first.shape[dims[names[0]]], arguments.get("attention_mask"), first.device
-    )
-    if arguments.get("initial_state") is not None or arguments.get("output_final_state"):
-        raise InvalidValueError(
-            "cu_seqlens with initial_state / output_final_state: a packed call has one state per segment; "
-            "continue each sequence on its own"
-        )
-    for name, tensor in zip(names, inputs, strict=True):
-        if tensor.shape[0] != 1 or tensor.shape[dims[name]] != first.shape[dims[names[0]]]:
-            return op(**arguments)  # mismatched sizes: the op's own check names them
-
-    def on_segments(*segments: torch.Tensor) -> torch.Tensor:
-        *tensors, mask = segments
-        return op(**{**arguments, **dict(zip(names, tensors, strict=True)), "attention_mask": mask})
-
-    return packed_call(
-        on_segments, [(t, dims[n]) for n, t in zip(names, inputs, strict=True)], packing, dims[names[0]]
-    )

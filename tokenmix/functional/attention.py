@@ -26,7 +26,7 @@ from ._checks import (
     empty_output,
 )
 from ._excluded import causal_finite, finite_at_padding, real_only, reinstate
-from ._varlen import Packing, call_packed, kernel_packing
+from ._varlen import Packing, packable
 
 __all__ = [
     "ACTIVATIONS",
@@ -68,6 +68,7 @@ def _default_scale(scale: float | None, head_dim: int) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+@packable(q=2, k=2, v=2)
 def softmax_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -76,7 +77,7 @@ def softmax_attention(
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor:
     """Softmax attention, ``out = softmax(scale · q kᵀ + mask) v``, through PyTorch SDPA.
 
@@ -92,8 +93,6 @@ def softmax_attention(
     Returns:
         (B, H, N, Dv), in the dtype of the inputs.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return call_packed(softmax_attention, locals(), q=2, k=2, v=2)
     sizes = _check_qkv(q, k, v)
     causal = check_flag("causal", causal)
     batch, seq_len = sizes["B"], sizes["N"]
@@ -349,6 +348,7 @@ def _check_pointwise_options(
     )
 
 
+@packable(lambda q, *_, **__: use_kernel("pointwise_attention", q), q=2, k=2, v=2)
 def pointwise_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -360,7 +360,7 @@ def pointwise_attention(
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
     length: int | None = None,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor:
     """Pointwise attention: ``out_i = Σ_{j∈S(i)} φ(scale · q_i·k_j) · L_i^(−alpha) · v_j``.
 
@@ -386,13 +386,7 @@ def pointwise_attention(
     Returns:
         (B, H, N, Dv), in the dtype of the inputs.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
-        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
-        packing = kernel_packing(arguments, q=2, k=2, v=2)
-        if packing is None or not use_kernel("pointwise_attention", q):
-            return call_packed(pointwise_attention, arguments, q=2, k=2, v=2)
-    else:
-        packing = None
+    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     sizes = _check_qkv(q, k, v)
     causal = check_flag("causal", causal)
     activation, alpha, length = _check_pointwise_options(activation, alpha, length)

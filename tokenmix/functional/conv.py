@@ -17,7 +17,6 @@ op picks by length; both are tested against the reference.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +33,7 @@ from ._checks import (
     empty_output,
 )
 from ._excluded import finite_part, real_only, reinstate, seen_in_window
-from ._varlen import call_packed, packing_of
+from ._varlen import Packing, packable
 
 __all__ = ["dynamic_conv", "lightconv"]
 
@@ -148,21 +147,18 @@ _PATHS = {
 }
 
 
-def _packed(
-    op: Callable[..., torch.Tensor], layout: str, arguments: dict[str, Any], **dims: int
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """A packed call (``cu_seqlens``): where the kernel takes it, one launch over every segment that
-    reads each position's segment so no tap crosses a boundary; otherwise segment by segment
-    (``call_packed``)."""
-    x, name = arguments["x"], op.__name__
-    recurrent = arguments["initial_state"] is not None or arguments["output_final_state"]
-    if recurrent or not (isinstance(x, torch.Tensor) and x.dim() == 3) or not use_kernel(name, x):
-        return call_packed(op, arguments, **dims)
-    packing = packing_of(
-        arguments["cu_seqlens"], x.shape[0], x.shape[1], arguments["attention_mask"], x.device
-    )
-    weight, causal, weight_softmax = arguments["weight"], arguments["causal"], arguments["weight_softmax"]
-    return _convolve(name, x, weight, layout, causal, weight_softmax, None, packing.segment_ids)
+def _packable_conv(op_name: str, **dims: int) -> Callable:
+    """``packable`` for a convolution: a packed row goes through the kernel in one launch over every
+    segment (it reads each position's segment, so no tap crosses a boundary) when the kernel runs."""
+
+    def kernel(x: object, *_: object, **__: object) -> bool:
+        return isinstance(x, torch.Tensor) and x.dim() == 3 and use_kernel(op_name, x)
+
+    return packable(kernel, **dims)
+
+
+def _segments(packing: Packing | None) -> torch.Tensor | None:
+    return None if packing is None else packing.segment_ids
 
 
 def _convolve(
@@ -199,6 +195,7 @@ def _convolve(
     return reinstate(out, seen_in_window(bad, 1, left, kernel_size - 1 - left)).to(out_dtype)
 
 
+@_packable_conv("lightconv", x=1)
 def lightconv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -208,7 +205,7 @@ def lightconv(
     attention_mask: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lightweight convolution: ``y[b,t,c] = Σ_j W̃[h(c), j] · x[b, t+j−P, c]``, one kernel per head.
 
@@ -228,8 +225,6 @@ def lightconv(
     Returns:
         (B, N, C) in x's dtype (half precision is computed in float32), or (that, final_state).
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return _packed(lightconv, "(H, K)", locals(), x=1)
     if initial_state is not None or output_final_state:
         return _from_state(
             "lightconv",
@@ -242,7 +237,8 @@ def lightconv(
             initial_state,
             output_final_state,
         )
-    return _convolve("lightconv", x, weight, "(H, K)", causal, weight_softmax, attention_mask)
+    segments = _segments(cu_seqlens)  # a Packing only when the kernel takes the packed row (``packable``)
+    return _convolve("lightconv", x, weight, "(H, K)", causal, weight_softmax, attention_mask, segments)
 
 
 def _from_state(
@@ -271,6 +267,7 @@ def _from_state(
     return (out, full[:, length:]) if output_final_state else out
 
 
+@_packable_conv("dynamic_conv", x=1, weight=1)
 def dynamic_conv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -280,7 +277,7 @@ def dynamic_conv(
     attention_mask: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dynamic convolution: as ``lightconv`` but output position t has its own kernel weight[b, t].
 
@@ -294,8 +291,6 @@ def dynamic_conv(
     Returns:
         (B, N, C) in x's dtype, or (that, final_state).
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8)
-        return _packed(dynamic_conv, "(B, N, H, K)", locals(), x=1, weight=1)
     check_float_tensor("x", x, "(B, N, C)")
     check_float_tensor("weight", weight, "(B, N, H, K)")
     check_dims({}, x=(x, "BN"), weight=(weight, "BN"))
@@ -304,4 +299,7 @@ def dynamic_conv(
             "dynamic_conv", x, weight, "(B, N, H, K)", causal, weight_softmax, attention_mask, initial_state,
             output_final_state,
         )  # fmt: skip
-    return _convolve("dynamic_conv", x, weight, "(B, N, H, K)", causal, weight_softmax, attention_mask)
+    segments = _segments(cu_seqlens)  # a Packing only when the kernel takes the packed row (``packable``)
+    return _convolve(
+        "dynamic_conv", x, weight, "(B, N, H, K)", causal, weight_softmax, attention_mask, segments
+    )

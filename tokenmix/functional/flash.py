@@ -25,7 +25,7 @@ from ._checks import (
 )
 from ._chunks import compact, last_real
 from ._excluded import finite_at_padding, finite_part, real_only, reinstate, seen_between, seen_in_window
-from ._varlen import Packing, call_packed, kernel_packing
+from ._varlen import Packing, packable
 from .attention import pointwise_attention
 
 __all__ = ["MixedChunkState", "mixed_chunk_attention"]
@@ -52,6 +52,10 @@ def _quadratic_options(qk_dim: int, chunk_size: int) -> dict:
     return {"activation": "relu2", "alpha": 1.0, "scale": qk_dim**-0.5, "length": chunk_size}
 
 
+@packable(
+    lambda q_quad, k_quad, q_lin, k_lin, v, **_: use_kernel("mixed_chunk_attention", v),
+    q_quad=1, k_quad=1, q_lin=1, k_lin=1, v=1,
+)  # fmt: skip
 def mixed_chunk_attention(
     q_quad: torch.Tensor,
     k_quad: torch.Tensor,
@@ -64,7 +68,7 @@ def mixed_chunk_attention(
     attention_mask: torch.Tensor | None = None,
     initial_state: MixedChunkState | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, MixedChunkState]:
     """FLASH's mixed-chunk attention, ``out_i = quad_i + lin_i``:
 
@@ -92,14 +96,7 @@ def mixed_chunk_attention(
         (B, N, E) in the inputs' dtype, or (that, final_state) with ``output_final_state``; half-precision
         inputs are computed in float32.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
-        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
-        dims = {"q_quad": 1, "k_quad": 1, "q_lin": 1, "k_lin": 1, "v": 1}
-        packing = kernel_packing(arguments, **dims)
-        if packing is None or not use_kernel("mixed_chunk_attention", v):
-            return call_packed(mixed_chunk_attention, arguments, **dims)
-    else:
-        packing = None
+    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     names = ("q_quad", "k_quad", "q_lin", "k_lin")
     for name, tensor in zip(names, (q_quad, k_quad, q_lin, k_lin), strict=True):
         check_float_tensor(name, tensor, "(B, N, S)")

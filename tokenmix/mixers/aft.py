@@ -164,8 +164,6 @@ class AFTFull(AFTMixer):
         super().__init__(dim, causal=causal, hidden_dim=hidden_dim, max_len=max_len, dropout=dropout)
         self.bias = PositionBias(self.max_len, bias_rank)
 
-    packed_op = "aft_full"
-
     def mix(self, q, k, v, attention_mask, packing=None):
         seq_len = q.shape[1] if packing is None else packing.longest  # w by position within a segment
         w = self.bias.rows(slice(0, seq_len), slice(0, seq_len))
@@ -210,8 +208,6 @@ class AFTSimple(AFTMixer):
         self, dim: int, *, causal: bool = False, hidden_dim: int | None = None, dropout: float = 0.0
     ) -> None:
         super().__init__(dim, causal=causal, hidden_dim=hidden_dim, max_len=None, dropout=dropout)
-
-    packed_op = "aft_simple"
 
     def mix(self, q, k, v, attention_mask, packing=None):
         return aft_ops.aft_simple(
@@ -261,8 +257,6 @@ class AFTLocal(AFTMixer):
         super().__init__(dim, causal=causal, hidden_dim=hidden_dim, max_len=max_len, dropout=dropout)
         self.window = check_positive_int("window", window)
         self.bias = PositionBias(self.max_len, bias_rank)
-
-    packed_op = "aft_local"
 
     def mix(self, q, k, v, attention_mask, packing=None):
         options = dict(
@@ -353,25 +347,28 @@ class AFTConv(AFTMixer):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, self.hidden_dim // self.heads))
 
-    @property
-    def packed_op(self) -> str | None:
-        return "aft_conv" if self.grid is None else None  # a 2-D grid is not packed through the kernel
-
     def mix(self, q, k, v, attention_mask, packing=None):
         q, v = self._heads(q), self._heads(v)
-        if self.grid is not None:  # (B, X·Y, …) → (B, X, Y, …)
-            if q.shape[1] != self.grid[0] * self.grid[1]:
-                raise InvalidValueError(
-                    f"x must hold the grid {self.grid}: {self.grid[0] * self.grid[1]} positions, "
-                    f"got {q.shape[1]}"
-                )
-            q, k, v = (t.unflatten(1, self.grid) for t in (q, k, v))
-            if attention_mask is not None:
-                attention_mask = attention_mask.unflatten(1, self.grid)
-        out = aft_ops.aft_conv(
-            q, k, v, self.weight(), causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
-        )
-        return out.flatten(-2).flatten(1, -2)
+        if self.grid is None:
+            out = aft_ops.aft_conv(
+                q, k, v, self.weight(), causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
+            )
+            return out.flatten(-2)
+        return self._mix_grid(q, k, v, attention_mask, packing)
+
+    def _mix_grid(self, q, k, v, attention_mask, packing):
+        """(B, X·Y, …) → (B, X, Y, …); a packed row's segments, each one whole grid, as a batch."""
+        size = self.grid[0] * self.grid[1]
+        lengths = (q.shape[1],) if packing is None else packing.lengths
+        if any(length != size for length in lengths):
+            what = "x" if packing is None else "every packed segment"
+            raise InvalidValueError(f"{what} must hold the grid {self.grid}: {size} positions, got {lengths}")
+        batch = q.shape[0]
+        q, k, v = (t.unflatten(1, (-1, *self.grid)).flatten(0, 1) for t in (q, k, v))
+        if attention_mask is not None:
+            attention_mask = attention_mask.unflatten(1, self.grid)
+        out = aft_ops.aft_conv(q, k, v, self.weight(), attention_mask=attention_mask)
+        return out.reshape(batch, q.shape[0] // batch * size, -1)
 
     def mix_chunk(self, q, k, v, state, chunk):
         out, state.window = aft_ops.aft_conv(

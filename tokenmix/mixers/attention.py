@@ -191,8 +191,6 @@ class PointwiseAttention(MultiHeadAttention):
         qk_layernorm, rope, rope_base, gate, bias, dropout: as for ``"softmax"``.
     """
 
-    packed_op = "pointwise_attention"
-
     def __init__(
         self,
         dim: int,

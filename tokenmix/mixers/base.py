@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 
-from ..backend import use_kernel
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 from ..functional._checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
 from ..functional._chunks import Compacted, compact
-from ..functional._varlen import Packing, packed_call, packing_of
+from ..functional._varlen import Packing, packing_of
 from ..init import SelfInitialising
 
 
@@ -34,9 +33,6 @@ class Mixer(SelfInitialising):
     """
 
     mixer_name: str = ""
-    # The functional op whose kernel takes a packed row's segments itself (docs/spec.md §8), for a
-    # family whose other layers are per position (or told each position's place in its segment).
-    packed_op: str | None = None
 
     def __init__(self, dim: int, *, causal: bool = False) -> None:
         super().__init__()
@@ -64,17 +60,17 @@ class Mixer(SelfInitialising):
         x, attention_mask = self.check_input(x, attention_mask)
         if cu_seqlens is None:
             return self.mix_sequence(x, attention_mask)
-        packing = packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device)
-        if self.packed_op is not None and use_kernel(self.packed_op, x):  # one launch for every segment
-            return self.mix_sequence(x, None, packing)
-        return packed_call(self.mix_sequence, [(x, 1)], packing)
+        # Planned once here; the family's layers read each position's place in its segment from it, and
+        # its op takes the packed row whole in a kernel, or segment by segment (``packable``).
+        return self.mix_sequence(
+            x, None, packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device)
+        )
 
     def mix_sequence(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
     ) -> torch.Tensor:
-        """The family's forward over a checked x (B, N, dim) and mask (B, N) or None; or (``packing``,
-        families with a ``packed_op`` only) a packed row (1, N, dim) whose segments are independent
-        sequences."""
+        """The family's forward over a checked x (B, N, dim) and mask (B, N) or None; or (``packing``) a
+        packed row (1, N, dim) whose segments are independent sequences (docs/spec.md §8)."""
         raise NotImplementedError
 
     def check_step_input(

@@ -136,8 +136,6 @@ class LightConv(ConvolutionMixer):
     """Lightweight convolution: one learned kernel per head, shared by the head's d/H channels. Options as
     for ``ConvolutionMixer``."""
 
-    packed_op = "lightconv"
-
     def build_kernel(self) -> None:
         self.weight = nn.Parameter(torch.empty(self.heads, self.kernel_size))
 
@@ -163,8 +161,6 @@ class LightConv(ConvolutionMixer):
 class DynamicConv(ConvolutionMixer):
     """Dynamic convolution: each position's H×K kernel is a linear function of its convolution input.
     Options as for ``ConvolutionMixer``."""
-
-    packed_op = "dynamic_conv"
 
     def build_kernel(self) -> None:
         self.to_kernel = nn.Linear(self.dim, self.heads * self.kernel_size, bias=False)

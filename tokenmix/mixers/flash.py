@@ -132,10 +132,6 @@ class GAU(GatedAttentionUnit):
             "length": self.length,
         }
 
-    @property
-    def packed_op(self) -> str | None:
-        return None if self.activation == "softmax" else "pointwise_attention"
-
     def mix_sequence(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
     ) -> torch.Tensor:
@@ -227,8 +223,6 @@ class FLASH(GatedAttentionUnit):
         super().__init__(dim, num_qk=4, **pick_options(locals(), _SHARED_OPTIONS))
         self.chunk_size = check_positive_int("chunk_size", chunk_size)
         self.linear = bool(linear)
-
-    packed_op = "mixed_chunk_attention"
 
     def _project(self, x: torch.Tensor, offset: int | torch.Tensor, packing: Packing | None = None):
         u, v, (q_quad, k_quad, q_lin, k_lin) = self.project(x, offset, packing)

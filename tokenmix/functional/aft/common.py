@@ -3,6 +3,8 @@ path (σ(q) ⊙ num/den, underflowed denominators recomputed exactly, key-less r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ...backend import use_kernel
@@ -13,7 +15,7 @@ from .._checks import (
     check_float_tensor,
     check_same_dtype_device,
 )
-from .._varlen import Packing, kernel_packing
+from .._varlen import Packing, packable
 from .exact import Bias, recompute_underflowed
 
 # A denominator below this (relative to its separate maxima) is recomputed with the joint maximum; far
@@ -36,19 +38,22 @@ def check_inputs(
     return mask
 
 
-def needs_grad(*tensors: torch.Tensor) -> bool:
+def needs_grad(*tensors: object) -> bool:
     """Whether a backward will run: the AFT kernels' backward adds with atomics (see ``use_kernel``)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
-def whole_through_kernel(name: str, arguments: dict, *weights: str) -> Packing | None:
-    """The plan of a packed call (``cu_seqlens``) that goes whole through ``name``'s kernel, which takes
-    the segments itself; None when it goes segment by segment (``call_packed``): on the reference path,
-    and for inputs the op's own checks will name."""
-    if (packing := kernel_packing(arguments, q=1, k=1, v=1)) is None:
-        return None
-    tensors = [arguments[n] for n in ("q", "k", "v", *weights) if isinstance(arguments[n], torch.Tensor)]
-    return packing if use_kernel(name, arguments["q"], atomics=needs_grad(*tensors)) else None
+def packable_aft(name: str, one_d: bool = False) -> Callable:
+    """``packable`` for an AFT op on q, k, v (B, N, …): a packed row goes whole through ``name``'s kernel,
+    which takes the segments itself, when the kernel runs (its backward's atomics allowed); ``one_d``:
+    only for 1-D inputs (B, N, H, Dh)."""
+
+    def kernel(q: torch.Tensor, k: object, v: object, *weights: object, **options: object) -> bool:
+        if one_d and q.dim() != 4:  # a 2-D grid is not packed through the kernel
+            return False
+        return use_kernel(name, q, atomics=needs_grad(q, k, v, *weights, *options.values()))
+
+    return packable(kernel, q=1, k=1, v=1)
 
 
 def segment_starts(packing: Packing | None) -> torch.Tensor | None:

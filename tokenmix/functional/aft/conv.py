@@ -17,20 +17,21 @@ from .._checks import (
     empty_output,
 )
 from .._excluded import finite_at_padding, finite_part, real_only, reinstate, seen_in_window
-from .._varlen import Packing, call_packed
+from .._varlen import Packing
 from .common import (
     finish,
     masked_keys,
     needs_grad,
+    packable_aft,
     sees_a_key,
     segment_starts,
-    whole_through_kernel,
 )
 from .exact import Bias, finite_shift
 from .local import band_offsets, outside_sum, pad_zeros, shift_zeros, windowed
 from .recurrent import AFTWindowState, recurrent
 
 
+@packable_aft("aft_conv", one_d=True)
 def aft_conv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -41,7 +42,7 @@ def aft_conv(
     attention_mask: torch.Tensor | None = None,
     initial_state: AFTWindowState | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """AFT-conv: per head h, ``aft_full`` over the head's channels with k_t broadcast across them and
     w_{t,t'} = w[h, t' − t + P] inside the kernel's window, 0 outside (P = K // 2 centred, K odd; or
@@ -63,13 +64,7 @@ def aft_conv(
     Returns:
         q's shape, in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
-        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
-        one_d = isinstance(q, torch.Tensor) and q.dim() == 4  # a 2-D grid is not packed through the kernel
-        if (packing := whole_through_kernel("aft_conv", arguments, "w") if one_d else None) is None:
-            return call_packed(aft_conv, arguments, q=1, k=1, v=1)
-    else:
-        packing = None
+    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     if isinstance(q, torch.Tensor) and q.dim() == 5:
         if initial_state is not None or output_final_state:
             raise InvalidValueError("initial_state and output_final_state need the causal 1-D form")

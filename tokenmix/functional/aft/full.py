@@ -13,7 +13,7 @@ from .._checks import (
     empty_output,
 )
 from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
-from .._varlen import Packing, call_packed
+from .._varlen import Packing
 from . import exact
 from .common import (
     check_inputs,
@@ -21,13 +21,14 @@ from .common import (
     finish,
     masked_keys,
     needs_grad,
+    packable_aft,
     sees_a_key,
     segment_starts,
-    whole_through_kernel,
 )
 from .exact import Bias, finite_shift
 
 
+@packable_aft("aft_full")
 def aft_full(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -36,7 +37,7 @@ def aft_full(
     *,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor:
     """AFT-full: ``y_t = σ(q_t) ⊙ Σ exp(k_t' + w_{t,t'}) ⊙ v_t' / Σ exp(k_t' + w_{t,t'})`` over t' ∈ S(t).
 
@@ -52,12 +53,7 @@ def aft_full(
     Returns:
         (B, N, D) in the inputs' dtype.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
-        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
-        if (packing := whole_through_kernel("aft_full", arguments, "w")) is None:
-            return call_packed(aft_full, arguments, q=1, k=1, v=1)
-    else:
-        packing = None
+    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     mask = check_inputs(q, k, v, attention_mask)
     causal = check_flag("causal", causal)
     check_float_tensor("w", w, "(N_max, N_max)")

@@ -19,16 +19,16 @@ from .._checks import (
     empty_output,
 )
 from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
-from .._varlen import Packing, call_packed
+from .._varlen import Packing
 from .common import (
     check_inputs,
     check_table,
     finish,
     masked_keys,
     needs_grad,
+    packable_aft,
     sees_a_key,
     segment_starts,
-    whole_through_kernel,
 )
 from .exact import Bias, finite_shift
 from .recurrent import AFTWindowState, last_position, recurrent
@@ -161,6 +161,7 @@ def _local(
     return (out if seen is None else reinstate(out, seen)).to(out_dtype)
 
 
+@packable_aft("aft_local")
 def aft_local(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -172,7 +173,7 @@ def aft_local(
     attention_mask: torch.Tensor | None = None,
     initial_state: AFTWindowState | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """AFT-local: ``aft_full`` with w'_{t,t'} = w_{t,t'} where |t − t'| < window and 0 elsewhere (not
     −inf: positions outside the window still count, with no bias).
@@ -194,12 +195,7 @@ def aft_local(
     Returns:
         (B, N, D) in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
-        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
-        if (packing := whole_through_kernel("aft_local", arguments, "w")) is None:
-            return call_packed(aft_local, arguments, q=1, k=1, v=1)
-    else:
-        packing = None
+    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     mask = check_inputs(q, k, v, attention_mask, recurrent=initial_state is not None or output_final_state)
     causal = check_flag("causal", causal)
     check_float_tensor("w", w, "(N_max, N_max)")
@@ -225,6 +221,7 @@ def aft_local(
     return _local(q, k, v, lambda columns: w.gather(1, columns), bias, window, causal, mask, packing)
 
 
+@packable_aft("aft_local")
 def aft_local_lowrank(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -237,18 +234,13 @@ def aft_local_lowrank(
     attention_mask: torch.Tensor | None = None,
     initial_state: AFTWindowState | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """``aft_local`` with the paper's factorised biases w = w_u w_vᵀ, given as w_u, w_v: (N_max, d'):
     only the band's entries u_t·v_t' are formed, O(N·window·d'), never the N×N table. ``initial_state``
     and ``output_final_state`` as for ``aft_local``. ``cu_seqlens``: packed segments, as for the
     other ops (docs/spec.md §8)."""
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
-        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
-        if (packing := whole_through_kernel("aft_local", arguments, "w_u", "w_v")) is None:
-            return call_packed(aft_local_lowrank, arguments, q=1, k=1, v=1)
-    else:
-        packing = None
+    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     mask = check_inputs(q, k, v, attention_mask, recurrent=initial_state is not None or output_final_state)
     causal = check_flag("causal", causal)
     check_float_tensor("w_u", w_u, "(N_max, rank)")

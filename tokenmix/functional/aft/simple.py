@@ -15,15 +15,15 @@ from .._checks import (
     empty_output,
 )
 from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
-from .._varlen import Packing, call_packed
+from .._varlen import Packing
 from .common import (
     check_inputs,
     finish,
     masked_keys,
     needs_grad,
+    packable_aft,
     sees_a_key,
     segment_starts,
-    whole_through_kernel,
 )
 from .exact import NO_BIAS, finite_shift
 from .recurrent import aft_accumulate, aft_cached
@@ -31,6 +31,7 @@ from .recurrent import aft_accumulate, aft_cached
 SCAN_CHUNK = 64
 
 
+@packable_aft("aft_simple")
 def aft_simple(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -40,7 +41,7 @@ def aft_simple(
     attention_mask: torch.Tensor | None = None,
     initial_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """AFT-simple: ``aft_full`` with w = 0, ``y_t = σ(q_t) ⊙ Σ softmax_{t'∈S(t)}(k)_{t'} ⊙ v_t'``, O(N·D).
 
@@ -60,12 +61,7 @@ def aft_simple(
     Returns:
         (B, N, D) in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
-    if cu_seqlens is not None:  # packed segments (docs/spec.md §8): whole through the kernel, if it runs
-        arguments = locals()  # only here: a traced locals() breaks torch.compile's graph
-        if (packing := whole_through_kernel("aft_simple", arguments)) is None:
-            return call_packed(aft_simple, arguments, q=1, k=1, v=1)
-    else:
-        packing = None
+    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     if initial_state is not None or output_final_state:
         return _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output_final_state)
     mask = check_inputs(q, k, v, attention_mask)
