@@ -200,7 +200,7 @@ def test_pointwise_step_is_last_causal_row(activation, length):
     q, k, v = random_qkv(2, 3, 9, 4, 5)
     full = F.pointwise_attention(q, k, v, activation=activation, causal=True, length=length)
     for t in range(9):
-        row = F.pointwise_attention_step(
+        row = F.pointwise_attention_cached(
             q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], activation=activation, length=length
         )
         assert_close(row[:, :, 0], full[:, :, t], 1e-12, what=f"t={t}")
@@ -210,7 +210,7 @@ def test_softmax_step_is_last_causal_row():
     q, k, v = random_qkv(2, 3, 9, 4, 5)
     full = F.softmax_attention(q, k, v, causal=True)
     for t in range(9):
-        row = F.softmax_attention_step(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])
+        row = F.softmax_attention_cached(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1])
         assert_close(row[:, :, 0], full[:, :, t], 1e-12, what=f"t={t}")
 
 

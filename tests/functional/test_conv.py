@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tests import reference
 from tests.reference import assert_close, assert_matches
-from tokenmix.functional import conv, dynamic_conv, lightconv
+from tokenmix.functional import ConvWindowState, conv, dynamic_conv, lightconv
 
 PATHS = {
     "lightconv": (conv.lightconv_window, conv.lightconv_band),
@@ -175,4 +175,9 @@ def test_initial_and_final_state_split_the_causal_op(op, kernel_size, cut):
     with pytest.raises(ValueError, match="causal=True"):
         call(x, weight, output_final_state=True)
     with pytest.raises(ValueError, match="initial_state must have shape"):
-        call(x, weight, causal=True, initial_state=torch.zeros(2, kernel_size + 1, 4, dtype=torch.float64))
+        call(
+            x,
+            weight,
+            causal=True,
+            initial_state=ConvWindowState(torch.zeros(2, kernel_size + 1, 4, dtype=torch.float64)),
+        )

@@ -206,3 +206,17 @@ def test_meta_tensors_give_the_output_shape(name):
     for causal in (False, True):
         out = call(tensors, causal=causal)
         assert out.device.type == "meta" and out.shape == tensors[0 if name == "aft_conv" else -1].shape
+
+
+def test_all_finite_answers_only_what_it_knows():
+    """The fast path (no exclusion bookkeeping) is taken only when every entry is finite: a NaN, an inf,
+    or finite entries whose sum overflows answer False (the careful path, still exact)."""
+    from tokenmix.functional._excluded import all_finite
+
+    x = torch.randn(3, 4)
+    assert all_finite(x, x.double())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 2] = bad
+        assert not all_finite(x, y)
+    assert not all_finite(torch.full((2,), 3e38))  # finite, but its sum is not: careful, never wrong

@@ -80,6 +80,6 @@ def test_kv_cache_state_is_per_batch():
     mixer = create_mixer("softmax", 16, heads=2, causal=True)
     state = mixer.init_state(2)
     mixer.step(torch.randn(2, 16), state)
-    assert state.length == 1 and state.nbytes() == 2 * 2 * 1 * (8 + 8) * 4
+    assert state.cache.length == 1 and state.nbytes() == 2 * 2 * 1 * (8 + 8) * 4
     with pytest.raises(ValueError, match="batch_size=2"):
         mixer.step(torch.randn(3, 16), state)

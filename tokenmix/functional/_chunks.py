@@ -62,3 +62,10 @@ def last_real(values: torch.Tensor, chunk: Compacted, keep: int) -> torch.Tensor
     index = (end[:, None] - keep + torch.arange(keep, device=values.device)).clamp(0, max(length - 1, 0))
     index = index.view(*index.shape, *[1] * (values.dim() - 2)).expand(-1, -1, *values.shape[2:])
     return values.gather(1, index)
+
+
+def causal_aligned(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """(T, L) bool: the newest T of L positions as queries over all L keys, causal offsets aligned to the
+    end — query i (position L − T + i) sees key j ≤ L − T + i. A cached form's mask."""
+    newest = keys - queries + torch.arange(queries, device=device)
+    return torch.arange(keys, device=device)[None, :] <= newest[:, None]

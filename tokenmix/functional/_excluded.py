@@ -35,6 +35,16 @@ def finite_at_padding(x: torch.Tensor, mask: torch.Tensor | None, dim: int) -> t
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every entry is finite, when that is known without waiting on a device: on the CPU, by one
+    sum per tensor (a sum is finite only if all its terms are; one that overflows answers False). Then
+    the careful bookkeeping below has nothing to do and is skipped. On an accelerator, or inside a
+    compiled graph, False: the careful path always (a host sync per op would cost more)."""
+    if torch.compiler.is_compiling() or any(t.device.type != "cpu" for t in tensors):
+        return False
+    return all(bool(torch.isfinite(t.sum())) for t in tensors)
+
+
 def finite_part(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` with non-finite entries set to 0, and where they were."""
     bad = ~torch.isfinite(x)
@@ -63,8 +73,10 @@ def seen_between(bad: torch.Tensor, dim: int, lower: torch.Tensor, upper: torch.
     return padded.index_select(dim, upper) - padded.index_select(dim, lower) > 0
 
 
-def reinstate(out: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+def reinstate(out: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
     """``out`` with NaN wherever ``seen`` (broadcastable to it) says a non-finite term was its own."""
+    if seen is None:
+        return out
     return torch.where(seen, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
 
 
@@ -78,7 +90,10 @@ def causal_finite(
     """Finite keys and values for a causal sum along ``dim``, and where each output row sees a
     non-finite one of its own (at a position ≤ its own, in its packed segment when ``starts`` (N,) says
     where each position's starts): per channel for values, and for keys per channel (``key_channels``,
-    AFT) or across all of a row's channels (a key enters every channel through its score)."""
+    AFT) or across all of a row's channels (a key enters every channel through its score). ``seen`` is
+    None when every key and value is known to be finite (``all_finite``)."""
+    if all_finite(keys, values):
+        return keys, values, None
     keys, bad_keys = finite_part(keys)
     values, bad_values = finite_part(values)
     if not key_channels:

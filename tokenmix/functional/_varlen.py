@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -183,13 +184,17 @@ def packable(kernel: Callable[..., bool] | None = None, **dims: int) -> Callable
         parameters = list(inspect.signature(op).parameters)
         where = {name: parameters.index(name) for name in dims}
 
-        @functools.wraps(op)
         def dispatch(*args: Any, cu_seqlens: torch.Tensor | Packing | None = None, **kwargs: Any) -> Any:
             if cu_seqlens is None:
                 return op(*args, **kwargs)
             return _call_packed(op, kernel, dims, where, args, kwargs, cu_seqlens)
 
-        return dispatch
+        # A code object of its own per op: torch.compile caches graphs per code object, and ten ops
+        # sharing one would recompile each other's frames (past its recompile limit).
+        code = dispatch.__code__.replace(co_name=op.__name__, co_qualname=op.__qualname__)
+        own = types.FunctionType(code, dispatch.__globals__, op.__name__, None, dispatch.__closure__)
+        own.__kwdefaults__ = dispatch.__kwdefaults__
+        return functools.wraps(op)(own)
 
     return decorate
 

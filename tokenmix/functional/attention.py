@@ -25,15 +25,17 @@ from ._checks import (
     compute_dtype,
     empty_output,
 )
+from ._chunks import causal_aligned
+from ._deprecated import deprecated_alias
 from ._excluded import causal_finite, finite_at_padding, real_only, reinstate
 from ._varlen import Packing, packable
 
 __all__ = [
     "ACTIVATIONS",
     "pointwise_attention",
-    "pointwise_attention_step",
+    "pointwise_attention_cached",
     "softmax_attention",
-    "softmax_attention_step",
+    "softmax_attention_cached",
 ]
 
 _QKV = "(B, H, N, D)"
@@ -118,16 +120,13 @@ _FROM_STATE = "a chunk continued from a decoding state runs on the reference pat
 
 def _cached_allowed(queries: int, keys: int, key_mask: torch.Tensor | None, device) -> torch.Tensor:
     """(B or 1, 1, T, L): query i (the (L − T + i)-th position) sees key j ≤ L − T + i that is real."""
-    allowed = (
-        torch.arange(keys, device=device)[None, :]
-        <= (keys - queries + torch.arange(queries, device=device))[:, None]
-    )
+    allowed = causal_aligned(queries, keys, device)
     if key_mask is None:
         return allowed[None, None]
     return allowed[None, None] & key_mask[:, None, None, :]
 
 
-def softmax_attention_step(
+def softmax_attention_cached(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -417,7 +416,7 @@ def pointwise_attention(
     return out if seen is None else reinstate(out, seen)
 
 
-def pointwise_attention_step(
+def pointwise_attention_cached(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -446,3 +445,7 @@ def pointwise_attention_step(
     values = v.to(dtype) if key_mask is None else real_only(v.to(dtype), key_mask, 2)
     count = allowed.sum(-1, keepdim=True).clamp_min(1).to(dtype) if length is None else float(length)
     return ((weights @ values) * count**-alpha).to(q.dtype)
+
+
+softmax_attention_step = deprecated_alias(softmax_attention_cached, "softmax_attention_step")
+pointwise_attention_step = deprecated_alias(pointwise_attention_cached, "pointwise_attention_step")

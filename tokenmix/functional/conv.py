@@ -16,7 +16,9 @@ op picks by length; both are tested against the reference.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +34,18 @@ from ._checks import (
     compute_dtype,
     empty_output,
 )
-from ._excluded import finite_part, real_only, reinstate, seen_in_window
+from ._excluded import all_finite, finite_part, real_only, reinstate, seen_in_window
 from ._varlen import Packing, packable
 
-__all__ = ["dynamic_conv", "lightconv"]
+__all__ = ["ConvWindowState", "dynamic_conv", "lightconv"]
+
+
+class ConvWindowState(NamedTuple):
+    """Causal lightconv's and dynamic_conv's recurrent state: the last K − 1 inputs before the next call
+    (zeros before the sequence's start; padding as 0), constant in size."""
+
+    inputs: torch.Tensor  # (B, K − 1, C)
+
 
 # The band-matrix path is taken when K ≥ min_kernel_size and N ≤ max_length_per_tap · K: band costs
 # grow as N² and windows as N·K. Measured on the CPU with benchmarks/conv.py (B=8, C=256, H=8): the band
@@ -189,6 +199,8 @@ def _convolve(
         return window(x, kernel, heads, causal).to(out_dtype)
     # The band matrix holds 0s outside each row's taps: compute with finite inputs, then mark the
     # outputs whose own taps see others.
+    if all_finite(x):
+        return band(x, kernel, heads, causal).to(out_dtype)
     x, bad = finite_part(x)
     left = _left_padding(kernel_size, causal)
     out = band(x, kernel, heads, causal)
@@ -203,10 +215,10 @@ def lightconv(
     causal: bool = False,
     weight_softmax: bool = True,
     attention_mask: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
+    initial_state: ConvWindowState | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | Packing | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, ConvWindowState]:
     """Lightweight convolution: ``y[b,t,c] = Σ_j W̃[h(c), j] · x[b, t+j−P, c]``, one kernel per head.
 
     Args:
@@ -215,10 +227,10 @@ def lightconv(
         causal: P = K − 1 (position t sees t−K+1 … t); else P = (K − 1) // 2 (default False).
         weight_softmax: normalise each head's K taps with a softmax first (default True).
         attention_mask: (B, N), True/1 = real token; padded positions contribute 0 (default None).
-        initial_state: causal only — the K − 1 inputs (B, K − 1, C) before x, as a previous call's final
-            state (default None: zeros, the sequence's start).
-        output_final_state: causal only — also return the last K − 1 inputs (B, K − 1, C), padding as 0
-            (default False).
+        initial_state: causal only — the ``ConvWindowState`` a previous call returned: the K − 1 inputs
+            (B, K − 1, C) before x (default None: zeros, the sequence's start).
+        output_final_state: causal only — also return the ``ConvWindowState`` after this call: the last
+            K − 1 inputs, padding as 0 (default False).
         cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
 
@@ -254,6 +266,15 @@ def _from_state(
     shape = (batch, taps - 1, channels)
     if initial_state is None:
         initial_state = x.new_zeros(shape)
+    elif isinstance(initial_state, ConvWindowState):
+        initial_state = initial_state.inputs
+    else:
+        check_float_tensor("initial_state", initial_state, "ConvWindowState (B, K − 1, C)")
+        warnings.warn(
+            "initial_state as a bare tensor is deprecated; pass the ConvWindowState a previous call returned",
+            DeprecationWarning,
+            stacklevel=4,  # the caller of the op (through packable)
+        )
     check_float_tensor("initial_state", initial_state, "(B, K − 1, C)")
     if tuple(initial_state.shape) != shape:
         raise InvalidValueError(
@@ -264,7 +285,7 @@ def _from_state(
     if op_name == "dynamic_conv":  # no outputs are read at the state's positions: any kernel there
         weight = torch.cat((weight.new_zeros(batch, taps - 1, *weight.shape[2:]), weight), 1)
     out = _convolve(op_name, full, weight, layout, True, weight_softmax, None)[:, taps - 1 :]
-    return (out, full[:, length:]) if output_final_state else out
+    return (out, ConvWindowState(full[:, length:])) if output_final_state else out
 
 
 @_packable_conv("dynamic_conv", x=1, weight=1)
@@ -275,10 +296,10 @@ def dynamic_conv(
     causal: bool = False,
     weight_softmax: bool = True,
     attention_mask: torch.Tensor | None = None,
-    initial_state: torch.Tensor | None = None,
+    initial_state: ConvWindowState | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | Packing | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor | tuple[torch.Tensor, ConvWindowState]:
     """Dynamic convolution: as ``lightconv`` but output position t has its own kernel weight[b, t].
 
     Args:

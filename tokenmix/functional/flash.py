@@ -24,7 +24,15 @@ from ._checks import (
     empty_output,
 )
 from ._chunks import compact, last_real
-from ._excluded import finite_at_padding, finite_part, real_only, reinstate, seen_between, seen_in_window
+from ._excluded import (
+    all_finite,
+    finite_at_padding,
+    finite_part,
+    real_only,
+    reinstate,
+    seen_between,
+    seen_in_window,
+)
 from ._varlen import Packing, packable
 from .attention import pointwise_attention
 
@@ -127,6 +135,8 @@ def mixed_chunk_attention(
     k_quad, k_lin, v = (real_only(t, mask, 1) for t in (k_quad, k_lin, v))
     if not causal:
         return _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, False, packing)
+    if all_finite(k_quad, k_lin, v):
+        return _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, True, packing)
     # Causal sums meet future keys and values in products with 0: compute with finite ones, then mark
     # the rows that see others of their own (a value at j ≤ i; a quadratic key at j ≤ i in the row's
     # chunk; a linear key in an earlier chunk), all within the row's segment when packed.

@@ -11,7 +11,7 @@
 Then ``LlamaConfig(..., attn_implementation="tokenmix_pointwise")`` (or ``model.set_attn_implementation``)
 runs the model's attention through tokenmix, causal or bidirectional as the model's layer says, with
 padding, grouped-query attention (key/value heads repeated) and the KV cache (the newest queries over the
-cached keys, as ``pointwise_attention_step``). Options come from the model's config, saved with it::
+cached keys, as ``pointwise_attention_cached``). Options come from the model's config, saved with it::
 
     config.tokenmix_attention = {"activation": "relu", "alpha": 1.0, "length": None, "qk_norm": False}
 
@@ -155,13 +155,13 @@ def _attention(implementation: str) -> Callable:
 def _pointwise(q, k, v, causal, key_mask, scale, options):
     if q.shape[2] == k.shape[2]:
         return F.pointwise_attention(q, k, v, causal=causal, attention_mask=key_mask, scale=scale, **options)
-    return F.pointwise_attention_step(q, k, v, key_mask=key_mask, scale=scale, **options)
+    return F.pointwise_attention_cached(q, k, v, key_mask=key_mask, scale=scale, **options)
 
 
 def _softmax(q, k, v, causal, key_mask, scale, options):
     if q.shape[2] == k.shape[2]:
         return F.softmax_attention(q, k, v, causal=causal, attention_mask=key_mask, scale=scale)
-    return F.softmax_attention_step(q, k, v, key_mask=key_mask, scale=scale)
+    return F.softmax_attention_cached(q, k, v, key_mask=key_mask, scale=scale)
 
 
 def _aft_simple(q, k, v, causal, key_mask, scale, options):
@@ -170,7 +170,7 @@ def _aft_simple(q, k, v, causal, key_mask, scale, options):
     if q.shape[1] == k.shape[1]:
         out = F.aft_simple(q, k, v, causal=causal, attention_mask=key_mask)
     else:
-        out = F.aft_cached(q, k, v, None, key_mask=key_mask).to(q.dtype)
+        out = F.aft_full_cached(q, k, v, None, key_mask=key_mask).to(q.dtype)
     return out.unflatten(2, (heads, -1)).transpose(1, 2)
 
 

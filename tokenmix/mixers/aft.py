@@ -20,33 +20,24 @@ from ..functional._chunks import Compacted
 from ..functional._varlen import Packing
 from ..init import SelfInitialising
 from .base import Mixer
-from .cache import KVCache, check_capacity
+from .cache import KVCache
 from .registry import register_mixer
+from .state import DecodingState
 
 PAPER = "Zhai et al. 2021, An Attention Free Transformer (arXiv 2105.14103)"
-Running = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
-class AFTState:
-    """Decoding state: each row's next position (its count of real tokens) and the op's state —
-    AFT-simple's running (max, numerator, denominator), AFT-full's cache of every key, AFT-local's and
-    AFT-conv's ``AFTWindowState`` (the last window − 1 keys and the sums of older ones)."""
+class AFTState(DecodingState):
+    """The AFT mixers' decoding state, the op's state of each: AFT-simple's ``AFTSimpleState`` (running
+    max, numerator, denominator), AFT-full's cache of every key (a fixed-size cache with a capacity),
+    AFT-local's and AFT-conv's ``AFTWindowState`` (the last window − 1 keys and the sums of older
+    ones)."""
 
-    batch_size: int
-    capacity: int | None = None  # the most positions it may be fed (AFT-full's cache: fixed size)
-    fed: int = 0  # positions fed so far, padding included
-    positions: torch.Tensor | None = None  # (B,) long
-    running: Running | None = None
+    running: aft_ops.AFTSimpleState | None = None
     cache: KVCache | None = None
     key_positions: torch.Tensor | None = None  # (B, t): AFT-full's cached keys' positions
     window: aft_ops.AFTWindowState | None = None
-
-    def nbytes(self) -> int:
-        window = () if self.window is None else (self.window.keys, self.window.values, *self.window.running)
-        tensors = [*(self.running or ()), *window]
-        cached = self.cache.nbytes() if self.cache is not None else 0
-        return cached + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class AFTMixer(Mixer):
@@ -88,21 +79,14 @@ class AFTMixer(Mixer):
         return AFTState(batch_size, capacity=capacity)
 
     def advance(self, x: torch.Tensor, state: AFTState, chunk: Compacted) -> torch.Tensor:
-        if x.shape[0] != state.batch_size:
-            raise InvalidValueError(
-                f"state was made for batch_size={state.batch_size}, got a batch of {x.shape[0]}"
-            )
-        if state.positions is None:
-            state.positions = torch.zeros(state.batch_size, dtype=torch.long, device=x.device)
-        state.fed = check_capacity(state.capacity, state.fed, x.shape[1])
         if self.max_len is not None and (state.capacity is None or state.capacity > self.max_len):
             self._check_length(int((state.positions + chunk.counts).max()))  # a host sync: only if needed
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        y = self.mix_chunk(q, k, v, state, chunk)
-        state.positions = state.positions + chunk.counts
-        return self.dropout(self.to_out(y))
+        return self.dropout(self.to_out(self.mix_cached(q, k, v, state, chunk)))
 
-    def mix_chunk(self, q, k, v, state: AFTState, chunk: Compacted) -> torch.Tensor:
+    def mix_cached(self, q, k, v, state: AFTState, chunk: Compacted) -> torch.Tensor:
+        """The family's op on a chunk's q, k, v (B, T, hidden), continued from ``state`` and updating
+        it."""
         raise NotImplementedError
 
 
@@ -171,7 +155,7 @@ class AFTFull(AFTMixer):
             q, k, v, w, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
         )
 
-    def mix_chunk(self, q, k, v, state, chunk):
+    def mix_cached(self, q, k, v, state, chunk):
         positions = state.positions[:, None] + torch.arange(k.shape[1], device=k.device)
         if state.cache is None:
             state.cache = KVCache(state.batch_size, state.capacity)
@@ -187,7 +171,7 @@ class AFTFull(AFTMixer):
         if empty:  # a first chunk is the forward op (its padding comes last)
             return self.mix(q, k, v, chunk.valid)
         bias = self.bias.pairs(positions, state.key_positions[:, : keys.shape[-2]])
-        return aft_ops.aft_cached(q, keys[:, 0], values[:, 0], bias, key_mask=real)
+        return aft_ops.aft_full_cached(q, keys[:, 0], values[:, 0], bias, key_mask=real)
 
 
 @register_mixer(
@@ -214,7 +198,7 @@ class AFTSimple(AFTMixer):
             q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
         )
 
-    def mix_chunk(self, q, k, v, state, chunk):
+    def mix_cached(self, q, k, v, state, chunk):
         out, state.running = aft_ops.aft_simple(
             q,
             k,
@@ -266,7 +250,7 @@ class AFTLocal(AFTMixer):
             return aft_ops.aft_local(q, k, v, self.bias.table, **options)
         return aft_ops.aft_local_lowrank(q, k, v, self.bias.u, self.bias.v, **options)
 
-    def mix_chunk(self, q, k, v, state, chunk):
+    def mix_cached(self, q, k, v, state, chunk):
         options = dict(window=self.window, causal=True, attention_mask=chunk.valid, output_final_state=True)
         if self.bias.rank is None:
             out, state.window = aft_ops.aft_local(
@@ -370,7 +354,7 @@ class AFTConv(AFTMixer):
         out = aft_ops.aft_conv(q, k, v, self.weight(), attention_mask=attention_mask)
         return out.reshape(batch, q.shape[0] // batch * size, -1)
 
-    def mix_chunk(self, q, k, v, state, chunk):
+    def mix_cached(self, q, k, v, state, chunk):
         out, state.window = aft_ops.aft_conv(
             self._heads(q),
             k,

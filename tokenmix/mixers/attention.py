@@ -17,7 +17,7 @@ from ..functional._checks import check_positive_int, check_real
 from ..functional._chunks import Compacted
 from ..functional._varlen import Packing
 from .base import Mixer, pick_options
-from .cache import KVCache
+from .cache import CacheState, KVCache
 from .registry import ModelDefaults, register_mixer
 from .rotary import RotaryEmbedding
 
@@ -67,7 +67,7 @@ class MultiHeadAttention(Mixer):
         self.to_out = nn.Linear(inner, dim, bias=bias)
         self.dropout = nn.Dropout(check_real("dropout", dropout))
 
-    def attend(
+    def mix(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -78,7 +78,7 @@ class MultiHeadAttention(Mixer):
         """(B, H, N, D) q, k, v → (B, H, N, D) with the family's op (over a packed row's segments)."""
         raise NotImplementedError
 
-    def attend_cached(
+    def mix_cached(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor | None
     ) -> torch.Tensor:
         """The newest T queries (B, H, T, D) over the cache (B, H, L, D), real keys ``real`` (B, L)."""
@@ -105,23 +105,20 @@ class MultiHeadAttention(Mixer):
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
     ) -> torch.Tensor:
         q, k, v = self._qkv(x, 0, packing)
-        return self._output(self.attend(q, k, v, attention_mask, packing), x)
+        return self._output(self.mix(q, k, v, attention_mask, packing), x)
 
-    def new_state(self, batch_size: int, capacity: int | None = None) -> KVCache:
+    def new_state(self, batch_size: int, capacity: int | None = None) -> CacheState:
         """An empty KV cache: O(t · heads · head_dim) per sequence after t steps.
         ``capacity``: a fixed-size cache for that many positions (padding included), whose tensors keep
         their shapes from step to step (for ``torch.compile``); None grows as needed."""
-        return KVCache(batch_size, capacity)
+        return CacheState(batch_size, capacity, cache=KVCache(batch_size, capacity))
 
-    def advance(self, x: torch.Tensor, state: KVCache, chunk: Compacted) -> torch.Tensor:
-        state.check_batch(x.shape[0])
-        positions = state.next_positions(x.device)
-        q, k, v = self._qkv(x, offset=positions)
-        empty = state.length == 0 and state.capacity is None
-        keys, values, real = state.append(k, v, chunk.valid)
+    def advance(self, x: torch.Tensor, state: CacheState, chunk: Compacted) -> torch.Tensor:
+        q, k, v = self._qkv(x, offset=state.positions)
+        empty = state.cache.length == 0 and state.capacity is None
+        keys, values, real = state.cache.append(k, v, chunk.valid)
         # A first chunk is a causal forward (its padding comes last); later ones attend to the cache.
-        attended = self.attend(q, k, v, chunk.valid) if empty else self.attend_cached(q, keys, values, real)
-        state.positions = positions + chunk.counts
+        attended = self.mix(q, k, v, chunk.valid) if empty else self.mix_cached(q, keys, values, real)
         return self._output(attended, x)
 
 
@@ -159,13 +156,13 @@ class SoftmaxAttention(MultiHeadAttention):
     ) -> None:
         super().__init__(dim, **pick_options(locals(), _SHARED_OPTIONS))
 
-    def attend(self, q, k, v, attention_mask, packing=None):
+    def mix(self, q, k, v, attention_mask, packing=None):
         return attention_ops.softmax_attention(
             q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
         )
 
-    def attend_cached(self, q, k, v, real):
-        return attention_ops.softmax_attention_step(q, k, v, key_mask=real)
+    def mix_cached(self, q, k, v, real):
+        return attention_ops.softmax_attention_cached(q, k, v, key_mask=real)
 
 
 @register_mixer(
@@ -217,10 +214,10 @@ class PointwiseAttention(MultiHeadAttention):
     def _options(self) -> dict:
         return {"activation": self.activation, "alpha": self.alpha, "length": self.length}
 
-    def attend(self, q, k, v, attention_mask, packing=None):
+    def mix(self, q, k, v, attention_mask, packing=None):
         return attention_ops.pointwise_attention(
             q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing, **self._options()
         )
 
-    def attend_cached(self, q, k, v, real):
-        return attention_ops.pointwise_attention_step(q, k, v, key_mask=real, **self._options())
+    def mix_cached(self, q, k, v, real):
+        return attention_ops.pointwise_attention_cached(q, k, v, key_mask=real, **self._options())

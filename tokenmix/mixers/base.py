@@ -12,6 +12,7 @@ from ..functional._checks import check_attention_mask, check_flag, check_float_t
 from ..functional._chunks import Compacted, compact
 from ..functional._varlen import Packing, packing_of
 from ..init import SelfInitialising
+from .state import DecodingState
 
 
 def pick_options(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -74,7 +75,7 @@ class Mixer(SelfInitialising):
         raise NotImplementedError
 
     def check_step_input(
-        self, x: torch.Tensor, state: Any, attention_mask: torch.Tensor | None = None
+        self, x: torch.Tensor, state: object, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
         """Validate a step's input: one token (B, dim) or a chunk (B, T, dim), its mask ((B,) or (B, T)),
         and the state. Returns x as (B, T, dim), whether it was one token, and the mask as bool (B, T)."""
@@ -82,7 +83,7 @@ class Mixer(SelfInitialising):
             raise UnavailableError(
                 f"{type(self).__name__} was built with causal=False; step decoding needs causal=True"
             )
-        made_by = getattr(state, "made_by", None)
+        made_by = state.made_by if isinstance(state, DecodingState) else None
         if made_by is None:
             raise InvalidTypeError(
                 f"state must be what {type(self).__name__}.init_state(batch_size) returned (or the state "
@@ -109,7 +110,7 @@ class Mixer(SelfInitialising):
         mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
         return x, single, mask
 
-    def init_state(self, batch_size: int, capacity: int | None = None) -> Any:
+    def init_state(self, batch_size: int, capacity: int | None = None) -> DecodingState:
         """An empty decoding state for ``batch_size`` sequences. ``capacity``: the most positions
         (padding included) it will be fed, for a state whose tensors keep their shapes from step to step
         (``torch.compile`` then compiles a step once, not per token); None lets a KV cache grow."""
@@ -123,23 +124,29 @@ class Mixer(SelfInitialising):
         state.made_by = self.mixer_name or type(self).__name__  # so a state of another mixer is refused
         return state
 
-    def new_state(self, batch_size: int, capacity: int | None) -> Any:
-        """The family's empty state (see ``init_state``, which has checked both arguments)."""
+    def new_state(self, batch_size: int, capacity: int | None) -> DecodingState:
+        """The family's empty state, a ``DecodingState`` with its own fields (see ``init_state``, which has
+        checked both arguments)."""
         raise NotImplementedError
 
     def step(
-        self, x: torch.Tensor, state: Any, attention_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, Any]:
+        self, x: torch.Tensor, state: DecodingState, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, DecodingState]:
         """Advance ``state`` by one token x (B, dim) → (B, dim), or by a chunk x (B, T, dim) → (B, T, dim)
         in one pass (docs/spec.md §7). ``attention_mask`` ((B,) or (B, T), True = real): a padded
         position leaves the state unchanged and its output is 0; positions count each row's real
         tokens. Gradients flow through the state across calls. The state is updated and returned."""
         x, single, mask = self.check_step_input(x, state, attention_mask)
+        state.feed(x.shape[0], x.shape[1])
         chunk = compact(mask, x.shape[0], x.shape[1], x.device)
+        positions = state.next_positions(x.device)
         y = chunk.scatter(self.advance(chunk.gather(x), state, chunk))
+        state.positions = positions + chunk.counts
         return (y[:, 0] if single else y), state
 
-    def advance(self, x: torch.Tensor, state: Any, chunk: Compacted) -> torch.Tensor:
+    def advance(self, x: torch.Tensor, state: DecodingState, chunk: Compacted) -> torch.Tensor:
         """The causal outputs (B, T, dim) of a chunk whose real tokens come first in each row
-        (``chunk.counts``, ``chunk.valid``), updating ``state`` with the real ones only."""
+        (``chunk.counts``, ``chunk.valid``), updating the family's fields of ``state`` with the real ones
+        only. ``state.positions`` (B,): each row's first position in the chunk (``step`` has checked the
+        batch and capacity, and advances the positions after)."""
         raise NotImplementedError

@@ -4,57 +4,37 @@ for every token."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..errors import InvalidValueError
 from ..functional._checks import check_positive_int
-
-
-def check_capacity(capacity: int | None, fed: int, arriving: int) -> int:
-    """How many positions a state of ``capacity`` has been fed after ``arriving`` more; raises past it."""
-    if capacity is not None and fed + arriving > capacity:
-        raise InvalidValueError(
-            f"the state holds capacity={capacity} positions; {fed + arriving} were fed "
-            f"(make the state with a larger capacity)"
-        )
-    return fed + arriving
+from .state import DecodingState
 
 
 class KVCache:
-    """Keys (B, H, t, Dk) and values (B, H, t, Dv) seen so far, which of them are real tokens (B, t), and
-    each row's next position (its count of real tokens). ``append`` returns all three up to now.
+    """Keys (B, H, t, Dk) and values (B, H, t, Dv) seen so far and which of them are real tokens (B, t);
+    ``append`` returns all three up to now. A buffer held by a decoding state, which checks the batch
+    size and capacity (``DecodingState.feed``) before anything is appended.
 
     With a ``capacity`` C the cache is C slots from the start, written in order; appending one token
     returns all C slots, the unwritten ones marked as padding, so a single-token step sees tensors of the
     same shapes every time (a compiled step is not recompiled). A chunk gets the t slots written so far
-    (its causal offsets aligned to their end). More than C positions (padding included) → ``ValueError``."""
+    (its causal offsets aligned to their end)."""
 
     def __init__(self, batch_size: int, capacity: int | None = None) -> None:
         self.batch_size = batch_size
         self.capacity = check_positive_int("capacity", capacity, allow_none=True)
         self.length = 0
-        self.positions: torch.Tensor | None = None  # (B,) long, set on first use (device)
         self._keys: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
         self._real: torch.Tensor | None = None
-
-    def check_batch(self, batch: int) -> None:
-        if batch != self.batch_size:
-            raise InvalidValueError(
-                f"state was made for batch_size={self.batch_size}, got a batch of {batch}"
-            )
-
-    def next_positions(self, device: torch.device) -> torch.Tensor:
-        if self.positions is None:
-            self.positions = torch.zeros(self.batch_size, dtype=torch.long, device=device)
-        return self.positions
 
     def append(
         self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Add (B, H, n, D) keys and values (``valid`` (B, n): which are real; None = all); return the
         whole cache so far and its real-key mask (None while every key is real)."""
-        self.check_batch(keys.shape[0])
         new_length = self.length + keys.shape[-2]
         if self.capacity is not None:
             return self._append_fixed(keys, values, valid, new_length)
@@ -85,7 +65,6 @@ class KVCache:
         return self._keys[..., :new_length, :], self._values[..., :new_length, :], real
 
     def _append_fixed(self, keys, values, valid, new_length: int):
-        check_capacity(self.capacity, self.length, keys.shape[-2])
         if self._keys is None:
             self._keys = keys.new_zeros(*keys.shape[:-2], self.capacity, keys.shape[-1])
             self._values = values.new_zeros(*values.shape[:-2], self.capacity, values.shape[-1])
@@ -120,3 +99,10 @@ class KVCache:
         if self.capacity is not None:
             return sum(t.numel() * t.element_size() for t in (self._keys, self._values))
         return sum(t[..., : self.length, :].numel() * t.element_size() for t in (self._keys, self._values))
+
+
+@dataclass
+class CacheState(DecodingState):
+    """The decoding state of the attention mixers (softmax, pointwise, GAU): a ``KVCache``."""
+
+    cache: KVCache | None = None

@@ -18,24 +18,19 @@ from ..errors import InvalidValueError
 from ..functional._checks import check_positive_int, check_real
 from ..functional._chunks import Compacted, last_real
 from ..functional._varlen import Packing
-from ..functional.conv import dynamic_conv, lightconv
+from ..functional.conv import ConvWindowState, dynamic_conv, lightconv
 from .base import Mixer
-from .cache import check_capacity
 from .registry import register_mixer
+from .state import DecodingState
 
 PAPER = "Wu et al. 2019, Pay Less Attention with Lightweight and Dynamic Convolutions (arXiv 1901.10430)"
 
 
 @dataclass
-class ConvState:
+class ConvState(DecodingState):
     """The last K − 1 convolution inputs (B, K − 1, d), zeros before the sequence starts: O(K·d)."""
 
-    window: torch.Tensor
-    capacity: int | None = None  # the most positions it may be fed, padding included
-    fed: int = 0
-
-    def nbytes(self) -> int:
-        return self.window.numel() * self.window.element_size()
+    window: torch.Tensor | None = None
 
 
 class ConvolutionMixer(Mixer):
@@ -82,7 +77,7 @@ class ConvolutionMixer(Mixer):
         """The raw taps for convolution input u (B, N, d): (H, K) or (B, N, H, K)."""
         raise NotImplementedError
 
-    def convolve(self, u: torch.Tensor, kernel: torch.Tensor, attention_mask: torch.Tensor | None, **state):
+    def mix(self, u: torch.Tensor, kernel: torch.Tensor, attention_mask: torch.Tensor | None, **state):
         """The family's op on u (B, N, d) with normalised taps; ``state``: its initial_state and
         output_final_state."""
         raise NotImplementedError
@@ -96,29 +91,29 @@ class ConvolutionMixer(Mixer):
     ) -> torch.Tensor:
         u = self.glu(self.to_input(x))
         kernel = self._normalised_kernel(u)
-        return self.dropout(self.to_out(self.convolve(u, kernel, attention_mask, cu_seqlens=packing)))
+        return self.dropout(self.to_out(self.mix(u, kernel, attention_mask, cu_seqlens=packing)))
 
     def new_state(self, batch_size: int, capacity: int | None = None) -> ConvState:
         """Zeros for the inputs before the sequence: constant in size; ``capacity`` only bounds what it
         may be fed."""
         param = self.to_out.weight
-        return ConvState(param.new_zeros(batch_size, self.kernel_size - 1, self.dim), capacity)
+        window = param.new_zeros(batch_size, self.kernel_size - 1, self.dim)
+        return ConvState(batch_size, capacity, window=window)
 
     def advance(self, x: torch.Tensor, state: ConvState, chunk: Compacted) -> torch.Tensor:
         """The causal convolution over the K − 1 previous real inputs and the chunk, in one call."""
-        if x.shape[0] != state.window.shape[0]:
-            raise InvalidValueError(
-                f"state was made for batch_size={state.window.shape[0]}, got a batch of {x.shape[0]}"
-            )
-        state.fed = check_capacity(state.capacity, state.fed, x.shape[1])
         u = self.glu(self.to_input(x))
         window = state.window.to(u.dtype)
-        y, final = self.convolve(
-            u, self._normalised_kernel(u), None, initial_state=window, output_final_state=True
+        y, final = self.mix(
+            u,
+            self._normalised_kernel(u),
+            None,
+            initial_state=ConvWindowState(window),
+            output_final_state=True,
         )
         # Padding comes last in a compacted chunk: the newest real inputs then end before it.
         state.window = (
-            final
+            final.inputs
             if chunk.order is None
             else last_real(torch.cat((window, u), 1), chunk, self.kernel_size - 1)
         )
@@ -145,7 +140,7 @@ class LightConv(ConvolutionMixer):
     def kernel(self, u: torch.Tensor) -> torch.Tensor:
         return self.weight
 
-    def convolve(self, u, kernel, attention_mask, **state):
+    def mix(self, u, kernel, attention_mask, **state):
         return lightconv(
             u, kernel, causal=self.causal, weight_softmax=False, attention_mask=attention_mask, **state
         )
@@ -168,7 +163,7 @@ class DynamicConv(ConvolutionMixer):
     def kernel(self, u: torch.Tensor) -> torch.Tensor:
         return self.to_kernel(u).unflatten(-1, (self.heads, self.kernel_size))
 
-    def convolve(self, u, kernel, attention_mask, **state):
+    def mix(self, u, kernel, attention_mask, **state):
         return dynamic_conv(
             u, kernel, causal=self.causal, weight_softmax=False, attention_mask=attention_mask, **state
         )

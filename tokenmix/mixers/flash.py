@@ -21,9 +21,10 @@ from ..functional._chunks import Compacted
 from ..functional._varlen import Packing
 from ..functional.flash import MixedChunkState, mixed_chunk_attention
 from .base import Mixer, pick_options
-from .cache import KVCache, check_capacity
+from .cache import CacheState, KVCache
 from .registry import ModelDefaults, register_mixer
 from .rotary import RotaryEmbedding
+from .state import DecodingState
 
 PAPER = "Hua et al. 2022, Transformer Quality in Linear Time (arXiv 2202.10447)"
 _SHARED_OPTIONS = ("causal", "expansion", "qk_dim", "rope", "rope_base", "dropout")
@@ -136,56 +137,43 @@ class GAU(GatedAttentionUnit):
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
     ) -> torch.Tensor:
         u, v, (q, k) = self.project(x, 0, packing)
-        return self.output(u, self._attend(*self._heads(q, k, v), attention_mask, packing)[:, 0])
+        return self.output(u, self.mix(*self._heads(q, k, v), attention_mask, packing)[:, 0])
 
-    def _attend(self, q, k, v, attention_mask, packing=None):
+    def mix(self, q, k, v, attention_mask, packing=None):
+        """The attention op over q, k, v (B, 1, N, ·) (a packed row's segments)."""
         options = {"causal": self.causal, "attention_mask": attention_mask, "cu_seqlens": packing}
         if self.activation == "softmax":
             return attention_ops.softmax_attention(q, k, v, scale=self.qk_dim**-0.5, **options)
         return attention_ops.pointwise_attention(q, k, v, **options, **self._pointwise_options())
 
-    def new_state(self, batch_size: int, capacity: int | None = None) -> KVCache:
+    def mix_cached(self, q, k, v, real):
+        """The newest T queries (B, 1, T, s) over the cache (B, 1, L, ·), real keys ``real`` (B, L)."""
+        if self.activation == "softmax":
+            return attention_ops.softmax_attention_cached(q, k, v, scale=self.qk_dim**-0.5, key_mask=real)
+        return attention_ops.pointwise_attention_cached(q, k, v, key_mask=real, **self._pointwise_options())
+
+    def new_state(self, batch_size: int, capacity: int | None = None) -> CacheState:
         """An empty KV cache.
         ``capacity``: a fixed-size cache for that many positions (padding included), whose tensors keep
         their shapes from step to step (for ``torch.compile``); None grows as needed."""
-        return KVCache(batch_size, capacity)
+        return CacheState(batch_size, capacity, cache=KVCache(batch_size, capacity))
 
-    def advance(self, x: torch.Tensor, state: KVCache, chunk: Compacted) -> torch.Tensor:
-        state.check_batch(x.shape[0])
-        positions = state.next_positions(x.device)
-        u, v, (q, k) = self.project(x, positions)
+    def advance(self, x: torch.Tensor, state: CacheState, chunk: Compacted) -> torch.Tensor:
+        u, v, (q, k) = self.project(x, state.positions)
         q, k, v = self._heads(q, k, v)
-        empty = state.length == 0 and state.capacity is None
-        keys, values, real = state.append(k, v, chunk.valid)
-        state.positions = positions + chunk.counts
-        if empty:  # a first chunk is a causal forward (its padding comes last)
-            return self.output(u, self._attend(q, k, v, chunk.valid)[:, 0])
-        if self.activation == "softmax":
-            attended = attention_ops.softmax_attention_step(
-                q, keys, values, scale=self.qk_dim**-0.5, key_mask=real
-            )
-        else:
-            attended = attention_ops.pointwise_attention_step(
-                q, keys, values, key_mask=real, **self._pointwise_options()
-            )
+        empty = state.cache.length == 0 and state.capacity is None
+        keys, values, real = state.cache.append(k, v, chunk.valid)
+        # A first chunk is a causal forward (its padding comes last); later ones attend to the cache.
+        attended = self.mix(q, k, v, chunk.valid) if empty else self.mix_cached(q, keys, values, real)
         return self.output(u, attended[:, 0])
 
 
 @dataclass
-class ChunkState:
-    """FLASH's decoding state, constant in t: the op's ``MixedChunkState`` (each row's next position,
-    Σ k_lin ⊗ v over its finished chunks, its unfinished chunk), once a token has been fed."""
+class ChunkState(DecodingState):
+    """FLASH's decoding state, constant in t: the op's ``MixedChunkState`` (Σ k_lin ⊗ v over each row's
+    finished chunks, its unfinished chunk), once a token has been fed."""
 
-    batch_size: int
-    capacity: int | None = None  # the most positions it may be fed, padding included
-    fed: int = 0
     inner: MixedChunkState | None = None
-
-    def nbytes(self) -> int:
-        if self.inner is None:
-            return 0
-        tensors = (self.inner.linear_state, self.inner.keys, self.inner.linear_keys, self.inner.values)
-        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @register_mixer(
@@ -234,37 +222,22 @@ class FLASH(GatedAttentionUnit):
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
     ) -> torch.Tensor:
         u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, 0, packing)
-        attended = mixed_chunk_attention(
-            q_quad,
-            k_quad,
-            q_lin,
-            k_lin,
-            v,
-            chunk_size=self.chunk_size,
-            causal=self.causal,
-            attention_mask=attention_mask,
-            cu_seqlens=packing,
-        )
-        return self.output(u, attended)
+        return self.output(u, self.mix(q_quad, k_quad, q_lin, k_lin, v, attention_mask, packing))
+
+    def mix(self, q_quad, k_quad, q_lin, k_lin, v, attention_mask, packing=None, **state):
+        """Mixed-chunk attention (``state``: its initial_state and output_final_state)."""
+        return mixed_chunk_attention(
+            q_quad, k_quad, q_lin, k_lin, v, chunk_size=self.chunk_size, causal=self.causal,
+            attention_mask=attention_mask, cu_seqlens=packing, **state,
+        )  # fmt: skip
 
     def new_state(self, batch_size: int, capacity: int | None = None) -> ChunkState:
         """An empty state: constant in size; ``capacity`` only bounds what it may be fed."""
         return ChunkState(batch_size, capacity)
 
     def advance(self, x: torch.Tensor, state: ChunkState, chunk: Compacted) -> torch.Tensor:
-        if x.shape[0] != state.batch_size:
-            raise InvalidValueError(
-                f"state was made for batch_size={state.batch_size}, got a batch of {x.shape[0]}"
-            )
-        state.fed = check_capacity(state.capacity, state.fed, x.shape[1])
-        positions = (
-            state.inner.positions
-            if state.inner is not None
-            else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, state.positions)
+        attended, state.inner = self.mix(
+            q_quad, k_quad, q_lin, k_lin, v, chunk.valid, initial_state=state.inner, output_final_state=True
         )
-        u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, positions)
-        attended, state.inner = mixed_chunk_attention(
-            q_quad, k_quad, q_lin, k_lin, v, chunk_size=self.chunk_size, causal=True,
-            attention_mask=chunk.valid, initial_state=state.inner, output_final_state=True,
-        )  # fmt: skip
         return self.output(u, attended.to(u.dtype))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from ..functional._chunks import Compacted, compact
 from ..functional._varlen import Packing, packing_of
 from ..init import SelfInitialising
 from ..mixers import create_mixer, mixer_info
-from ..mixers.cache import check_capacity
+from ..mixers.state import DecodingState
 
 POSITIONS = ("learned", "rope", "none")
 
@@ -66,14 +66,10 @@ class Block(SelfInitialising):
 
 
 @dataclass
-class BackboneState:
-    """Decoding state of a stack: one state per layer and the next position."""
+class BackboneState(DecodingState):
+    """Decoding state of a stack: one state per layer (``made_by``: the stack's ``layer_shapes``)."""
 
-    layers: list[Any]
-    positions: torch.Tensor | None = None  # (B,) long: each row's count of real tokens so far
-    capacity: int | None = None  # the most positions it may be fed, padding included
-    fed: int = 0
-    made_for: tuple = ()  # the shape of the stack that made it (Backbone.layer_shapes)
+    layers: list[DecodingState] = field(default_factory=list)
 
 
 def _per_layer(value: Any, depth: int, name: str) -> list[Any]:
@@ -235,7 +231,7 @@ class Backbone(SelfInitialising):
         if not self.causal:
             raise UnavailableError("decoding needs a causal model (causal=True)")
         layers = [block.mixer.init_state(batch_size, capacity) for block in self.blocks]
-        return BackboneState(layers, capacity=capacity, made_for=self.layer_shapes())
+        return BackboneState(batch_size, capacity, made_by=self.layer_shapes(), layers=layers)
 
     def layer_shapes(self) -> tuple:
         """Per layer: the mixer's kind, width, heads and parameter shapes — what a decoding state must
@@ -258,8 +254,8 @@ class Backbone(SelfInitialising):
             raise InvalidTypeError(
                 f"state must be what init_state(batch_size) returned, got {type(state).__name__}"
             )
-        if state.made_for != self.layer_shapes():
-            theirs, ours = state.made_for, self.layer_shapes()
+        if state.made_by != self.layer_shapes():
+            theirs, ours = state.made_by, self.layer_shapes()
 
             def describe(shapes: tuple) -> str:
                 return ", ".join(f"{kind}(dim={dim}, heads={heads})" for kind, dim, heads, *_ in shapes)
@@ -283,11 +279,9 @@ class Backbone(SelfInitialising):
             if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
                 attention_mask = attention_mask[:, None]
         mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
-        if state.positions is None:
-            state.positions = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        state.feed(x.shape[0], x.shape[1])
         real = torch.ones(x.shape[:2], dtype=torch.long, device=x.device) if mask is None else mask.long()
-        positions = state.positions[:, None] + real.cumsum(1) - 1  # (B, T): padding gets its neighbour's
-        state.fed = check_capacity(state.capacity, state.fed, x.shape[1])
+        positions = state.next_positions(x.device)[:, None] + real.cumsum(1) - 1  # padding: its neighbour's
         if self.position_embedding is not None:
             if state.capacity is None or state.capacity > self.max_len:  # else it cannot run past
                 end = int((state.positions + real.sum(1)).max())  # (a host sync)

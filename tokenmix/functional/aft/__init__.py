@@ -22,15 +22,17 @@ they share.
 from .conv import aft_conv
 from .full import aft_full
 from .local import aft_local, aft_local_lowrank
-from .recurrent import AFTWindowState, aft_accumulate, aft_cached
+from .recurrent import AFTSimpleState, AFTWindowState, aft_accumulate, aft_cached, aft_full_cached
 from .simple import aft_simple
 
 __all__ = [
+    "AFTSimpleState",
     "AFTWindowState",
     "aft_accumulate",
     "aft_cached",
     "aft_conv",
     "aft_full",
+    "aft_full_cached",
     "aft_local",
     "aft_local_lowrank",
     "aft_simple",

@@ -16,7 +16,7 @@ from .._checks import (
     compute_dtype,
     empty_output,
 )
-from .._excluded import finite_at_padding, finite_part, real_only, reinstate, seen_in_window
+from .._excluded import all_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
 from .._varlen import Packing
 from .common import (
     finish,
@@ -92,12 +92,13 @@ def aft_conv(
     if q.numel() == 0:
         return empty_output(q.shape, q, k, v, w)
     q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
-    if causal:  # a NaN key or value in the future must not reach earlier rows, nor their gradients
-        k, bad_keys = finite_part(k)
-        v, bad_values = finite_part(v)
-        seen = seen_in_window(bad_keys[..., None] | bad_values, 1, None, starts=segment_starts(packing))
-        return reinstate(_aft_conv(q, k, v, w, mask, True, packing), seen)
-    return _aft_conv(q, k, v, w, mask, False, packing)
+    if not causal or all_finite(k, v):
+        return _aft_conv(q, k, v, w, mask, causal, packing)
+    # A NaN key or value in the future must not reach earlier rows, nor their gradients.
+    k, bad_keys = finite_part(k)
+    v, bad_values = finite_part(v)
+    seen = seen_in_window(bad_keys[..., None] | bad_values, 1, None, starts=segment_starts(packing))
+    return reinstate(_aft_conv(q, k, v, w, mask, True, packing), seen)
 
 
 def _aft_conv_recurrent(q, k, v, w, mask, causal, initial_state, output_final_state):

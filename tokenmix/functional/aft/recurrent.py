@@ -13,18 +13,29 @@ from ...errors import InvalidTypeError, InvalidValueError
 from .._checks import (
     compute_dtype,
 )
-from .._chunks import compact, last_real
+from .._chunks import causal_aligned, compact, last_real
+from .._deprecated import deprecated_alias
 from .._excluded import real_only
 from . import exact
 from .exact import finite_shift
 
 
+class AFTSimpleState(NamedTuple):
+    """Causal AFT-simple's recurrent state, constant in size: per channel, the running maximum of the keys
+    so far and the numerator Σ exp(k − max) ⊙ v and denominator Σ exp(k − max) under it (see
+    ``aft_accumulate``). A row that has seen no key holds (−inf, 0, 0)."""
+
+    max: torch.Tensor  # (B, D)
+    numerator: torch.Tensor  # (B, D)
+    denominator: torch.Tensor  # (B, D)
+
+
 def aft_accumulate(
-    running: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    running: AFTSimpleState | None,
     k: torch.Tensor,
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> AFTSimpleState:
     """Fold unbiased keys k (B, J, D) with values v (B, J, D) — those ``mask`` (B, J) selects — into
     running (max, numerator, denominator), each (B, D), relative to the running maximum: the state of
     AFT decoding for keys whose bias is 0. A row that has seen no key holds (−inf, 0, 0)."""
@@ -43,17 +54,17 @@ def aft_accumulate(
     if running is not None:
         rescale = torch.exp(running[0] - shift)
         numerator, denominator = numerator + rescale * running[1], denominator + rescale * running[2]
-    return new_max, numerator, denominator
+    return AFTSimpleState(new_max, numerator, denominator)
 
 
-def aft_cached(
+def aft_full_cached(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     bias: torch.Tensor | None,
     *,
     key_mask: torch.Tensor | None = None,
-    running: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    running: AFTSimpleState | None = None,
 ) -> torch.Tensor:
     """Causal AFT continued from a state: the newest T queries q (B, T, D) over explicit keys k, values
     v (B, L, D), L ≥ T, the last T being the queries' own (causal offsets aligned to the end), with
@@ -66,10 +77,7 @@ def aft_cached(
     dtype = compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     queries, length = q.shape[1], k.shape[1]
-    allowed = (
-        torch.arange(length, device=q.device)[None, :]
-        <= (length - queries + torch.arange(queries, device=q.device))[:, None]
-    )
+    allowed = causal_aligned(queries, length, q.device)
     allowed = allowed[None] if key_mask is None else allowed[None] & key_mask[:, None, :]  # (B, T, L)
     values = v if key_mask is None else real_only(v, key_mask, 1)
     if running is not None:  # the folded keys as one more term, seen by every query
@@ -114,7 +122,7 @@ class AFTWindowState(NamedTuple):
     values: torch.Tensor  # (B, s − 1, D)
     key_positions: torch.Tensor  # (B, s − 1) long
     key_real: torch.Tensor  # (B, s − 1) bool
-    running: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (B, D) each
+    running: AFTSimpleState  # the older keys
 
 
 def _empty_window_state(k: torch.Tensor, v: torch.Tensor, kept: int) -> AFTWindowState:
@@ -125,7 +133,7 @@ def _empty_window_state(k: torch.Tensor, v: torch.Tensor, kept: int) -> AFTWindo
         v.new_zeros(batch, kept, v.shape[-1]),
         torch.zeros(batch, kept, dtype=torch.long, device=k.device),
         torch.zeros(batch, kept, dtype=torch.bool, device=k.device),
-        (
+        AFTSimpleState(
             torch.full((batch, channels), float("-inf"), dtype=dtype, device=k.device),
             torch.zeros(batch, v.shape[-1], dtype=dtype, device=k.device),
             torch.zeros(batch, channels, dtype=dtype, device=k.device),
@@ -190,7 +198,7 @@ def _window_recurrent(
         out = forward(q, k, v, chunk.valid)
     else:
         terms = bias(steps, key_positions.clamp_min(0))
-        out = aft_cached(q, keys, values, terms, key_mask=real, running=state.running).to(q.dtype)
+        out = aft_full_cached(q, keys, values, terms, key_mask=real, running=state.running).to(q.dtype)
     out = chunk.scatter(out)
     if not output_final_state:
         return out
@@ -203,3 +211,6 @@ def _window_recurrent(
         aft_accumulate(state.running, keys, values, older),
     )
     return out, final
+
+
+aft_cached = deprecated_alias(aft_full_cached, "aft_cached")

@@ -26,7 +26,7 @@ from .common import (
     segment_starts,
 )
 from .exact import NO_BIAS, finite_shift
-from .recurrent import aft_accumulate, aft_cached
+from .recurrent import AFTSimpleState, aft_accumulate, aft_full_cached
 
 SCAN_CHUNK = 64
 
@@ -39,10 +39,10 @@ def aft_simple(
     *,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
-    initial_state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    initial_state: AFTSimpleState | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | Packing | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> torch.Tensor | tuple[torch.Tensor, AFTSimpleState]:
     """AFT-simple: ``aft_full`` with w = 0, ``y_t = σ(q_t) ⊙ Σ softmax_{t'∈S(t)}(k)_{t'} ⊙ v_t'``, O(N·D).
 
     Bidirectional: one softmax over the sequence per channel. Causal: a prefix scan over chunks carrying
@@ -52,8 +52,8 @@ def aft_simple(
         q, k, v: (B, N, D).
         causal: t sees t' ≤ t (default False).
         attention_mask: (B, N), True/1 = real token (default None: all real).
-        initial_state: causal only — the (max, numerator, denominator) (B, D) of the keys before this
-            call, as a previous call's final state (default None: none).
+        initial_state: causal only — the ``AFTSimpleState`` (max, numerator, denominator), each (B, D),
+            of the keys before this call, as a previous call's final state (default None: none).
         output_final_state: causal only — also return the state after this call (default False).
         cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
@@ -83,7 +83,10 @@ def _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output
     real = check_attention_mask(attention_mask, q.shape[0], q.shape[1], q.device)  # padding folds nothing
     if initial_state is not None:
         if not isinstance(initial_state, tuple) or len(initial_state) != 3:
-            raise InvalidTypeError("initial_state must be a (max, numerator, denominator) tuple")
+            raise InvalidTypeError(
+                "initial_state must be the AFTSimpleState (max, numerator, denominator) a previous call "
+                f"returned, got {type(initial_state).__name__}"
+            )
         for name, part in zip(("max", "numerator", "denominator"), initial_state, strict=True):
             check_float_tensor(f"initial_state {name}", part, "(B, D)")
             if tuple(part.shape) != (q.shape[0], q.shape[2]):
@@ -91,6 +94,7 @@ def _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output
                     f"initial_state {name} must have shape (B, D) = {(q.shape[0], q.shape[2])}, "
                     f"got {tuple(part.shape)}"
                 )
+        initial_state = AFTSimpleState(*initial_state)
     if initial_state is None or q.shape[1] == 0:
         out = aft_simple(q, k, v, causal=True, attention_mask=attention_mask)
     elif real is None and q.shape[1] == 1:  # one token: fold it in, then read the ratio
@@ -98,7 +102,7 @@ def _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output
         out = (torch.sigmoid(q.to(state[1].dtype)) * state[1][:, None] / state[2][:, None]).to(q.dtype)
         return (out, state) if output_final_state else out
     else:  # the keys so far are one term under their running maximum
-        out = aft_cached(q, k, v, None, key_mask=real, running=initial_state).to(q.dtype)
+        out = aft_full_cached(q, k, v, None, key_mask=real, running=initial_state).to(q.dtype)
     if not output_final_state:
         return out
     return out, aft_accumulate(initial_state, k, v, real)
