@@ -2,9 +2,9 @@
 (lucidrains; `pip install tokenmix[peers]`), at equal settings, on the CPU.
 
 Each layer is timed as the peer's module computes it: LayerNorm → mixer → residual (ours: a tokenmix
-Block with ffn=False). d = 256, e = 2d, s = 128, C = 256, B = 1, float32. The peer's layers also add a
+Block with ffn=False). d = 256, e = 2d, s = 128, C = 256, float32. The peer's layers also add a
 T5 relative-position bias that ours (following the paper's text, docs/spec.md §3) do not have; the
-peer's FLASH gets rotary embeddings on 32 dims, as its FLASHTransformer does.
+peer's FLASH gets rotary embeddings on 32 dims, as its FLASHTransformer does. ``--batch`` B (default 1).
 
     python benchmarks/flash.py                      # N = 2048, 8192
 """
@@ -47,7 +47,7 @@ def worker(point: dict) -> dict:
 
     torch.manual_seed(0)
     layer = build(point["layer"], point["dim"], point["chunk_size"], point["qk_dim"])
-    x = torch.randn(1, point["seq_len"], point["dim"], requires_grad=True)
+    x = torch.randn(point["batch"], point["seq_len"], point["dim"], requires_grad=True)
     grad = torch.randn_like(x)
 
     def run() -> None:
@@ -64,6 +64,7 @@ def main() -> None:
     )
     parser.add_argument("--seq-lens", default="2048,8192")
     parser.add_argument("--layers", default=",".join(LAYERS))
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--qk-dim", type=int, default=128)
@@ -82,6 +83,7 @@ def main() -> None:
             point = dict(
                 layer=layer,
                 seq_len=seq_len,
+                batch=args.batch,
                 dim=args.dim,
                 chunk_size=args.chunk_size,
                 qk_dim=args.qk_dim,
