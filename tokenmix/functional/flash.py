@@ -53,6 +53,9 @@ class MixedChunkState(NamedTuple):
     values: torch.Tensor  # (B, C, E)
     key_positions: torch.Tensor  # (B, C) long
     key_real: torch.Tensor  # (B, C) bool
+    # Σ k_lin ⊗ v over the unfinished chunk (B, S, E), so that a token's step adds its own outer product
+    # and a finished chunk joins linear_state without a sum over the chunk (None: computed when needed).
+    pending_state: torch.Tensor | None = None
 
 
 def _quadratic_options(qk_dim: int, chunk_size: int) -> dict:
@@ -239,6 +242,7 @@ def _empty_state(k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> MixedChun
         v.new_zeros(batch, chunk_size, v.shape[-1]),
         positions.new_zeros(batch, chunk_size),
         torch.zeros(batch, chunk_size, dtype=torch.bool, device=device),
+        v.new_zeros(batch, qk_dim, v.shape[-1]),
     )
 
 
@@ -273,16 +277,46 @@ def _recurrent(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, initial_state,
     # Tokens of chunks now finished join the linear state; the rest are the new unfinished chunk.
     current = ((state.positions + chunk.counts) // chunk_size)[:, None]
     finished = real & (key_positions // chunk_size < current)
-    linear_state, linear_count = state.linear_state, state.linear_count
-    # Most single-token steps finish no chunk, so eager skips the O(C·S·E) sum; a compiled graph always
-    # adds it (zeros then) rather than break on the host sync.
-    if torch.compiler.is_compiling() or bool(finished.any()):
-        weighted = linear_keys * finished.to(values.dtype)[..., None]
-        linear_state = linear_state + torch.einsum("bls,ble->bse", weighted, values).to(linear_state.dtype)
-        linear_count = linear_count + finished.sum(1)
     unfinished = real & (key_positions // chunk_size == current)
+    if length == 1:
+        linear_state, pending = _fold_token(state, k_lin, v, valid, finished, chunk_size)
+    else:
+        linear_state, pending = _fold_chunk(state, linear_keys, values, finished, unfinished)
+    linear_count = state.linear_count + finished.sum(1)
     kept = (last_real(t, chunk, chunk_size) for t in (keys, linear_keys, values, key_positions, unfinished))
-    return out, MixedChunkState(state.positions + chunk.counts, linear_state, linear_count, *kept)
+    return out, MixedChunkState(state.positions + chunk.counts, linear_state, linear_count, *kept, pending)
+
+
+def _outer_sum(linear_keys: torch.Tensor, values: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+    """Σ k_lin ⊗ v over the positions ``which`` (B, L) selects → (B, S, E)."""
+    weighted = torch.where(which[..., None], linear_keys, torch.zeros((), dtype=linear_keys.dtype))
+    return torch.einsum("bls,ble->bse", weighted, values)
+
+
+def _pending(state: MixedChunkState) -> torch.Tensor:
+    if state.pending_state is not None:
+        return state.pending_state
+    return _outer_sum(state.linear_keys, state.values, state.key_real).to(state.linear_state.dtype)
+
+
+def _fold_token(state, k_lin, v, valid, finished, chunk_size: int):
+    """One token: its k_lin ⊗ v joins its chunk's pending sum, O(S·E); a chunk it finishes (then every
+    pending token is finished) joins the linear state — selected, with no host sync and no sum over the
+    chunk, so a compiled step costs the same every token."""
+    own = torch.where(valid[:, 0, None, None], k_lin[:, 0, :, None] * v[:, 0, None, :], 0.0)
+    pending = _pending(state) + own.to(state.linear_state.dtype)
+    done = finished.any(1)[:, None, None]
+    zero = torch.zeros((), dtype=pending.dtype, device=pending.device)
+    return state.linear_state + torch.where(done, pending, zero), torch.where(done, zero, pending)
+
+
+def _fold_chunk(state, linear_keys, values, finished, unfinished):
+    """A chunk of tokens: the finished ones join the linear state (skipped, eager, when none did); the
+    unfinished ones' sum is the new pending one."""
+    linear_state = state.linear_state
+    if torch.compiler.is_compiling() or bool(finished.any()):
+        linear_state = linear_state + _outer_sum(linear_keys, values, finished).to(linear_state.dtype)
+    return linear_state, _outer_sum(linear_keys, values, unfinished).to(linear_state.dtype)
 
 
 def _continued(
