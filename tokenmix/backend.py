@@ -60,6 +60,13 @@ def triton_installed() -> bool:
     return _TRITON_FOUND
 
 
+def auto_takes_kernels(tensor: torch.Tensor) -> bool:
+    """Whether ``auto`` runs the kernels for tensors on this device: on CUDA only (under the interpreter
+    on the CPU they are slower than the reference path; tests patch this to see ``auto`` choose as it
+    would on a GPU)."""
+    return tensor.device.type == "cuda"
+
+
 def use_kernel(
     op: str, tensor: torch.Tensor, unsupported: str | None = None, *, atomics: bool = False
 ) -> bool:
@@ -89,4 +96,4 @@ def use_kernel(
         if reason is not None:
             raise UnavailableError(f"{op}: the triton backend was asked for, but {reason}")
         return True
-    return reason is None and tensor.device.type == "cuda"
+    return reason is None and auto_takes_kernels(tensor)

@@ -98,7 +98,7 @@ def test_a_timing_stops_at_the_deadline_and_takes_the_repeats_that_fit():
         calls.append(1)
         time.sleep(0.01)
 
-    args = SimpleNamespace(point_seconds=0.05, repeats=20)
+    args = SimpleNamespace(point_seconds=0.05, repeats=20, smoke=False)
     assert script._budgeted_ms(run, None, args, time.monotonic() - 1) is None and not calls
     ms = script._budgeted_ms(run, None, args, time.monotonic() + 60)
     assert ms >= 10 and 3 <= len(calls) <= 2 + 6  # warm-up, one call, then what fits in 0.05 s

@@ -30,28 +30,29 @@ def randn(generator, *shape):
     return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
 
-def case(name: str, causal: bool, generator: torch.Generator):
-    """(op(*sequences, *parameters, cu_seqlens=None), sequences with the dim N is at, parameters)."""
+def case(name: str, causal: bool, generator: torch.Generator, n: int = N):
+    """(op(*sequences, *parameters, cu_seqlens=None), sequences of ``n`` positions with the dim they are
+    at, parameters)."""
     if name in ("softmax_attention", "pointwise_attention"):
         op = getattr(F, name)
         options = {"activation": "relu2"} if name == "pointwise_attention" else {}
         return (
             lambda q, k, v, **kw: op(q, k, v, causal=causal, **options, **kw),
-            [(randn(generator, 1, 2, N, 3), 2) for _ in range(3)],
+            [(randn(generator, 1, 2, n, 3), 2) for _ in range(3)],
             [],
         )
     if name == "mixed_chunk_attention":
         return (
             lambda *t, **kw: F.mixed_chunk_attention(*t, chunk_size=3, causal=causal, **kw),
-            [(randn(generator, 1, N, 3), 1) for _ in range(4)] + [(randn(generator, 1, N, 2), 1)],
+            [(randn(generator, 1, n, 3), 1) for _ in range(4)] + [(randn(generator, 1, n, 2), 1)],
             [],
         )
-    qkv = [(randn(generator, 1, N, 4), 1) for _ in range(3)]
+    qkv = [(randn(generator, 1, n, 4), 1) for _ in range(3)]
     if name == "aft_full":
         return (
             lambda q, k, v, w, **kw: F.aft_full(q, k, v, w, causal=causal, **kw),
             qkv,
-            [randn(generator, N, N)],
+            [randn(generator, n, n)],
         )
     if name == "aft_simple":
         return (lambda q, k, v, **kw: F.aft_simple(q, k, v, causal=causal, **kw), qkv, [])
@@ -59,34 +60,34 @@ def case(name: str, causal: bool, generator: torch.Generator):
         return (
             lambda q, k, v, w, **kw: F.aft_local(q, k, v, w, window=2, causal=causal, **kw),
             qkv,
-            [randn(generator, N, N)],
+            [randn(generator, n, n)],
         )
     if name == "aft_local_lowrank":
         return (
             lambda q, k, v, u, w, **kw: F.aft_local_lowrank(q, k, v, u, w, window=2, causal=causal, **kw),
             qkv,
-            [randn(generator, N, 2), randn(generator, N, 2)],
+            [randn(generator, n, 2), randn(generator, n, 2)],
         )
     if name == "aft_conv":
         return (
             lambda q, k, v, w, **kw: F.aft_conv(q, k, v, w, causal=causal, **kw),
             [
-                (randn(generator, 1, N, 2, 2), 1),
-                (randn(generator, 1, N, 2), 1),
-                (randn(generator, 1, N, 2, 2), 1),
+                (randn(generator, 1, n, 2, 2), 1),
+                (randn(generator, 1, n, 2), 1),
+                (randn(generator, 1, n, 2, 2), 1),
             ],
             [randn(generator, 2, 3)],
         )
     if name == "lightconv":
         return (
             lambda x, w, **kw: F.lightconv(x, w, causal=causal, **kw),
-            [(randn(generator, 1, N, 4), 1)],
+            [(randn(generator, 1, n, 4), 1)],
             [randn(generator, 2, 3)],
         )
     if name == "dynamic_conv":
         return (
             lambda x, w, **kw: F.dynamic_conv(x, w, causal=causal, **kw),
-            [(randn(generator, 1, N, 4), 1), (randn(generator, 1, N, 2, 3), 1)],
+            [(randn(generator, 1, n, 4), 1), (randn(generator, 1, n, 2, 3), 1)],
             [],
         )
     raise AssertionError(name)

@@ -86,7 +86,7 @@ def test_aft_simple_extreme_keys_against_float64(device, causal):
         )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 def test_aft_full_matches_the_reference(device, dtype, causal, masked):
@@ -218,9 +218,12 @@ def conv_2d_case(device, dtype, size_x=5, size_y=7, heads=2, head_dim=5, kernel=
     return tensors, grad, mask
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype,kernel",
+    [(dtype, kernel) for dtype in (torch.float32, torch.bfloat16) for kernel in ((3, 5), (5, 1), (9, 9))]
+    + [(torch.float16, (3, 5))],  # (9, 9): wider than the 5×7 grid
+)
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("kernel", [(3, 5), (5, 1), (9, 9)])  # (9, 9): wider than the 5×7 grid
 def test_aft_conv_2d_matches_the_reference(device, dtype, masked, kernel):
     inputs, grad, mask = conv_2d_case(device, dtype, kernel=kernel)
     options = {"attention_mask": mask if masked else None}

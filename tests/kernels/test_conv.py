@@ -19,7 +19,7 @@ def run(backend, op, x, weight, grad, **options):
 @pytest.mark.parametrize("op", [lightconv, dynamic_conv])
 @pytest.mark.parametrize("kernel_size", [3, 4, 40])  # odd, even, longer than the sequence
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_convolutions_match_the_reference(device, op, kernel_size, causal, dtype):
     batch, seq_len, channels, heads = 2, 21, 12, 2  # N not a multiple of the block; head width 6
     generator = torch.Generator(device).manual_seed(kernel_size)

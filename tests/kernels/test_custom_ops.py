@@ -91,6 +91,40 @@ def opcheck_cases():
     }  # fmt: skip
 
 
+def packed_opcheck_cases():
+    """The forward ops on one packed row (B = 1) of segments 4, 0 and 7 long: their packed argument
+    (bounds, or the convolution's per-position segment ids) is part of the schema and the fake kernel."""
+    generator = torch.Generator().manual_seed(1)
+    bounds = torch.tensor([0, 4, 4, 11])
+    segments = torch.tensor([0] * 4 + [2] * 7, dtype=torch.int32)
+    bnd = (1, 11, 6)
+
+    def randn(*shape):
+        return _randn(generator, *shape)
+
+    ops = torch.ops.tokenmix
+    return {
+        "pointwise_attention_fwd_packed": (ops.pointwise_attention_fwd, (
+            *(randn(1, 3, 11, 5) for _ in range(3)), None, torch.full((1, 11), 0.5), "relu2", 0.4, True,
+            bounds)),
+        "mixed_chunk_attention_fwd_packed": (
+            ops.mixed_chunk_attention_fwd, (*(randn(*bnd) for _ in range(5)), None, 3, True, bounds)),
+        "aft_simple_fwd_packed": (ops.aft_simple_fwd, (*(randn(*bnd) for _ in range(3)), None, True, bounds)),
+        "aft_full_fwd_packed": (
+            ops.aft_full_fwd, (*(randn(*bnd) for _ in range(3)), randn(7, 7), None, False, bounds)),
+        "aft_banded_fwd_packed": (
+            ops.aft_banded_fwd, (*(randn(*bnd) for _ in range(3)), randn(11, 1, 5), None, 3, False, bounds)),
+        "depthwise_conv_fwd_packed": (ops.depthwise_conv_fwd, (randn(*bnd), randn(2, 3), 2, True, segments)),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(packed_opcheck_cases()))
+def test_opcheck_packed(name):
+    with tokenmix.use_backend("triton"):
+        op, args = packed_opcheck_cases()[name]
+        torch.library.opcheck(op, args)
+
+
 OPCHECKED = ["pointwise_attention_fwd", "mixed_chunk_attention_fwd", "aft_simple_fwd", "aft_full_fwd",
              "aft_banded_fwd", "aft_banded_fwd_per_head", "depthwise_conv_fwd",
              "aft_exact_underflowed_fwd"]  # fmt: skip
@@ -160,3 +194,33 @@ def test_forced_triton_refuses_a_chunk_from_a_state(device, name):
         _, state = mixer.step(x[:, :3], state)
         with pytest.raises(RuntimeError, match="continued from a decoding state"):
             mixer.step(x[:, 3:], state)
+
+
+PACKED_COMPILED = ["pointwise_attention", "mixed_chunk_attention", "aft_simple", "aft_full", "aft_local",
+                   "aft_conv", "lightconv", "dynamic_conv"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PACKED_COMPILED)
+def test_compile_traces_a_packed_call_through_the_kernel_in_one_graph(name):
+    """A packed row, planned once (as a model hands the plan to its layers), through torch.compile with
+    fullgraph: the same outputs and gradients as eager, so nothing of the packing breaks the graph."""
+    from tests.functional.test_varlen import case
+    from tokenmix.functional._varlen import packing_of
+
+    generator = torch.Generator().manual_seed(PACKED_COMPILED.index(name))
+    op, sequences, parameters = case(name, True, generator, 11)
+    tensors = [t.float().requires_grad_() for t, _ in sequences] + [p.float() for p in parameters]
+    packing = packing_of(torch.tensor([0, 4, 4, 11]), 1, 11, None, tensors[0].device)
+
+    def packed(*inputs):
+        return op(*inputs, cu_seqlens=packing)
+
+    results, grad = [], None
+    with tokenmix.use_backend("triton"):
+        for run in (packed, torch.compile(packed, backend="aot_eager", fullgraph=True, dynamic=False)):
+            out = run(*tensors)
+            grad = torch.randn(out.shape, generator=generator) if grad is None else grad
+            leaves = [t for t in tensors if t.requires_grad]
+            results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager)

@@ -16,6 +16,7 @@ import functools
 import inspect
 import itertools
 import types
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,9 +74,9 @@ class Packing:
 
 def check_cu_seqlens(
     cu_seqlens: object, batch: int, seq_len: int, attention_mask: object = None
-) -> torch.Tensor:
+) -> list[int]:
     """Validate cu_seqlens for a (B, N, …) input: an int tensor (S + 1,), 0 first, N last, non-decreasing,
-    B = 1, no attention_mask beside it."""
+    B = 1, no attention_mask beside it. Returns its values, read on the host once."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int64, torch.int32):
         raise InvalidTypeError(
             "cu_seqlens must be an int64/int32 tensor (S + 1,), got "
@@ -98,7 +99,7 @@ def check_cu_seqlens(
         )
     if any(b < a for a, b in itertools.pairwise(values)):
         raise InvalidValueError(f"cu_seqlens must be non-decreasing, got {values}")
-    return cu_seqlens
+    return values
 
 
 def _width(length: int) -> int:
@@ -110,9 +111,10 @@ def _width(length: int) -> int:
     return -(-length // step) * step
 
 
-def plan(cu_seqlens: torch.Tensor, device: torch.device) -> Packing:
-    """The buckets of a checked ``cu_seqlens`` (one host read of its values)."""
-    bounds = [int(b) for b in cu_seqlens.tolist()]
+def plan(cu_seqlens: torch.Tensor, device: torch.device, values: list[int] | None = None) -> Packing:
+    """The buckets of a checked ``cu_seqlens`` (one host read of its values, unless ``values`` are the
+    ones already read)."""
+    bounds = [int(b) for b in (cu_seqlens.tolist() if values is None else values)]
     lengths = tuple(b - a for a, b in itertools.pairwise(bounds))
     groups: dict[int, list[int]] = {}
     for segment, length in enumerate(lengths):
@@ -130,7 +132,29 @@ def plan(cu_seqlens: torch.Tensor, device: torch.device) -> Packing:
         buckets.append(Bucket(index, mask, torch.tensor(members, dtype=torch.long, device=device)))
         real.append(index[mask])
     real_index = torch.cat(real) if real else torch.zeros(0, dtype=torch.long, device=device)
-    return Packing(bounds[-1], lengths, tuple(buckets), real_index, cu_seqlens.to(device))
+    # The bounds as the kernels read them (int32, contiguous, so they take this very tensor), with the
+    # lengths they need on the host already known (``known_lengths``): no second read.
+    on_device = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+    _remember_lengths(on_device, lengths)
+    return Packing(bounds[-1], lengths, tuple(buckets), real_index, on_device)
+
+
+_LENGTHS: dict[int, tuple] = {}
+
+
+def _remember_lengths(bounds: torch.Tensor, lengths: tuple[int, ...]) -> None:
+    if len(_LENGTHS) >= 32:  # a few rows' worth: older plans are not coming back
+        _LENGTHS.clear()
+    _LENGTHS[id(bounds)] = (weakref.ref(bounds), bounds._version, lengths)
+
+
+def known_lengths(bounds: torch.Tensor) -> tuple[int, ...] | None:
+    """The segment lengths of a plan's ``bounds`` tensor (unchanged since), known on the host without a
+    device read; None for any other tensor."""
+    kept = _LENGTHS.get(id(bounds))
+    if kept is None or kept[0]() is not bounds or kept[1] != bounds._version:
+        return None
+    return kept[2]
 
 
 def unpack(x: torch.Tensor, bucket: Bucket, dim: int = 1) -> torch.Tensor:
@@ -168,7 +192,7 @@ def packing_of(
         and attention_mask is None
     ):
         return cu_seqlens
-    return plan(check_cu_seqlens(cu_seqlens, batch, seq_len, attention_mask), device)
+    return plan(cu_seqlens, device, check_cu_seqlens(cu_seqlens, batch, seq_len, attention_mask))
 
 
 def packable(kernel: Callable[..., bool] | None = None, **dims: int) -> Callable:

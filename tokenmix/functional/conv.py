@@ -35,6 +35,7 @@ from ._checks import (
     empty_output,
 )
 from ._excluded import all_finite, finite_part, real_only, reinstate, seen_in_window
+from ._typing import recurrent_op
 from ._varlen import Packing, packable
 
 __all__ = ["ConvWindowState", "dynamic_conv", "lightconv"]
@@ -207,6 +208,7 @@ def _convolve(
     return reinstate(out, seen_in_window(bad, 1, left, kernel_size - 1 - left)).to(out_dtype)
 
 
+@recurrent_op(ConvWindowState)
 @_packable_conv("lightconv", x=1)
 def lightconv(
     x: torch.Tensor,
@@ -288,6 +290,7 @@ def _from_state(
     return (out, ConvWindowState(full[:, length:])) if output_final_state else out
 
 
+@recurrent_op(ConvWindowState)
 @_packable_conv("dynamic_conv", x=1, weight=1)
 def dynamic_conv(
     x: torch.Tensor,

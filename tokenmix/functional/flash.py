@@ -33,6 +33,7 @@ from ._excluded import (
     seen_between,
     seen_in_window,
 )
+from ._typing import recurrent_op
 from ._varlen import Packing, packable
 from .attention import pointwise_attention
 
@@ -63,6 +64,7 @@ def _quadratic_options(qk_dim: int, chunk_size: int) -> dict:
     return {"activation": "relu2", "alpha": 1.0, "scale": qk_dim**-0.5, "length": chunk_size}
 
 
+@recurrent_op(MixedChunkState)
 @packable(
     lambda q_quad, k_quad, q_lin, k_lin, v, **_: use_kernel("mixed_chunk_attention", v),
     q_quad=1, k_quad=1, q_lin=1, k_lin=1, v=1,

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
+from ..functional._varlen import known_lengths
 
 
 def dot_flags(dtype: torch.dtype) -> dict:
@@ -61,8 +62,10 @@ def segment_bounds(like: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch
 
 
 def read_lengths(bounds: torch.Tensor) -> list[int]:
-    """The segments' lengths on the host (the one device sync of a packed launch)."""
-    return bounds.diff().tolist()
+    """The segments' lengths on the host: known already when ``bounds`` are a plan's (a model plans
+    once), else read back (a device sync)."""
+    known = known_lengths(bounds)
+    return list(known) if known is not None else bounds.diff().tolist()
 
 
 def int8_mask(like: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:

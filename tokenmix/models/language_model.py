@@ -26,7 +26,7 @@ def _check_tokens(
         raise InvalidValueError(f"tokens must have shape {layout}, got {tuple(tokens.shape)}")
     # A value check is a host sync; a compiled graph skips it (the embedding lookup still checks).
     checked = tokens.numel() and not torch.compiler.is_compiling()
-    if checked and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    if checked and bool((tokens.min() < 0) | (tokens.max() >= vocab_size)):  # one sync, not two
         raise InvalidValueError(
             f"tokens must lie in [0, vocab_size={vocab_size}), got values in [{tokens.min()}, {tokens.max()}]"
         )

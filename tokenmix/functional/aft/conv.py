@@ -17,6 +17,7 @@ from .._checks import (
     empty_output,
 )
 from .._excluded import all_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
+from .._typing import recurrent_op
 from .._varlen import Packing
 from .common import (
     finish,
@@ -31,6 +32,7 @@ from .local import band_offsets, outside_sum, pad_zeros, shift_zeros, windowed
 from .recurrent import AFTWindowState, recurrent
 
 
+@recurrent_op(AFTWindowState)
 @packable_aft("aft_conv", one_d=True)
 def aft_conv(
     q: torch.Tensor,

@@ -19,6 +19,7 @@ from .._checks import (
     empty_output,
 )
 from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
+from .._typing import recurrent_op
 from .._varlen import Packing
 from .common import (
     check_inputs,
@@ -161,6 +162,7 @@ def _local(
     return (out if seen is None else reinstate(out, seen)).to(out_dtype)
 
 
+@recurrent_op(AFTWindowState)
 @packable_aft("aft_local")
 def aft_local(
     q: torch.Tensor,
@@ -221,6 +223,7 @@ def aft_local(
     return _local(q, k, v, lambda columns: w.gather(1, columns), bias, window, causal, mask, packing)
 
 
+@recurrent_op(AFTWindowState)
 @packable_aft("aft_local")
 def aft_local_lowrank(
     q: torch.Tensor,

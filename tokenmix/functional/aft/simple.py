@@ -15,6 +15,7 @@ from .._checks import (
     empty_output,
 )
 from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
+from .._typing import recurrent_op
 from .._varlen import Packing
 from .common import (
     check_inputs,
@@ -31,6 +32,7 @@ from .recurrent import AFTSimpleState, aft_accumulate, aft_full_cached
 SCAN_CHUNK = 64
 
 
+@recurrent_op(AFTSimpleState)
 @packable_aft("aft_simple")
 def aft_simple(
     q: torch.Tensor,

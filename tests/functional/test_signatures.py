@@ -1,0 +1,52 @@
+"""What the ops' signatures promise type checkers: a flag-dependent return is spelled by overloads
+(``output_final_state`` False → the output, True → (output, the op's state type), one ``RecurrentOp``
+protocol for every recurrent op), and every packed argument takes a ``Packing`` as well as
+``cu_seqlens``."""
+
+from __future__ import annotations
+
+import inspect
+import typing
+
+import pytest
+
+import tokenmix.functional as F
+
+STATES = {
+    "aft_simple": "AFTSimpleState",
+    "aft_local": "AFTWindowState",
+    "aft_local_lowrank": "AFTWindowState",
+    "aft_conv": "AFTWindowState",
+    "lightconv": "ConvWindowState",
+    "dynamic_conv": "ConvWindowState",
+    "mixed_chunk_attention": "MixedChunkState",
+}
+PACKED = [*STATES, "softmax_attention", "pointwise_attention", "aft_full"]
+
+
+@pytest.mark.parametrize("name", list(STATES))
+def test_a_recurrent_op_is_typed_by_its_state(name):
+    """Each recurrent op is a ``RecurrentOp[its state]``, whose call is overloaded on the flag."""
+    op = getattr(F, name)
+    assert op.state_type is getattr(F, STATES[name])  # public where the op is
+
+
+def test_the_recurrent_call_overloads_its_return_on_output_final_state():
+    from tokenmix.functional._typing import RecurrentOp
+
+    # A protocol's overloads have no implementation to look them up by: read the registry.
+    overloads = typing._overload_registry[RecurrentOp.__module__][f"{RecurrentOp.__name__}.__call__"]
+    returns = {
+        str(inspect.signature(o).parameters["output_final_state"].annotation): o.__annotations__["return"]
+        # A protocol's overloads have no implementation to look them up by: read the registry.
+        for o in typing._overload_registry[RecurrentOp.__module__][
+            f"{RecurrentOp.__name__}.__call__"
+        ].values()
+    }
+    assert returns == {"Literal[False]": "torch.Tensor", "Literal[True]": "tuple[torch.Tensor, State]"}
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_every_packed_argument_takes_a_packing(name):
+    annotation = inspect.signature(getattr(F, name)).parameters["cu_seqlens"].annotation
+    assert annotation == "torch.Tensor | Packing | None"
