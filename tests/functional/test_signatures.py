@@ -38,10 +38,7 @@ def test_the_recurrent_call_overloads_its_return_on_output_final_state():
     overloads = typing._overload_registry[RecurrentOp.__module__][f"{RecurrentOp.__name__}.__call__"]
     returns = {
         str(inspect.signature(o).parameters["output_final_state"].annotation): o.__annotations__["return"]
-        # A protocol's overloads have no implementation to look them up by: read the registry.
-        for o in typing._overload_registry[RecurrentOp.__module__][
-            f"{RecurrentOp.__name__}.__call__"
-        ].values()
+        for o in overloads.values()
     }
     assert returns == {"Literal[False]": "torch.Tensor", "Literal[True]": "tuple[torch.Tensor, State]"}
 
