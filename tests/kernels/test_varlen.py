@@ -39,10 +39,11 @@ def test_packed_kernels_equal_the_reference_per_segment(device, name, causal, dt
     check_packed_kernel(device, name, causal, dtype, CU_SEQLENS, KERNEL_OPS.index(name) + 7 * causal)
 
 
-# Segments longer than the interpreter's blocks (16 rows; 32–64 on a GPU): 37 and 33 rows span three
-# blocks each, and the last segment starts mid-block (at 40), so every program's segment offsets, its
-# table of (segment, block) pairs and its boundary masks are crossed, forward and backward.
-LONG_SEQLENS = [0, 37, 40, 73]
+# Segments longer than the kernels' blocks (16 rows under the interpreter, pointwise attention's up to
+# 64): 70 and 67 rows span five blocks of 16 and two of 64 each, and the last segment starts mid-block
+# (at 73), so every program's segment offsets, its table of (segment, block) pairs and its boundary
+# masks are crossed, forward and backward.
+LONG_SEQLENS = [0, 70, 73, 140]
 
 
 @pytest.mark.parametrize("causal", [False, True])
