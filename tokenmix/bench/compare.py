@@ -308,16 +308,10 @@ def compare(
         time_budget: seconds of training per run: each mixer's steps are this over its measured seconds
             per step, so every learning-rate schedule completes.
     """
-    mixers = list(mixers or list_mixers())
-    for name in mixers:
-        mixer_info(name)  # unknown names fail before any work
+    mixers, seeds, time_budget, device = check_run_options(mixers, seeds, time_budget, device)
     check_positive_int("steps", steps, allow_none=True)
-    seeds = check_positive_int("seeds", seeds, allow_none=True)
-    time_budget = check_real("time_budget", time_budget, allow_none=True, positive=True)
     if time_budget is not None and steps is not None:
         raise InvalidValueError("give steps or time_budget, not both: a time budget sets each mixer's steps")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     budget = BUDGETS["quick" if quick else "gpu" if device == "cuda" else "default"]
     if seq_lens:
         budget = replace(budget, seq_lens=tuple(seq_lens))
@@ -353,6 +347,22 @@ def compare(
     write_report(result, out)
     print(f"wrote {out}/report.md, report.html, compare.json and plots")
     return result
+
+
+def check_run_options(
+    mixers: Sequence[str] | None, seeds: int | None, time_budget: float | None, device: str
+) -> tuple[list[str], int | None, float | None, str]:
+    """What ``compare`` and ``compare_suite`` check alike before any work: the mixers (default every
+    registered one; an unknown name fails now), seeds and time budget, and ``device`` ("auto": CUDA when
+    there is one)."""
+    mixers = list(mixers or list_mixers())
+    for name in mixers:
+        mixer_info(name)
+    seeds = check_positive_int("seeds", seeds, allow_none=True)
+    time_budget = check_real("time_budget", time_budget, allow_none=True, positive=True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return mixers, seeds, time_budget, device
 
 
 def _bench_all(mixers: list[str], budget: Budget, device: str) -> list[dict]:

@@ -21,12 +21,10 @@ from typing import Any
 import torch
 
 from ..errors import InvalidValueError
-from ..functional._checks import check_positive_int, check_real
-from ..mixers import list_mixers, mixer_info
 from ..training import TrainConfig
 from ..training.checkpoint import check_directory_path
 from ..training.tasks import TASK_CLASSES, create_task
-from .compare import BUDGETS, _claim, _plan, _SignalsStop, _task_config, _train_runs
+from .compare import BUDGETS, _claim, _plan, _SignalsStop, _task_config, _train_runs, check_run_options
 from .measure import machine
 from .report import HIGHER_IS_BETTER
 from .suite_report import write_suite_report
@@ -155,13 +153,8 @@ def compare_suite(
         raise InvalidValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
     spec = SUITES[suite]
     chosen = _check_tasks(spec, tasks, suite)
-    mixers = list(mixers or list_mixers())
-    for name in mixers:
-        mixer_info(name)
-    seeds = check_positive_int("seeds", seeds, allow_none=True) or spec.seeds
-    time_budget = check_real("time_budget", time_budget, allow_none=True, positive=True) or spec.time_budget
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    mixers, seeds, time_budget, device = check_run_options(mixers, seeds, time_budget, device)
+    seeds, time_budget = seeds or spec.seeds, time_budget or spec.time_budget
     out = Path(out)
     check_directory_path(out)
     seed_list = list(range(seed, seed + seeds))
