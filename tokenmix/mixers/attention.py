@@ -115,10 +115,7 @@ class MultiHeadAttention(Mixer):
 
     def advance(self, x: torch.Tensor, state: CacheState, chunk: Compacted) -> torch.Tensor:
         q, k, v = self._qkv(x, offset=state.positions)
-        empty = state.cache.length == 0 and state.capacity is None
-        keys, values, real = state.cache.append(k, v, chunk.valid)
-        # A first chunk is a causal forward (its padding comes last); later ones attend to the cache.
-        attended = self.mix(q, k, v, chunk.valid) if empty else self.mix_cached(q, keys, values, real)
+        attended = state.attend(self, q, k, v, chunk.valid)
         return self._output(attended, x)
 
 

@@ -5,6 +5,7 @@ for every token."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -106,3 +107,13 @@ class CacheState(DecodingState):
     """The decoding state of the attention mixers (softmax, pointwise, GAU): a ``KVCache``."""
 
     cache: KVCache | None = None
+
+    def attend(
+        self, mixer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None
+    ) -> torch.Tensor:
+        """A chunk's attention (``valid``: its real tokens) after appending its keys and values: the
+        first chunk of a growing cache is the mixer's causal forward (``mixer.mix``; its padding comes
+        last), later ones attend to the cache (``mixer.mix_cached``)."""
+        empty = self.cache.length == 0 and self.capacity is None
+        keys, values, real = self.cache.append(k, v, valid)
+        return mixer.mix(q, k, v, valid) if empty else mixer.mix_cached(q, keys, values, real)

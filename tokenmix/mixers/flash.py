@@ -161,10 +161,7 @@ class GAU(GatedAttentionUnit):
     def advance(self, x: torch.Tensor, state: CacheState, chunk: Compacted) -> torch.Tensor:
         u, v, (q, k) = self.project(x, state.positions)
         q, k, v = self._heads(q, k, v)
-        empty = state.cache.length == 0 and state.capacity is None
-        keys, values, real = state.cache.append(k, v, chunk.valid)
-        # A first chunk is a causal forward (its padding comes last); later ones attend to the cache.
-        attended = self.mix(q, k, v, chunk.valid) if empty else self.mix_cached(q, keys, values, real)
+        attended = state.attend(self, q, k, v, chunk.valid)
         return self.output(u, attended[:, 0])
 
 
