@@ -12,7 +12,7 @@ from ..functional._checks import check_attention_mask, check_flag, check_float_t
 from ..functional._chunks import Compacted, compact
 from ..functional._varlen import Packing, packing_of
 from ..init import SelfInitialising
-from .state import DecodingState
+from .state import DecodingState, as_chunk
 
 
 def pick_options(arguments: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -102,13 +102,7 @@ class Mixer(SelfInitialising):
             raise InvalidValueError(
                 f"x must have shape (B, dim={self.dim}) or (B, T, dim={self.dim}), got {tuple(x.shape)}"
             )
-        single = x.dim() == 2
-        if single:
-            x = x[:, None]
-            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
-                attention_mask = attention_mask[:, None]
-        mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
-        return x, single, mask
+        return as_chunk(x, attention_mask)
 
     def init_state(self, batch_size: int, capacity: int | None = None) -> DecodingState:
         """An empty decoding state for ``batch_size`` sequences. ``capacity``: the most positions

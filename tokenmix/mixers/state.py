@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidValueError
+from ..functional._checks import check_attention_mask
 
 
 @dataclass
@@ -56,6 +57,19 @@ class DecodingState:
         base = {field.name for field in dataclasses.fields(DecodingState)}
         own = [getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in base]
         return _float_bytes(own)
+
+
+def as_chunk(
+    x: torch.Tensor, attention_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
+    """A step's input as a chunk: one token (B, ·) becomes (B, 1, ·), its mask (B,) becomes (B, 1).
+    Returns the chunk, whether it was one token, and the checked mask as bool (B, T) or None."""
+    single = x.dim() == 2
+    if single:
+        x = x[:, None]
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+            attention_mask = attention_mask[:, None]
+    return x, single, check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
 
 
 def _float_bytes(value: object) -> int:

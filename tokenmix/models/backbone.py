@@ -24,7 +24,7 @@ from ..functional._chunks import Compacted, compact
 from ..functional._varlen import Packing, packing_of
 from ..init import SelfInitialising
 from ..mixers import create_mixer, mixer_info
-from ..mixers.state import DecodingState
+from ..mixers.state import DecodingState, as_chunk
 
 POSITIONS = ("learned", "rope", "none")
 
@@ -273,12 +273,7 @@ class Backbone(SelfInitialising):
         one pass (docs/spec.md §7). ``attention_mask`` ((B,) or (B, T)): padded positions leave every
         layer's state unchanged; positions count each row's real tokens."""
         state = self._check_state(state)
-        single = isinstance(x, torch.Tensor) and x.dim() == 2
-        if single:
-            x = x[:, None]
-            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
-                attention_mask = attention_mask[:, None]
-        mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
+        x, single, mask = as_chunk(x, attention_mask)
         state.feed(x.shape[0], x.shape[1])
         real = torch.ones(x.shape[:2], dtype=torch.long, device=x.device) if mask is None else mask.long()
         positions = state.next_positions(x.device)[:, None] + real.cumsum(1) - 1  # padding: its neighbour's
