@@ -81,7 +81,7 @@ def test_low_precision(dtype, tol):
         check(inputs, mask, gen, 4, causal, tol)
 
 
-@pytest.mark.parametrize("cuts", [[0, 13], [0, 1, 2, 6, 7, 13], [0, 4, 9, 10, 13]])
+@pytest.mark.parametrize("cuts", [[0, 13], [0, 1, 2, 6, 7, 13], [0, 4, 9, 10, 13], list(range(14))])
 def test_continues_from_its_state(cuts):
     """mixed_chunk_attention in pieces from MixedChunkState (chunks finished inside a piece, pieces
     inside a chunk): each left-padded row equals its own causal op, outputs and every gradient."""

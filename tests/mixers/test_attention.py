@@ -8,7 +8,6 @@ import torch
 from tests.reference import assert_close
 from tokenmix import create_mixer
 from tokenmix.functional import ACTIVATIONS, pointwise_attention
-from tokenmix.mixers.rotary import RotaryEmbedding
 
 
 def test_pointwise_defaults_follow_the_paper():
@@ -40,21 +39,6 @@ def test_gate_multiplies_by_silu_of_a_projection():
     expected = gated.to_out(attended * torch.nn.functional.silu(gated.to_gate(x)))
     assert_close(gated(x), expected, 1e-6)
     assert create_mixer("pointwise", 16).to_gate is None
-
-
-def test_rope_scores_depend_only_on_relative_position():
-    rotary = RotaryEmbedding(8)
-    q, k = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
-
-    def score(i, j):
-        rq = rotary(q.expand(i + 1, 8).clone(), 0)[i]
-        rk = rotary(k.expand(j + 1, 8).clone(), 0)[j]
-        return (rq * rk).sum()
-
-    assert torch.allclose(score(5, 2), score(13, 10)) and not torch.allclose(score(5, 2), score(5, 4))
-    # An offset shifts every position: rotating at offset 3 equals positions 3… of a longer run.
-    x = torch.randn(4, 8)
-    assert torch.allclose(rotary(x, 3), rotary(torch.cat((torch.zeros(3, 8), x)), 0)[3:], atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from ._checks import (
     compute_dtype,
     empty_output,
 )
-from ._chunks import compact, last_real
+from ._chunks import compact
 from ._excluded import (
     all_finite,
     finite_at_padding,
@@ -43,8 +43,8 @@ __all__ = ["MixedChunkState", "mixed_chunk_attention"]
 class MixedChunkState(NamedTuple):
     """Causal mixed-chunk attention's recurrent state, constant in size: each row's next position (its
     count of real tokens), Σ k_lin ⊗ v over the tokens of its finished chunks and their count, and its
-    unfinished chunk's k_quad, k_lin, v and positions (C slots, right-aligned; ``key_real`` marks those
-    in use). Chunks are positions // C."""
+    unfinished chunk's k_quad, k_lin, v and positions in C slots, the token at position p in slot p mod C
+    (``key_real`` marks the slots in use), so a token's step writes one slot. Chunks are positions // C."""
 
     positions: torch.Tensor  # (B,) long
     linear_state: torch.Tensor  # (B, S, E)
@@ -254,6 +254,10 @@ def _recurrent(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, initial_state,
     batch, length = v.shape[:2]
     if initial_state is not None:
         _check_state(initial_state, batch, chunk_size, {"S": k_quad.shape[-1], "E": v.shape[-1]})
+    if length == 1:
+        state = initial_state if initial_state is not None else _empty_state(k_quad, v, chunk_size)
+        out, state = _token(q_quad, k_quad, q_lin, k_lin, v, mask, state, chunk_size)
+        return (out, state) if output_final_state else out
     chunk = compact(mask, batch, length, v.device)
     q_quad, k_quad, q_lin, k_lin, v = (chunk.gather(t) for t in (q_quad, k_quad, q_lin, k_lin, v))
     state = initial_state if initial_state is not None else _empty_state(k_quad, v, chunk_size)
@@ -277,16 +281,69 @@ def _recurrent(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, initial_state,
     if not output_final_state:
         return out
     # Tokens of chunks now finished join the linear state; the rest are the new unfinished chunk.
-    current = ((state.positions + chunk.counts) // chunk_size)[:, None]
+    positions = state.positions + chunk.counts
+    current = (positions // chunk_size)[:, None]
     finished = real & (key_positions // chunk_size < current)
     unfinished = real & (key_positions // chunk_size == current)
-    if length == 1:
-        linear_state, pending = _fold_token(state, k_lin, v, valid, finished, chunk_size)
-    else:
-        linear_state, pending = _fold_chunk(state, linear_keys, values, finished, unfinished)
+    linear_state, pending = _fold_chunk(state, linear_keys, values, finished, unfinished)
     linear_count = state.linear_count + finished.sum(1)
-    kept = (last_real(t, chunk, chunk_size) for t in (keys, linear_keys, values, key_positions, unfinished))
-    return out, MixedChunkState(state.positions + chunk.counts, linear_state, linear_count, *kept, pending)
+    slot_positions, index = _unfinished_slots(state.positions, positions, chunk_size)
+    kept = (_gather_slots(t, index) for t in (keys, linear_keys, values))
+    in_use = slot_positions < positions[:, None]
+    return out, MixedChunkState(positions, linear_state, linear_count, *kept, slot_positions, in_use, pending)
+
+
+def _unfinished_slots(before: torch.Tensor, after: torch.Tensor, chunk_size: int):
+    """After a chunk took each row from position ``before`` to ``after`` (B,): each slot's position in
+    the unfinished chunk (B, C), and its source in the state's C slots followed by the compacted chunk —
+    the state's own slot while that position came before the call, else the chunk's entry for it."""
+    slots = torch.arange(chunk_size, device=after.device)
+    positions = (after - after % chunk_size)[:, None] + slots
+    index = torch.where(positions < before[:, None], slots, chunk_size + positions - before[:, None])
+    return positions, index
+
+
+def _gather_slots(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, L, …) entries at ``index`` (B, C) — the slots past the chunk's real tokens, out of range and
+    unused, clamped."""
+    index = index.clamp(0, values.shape[1] - 1).view(*index.shape, *[1] * (values.dim() - 2))
+    return values.gather(1, index.expand(-1, -1, *values.shape[2:]))
+
+
+def _token(q_quad, k_quad, q_lin, k_lin, v, mask, state: MixedChunkState, chunk_size: int):
+    """One token (B, 1, ·) from ``state``: written into its slot (position mod C; a padded row's state is
+    unchanged); its quadratic part over the slots in use, its linear part from the finished chunks; its
+    k_lin ⊗ v joins the pending sum, which joins the linear state when the token ends its chunk. Tensors
+    of the same shapes every token, no host sync: a compiled step is compiled once."""
+    valid = torch.ones_like(state.positions, dtype=torch.bool) if mask is None else mask[:, 0]
+    dtype = compute_dtype(v.dtype)
+    slot = state.positions % chunk_size
+    written = (torch.arange(chunk_size, device=v.device) == slot[:, None]) & valid[:, None]  # (B, C)
+    keys, linear_keys, values = (
+        torch.where(written[..., None], new.to(old.dtype), old)
+        for old, new in ((state.keys, k_quad), (state.linear_keys, k_lin), (state.values, v))
+    )
+    key_positions = torch.where(written, state.positions[:, None], state.key_positions)
+    in_use = state.key_real | written
+    zero = torch.zeros((), dtype=dtype, device=v.device)
+    scores = torch.relu(q_quad.to(dtype) @ keys.to(dtype).transpose(1, 2) * q_quad.shape[-1] ** -0.5)
+    weights = torch.where(in_use[:, None, :], scores * scores, zero) / chunk_size
+    quad = weights @ torch.where(in_use[..., None], values.to(dtype), zero)
+    linear = q_lin.to(dtype) @ state.linear_state.to(dtype) / state.linear_count.clamp_min(1)[:, None, None]
+    out = torch.where(valid[:, None, None], quad + linear, zero).to(v.dtype)
+
+    own = torch.where(valid[:, None, None], k_lin[:, 0, :, None] * v[:, 0, None, :], 0.0)
+    pending = _pending(state) + own.to(state.linear_state.dtype)
+    done = valid & (slot == chunk_size - 1)  # the chunk is finished: its sum joins the linear state
+    stored = torch.zeros((), dtype=pending.dtype, device=pending.device)
+    linear_state = state.linear_state + torch.where(done[:, None, None], pending, stored)
+    pending = torch.where(done[:, None, None], stored, pending)
+    linear_count = state.linear_count + done.long() * chunk_size
+    in_use = in_use & ~done[:, None]
+    positions = state.positions + valid.long()
+    return out, MixedChunkState(
+        positions, linear_state, linear_count, keys, linear_keys, values, key_positions, in_use, pending
+    )
 
 
 def _outer_sum(linear_keys: torch.Tensor, values: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
@@ -299,17 +356,6 @@ def _pending(state: MixedChunkState) -> torch.Tensor:
     if state.pending_state is not None:
         return state.pending_state
     return _outer_sum(state.linear_keys, state.values, state.key_real).to(state.linear_state.dtype)
-
-
-def _fold_token(state, k_lin, v, valid, finished, chunk_size: int):
-    """One token: its k_lin ⊗ v joins its chunk's pending sum, O(S·E); a chunk it finishes (then every
-    pending token is finished) joins the linear state — selected, with no host sync and no sum over the
-    chunk, so a compiled step costs the same every token."""
-    own = torch.where(valid[:, 0, None, None], k_lin[:, 0, :, None] * v[:, 0, None, :], 0.0)
-    pending = _pending(state) + own.to(state.linear_state.dtype)
-    done = finished.any(1)[:, None, None]
-    zero = torch.zeros((), dtype=pending.dtype, device=pending.device)
-    return state.linear_state + torch.where(done, pending, zero), torch.where(done, zero, pending)
 
 
 def _fold_chunk(state, linear_keys, values, finished, unfinished):
