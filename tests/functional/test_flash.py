@@ -93,6 +93,39 @@ def test_continues_from_its_state(cuts):
     check_pieces(op, [q_quad, k_quad, q_lin, k_lin, v], [], cuts, [13, 6, 9], 1e-10)
 
 
+def test_inplace_token_steps_equal_copies():
+    """inplace=True (FLASH's decoding): one-token calls without a gradient write into initial_state and
+    return its tensors, with the outputs and states of the out-of-place calls — across chunk boundaries,
+    with padded rows; an out-of-place call (inplace=False, or a gradient needed) leaves initial_state as
+    it was."""
+    inputs, mask, _ = random_inputs(3, 11, 4, 3, seed=5)
+    mask[0, :3] = False
+
+    def op(t, state, **options):
+        piece = [x[:, t : t + 1] for x in inputs]
+        return mixed_chunk_attention(
+            *piece, chunk_size=4, causal=True, attention_mask=mask[:, t : t + 1], initial_state=state,
+            output_final_state=True, **options,
+        )  # fmt: skip
+
+    copied = written = None
+    for t in range(11):
+        before = None if copied is None else [x.clone() for x in copied]
+        with torch.no_grad():
+            expected, copied_next = op(t, copied)
+            out, written_next = op(t, written, inplace=True)
+        if before is not None:
+            assert all(torch.equal(a, b) for a, b in zip(before, copied, strict=True))
+            assert all(new is old for new, old in zip(written_next, written, strict=True))
+            leaves = [x.clone().requires_grad_(x.is_floating_point()) for x in copied]
+            _, traced = op(t, type(copied)(*leaves), inplace=True)  # a gradient is needed: copies
+            assert all(torch.equal(a, b) for a, b in zip(before, leaves, strict=True))
+            assert all(torch.equal(a, b) for a, b in zip(traced, copied_next, strict=True))
+        assert torch.equal(out, expected)
+        assert all(torch.equal(a, b) for a, b in zip(written_next, copied_next, strict=True))
+        copied, written = copied_next, written_next
+
+
 def test_state_errors_name_the_argument():
     x, v = torch.randn(1, 5, 4), torch.randn(1, 5, 3)
     _, state = mixed_chunk_attention(x, x, x, x, v, chunk_size=2, causal=True, output_final_state=True)

@@ -81,6 +81,7 @@ def mixed_chunk_attention(
     attention_mask: torch.Tensor | None = None,
     initial_state: MixedChunkState | None = None,
     output_final_state: bool = False,
+    inplace: bool = False,
     cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, MixedChunkState]:
     """FLASH's mixed-chunk attention, ``out_i = quad_i + lin_i``:
@@ -102,6 +103,10 @@ def mixed_chunk_attention(
         output_final_state: causal only — also return the state after this call (default False).
             In this recurrent form (either argument given), a padded position leaves the state unchanged
             and positions (hence chunks) count each row's real tokens only (docs/spec.md §7).
+        inplace: a one-token call that needs no gradient writes its step into ``initial_state``'s
+            tensors and returns them as the final state, instead of copies of the chunk's slots
+            (default False; ``initial_state`` is then spent, as an input of ``F.relu(inplace=True)`` is).
+            Other calls ignore it.
         cu_seqlens: (segments + 1,) int64 cumulative segment lengths, batch size 1 (default None): the
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
 
@@ -133,7 +138,7 @@ def mixed_chunk_attention(
             raise InvalidValueError(
                 "initial_state and output_final_state need causal=True (the recurrent form)"
             )
-        return _recurrent(*inputs, mask, chunk_size, initial_state, output_final_state)
+        return _recurrent(*inputs, mask, chunk_size, initial_state, output_final_state, inplace)
     if v.numel() == 0 or q_quad.numel() == 0:
         return empty_output(v.shape, *inputs)
     q_quad, q_lin = finite_at_padding(q_quad, mask, 1), finite_at_padding(q_lin, mask, 1)
@@ -248,7 +253,9 @@ def _empty_state(k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> MixedChun
     )
 
 
-def _recurrent(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, initial_state, output_final_state):
+def _recurrent(
+    q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, initial_state, output_final_state, inplace=False
+):
     """The causal op over a chunk continued from ``initial_state``, each row's real tokens moved to its
     front first (so padding leaves the state alone and positions count real tokens)."""
     batch, length = v.shape[:2]
@@ -256,7 +263,9 @@ def _recurrent(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, initial_state,
         _check_state(initial_state, batch, chunk_size, {"S": k_quad.shape[-1], "E": v.shape[-1]})
     if length == 1:
         state = initial_state if initial_state is not None else _empty_state(k_quad, v, chunk_size)
-        out, state = _token(q_quad, k_quad, q_lin, k_lin, v, mask, state, chunk_size)
+        inputs = (q_quad, k_quad, q_lin, k_lin, v)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *state) if t is not None)
+        out, state = _token(*inputs, mask, state, chunk_size, inplace and not grad)
         return (out, state) if output_final_state else out
     chunk = compact(mask, batch, length, v.device)
     q_quad, k_quad, q_lin, k_lin, v = (chunk.gather(t) for t in (q_quad, k_quad, q_lin, k_lin, v))
@@ -310,40 +319,73 @@ def _gather_slots(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return values.gather(1, index.expand(-1, -1, *values.shape[2:]))
 
 
-def _token(q_quad, k_quad, q_lin, k_lin, v, mask, state: MixedChunkState, chunk_size: int):
+def _token(q_quad, k_quad, q_lin, k_lin, v, mask, state: MixedChunkState, chunk_size: int, inplace: bool):
     """One token (B, 1, ·) from ``state``: written into its slot (position mod C; a padded row's state is
     unchanged); its quadratic part over the slots in use, its linear part from the finished chunks; its
     k_lin ⊗ v joins the pending sum, which joins the linear state when the token ends its chunk. Tensors
-    of the same shapes every token, no host sync: a compiled step is compiled once."""
+    of the same shapes every token, no host sync: a compiled step is compiled once. ``inplace``: the new
+    state is ``state``'s tensors, written in place."""
     valid = torch.ones_like(state.positions, dtype=torch.bool) if mask is None else mask[:, 0]
-    dtype = compute_dtype(v.dtype)
     slot = state.positions % chunk_size
     written = (torch.arange(chunk_size, device=v.device) == slot[:, None]) & valid[:, None]  # (B, C)
-    keys, linear_keys, values = (
-        torch.where(written[..., None], new.to(old.dtype), old)
-        for old, new in ((state.keys, k_quad), (state.linear_keys, k_lin), (state.values, v))
+    entries = (k_quad[:, 0], k_lin[:, 0], v[:, 0], state.positions)
+    buffers = (state.keys, state.linear_keys, state.values, state.key_positions)
+    keys, linear_keys, values, key_positions = (
+        _write_slot(buffer, entry, slot, written, inplace)
+        for buffer, entry in zip(buffers, entries, strict=True)
     )
-    key_positions = torch.where(written, state.positions[:, None], state.key_positions)
     in_use = state.key_real | written
-    zero = torch.zeros((), dtype=dtype, device=v.device)
+    out = _token_output(q_quad, q_lin, keys, values, in_use, state, valid, chunk_size).to(v.dtype)
+
+    own = torch.where(valid[:, None, None], k_lin[:, 0, :, None] * v[:, 0, None, :], 0.0)
+    done = valid & (slot == chunk_size - 1)  # the chunk is finished: its sum joins the linear state
+    linear_state, pending = _fold_token(state, own, done[:, None, None], inplace)
+    in_use = in_use & ~done[:, None]
+    if inplace:
+        in_use = state.key_real.copy_(in_use)
+    bump = torch.Tensor.add_ if inplace else torch.add
+    linear_count = bump(state.linear_count, done.long() * chunk_size)
+    positions = bump(state.positions, valid.long())
+    return out, MixedChunkState(
+        positions, linear_state, linear_count, keys, linear_keys, values, key_positions, in_use, pending
+    )
+
+
+def _write_slot(buffer, entry, slot, written, inplace: bool) -> torch.Tensor:
+    """``buffer`` (B, C, …) with ``entry`` (B, …) in ``slot`` (B,) of the rows ``written`` (B, C) marks:
+    written in place, or a copy."""
+    if not inplace:
+        where = written.view(*written.shape, *[1] * (buffer.dim() - 2))
+        return torch.where(where, entry[:, None].to(buffer.dtype), buffer)
+    rows = torch.arange(buffer.shape[0], device=buffer.device)
+    kept = buffer[rows, slot]
+    valid = written.any(1).view(-1, *[1] * (kept.dim() - 1))
+    buffer[rows, slot] = torch.where(valid, entry.to(buffer.dtype), kept)
+    return buffer
+
+
+def _fold_token(state: MixedChunkState, own: torch.Tensor, done: torch.Tensor, inplace: bool):
+    """The token's k_lin ⊗ v (``own``, B × S × E) added to the pending sum, which joins the linear state
+    where ``done`` (B, 1, 1) — selected, with no host sync and no sum over the chunk."""
+    zero = torch.zeros((), dtype=state.linear_state.dtype, device=own.device)
+    if inplace and state.pending_state is not None:
+        pending = state.pending_state.add_(own)
+        linear_state = state.linear_state.add_(torch.where(done, pending, zero))
+        return linear_state, pending.masked_fill_(done, 0)
+    pending = _pending(state) + own.to(state.linear_state.dtype)
+    return state.linear_state + torch.where(done, pending, zero), torch.where(done, zero, pending)
+
+
+def _token_output(q_quad, q_lin, keys, values, in_use, state, valid, chunk_size: int) -> torch.Tensor:
+    """The token's row: relu² attention over the slots in use, divided by C, plus q_lin · M / n over the
+    finished chunks; 0 at a padded row."""
+    dtype = compute_dtype(values.dtype)
+    zero = torch.zeros((), dtype=dtype, device=values.device)
     scores = torch.relu(q_quad.to(dtype) @ keys.to(dtype).transpose(1, 2) * q_quad.shape[-1] ** -0.5)
     weights = torch.where(in_use[:, None, :], scores * scores, zero) / chunk_size
     quad = weights @ torch.where(in_use[..., None], values.to(dtype), zero)
     linear = q_lin.to(dtype) @ state.linear_state.to(dtype) / state.linear_count.clamp_min(1)[:, None, None]
-    out = torch.where(valid[:, None, None], quad + linear, zero).to(v.dtype)
-
-    own = torch.where(valid[:, None, None], k_lin[:, 0, :, None] * v[:, 0, None, :], 0.0)
-    pending = _pending(state) + own.to(state.linear_state.dtype)
-    done = valid & (slot == chunk_size - 1)  # the chunk is finished: its sum joins the linear state
-    stored = torch.zeros((), dtype=pending.dtype, device=pending.device)
-    linear_state = state.linear_state + torch.where(done[:, None, None], pending, stored)
-    pending = torch.where(done[:, None, None], stored, pending)
-    linear_count = state.linear_count + done.long() * chunk_size
-    in_use = in_use & ~done[:, None]
-    positions = state.positions + valid.long()
-    return out, MixedChunkState(
-        positions, linear_state, linear_count, keys, linear_keys, values, key_positions, in_use, pending
-    )
+    return torch.where(valid[:, None, None], quad + linear, zero)
 
 
 def _outer_sum(linear_keys: torch.Tensor, values: torch.Tensor, which: torch.Tensor) -> torch.Tensor:

@@ -234,7 +234,8 @@ class FLASH(GatedAttentionUnit):
 
     def advance(self, x: torch.Tensor, state: ChunkState, chunk: Compacted) -> torch.Tensor:
         u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, state.positions)
-        attended, state.inner = self.mix(
-            q_quad, k_quad, q_lin, k_lin, v, chunk.valid, initial_state=state.inner, output_final_state=True
-        )
+        attended, state.inner = self.mix(  # the state is this mixer's own: a token's step writes into it
+            q_quad, k_quad, q_lin, k_lin, v, chunk.valid,
+            initial_state=state.inner, output_final_state=True, inplace=True,
+        )  # fmt: skip
         return self.output(u, attended.to(u.dtype))
