@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness import measure, run_point, summary, write_results
+from harness import alternated, measure, run_point, summary, write_results
 
 
 def build(layer: str, dim: int, seq_len: int, window: int):
@@ -48,26 +48,13 @@ def worker(point: dict) -> dict:
 
 
 def interleaved(ours: str, peer: str, seq_len: int, dim: int, batch: int, repeats: int) -> dict:
-    """Both layers in one process, calls alternated so that drift in the machine's speed hits both alike:
-    median milliseconds of each over ``repeats`` rounds."""
-    import statistics
-    import time
-
+    """Both layers in one process, calls alternated (``harness.alternated``): median milliseconds of each
+    over ``repeats`` rounds."""
     import torch
 
     torch.manual_seed(0)
     x = torch.randn(batch, seq_len, dim, requires_grad=True)
-    grad = torch.randn_like(x)
-    layers = {name: build(name, dim, seq_len, 0) for name in (ours, peer)}
-    samples = {name: [] for name in layers}
-    for round_ in range(repeats + 2):
-        for name, layer in layers.items():
-            start = time.perf_counter()
-            layer(x).backward(grad)
-            if round_ >= 2:  # two warm-up rounds
-                samples[name].append(time.perf_counter() - start)
-            layer.zero_grad(set_to_none=True)
-    return {name: 1000 * statistics.median(times) for name, times in samples.items()}
+    return alternated({name: build(name, dim, seq_len, 0) for name in (ours, peer)}, x, repeats)
 
 
 def main() -> None:

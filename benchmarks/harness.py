@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenmix.bench.measure import machine, measure, time_ms
 
-__all__ = ["measure", "run_point", "summary", "time_ms", "write_results"]
+__all__ = ["alternated", "measure", "run_point", "summary", "time_ms", "write_results"]
 
 
 def summary(record: dict) -> str:
@@ -37,3 +37,25 @@ def write_results(name: str, records: list[dict], out: str | None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"machine": machine(), "records": records}, indent=2))
     return path
+
+
+def alternated(layers: dict, x, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Forward+backward of each layer on ``x`` (which requires grad) in one process, calls alternated so
+    that drift in the machine's speed hits all alike: median milliseconds of each over ``repeats``
+    rounds, after ``warmup`` rounds."""
+    import statistics
+    import time
+
+    import torch
+
+    grad = torch.randn_like(x)
+    samples = {name: [] for name in layers}
+    for round_ in range(warmup + repeats):
+        for name, layer in layers.items():
+            start = time.perf_counter()
+            layer(x).backward(grad)
+            if round_ >= warmup:
+                samples[name].append(time.perf_counter() - start)
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+    return {name: 1000 * statistics.median(times) for name, times in samples.items()}

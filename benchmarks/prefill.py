@@ -7,7 +7,9 @@ before chunked steps).
 Decoding: the time per new token after a prompt of each length, eager with a growing state, eager with a
 fixed-capacity state, and ``torch.compile(model.step)`` (inductor) with the fixed-capacity state — after
 warm-up steps, so compilation is not counted; the number of graphs compiled over the timed steps is
-recorded too (0 = no per-token recompilation).
+recorded too (0 = no per-token recompilation). Every mixer's decoders at one prompt length are timed in
+one process, in alternating rounds of a few steps each (the median round is recorded), so that a drift
+of the machine's speed reaches them all alike and their ratios hold.
 
     python benchmarks/prefill.py [--mixers softmax,aft_simple,flash] [--seq-lens 1024,4096]
 """
@@ -15,6 +17,7 @@ recorded too (0 = no per-token recompilation).
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -23,43 +26,68 @@ from harness import time_ms, write_results
 
 from tokenmix.models import LanguageModel
 
-DECODE_STEPS = 32
 WARMUP_STEPS = 4
+ROUNDS = 6
+STEPS_PER_ROUND = 32
+DECODERS = {  # name: (fixed capacity, compiled)
+    "decode_eager": (False, False),
+    "decode_eager_fixed": (True, False),
+    "decode_compiled_fixed": (True, True),
+}
 
 
 def build(mixer: str, seq_len: int) -> LanguageModel:
     torch.manual_seed(0)
+    max_len = seq_len + WARMUP_STEPS + ROUNDS * STEPS_PER_ROUND
     positioned = mixer in ("aft_full", "aft_local")  # their biases need a table as long as the sequence
-    options = {"max_len": seq_len + 64} if positioned else None
-    return LanguageModel(256, 128, depth=2, mixer=mixer, max_len=seq_len + 64, mixer_options=options).eval()
+    options = {"max_len": max_len} if positioned else None
+    return LanguageModel(256, 128, depth=2, mixer=mixer, max_len=max_len, mixer_options=options).eval()
+
+
+class Decoder:
+    """One way of decoding after a prompt: its step (eager or compiled) and state, and the ms per token
+    of each timed round."""
+
+    def __init__(self, model: LanguageModel, prompt: torch.Tensor, fixed: bool, compiled: bool) -> None:
+        capacity = prompt.shape[1] + WARMUP_STEPS + ROUNDS * STEPS_PER_ROUND if fixed else None
+        self.step = torch.compile(model.step) if compiled else model.step
+        logits, self.state = model.step(prompt, model.init_state(1, capacity))
+        self.token = logits[:, -1].argmax(-1)
+        self.rounds: list[float] = []
+
+    def run(self, steps: int, timed: bool = True) -> None:
+        start = time.perf_counter()
+        for _ in range(steps):
+            logits, self.state = self.step(self.token, self.state)
+            self.token = logits.argmax(-1)
+        if timed:
+            self.rounds.append(1e3 * (time.perf_counter() - start) / steps)
 
 
 @torch.no_grad()
-def decode_ms(model: LanguageModel, prompt: torch.Tensor, capacity: int | None, compiled: bool) -> dict:
-    """Milliseconds per decoded token (median over DECODE_STEPS after WARMUP_STEPS) and graphs compiled
-    during the timed steps."""
-    step = torch.compile(model.step) if compiled else model.step
-    state = model.init_state(1, capacity)
-    logits, state = model.step(prompt, state)
-    token = logits[:, -1].argmax(-1)
-    torch._dynamo.utils.counters.clear()
-    times = []
-    for index in range(WARMUP_STEPS + DECODE_STEPS):
-        if index == WARMUP_STEPS:
-            graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        start = time.perf_counter()
-        logits, state = step(token, state)
-        token = logits.argmax(-1)
-        if index >= WARMUP_STEPS:
-            times.append(1e3 * (time.perf_counter() - start))
+def time_decoding(models: dict[str, LanguageModel], prompt: torch.Tensor, records: dict[str, dict]) -> None:
+    """Every mixer's decoders, warmed up, then timed in alternating rounds; adds ``<decoder>_ms_per_token``
+    (the median round), its rounds, and the graphs compiled while timed (all mixers together)."""
+    torch._dynamo.reset()
+    decoders = {
+        (mixer, name): Decoder(model, prompt, *how)
+        for mixer, model in models.items()
+        for name, how in DECODERS.items()
+    }
+    for decoder in decoders.values():
+        decoder.run(WARMUP_STEPS, timed=False)
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for _ in range(ROUNDS):
+        for decoder in decoders.values():
+            decoder.run(STEPS_PER_ROUND)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
-    return {"ms": sorted(times)[len(times) // 2], "graphs_compiled_while_timed": graphs}
+    for (mixer, name), decoder in decoders.items():
+        records[mixer][f"{name}_ms_per_token"] = statistics.median(decoder.rounds)
+        records[mixer][f"{name}_rounds"] = decoder.rounds
+        records[mixer]["graphs_compiled_while_timed"] = graphs
 
 
-def measure_mixer(mixer: str, seq_len: int, repeats: int, token_by_token: bool) -> dict:
-    model = build(mixer, seq_len)
-    prompt = torch.randint(0, 256, (1, seq_len))
-
+def measure_prefill(model: LanguageModel, prompt: torch.Tensor, repeats: int, token_by_token: bool) -> dict:
     def forward() -> None:
         with torch.no_grad():
             model(prompt)
@@ -70,28 +98,26 @@ def measure_mixer(mixer: str, seq_len: int, repeats: int, token_by_token: bool) 
     def one_by_one() -> None:
         with torch.no_grad():
             state = model.init_state(1)
-            for t in range(seq_len):
+            for t in range(prompt.shape[1]):
                 _, state = model.step(prompt[:, t], state)
 
-    record = {"mixer": mixer, "seq_len": seq_len}
-    record["forward_ms"] = time_ms(forward, repeats)
-    record["generate_1_ms"] = time_ms(chunked, repeats)
+    record = {"forward_ms": time_ms(forward, repeats), "generate_1_ms": time_ms(chunked, repeats)}
     record["generate_over_forward"] = record["generate_1_ms"] / record["forward_ms"]
     if token_by_token:
         record["token_by_token_ms"] = time_ms(one_by_one, 1)
         record["token_by_token_over_forward"] = record["token_by_token_ms"] / record["forward_ms"]
-    capacity = seq_len + WARMUP_STEPS + DECODE_STEPS
-    torch._dynamo.reset()
-    for name, fixed, compiled in (
-        ("decode_eager", None, False),
-        ("decode_eager_fixed", capacity, False),
-        ("decode_compiled_fixed", capacity, True),
-    ):
-        result = decode_ms(model, prompt, fixed, compiled)
-        record[f"{name}_ms_per_token"] = result["ms"]
-        if compiled:
-            record["graphs_compiled_while_timed"] = result["graphs_compiled_while_timed"]
     return record
+
+
+def measure(mixers: list[str], seq_len: int, repeats: int, token_by_token: bool) -> list[dict]:
+    models = {mixer: build(mixer, seq_len) for mixer in mixers}
+    prompt = torch.randint(0, 256, (1, seq_len))
+    records = {
+        mixer: {"mixer": mixer, "seq_len": seq_len, **measure_prefill(model, prompt, repeats, token_by_token)}
+        for mixer, model in models.items()
+    }
+    time_decoding(models, prompt, records)
+    return list(records.values())
 
 
 def main() -> None:
@@ -104,15 +130,15 @@ def main() -> None:
     parser.add_argument("--out", help="results JSON (default: benchmarks/results/cpu-prefill-DATE.json)")
     args = parser.parse_args()
     seq_lens = [int(n) for n in args.seq_lens.split(",")]
+    torch._dynamo.config.recompile_limit = 64  # every mixer's compiled step, one process
     records = []
-    for mixer in args.mixers.split(","):
-        for seq_len in seq_lens:
-            record = measure_mixer(mixer, seq_len, args.repeats, token_by_token=seq_len == seq_lens[0])
+    for seq_len in seq_lens:
+        for record in measure(args.mixers.split(","), seq_len, args.repeats, seq_len == seq_lens[0]):
             records.append(record)
             slow = record.get("token_by_token_over_forward")
             print(
-                f"{mixer:12s} N={seq_len:5d} forward {record['forward_ms']:8.1f} ms  generate(prompt, 1) "
-                f"{record['generate_over_forward']:.2f}×"
+                f"{record['mixer']:12s} N={seq_len:5d} forward {record['forward_ms']:8.1f} ms  "
+                f"generate(prompt, 1) {record['generate_over_forward']:.2f}×"
                 + (f"  token by token {slow:.0f}×" if slow else "")
                 + f"  decode ms/token: eager {record['decode_eager_ms_per_token']:.2f}, fixed "
                 f"{record['decode_eager_fixed_ms_per_token']:.2f}, compiled "
