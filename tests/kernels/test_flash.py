@@ -65,3 +65,18 @@ def test_mixed_chunk_attention_with_a_sequence_of_padding_only(device):
     inputs, grad, mask = case(device, torch.float32, seed=2)
     mask[1] = False
     assert_kernel_matches(inputs, grad, torch.float32, chunk_size=8, causal=True, attention_mask=mask)
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_a_call_continued_from_a_state_refuses_forced_triton(device, length):
+    """docs/spec.md §7: continued from a state, a chunk or a single token runs on the reference path —
+    auto takes it, forced triton raises naming why; a fresh sequence's first call is the op itself."""
+    inputs, _, _ = case(device, torch.float32, batch=1, seq_len=4, qk_dim=3, value_dim=2)
+    x = [t.detach() for t in inputs]
+    options = {"chunk_size": 2, "causal": True, "output_final_state": True}
+    with tokenmix.use_backend("triton"):
+        _, state = mixed_chunk_attention(*(t[:, :1] for t in x), **options)  # a fresh state: no error
+    with tokenmix.use_backend("triton"), pytest.raises(RuntimeError, match="continued from a decoding state"):
+        mixed_chunk_attention(*(t[:, 1 : 1 + length] for t in x), initial_state=state, **options)
+    with tokenmix.use_backend("auto"):
+        mixed_chunk_attention(*(t[:, 1 : 1 + length] for t in x), initial_state=state, **options)

@@ -261,11 +261,16 @@ def _recurrent(
     batch, length = v.shape[:2]
     if initial_state is not None:
         _check_state(initial_state, batch, chunk_size, {"S": k_quad.shape[-1], "E": v.shape[-1]})
-    if length == 1:
-        state = initial_state if initial_state is not None else _empty_state(k_quad, v, chunk_size)
+        use_kernel(
+            "mixed_chunk_attention",
+            v,
+            unsupported="a chunk continued from a decoding state runs on the reference path",
+        )
+    if length == 1 and initial_state is not None:
         inputs = (q_quad, k_quad, q_lin, k_lin, v)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *state) if t is not None)
-        out, state = _token(*inputs, mask, state, chunk_size, inplace and not grad)
+        state_tensors = (t for t in initial_state if t is not None)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *state_tensors))
+        out, state = _token(*inputs, mask, initial_state, chunk_size, inplace and not grad)
         return (out, state) if output_final_state else out
     chunk = compact(mask, batch, length, v.device)
     q_quad, k_quad, q_lin, k_lin, v = (chunk.gather(t) for t in (q_quad, k_quad, q_lin, k_lin, v))
@@ -426,11 +431,6 @@ def _continued(
     k_lin (B, L, S) and values v (B, L, E) at ``key_positions`` (B, L), real where ``key_mask`` (B, L) —
     the unfinished chunk so far and the T new tokens — and ``linear_state`` (B, S, E) = Σ k_lin ⊗ v over
     the ``linear_count`` (B,) tokens of the chunks folded before them → (B, T, E), the causal op's rows."""
-    use_kernel(
-        "mixed_chunk_attention",
-        v,
-        unsupported="a chunk continued from a decoding state runs on the reference path",
-    )
     dtype = compute_dtype(v.dtype)
     q_quad, k_quad, q_lin, k_lin, v = (t.to(dtype) for t in (q_quad, k_quad, q_lin, k_lin, v))
     visible = (key_positions[:, None, :] <= positions[:, :, None]) & key_mask[:, None, :]
