@@ -186,3 +186,26 @@ def test_prepare_replaces_only_its_own_datasets(sources, tmp_path, capsys):
     assert main(["prepare", "--data", str(sources / "docs.jsonl"), "--out", str(tmp_path / "a")]) == 0
     assert PreparedDataset(tmp_path / "a").manifest["source"]["path"].endswith("docs.jsonl")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "file", "mine"]
+
+
+def test_documents_that_write_the_end_of_text_token_stay_whole(tmp_path, capsys):
+    """Issue 38.1: 400 documents about GPT-2 were split into 799 at their literal "<|endoftext|>"."""
+    documents = [f"Document {i} mentions <|endoftext|> in passing.".encode() for i in range(400)]
+    lines = [json.dumps({"text": d.decode()}) for d in documents]
+    (tmp_path / "gpt2.jsonl").write_text("\n".join(lines) + "\n")
+    dataset = PreparedDataset(
+        prepare(tmp_path / "gpt2.jsonl", tmp_path / "out", tokenizer="bpe", vocab_size=300)
+    )
+    eot = dataset.tokenizer.end_of_text
+    assert dataset.manifest["documents"] == 400 and int((dataset.stream[:] == eot).sum()) == 399
+    assert dataset.manifest["text_bytes"] == sum(map(len, documents))
+    for (start, end), document in zip(dataset.documents, documents, strict=True):
+        assert dataset.tokenizer.decode(dataset.stream[start:end].tolist()) == document
+    spec = json.loads(dataset.tokenizer.tokenizer.to_str())
+    spec["normalizer"] = {"type": "Lowercase"}
+    (tmp_path / "lower.json").write_text(json.dumps(spec))
+    argv = ["prepare", "--data", str(tmp_path / "gpt2.jsonl"), "--out", str(tmp_path / "lower")]
+    assert_one_line_exit_2(
+        [*argv, "--tokenizer", str(tmp_path / "lower.json")], "normalizer 'Lowercase'", capsys
+    )
+    assert not (tmp_path / "lower").exists()

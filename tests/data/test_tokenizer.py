@@ -3,11 +3,14 @@ where ``cut`` allows encodes as the whole."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 
 from tokenmix.data.documents import embedded_documents
-from tokenmix.data.tokenizer import END_OF_TEXT, ByteTokenizer, token_dtype, train_bpe
+from tokenmix.data.tokenizer import END_OF_TEXT, BPETokenizer, ByteTokenizer, token_dtype, train_bpe
 
 TEXTS = [
     "Call me Ishmael. Héllo wörld — 日本語 🙂 naïve\n\nNext\u2028line\u3000ideographic space\n",
@@ -70,3 +73,86 @@ def test_the_token_dtype_is_the_smallest_that_holds_the_vocabulary():
 def test_a_vocabulary_without_room_for_the_bytes_is_refused():
     with pytest.raises(ValueError, match="vocab_size must be an integer ≥ 257"):
         train_bpe([b"abc"], 256)
+
+
+def test_the_end_of_text_written_in_a_text_is_bytes_like_any_other(bpe):
+    """Issue 38.1: "<|endoftext|>" in a document is its 13 bytes, not the separator between documents."""
+    text = f"GPT-2 ends a document with {END_OF_TEXT}, like{END_OF_TEXT}this.".encode()
+    ids = bpe.encode(text)
+    assert bpe.end_of_text not in ids.tolist()
+    assert bpe.decode(ids) == text and int(bpe.token_lengths[ids].sum()) == len(text)
+    assert bpe.encode_batch([text, b"x"])[0].tolist() == ids.tolist()
+    learned = train_bpe([text * 50], 300)  # learning from such text leaves it text too
+    assert learned.end_of_text not in learned.encode(text).tolist()
+
+
+def _edited(bpe, change):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    spec = json.loads(bpe.tokenizer.to_str())
+    change(spec)
+    return HFTokenizer.from_str(json.dumps(spec))
+
+
+def _added_plain_token(spec):
+    spec["added_tokens"].append({**spec["added_tokens"][0], "id": 600, "content": "zz", "special": False})
+
+
+def _prefix_space(spec):
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+
+
+def _lowercase(spec):
+    spec["normalizer"] = {"type": "Lowercase"}
+
+
+def _bos(spec):
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [
+            {"SpecialToken": {"id": END_OF_TEXT, "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+        ],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 0}}],
+        "special_tokens": {END_OF_TEXT: {"id": END_OF_TEXT, "ids": [0], "tokens": [END_OF_TEXT]}},
+    }
+
+
+def _whitespace(spec):
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+
+
+def _wordpiece(spec):
+    spec["model"] = {
+        "type": "WordPiece",
+        "unk_token": END_OF_TEXT,
+        "continuing_subword_prefix": "##",
+        "max_input_chars_per_word": 100,
+        "vocab": {END_OF_TEXT: 0, "a": 1, "##b": 2},
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (_added_plain_token, "added tokens"),
+        (_prefix_space, "add_prefix_space=True"),
+        (_lowercase, "normalizer 'Lowercase'"),
+        (_bos, "post-processor 'TemplateProcessing'"),
+        (_whitespace, "pre-tokenizer 'Whitespace'"),
+        (_wordpiece, "model 'WordPiece'"),
+    ],
+)
+def test_a_tokenizer_that_would_change_the_text_is_refused_naming_what(bpe, tmp_path, change, named):
+    """Issue 38.2: each of these changed the data silently or crashed with a KeyError."""
+    path = tmp_path / "tokenizer.json"
+    _edited(bpe, change).save(str(path))
+    with pytest.raises(ValueError, match=re.escape(named)) as error:
+        BPETokenizer.load(path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+    BPETokenizer.load(_save(bpe, tmp_path / "same.json"))  # the unedited file is read
+
+
+def _save(bpe, path):
+    bpe.tokenizer.save(str(path))
+    return path

@@ -432,6 +432,14 @@ class PreparedDataset:
         self.documents = self._map(DOCUMENTS, np.dtype("<i8"), 2 * manifest["documents"]).reshape(-1, 2)
         self.fractions = tuple(manifest["fractions"])
 
+    @property
+    def fingerprint(self) -> str:
+        """A hash of what decides the tokens and splits: the source, the tokenizer, the counts."""
+        manifest = self.manifest
+        decided = [manifest["source"].get("blake2b"), manifest["tokenizer"]["fingerprint"]]
+        decided += [manifest["tokens"], manifest["documents"], manifest["fractions"]]
+        return hashlib.blake2b(json.dumps(decided).encode(), digest_size=16).hexdigest()
+
     def _map(self, name: str, dtype: np.dtype, count: int) -> np.ndarray:
         file = self.path / name
         expected = count * dtype.itemsize
@@ -487,8 +495,10 @@ class TextData:
         documents: np.ndarray,
         tokenizer: Tokenizer,
         fractions: tuple[float, ...] = (0.9, 0.05, 0.05),
+        fingerprint: str | None = None,
     ) -> None:
         self.stream, self.documents, self.tokenizer, self.fractions = stream, documents, tokenizer, fractions
+        self.fingerprint = fingerprint  # what the tokens are, for a prepared dataset (None: raw text)
         bounds = split_bounds(len(stream), fractions)
         self.splits = {
             name: stream.view(a, b) for name, a, b in zip(SPLITS, bounds, bounds[1:], strict=False)
@@ -503,7 +513,9 @@ class TextData:
 
         if is_prepared(data):
             dataset = PreparedDataset(data)  # type: ignore[arg-type]
-            return cls(dataset.stream, dataset.documents, dataset.tokenizer, dataset.fractions)
+            return cls(
+                dataset.stream, dataset.documents, dataset.tokenizer, dataset.fractions, dataset.fingerprint
+            )
         if data is None:  # the embedded corpus as one stream, its chapters the documents
             text = np.frombuffer(embedded_corpus(), dtype=np.uint8)
             return cls(TokenStream([text]), np.array(embedded_document_ranges()), ByteTokenizer())

@@ -104,19 +104,65 @@ class ByteTokenizer(Tokenizer):
         return [bytes([value]) for value in range(256)]
 
 
+def bpe_differences(spec: dict) -> list[str]:
+    """What in a ``tokenizer.json`` (parsed) breaks what tokenmix's byte table assumes: byte-level BPE,
+    ``END_OF_TEXT`` its only added token, nothing that adds, drops or rewrites text on the way in
+    (normaliser, prefix space, post-processor, truncation, padding), every token fixed bytes. Empty: none."""
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    added = spec.get("added_tokens") or []
+    found = []
+    if model.get("type") != "BPE":
+        found.append(f"model {model.get('type')!r} (byte-level BPE needed)")
+    else:
+        for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key):
+                found.append(f"model {key}={model[key]!r}")
+        if model.get("byte_fallback"):
+            found.append("model byte_fallback=True")
+    if pre.get("type") != "ByteLevel":
+        found.append(f"pre-tokenizer {pre.get('type')!r} (ByteLevel needed)")
+    elif pre.get("add_prefix_space") or pre.get("use_regex") is False:
+        prefix, regex = pre.get("add_prefix_space"), pre.get("use_regex")
+        found.append(f"ByteLevel add_prefix_space={prefix}, use_regex={regex}")
+    if spec.get("normalizer") is not None:
+        found.append(f"normalizer {spec['normalizer'].get('type')!r}")
+    post = spec.get("post_processor")
+    if post is not None and post.get("type") != "ByteLevel":  # ByteLevel only trims offsets
+        found.append(f"post-processor {post.get('type')!r}")
+    for key in ("truncation", "padding"):
+        if spec.get(key) is not None:
+            found.append(key)
+    if [(t.get("content"), bool(t.get("special"))) for t in added] != [(END_OF_TEXT, True)]:
+        names = ", ".join(repr(t.get("content")) for t in added) or "none"
+        found.append(f"added tokens {names} ({END_OF_TEXT!r}, special, alone needed)")
+    vocab = model.get("vocab") if isinstance(model.get("vocab"), dict) else {}
+    byte_of = _byte_of_char()
+    odd = [token for token in vocab if token != END_OF_TEXT and any(c not in byte_of for c in token)]
+    if odd:
+        found.append(f"{len(odd)} tokens that are not byte-level (e.g. {odd[0]!r})")
+    return found
+
+
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE (a ``tokenizers.Tokenizer``) with ``END_OF_TEXT`` as its only special token."""
+    """Byte-level BPE (a ``tokenizers.Tokenizer``) with ``END_OF_TEXT`` as its only special token.
+
+    ``END_OF_TEXT`` is inserted by id only: written in a text, ``<|endoftext|>`` is encoded as the bytes it
+    is (``encode_special_tokens``), so a corpus that mentions it keeps its documents whole."""
 
     kind = "bpe"
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, source: str = "the BPE tokenizer") -> None:
+        differences = bpe_differences(json.loads(tokenizer.to_str()))
+        if differences:
+            raise InvalidValueError(
+                f"{source} is not one tokenmix can read exactly: {'; '.join(differences)}; tokenmix takes "
+                f"byte-level BPE as `tokenmix prepare --tokenizer bpe` trains it"
+            )
         self.tokenizer = tokenizer
+        tokenizer.encode_special_tokens = True  # text is text: never split at an added token's spelling
         self.vocab_size = tokenizer.get_vocab_size()
-        eot = tokenizer.token_to_id(END_OF_TEXT)
-        if eot is None:
-            raise InvalidValueError(f"a BPE tokenizer for tokenmix needs the special token {END_OF_TEXT!r}")
-        self.end_of_text = eot
-        self.separator = (eot,)
+        self.end_of_text = tokenizer.token_to_id(END_OF_TEXT)
+        self.separator = (self.end_of_text,)
 
     @classmethod
     def load(cls, path: str | Path) -> BPETokenizer:
@@ -126,9 +172,10 @@ class BPETokenizer(Tokenizer):
         if not path.is_file():
             raise MissingFileError(f"tokenizer file {str(path)!r} does not exist")
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            tokenizer = HFTokenizer.from_file(str(path))
         except Exception as error:  # tokenizers raises its own Exception for a malformed file
             raise InvalidValueError(f"tokenizer file {str(path)!r} could not be read ({error})") from None
+        return cls(tokenizer, f"tokenizer file {str(path)!r}")
 
     def encode_batch(self, texts: Sequence[bytes]) -> list[np.ndarray]:
         strings = [text.decode("utf-8", errors="replace") for text in texts]
@@ -174,6 +221,8 @@ def train_bpe(texts: Iterable[bytes], vocab_size: int) -> BPETokenizer:
             f"vocab_size must be an integer ≥ 257 (the 256 bytes and {END_OF_TEXT}), got {vocab_size!r}"
         )
     tokenizer = HFTokenizer(models.BPE())
+    tokenizer.add_special_tokens([END_OF_TEXT])
+    tokenizer.encode_special_tokens = True  # learn from "<|endoftext|>" written in a text as from any text
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -60,6 +60,7 @@ def hf_tokenizer(tokenizer: Tokenizer) -> PreTrainedTokenizerBase:
             eos_token=END_OF_TEXT,
             pad_token=END_OF_TEXT,
             padding_side="left",
+            split_special_tokens=True,  # "<|endoftext|>" written in a text is text, as in tokenmix
         )
     return ByteTokenizer()
 

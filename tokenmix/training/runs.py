@@ -35,7 +35,7 @@ def load_run(
     path = run_dir / WEIGHT_CHOICES[weights]
     if not path.is_file():
         raise MissingFileError(f"{str(run_dir)!r} has no {path.name} yet (no evaluation or checkpoint)")
-    task = create_task(config)
+    task = create_task(config, run_dir)  # the run's own tokenizer; its data read only when needed
     model = task.build_model()
     load_weights(model, path)
     return config, task, model.to(resolve_device(device)).eval()

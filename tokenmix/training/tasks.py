@@ -7,7 +7,9 @@ same global batch at the same step, whatever happened before.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,14 @@ from ..data.documents import packed_rows, packed_stream
 from ..data.images import ImageData, load_images
 from ..data.mqar import IGNORE, mqar_batch
 from ..data.prepared import TextData
+from ..data.stream import Pieces
 from ..data.synthetic import induction_batch, selective_copy_batch
 from ..data.text import check_long_enough, random_windows
+from ..data.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 from ..errors import InvalidValueError
 from ..mixers import mixer_info
 from ..models import LanguageModel, SequenceClassifier, VisionTransformer
+from .checkpoint import write_text_atomically
 from .config import TrainConfig
 
 # (inputs, targets), or (inputs, targets, segments) with --pack: each position's document within its row.
@@ -68,6 +73,11 @@ class Task:
     def save_files(self, run_dir: Path) -> None:
         """Write what a run needs beside its weights to be read again (a tokenizer)."""
 
+    @classmethod
+    def of_run(cls, config: TrainConfig, run_dir: Path) -> Task:
+        """The task of the trained run ``run_dir`` (for evaluation, generation, export)."""
+        return cls(config)
+
     def chance(self) -> float | None:
         """The metric of a model that learned nothing of the task (None where no such figure is stated:
         a language model's bits per byte)."""
@@ -94,20 +104,43 @@ class CharLM(Task):
     """Next-token prediction on text (default: the embedded corpus; a prepared dataset, a raw file, a
     directory or JSONL of documents: ``TextData``); metric bits per byte of text, whatever the tokenizer.
     Without ``pack``, random windows of the token stream (documents joined by the tokenizer's
-    separator); with it, rows of whole documents with their segments (``tokenmix.data.documents``)."""
+    separator); with it, rows of whole documents with their segments (``tokenmix.data.documents``).
+
+    A trained run (``of_run``) reads its own tokenizer and its data only when a split is asked for, and
+    refuses data that is no longer what it trained on (prepared again since)."""
 
     metric = "val_bpc"
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, run_dir: Path | None = None) -> None:
         super().__init__(config)
         self.sequence_length = config.seq_len
-        self.text = TextData.load(config.data)
-        self.tokenizer = self.text.tokenizer
+        self.run_dir = run_dir
+        self.tokenizer = self.text.tokenizer if run_dir is None else run_tokenizer(run_dir)
         self._lengths = torch.from_numpy(self.tokenizer.token_lengths)
+        if run_dir is None:
+            self.check_data()
+
+    @classmethod
+    def of_run(cls, config: TrainConfig, run_dir: Path) -> CharLM:
+        return cls(config, run_dir)
+
+    @cached_property
+    def text(self) -> TextData:
+        text = TextData.load(self.config.data)
+        if self.run_dir is not None:
+            _check_same_data(text, self.tokenizer, self.run_dir, self.config.data)
+        return text
+
+    @cached_property
+    def pieces(self) -> dict[str, Pieces]:
+        return self.text.pieces(self.config.seq_len)
+
+    def check_data(self) -> None:
+        """Refuse data too short for the configuration (before anything is written)."""
+        config = self.config
         if not config.pack:
             check_long_enough(self.text.splits, config.seq_len)
             return
-        self.pieces = self.text.pieces(config.seq_len)
         for name, parts in self.pieces.items():
             if parts.positions() < config.seq_len + 1:
                 raise InvalidValueError(
@@ -154,6 +187,54 @@ class CharLM(Task):
 
     def save_files(self, run_dir: Path) -> None:
         self.tokenizer.save(run_dir)  # a BPE run keeps its tokenizer.json
+        record = {"tokenizer": self.tokenizer.fingerprint, "data": self.text.fingerprint}
+        write_text_atomically(run_dir / DATA_RECORD, json.dumps(record, indent=2) + "\n")
+
+
+DATA_RECORD = "data.json"  # a charlm run's tokenizer and data fingerprints, as it trained
+
+
+def run_tokenizer(run_dir: Path) -> Tokenizer:
+    """The tokenizer a charlm run trained with: its own tokenizer.json (BPE) or bytes."""
+    record = _data_record(run_dir)
+    kind = "bpe" if (run_dir / TOKENIZER_FILE).is_file() else "bytes"
+    if record is not None and str(record.get("tokenizer")).startswith("bpe"):
+        kind = "bpe"  # and a missing tokenizer.json is named, not taken for bytes
+    tokenizer = load_tokenizer(kind, run_dir)
+    if record is not None and record.get("tokenizer") != tokenizer.fingerprint:
+        raise InvalidValueError(
+            f"run {str(run_dir)!r}: its {TOKENIZER_FILE} is not the tokenizer it trained with "
+            f"({DATA_RECORD} records another)"
+        )
+    return tokenizer
+
+
+def _data_record(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / DATA_RECORD
+    if not path.is_file():  # a run from before the record was kept
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise InvalidValueError(f"run {str(run_dir)!r}: {DATA_RECORD} is not readable JSON (edited?)")
+    return record
+
+
+def _check_same_data(text: TextData, tokenizer: Tokenizer, run_dir: Path, data: str | None) -> None:
+    """Refuse reading a run's splits from data that is no longer what it trained on."""
+    record = _data_record(run_dir) or {}
+    if text.tokenizer.fingerprint != tokenizer.fingerprint:
+        differs = "its tokenizer is not the run's"
+    elif record.get("data") is not None and record["data"] != text.fingerprint:
+        differs = "its tokens are not the ones the run trained on"
+    else:
+        return
+    raise InvalidValueError(
+        f"--data {str(data)!r} has changed since run {str(run_dir)!r} trained on it ({differs}: prepared "
+        f"again?); its splits would score other tokens — restore that data, or evaluate --split heldout"
+    )
 
 
 class _FixedExamples(Task):
@@ -414,8 +495,10 @@ TASK_CLASSES: dict[str, type[Task]] = {
 }
 
 
-def create_task(config: TrainConfig) -> Task:
-    return TASK_CLASSES[config.task](config)
+def create_task(config: TrainConfig, run_dir: Path | None = None) -> Task:
+    """The task ``config`` names; ``run_dir``: the trained run it is for (``Task.of_run``)."""
+    task_class = TASK_CLASSES[config.task]
+    return task_class(config) if run_dir is None else task_class.of_run(config, run_dir)
 
 
 __all__ = ["IGNORE", "Task", "create_task", "step_generator"]
