@@ -526,5 +526,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tokenmix {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM during compare: what is finished is kept
-        print(f"tokenmix {args.command}: {stop or 'interrupted'}", file=sys.stderr)
+        print(f"tokenmix {args.command}: {str(stop) or 'interrupted'}", file=sys.stderr)
         return 130

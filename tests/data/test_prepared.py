@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +19,8 @@ import torch
 from tokenmix.cli import main
 from tokenmix.data import prepared
 from tokenmix.data.documents import embedded_documents
-from tokenmix.data.prepared import MANIFEST, PreparedDataset, prepare
+from tokenmix.data.prepared import MANIFEST, PreparedDataset, is_prepared, prepare
+from tokenmix.data.tokenizer import BPETokenizer
 from tokenmix.training.config import TrainConfig
 from tokenmix.training.tasks import create_task
 
@@ -209,3 +215,123 @@ def test_documents_that_write_the_end_of_text_token_stay_whole(tmp_path, capsys)
         [*argv, "--tokenizer", str(tmp_path / "lower.json")], "normalizer 'Lowercase'", capsys
     )
     assert not (tmp_path / "lower").exists()
+
+
+def test_prepare_replaces_only_the_files_its_manifest_lists(sources, tmp_path, capsys, monkeypatch):
+    """Issue 38.4: a fake manifest beside a user's file, or a user's file beside a real dataset, is never
+    deleted; a symlink --out is written through or, dangling, refused before any work."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / MANIFEST).write_text("{}")
+    (fake / "thesis.tex").write_text("years of work")
+    argv = ["prepare", "--data", str(sources / "docs")]
+    assert_one_line_exit_2([*argv, "--out", str(fake)], "is not a tokenmix manifest", capsys)
+    real = prepare(sources / "docs", tmp_path / "real", shard_tokens=3000)  # several shards
+    (real / "notes.txt").write_text("mine")
+    escaping = json.loads((real / MANIFEST).read_text())
+    escaping["shards"][0]["file"] = "../fake/thesis.tex"
+    (tmp_path / "escaping").mkdir()
+    (tmp_path / "escaping" / MANIFEST).write_text(json.dumps(escaping))
+    assert_one_line_exit_2([*argv, "--out", str(tmp_path / "escaping")], "lists shards that are not", capsys)
+    assert main([*argv, "--out", str(real)]) == 0  # one shard now: the old shards go, the notes stay
+    names = sorted(p.name for p in real.iterdir())
+    assert names == ["documents.bin", "notes.txt", "tokenmix-dataset.json", "tokens-00000.bin"]
+    assert (real / "notes.txt").read_text() == "mine" and len(PreparedDataset(real).stream) > 0
+    assert (fake / "thesis.tex").read_text() == "years of work" and (fake / MANIFEST).read_text() == "{}"
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started")
+
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setattr(prepared, "_write", no_work)
+    assert_one_line_exit_2([*argv, "--out", str(tmp_path / "dangling")], "symlink to nothing", capsys)
+    monkeypatch.undo()
+    assert main([*argv, "--out", str(tmp_path / "link")]) == 0
+    assert (tmp_path / "link").is_symlink() and is_prepared(tmp_path / "target")
+    assert not list(tmp_path.glob(".*staging*"))
+
+
+def test_a_damaged_dataset_is_never_read_as_text(sources, tmp_path, capsys):
+    """Issue 38.5: a dataset without its manifest, a file inside one, or a hand-edited manifest is refused
+    in one line (it was trained on as bytes, or a traceback)."""
+    good = prepare(sources / "docs", tmp_path / "good")
+    headless = tmp_path / "headless"
+    shutil.copytree(good, headless)
+    (headless / MANIFEST).unlink()
+    train = ["train", "--steps", "1", "--seq-len", "8", "--out", str(tmp_path / "run"), "--data"]
+    assert_one_line_exit_2([*train, str(headless)], "holds a prepared dataset's token files", capsys)
+    assert_one_line_exit_2(
+        ["prepare", "--out", str(tmp_path / "again"), "--data", str(headless)], "token files", capsys
+    )
+    for name in ("tokens-00000.bin", "documents.bin", MANIFEST):
+        assert_one_line_exit_2([*train, str(good / name)], "is a file of the prepared dataset", capsys)
+    for fractions in ([2, -1, 0], [float("nan"), 0.05, 0.05], ["a", "b", "c"], [0.5, 0.1, 0.1]):
+        edited = tmp_path / f"edited-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(good, edited)
+        manifest = json.loads((edited / MANIFEST).read_text())
+        (edited / MANIFEST).write_text(json.dumps(dict(manifest, fractions=fractions)))
+        assert_one_line_exit_2([*train, str(edited)], "has fractions", capsys)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "again").exists()
+
+
+def test_a_data_directory_with_subdirectories_is_refused_not_skipped(sources, tmp_path, capsys):
+    """Issue 38.10: the files of a subdirectory were left out without a word."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(sources / "docs", corpus / "part")
+    (corpus / "top.txt").write_text("a document")
+    (corpus / ".git").mkdir()  # hidden: skipped as hidden files are
+    message = "holds subdirectories (part)"
+    assert_one_line_exit_2(
+        ["prepare", "--data", str(corpus), "--out", str(tmp_path / "out")], message, capsys
+    )
+    train = ["train", "--steps", "1", "--seq-len", "8", "--out", str(tmp_path / "run"), "--data", str(corpus)]
+    assert_one_line_exit_2(train, message, capsys)
+
+
+def test_sigterm_and_ctrl_c_stop_prepare_at_once_and_leave_no_staging(sources, tmp_path, capsys, monkeypatch):
+    """Issue 38.7: SIGTERM left the staging directory; Ctrl-C waited for the encoding (or BPE) to return
+    and printed "tokenmix prepare:" alone; staging left by kill -9 is removed by the next prepare."""
+    out = prepare(sources / "docs", tmp_path / "data")
+    before = {file.name: file.read_bytes() for file in out.iterdir()}
+    write = prepared._ShardWriter.write
+
+    def terminated(self, tokens):
+        os.kill(os.getpid(), signal.SIGTERM)
+        write(self, tokens)
+
+    monkeypatch.setattr(prepared._ShardWriter, "write", terminated)
+    assert main(["prepare", "--data", str(sources / "docs.jsonl"), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("tokenmix prepare: interrupted") and "SIGTERM" in err and err.count("\n") == 1
+    assert {file.name: file.read_bytes() for file in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    monkeypatch.undo()
+
+    finished = threading.Event()
+    encode = BPETokenizer.encode_batch
+
+    def slow(self, texts):  # a native call that outlasts the signal
+        time.sleep(1.0)
+        result = encode(self, texts)
+        finished.set()
+        return result
+
+    monkeypatch.setattr(BPETokenizer, "encode_batch", slow)
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt, match="interrupted"):
+        prepare(sources / "docs", tmp_path / "data", tokenizer="bpe", vocab_size=300)
+    assert not finished.is_set()  # raised while the call still ran
+    finished.wait(10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+    stale = tmp_path / ".data-staging-killed"  # what kill -9 leaves: a staging whose process is gone
+    stale.mkdir()
+    (stale / prepared.STAGING_OWNER).write_text("999999999")
+    (stale / "tokens-00000.bin").write_bytes(b"partial")
+    live = tmp_path / ".data-staging-running"
+    live.mkdir()
+    (live / prepared.STAGING_OWNER).write_text(str(os.getpid()))  # a prepare still running: left alone
+    prepare(sources / "docs", tmp_path / "data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".data-staging-running", "data"]

@@ -6,8 +6,6 @@ and decoding state across sequence lengths) — in ``report.md``, a self-contain
 from __future__ import annotations
 
 import json
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -20,6 +18,7 @@ from ..data.prepared import PreparedDataset, is_prepared
 from ..data.text import load_corpus
 from ..errors import InvalidValueError, RunDirectoryError
 from ..functional._checks import check_positive_int, check_real
+from ..interrupts import TerminateRaises
 from ..mixers import list_mixers, mixer_info, model_options
 from ..training import TrainConfig, train
 from ..training.checkpoint import check_directory_path
@@ -214,23 +213,6 @@ class CompareStopped(KeyboardInterrupt):
     """A signal (Ctrl-C, SIGTERM) stopped the comparison; finished runs are kept for the next one."""
 
 
-class _SignalsStop:
-    """SIGTERM stops the whole comparison as Ctrl-C does (a KeyboardInterrupt), between trainings too;
-    the trainer handles both itself while a run trains (checkpoint, then stop)."""
-
-    def __enter__(self) -> None:
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        raise CompareStopped("stopped by SIGTERM; run the same compare again to resume")
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 MARKER = ".tokenmix-compare"
 
 
@@ -322,7 +304,7 @@ def compare(
     check_directory_path(out)
     shared = _task_config(task, data, pack, budget, device)
     started = time.perf_counter()
-    with _SignalsStop():
+    with TerminateRaises(lambda: CompareStopped("stopped by SIGTERM; run the same compare again to resume")):
         # Every mixer's configuration (the task too) is checked, and with a time budget timed, before
         # anything is written.
         plans = {name: _plan(name, shared, budget, time_budget, out / "runs") for name in mixers}

@@ -77,6 +77,22 @@ def _jsonl(path: Path) -> list[bytes]:
     return [jsonl_text(path, number, raw) for number, raw in enumerate(_read(path).split(b"\n"), 1)]
 
 
+def document_files(directory: Path) -> list[Path]:
+    """The files of a ``--data`` directory, one document each, in name order (hidden ones skipped); a
+    subdirectory is refused rather than skipped, so no document is left out unsaid."""
+    entries = sorted(p for p in directory.iterdir() if not p.name.startswith("."))
+    folders = [p.name for p in entries if p.is_dir()]
+    if folders:
+        raise InvalidValueError(
+            f"--data directory {str(directory)!r} holds subdirectories ({', '.join(folders[:3])}); its "
+            f"documents are the files directly in it: move them there, or pass each directory"
+        )
+    files = [p for p in entries if p.is_file()]
+    if not files:
+        raise InvalidValueError(f"--data directory {str(directory)!r} holds no files")
+    return files
+
+
 def load_documents(path: str | Path | None = None) -> list[bytes]:
     """The documents of ``path`` (see the module docstring), or of the embedded corpus; empty ones are
     dropped."""
@@ -85,10 +101,7 @@ def load_documents(path: str | Path | None = None) -> list[bytes]:
     else:
         path = Path(path)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-            if not files:
-                raise InvalidValueError(f"data directory {str(path)!r} holds no files")
-            documents = [_read(file) for file in files]
+            documents = [_read(file) for file in document_files(path)]
         elif path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
             if not path.is_file():
                 raise MissingFileError(f"data file {str(path)!r} does not exist or is not a file")

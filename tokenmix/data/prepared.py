@@ -17,10 +17,13 @@ so an interrupted prepare never leaves a dataset that reads as complete.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from collections import deque
@@ -33,6 +36,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from ..errors import InvalidValueError, MissingFileError, RunDirectoryError
+from ..interrupts import TerminateRaises, interruptible
 from .stream import SPLITS, Pieces, TokenStream, document_parts, split_bounds
 from .tokenizer import (
     KINDS,
@@ -56,9 +60,36 @@ SHARD_TOKENS = 1 << 30  # tokens per shard file
 BPE_SAMPLE_BYTES = 256 << 20  # BPE learns from the corpus's first this many bytes by default
 
 
+SHARD_NAME = re.compile(r"tokens-\d{5}\.bin")
+STAGING_OWNER = ".tokenmix-staging-owner"  # the pid of the prepare writing a staging directory
+
+
 def is_prepared(path: str | Path | None) -> bool:
     """Whether ``path`` is a prepared dataset's directory (it holds a manifest, complete or not)."""
     return path is not None and (Path(path) / MANIFEST).is_file()
+
+
+def _has_dataset_files(directory: Path) -> bool:
+    """Whether ``directory`` holds a prepared dataset's token files (its manifest aside)."""
+    return directory.is_dir() and (
+        (directory / DOCUMENTS).is_file() or any(SHARD_NAME.fullmatch(p.name) for p in directory.iterdir())
+    )
+
+
+def check_text_source(path: Path, flag: str = "--data") -> None:
+    """Refuse reading a prepared dataset's files as text: a dataset directory that lost its manifest,
+    or a file inside a dataset (its token shards would be read, and trained on, as bytes)."""
+    if path.is_dir() and not is_prepared(path) and _has_dataset_files(path):
+        raise InvalidValueError(
+            f"{flag} {str(path)!r} holds a prepared dataset's token files but no {MANIFEST} (damaged, or "
+            f"interrupted while written): its tokens are not text; prepare the dataset again"
+        )
+    ours = path.name in (MANIFEST, DOCUMENTS, TOKENIZER_FILE) or SHARD_NAME.fullmatch(path.name)
+    if ours and path.is_file() and (is_prepared(path.parent) or _has_dataset_files(path.parent)):
+        raise InvalidValueError(
+            f"{flag} {str(path)!r} is a file of the prepared dataset {str(path.parent)!r}; pass the "
+            f"dataset's directory"
+        )
 
 
 # --- Reading the source: documents as streams of byte chunks -------------------------------------------
@@ -156,10 +187,11 @@ class Source:
     @classmethod
     def of(cls, path: str | Path) -> Source:
         path = Path(path)
+        check_text_source(path)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-            if not files:
-                raise InvalidValueError(f"--data directory {str(path)!r} holds no files")
+            from .documents import document_files
+
+            files = document_files(path)
         elif path.is_file():
             files = [path]
         else:
@@ -233,16 +265,16 @@ def _encoded(tokenizer: Tokenizer, documents: Iterator[Iterator[bytes]]) -> Iter
                 owners.append(number)
                 held, pending = held + cut, pending[cut:]
             if held >= BATCH_BYTES:
-                yield from zip(owners, tokenizer.encode_batch(batch), strict=True)
+                yield from zip(owners, interruptible(tokenizer.encode_batch, batch), strict=True)
                 batch, owners, held = [], [], 0
         if pending:
             batch.append(pending)
             owners.append(number)
             held += len(pending)
         if held >= BATCH_BYTES or len(batch) >= 4096:
-            yield from zip(owners, tokenizer.encode_batch(batch), strict=True)
+            yield from zip(owners, interruptible(tokenizer.encode_batch, batch), strict=True)
             batch, owners, held = [], [], 0
-    yield from zip(owners, tokenizer.encode_batch(batch), strict=True)
+    yield from zip(owners, interruptible(tokenizer.encode_batch, batch), strict=True)
 
 
 def _bpe_sample(source: Source, limit: int) -> Iterator[bytes]:
@@ -295,28 +327,61 @@ def prepare(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     given = None if tokenizer in KINDS else _tokenizer_file(tokenizer)
-    out = _check_out(Path(out))
-    if given is not None:
-        text_tokenizer: Tokenizer = BPETokenizer.load(given)
-    elif tokenizer == "bpe":
-        text_tokenizer = train_bpe(_bpe_sample(source, sample_bytes), vocab_size)
-    else:
-        text_tokenizer = ByteTokenizer()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=out.parent))
-    try:
-        bar = tqdm(total=source.size, unit="B", unit_scale=True, desc="prepare", disable=not progress)
-        with bar:
-            manifest = _write(source, text_tokenizer, staging, shard_tokens, bar)
-        manifest["fractions"] = [1 - 2 * val_fraction, val_fraction, val_fraction]
-        manifest["splits"] = _split_record(manifest, staging)
-        text_tokenizer.save(staging)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace(out, staging)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+    out, replaced = _check_out(Path(out))
+    stopped = "interrupted: nothing was written to --out (its earlier dataset, if any, is as it was)"
+    with TerminateRaises(lambda: KeyboardInterrupt(f"{stopped} (SIGTERM)")):
+        try:
+            if given is not None:
+                text_tokenizer: Tokenizer = BPETokenizer.load(given)
+            elif tokenizer == "bpe":
+                text_tokenizer = train_bpe(_bpe_sample(source, sample_bytes), vocab_size)
+            else:
+                text_tokenizer = ByteTokenizer()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale_staging(out)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=out.parent))
+        except KeyboardInterrupt as stop:
+            raise KeyboardInterrupt(str(stop) or stopped) from None
+        try:
+            (staging / STAGING_OWNER).write_text(str(os.getpid()))
+            bar = tqdm(total=source.size, unit="B", unit_scale=True, desc="prepare", disable=not progress)
+            with bar:
+                manifest = _write(source, text_tokenizer, staging, shard_tokens, bar)
+            manifest["fractions"] = [1 - 2 * val_fraction, val_fraction, val_fraction]
+            manifest["splits"] = _split_record(manifest, staging)
+            text_tokenizer.save(staging)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            (staging / STAGING_OWNER).unlink()
+            _replace(out, staging, replaced)
+        except KeyboardInterrupt as stop:
+            raise KeyboardInterrupt(str(stop) or stopped) from None
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
     return out
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove the staging directories of earlier prepares to ``out`` whose process is gone (killed
+    with no chance to clean up: ``kill -9``, a power cut)."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}-staging-*"):
+        owner = path / STAGING_OWNER
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being written this instant: left alone
+        if not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _tokenizer_file(given: str | Path) -> Path:
@@ -380,30 +445,60 @@ def _split_record(manifest: dict, staging: Path) -> dict[str, Any]:
     }
 
 
-def _check_out(out: Path) -> Path:
+def _check_out(out: Path) -> tuple[Path, list[str] | None]:
+    """Where to write (a symlink resolved) and, if a prepared dataset is there, the files it consists of
+    (what gets replaced; anything else in the directory is kept). Refused before any work: a file, a link
+    to nothing, a directory that is neither empty nor a valid prepared dataset."""
+    if out.is_symlink():
+        if not out.exists():
+            raise RunDirectoryError(f"--out {str(out)!r} is a symlink to nothing; prepare writes a directory")
+        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise RunDirectoryError(f"--out {str(out)!r} is a file; prepare writes a directory")
-    if out.is_dir() and any(out.iterdir()) and not is_prepared(out):
+    if not out.is_dir() or not any(out.iterdir()):
+        return out, None
+    if not is_prepared(out):
         raise RunDirectoryError(
             f"--out {str(out)!r} exists, is not empty and is not a prepared dataset; prepare writes a new "
             f"directory (or replaces a prepared dataset)"
         )
-    return out
+    try:
+        manifest = _read_manifest(out)
+    except InvalidValueError as error:
+        raise RunDirectoryError(f"--out: {error}; it is not replaced (remove it yourself)") from None
+    return out, _dataset_files(manifest, out)
 
 
-def _replace(out: Path, staging: Path) -> None:
-    """Put ``staging`` at ``out``: an empty directory or an earlier prepared dataset there goes."""
+def _dataset_files(manifest: dict[str, Any], path: Path) -> list[str]:
+    """The files a prepared dataset consists of, by its manifest, the manifest last."""
+    names = [shard["file"] for shard in manifest["shards"]] + [DOCUMENTS]
+    if manifest["tokenizer"]["kind"] == "bpe":
+        names.append(TOKENIZER_FILE)
+    return [name for name in names if (path / name).is_file()] + [MANIFEST]
+
+
+def _replace(out: Path, staging: Path, replaced: list[str] | None) -> None:
+    """Put ``staging``'s dataset at ``out``: new, empty, or holding a prepared dataset (its files
+    ``replaced``), whose files alone go; a user's files beside them stay."""
     if not out.exists():
         staging.rename(out)
         return
-    if not any(out.iterdir()):
+    if replaced is None:  # empty
         out.rmdir()
         staging.rename(out)
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    staging.rename(out)
-    shutil.rmtree(old)
+    if sorted(p.name for p in out.iterdir()) == sorted(replaced):  # the dataset alone: swapped whole
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        staging.rename(out)
+        shutil.rmtree(old)
+        return
+    (out / MANIFEST).unlink()  # first: until the new manifest is in, the directory reads as no dataset
+    for name in replaced[:-1]:
+        (out / name).unlink()
+    new = sorted(p.name for p in staging.iterdir())
+    for name in [*(n for n in new if n != MANIFEST), MANIFEST]:  # the manifest last
+        os.replace(staging / name, out / name)
 
 
 # --- Reading a prepared dataset ---------------------------------------------------------------------------
@@ -478,7 +573,40 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             f"prepared dataset {str(path)!r} has format version {manifest.get('version')!r}; this tokenmix "
             f"reads version {VERSION}: prepare it again"
         )
+    wrong = _manifest_error(manifest)
+    if wrong:
+        raise InvalidValueError(
+            f"prepared dataset {str(path)!r}: {MANIFEST} {wrong} (edited?); prepare it again"
+        )
     return manifest
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_error(manifest: dict[str, Any]) -> str | None:
+    """What in a manifest's fields is not as prepare writes them (None: nothing)."""
+    fractions = manifest["fractions"]
+    numbers = isinstance(fractions, list) and len(fractions) == 3
+    numbers = numbers and all(isinstance(f, float | int) and not isinstance(f, bool) for f in fractions)
+    if not numbers or not all(math.isfinite(f) and 0 < f < 1 for f in fractions):
+        return f"has fractions {fractions!r}; three numbers in (0, 1) were expected"
+    if abs(sum(fractions) - 1) > 1e-9:
+        return f"has fractions {fractions!r}, which do not add up to 1"
+    for key in ("tokens", "documents"):
+        if not _count(manifest[key]):
+            return f"has {key} {manifest[key]!r}; a count was expected"
+    tokenizer = manifest["tokenizer"]
+    if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in KINDS:
+        return f"has tokenizer {tokenizer!r}; one of {', '.join(KINDS)} was expected"
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and SHARD_NAME.fullmatch(str(s.get("file"))) and _count(s.get("tokens"))
+        for s in shards
+    ):
+        return "lists shards that are not tokens-NNNNN.bin files with their token counts"
+    return None
 
 
 # --- What a language-model task reads -------------------------------------------------------------------
@@ -520,6 +648,7 @@ class TextData:
             text = np.frombuffer(embedded_corpus(), dtype=np.uint8)
             return cls(TokenStream([text]), np.array(embedded_document_ranges()), ByteTokenizer())
         path = Path(data)
+        check_text_source(path)
         if path.is_file() and path.suffix != ".gz" and ".jsonl" not in path.name:
             check_data_file(path)  # exists, not empty: nothing read
             mapped = np.memmap(path, dtype=np.uint8, mode="r")

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidValueError, MissingFileError
+from ..interrupts import interruptible
 
 END_OF_TEXT = "<|endoftext|>"  # BPE's one special token: between documents, and before one scored alone
 TOKENIZER_FILE = "tokenizer.json"
@@ -231,7 +232,8 @@ def train_bpe(texts: Iterable[bytes], vocab_size: int) -> BPETokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator((text.decode("utf-8", errors="replace") for text in texts), trainer)
+    strings = (text.decode("utf-8", errors="replace") for text in texts)
+    interruptible(tokenizer.train_from_iterator, strings, trainer)  # minutes in Rust: Ctrl-C acts at once
     return BPETokenizer(tokenizer)
 
 
