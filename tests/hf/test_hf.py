@@ -145,6 +145,22 @@ def test_generate_without_the_cache_equals_generate_with_it_and_runs_the_forward
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("mixer", ["softmax", "flash", "aft_local", "lightconv"])
+def test_beam_search_with_the_cache_gives_the_beams_of_the_forward(mixer):
+    """Issue 38.8: beam search reorders the mixers' states (TokenmixState.reorder_cache → select)."""
+    model = tiny_model(mixer)
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    options = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "num_beams": 3}
+    options.update(num_return_sequences=3, output_scores=True, return_dict_in_generate=True)
+    cached = model.generate(ids, **options)
+    uncached = model.generate(ids, use_cache=False, **options)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, rtol=1e-4, atol=1e-4)
+    assert len({tuple(row) for row in cached.sequences[:3].tolist()}) == 3  # three different beams
+
+
 def test_prompts_generate_cannot_continue_are_refused_naming_the_row():
     model = tiny_model()
     ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(2))

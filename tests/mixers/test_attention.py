@@ -62,8 +62,7 @@ def test_explicit_head_dim_need_not_divide_dim():
 
 def test_kv_cache_state_is_per_batch():
     mixer = create_mixer("softmax", 16, heads=2, causal=True)
-    state = mixer.init_state(2)
-    mixer.step(torch.randn(2, 16), state)
+    _, state = mixer.step(torch.randn(2, 16), mixer.init_state(2))
     assert state.cache.length == 1 and state.nbytes() == 2 * 2 * 1 * (8 + 8) * 4
     with pytest.raises(ValueError, match="batch_size=2"):
         mixer.step(torch.randn(3, 16), state)

@@ -33,7 +33,73 @@ def test_a_model_state_is_checked_by_the_same_base():
     with pytest.raises(ValueError, match="state was made for batch_size=2, got a batch of 3"):
         model.step(torch.randint(11, (3,)), state)
     with torch.no_grad():
-        model.step(torch.randint(11, (2, 3)), state)
+        _, state = model.step(torch.randint(11, (2, 3)), state)
     assert state.fed == 3 and state.nbytes() == sum(layer.nbytes() for layer in state.layers) > 0
     with pytest.raises(ValueError, match="capacity=3 positions; 4 were fed"):
         model.step(torch.randint(11, (2,)), state)
+
+
+def _stepped(mixer, x, state, mask=None):
+    """Outputs of feeding x (B, T, dim) one token at a time from ``state``, and the state after."""
+    outputs = []
+    for t in range(x.shape[1]):
+        y, state = mixer.step(x[:, t], state, None if mask is None else mask[:, t])
+        outputs.append(y)
+    return torch.stack(outputs, 1), state
+
+
+@pytest.mark.parametrize("name", tokenmix.list_mixers())
+@pytest.mark.parametrize("capacity", [None, 8])
+def test_a_stepped_state_is_stale_and_clone_and_select_branch(name, capacity):
+    """Issue 38.8: stepping a state a step already advanced gave the logits of another position with no
+    error. Now it is refused; clone() branches, select() takes rows (repeats allowed), each equal to the
+    causal forward of its own sequence."""
+    torch.manual_seed(0)
+    mixer = tokenmix.create_mixer(name, 16, causal=True).double().eval()
+    x = torch.randn(3, 6, 16, dtype=torch.float64)
+    other = torch.randn(3, 2, 16, dtype=torch.float64)
+    with torch.no_grad():
+        start = mixer.init_state(3, capacity)
+        _, state = mixer.step(x[:, :4], start)  # a prefill, then tokens
+        with pytest.raises(ValueError, match="state is stale: a step already advanced it from position 0"):
+            mixer.step(x[:, 4], start)
+        for stale in (start.clone, lambda: start.select([0])):
+            with pytest.raises(ValueError, match="state is stale"):
+                stale()
+        branch = state.clone()
+        y, _ = _stepped(mixer, x[:, 4:], state)
+        y_branch, _ = _stepped(mixer, other, branch)
+        picked = state_after(mixer, x[:, :4], capacity).select(torch.tensor([2, 0, 2]))
+        y_picked, picked = _stepped(mixer, x[[2, 0, 2], 4:], picked)
+        full = mixer(x)
+        branched = mixer(torch.cat((x[:, :4], other), 1))
+    torch.testing.assert_close(y, full[:, 4:], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(y_branch, branched[:, 4:], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(y_picked, full[[2, 0, 2], 4:], rtol=1e-9, atol=1e-9)
+    assert picked.batch_size == 3 and picked.positions.tolist() == [6, 6, 6]
+
+
+def state_after(mixer, x, capacity):
+    return mixer.step(x, mixer.init_state(x.shape[0], capacity))[1]
+
+
+def test_select_refuses_indices_that_are_not_rows():
+    state = state_after(tokenmix.create_mixer("softmax", 16, causal=True), torch.randn(2, 3, 16), None)
+    for indices, message in (([2], r"\[0, batch_size=2\)"), ([], "non-empty"), (torch.zeros(2, 1), "1-D")):
+        with pytest.raises(ValueError, match=message):
+            state.select(indices)
+
+
+def test_a_model_state_is_stale_after_a_step_and_branches_by_clone():
+    torch.manual_seed(0)
+    model = LanguageModel(vocab_size=11, dim=16, depth=2, mixer="flash").double().eval()
+    prompt, a, b = torch.randint(11, (2, 5)), torch.randint(11, (2,)), torch.randint(11, (2,))
+    with torch.no_grad():
+        _, state = model.step(prompt, model.init_state(2))
+        branch = state.clone()
+        logits_a, _ = model.step(a, state)
+        with pytest.raises(ValueError, match="state is stale"):
+            model.step(b, state)
+        logits_b, _ = model.step(b, branch)
+        for token, logits in ((a, logits_a), (b, logits_b)):
+            torch.testing.assert_close(logits, model(torch.cat((prompt, token[:, None]), 1))[:, -1])

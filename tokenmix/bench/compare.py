@@ -213,6 +213,12 @@ class CompareStopped(KeyboardInterrupt):
     """A signal (Ctrl-C, SIGTERM) stopped the comparison; finished runs are kept for the next one."""
 
 
+def stopped_by_sigterm() -> TerminateRaises:
+    """SIGTERM stops a comparison (or suite) as Ctrl-C does, between trainings too; the trainer handles
+    both itself while a run trains (checkpoint, then stop)."""
+    return TerminateRaises(lambda: CompareStopped("stopped by SIGTERM; run the same compare again to resume"))
+
+
 MARKER = ".tokenmix-compare"
 
 
@@ -304,7 +310,7 @@ def compare(
     check_directory_path(out)
     shared = _task_config(task, data, pack, budget, device)
     started = time.perf_counter()
-    with TerminateRaises(lambda: CompareStopped("stopped by SIGTERM; run the same compare again to resume")):
+    with stopped_by_sigterm():
         # Every mixer's configuration (the task too) is checked, and with a time budget timed, before
         # anything is written.
         plans = {name: _plan(name, shared, budget, time_budget, out / "runs") for name in mixers}

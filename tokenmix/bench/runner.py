@@ -103,9 +103,11 @@ def run_point(point: dict) -> dict:
             # Sized at context seq_len, before the timed steps (which go on appending to it).
             state_bytes = state.nbytes()
 
+            held = [state]  # each timed step continues from the state the last one returned
+
             def run() -> None:
                 with torch.no_grad():
-                    layer.step(x[:, -1], state)
+                    held[0] = layer.step(x[:, -1], held[0])[1]
 
         result = measure(run, point["repeats"], device)
     except (torch.OutOfMemoryError, MemoryError):

@@ -24,7 +24,15 @@ from ..errors import InvalidValueError
 from ..training import TrainConfig
 from ..training.checkpoint import check_directory_path
 from ..training.tasks import TASK_CLASSES, create_task
-from .compare import BUDGETS, _claim, _plan, _SignalsStop, _task_config, _train_runs, check_run_options
+from .compare import (
+    BUDGETS,
+    _claim,
+    _plan,
+    _task_config,
+    _train_runs,
+    check_run_options,
+    stopped_by_sigterm,
+)
 from .measure import machine
 from .report import HIGHER_IS_BETTER
 from .suite_report import write_suite_report
@@ -159,7 +167,7 @@ def compare_suite(
     check_directory_path(out)
     seed_list = list(range(seed, seed + seeds))
     started = time.perf_counter()
-    with _SignalsStop():
+    with stopped_by_sigterm():
         # Every task's data and every mixer's model are checked and timed before anything is written.
         plans, about = {}, {}
         for task in chosen:

@@ -81,6 +81,10 @@ class TokenmixState:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: keep the rows ``beam_idx`` (each beam continues from its parent's state)."""
+        self.state = self.state.select(beam_idx)
+
 
 class TokenmixForCausalLM(PreTrainedModel, GenerationMixin):
     """A ``tokenmix.models.LanguageModel`` as a transformers causal LM.
@@ -89,7 +93,7 @@ class TokenmixForCausalLM(PreTrainedModel, GenerationMixin):
     logits (B, N, vocab); ``labels`` (B, N) give the mean next-token cross-entropy (labels shifted inside,
     −100 ignored, as transformers' causal LMs do); with ``use_cache`` (``generate`` sets it) the input is
     fed to the mixers' decoding state and the state comes back as ``cache``: a prompt in one chunked call,
-    then each new token. Beam search is not supported (the states are not reordered).
+    then each new token. Beam search reorders the states (``TokenmixState.reorder_cache``).
     """
 
     config_class = TokenmixConfig

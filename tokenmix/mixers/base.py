@@ -26,8 +26,8 @@ class Mixer(SelfInitialising):
     """A token mixer: ``forward(x, attention_mask=None, cu_seqlens=None)`` maps (B, N, dim) to (B, N, dim).
 
     Causal mixers also decode: ``state = init_state(batch_size)``, then ``y_t, state = step(x_t, state)``
-    with x_t: (B, dim); stepping through a sequence reproduces the causal forward. States are updated in
-    place and returned.
+    with x_t: (B, dim); stepping through a sequence reproduces the causal forward. A step advances the
+    state in place and returns it as a new object; the one given is stale (refused if stepped again).
 
     Every mixer's last layer is a linear projection named ``to_out`` (dropout aside): the models
     initialise it as the last projection of a residual branch.
@@ -94,6 +94,7 @@ class Mixer(SelfInitialising):
                 f"state was made by a {made_by!r} mixer's init_state; this is a "
                 f"{self.mixer_name or type(self).__name__!r} mixer"
             )
+        state.check_current()
         if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
             check_float_tensor("x", x, "(B, dim) or (B, T, dim)")
             raise InvalidValueError(f"x must have shape (B, dim) or (B, T, dim), got {tuple(x.shape)}")
@@ -129,14 +130,17 @@ class Mixer(SelfInitialising):
         """Advance ``state`` by one token x (B, dim) → (B, dim), or by a chunk x (B, T, dim) → (B, T, dim)
         in one pass (docs/spec.md §7). ``attention_mask`` ((B,) or (B, T), True = real): a padded
         position leaves the state unchanged and its output is 0; positions count each row's real
-        tokens. Gradients flow through the state across calls. The state is updated and returned."""
+        tokens. Gradients flow through the state across calls. The step takes ``state`` over: it is
+        advanced in place and returned as a new state object, and the one given is stale from then on
+        (stepping it again is refused; ``state.clone()`` first to branch)."""
         x, single, mask = self.check_step_input(x, state, attention_mask)
+        given_at = state.fed
         state.feed(x.shape[0], x.shape[1])
         chunk = compact(mask, x.shape[0], x.shape[1], x.device)
         positions = state.next_positions(x.device)
         y = chunk.scatter(self.advance(chunk.gather(x), state, chunk))
         state.positions = positions + chunk.counts
-        return (y[:, 0] if single else y), state
+        return (y[:, 0] if single else y), state.successor(given_at)
 
     def advance(self, x: torch.Tensor, state: DecodingState, chunk: Compacted) -> torch.Tensor:
         """The causal outputs (B, T, dim) of a chunk whose real tokens come first in each row

@@ -4,6 +4,7 @@ for every token."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,16 @@ class KVCache:
         if old is not None:
             buffer[..., : self.length, :] = old[..., : self.length, :]
         return buffer
+
+    def mapped(self, function: Callable[[Any], Any], batch_size: int) -> KVCache:
+        """A new cache of ``batch_size`` rows holding ``function`` of each buffer (a copy, a row
+        selection: ``DecodingState.clone`` / ``select``)."""
+        cache = KVCache(batch_size, self.capacity)
+        cache.length = self.length
+        cache._keys, cache._values, cache._real = (
+            None if t is None else function(t) for t in (self._keys, self._values, self._real)
+        )
+        return cache
 
     def nbytes(self) -> int:
         """Bytes the cached keys and values hold (the part in use; all of it with a capacity)."""

@@ -273,7 +273,9 @@ class Backbone(SelfInitialising):
         one pass (docs/spec.md §7). ``attention_mask`` ((B,) or (B, T)): padded positions leave every
         layer's state unchanged; positions count each row's real tokens."""
         state = self._check_state(state)
+        state.check_current()
         x, single, mask = as_chunk(x, attention_mask)
+        given_at = state.fed
         state.feed(x.shape[0], x.shape[1])
         real = torch.ones(x.shape[:2], dtype=torch.long, device=x.device) if mask is None else mask.long()
         positions = state.next_positions(x.device)[:, None] + real.cumsum(1) - 1  # padding: its neighbour's
@@ -291,4 +293,4 @@ class Backbone(SelfInitialising):
             x, state.layers[i] = block.step(x, state.layers[i], mask)
         state.positions = state.positions + real.sum(1)
         x = self.norm(x)
-        return (x[:, 0] if single else x), state
+        return (x[:, 0] if single else x), state.successor(given_at)
