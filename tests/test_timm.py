@@ -9,8 +9,9 @@ import torch
 timm = pytest.importorskip("timm")
 
 import tokenmix  # noqa: E402
+import tokenmix.timm  # noqa: E402
 from tokenmix.errors import InvalidTypeError, InvalidValueError  # noqa: E402
-from tokenmix.timm import attn_layer  # noqa: E402
+from tokenmix.timm import attn_layer, bind_grid  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +23,7 @@ def images():
 def test_vit_tiny_with_each_mixer_trains_a_step(mixer, images):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, attn_layer=attn_layer(mixer))
+    bind_grid(model)
     layers = [block.attn for block in model.blocks]
     assert all(layer.mixer.mixer_name == mixer for layer in layers)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -96,6 +98,7 @@ def test_aft_conv_gets_the_patch_grid_behind_class_and_register_tokens():
         reg_tokens=4,
         attn_layer=attn_layer("aft_conv", kernel_size=3),
     )
+    bind_grid(model)
     images = torch.randn(1, 3, 224, 224)
     tokens = model.patch_embed(images)
     tokens = model._pos_embed(tokens)  # class, then 4 register tokens, then 196 patches
@@ -128,6 +131,57 @@ def test_aft_conv_without_a_class_token_is_the_papers_set_up_and_a_fixed_grid_is
     layer = attn_layer("aft_conv", grid=(4, 2))(16, num_heads=2)
     with pytest.raises(InvalidValueError, match="fewer than the grid"):
         layer(torch.randn(1, 7, 16))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_aft_conv_on_a_non_square_image_uses_the_models_grid(dynamic):
+    """Issue 38.9: a 64 × 96 image's 4 × 6 patches and its class token (25 tokens) were mixed on a
+    guessed 5 × 5 grid with the class token as a patch."""
+    torch.manual_seed(0)
+    options = {"dynamic_img_size": True} if dynamic else {"img_size": (64, 96)}
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, attn_layer=attn_layer("aft_conv", kernel_size=3), **options
+    ).eval()
+    images = torch.randn(2, 3, 64, 96)
+    with pytest.raises(InvalidValueError, match=r"bind_grid\(model\)"):
+        model(images)
+    bind_grid(model)
+    layer = model.blocks[0].attn
+    with torch.no_grad():
+        tokens = model._pos_embed(model.patch_embed(images))
+        assert tokens.shape[1] == 25
+        out = layer(tokens)
+        assert layer.mixer.grid == (4, 6)
+        alone = tokenmix.create_mixer("aft_conv", 192, heads=3, kernel_size=3, grid=(4, 6))
+        alone.load_state_dict(layer.mixer.state_dict())
+        torch.testing.assert_close(out[:, 1:], alone(tokens[:, 1:]), rtol=0, atol=0)
+        assert model(images).shape == (2, 1000)
+        if dynamic:  # another image size, another grid, in the same model
+            model(torch.randn(1, 3, 96, 32))
+            assert layer.mixer.grid == (6, 2)
+
+
+def test_a_model_with_tokenmix_layers_pickles_and_deep_copies(tmp_path, monkeypatch):
+    """Issue 38.9: torch.save(model) failed: attn_layer's classes, made with type(), could not be found
+    by name."""
+    import copy
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=(32, 48), patch_size=16, depth=2,
+        attn_layer=attn_layer("aft_conv", kernel_size=3),
+    ).eval()  # fmt: skip
+    bind_grid(model)
+    images = torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        expected = model(images)
+    torch.save(model, tmp_path / "model.pt")
+    monkeypatch.setattr(tokenmix.timm, "_CLASSES", {})  # as in a fresh process: rebuilt from the name
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    for other in (loaded, copy.deepcopy(model)):
+        assert type(other.blocks[0].attn).__name__ == "AftConvTimmAttention"
+        with torch.no_grad():
+            torch.testing.assert_close(other(images), expected, rtol=0, atol=0)
 
 
 def test_key_padding_and_causal_masks_reach_the_mixer():

@@ -5,6 +5,7 @@
 
     import timm, tokenmix.timm
     model = timm.create_model("vit_tiny_patch16_224", attn_layer=tokenmix.timm.attn_layer("aft_conv"))
+    tokenmix.timm.bind_grid(model)  # aft_conv reads the patch grid of each forward's images
 
 How timm's arguments reach the mixer (docs/spec.md §10):
 
@@ -21,9 +22,11 @@ A checkpoint of timm's own ``Attention`` loads with ``strict=True`` into the ``"
 ``"pointwise"`` layers: timm's names (``qkv``, ``proj``, ``q_norm``, ``k_norm``) are converted on load.
 
 Mixers on a 2-D grid (``aft_conv``) get the patch grid: the last X·Y tokens are the patches in row-major
-order and any tokens before them (timm's class and register tokens) are prefix tokens. ``grid=(X, Y)``
-fixes the grid; without it the grid is the largest square that fits the tokens at each call
-(14 × 14 and one class token for ``vit_tiny_patch16_224``). A prefix token is not seen by the patches
+order and any tokens before them (timm's class and register tokens) are prefix tokens. The grid is the
+model's own: ``bind_grid(model)`` reads it from ``model.patch_embed`` at each forward (any image size,
+``dynamic_img_size`` included) with ``model.num_prefix_tokens``; or ``grid=(X, Y)`` fixes it. A layer
+with neither refuses to guess (a 64 × 96 image's 4 × 6 patches and class token are 25 tokens, which a
+guessed 5 × 5 grid would read as patches). A prefix token is not seen by the patches
 (the AFT paper's AFT-conv has no class token); its output is the mean of the patches' outputs, so a
 class token still reads the whole image. ``class_token=False, global_pool="avg"`` in ``create_model`` is
 the paper's set-up.
@@ -34,7 +37,8 @@ real token. ``is_causal=True`` needs a mixer built with ``causal=True``.
 
 from __future__ import annotations
 
-import math
+import ast
+import base64
 from contextlib import nullcontext
 from typing import Any
 
@@ -45,7 +49,7 @@ from .errors import InvalidTypeError, InvalidValueError
 from .mixers import create_mixer, mixer_info
 from .mixers.registry import check_options
 
-__all__ = ["TimmAttention", "attn_layer"]
+__all__ = ["TimmAttention", "attn_layer", "bind_grid"]
 
 # timm's names of the attention's parameters → tokenmix's (MultiHeadAttention's), for loading checkpoints
 _TIMM_NAMES = {"qkv.": "mixer.to_qkv.", "proj.": "mixer.to_out.", "q_norm.": "mixer.q_norm.",
@@ -136,8 +140,9 @@ class TimmAttention(nn.Module):
         options.update(self.mixer_options)
         grid = options.get("grid")
         self.infer_grid = "grid" in accepted and grid is None
+        self.bound: tuple[tuple[int, int], int] | None = None  # (grid, prefix tokens): bind_grid's
         if self.infer_grid:
-            options["grid"] = (1, 1)  # the patch grid is read from each call's tokens (see the module doc)
+            options["grid"] = (1, 1)  # the patch grid is the bound model's, at each call (module doc)
         with torch.device(device) if device is not None else nullcontext():
             self.mixer = create_mixer(self.mixer_name, dim, **options)
             if qk_norm and norm_layer is not None and options.get("qk_layernorm"):
@@ -180,8 +185,17 @@ class TimmAttention(nn.Module):
     def _on_grid(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         tokens = x.shape[1]
         if self.infer_grid:
-            side = math.isqrt(tokens)
-            self.mixer.grid = (side, side)
+            if self.bound is None:
+                raise InvalidValueError(
+                    f"{self.mixer_name!r} in a timm model needs its patch grid: call tokenmix.timm."
+                    f"bind_grid(model) after timm.create_model, or pass grid=(X, Y) to attn_layer"
+                )
+            self.mixer.grid, prefix = self.bound
+            if tokens != prefix + self.mixer.grid[0] * self.mixer.grid[1]:
+                raise InvalidValueError(
+                    f"x has {tokens} tokens; the bound model's images give {prefix} prefix tokens and a "
+                    f"{self.mixer.grid} patch grid"
+                )
         patches = self.mixer.grid[0] * self.mixer.grid[1]
         prefix = tokens - patches
         if prefix < 0:
@@ -198,6 +212,47 @@ class TimmAttention(nn.Module):
             weights = patch_mask[..., None].to(mixed.dtype)
             summary = (mixed * weights).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1)
         return torch.cat((summary.expand(-1, prefix, -1), mixed), 1)
+
+
+class _GridRecorder:
+    """A forward pre-hook on a timm model's ``patch_embed``: hands each forward's patch grid and prefix
+    token count to the model's grid layers (a class, not a closure, so the model still pickles)."""
+
+    def __init__(self, layers: list[TimmAttention], prefix: int) -> None:
+        self.layers, self.prefix = layers, prefix
+
+    def __call__(self, patch_embed: nn.Module, args: tuple) -> None:
+        height, width = args[0].shape[-2:]
+        if hasattr(patch_embed, "dynamic_feat_size"):  # the images' own grid (padded ones included)
+            grid = tuple(patch_embed.dynamic_feat_size((height, width)))
+        else:
+            grid = tuple(patch_embed.grid_size)
+        for layer in self.layers:
+            layer.bound = (grid, self.prefix)
+
+
+def bind_grid(model: nn.Module) -> nn.Module:
+    """Give the grid layers (``aft_conv``) of a timm model the model's real patch grid at every forward:
+    read from ``model.patch_embed`` for the images given, behind ``model.num_prefix_tokens`` class and
+    register tokens. Returns ``model``.
+
+    Args:
+        model: a timm model with ``patch_embed`` and ``num_prefix_tokens`` (``VisionTransformer`` and
+            its kin) built with ``attn_layer``.
+    """
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is None or not hasattr(patch_embed, "grid_size"):
+        raise InvalidTypeError(
+            f"bind_grid needs a timm model whose patch_embed has a grid_size, got {type(model).__name__}"
+        )
+    layers = [m for m in model.modules() if isinstance(m, TimmAttention) and m.infer_grid]
+    recorder = _GridRecorder(layers, int(getattr(model, "num_prefix_tokens", 0)))
+    for hook in list(patch_embed._forward_pre_hooks.values()):
+        if isinstance(hook, _GridRecorder):  # bound again: one recorder
+            hook.layers, hook.prefix = recorder.layers, recorder.prefix
+            return model
+    patch_embed.register_forward_pre_hook(recorder)
+    return model
 
 
 def _key_padding(attn_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -233,7 +288,29 @@ def attn_layer(mixer: str, **options: Any) -> type[TimmAttention]:
         A subclass of ``TimmAttention``, to pass as ``attn_layer`` to timm's models.
     """
     check_options(mixer, options)
-    name = "".join(part.title() for part in mixer.split("_")) + "TimmAttention"
-    return type(
-        name, (TimmAttention,), {"mixer_name": mixer, "mixer_options": dict(options), "__module__": __name__}
-    )
+    spec = repr((mixer, sorted(options.items())))
+    # The class is found again by name when a model that holds it is unpickled (timm keeps it in the
+    # model's _model_args too): its qualified name encodes the mixer and options, and the module's
+    # __getattr__ rebuilds it from there in a fresh process.
+    qualname = f"{_TITLE}_{base64.urlsafe_b64encode(spec.encode()).decode().rstrip('=')}"
+    if qualname not in _CLASSES:
+        name = "".join(part.title() for part in mixer.split("_")) + "TimmAttention"
+        attributes = {"mixer_name": mixer, "mixer_options": dict(options), "__module__": __name__}
+        _CLASSES[qualname] = type(name, (TimmAttention,), {**attributes, "__qualname__": qualname})
+    return _CLASSES[qualname]
+
+
+_TITLE = "TimmAttention"
+_CLASSES: dict[str, type[TimmAttention]] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``attn_layer``'s classes by their qualified names (see there), for pickle."""
+    if name.startswith(f"{_TITLE}_"):
+        code = name[len(_TITLE) + 1 :]
+        try:
+            mixer, items = ast.literal_eval(base64.urlsafe_b64decode(code + "=" * (-len(code) % 4)).decode())
+        except (ValueError, SyntaxError, UnicodeDecodeError) as error:
+            raise AttributeError(f"{name!r} names no attn_layer class ({error})") from None
+        return attn_layer(mixer, **dict(items))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -198,3 +198,21 @@ def test_what_tokenmix_attention_cannot_serve_is_refused_naming_it():
     module.config.tokenmix_attention = {"activation": "tanh"}
     with pytest.raises(InvalidValueError, match="activation"):
         ATTENTION_FUNCTIONS["tokenmix_pointwise"](module, q, k, v, None)
+
+
+def test_a_saved_model_loads_running_the_same_attention_with_its_options(tmp_path):
+    """Issue 38.9: saved and loaded, a tokenmix_pointwise Llama came back as SDPA with its options
+    ignored (logits 0.54 apart) unless attn_implementation was passed again."""
+    options = {"activation": "relu2", "alpha": 0.5}
+    model = tiny_llama("tokenmix_pointwise", options)
+    ids = torch.randint(1, 50, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path / "saved")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.config._attn_implementation == "tokenmix_pointwise"
+    assert loaded.config.tokenmix_attention == options
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, logits)
+    chosen = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", attn_implementation="sdpa")
+    assert chosen.config._attn_implementation == "sdpa"  # what the caller passes still wins

@@ -19,7 +19,13 @@ cached keys, as ``pointwise_attention_cached``). Options come from the model's c
 (pointwise and softmax) divides each head's q and k by their root mean square, without parameters: a
 rotation keeps the norm, so it commutes with the model's RoPE (the paper's qk-layernorm has learned
 parameters, which an attention function cannot own; models that have them, such as Qwen3, keep their
-own). Masks other than causal or bidirectional with padding (sliding windows, chunked attention, packed
+own). Running it records ``config.attn_implementation``, so ``save_pretrained`` writes the name and
+``from_pretrained`` (after ``import tokenmix.hf``) restores it. Two cases it cannot see: a model saved
+before its first forward records nothing (pass ``attn_implementation`` to ``from_pretrained``), and a
+model switched to another implementation after running tokenmix's keeps the tokenmix name (delete
+``config.attn_implementation`` before saving, or pass ``attn_implementation`` when loading).
+
+Masks other than causal or bidirectional with padding (sliding windows, chunked attention, packed
 sequences, cross-attention) are refused, as is attention dropout.
 
 Not registered, because they are not functions of q, k and v: AFT-full and AFT-local (learned position
@@ -120,6 +126,16 @@ def _prepare(module, query, key, value, dropout, kwargs) -> tuple[torch.Tensor, 
     return key, value, bool(getattr(module, "is_causal", True) if causal is None else causal)
 
 
+def _remember(module: torch.nn.Module, implementation: str) -> None:
+    """Write the implementation into the model's config as ``attn_implementation``, a key transformers'
+    ``from_pretrained`` reads from config.json but ``save_pretrained`` does not write by itself: a saved
+    model then loads running tokenmix attention again (with ``tokenmix.hf`` imported; without it,
+    transformers refuses the unknown name) instead of SDPA with its options ignored."""
+    config = getattr(module, "config", None)
+    if config is not None and getattr(config, "attn_implementation", None) != implementation:
+        config.attn_implementation = implementation
+
+
 def _attention(implementation: str) -> Callable:
     """The transformers attention function for ``implementation`` ('tokenmix_<op>')."""
 
@@ -134,6 +150,7 @@ def _attention(implementation: str) -> Callable:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         """query (B, H, Q, D), key and value (B, H_kv, K, D) → ((B, Q, H, D), no weights)."""
+        _remember(module, implementation)
         key, value, causal = _prepare(module, query, key, value, dropout, kwargs)
         queries, keys = query.shape[2], key.shape[2]
         used, key_mask = _key_pattern(attention_mask, queries, keys, causal)
