@@ -129,7 +129,8 @@ _TRAIN_FLAGS = {
     "data": (
         str,
         "charlm: a prepared dataset (tokenmix prepare), a text file, a directory or a .jsonl (default: "
-        "embedded corpus); image-*: fashion-mnist | digits | DIR; text-cls: the npm package's directory",
+        "embedded corpus); image-*: digits (default), fashion-mnist or DIR; text-cls: the npm "
+        "package's directory",
     ),
     "mixer": (str, "registered mixer name (tokenmix list)"),
     "dim": (int, "model width"),
@@ -284,6 +285,11 @@ def _prepare(args: argparse.Namespace) -> int:
 
     if args.tokenizer != "bpe" and args.vocab_size is not None:
         raise InvalidValueError("--vocab-size applies to --tokenizer bpe (bytes has 256 tokens)")
+    if args.tokenizer != "bpe" and args.sample_bytes is not None:
+        raise InvalidValueError(
+            "--sample-bytes applies to --tokenizer bpe (the text BPE learns from); "
+            f"--tokenizer {args.tokenizer} learns nothing"
+        )
     start = time.perf_counter()
     out = prepare(
         args.data,

@@ -291,8 +291,6 @@ def test_a_time_budget_sets_each_mixers_steps_from_its_measured_speed(
     ],
 )
 def test_compare_runs_other_tasks_with_their_metric(tmp_path, no_benchmark, task, data, metric, named):
-    if data == "digits":
-        pytest.importorskip("sklearn")
     options = dict(quick=True, steps=2, seeds=2, task=task, data=data, seq_lens=[16], device="cpu")
     result = compare(["aft_simple", "lightconv"], out=tmp_path / "c", **options)
     assert result["metric"] == metric and result["task"] == task
@@ -314,6 +312,7 @@ def test_compare_runs_other_tasks_with_their_metric(tmp_path, no_benchmark, task
         (["--data", "no-such-file.txt"], "no-such-file.txt"),
         (["--task", "poetry"], "task must be one of"),
         (["--steps", "5", "--time-budget", "3"], "not both"),
+        (["--mixers", "softmax,aft_simple,softmax"], "mixers name softmax more than once"),  # issue 38.10
     ],
 )
 def test_bad_compare_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, flags, message):
@@ -383,3 +382,17 @@ def test_compare_interrupted_from_the_command_line_is_one_line(tmp_path, monkeyp
     assert main(["compare", "--mixers", "softmax", "--quick", "--out", str(tmp_path / "c")]) == 130
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "run the same compare again" in err
+
+
+@pytest.mark.parametrize("below", [(), ("mqar",), ("mqar", "lr-0.001")])
+def test_runs_of_another_budget_are_refused_naming_the_out_directory(tmp_path, below):
+    """Issue 38.10: in a suite (runs under OUT/runs/TASK[/lr-X]) the message named OUT/runs."""
+    from tokenmix.bench.compare import BUDGET_FILE, _earlier_budget
+
+    out = tmp_path / "suite-out"
+    runs = out.joinpath("runs", *below, "aft_simple")
+    (runs / "seed-0").mkdir(parents=True)
+    (runs / "seed-0" / "config.json").write_text("{}")
+    (runs / BUDGET_FILE).write_text(json.dumps({"time_budget": 0.6}))
+    with pytest.raises(RunDirectoryError, match=f"--out '{out}' holds aft_simple runs trained for"):
+        _earlier_budget(runs, 5.0)

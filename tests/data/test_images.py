@@ -71,6 +71,22 @@ def test_missing_image_data_says_what_to_do(tmp_path, monkeypatch):
         load_images("fashion-mnist")
 
 
+def test_digits_ship_with_tokenmix_and_are_the_default(monkeypatch):
+    """Issue 38.10: `--task image-seq` on a fresh machine stopped for want of Debian's Fashion-MNIST."""
+    import tokenmix.data.images as images
+
+    monkeypatch.setattr(images, "FASHION_MNIST_DIR", images.FASHION_MNIST_DIR.parent / "absent")
+    data = load_images(None)
+    assert data.name == "digits" and sum(len(v) for v in data.labels.values()) == 1797
+    sklearn = pytest.importorskip("sklearn.datasets")
+    bunch = sklearn.load_digits()
+    order = torch.randperm(1797, generator=torch.Generator().manual_seed(0))  # the split's permutation
+    shipped = torch.cat([data.images[s] for s in ("train", "val", "test")])
+    assert torch.equal(shipped, torch.from_numpy(bunch.images).to(torch.uint8)[order])
+    labels = torch.cat([data.labels[s] for s in ("train", "val", "test")])
+    assert torch.equal(labels, torch.from_numpy(bunch.target).long()[order])
+
+
 def test_digits_split_is_fixed_and_disjoint():
     data = load_digits()
     sizes = [len(data.images[s]) for s in ("train", "val", "test")]

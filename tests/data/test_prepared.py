@@ -335,3 +335,17 @@ def test_sigterm_and_ctrl_c_stop_prepare_at_once_and_leave_no_staging(sources, t
     (live / prepared.STAGING_OWNER).write_text(str(os.getpid()))  # a prepare still running: left alone
     prepare(sources / "docs", tmp_path / "data")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".data-staging-running", "data"]
+
+
+def test_smaller_refusals_of_prepare_and_a_damaged_document_index(sources, tmp_path, capsys):
+    """Issue 38.10: --sample-bytes with --tokenizer bytes was ignored silently; a reversed documents.bin
+    was blamed on cu_seqlens."""
+    argv = ["prepare", "--data", str(sources / "docs"), "--out", str(tmp_path / "out"), "--sample-bytes", "9"]
+    assert_one_line_exit_2(argv, "--sample-bytes applies to --tokenizer bpe", capsys)
+    assert not (tmp_path / "out").exists()
+    good = prepare(sources / "docs", tmp_path / "good")
+    ranges = np.fromfile(good / "documents.bin", dtype="<i8").reshape(-1, 2)
+    ranges[::-1].tofile(good / "documents.bin")  # the same size, every document in reverse order
+    train = ["train", "--pack", "--steps", "1", "--seq-len", "8", "--out", str(tmp_path / "run")]
+    assert_one_line_exit_2([*train, "--data", str(good)], "documents.bin: document 1 spans", capsys)
+    assert not (tmp_path / "run").exists()

@@ -159,6 +159,16 @@ def test_resuming_with_another_sharding_or_another_models_checkpoint_is_one_line
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "does not fit this model" in error, error
     assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
+    # Issue 38.10: this run's own checkpoint with a shard cut short is damaged, not another model's.
+    shutil.rmtree(ours)
+    train(dict(config, dim=16, steps=4, out=str(tmp_path / "c")), on_step=interrupt_at(2))
+    shutil.copytree(latest_checkpoint(tmp_path / "c"), ours)
+    shard = next(ours.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(arguments) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "is damaged: its .distcp shards" in error, error
 
 
 def _gradients(model: torch.nn.Module, tokens: torch.Tensor, recompute: bool) -> dict[str, torch.Tensor]:

@@ -152,8 +152,9 @@ def _earlier_budget(runs: Path, time_budget: float) -> dict[str, Any] | None:
     if earlier.get("time_budget") != time_budget:
         given = earlier.get("time_budget")
         what = "a fixed number of steps" if given is None else f"--time-budget {given:g}"
+        out = next(p.parent for p in runs.parents if p.name == "runs")  # a suite nests task and lr below
         raise RunDirectoryError(
-            f"--out {str(runs.parent.parent)!r} holds {runs.name} runs trained for {what}; a comparison at "
+            f"--out {str(out)!r} holds {runs.name} runs trained for {what}; a comparison at "
             f"--time-budget {time_budget:g} needs a new --out (or the same budget, to continue those runs)"
         )
     return earlier
@@ -249,7 +250,7 @@ def _data_name(task: str, data: str | None, pack: bool) -> str:
     if task in generated:
         return generated[task]
     if task != "charlm":
-        return f"images: {data or 'fashion-mnist'}"
+        return f"images: {data or 'digits'}"
     if data is None:
         return "the embedded corpus (Moby-Dick" + (", its chapters packed)" if pack else ")")
     kind = "documents, packed" if pack else "bytes"
@@ -346,6 +347,12 @@ def check_run_options(
     mixers = list(mixers or list_mixers())
     for name in mixers:
         mixer_info(name)
+    repeated = sorted({name for name in mixers if mixers.count(name) > 1})
+    if repeated:
+        raise InvalidValueError(
+            f"mixers name {', '.join(repeated)} more than once; each mixer runs once per seed (--seeds N "
+            f"for more runs)"
+        )
     seeds = check_positive_int("seeds", seeds, allow_none=True)
     time_budget = check_real("time_budget", time_budget, allow_none=True, positive=True)
     if device == "auto":

@@ -1,5 +1,5 @@
-"""Image datasets that install offline: Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (or any
-directory of MNIST-format IDX files) and scikit-learn's 8×8 digits."""
+"""Image datasets that install offline: the 8×8 digits (shipped with tokenmix, the default), Fashion-MNIST
+from Debian's ``dataset-fashion-mnist`` (or any directory of MNIST-format IDX files)."""
 
 from __future__ import annotations
 
@@ -106,15 +106,14 @@ def load_idx_directory(directory: str | Path, val_size: int | None = None) -> Im
     )
 
 
+DIGITS_DIR = Path(__file__).parent / "corpora"  # the 8×8 digits ship with tokenmix, as IDX files
+
+
 def load_digits() -> ImageData:
-    """scikit-learn's 8×8 digits (1797 images, 17 levels), split 80/10/10 by a fixed permutation."""
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError as error:
-        raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn") from error
-    bunch = sklearn_digits()
-    images = torch.from_numpy(bunch.images).to(torch.uint8)
-    labels = torch.from_numpy(bunch.target).long()
+    """The 8×8 digits (1797 images, 17 levels; scikit-learn's copy of the UCI set, shipped with tokenmix),
+    split 80/10/10 by a fixed permutation."""
+    images = read_idx(DIGITS_DIR / "digits-images-idx3-ubyte.gz")
+    labels = read_idx(DIGITS_DIR / "digits-labels-idx1-ubyte.gz").long()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     cuts = (0, int(0.8 * len(order)), int(0.9 * len(order)), len(order))
     parts = {name: order[cuts[i] : cuts[i + 1]] for i, name in enumerate(("train", "val", "test"))}
@@ -128,15 +127,15 @@ def load_digits() -> ImageData:
 
 
 def load_images(data: str | Path | None = None) -> ImageData:
-    """``"fashion-mnist"`` (the default; Debian's dataset-fashion-mnist), ``"digits"``, or a directory
-    of MNIST-format IDX files."""
-    if data is None or str(data) == "fashion-mnist":
+    """``"digits"`` (the default: it ships with tokenmix), ``"fashion-mnist"`` (Debian's
+    dataset-fashion-mnist, installed apart), or a directory of MNIST-format IDX files."""
+    if data is None or str(data) == "digits":
+        return load_digits()
+    if str(data) == "fashion-mnist":
         if not FASHION_MNIST_DIR.is_dir():
             raise MissingFileError(
                 f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}: install Debian's "
                 "dataset-fashion-mnist, pass --data DIR (MNIST-format IDX files) or --data digits"
             )
         return load_idx_directory(FASHION_MNIST_DIR)
-    if str(data) == "digits":
-        return load_digits()
     return load_idx_directory(data)

@@ -609,6 +609,21 @@ def _manifest_error(manifest: dict[str, Any]) -> str | None:
     return None
 
 
+def _check_documents(documents: np.ndarray, tokens: int) -> None:
+    """Refuse a document index that is not (start, end) stream positions in order, inside the stream: a
+    damaged documents.bin (packing would cut wrong rows, and the error surface in cu_seqlens)."""
+    starts, ends = documents[:, 0], documents[:, 1]
+    bad = (starts < 0) | (ends < starts) | (ends > tokens)
+    bad[1:] |= starts[1:] < ends[:-1]
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        raise InvalidValueError(
+            f"documents.bin: document {index} spans {documents[index].tolist()}, not (start ≤ end) stream "
+            f"positions after the one before it within the {tokens:,} tokens (damaged or edited; prepare "
+            f"the dataset again)"
+        )
+
+
 # --- What a language-model task reads -------------------------------------------------------------------
 
 
@@ -662,6 +677,7 @@ class TextData:
 
     def pieces(self, seq_len: int) -> dict[str, Pieces]:
         """Each split's document parts in pieces of ``seq_len`` positions (for packing)."""
+        _check_documents(self.documents, len(self.stream))
         parts = document_parts(self.documents, self.fractions)
         return {name: Pieces(self.stream, parts[name], seq_len) for name in SPLITS}
 

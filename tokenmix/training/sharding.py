@@ -117,13 +117,37 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     shards."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
+    unfit = _unfit(path, model_state)
+    if unfit:
+        raise InvalidValueError(f"checkpoint {str(path)!r} does not fit this model and optimiser ({unfit})")
     try:
         dcp.load(state, checkpoint_id=str(path))
     except (dcp.api.CheckpointException, RuntimeError, ValueError) as error:
+        # Its metadata fits the model, so a shard that cannot be read is damaged, not another model's.
         raise InvalidValueError(
-            f"checkpoint {str(path)!r} does not fit this model and optimiser ({_first_line(error)})"
+            f"checkpoint {str(path)!r} is damaged: its .distcp shards could not be read "
+            f"({_first_line(error)}); resume from another checkpoint or start again"
         ) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _unfit(path: Path, model_state: dict[str, Any]) -> str | None:
+    """What in the checkpoint's metadata does not match ``model_state`` (names and whole shapes); None
+    when it fits. Unreadable metadata is a damaged checkpoint, said as such."""
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as error:  # the reader raises what its unpickling raises
+        raise InvalidValueError(
+            f"checkpoint {str(path)!r} is damaged: its .metadata could not be read ({_first_line(error)})"
+        ) from None
+    for name, tensor in model_state.items():
+        entry = saved.get(f"model.{name}")
+        if entry is None:
+            return f"it has no {name}"
+        size = getattr(entry, "size", None)
+        if size is not None and tuple(size) != tuple(tensor.shape):
+            return f"{name}: {tuple(size)} saved, {tuple(tensor.shape)} here"
+    return None
 
 
 def _first_line(error: Exception) -> str:
