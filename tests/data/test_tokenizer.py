@@ -46,9 +46,10 @@ def test_bytes_are_their_own_tokens():
 
 def test_text_cut_where_bpe_allows_encodes_as_the_whole(bpe):
     rng = np.random.default_rng(0)
-    alphabet = [*list("ab \n\t.é日-"), "\u3000", "\xa0", "\r\n", "  ", "    ", "\n\n", "return"]
+    alphabet = [*list("ab \n\t.é日-'"), "\u3000", "\xa0", "\r\n", "  ", "    ", "\n\n", "return", "кит",
+                "\u2028", "\x85", "\x1c", "\x0b", "'s", "12"]  # fmt: skip
     checked = 0
-    for _ in range(1000):
+    for _ in range(3000):
         text = "".join(rng.choice(alphabet, int(rng.integers(2, 40)))).encode()
         cut = bpe.cut(text)
         if cut:
@@ -59,11 +60,35 @@ def test_text_cut_where_bpe_allows_encodes_as_the_whole(bpe):
 
 
 def test_a_cut_anywhere_else_can_change_the_tokens(bpe):
-    """What ``cut`` avoids: a newline cut from the spaces after it, or a word cut in two."""
-    for text, position in ((b"x\n\n    return", 2), (b"the whale", 6)):
+    """What ``cut`` avoids: a newline cut from the spaces after it, a space cut from its word, a word cut
+    in two, a cut after Unicode whitespace."""
+    for text, position in ((b"x\n\n    return", 2), (b"the whale", 6), (b"the whale", 4), (b"x\n\n    return", 5)):
         whole = bpe.encode(text).tolist()
         assert bpe.encode(text[:position]).tolist() + bpe.encode(text[position:]).tolist() != whole
-        assert bpe.cut(text) == 0
+        assert bpe.cut(text) != position
+    assert bpe.cut("日\u3000 x".encode()) == 0  # after U+3000 the space is in a whitespace run
+
+
+def test_texts_without_lone_newlines_are_cut_too(bpe):
+    """Issue 38.6: CRLF text, blank-line paragraphs and Cyrillic had no cut, so a document was encoded
+    whole (peak memory grew with the corpus)."""
+    for text in ("line one\r\nline two\r\n", "para one.\n\npara two.", "Зовите меня Измаил. Кит\n"):
+        data = text.encode() * 200
+        cut = bpe.cut(data)
+        assert len(data) - 40 < cut < len(data)
+        assert bpe.encode(data[:cut]).tolist() + bpe.encode(data[cut:]).tolist() == bpe.encode(data).tolist()
+    far = b"x " + b"y" * (1 << 17)  # the only cut lies before the last window searched first
+    assert bpe.cut(far) == 1
+
+
+def test_bpe_learns_from_a_long_run_of_one_byte_at_once():
+    """Issue 38.6: the trainer is quadratic in a pre-token's length (200 KB of one byte: > 170 s)."""
+    import time
+
+    start = time.perf_counter()
+    learned = train_bpe([b"a" * 200_000, b"the whale and the sea"], 300)
+    assert time.perf_counter() - start < 20
+    assert learned.decode(learned.encode(b"a" * 5000)) == b"a" * 5000
 
 
 def test_the_token_dtype_is_the_smallest_that_holds_the_vocabulary():

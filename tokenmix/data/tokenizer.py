@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cache, cached_property
 from pathlib import Path
 
@@ -36,6 +37,60 @@ def _byte_of_char() -> dict[str, int]:
             chars.append(256 + extra)
             extra += 1
     return {chr(char): byte for byte, char in zip(shown, chars, strict=True)}
+
+
+CUT_WINDOW = 1 << 16  # cut searches the text's last this many bytes first
+_CUT_CANDIDATE = re.compile(rb"[^\t-\r ][\t-\r ]")  # a byte that is not ASCII whitespace, then one that is
+# Unicode's White_Space beyond ASCII (the pre-tokenizer's \s): a character before a candidate must not be one.
+_WIDE_SPACES = frozenset("\x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | frozenset(
+    map(chr, range(0x2000, 0x200B))
+)
+MAX_TRAINED_RUN = 1024  # BPE learns from runs of non-space characters cut to at most this many
+TRAINED_PART = 1 << 16  # and from texts in parts of about this many characters
+
+
+def _last_cut(text: bytes, start: int, end: int) -> int:
+    """The last cut (see ``BPETokenizer.cut``) in ``text[start:end]``, or 0."""
+    for match in reversed(list(_CUT_CANDIDATE.finditer(text, start, end))):
+        before = match.start()  # the character ending here must not be whitespace (nor undecodable)
+        if text[before] < 0x80:
+            if text[before] not in (0x1C, 0x1D, 0x1E, 0x1F):  # whitespace to Python: left out, to be safe
+                return before + 1
+            continue
+        first = before
+        while first > 0 and before - first < 3 and 0x80 <= text[first] < 0xC0:
+            first -= 1
+        character = text[first : before + 1].decode("utf-8", errors="replace")
+        if len(character) == 1 and character != "\ufffd" and character not in _WIDE_SPACES:
+            return before + 1
+    return 0
+
+
+def _training_parts(text: str) -> Iterator[str]:
+    """``text`` in parts of about ``TRAINED_PART`` characters, cut before whitespace where there is some:
+    the trainer pre-tokenizes each part whole with per-byte alignments (~30× its size in memory), so a
+    part, not a document, bounds what learning holds beyond the word counts."""
+    start = 0
+    while len(text) - start > TRAINED_PART:
+        end = start + TRAINED_PART
+        space = max(
+            text.rfind(" ", end - TRAINED_PART // 2, end), text.rfind("\n", end - TRAINED_PART // 2, end)
+        )
+        end = space if space > start else end
+        yield from _short_runs(text[start:end])
+        start = end
+    yield from _short_runs(text[start:])
+
+
+def _short_runs(text: str) -> Iterator[str]:
+    """``text`` in parts whose runs of non-space characters are at most ``MAX_TRAINED_RUN`` long: BPE's
+    trainer is quadratic in a pre-token's length (200 KB of one byte took minutes)."""
+    cut = 0
+    for match in re.finditer(rf"\S{{{MAX_TRAINED_RUN + 1},}}", text):
+        for position in range(match.start() + MAX_TRAINED_RUN, match.end(), MAX_TRAINED_RUN):
+            yield text[cut:position]
+            cut = position
+    yield text[cut:]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -192,14 +247,17 @@ class BPETokenizer(Tokenizer):
         return table
 
     def cut(self, text: bytes) -> int:
-        # GPT-2's pre-tokenizer splits a lone newline between two visible characters off both neighbours,
-        # and merges stay inside pre-tokens: cut there, the two parts encode as the whole. (After a run of
-        # spaces a newline is not alone: at the end of a part the run would be one pre-token, in the
-        # whole the newline its own. Unicode spaces are not ASCII, so "visible ASCII" excludes them.)
-        position = len(text) - 1
-        while (position := text.rfind(b"\n", 1, position)) >= 1:
-            if 0x21 <= text[position - 1] <= 0x7E and 0x21 <= text[position + 1] <= 0x7E:
-                return position + 1
+        # GPT-2's pre-tokenizer splits before any whitespace that follows a non-whitespace character (a
+        # word, number or punctuation run never takes whitespace after it), and merges stay inside
+        # pre-tokens; its pattern has no look-behind, so the part after such a cut splits as the whole
+        # did from there, and the part before ends where the whole's pre-token ended. Cut at the last
+        # such place: an ASCII whitespace byte after a character that is not whitespace.
+        window = len(text)
+        for start in (max(0, len(text) - CUT_WINDOW), 0):
+            position = _last_cut(text, start, window)
+            if position or start == 0:
+                return position
+            window = start + 1  # the tail had none: search what lies before it
         return 0
 
     def save(self, directory: Path) -> None:
@@ -232,7 +290,7 @@ def train_bpe(texts: Iterable[bytes], vocab_size: int) -> BPETokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    strings = (text.decode("utf-8", errors="replace") for text in texts)
+    strings = (part for text in texts for part in _training_parts(text.decode("utf-8", errors="replace")))
     interruptible(tokenizer.train_from_iterator, strings, trainer)  # minutes in Rust: Ctrl-C acts at once
     return BPETokenizer(tokenizer)
 
