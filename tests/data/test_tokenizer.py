@@ -62,7 +62,12 @@ def test_text_cut_where_bpe_allows_encodes_as_the_whole(bpe):
 def test_a_cut_anywhere_else_can_change_the_tokens(bpe):
     """What ``cut`` avoids: a newline cut from the spaces after it, a space cut from its word, a word cut
     in two, a cut after Unicode whitespace."""
-    for text, position in ((b"x\n\n    return", 2), (b"the whale", 6), (b"the whale", 4), (b"x\n\n    return", 5)):
+    for text, position in (
+        (b"x\n\n    return", 2),
+        (b"the whale", 6),
+        (b"the whale", 4),
+        (b"x\n\n    return", 5),
+    ):
         whole = bpe.encode(text).tolist()
         assert bpe.encode(text[:position]).tolist() + bpe.encode(text[position:]).tolist() != whole
         assert bpe.cut(text) != position

@@ -219,3 +219,38 @@ def test_packed_rows_are_predicted_document_by_document():
     for start, end in itertools.pairwise(bounds):
         alone = model(flat_inputs[None, start:end])[0]
         torch.testing.assert_close(flat_logits[start:end], alone, rtol=1e-10, atol=1e-10)
+
+
+def test_weight_decay_leaves_gains_offsets_and_position_tables_alone():
+    """Issue 37.7: GAU/FLASH's γ and β (2-D) were decayed towards 0, as were AFT's position tables and the
+    learned positions; the rule is now what each parameter is, marked where it is made."""
+    from tokenmix.models import LanguageModel, VisionTransformer
+    from tokenmix.training.trainer import build_optimizer
+
+    model = LanguageModel(
+        50, 16, depth=4, max_len=16, mixer=["gau", "flash", "aft_full", "aft_local"],
+        layer_options=[{}, {"chunk_size": 4}, {"max_len": 16}, {"max_len": 16, "window": 3, "bias_rank": 2}],
+    )  # fmt: skip
+    vit = VisionTransformer(
+        image_size=8, patch_size=2, dim=16, depth=1, mixer="softmax", num_classes=3, pool="cls"
+    )
+    config = TrainConfig(weight_decay=0.1)
+    for net in (model, vit):
+        decayed, kept = build_optimizer(net, config).param_groups
+        assert decayed["weight_decay"] == 0.1 and kept["weight_decay"] == 0.0
+        names = {id(p): name for name, p in net.named_parameters()}
+        kept_names = {names[id(p)] for p in kept["params"]}
+        decayed_names = {names[id(p)] for p in decayed["params"]}
+        assert kept_names | decayed_names == set(names.values()) and not kept_names & decayed_names
+        assert all(p.dim() >= 2 for p in decayed["params"])
+        assert "backbone.position_embedding.weight" in kept_names
+    assert (
+        "cls_token" in kept_names
+    )  # the VisionTransformer's, from the loop's last pass and "patch_embedding.weight" in decayed_names
+    decayed, kept = build_optimizer(model, config).param_groups
+    names = {id(p): name for name, p in model.named_parameters()}
+    kept_names = {names[id(p)] for p in kept["params"]}
+    for expected in ("blocks.0.mixer.gamma", "blocks.1.mixer.beta", "blocks.2.mixer.bias.u",
+                     "blocks.3.mixer.bias.u", "blocks.3.mixer.bias.v"):  # fmt: skip
+        assert f"backbone.{expected}" in kept_names, (expected, sorted(kept_names))
+    assert "backbone.blocks.0.mixer.to_uvz.weight" not in kept_names

@@ -103,6 +103,7 @@ class PositionBias(SelfInitialising):
             self.u = nn.Parameter(torch.empty(max_len, rank))
             self.v = nn.Parameter(torch.empty(max_len, rank))
         self.rank = rank
+        self.no_weight_decay = frozenset({"table", "u", "v"})  # a position table, not a projection
 
     def init_own(self) -> None:
         for parameter in self.parameters(recurse=False):

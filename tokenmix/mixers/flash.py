@@ -2,7 +2,8 @@
 and ``"flash"`` (mixed-chunk attention, linear in N).
 
 Both: [U, V, Z] = SiLU(x W + b) with U, V ∈ R^{N×e}, Z ∈ R^{N×s}; per-dimension scale and offset of Z give
-the queries and keys (γ ~ N(0, 0.02), β = 0), rotated by RoPE; out = (U ⊙ attention(Q, K, V)) W_o.
+the queries and keys (γ ~ N(1, 0.02), β = 0, neither weight-decayed), rotated by RoPE;
+out = (U ⊙ attention(Q, K, V)) W_o.
 A single head. The paper's x̂ = Norm(x) and the residual are the enclosing block's pre-norm and skip
 connection (``tokenmix.models`` blocks with ``ffn=False``), as for every mixer here.
 """
@@ -56,6 +57,7 @@ class GatedAttentionUnit(Mixer):
         self.to_uvz = nn.Linear(dim, 2 * self.expanded + self.qk_dim)
         self.gamma = nn.Parameter(torch.empty(num_qk, self.qk_dim))
         self.beta = nn.Parameter(torch.empty(num_qk, self.qk_dim))
+        self.no_weight_decay = frozenset({"gamma", "beta"})  # a gain and an offset: decay pulls them to 0
         self.rotary = RotaryEmbedding(self.qk_dim, base=rope_base) if rope else None
         self.to_out = nn.Linear(self.expanded, dim)
         self.dropout = nn.Dropout(check_real("dropout", dropout))

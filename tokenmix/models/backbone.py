@@ -175,6 +175,7 @@ class Backbone(SelfInitialising):
             blocks.append(Block(dim, mixer_module, FeedForward(dim, ffn_mult, dropout) if ffn else None))
         self.blocks = nn.ModuleList(blocks)
         self.position_embedding = nn.Embedding(max_len, dim) if positions == "learned" else None
+        self.no_weight_decay = frozenset({"position_embedding.weight"})  # a position table
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
 

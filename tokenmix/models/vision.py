@@ -80,6 +80,7 @@ class VisionTransformer(SelfInitialising):
         backbone_options.setdefault("max_len", seq_len)
         self.patch_embedding = nn.Conv2d(in_channels, dim, self.patch_size, stride=self.patch_size)
         self.cls_token = nn.Parameter(torch.empty(1, 1, dim)) if pool == "cls" else None
+        self.no_weight_decay = frozenset({"cls_token"})  # a learned input, not a projection
         self.backbone = Backbone(dim, depth, mixer, causal=False, **backbone_options)
         self.head = nn.Linear(dim, check_positive_int("num_classes", num_classes))
 

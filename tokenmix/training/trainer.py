@@ -110,10 +110,22 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
+def undecayed_names(model: nn.Module) -> set[str]:
+    """The parameters weight decay leaves alone, by what they are: every one of fewer than two dimensions
+    (biases, norms' gains and offsets), and those a module marks where it makes them, in its
+    ``no_weight_decay`` (names relative to it: gains and offsets kept as matrices, position tables,
+    learned inputs). The marks are module attributes, so they hold after FSDP2 swaps the parameters."""
+    names = {name for name, p in model.named_parameters() if p.dim() < 2}
+    for prefix, module in model.named_modules():
+        for name in getattr(module, "no_weight_decay", ()):
+            names.add(f"{prefix}.{name}" if prefix else name)
+    return names
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    # Weight decay on matrices only; biases, norms and the like are left alone.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    undecayed = undecayed_names(model)
+    decay = [p for name, p in model.named_parameters() if name not in undecayed]
+    rest = [p for name, p in model.named_parameters() if name in undecayed]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": rest, "weight_decay": 0.0},
