@@ -26,7 +26,7 @@ from ..training.config import DATA_TASKS
 from ..training.tasks import TASK_CLASSES
 from ..training.trainer import Measured, measure_steps
 from .measure import machine
-from .report import mean_and_spread, summary, table, write_report
+from .report import mean_and_spread, pairs, summary, table, write_report
 from .runner import bench
 
 CALIBRATION_STEPS = 5  # timed optimiser steps per mixer: their median sets a time budget's steps
@@ -332,6 +332,7 @@ def compare(
         "bench": records,
         "seconds": time.perf_counter() - started,
     }
+    result["pairs"] = pairs(result)  # every pair's test, as the report reads it
     (out / "compare.json").write_text(json.dumps(result, indent=2))
     write_report(result, out)
     print(f"wrote {out}/report.md, report.html, compare.json and plots")

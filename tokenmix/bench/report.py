@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import statistics
 from itertools import combinations, pairwise
 from pathlib import Path
 from typing import Any
 
 from .runner import plot
+from .stats import ALPHA, MIN_SEEDS, pair_tests
 
 HIGHER_IS_BETTER = frozenset({"val_acc"})
 LABELS = {"val_bpc": "val bpc", "val_bpd": "val bpd", "val_acc": "val acc"}
 # Two mixers whose curves agree this closely at every evaluation of every seed learned the same model.
 SAME_CURVE = 1e-4
 RULE = (
-    "Two mixers are told apart when the difference of their means is at least twice the standard error "
-    "of that difference, 2·√(s₁²/K₁ + s₂²/K₂) (s: standard deviation over K seeds) — about a 95 % "
-    "interval for many seeds, a rough screen for 2–3; ≈ best marks those not told apart from the best."
+    f"Two mixers are told apart when Welch's t-test on their seeds' values (unequal variances, "
+    f"Welch–Satterthwaite degrees of freedom) gives p < {ALPHA:g} after Holm's correction over every pair "
+    f"of the table; with fewer than {MIN_SEEDS} seeds per mixer nothing is told apart. ≈ best marks those "
+    f"not told apart from the best. Every pair's p-values are in compare.json (pairs)."
 )
 
 
@@ -43,18 +44,17 @@ def ranking(result: dict[str, Any]) -> list[str]:
     return sorted(result["mixers"], key=lambda name: sign * result["mixers"][name][metric])
 
 
-def separated(result: dict[str, Any], a: str, b: str) -> bool:
-    """Whether ``RULE`` separates mixers ``a`` and ``b``: never with one seed of either."""
+def pairs(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every pair of the table's mixers with its Welch p-value, Holm-corrected, and whether it is told
+    apart (``tokenmix.bench.stats``): what compare.json records as ``pairs``."""
     metric = result["metric"]
-    values_a = [r[metric] for r in result["mixers"][a]["runs"]]
-    values_b = [r[metric] for r in result["mixers"][b]["runs"]]
-    if len(values_a) < 2 or len(values_b) < 2:
-        return False
-    error = math.sqrt(
-        statistics.variance(values_a) / len(values_a) + statistics.variance(values_b) / len(values_b)
-    )
-    difference = abs(statistics.fmean(values_a) - statistics.fmean(values_b))
-    return difference > 0 and difference >= 2 * error
+    return pair_tests({name: [r[metric] for r in run["runs"]] for name, run in result["mixers"].items()})
+
+
+def separated(result: dict[str, Any], a: str, b: str) -> bool:
+    """Whether the table's test tells mixers ``a`` and ``b`` apart (``RULE``)."""
+    key = tuple(sorted((a, b)))
+    return any(pair["apart"] for pair in pairs(result) if (pair["a"], pair["b"]) == key)
 
 
 def tied_with_best(result: dict[str, Any]) -> set[str]:
@@ -182,12 +182,12 @@ def summary(result: dict[str, Any]) -> list[str]:
     label, order, tied = LABELS[metric], ranking(result), tied_with_best(result)
     best, seeds = order[0], min(len(run["runs"]) for run in runs.values())
     lines = []
-    if seeds < 2:
+    if seeds < MIN_SEEDS:
         lines.append(
-            f"One seed per mixer: the spread between seeds is not measured, so this run cannot tell which "
-            f"differences in {label} are real, and names no winner. "
-            f"{'Highest' if metric in HIGHER_IS_BETTER else 'Lowest'} at this seed: {best} "
-            f"({runs[best][metric]:.3f}). `--seeds 3` measures the spread."
+            f"{seeds} seed{'s' if seeds > 1 else ''} per mixer: fewer than {MIN_SEEDS} measure the spread "
+            f"between seeds too poorly to test, so this run tells no difference in {label} apart and "
+            f"names no winner. {'Highest' if metric in HIGHER_IS_BETTER else 'Lowest'} mean: {best} "
+            f"({runs[best][metric]:.3f}). `--seeds {MIN_SEEDS}` or more makes the test."
         )
     elif tied == {best}:
         lines.append(
@@ -200,11 +200,11 @@ def summary(result: dict[str, Any]) -> list[str]:
             f"Best mean {label} at this budget: **{best}** ({_metric_cell(runs[best], metric)}); the data "
             f"cannot separate it from {others} — at this budget they are equally good."
         )
-    pairs = [pair for pair in unseparated_neighbours(result) if not set(pair) <= tied]  # not said above
-    if seeds >= 2 and pairs:
+    neighbours = [pair for pair in unseparated_neighbours(result) if not set(pair) <= tied]  # not said above
+    if seeds >= MIN_SEEDS and neighbours:
         lines.append(
             "Neighbours in the ranking that the data cannot tell apart: "
-            + ", ".join(f"{a} ≈ {b}" for a, b in pairs)
+            + ", ".join(f"{a} ≈ {b}" for a, b in neighbours)
             + "."
         )
     for a, b, gap in same_curves(result):
@@ -225,8 +225,7 @@ def summary(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"Pareto-optimal in {label} against {what}: {', '.join(n for n in order if n in front)}."
         )
-    if seeds >= 2:
-        lines.append(RULE)
+    lines.append(RULE)
     return lines
 
 

@@ -34,7 +34,7 @@ from .compare import (
     stopped_by_sigterm,
 )
 from .measure import machine
-from .report import HIGHER_IS_BETTER
+from .report import HIGHER_IS_BETTER, pairs
 from .suite_report import write_suite_report
 
 
@@ -98,7 +98,7 @@ SUITES = {
         dim=64,
         depth=2,
         time_budget=12.0,
-        seeds=2,
+        seeds=3,  # the fewest the test of "told apart" takes (tokenmix.bench.stats.MIN_SEEDS)
         evaluations=2,
         tasks={
             **_COMMON,
@@ -148,7 +148,7 @@ def compare_suite(
 
     Args:
         mixers: registered names (default: every one).
-        suite: ``"quick"`` (8 s a run, one seed) or ``"full"`` (12 s a run, two seeds, Fashion-MNIST's 784
+        suite: ``"quick"`` (8 s a run, one seed) or ``"full"`` (12 s a run, three seeds, Fashion-MNIST's 784
             pixels for the digits' 64, bytes of text and spam); d=64 in both.
         tasks: a subset of the suite's tasks (default: all of them).
         out: the report directory: new, empty, or an earlier comparison's (its finished runs are reused).
@@ -241,7 +241,8 @@ def _task_record(about: dict[str, Any], metric: str, by_lr: dict[str, dict[float
                 f"{lr:g}": {metric: r[metric], "spread": r["spread"]} for lr, r in runs.items()
             }
     record = {key: value for key, value in about.items() if key != "budget"}
-    return {**record, "metric": metric, "mixers": mixers}
+    record = {**record, "metric": metric, "mixers": mixers}
+    return {**record, "pairs": pairs(record)}  # every pair's test, as the report reads it
 
 
 __all__ = ["SUITES", "Suite", "SuiteTask", "compare_suite"]

@@ -17,6 +17,7 @@ from .report import (
     tied_with_best,
     write_pages,
 )
+from .stats import MIN_SEEDS
 
 
 def _cell(run: dict[str, Any], metric: str) -> str:
@@ -38,7 +39,7 @@ def suite_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             seeds = min(len(run["runs"]) for run in record["mixers"].values())
             if mixer == best:
                 text = f"**{text}**"
-            elif seeds > 1 and mixer in tied:
+            elif seeds >= MIN_SEEDS and mixer in tied:
                 text = f"≈ {text}"
             row.append(text)
         rows.append(row)
@@ -59,9 +60,10 @@ def task_lines(result: dict[str, Any]) -> list[str]:
         seeds = min(len(run["runs"]) for run in record["mixers"].values())
         value = f"{record['mixers'][best][metric]:.3f}"
         chance = "" if record.get("chance") is None else f", chance {record['chance']:.3f}"
-        if seeds < 2:
-            lines.append(f"{name}: highest {LABELS[metric]} at this seed {best} ({value}{chance}); one seed "
-                         "measures no spread, so nothing is told apart.")  # fmt: skip
+        if seeds < MIN_SEEDS:
+            lines.append(f"{name}: {'highest' if metric in HIGHER_IS_BETTER else 'lowest'} {LABELS[metric]} "
+                         f"{best} ({value}{chance}); {seeds} seed{'s' if seeds > 1 else ''} per mixer, fewer "
+                         f"than {MIN_SEEDS}: nothing is told apart.")  # fmt: skip
             continue
         others = [mixer for mixer in order if mixer in tied and mixer != best]
         apart = (
