@@ -79,6 +79,7 @@ def test_compare_writes_the_report_files(report):
     # Issue 37.3: every pair's test is recorded; two seeds call nothing apart, and the report says why.
     assert result["pairs"] == [{"a": "aft_simple", "b": "softmax", "p": None, "p_holm": None, "apart": False}]
     assert "2 seeds per mixer: fewer than 3" in (out / "report.md").read_text()
+    assert result["floor"] is None  # bits per byte: no floor stated (issue 37.2)
     for mixer in ("softmax", "aft_simple"):
         run = result["mixers"][mixer]
         assert run["params"] > 0 and 0 < run["val_bpc"] < 9 and run["train_tokens_per_s"] > 0
@@ -297,6 +298,11 @@ def test_compare_runs_other_tasks_with_their_metric(tmp_path, no_benchmark, task
     options = dict(quick=True, steps=2, seeds=2, task=task, data=data, seq_lens=[16], device="cpu")
     result = compare(["aft_simple", "lightconv"], out=tmp_path / "c", **options)
     assert result["metric"] == metric and result["task"] == task
+    if metric == "val_acc":  # issue 37.2: the task's floor, above chance (MQAR's most frequent value)
+        assert result["floor"] >= 1 / 32 and (task != "mqar" or result["floor"] > 0.1)
+    markdown_lines = (tmp_path / "c" / "report.md").read_text()
+    if task == "mqar":  # two steps stay on the plateau: the report says they did not learn it
+        assert "did not rise above the task's floor" in markdown_lines
     for run in result["mixers"].values():
         assert [r["seed"] for r in run["runs"]] == [0, 1] and all(r[metric] >= 0 for r in run["runs"])
     if metric == "val_acc":  # higher is better: the best mean comes first

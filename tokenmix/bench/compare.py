@@ -23,7 +23,7 @@ from ..mixers import list_mixers, mixer_info, model_options
 from ..training import TrainConfig, train
 from ..training.checkpoint import check_directory_path
 from ..training.config import DATA_TASKS
-from ..training.tasks import TASK_CLASSES
+from ..training.tasks import TASK_CLASSES, create_task
 from ..training.trainer import Measured, measure_steps
 from .measure import machine
 from .report import mean_and_spread, pairs, summary, table, write_report
@@ -316,6 +316,7 @@ def compare(
         # anything is written.
         plans = {name: _plan(name, shared, budget, time_budget, out / "runs") for name in mixers}
         metric = TASK_CLASSES[task].metric
+        floor = create_task(TrainConfig.from_dict(plans[mixers[0]].config)).floor()
         _claim(out)
         trained = {name: _train_runs(name, plans[name], seed_list, out / "runs", metric) for name in mixers}
         print("== benchmarking", flush=True)
@@ -325,6 +326,7 @@ def compare(
         "task": task,
         "data": _data_name(task, data, pack),
         "metric": metric,
+        "floor": floor,  # what no mixing scores on this data (None where the task states none)
         "seeds": seed_list,
         "time_budget": time_budget,
         "budget": budget.__dict__,

@@ -57,6 +57,15 @@ def separated(result: dict[str, Any], a: str, b: str) -> bool:
     return any(pair["apart"] for pair in pairs(result) if (pair["a"], pair["b"]) == key)
 
 
+def below_floor(result: dict[str, Any]) -> list[str]:
+    """The mixers whose mean does not rise above the task's floor (``Task.floor``: what no mixing scores
+    on this data): they did not learn what the task tests. Empty where the task states no floor."""
+    floor, metric = result.get("floor"), result["metric"]
+    if floor is None:
+        return []
+    return [name for name in ranking(result) if result["mixers"][name][metric] <= floor]
+
+
 def tied_with_best(result: dict[str, Any]) -> set[str]:
     """The mixers the data cannot separate from the best (the best included)."""
     best = ranking(result)[0]
@@ -206,6 +215,12 @@ def summary(result: dict[str, Any]) -> list[str]:
             "Neighbours in the ranking that the data cannot tell apart: "
             + ", ".join(f"{a} ≈ {b}" for a, b in neighbours)
             + "."
+        )
+    stuck = below_floor(result)
+    if stuck:
+        lines.append(
+            f"{', '.join(stuck)} did not rise above the task's floor, {result['floor']:.3f} (what a model "
+            f"scores without the mixing the task tests), within their steps: they did not learn it."
         )
     for a, b, gap in same_curves(result):
         lines.append(

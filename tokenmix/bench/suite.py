@@ -223,8 +223,8 @@ def _shared(spec: Suite, task: SuiteTask, device: str) -> tuple[dict[str, Any], 
     )
     shared = {**_task_config(task.task, task.options.get("data"), False, budget, device), **options}
     instance = create_task(TrainConfig.from_dict({**shared, "mixer": "softmax"}))  # data checked here
-    about = {"task": task.task, "data": task.about, "chance": instance.chance(), "options": task.options,
-             "lrs": list(task.lrs), "budget": budget}  # fmt: skip
+    about = {"task": task.task, "data": task.about, "chance": instance.chance(), "floor": instance.floor(),
+             "options": task.options, "lrs": list(task.lrs), "budget": budget}  # fmt: skip
     return shared, about
 
 

@@ -12,6 +12,7 @@ from .report import (
     LABELS,
     RULE,
     _pyplot,
+    below_floor,
     machine_text,
     ranking,
     tied_with_best,
@@ -43,12 +44,13 @@ def suite_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 text = f"≈ {text}"
             row.append(text)
         rows.append(row)
-    chance = ["chance", *(_chance(record) for record in tasks.values())]
-    return header, [*rows, chance]
+    chance = ["chance", *(_level(record, "chance") for record in tasks.values())]
+    floor = ["floor (no mixing)", *(_level(record, "floor") for record in tasks.values())]
+    return header, [*rows, chance, floor]
 
 
-def _chance(record: dict[str, Any]) -> str:
-    return "—" if record.get("chance") is None else f"{record['chance']:.3f}"
+def _level(record: dict[str, Any], key: str) -> str:
+    return "—" if record.get(key) is None else f"{record[key]:.3f}"
 
 
 def task_lines(result: dict[str, Any]) -> list[str]:
@@ -70,6 +72,13 @@ def task_lines(result: dict[str, Any]) -> list[str]:
             "told apart from every other mixer" if not others else f"not told apart from {', '.join(others)}"
         )
         lines.append(f"{name}: best **{best}** ({value}{chance}), {apart}.")
+    for name, record in result["tasks"].items():
+        stuck = below_floor(record)
+        if stuck:
+            lines.append(
+                f"{name}: {', '.join(stuck)} did not rise above the floor {record['floor']:.3f} (what no "
+                f"mixing scores) within their steps: they did not learn what the task tests."
+            )
     return lines
 
 

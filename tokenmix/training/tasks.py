@@ -83,6 +83,15 @@ class Task:
         a language model's bits per byte)."""
         return None
 
+    def floor(self) -> float | None:
+        """The metric a model reaches without the mixing the task tests, computed from the validation
+        data (None where none is stated): the majority class for a classification, the most frequent
+        value among a row's pairs for MQAR, a guess among the segment's other tokens for induction. A
+        mixer learned the task only above it."""
+        return self.chance() if self.metric == "val_acc" and self._majority_chance else None
+
+    _majority_chance = False  # chance() is the validation split's majority class
+
     def _backbone_options(self) -> dict[str, Any]:
         config = self.config
         options = dict(config.mixer_options)
@@ -268,11 +277,21 @@ class _ImageTask(_FixedExamples):
         super().__init__(config)
         self.data: ImageData = load_images(config.data)
 
+    def _majority(self) -> float:
+        """The validation split's most frequent class's share: a classifier's chance and floor."""
+        labels = self.data.labels["val"]
+        return labels.bincount().max().item() / len(labels)
+
 
 class ImageClassification(_ImageTask):
-    """A VisionTransformer over image patches; metric accuracy."""
+    """A VisionTransformer over image patches; metric accuracy, chance the most frequent class of the
+    validation split."""
 
     metric = "val_acc"
+    _majority_chance = True
+
+    def chance(self) -> float:
+        return self._majority()
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
@@ -357,9 +376,10 @@ class ImageSequence(_ImageTask):
     def _examples(self, split_name: str) -> Batch:
         return self._pixels[split_name], self.data.labels[split_name]
 
+    _majority_chance = True
+
     def chance(self) -> float:
-        labels = self.data.labels["val"]
-        return labels.bincount().max().item() / len(labels)
+        return self._majority()
 
     def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
         return accuracy
@@ -382,6 +402,8 @@ class TextClassification(_FixedExamples):
 
     def _examples(self, split_name: str) -> Batch:
         return self._splits[split_name]
+
+    _majority_chance = True
 
     def chance(self) -> float:
         labels = self._splits["val"][1]
@@ -428,6 +450,21 @@ class MQAR(_SyntheticLM):
     def chance(self) -> float:
         return 1 / (self.config.vocab_size - self.config.vocab_size // 2)
 
+    def floor(self) -> float:
+        """Guessing, at each query, a value that occurs most often among the row's pairs: what a model
+        scores that knows the row's values but recalls no key (ties split evenly)."""
+        hits, count = 0.0, 0
+        for inputs, targets in self.eval_batches("val", self.config.eval_batches):
+            values = inputs[:, 1 : 2 * self.config.num_pairs : 2]  # (B, P)
+            counts = (values[:, :, None] == values[:, None, :]).sum(1)  # each pair's value's count
+            modes = counts == counts.max(1, keepdim=True).values  # (B, P): pairs holding a mode
+            mode_values = [set(row[mask].tolist()) for row, mask in zip(values, modes, strict=True)]
+            for target_row, modal in zip(targets, mode_values, strict=True):
+                answered = target_row[target_row != IGNORE].tolist()
+                hits += sum(1 / len(modal) for t in answered if t in modal)
+                count += len(answered)
+        return hits / max(count, 1)
+
     def _draw(self, count: int, generator: torch.Generator) -> Batch:
         config = self.config
         return mqar_batch(count, config.vocab_size, config.seq_len, config.num_pairs, generator)
@@ -438,6 +475,21 @@ class Induction(_SyntheticLM):
 
     def chance(self) -> float:
         return 1 / (self.config.vocab_size - self.config.vocab_size // 2)
+
+    def floor(self) -> float:
+        """Guessing, at each answered position, among the segment's (upper-half) tokens seen so far in the
+        row other than the current one: what a model scores that knows the segment but copies nothing."""
+        half = self.config.vocab_size // 2
+        hits, count = 0.0, 0
+        for inputs, targets in self.eval_batches("val", self.config.eval_batches):
+            for tokens, answers in zip(inputs.tolist(), targets.tolist(), strict=True):
+                for position, target in enumerate(answers):
+                    if target == IGNORE:
+                        continue
+                    seen = {t for t in tokens[: position + 1] if t >= half} - {tokens[position]}
+                    hits += (target in seen) / max(len(seen), 1)
+                    count += 1
+        return hits / max(count, 1)
 
     def _draw(self, count: int, generator: torch.Generator) -> Batch:
         config = self.config
@@ -462,6 +514,8 @@ class ListOps(_SyntheticLM):
     def build_model(self) -> nn.Module:
         options = self._backbone_options()
         return SequenceClassifier(listops.VOCAB_SIZE, listops.NUM_CLASSES, pad_token=listops.PAD, **options)
+
+    _majority_chance = True
 
     def chance(self) -> float:
         (_, labels), *rest = self.eval_batches("val", self.config.eval_batches)
