@@ -328,6 +328,7 @@ def _compare(args: argparse.Namespace) -> int:
         data=args.data,
         pack=args.pack,
         time_budget=args.time_budget,
+        positions=args.positions,
     )
     return 0
 
@@ -354,6 +355,7 @@ def _compare_suite(args: argparse.Namespace) -> int:
         )
     compare_suite(
         args.mixers.split(",") if args.mixers else None,
+        positions=args.positions,
         suite=args.suite or "quick",
         tasks=args.tasks.split(",") if args.tasks else None,
         out=args.out,
@@ -404,6 +406,12 @@ def _add_training_commands(commands) -> None:
         type=float,
         metavar="SECONDS",
         help="train every mixer for this long (sets its steps)",
+    )
+    compare_parser.add_argument(
+        "--positions",
+        default="learned",
+        choices=("learned", "rope", "none"),
+        help="every mixer's position scheme (default learned; rope: for the mixers that take it)",
     )
     compare_parser.set_defaults(run=_compare)
     prepare_parser = commands.add_parser(

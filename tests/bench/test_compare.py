@@ -5,9 +5,11 @@ import os
 import random
 import signal
 import statistics
+from dataclasses import replace
 
 import pytest
 
+from tokenmix import list_mixers, mixer_info
 from tokenmix.bench.compare import compare
 from tokenmix.bench.report import (
     LABELS,
@@ -405,3 +407,32 @@ def test_runs_of_another_budget_are_refused_naming_the_out_directory(tmp_path, b
     (runs / BUDGET_FILE).write_text(json.dumps({"time_budget": 0.6}))
     with pytest.raises(RunDirectoryError, match=f"--out '{out}' holds aft_simple runs trained for"):
         _earlier_budget(runs, 5.0)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope", "none"])
+def test_every_mixer_gets_the_comparisons_positions(positions):
+    """Issue 37.1: GAU and FLASH registered positions='none' (RoPE inside) while every other mixer got
+    learned absolute positions, and that, not the mixing, decided the classification columns."""
+    from tokenmix.bench.compare import BUDGETS, training_options
+    from tokenmix.models import LanguageModel
+
+    budget = replace(BUDGETS["quick"], positions=positions)
+    for name in list_mixers():
+        options = training_options(name, budget)
+        model = LanguageModel(16, budget.dim, mixer=name, **options, max_len=32)
+        rotary = [m for m in model.modules() if type(m).__name__ == "RotaryEmbedding"]
+        learned = model.backbone.position_embedding is not None
+        takes_rope = "rope" in mixer_info(name).options
+        assert learned == (positions == "learned"), name
+        assert bool(rotary) == (positions == "rope" and takes_rope), name
+
+
+def test_compare_records_each_mixers_positions_and_learning_rate(tmp_path, no_benchmark, user_text):
+    options = dict(quick=True, steps=2, seeds=1, data=str(user_text), seq_lens=[16], device="cpu")
+    result = compare(["gau", "softmax"], out=tmp_path / "c", positions="rope", **options)
+    assert {name: run["positions"] for name, run in result["mixers"].items()} == {
+        "gau": "rope",
+        "softmax": "rope",
+    }
+    assert all(run["lr"] > 0 for run in result["mixers"].values())
+    assert "positions rope for every mixer" in (tmp_path / "c" / "report.md").read_text()

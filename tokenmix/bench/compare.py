@@ -17,7 +17,7 @@ import torch
 from ..data.prepared import PreparedDataset, is_prepared
 from ..data.text import load_corpus
 from ..errors import InvalidValueError, RunDirectoryError
-from ..functional._checks import check_positive_int, check_real
+from ..functional._checks import check_choice, check_positive_int, check_real
 from ..interrupts import TerminateRaises
 from ..mixers import list_mixers, mixer_info, model_options
 from ..training import TrainConfig, train
@@ -50,6 +50,7 @@ class Budget:
     baselines: bool = True  # the raw SDPA layer in the benchmark
     eval_batches: int = 64  # the whole validation split of the embedded corpus; a bound on larger data
     head_width: int | None = None  # a task's head width for the mixers registered with one (attention)
+    positions: str = "learned"  # the position scheme of every mixer's model (``training_options``)
 
 
 BUDGETS = {
@@ -62,18 +63,28 @@ BUDGETS = {
 }  # fmt: skip
 
 
+POSITIONS = ("learned", "rope", "none")
+
+
 def training_options(mixer: str, budget: Budget) -> dict[str, Any]:
-    """How each mixer is put into the shared language model: as its registration says
+    """How each mixer is put into the shared model: its stacking as its registration says
     (``ModelDefaults``: GAU and FLASH as their paper stacks them, attention with 32-channel heads); a
-    chunk at most half the sequence; a budget's ``head_width`` replaces the registered one."""
+    chunk at most half the sequence; a budget's ``head_width`` replaces the registered one. Positions
+    are the budget's, the same for every mixer, whatever its registered default: ``"learned"`` absolute
+    embeddings (rotary ones off), ``"rope"`` for every mixer that takes it (the others keep only their
+    own position terms: AFT's w, the convolutions' taps), ``"none"``."""
     info = mixer_info(mixer)
     options: dict[str, Any] = {}
     if budget.head_width is not None and info.defaults.head_width is not None and "heads" in info.options:
         options["heads"] = max(1, budget.dim // budget.head_width)
     if "chunk_size" in info.options:
         options["chunk_size"] = min(info.options["chunk_size"], budget.seq_len // 2)
+    rotary = "rope" in info.options
+    if rotary:
+        options["rope"] = budget.positions == "rope"
     config = model_options(mixer, budget.dim, budget.depth, **options)
     del config["dim"], config["mixer"]  # the shared task configuration's
+    config["positions"] = budget.positions if budget.positions != "rope" or rotary else "none"
     return config
 
 
@@ -181,6 +192,8 @@ def _train_runs(name: str, plan: _Plan, seeds: list[int], runs: Path, metric: st
     steps = sum(r["steps"] for r in records)
     return {
         "params": plan.measured.params,
+        "positions": plan.config["positions"],  # what this mixer's runs used (the budget's scheme)
+        "lr": plan.config.get("lr", TrainConfig().lr),
         "calibration": None if plan.budget is None else plan.budget["calibration"],
         "runs": records,
         metric: mean,
@@ -278,6 +291,7 @@ def compare(
     data: str | None = None,
     pack: bool = False,
     time_budget: float | None = None,
+    positions: str = "learned",
 ) -> dict[str, Any]:
     """Train each mixer (default: all registered) on ``task`` at one budget, ``seeds`` times (seeds
     ``seed``, ``seed`` + 1, ...), benchmark them, and write the report. Returns what compare.json holds.
@@ -296,12 +310,15 @@ def compare(
         pack: charlm: whole documents per row with cu_seqlens (``tokenmix train --pack``).
         time_budget: seconds of training per run: each mixer's steps are this over its measured seconds
             per step, so every learning-rate schedule completes.
+        positions: ``"learned"`` (default), ``"rope"`` or ``"none"``: every mixer's position scheme
+            (``training_options``), recorded in compare.json and the report.
     """
     mixers, seeds, time_budget, device = check_run_options(mixers, seeds, time_budget, device)
     check_positive_int("steps", steps, allow_none=True)
     if time_budget is not None and steps is not None:
         raise InvalidValueError("give steps or time_budget, not both: a time budget sets each mixer's steps")
     budget = BUDGETS["quick" if quick else "gpu" if device == "cuda" else "default"]
+    budget = replace(budget, positions=check_choice("positions", positions, POSITIONS))
     if seq_lens:
         budget = replace(budget, seq_lens=tuple(seq_lens))
     if steps is not None:

@@ -339,7 +339,8 @@ def setup_line(result: dict[str, Any]) -> str:
     return (
         f"Task {result['task']} on {result['data']}; d={budget['dim']}, {budget['depth']} layers, "
         f"N={budget['seq_len']}, batch {budget['batch_size']}, {length}, seeds {seeds} (the same batches "
-        f"for every mixer at each seed). Benchmarks: one causal layer, d={budget['dim']}, batch 1, "
+        f"for every mixer at each seed); positions {budget.get('positions', 'as each mixer registers')} "
+        f"for every mixer. Benchmarks: one causal layer, d={budget['dim']}, batch 1, "
         f"{budget['dtype']}. {machine_text(info)} Total {result['seconds'] / 60:.1f} min."
     )
 

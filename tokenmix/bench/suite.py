@@ -21,11 +21,13 @@ from typing import Any
 import torch
 
 from ..errors import InvalidValueError
+from ..functional._checks import check_choice
 from ..training import TrainConfig
 from ..training.checkpoint import check_directory_path
 from ..training.tasks import TASK_CLASSES, create_task
 from .compare import (
     BUDGETS,
+    POSITIONS,
     _claim,
     _plan,
     _task_config,
@@ -141,6 +143,7 @@ def compare_suite(
     seed: int = 0,
     seeds: int | None = None,
     time_budget: float | None = None,
+    positions: str = "learned",
 ) -> dict[str, Any]:
     """Train every mixer (default: all registered) on every task of ``suite`` (or ``tasks`` of it) for
     ``time_budget`` seconds a run, ``seeds`` times, and write report.md, report.html, heatmap.png and
@@ -156,6 +159,8 @@ def compare_suite(
         seed: the first seed.
         seeds: runs per mixer and learning rate (default: the suite's).
         time_budget: seconds of training per run (default: the suite's).
+        positions: every mixer's position scheme on every task (``compare.training_options``):
+            ``"learned"`` (default), ``"rope"`` or ``"none"``.
     """
     if suite not in SUITES:
         raise InvalidValueError(f"--suite must be one of {', '.join(SUITES)}, got {suite!r}")
@@ -171,7 +176,7 @@ def compare_suite(
         # Every task's data and every mixer's model are checked and timed before anything is written.
         plans, about = {}, {}
         for task in chosen:
-            shared, about[task] = _shared(spec, spec.tasks[task], device)
+            shared, about[task] = _shared(spec, spec.tasks[task], device, positions)
             lrs = spec.tasks[task].lrs
             for name in mixers:
                 for lr in lrs:
@@ -209,7 +214,9 @@ def compare_suite(
     return result
 
 
-def _shared(spec: Suite, task: SuiteTask, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _shared(
+    spec: Suite, task: SuiteTask, device: str, positions: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The options every mixer shares on ``task`` and what the report says of it (its chance level read
     from the task itself)."""
     options = {"seq_len": TrainConfig().seq_len, "batch_size": 32, "eval_batches": 16, **task.options}
@@ -220,11 +227,13 @@ def _shared(spec: Suite, task: SuiteTask, device: str) -> tuple[dict[str, Any], 
         depth=spec.depth,
         seq_len=options["seq_len"],
         batch_size=options["batch_size"],
+        positions=check_choice("positions", positions, POSITIONS),
     )
     shared = {**_task_config(task.task, task.options.get("data"), False, budget, device), **options}
     instance = create_task(TrainConfig.from_dict({**shared, "mixer": "softmax"}))  # data checked here
     about = {"task": task.task, "data": task.about, "chance": instance.chance(), "floor": instance.floor(),
-             "options": task.options, "lrs": list(task.lrs), "budget": budget}  # fmt: skip
+             "positions": positions, "options": task.options, "lrs": list(task.lrs),
+             "budget": budget}  # fmt: skip
     return shared, about
 
 

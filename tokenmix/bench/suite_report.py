@@ -121,10 +121,12 @@ def plot_heatmap(result: dict[str, Any], path: Path) -> None:
 def setup_line(result: dict[str, Any]) -> str:
     seeds = ", ".join(str(s) for s in result["seeds"])
     data = "; ".join(f"{name}: {record['data']}" for name, record in result["tasks"].items())
+    schemes = {record.get("positions", "as each mixer registers") for record in result["tasks"].values()}
     return (
         f"Suite {result['suite']}: d={result['dim']}, {result['depth']} layers, "
         f"{result['time_budget']:g} s of training per run (each mixer's steps set from its own measured "
-        f"step time), seeds {seeds}. {data}. {machine_text(result['machine'])} "
+        f"step time), seeds {seeds}, positions {', '.join(sorted(schemes))} for every mixer. {data}. "
+        f"{machine_text(result['machine'])} "
         f"Total {result['seconds'] / 60:.1f} min."
     )
 
