@@ -79,7 +79,10 @@ def test_compare_writes_the_report_files(report):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(result))
     # Issue 37.3: every pair's test is recorded; two seeds call nothing apart, and the report says why.
-    assert result["pairs"] == [{"a": "aft_simple", "b": "softmax", "p": None, "p_holm": None, "apart": False}]
+    assert [(pair["a"], pair["b"]) for pair in result["pairs"]] == [
+        ("aft_simple", "identity"), ("aft_simple", "softmax"), ("identity", "softmax")
+    ]  # fmt: skip
+    assert all(pair["p"] is None and not pair["apart"] for pair in result["pairs"])
     assert "2 seeds per mixer: fewer than 3" in (out / "report.md").read_text()
     assert result["floor"] is None  # bits per byte: no floor stated (issue 37.2)
     for mixer in ("softmax", "aft_simple"):
@@ -123,14 +126,16 @@ def test_the_table_has_every_field_for_every_mixer(report):
     header, rows = table(result)
     assert header[:5] == ["mixer", "params", "val bpc", "≈ best", "seeds"]
     assert "ms fwd+bwd N=32" in header and "ms fwd+bwd N=64" in header and "state MB N=64" in header
-    assert sorted(row[0] for row in rows) == ["aft_simple", "softmax"]
+    assert sorted(row[0] for row in rows) == ["aft_simple", "identity", "softmax"]  # the control joins
     assert all(len(row) == len(header) and "OOM" not in row for row in rows)
     means = [result["mixers"][row[0]]["val_bpc"] for row in rows]
     assert means == sorted(means)  # best (lowest bits per byte) first
     markdown = (out / "report.md").read_text()
     assert "| " + " | ".join(header) + " |" in markdown and "![Learning curves](curves.png)" in markdown
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and page.count("<tr>") == 3
+    assert (
+        page.count("data:image/png;base64,") == 4 and page.count("<tr>") == 4
+    )  # header, two mixers, the control
 
 
 def test_the_state_column_shows_which_states_grow(report):
@@ -138,7 +143,8 @@ def test_the_state_column_shows_which_states_grow(report):
     AFT-simple's running sums three vectors of d, whatever N."""
     _, result = report
     state = {(r["mixer"], r["seq_len"]): r["state_mb"] for r in result["bench"] if r["pass"] == "step"}
-    assert set(state) == {("softmax", 64), ("aft_simple", 64)}
+    assert set(state) == {("softmax", 64), ("aft_simple", 64), ("identity", 64)}
+    assert state["identity", 64] == 0  # the control carries nothing
     dim = result["budget"]["dim"]
     assert state["softmax", 64] == 2 * 64 * dim * 4 / 2**20
     assert state["aft_simple", 64] == 3 * dim * 4 / 2**20
@@ -248,7 +254,7 @@ def test_a_time_budget_sets_each_mixers_steps_from_its_measured_speed(
     """Steps = budget / measured seconds per step, so each schedule completes; the report lists them."""
     from tokenmix.bench import compare as module
 
-    speeds = {"aft_simple": 0.05, "softmax": 0.2}
+    speeds = {"aft_simple": 0.05, "softmax": 0.2, "identity": 0.05}
     real = module.measure_steps
 
     def measured(config, steps=0):
@@ -264,7 +270,8 @@ def test_a_time_budget_sets_each_mixers_steps_from_its_measured_speed(
         out=out, quick=True, seeds=1, time_budget=0.6, data=str(user_text), seq_lens=[16], device="cpu"
     )
     result = compare(["aft_simple", "softmax"], **options)
-    assert {name: run["steps"] for name, run in result["mixers"].items()} == {"aft_simple": 12, "softmax": 3}
+    steps = {name: run["steps"] for name, run in result["mixers"].items()}
+    assert steps == {"aft_simple": 12, "softmax": 3, "identity": 12}
     assert result["time_budget"] == 0.6
     markdown = (out / "report.md").read_text()
     assert "0.6 s of training per run" in markdown
@@ -274,9 +281,9 @@ def test_a_time_budget_sets_each_mixers_steps_from_its_measured_speed(
         "timed_steps": 5, "median_s": 0.2, "min_s": 0.2, "max_s": pytest.approx(0.8)
     }  # fmt: skip
     # A later compare of the same directory continues with the steps it chose (it does not re-time).
-    speeds.update(aft_simple=0.01, softmax=0.01)
+    speeds.update(aft_simple=0.01, softmax=0.01, identity=0.01)
     again = compare(["aft_simple", "softmax"], **options)
-    assert {name: run["steps"] for name, run in again["mixers"].items()} == {"aft_simple": 12, "softmax": 3}
+    assert {name: run["steps"] for name, run in again["mixers"].items()} == steps
     assert again["mixers"]["softmax"]["calibration"] == result["mixers"]["softmax"]["calibration"]
     # ... but not for another budget: those runs were not trained for it
     with pytest.raises(RunDirectoryError, match=r"aft_simple runs trained for --time-budget 0\.6"):
@@ -433,6 +440,19 @@ def test_compare_records_each_mixers_positions_and_learning_rate(tmp_path, no_be
     assert {name: run["positions"] for name, run in result["mixers"].items()} == {
         "gau": "rope",
         "softmax": "rope",
+        "identity": "none",  # the control takes no RoPE: nothing but its own token, as asked
     }
     assert all(run["lr"] > 0 for run in result["mixers"].values())
     assert "positions rope for every mixer" in (tmp_path / "c" / "report.md").read_text()
+
+
+def test_mixers_not_told_apart_from_the_control_are_named():
+    """Issue 37.2: a mixer learned the task only if it is told apart from identity (no mixing)."""
+    from tokenmix.bench.report import like_the_control
+
+    result = _result({"softmax": [0.95, 0.96, 0.97], "aft_simple": [0.35, 0.36, 0.345],
+                      "identity": [0.35, 0.34, 0.36]}, metric="val_acc")  # fmt: skip
+    assert like_the_control(result) == ["aft_simple"]
+    assert "aft_simple not told apart from the control" in " ".join(summary(_with_costs(result)))
+    two = _result({"softmax": [0.95, 0.96], "identity": [0.35, 0.34]}, metric="val_acc")
+    assert like_the_control(two) == []  # two seeds test nothing: the first line says so

@@ -21,7 +21,7 @@ def test_every_state_counts_fed_positions_and_real_tokens(name):
         _, state = mixer.step(torch.randn(2, 3, 16), state, mask)
         _, state = mixer.step(torch.randn(2, 16), state)
     assert state.fed == 4 and state.positions.tolist() == [3, 2]  # padding fed, not counted
-    assert state.nbytes() > 0
+    assert state.nbytes() > 0 or tokenmix.mixer_info(name).control  # the control carries nothing
     with pytest.raises(ValueError, match="capacity=6 positions; 7 were fed"):
         mixer.step(torch.randn(2, 3, 16), state)
 

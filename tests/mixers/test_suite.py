@@ -106,7 +106,7 @@ def test_causal_mixer_does_not_see_the_future(name):
             assert_close(after, before, 1e-10, mask=real, what=f"cut={cut}")
 
 
-@names
+@pytest.mark.parametrize("name", [name for name in list_mixers() if not mixer_info(name).control])
 def test_bidirectional_mixer_sees_the_future(name):
     """Guards the other way: a bidirectional mixer that quietly ran causally would pass every other test."""
     mixer = make(name, causal=False)
@@ -115,6 +115,19 @@ def test_bidirectional_mixer_sees_the_future(name):
     changed[:, -1] = torch.randn(changed[:, -1].shape, generator=gen, dtype=x.dtype)
     # At init some mixers (GAU's γ ~ N(0, 0.02)) barely mix, so ask for a change above float64 round-off.
     assert relative_error(mixer(changed)[:, 0], mixer(x)[:, 0]) > 1e-12
+
+
+@pytest.mark.parametrize("name", [name for name in list_mixers() if mixer_info(name).control])
+@causal_modes
+def test_a_control_mixes_nothing(name, causal):
+    """The control (``identity``, issue 37.2): each position's output is its own input's projection, so
+    changing any other position changes nothing; the same model around it, minus mixing."""
+    mixer = make(name, causal)
+    x, _, gen = random_inputs(seq_len=9)
+    changed = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    changed[:, 4] = x[:, 4]
+    torch.testing.assert_close(mixer(changed)[:, 4], mixer(x)[:, 4], rtol=0, atol=0)
+    torch.testing.assert_close(mixer(x), mixer.to_out(x), rtol=0, atol=0)
 
 
 @names

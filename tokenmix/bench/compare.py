@@ -362,9 +362,11 @@ def check_run_options(
     mixers: Sequence[str] | None, seeds: int | None, time_budget: float | None, device: str
 ) -> tuple[list[str], int | None, float | None, str]:
     """What ``compare`` and ``compare_suite`` check alike before any work: the mixers (default every
-    registered one; an unknown name fails now), seeds and time budget, and ``device`` ("auto": CUDA when
-    there is one)."""
+    registered one; an unknown name fails now; the controls, ``identity``, always join: a mixer learned
+    what the table tests only if it is told apart from them), seeds and time budget, and ``device``
+    ("auto": CUDA when there is one)."""
     mixers = list(mixers or list_mixers())
+    mixers += [name for name in list_mixers() if mixer_info(name).control and name not in mixers]
     for name in mixers:
         mixer_info(name)
     repeated = sorted({name for name in mixers if mixers.count(name) > 1})

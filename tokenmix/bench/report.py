@@ -66,6 +66,29 @@ def below_floor(result: dict[str, Any]) -> list[str]:
     return [name for name in ranking(result) if result["mixers"][name][metric] <= floor]
 
 
+def like_the_control(result: dict[str, Any]) -> list[str]:
+    """The mixers not told apart from the table's control (``identity``: the same model, no mixing):
+    no evidence that they learned what the task tests. Empty without a control or below ``MIN_SEEDS``."""
+    controls = [name for name in result["mixers"] if _is_control(name)]
+    seeds = min(len(run["runs"]) for run in result["mixers"].values())
+    if not controls or seeds < MIN_SEEDS:
+        return []
+    return [
+        name
+        for name in ranking(result)
+        if not _is_control(name) and not any(separated(result, name, c) for c in controls)
+    ]
+
+
+def _is_control(name: str) -> bool:
+    from ..mixers import mixer_info  # a registered name; a table rebuilt from old JSON may hold others
+
+    try:
+        return mixer_info(name).control
+    except ValueError:
+        return False
+
+
 def tied_with_best(result: dict[str, Any]) -> set[str]:
     """The mixers the data cannot separate from the best (the best included)."""
     best = ranking(result)[0]
@@ -215,6 +238,12 @@ def summary(result: dict[str, Any]) -> list[str]:
             "Neighbours in the ranking that the data cannot tell apart: "
             + ", ".join(f"{a} ≈ {b}" for a, b in neighbours)
             + "."
+        )
+    alike = like_the_control(result)
+    if alike:
+        lines.append(
+            f"{', '.join(alike)} not told apart from the control (identity: the same model without "
+            f"mixing): no evidence they learned what the task tests."
         )
     stuck = below_floor(result)
     if stuck:

@@ -13,6 +13,7 @@ from .report import (
     RULE,
     _pyplot,
     below_floor,
+    like_the_control,
     machine_text,
     ranking,
     tied_with_best,
@@ -73,6 +74,9 @@ def task_lines(result: dict[str, Any]) -> list[str]:
         )
         lines.append(f"{name}: best **{best}** ({value}{chance}), {apart}.")
     for name, record in result["tasks"].items():
+        alike = like_the_control(record)
+        if alike:
+            lines.append(f"{name}: {', '.join(alike)} not told apart from the control (identity, no mixing).")
         stuck = below_floor(record)
         if stuck:
             lines.append(

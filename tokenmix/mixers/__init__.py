@@ -1,6 +1,6 @@
 """Mixer modules. Importing a family file registers its mixers."""
 
-from . import aft, attention, conv, flash  # noqa: F401  (each family registers its mixers)
+from . import aft, attention, conv, flash, identity  # noqa: F401  (each family registers its mixers)
 from .base import Mixer
 from .registry import (
     MixerInfo,

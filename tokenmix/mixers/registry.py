@@ -46,19 +46,28 @@ class MixerInfo:
     state: str  # what a decoding state holds and how it grows with t
     options: dict[str, Any] = field(default_factory=dict)  # option name -> default
     defaults: ModelDefaults = ModelDefaults()
+    control: bool = False  # mixes nothing on purpose (``identity``): a comparison's baseline
 
 
 _MIXERS: dict[str, MixerInfo] = {}
 
 
 def register_mixer(
-    name: str, *, paper: str, time: str, memory: str, state: str, defaults: ModelDefaults = ModelDefaults()
+    name: str,
+    *,
+    paper: str,
+    time: str,
+    memory: str,
+    state: str,
+    defaults: ModelDefaults = ModelDefaults(),
+    control: bool = False,
 ):
     """Class decorator registering a mixer under ``name``.
 
     The class must take ``(dim, *, causal=False, **options)`` with every option keyword-only and
     defaulted; the options and their defaults are read from that signature. ``defaults``: how the mixer
-    sits in a model (``model_options``).
+    sits in a model (``model_options``). ``control``: the mixer mixes nothing on purpose (the contract
+    tests of mixing skip it; comparisons run it as their baseline).
     """
 
     def decorate(cls: type[nn.Module]) -> type[nn.Module]:
@@ -72,7 +81,7 @@ def register_mixer(
             for p in params.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "causal"
         }
-        _MIXERS[name] = MixerInfo(name, cls, paper, time, memory, state, options, defaults)
+        _MIXERS[name] = MixerInfo(name, cls, paper, time, memory, state, options, defaults, control)
         cls.mixer_name = name
         return cls
 
