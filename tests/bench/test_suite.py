@@ -92,12 +92,12 @@ def test_the_table_marks_the_best_and_those_the_data_cannot_separate_from_it():
     cells = {row[0]: row[1:] for row in rows}
     assert cells["x"][0].startswith("**0.910") and cells["z"][0].startswith("≈ 0.783")
     assert cells["y"][0] == "0.510 ± 0.010" and cells["y"][1].startswith("**1.550")  # lower bpc is better
-    assert cells["chance"] == ["0.100", "—"] and cells["floor (no mixing)"] == ["—", "—"]
+    assert cells["chance"] == ["0.100", "—"] and cells["floor"] == ["—", "—"]
     result["tasks"]["a"]["floor"] = 0.55  # issue 37.2: y (0.51) did not rise above it
-    assert suite_table(result)[1][-1] == ["floor (no mixing)", "0.550", "—"]
+    assert suite_table(result)[1][-1] == ["floor", "0.550", "—"]
     assert (
-        "a: y did not rise above the floor 0.550 (what no mixing scores) within their steps: they did not "
-        "learn what the task tests." in task_lines(result)
+        "a: y did not rise above the floor 0.550 (what the task's data gives without the mixing it tests) "
+        "within their steps: they did not learn it." in task_lines(result)
     )
     del result["tasks"]["a"]["floor"]
     lines = task_lines(result)

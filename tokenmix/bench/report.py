@@ -248,8 +248,8 @@ def summary(result: dict[str, Any]) -> list[str]:
     stuck = below_floor(result)
     if stuck:
         lines.append(
-            f"{', '.join(stuck)} did not rise above the task's floor, {result['floor']:.3f} (what a model "
-            f"scores without the mixing the task tests), within their steps: they did not learn it."
+            f"{', '.join(stuck)} did not rise above the task's floor, {result['floor']:.3f} (what its data "
+            f"gives without the mixing the task tests), within their steps: they did not learn it."
         )
     for a, b, gap in same_curves(result):
         lines.append(

@@ -46,7 +46,7 @@ def suite_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             row.append(text)
         rows.append(row)
     chance = ["chance", *(_level(record, "chance") for record in tasks.values())]
-    floor = ["floor (no mixing)", *(_level(record, "floor") for record in tasks.values())]
+    floor = ["floor", *(_level(record, "floor") for record in tasks.values())]
     return header, [*rows, chance, floor]
 
 
@@ -80,8 +80,8 @@ def task_lines(result: dict[str, Any]) -> list[str]:
         stuck = below_floor(record)
         if stuck:
             lines.append(
-                f"{name}: {', '.join(stuck)} did not rise above the floor {record['floor']:.3f} (what no "
-                f"mixing scores) within their steps: they did not learn what the task tests."
+                f"{name}: {', '.join(stuck)} did not rise above the floor {record['floor']:.3f} (what the "
+                f"task's data gives without the mixing it tests) within their steps: they did not learn it."
             )
     return lines
 
