@@ -34,7 +34,8 @@ def test_options_and_defaults_come_from_the_signature(monkeypatch):
 
 
 def test_a_mixers_model_defaults_live_with_its_registration(monkeypatch):
-    """compare and the presets build a mixer's stack from its registered defaults, not from its name."""
+    """compare and the presets build a mixer's stack from its registered defaults, not from its name; a
+    comparison's positions are its own, the same for every mixer (issue 37.1), the presets' registered."""
     from tokenmix.bench.compare import BUDGETS, training_options
 
     monkeypatch.setattr(registry, "_MIXERS", dict(registry._MIXERS))
@@ -47,13 +48,17 @@ def test_a_mixers_model_defaults_live_with_its_registration(monkeypatch):
 
     budget = BUDGETS["quick"]  # d=64, 2 layers, sequences of 128
     assert training_options("gated_toy", budget) == {
-        "depth": 6, "ffn": False, "positions": "none", "mixer_options": {"heads": 4, "chunk_size": 64},
+        "depth": 6, "ffn": False, "positions": "learned", "mixer_options": {"heads": 4, "chunk_size": 64},
     }  # fmt: skip
     assert registry.model_options("gated_toy", 64, 2, heads=2)["mixer_options"] == {"heads": 2}
-    assert training_options("aft_simple", budget) == {"depth": 2, "ffn": True, "mixer_options": {}}
-    assert training_options("softmax", budget)["mixer_options"] == {"heads": 2}  # 32-wide heads
+    assert registry.model_options("gated_toy", 64, 2)["positions"] == "none"  # the presets': registered
+    assert training_options("aft_simple", budget) == {
+        "depth": 2, "ffn": True, "mixer_options": {}, "positions": "learned"
+    }  # fmt: skip
+    assert training_options("softmax", budget)["mixer_options"] == {"heads": 2, "rope": False}  # 32-wide
     gau = training_options("gau", budget)
-    assert (gau["depth"], gau["ffn"], gau["positions"]) == (4, False, "none")  # the paper's stack
+    assert (gau["depth"], gau["ffn"], gau["positions"]) == (4, False, "learned")  # the paper's stack
+    assert gau["mixer_options"]["rope"] is False  # learned positions for every mixer: rotary off
 
 
 def test_bad_options_fail_at_construction_naming_them():
