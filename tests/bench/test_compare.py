@@ -456,3 +456,20 @@ def test_mixers_not_told_apart_from_the_control_are_named():
     assert "aft_simple not told apart from the control" in " ".join(summary(_with_costs(result)))
     two = _result({"softmax": [0.95, 0.96], "identity": [0.35, 0.34]}, metric="val_acc")
     assert like_the_control(two) == []  # two seeds test nothing: the first line says so
+
+
+def test_a_run_trained_off_its_time_budget_is_flagged():
+    """Issue 37.4: steps are set from a timing made before the run; a run the machine's load pushed more
+    than 15 % off its budget is flagged in compare.json and named by the report."""
+    from tokenmix.bench.compare import Measured, _Plan, _run_record
+    from tokenmix.bench.report import off_budget
+
+    plan = _Plan({}, Measured(params=1, tokens_per_step=100, seconds_per_step=0.1), {"time_budget": 8.0})
+    logged = [{"step": 40, "tokens_per_s": 1000.0, "val_bpc": 3.0, "val_loss": 2.0},
+              {"step": 80, "tokens_per_s": 400.0, "val_bpc": 2.9, "val_loss": 1.9}]  # fmt: skip
+    record = _run_record(logged, 0, "val_bpc", plan)  # 40·100/1000 + 40·100/400 = 14 s for 8
+    assert record["train_seconds"] == pytest.approx(14.0) and record["off_budget"]
+    on_time = _run_record([{**logged[0], "step": 80}], 1, "val_bpc", plan)  # 8 s for 8
+    assert not on_time["off_budget"] and on_time["budget_seconds"] == 8.0
+    result = {"mixers": {"softmax": {"runs": [record, on_time]}}}
+    assert off_budget(result) == ["softmax seed 0 (14.0 s for 8)"]

@@ -31,6 +31,7 @@ from .runner import bench
 
 CALIBRATION_STEPS = 5  # timed optimiser steps per mixer: their median sets a time budget's steps
 BUDGET_FILE = "budget.json"  # beside a mixer's runs: the time budget that set their steps
+OFF_BUDGET = 0.15  # a run whose training time is further than this from its time budget is flagged
 
 
 @dataclass(frozen=True)
@@ -212,11 +213,16 @@ def _run_record(logged: list[dict[str, Any]], seed: int, metric: str, plan: _Pla
     for record in logged:
         seconds += (record["step"] - previous) * tokens_per_step / record["tokens_per_s"]
         previous = record["step"]
+    budget = None if plan.budget is None else plan.budget["time_budget"]
     return {
         "seed": seed,
         metric: logged[-1][metric],
         "steps": logged[-1]["step"],
         "train_seconds": seconds,
+        "budget_seconds": budget,
+        # The steps were set from a timing made before the run: a machine that got busier (or idler)
+        # since trains for another length of time, and the run is not what the budget says.
+        "off_budget": budget is not None and abs(seconds / budget - 1) > OFF_BUDGET,
         "train_tokens_per_s": logged[-1]["step"] * tokens_per_step / seconds,
         "curve": [(r["step"], r[metric]) for r in logged],
         "loss_curve": [(r["step"], r["val_loss"]) for r in logged],

@@ -66,6 +66,16 @@ def below_floor(result: dict[str, Any]) -> list[str]:
     return [name for name in ranking(result) if result["mixers"][name][metric] <= floor]
 
 
+def off_budget(result: dict[str, Any]) -> list[str]:
+    """Each run whose training time is over 15 % off its time budget, as ``name seed S (T s)``."""
+    return [
+        f"{name} seed {run['seed']} ({run['train_seconds']:.1f} s for {run['budget_seconds']:g})"
+        for name, mixer in result["mixers"].items()
+        for run in mixer["runs"]
+        if run.get("off_budget")
+    ]
+
+
 def like_the_control(result: dict[str, Any]) -> list[str]:
     """The mixers not told apart from the table's control (``identity``: the same model, no mixing):
     no evidence that they learned what the task tests. Empty without a control or below ``MIN_SEEDS``."""
@@ -238,6 +248,13 @@ def summary(result: dict[str, Any]) -> list[str]:
             "Neighbours in the ranking that the data cannot tell apart: "
             + ", ".join(f"{a} ≈ {b}" for a, b in neighbours)
             + "."
+        )
+    off = off_budget(result)
+    if off:
+        lines.append(
+            "Trained for another time than the budget (over 15 % off: the machine's load changed after the "
+            "steps were set): " + ", ".join(off) + ". Their quality is not the budget's; rerun them on a "
+            "quiet machine."
         )
     alike = like_the_control(result)
     if alike:
