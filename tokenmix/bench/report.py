@@ -51,10 +51,15 @@ def pairs(result: dict[str, Any]) -> list[dict[str, Any]]:
     return pair_tests({name: [r[metric] for r in run["runs"]] for name, run in result["mixers"].items()})
 
 
+def apart_pairs(result: dict[str, Any]) -> set[frozenset[str]]:
+    """The pairs of mixers the table's test tells apart (``RULE``), each as a frozenset of two names:
+    the test runs over all pairs at once (Holm's correction), so callers ask it once per table."""
+    return {frozenset((pair["a"], pair["b"])) for pair in pairs(result) if pair["apart"]}
+
+
 def separated(result: dict[str, Any], a: str, b: str) -> bool:
     """Whether the table's test tells mixers ``a`` and ``b`` apart (``RULE``)."""
-    key = tuple(sorted((a, b)))
-    return any(pair["apart"] for pair in pairs(result) if (pair["a"], pair["b"]) == key)
+    return frozenset((a, b)) in apart_pairs(result)
 
 
 def below_floor(result: dict[str, Any]) -> list[str]:
@@ -83,10 +88,11 @@ def like_the_control(result: dict[str, Any]) -> list[str]:
     seeds = min(len(run["runs"]) for run in result["mixers"].values())
     if not controls or seeds < MIN_SEEDS:
         return []
+    apart = apart_pairs(result)
     return [
         name
         for name in ranking(result)
-        if not _is_control(name) and not any(separated(result, name, c) for c in controls)
+        if not _is_control(name) and not any(frozenset((name, c)) in apart for c in controls)
     ]
 
 
@@ -101,14 +107,14 @@ def _is_control(name: str) -> bool:
 
 def tied_with_best(result: dict[str, Any]) -> set[str]:
     """The mixers the data cannot separate from the best (the best included)."""
-    best = ranking(result)[0]
-    return {name for name in result["mixers"] if not separated(result, name, best)}
+    best, apart = ranking(result)[0], apart_pairs(result)
+    return {name for name in result["mixers"] if frozenset((name, best)) not in apart}
 
 
 def unseparated_neighbours(result: dict[str, Any]) -> list[tuple[str, str]]:
     """Pairs of mixers next to each other in the ranking that the data cannot separate."""
-    order = ranking(result)
-    return [(a, b) for a, b in pairwise(order) if not separated(result, a, b)]
+    order, apart = ranking(result), apart_pairs(result)
+    return [(a, b) for a, b in pairwise(order) if frozenset((a, b)) not in apart]
 
 
 def same_curves(result: dict[str, Any]) -> list[tuple[str, str, float]]:
