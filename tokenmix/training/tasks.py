@@ -88,9 +88,7 @@ class Task:
         data (None where none is stated): the majority class for a classification, the most frequent
         value among a row's pairs for MQAR, a guess among the segment's other tokens for induction. A
         mixer learned the task only above it."""
-        return self.chance() if self.metric == "val_acc" and self._majority_chance else None
-
-    _majority_chance = False  # chance() is the validation split's majority class
+        return None
 
     def _backbone_options(self) -> dict[str, Any]:
         config = self.config
@@ -246,6 +244,19 @@ def _check_same_data(text: TextData, tokenizer: Tokenizer, run_dir: Path, data: 
     )
 
 
+class _Classification:
+    """A classification task's chance and floor: both the validation split's most frequent class's share
+    (what a model that reads nothing scores). Mixed in before the task's base, which supplies
+    ``_val_labels()``, the validation split's labels."""
+
+    def chance(self) -> float:
+        labels = self._val_labels()
+        return labels.bincount().max().item() / len(labels)
+
+    def floor(self) -> float:
+        return self.chance()
+
+
 class _FixedExamples(Task):
     """A task over a fixed set of examples per split, read in epochs of shuffled order. Token inputs may
     be kept narrower than int64 (uint8 pixels, int16 bytes): batches widen them."""
@@ -277,21 +288,15 @@ class _ImageTask(_FixedExamples):
         super().__init__(config)
         self.data: ImageData = load_images(config.data)
 
-    def _majority(self) -> float:
-        """The validation split's most frequent class's share: a classifier's chance and floor."""
-        labels = self.data.labels["val"]
-        return labels.bincount().max().item() / len(labels)
+    def _val_labels(self) -> torch.Tensor:
+        return self.data.labels["val"]
 
 
-class ImageClassification(_ImageTask):
+class ImageClassification(_Classification, _ImageTask):
     """A VisionTransformer over image patches; metric accuracy, chance the most frequent class of the
     validation split."""
 
     metric = "val_acc"
-    _majority_chance = True
-
-    def chance(self) -> float:
-        return self._majority()
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
@@ -356,7 +361,7 @@ class ImageAutoregressive(_ImageTask):
         return loss / math.log(2)
 
 
-class ImageSequence(_ImageTask):
+class ImageSequence(_Classification, _ImageTask):
     """Long Range Arena's Image task on these datasets: a bidirectional encoder reads the image pixel by
     pixel (each intensity level a token, H·W tokens: 784 for Fashion-MNIST) and classifies it; metric
     accuracy, chance the most frequent class of the validation split."""
@@ -376,16 +381,11 @@ class ImageSequence(_ImageTask):
     def _examples(self, split_name: str) -> Batch:
         return self._pixels[split_name], self.data.labels[split_name]
 
-    _majority_chance = True
-
-    def chance(self) -> float:
-        return self._majority()
-
     def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
         return accuracy
 
 
-class TextClassification(_FixedExamples):
+class TextClassification(_Classification, _FixedExamples):
     """LRA-Text's analogue: spam or not from a message body's first ``seq_len`` bytes (SpamAssassin,
     tokenmix.data.spam), a bidirectional encoder with the padding masked; metric accuracy, chance 0.5
     (each split balanced)."""
@@ -403,11 +403,8 @@ class TextClassification(_FixedExamples):
     def _examples(self, split_name: str) -> Batch:
         return self._splits[split_name]
 
-    _majority_chance = True
-
-    def chance(self) -> float:
-        labels = self._splits["val"][1]
-        return labels.bincount().max().item() / len(labels)
+    def _val_labels(self) -> torch.Tensor:
+        return self._splits["val"][1]
 
     def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
         return accuracy
@@ -507,7 +504,7 @@ class SelectiveCopy(_SyntheticLM):
         return selective_copy_batch(count, config.vocab_size, config.seq_len, config.num_tokens, generator)
 
 
-class ListOps(_SyntheticLM):
+class ListOps(_Classification, _SyntheticLM):
     """LRA's ListOps (tokenmix.data.listops): a bidirectional encoder classifies the padded expression
     (padding masked out); metric accuracy, chance the most frequent class of the validation set."""
 
@@ -515,12 +512,8 @@ class ListOps(_SyntheticLM):
         options = self._backbone_options()
         return SequenceClassifier(listops.VOCAB_SIZE, listops.NUM_CLASSES, pad_token=listops.PAD, **options)
 
-    _majority_chance = True
-
-    def chance(self) -> float:
-        (_, labels), *rest = self.eval_batches("val", self.config.eval_batches)
-        labels = torch.cat([labels, *(batch[1] for batch in rest)])
-        return labels.bincount().max().item() / len(labels)
+    def _val_labels(self) -> torch.Tensor:
+        return torch.cat([labels for _, labels in self.eval_batches("val", self.config.eval_batches)])
 
     def _draw(self, count: int, generator: torch.Generator) -> Batch:
         return listops.listops_batch(count, self.config.seq_len, generator)
