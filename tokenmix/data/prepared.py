@@ -332,6 +332,7 @@ def prepare(
     given = None if tokenizer in KINDS else _tokenizer_file(tokenizer)
     out, replaced = _check_out(Path(out))
     stopped = "interrupted: nothing was written to --out (its earlier dataset, if any, is as it was)"
+    staging: Path | None = None
     with TerminateRaises(lambda: KeyboardInterrupt(f"{stopped} (SIGTERM)")):
         try:
             if given is not None:
@@ -343,9 +344,6 @@ def prepare(
             out.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale_staging(out)
             staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-staging-", dir=out.parent))
-        except KeyboardInterrupt as stop:
-            raise KeyboardInterrupt(str(stop) or stopped) from None
-        try:
             (staging / STAGING_OWNER).write_text(str(os.getpid()))
             bar = tqdm(total=source.size, unit="B", unit_scale=True, desc="prepare", disable=not progress)
             with bar:
@@ -359,7 +357,7 @@ def prepare(
         except KeyboardInterrupt as stop:
             raise KeyboardInterrupt(str(stop) or stopped) from None
         finally:
-            if staging.exists():
+            if staging is not None and staging.exists():
                 shutil.rmtree(staging)
     return out
 
