@@ -251,14 +251,10 @@ class BPETokenizer(Tokenizer):
         # word, number or punctuation run never takes whitespace after it), and merges stay inside
         # pre-tokens; its pattern has no look-behind, so the part after such a cut splits as the whole
         # did from there, and the part before ends where the whole's pre-token ended. Cut at the last
-        # such place: an ASCII whitespace byte after a character that is not whitespace.
-        window = len(text)
-        for start in (max(0, len(text) - CUT_WINDOW), 0):
-            position = _last_cut(text, start, window)
-            if position or start == 0:
-                return position
-            window = start + 1  # the tail had none: search what lies before it
-        return 0
+        # such place: an ASCII whitespace byte after a character that is not whitespace. The tail first;
+        # only if it has none, what lies before it (its first byte included: a pair may straddle).
+        tail = max(0, len(text) - CUT_WINDOW)
+        return _last_cut(text, tail, len(text)) or (_last_cut(text, 0, tail + 1) if tail else 0)
 
     def save(self, directory: Path) -> None:
         self.tokenizer.save(str(directory / TOKENIZER_FILE))
