@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import InputError, InvalidTypeError, InvalidValueError, MissingFileError, UnavailableError
 from .mixers import list_mixers, mixer_info
+from .models.backbone import POSITIONS
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -410,7 +411,7 @@ def _add_training_commands(commands) -> None:
     compare_parser.add_argument(
         "--positions",
         default="learned",
-        choices=("learned", "rope", "none"),
+        choices=POSITIONS,
         help="every mixer's position scheme (default learned; rope: for the mixers that take it)",
     )
     compare_parser.set_defaults(run=_compare)

@@ -20,18 +20,18 @@ from ..errors import InvalidValueError, RunDirectoryError
 from ..functional._checks import check_choice, check_positive_int, check_real
 from ..interrupts import TerminateRaises
 from ..mixers import list_mixers, mixer_info, model_options
+from ..models.backbone import POSITIONS
 from ..training import TrainConfig, train
 from ..training.checkpoint import check_directory_path
 from ..training.config import DATA_TASKS
 from ..training.tasks import TASK_CLASSES, create_task
 from ..training.trainer import Measured, measure_steps
 from .measure import machine
-from .report import mean_and_spread, pairs, summary, table, write_report
+from .report import OFF_BUDGET, mean_and_spread, pairs, summary, table, write_report
 from .runner import bench
 
 CALIBRATION_STEPS = 5  # timed optimiser steps per mixer: their median sets a time budget's steps
 BUDGET_FILE = "budget.json"  # beside a mixer's runs: the time budget that set their steps
-OFF_BUDGET = 0.15  # a run whose training time is further than this from its time budget is flagged
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,6 @@ BUDGETS = {
     "gpu": Budget(dim=256, depth=6, seq_len=512, batch_size=32, steps=2000, eval_every=250,
                   seq_lens=(1024, 2048, 4096, 8192, 16384), repeats=10, seeds=3, dtype="bfloat16"),
 }  # fmt: skip
-
-
-POSITIONS = ("learned", "rope", "none")
 
 
 def training_options(mixer: str, budget: Budget) -> dict[str, Any]:

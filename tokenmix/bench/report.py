@@ -21,6 +21,7 @@ HIGHER_IS_BETTER = frozenset({"val_acc"})
 LABELS = {"val_bpc": "val bpc", "val_bpd": "val bpd", "val_acc": "val acc"}
 # Two mixers whose curves agree this closely at every evaluation of every seed learned the same model.
 SAME_CURVE = 1e-4
+OFF_BUDGET = 0.15  # a run whose training time is further than this from its time budget is flagged
 RULE = (
     f"Two mixers are told apart when Welch's t-test on their seeds' values (unequal variances, "
     f"Welch–Satterthwaite degrees of freedom) gives p < {ALPHA:g} after Holm's correction over every pair "
@@ -72,7 +73,7 @@ def below_floor(result: dict[str, Any]) -> list[str]:
 
 
 def off_budget(result: dict[str, Any]) -> list[str]:
-    """Each run whose training time is over 15 % off its time budget, as ``name seed S (T s)``."""
+    """Each run whose training time is over ``OFF_BUDGET`` off its time budget, as ``name seed S (T s)``."""
     return [
         f"{name} seed {run['seed']} ({run['train_seconds']:.1f} s for {run['budget_seconds']:g})"
         for name, mixer in result["mixers"].items()
@@ -258,9 +259,9 @@ def summary(result: dict[str, Any]) -> list[str]:
     off = off_budget(result)
     if off:
         lines.append(
-            "Trained for another time than the budget (over 15 % off: the machine's load changed after the "
-            "steps were set): " + ", ".join(off) + ". Their quality is not the budget's; rerun them on a "
-            "quiet machine."
+            f"Trained for another time than the budget (over {OFF_BUDGET * 100:g} % off: the machine's load "
+            f"changed after the steps were set): {', '.join(off)}. Their quality is not the budget's; rerun "
+            f"them on a quiet machine."
         )
     alike = like_the_control(result)
     if alike:

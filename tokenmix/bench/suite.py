@@ -22,12 +22,12 @@ import torch
 
 from ..errors import InvalidValueError
 from ..functional._checks import check_choice
+from ..models.backbone import POSITIONS
 from ..training import TrainConfig
 from ..training.checkpoint import check_directory_path
 from ..training.tasks import TASK_CLASSES, create_task
 from .compare import (
     BUDGETS,
-    POSITIONS,
     _claim,
     _plan,
     _task_config,
