@@ -1,44 +1,61 @@
-"""The seed papers' own claims, tested at this project's CPU scale on the byte-level LM (the embedded
-corpus), each variant trained for the same steps at every seed (the same batches), validation bits per
-byte on the whole validation split:
+"""The seed papers' own claims, each tested in its own setting at this project's CPU scale, every
+variant trained for the same steps at every seed (the same batches), every mixer with the same position
+scheme, the number reported the test split's:
 
-- ``alpha``: pointwise (ReLU) attention scaled by L^(−α) at α ∈ {0, 0.5, 1, 1.5} against softmax
-  (Wortsman et al. 2023: α ≈ 1 matches softmax; no scaling degrades).
-- ``flash``: FLASH against a softmax Transformer at equal parameters (Hua et al. 2022: "Transformer
-  quality in linear time"); FLASH's expansion is chosen so that its parameter count is the nearest to
-  the Transformer's.
+- ``alpha``: ReLU attention scaled by L^(−α), α ∈ {0, 0.5, 1, 1.5}, against softmax in a Vision
+  Transformer on Fashion-MNIST (Wortsman et al. 2023, "Replacing softmax with ReLU in Vision
+  Transformers": α ≈ 1 matches softmax; without the scaling accuracy drops). 4×4 patches (49 tokens and a
+  class token), learned positions for all.
+- ``flash``: FLASH against a softmax Transformer at equal parameters on the byte-level LM, both with
+  rotary positions (Hua et al. 2022, "Transformer quality in linear time"); FLASH's expansion is chosen
+  so that its parameter count is the nearest to the Transformer's.
 - ``aft``: the AFT paper's ordering on character LM (Zhai et al. 2021, Table 5: Transformer ≤ AFT-local
-  < AFT-simple in bits per character), at a longer budget than ``compare --quick``.
+  < AFT-simple in bits per character), the Transformer with rotary positions and the AFTs with their own
+  position terms only (neither takes rotary ones; none gets learned absolute positions).
 
-    python benchmarks/claims.py [--claims alpha,flash,aft] [--steps 600] [--seeds 0,1] [--out FILE]
+    python benchmarks/claims.py [--claims alpha,flash,aft] [--steps 600] [--seeds 0,1,2] [--jobs 2]
+        [--out FILE]
 
-Every variant is one ``tokenmix train`` configuration (d=64, 2 Transformer layers, N=256, batch 16; GAU
-and FLASH as their registration stacks them); the JSON keeps each seed's result and the verdicts use the
-rule of ``tokenmix compare`` (difference of means ≥ twice its standard error).
+d=64, 2 layers (GAU and FLASH as their registration stacks them); byte LM: N=256, batch 16, the
+embedded corpus; images: batch 64. Told apart: Welch's t-test with Holm's correction over each claim's
+pairs (``tokenmix.bench.stats``), three seeds or more.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from typing import Any
 
+import torch
 from harness import write_results
 
-from tokenmix.bench.report import separated
-from tokenmix.mixers import mixer_info, model_options
+from tokenmix.bench.compare import BUDGETS, training_options
+from tokenmix.bench.stats import pair_tests
 from tokenmix.training import train
+from tokenmix.training.runs import evaluate
 from tokenmix.training.trainer import measure_steps
 
-DIM, LAYERS, SEQ_LEN, BATCH = 64, 2, 256, 16
+DIM, LAYERS = 64, 2
+SETTINGS = {  # claim → the task it is tested on and the position scheme every variant shares
+    "alpha": {"task": "image-cls", "data": "fashion-mnist", "batch_size": 64, "positions": "learned"},
+    "flash": {"task": "charlm", "seq_len": 256, "batch_size": 16, "positions": "rope"},
+    "aft": {"task": "charlm", "seq_len": 256, "batch_size": 16, "positions": "rope"},
+}
 
 
-def _config(mixer: str, **mixer_options: Any) -> dict[str, Any]:
-    if "chunk_size" in mixer_info(mixer).options:  # as compare sets it: at most half the sequence
-        mixer_options.setdefault("chunk_size", SEQ_LEN // 2)
-    options = model_options(mixer, DIM, LAYERS, **mixer_options)
-    return {**options, "seq_len": SEQ_LEN, "batch_size": BATCH, "eval_batches": None, "progress": "log"}
+def _config(claim: str, mixer: str, **mixer_options: Any) -> dict[str, Any]:
+    setting = dict(SETTINGS[claim])
+    budget = replace(BUDGETS["quick"], dim=DIM, depth=LAYERS, positions=setting.pop("positions"),
+                     seq_len=setting.get("seq_len", 256))  # fmt: skip
+    options = training_options(mixer, budget)
+    options["mixer_options"] = {**options["mixer_options"], **mixer_options}
+    return {**setting, "mixer": mixer, "dim": DIM, "depth": LAYERS, **options, "eval_batches": 16,
+            "device": "cpu", "progress": "log"}  # fmt: skip
 
 
 def _params(config: dict[str, Any]) -> int:
@@ -47,63 +64,77 @@ def _params(config: dict[str, Any]) -> int:
 
 def _flash_at_equal_params(softmax: dict[str, Any]) -> dict[str, Any]:
     target = _params(softmax)
-    candidates = [_config("flash", expansion=e) for e in (1.0, 1.25, 1.5, 1.75, 2.0)]
+    candidates = [_config("flash", "flash", expansion=e) for e in (1.0, 1.25, 1.5, 1.75, 2.0)]
     return min(candidates, key=lambda config: abs(_params(config) - target))
 
 
 def variants(claim: str) -> dict[str, dict[str, Any]]:
     if claim == "alpha":
-        pointwise = {f"pointwise α={a:g}": _config("pointwise", alpha=a) for a in (0.0, 0.5, 1.0, 1.5)}
-        return {"softmax": _config("softmax"), **pointwise}
+        pointwise = {f"relu α={a:g}": _config(claim, "pointwise", alpha=a) for a in (0.0, 0.5, 1.0, 1.5)}
+        return {"softmax": _config(claim, "softmax"), **pointwise}
     if claim == "flash":
-        softmax = _config("softmax")
+        softmax = _config(claim, "softmax")
         return {"softmax": softmax, "flash": _flash_at_equal_params(softmax)}
-    return {name: _config(name) for name in ("softmax", "aft_local", "aft_simple")}
+    return {name: _config(claim, name) for name in ("softmax", "aft_local", "aft_simple")}
 
 
-def run_claim(claim: str, steps: int, seeds: list[int]) -> dict[str, Any]:
-    record: dict[str, Any] = {"claim": claim, "steps": steps, "seeds": seeds, "variants": {}}
-    for name, config in variants(claim).items():
-        runs = []
-        for seed in seeds:
-            with tempfile.TemporaryDirectory() as out:
-                logged = train({**config, "steps": steps, "eval_every": steps, "warmup_steps": steps // 20,
-                                "seed": seed, "out": out})  # fmt: skip
-            runs.append({"seed": seed, "val_bpc": logged[-1]["val_bpc"]})
-            print(f"{claim}: {name}, seed {seed}: {runs[-1]['val_bpc']:.4f} bpc", flush=True)
-        values = [run["val_bpc"] for run in runs]
-        record["variants"][name] = {
-            "config": config,
-            "params": _params(config),
-            "runs": runs,
-            "val_bpc": statistics.fmean(values),
-            "spread": statistics.stdev(values) if len(values) > 1 else None,
-        }
-    return record
-
-
-def separated_pair(record: dict[str, Any], a: str, b: str) -> bool:
-    result = {"metric": "val_bpc", "mixers": record["variants"]}
-    return separated(result, a, b)
+def run(point: dict[str, Any]) -> dict[str, Any]:
+    """Train one variant at one seed; its test split's metric, the weights the last validation scored."""
+    torch.set_num_threads(1)  # one run a core: ``--jobs`` runs side by side
+    with tempfile.TemporaryDirectory() as out:
+        logged = train({**point["config"], "seed": point["seed"], "out": out})
+        test = evaluate(
+            out, "test", weights="last", device="cpu", max_batches=point["config"]["eval_batches"]
+        )
+    metric = next(key for key in test if key.startswith("test_") and key != "test_loss")
+    value = test[metric]
+    print(f"{point['claim']}: {point['name']}, seed {point['seed']}: {metric} {value:.4f}", flush=True)
+    return {**point, "metric": metric, "value": value, "val": logged[-1][metric.replace("test_", "val_")]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--claims", default="alpha,flash,aft")
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    records = [run_claim(claim, args.steps, seeds) for claim in args.claims.split(",")]
-    for record in records:
-        names = list(record["variants"])
-        for a in names:
-            v = record["variants"][a]
-            spread = "" if v["spread"] is None else f" ± {v['spread']:.3f}"
-            print(f"{record['claim']}: {a} ({v['params'] / 1e6:.3f}M): {v['val_bpc']:.3f}{spread}")
-        pairs = [(a, b, separated_pair(record, a, b)) for i, a in enumerate(names) for b in names[i + 1 :]]
-        record["told_apart"] = [{"a": a, "b": b, "told_apart": apart} for a, b, apart in pairs]
+    claims = args.claims.split(",")
+    steps = {"steps": args.steps, "eval_every": args.steps, "warmup_steps": args.steps // 20}
+    chosen = {claim: variants(claim) for claim in claims}
+    points = [
+        {"claim": claim, "name": name, "seed": seed, "config": {**config, **steps}}
+        for claim in claims
+        for name, config in chosen[claim].items()
+        for seed in seeds
+    ]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(run, points))
+    records = []
+    for claim in claims:
+        record: dict[str, Any] = {"claim": claim, "steps": args.steps, "seeds": seeds, "variants": {}}
+        for name, config in chosen[claim].items():
+            runs = [r for r in results if r["claim"] == claim and r["name"] == name]
+            values = [r["value"] for r in runs]
+            record["metric"] = runs[0]["metric"]
+            record["variants"][name] = {
+                "config": config,
+                "params": _params(config),
+                "runs": [{"seed": r["seed"], r["metric"]: r["value"], "val": r["val"]} for r in runs],
+                "mean": statistics.fmean(values),
+                "spread": statistics.stdev(values) if len(values) > 1 else None,
+            }
+        record["pairs"] = pair_tests({name: [r["value"] for r in results if r["claim"] == claim
+                                             and r["name"] == name] for name in chosen[claim]})  # fmt: skip
+        records.append(record)
+        for name, v in record["variants"].items():
+            spread = "" if v["spread"] is None else f" ± {v['spread']:.4f}"
+            print(f"{claim}: {name} ({v['params'] / 1e6:.3f}M): {record['metric']} {v['mean']:.4f}{spread}")
+        for pair in record["pairs"]:
+            verdict = "told apart" if pair["apart"] else "not told apart"
+            print(f"{claim}: {pair['a']} vs {pair['b']}: p={pair['p']}, Holm {pair['p_holm']}: {verdict}")
     print(f"wrote {write_results('claims', records, args.out)}")
 
 

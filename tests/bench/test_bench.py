@@ -14,7 +14,7 @@ FIELDS = {"mixer", "seq_len", "pass", "ms", "tokens_per_s", "peak_mem_mb", "devi
 
 
 def test_bench_writes_records_and_plots(tmp_path):
-    records = bench(["aft_simple"], [16, 32], passes=["fwd", "step"], dim=16, repeats=1, out=tmp_path)
+    records = bench(["aft_simple"], [16, 32], passes=["fwd", "step"], dim=16, repeats=3, out=tmp_path)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved == records
     assert {(r["mixer"], r["pass"]) for r in records} == {
@@ -25,6 +25,8 @@ def test_bench_writes_records_and_plots(tmp_path):
     for record in records:
         assert set(record) >= FIELDS and not record["oom"]
         assert record["ms"] > 0 and record["tokens_per_s"] > 0 and record["device"] == "cpu"
+        # Issue 37.4: the range of the repeats is kept beside their median
+        assert record["ms_min"] <= record["ms"] <= record["ms_max"] and record["repeats"] == 3
     fwd = {r["seq_len"]: r for r in records if r["mixer"] == "aft_simple" and r["pass"] == "fwd"}
     assert fwd[32]["tokens_per_s"] == pytest.approx(32 / (fwd[32]["ms"] / 1000))
     for name in ("time.png", "memory.png"):

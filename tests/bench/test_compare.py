@@ -87,25 +87,30 @@ def test_compare_writes_the_report_files(report):
     assert result["floor"] is None  # bits per byte: no floor stated (issue 37.2)
     for mixer in ("softmax", "aft_simple"):
         run = result["mixers"][mixer]
-        assert run["params"] > 0 and 0 < run["val_bpc"] < 9 and run["train_tokens_per_s"] > 0
+        assert run["params"] > 0 and 0 < run["test_bpc"] < 9 and run["train_tokens_per_s"] > 0
         for seed in (0, 1):
             assert (out / "runs" / mixer / f"seed-{seed}" / "model.safetensors").is_file()
 
 
 def test_every_seed_is_its_own_run_and_the_report_gives_the_spread(report, user_text):
     out, result = report
-    assert result["seeds"] == [0, 1] and result["metric"] == "val_bpc"
+    # Issue 37.3: the table reports the test split; the validation split is the curves' (and choices')
+    assert result["seeds"] == [0, 1] and result["metric"] == "test_bpc" and result["selection"] == "val_bpc"
     for name, run in result["mixers"].items():
         seeds = [r["seed"] for r in run["runs"]]
         assert seeds == [0, 1], name
-        values = [r["val_bpc"] for r in run["runs"]]
+        values = [r["test_bpc"] for r in run["runs"]]
         assert values[0] != values[1], name  # different initialisations and batches
         assert all(
             r["steps"] == 4 and r["train_seconds"] > 0 and [s for s, _ in r["curve"]] == [4]
             for r in run["runs"]
         )
-        assert run["val_bpc"] == pytest.approx(statistics.fmean(values))
+        assert all(r["test_bpc"] != r["val_bpc"] for r in run["runs"])  # another split's text
+        assert run["test_bpc"] == pytest.approx(statistics.fmean(values))
         assert run["spread"] == pytest.approx(statistics.stdev(values))
+        val = [r["val_bpc"] for r in run["runs"]]
+        assert run["val_bpc"] == pytest.approx(statistics.fmean(val))
+        assert run["val_spread"] == pytest.approx(statistics.stdev(val))
         # Each record is what its own run directory logged.
         for record in run["runs"]:
             logged = (
@@ -124,11 +129,11 @@ def test_every_seed_is_its_own_run_and_the_report_gives_the_spread(report, user_
 def test_the_table_has_every_field_for_every_mixer(report):
     out, result = report
     header, rows = table(result)
-    assert header[:5] == ["mixer", "params", "val bpc", "≈ best", "seeds"]
+    assert header[:5] == ["mixer", "params", "test bpc", "≈ best", "seeds"]
     assert "ms fwd+bwd N=32" in header and "ms fwd+bwd N=64" in header and "state MB N=64" in header
     assert sorted(row[0] for row in rows) == ["aft_simple", "identity", "softmax"]  # the control joins
     assert all(len(row) == len(header) and "OOM" not in row for row in rows)
-    means = [result["mixers"][row[0]]["val_bpc"] for row in rows]
+    means = [result["mixers"][row[0]]["test_bpc"] for row in rows]
     assert means == sorted(means)  # best (lowest bits per byte) first
     markdown = (out / "report.md").read_text()
     assert "| " + " | ".join(header) + " |" in markdown and "![Learning curves](curves.png)" in markdown
@@ -248,43 +253,56 @@ def test_the_pareto_front_keeps_only_undominated_mixers():
     assert pareto_front(points, higher_is_better=True) == {"cheap-bad", "dominated"}
 
 
-def test_a_time_budget_sets_each_mixers_steps_from_its_measured_speed(
+def test_a_time_budget_sets_each_runs_steps_from_its_speed_measured_just_before_it(
     tmp_path, monkeypatch, no_benchmark, user_text, capsys
 ):
-    """Steps = budget / measured seconds per step, so each schedule completes; the report lists them."""
+    """Steps = budget / seconds per step measured right before the run (issue 37.4: not once for all, so
+    a machine that got busier since the comparison began does not leave later runs short or long), so
+    each schedule completes; the report lists them."""
     from tokenmix.bench import compare as module
 
-    speeds = {"aft_simple": 0.05, "softmax": 0.2, "identity": 0.05}
+    speeds = {"aft_simple": [0.05, 0.05], "softmax": [0.2, 0.1], "identity": [0.05, 0.05]}
+    timed = []
     real = module.measure_steps
 
     def measured(config, steps=0):
         found = real(config, 0)
-        speed = speeds[config["mixer"]]
+        if not steps:
+            return found
+        timed.append(config["mixer"])
+        speed = speeds[config["mixer"]][timed.count(config["mixer"]) - 1]  # the machine, run by run
         # one timed step slowed fourfold by the machine: the median ignores it, the range reports it
         times = (speed, speed, speed * 4, speed, speed)[:steps]
-        return found._replace(seconds_per_step=speed if steps else None, step_seconds=times)
+        return found._replace(seconds_per_step=speed, step_seconds=times)
 
     monkeypatch.setattr(module, "measure_steps", measured)
     out = tmp_path / "c"
     options = dict(
-        out=out, quick=True, seeds=1, time_budget=0.6, data=str(user_text), seq_lens=[16], device="cpu"
+        out=out, quick=True, seeds=2, time_budget=0.6, data=str(user_text), seq_lens=[16], device="cpu"
     )
     result = compare(["aft_simple", "softmax"], **options)
-    steps = {name: run["steps"] for name, run in result["mixers"].items()}
-    assert steps == {"aft_simple": 12, "softmax": 3, "identity": 12}
+    steps = {name: [r["steps"] for r in run["runs"]] for name, run in result["mixers"].items()}
+    assert steps == {"aft_simple": [12, 12], "softmax": [3, 6], "identity": [12, 12]}
+    assert timed == ["aft_simple", "aft_simple", "softmax", "softmax", "identity", "identity"]
     assert result["time_budget"] == 0.6
     markdown = (out / "report.md").read_text()
     assert "0.6 s of training per run" in markdown
-    assert "| aft_simple |" in markdown and " | 12 | " in markdown and " | 3 | " in markdown
-    assert "median of 5 timed steps" in markdown and "ranged 0.05–0.2 s a step around 0.05 s" in markdown
-    assert result["mixers"]["softmax"]["calibration"] == {
-        "timed_steps": 5, "median_s": 0.2, "min_s": 0.2, "max_s": pytest.approx(0.8)
-    }  # fmt: skip
-    # A later compare of the same directory continues with the steps it chose (it does not re-time).
-    speeds.update(aft_simple=0.01, softmax=0.01, identity=0.01)
+    assert "| aft_simple |" in markdown and " | 12 | " in markdown and " | 3–6 | " in markdown
+    assert "median of 5 steps timed just before it" in markdown
+    assert "ranged 0.05–0.2 s a step around 0.05 s" in markdown
+    softmax = result["mixers"]["softmax"]["runs"]
+    assert [run["calibration"] for run in softmax] == [
+        {"timed_steps": 5, "median_s": 0.2, "min_s": 0.2, "max_s": pytest.approx(0.8)},
+        {"timed_steps": 5, "median_s": 0.1, "min_s": 0.1, "max_s": pytest.approx(0.4)},
+    ]  # fmt: skip
+    # A later compare of the same directory continues with the steps each run was given (no re-timing).
+    speeds.update(aft_simple=[0.01] * 2, softmax=[0.01] * 2, identity=[0.01] * 2)
     again = compare(["aft_simple", "softmax"], **options)
-    assert {name: run["steps"] for name, run in again["mixers"].items()} == steps
-    assert again["mixers"]["softmax"]["calibration"] == result["mixers"]["softmax"]["calibration"]
+    assert {name: [r["steps"] for r in run["runs"]] for name, run in again["mixers"].items()} == steps
+    assert [run["calibration"] for run in again["mixers"]["softmax"]["runs"]] == [
+        r["calibration"] for r in softmax
+    ]
+    assert len(timed) == 6
     # ... but not for another budget: those runs were not trained for it
     with pytest.raises(RunDirectoryError, match=r"aft_simple runs trained for --time-budget 0\.6"):
         compare(["aft_simple", "softmax"], **{**options, "time_budget": 5.0})
@@ -298,23 +316,23 @@ def test_a_time_budget_sets_each_mixers_steps_from_its_measured_speed(
 @pytest.mark.parametrize(
     "task,data,metric,named",
     [
-        ("mqar", None, "val_acc", "key-value recall"),
-        ("image-cls", "digits", "val_acc", "images: digits"),
-        ("image-ar", "digits", "val_bpd", "images: digits"),
+        ("mqar", None, "test_acc", "key-value recall"),
+        ("image-cls", "digits", "test_acc", "images: digits"),
+        ("image-ar", "digits", "test_bpd", "images: digits"),
     ],
 )
 def test_compare_runs_other_tasks_with_their_metric(tmp_path, no_benchmark, task, data, metric, named):
     options = dict(quick=True, steps=2, seeds=2, task=task, data=data, seq_lens=[16], device="cpu")
     result = compare(["aft_simple", "lightconv"], out=tmp_path / "c", **options)
     assert result["metric"] == metric and result["task"] == task
-    if metric == "val_acc":  # issue 37.2: the task's floor, above chance (MQAR's most frequent value)
+    if metric == "test_acc":  # issue 37.2: the task's floor, above chance (MQAR's most frequent value)
         assert result["floor"] >= 1 / 32 and (task != "mqar" or result["floor"] > 0.1)
     markdown_lines = (tmp_path / "c" / "report.md").read_text()
     if task == "mqar":  # two steps stay on the plateau: the report says they did not learn it
         assert "did not rise above the task's floor" in markdown_lines
     for run in result["mixers"].values():
         assert [r["seed"] for r in run["runs"]] == [0, 1] and all(r[metric] >= 0 for r in run["runs"])
-    if metric == "val_acc":  # higher is better: the best mean comes first
+    if metric == "test_acc":  # higher is better: the best mean comes first
         means = [result["mixers"][name][metric] for name in ranking(result)]
         assert means == sorted(means, reverse=True) and all(0 <= m <= 1 for m in means)
     markdown = (tmp_path / "c" / "report.md").read_text()
@@ -464,12 +482,38 @@ def test_a_run_trained_off_its_time_budget_is_flagged():
     from tokenmix.bench.compare import Measured, _Plan, _run_record
     from tokenmix.bench.report import off_budget
 
-    plan = _Plan({}, Measured(params=1, tokens_per_step=100, seconds_per_step=0.1), {"time_budget": 8.0})
+    plan = _Plan({}, Measured(params=1, tokens_per_step=100, seconds_per_step=0.1), time_budget=8.0)
     logged = [{"step": 40, "tokens_per_s": 1000.0, "val_bpc": 3.0, "val_loss": 2.0},
               {"step": 80, "tokens_per_s": 400.0, "val_bpc": 2.9, "val_loss": 1.9}]  # fmt: skip
-    record = _run_record(logged, 0, "val_bpc", plan)  # 40·100/1000 + 40·100/400 = 14 s for 8
+    record = _run_record(logged, 0, "val_bpc", plan, None)  # 40·100/1000 + 40·100/400 = 14 s for 8
     assert record["train_seconds"] == pytest.approx(14.0) and record["off_budget"]
-    on_time = _run_record([{**logged[0], "step": 80}], 1, "val_bpc", plan)  # 8 s for 8
+    on_time = _run_record([{**logged[0], "step": 80}], 1, "val_bpc", plan, None)  # 8 s for 8
     assert not on_time["off_budget"] and on_time["budget_seconds"] == 8.0
     result = {"mixers": {"softmax": {"runs": [record, on_time]}}}
     assert off_budget(result) == ["softmax seed 0 (14.0 s for 8)"]
+
+
+def test_the_fastest_is_named_only_where_the_repeats_ranges_do_not_overlap():
+    """Issue 37.4: a busy machine's noise must not crown a mixer; without ranges apart, none is named."""
+    from tokenmix.bench.report import fastest_line
+
+    def record(name, ms, low, high):
+        return {"mixer": name, "pass": "fwd+bwd", "seq_len": 256, "ms": ms, "ms_min": low, "ms_max": high}
+
+    apart = [record("flash", 3.0, 2.9, 3.2), record("aft_full", 5.0, 4.1, 6.0)]
+    assert "**flash** (flash 3.0 ms (2.9–3.2), apart from every other)" in fastest_line(
+        apart, ["flash", "aft_full"], 256
+    )
+    overlapping = [
+        record("flash", 3.0, 2.9, 4.5),
+        record("aft_full", 5.0, 4.1, 6.0),
+        record("softmax", 9, 8, 10),
+    ]
+    line = fastest_line(overlapping, ["flash", "aft_full", "softmax"], 256)
+    assert (
+        "none named" in line
+        and "flash 3.0 ms" in line
+        and "aft_full 5.0 ms" in line
+        and "softmax" not in line
+    )
+    assert "no mixer measured" in fastest_line([{**overlapping[0], "oom": True}], ["flash"], 256)

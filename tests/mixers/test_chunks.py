@@ -10,11 +10,11 @@ import itertools
 import pytest
 import torch
 
+from tests.mixers.options import SMALL_OPTIONS
 from tests.reference import assert_close
 from tokenmix import create_mixer, list_mixers
 
 DIM = 16
-SMALL_OPTIONS = {"flash": {"chunk_size": 4}, "aft_local": {"window": 3}, "aft_conv": {"kernel_size": 3}}
 
 
 def make(name, dtype, seed=0):

@@ -103,3 +103,26 @@ def test_a_model_state_is_stale_after_a_step_and_branches_by_clone():
         logits_b, _ = model.step(b, branch)
         for token, logits in ((a, logits_a), (b, logits_b)):
             torch.testing.assert_close(logits, model(torch.cat((prompt, token[:, None]), 1))[:, -1])
+
+
+@pytest.mark.parametrize("name", tokenmix.list_mixers())
+def test_state_bytes_is_what_decoding_n_tokens_leaves_behind(name):
+    """Issue 37.5: the x-axis of a recall-against-state plot, measured the way a user decodes."""
+    mixer = tokenmix.create_mixer(name, 16, causal=True)
+    state = mixer.init_state(2)
+    with torch.no_grad():
+        for _ in range(12):
+            _, state = mixer.step(torch.randn(2, 16), state)
+    assert mixer.state_bytes(12, batch=2) == state.nbytes()
+    grows = mixer.state_bytes(24) > mixer.state_bytes(12)
+    assert grows == (name in ("softmax", "pointwise", "gau", "aft_full"))  # a cache of every token
+
+
+def test_state_bytes_of_attention_is_its_keys_and_values():
+    mixer = tokenmix.create_mixer("softmax", 32, causal=True)
+    assert mixer.state_bytes(100, batch=3) == 2 * 3 * 100 * 32 * 4  # K and V, float32
+    assert tokenmix.create_mixer("identity", 32, causal=True).state_bytes(100) == 0
+    with pytest.raises(tokenmix.errors.UnavailableError, match="causal=True"):
+        tokenmix.create_mixer("softmax", 32).state_bytes(10)
+    with pytest.raises(ValueError, match="seq_len"):
+        mixer.state_bytes(0)

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from tests.functional.test_varlen import CU_SEQLENS, N
+from tests.mixers.options import SMALL_OPTIONS
 from tests.reference import assert_close
 from tokenmix import create_mixer, list_mixers
-
-SMALL_OPTIONS = {"flash": {"chunk_size": 3}, "aft_local": {"window": 2}, "aft_conv": {"kernel_size": 3}}
 
 
 def check_packed(module, x, tol=1e-10, grad_dim=1):

@@ -166,4 +166,7 @@ def test_each_tasks_floor_is_what_no_mixing_scores_on_its_data():
         assert induction.floor() == pytest.approx(1 / (tokens - 1))  # the segment's other tokens
     digits = create_task(TrainConfig(task="image-seq", data="digits"))
     assert digits.floor() == digits.chance()  # the majority class
+    # Issue 37.3: tables report the test split, so its floor is the test split's own majority class
+    labels = digits.data.labels["test"].tolist()
+    assert digits.floor("test") == max(labels.count(c) for c in set(labels)) / len(labels)
     assert create_task(TrainConfig(task="charlm")).floor() is None

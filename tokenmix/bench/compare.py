@@ -6,6 +6,7 @@ and decoding state across sequence lengths) — in ``report.md``, a self-contain
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -24,10 +25,11 @@ from ..models.backbone import POSITIONS
 from ..training import TrainConfig, train
 from ..training.checkpoint import check_directory_path
 from ..training.config import DATA_TASKS
+from ..training.runs import evaluate
 from ..training.tasks import TASK_CLASSES, create_task
 from ..training.trainer import Measured, measure_steps
 from .measure import machine
-from .report import OFF_BUDGET, mean_and_spread, pairs, summary, table, write_report
+from .report import OFF_BUDGET, mean_and_spread, pairs, summary, table, test_metric, write_report
 from .runner import bench
 
 CALIBRATION_STEPS = 5  # timed optimiser steps per mixer: their median sets a time budget's steps
@@ -56,7 +58,7 @@ class Budget:
 
 BUDGETS = {
     "quick": Budget(dim=64, depth=2, seq_len=128, batch_size=16, steps=120, eval_every=40,
-                    seq_lens=(256, 512), repeats=3, seeds=1, baselines=False),
+                    seq_lens=(256, 512), repeats=5, seeds=1, baselines=False),
     "default": Budget(dim=128, depth=2, seq_len=256, batch_size=16, steps=600, eval_every=100,
                       seq_lens=(256, 1024, 4096), repeats=5, seeds=3),
     "gpu": Budget(dim=256, depth=6, seq_len=512, batch_size=32, steps=2000, eval_every=250,
@@ -98,12 +100,13 @@ def _task_config(task: str, data: str | None, pack: bool, budget: Budget, device
 
 @dataclass
 class _Plan:
-    """One mixer's training: its configuration (all but seed and directory) and what measuring it found
-    (with a time budget, the seconds per step that set its steps)."""
+    """One mixer's training: its configuration (all but seed, directory and, with a time budget, steps)
+    and what checking it found (parameters, positions per step)."""
 
     config: dict[str, Any]
     measured: Measured
-    budget: dict[str, Any] | None = None  # with a time budget: it, the steps it set, their calibration
+    time_budget: float | None = None  # seconds of training per run: each run's steps are set before it
+    evaluations: int = 5  # per run, with a time budget
 
 
 def _steps(config: dict[str, Any], steps: int, eval_every: int) -> dict[str, Any]:
@@ -124,38 +127,24 @@ def _plan(
     evaluations: int = 5,
 ) -> _Plan:
     """Check the mixer's configuration (data read, model built and run on one example) without writing
-    anything; with a time budget, set its steps: the budget over the seconds per step measured here, or
-    those of an earlier run of this comparison, so that it is continued rather than retrained."""
+    anything; an earlier comparison's runs of this mixer in ``runs`` trained for another budget are
+    refused now. A time budget's steps are set right before each run (``_budgeted``)."""
     config = {**shared, "mixer": name, "out": str(runs), **training_options(name, budget)}
-    if time_budget is None:
-        return _Plan(_steps(config, budget.steps, budget.eval_every), measure_steps(_steps(config, 1, 1)))
-    earlier = _earlier_budget(runs / name, time_budget)
-    measured = measure_steps(_steps(config, 1, 1), 0 if earlier else CALIBRATION_STEPS)
-    if earlier:
-        steps, calibration = earlier["steps"], earlier["calibration"]
-    else:
-        steps = max(1, round(time_budget / measured.seconds_per_step))
-        times = measured.step_seconds
-        calibration = {"timed_steps": len(times), "median_s": measured.seconds_per_step,
-                       "min_s": min(times), "max_s": max(times)}  # fmt: skip
-    print(
-        f"== {name}: {steps} steps in {time_budget:g} s of training (a step: median "
-        f"{calibration['median_s']:.3g} s of {calibration['timed_steps']} timed, "
-        f"{calibration['min_s']:.3g}–{calibration['max_s']:.3g} s)",
-        flush=True,
-    )
-    plan = _Plan(_steps(config, steps, max(1, steps // evaluations)), measured)
-    return replace(plan, budget={"time_budget": time_budget, "steps": steps, "calibration": calibration})
+    if time_budget is not None:
+        _earlier_budget(runs / name, time_budget)
+    config = _steps(config, budget.steps, budget.eval_every)
+    return _Plan(config, measure_steps(_steps(config, 1, 1)), time_budget, evaluations)
 
 
-def _earlier_budget(runs: Path, time_budget: float) -> dict[str, Any] | None:
-    """What set the steps of a mixer's earlier runs in this ``--out`` (None: there are none). Runs of
-    another budget are not reused for this one (they would be reported as trained for it)."""
+def _earlier_budget(runs: Path, time_budget: float) -> dict[str, Any]:
+    """What set the steps of a mixer's earlier runs in this ``--out`` (``{"time_budget", "runs": {seed:
+    {"steps", "calibration"}}}``; empty runs where there are none). Runs of another budget are not
+    reused for this one (they would be reported as trained for it)."""
+    fresh = {"time_budget": time_budget, "runs": {}}
     if not any(runs.glob("seed-*/config.json")):
-        return None
-    file = runs / BUDGET_FILE
+        return fresh
     try:
-        earlier = json.loads(file.read_text())
+        earlier = json.loads((runs / BUDGET_FILE).read_text())
     except (OSError, ValueError):
         earlier = {"time_budget": None}
     if earlier.get("time_budget") != time_budget:
@@ -166,43 +155,82 @@ def _earlier_budget(runs: Path, time_budget: float) -> dict[str, Any] | None:
             f"--out {str(out)!r} holds {runs.name} runs trained for {what}; a comparison at "
             f"--time-budget {time_budget:g} needs a new --out (or the same budget, to continue those runs)"
         )
-    return earlier
+    return {**fresh, "runs": earlier.get("runs", {})}
+
+
+def _budgeted(plan: _Plan, seed: int, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The configuration of one run and, with a time budget, the timing that set its steps: the budget
+    over the median seconds per step measured right before this run — the machine as it is now, not as
+    it was when the comparison began — so that its schedule completes in about the budget. A run begun
+    by an earlier comparison keeps the steps it was given."""
+    if plan.time_budget is None:
+        return plan.config, None
+    record = _earlier_budget(run_dir.parent, plan.time_budget)
+    earlier = record["runs"].get(str(seed))
+    if (run_dir / "config.json").is_file():
+        steps, calibration = TrainConfig.load(run_dir).steps, earlier and earlier["calibration"]
+    else:
+        measured = measure_steps(_steps(plan.config, 1, 1), CALIBRATION_STEPS)
+        steps = max(1, round(plan.time_budget / measured.seconds_per_step))
+        times = measured.step_seconds
+        calibration = {"timed_steps": len(times), "median_s": measured.seconds_per_step,
+                       "min_s": min(times), "max_s": max(times)}  # fmt: skip
+        record["runs"][str(seed)] = {"steps": steps, "calibration": calibration}
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        (run_dir.parent / BUDGET_FILE).write_text(json.dumps(record))  # before the run it describes
+    if calibration:
+        print(
+            f"== {run_dir.parent.name}, seed {seed}: {steps} steps in {plan.time_budget:g} s of training "
+            f"(a step: median {calibration['median_s']:.3g} s of {calibration['timed_steps']} timed just "
+            f"now, {calibration['min_s']:.3g}–{calibration['max_s']:.3g} s)",
+            flush=True,
+        )
+    return _steps(plan.config, steps, max(1, steps // plan.evaluations)), calibration
 
 
 def _train_runs(name: str, plan: _Plan, seeds: list[int], runs: Path, metric: str) -> dict[str, Any]:
-    """Train ``name`` at every seed (finished runs are reused, a cut one continued) and gather them."""
+    """Train ``name`` at every seed (finished runs are reused, a cut one continued) and gather them:
+    ``metric`` (the validation split's, on which grids choose) and the test split's, which tables
+    report (``test_metric``)."""
     records = []
-    if plan.budget is not None:  # written once, before the runs it describes
-        (runs / name).mkdir(parents=True, exist_ok=True)
-        (runs / name / BUDGET_FILE).write_text(json.dumps(plan.budget))
     for seed in seeds:
         run_dir = runs / name / f"seed-{seed}"
+        options, calibration = _budgeted(plan, seed, run_dir)
         print(f"== training {name}, seed {seed}", flush=True)
-        config = TrainConfig.from_dict({**plan.config, "seed": seed, "out": str(run_dir)})
+        config = TrainConfig.from_dict({**options, "seed": seed, "out": str(run_dir)})
         config.resume = (run_dir / "config.json").is_file()
         logged = train(config)
         if not logged or logged[-1]["step"] < config.steps:  # train returns early only when signalled
             raise CompareStopped(f"stopped while training {name}; run the same compare again to resume")
-        records.append(_run_record(logged, seed, metric, plan))
-    values = [record[metric] for record in records]
-    mean, spread = mean_and_spread(values)
+        # The test split scores the weights the last validation scored (not the best-on-validation ones).
+        test = evaluate(
+            run_dir, "test", weights="last", device=config.device, max_batches=config.eval_batches
+        )
+        record = _run_record(logged, seed, metric, plan, calibration)
+        records.append({**record, test_metric(metric): test[test_metric(metric)]})
+    reported = test_metric(metric)
+    mean, spread = mean_and_spread([record[reported] for record in records])
+    val_mean, val_spread = mean_and_spread([record[metric] for record in records])
     seconds = sum(r["train_seconds"] for r in records)
     steps = sum(r["steps"] for r in records)
     return {
         "params": plan.measured.params,
         "positions": plan.config["positions"],  # what this mixer's runs used (the budget's scheme)
         "lr": plan.config.get("lr", TrainConfig().lr),
-        "calibration": None if plan.budget is None else plan.budget["calibration"],
         "runs": records,
-        metric: mean,
+        reported: mean,
         "spread": spread,
-        "steps": records[0]["steps"],
+        metric: val_mean,
+        "val_spread": val_spread,
+        "steps": round(statistics.median(r["steps"] for r in records)),
         "seconds_per_step": seconds / steps,
         "train_tokens_per_s": plan.measured.tokens_per_step * steps / seconds,
     }
 
 
-def _run_record(logged: list[dict[str, Any]], seed: int, metric: str, plan: _Plan) -> dict[str, Any]:
+def _run_record(
+    logged: list[dict[str, Any]], seed: int, metric: str, plan: _Plan, calibration: dict[str, Any] | None
+) -> dict[str, Any]:
     """One seed's run: its final metric, curve and pure training time (evaluations excluded), the latter
     read back from each evaluation window's tokens/s."""
     tokens_per_step = plan.measured.tokens_per_step
@@ -210,15 +238,16 @@ def _run_record(logged: list[dict[str, Any]], seed: int, metric: str, plan: _Pla
     for record in logged:
         seconds += (record["step"] - previous) * tokens_per_step / record["tokens_per_s"]
         previous = record["step"]
-    budget = None if plan.budget is None else plan.budget["time_budget"]
+    budget = plan.time_budget
     return {
         "seed": seed,
         metric: logged[-1][metric],
         "steps": logged[-1]["step"],
         "train_seconds": seconds,
         "budget_seconds": budget,
-        # The steps were set from a timing made before the run: a machine that got busier (or idler)
-        # since trains for another length of time, and the run is not what the budget says.
+        "calibration": calibration,  # the timing, just before this run, that set its steps
+        # A machine that got busier (or idler) while the run trained trains for another length of time,
+        # and the run is not what the budget says.
         "off_budget": budget is not None and abs(seconds / budget - 1) > OFF_BUDGET,
         "train_tokens_per_s": logged[-1]["step"] * tokens_per_step / seconds,
         "curve": [(r["step"], r[metric]) for r in logged],
@@ -336,7 +365,7 @@ def compare(
         # anything is written.
         plans = {name: _plan(name, shared, budget, time_budget, out / "runs") for name in mixers}
         metric = TASK_CLASSES[task].metric
-        floor = create_task(TrainConfig.from_dict(plans[mixers[0]].config)).floor()
+        floor = create_task(TrainConfig.from_dict(plans[mixers[0]].config)).floor("test")
         _claim(out)
         trained = {name: _train_runs(name, plans[name], seed_list, out / "runs", metric) for name in mixers}
         print("== benchmarking", flush=True)
@@ -345,8 +374,9 @@ def compare(
         "machine": machine(torch.device(device)),
         "task": task,
         "data": _data_name(task, data, pack),
-        "metric": metric,
-        "floor": floor,  # what no mixing scores on this data (None where the task states none)
+        "metric": test_metric(metric),  # what the table reports: the test split's
+        "selection": metric,  # the validation split's: the curves and any choice
+        "floor": floor,  # what no mixing scores on the test data (None where the task states none)
         "seeds": seed_list,
         "time_budget": time_budget,
         "budget": budget.__dict__,

@@ -46,8 +46,13 @@ def peak_allocated_mb(run: Callable[[], None], device: torch.device) -> float:
 
 def time_ms(run: Callable[[], None], repeats: int, device: torch.device | None = None) -> float:
     """Median milliseconds of ``repeats`` calls after one warm-up call (synchronised on CUDA)."""
+    return statistics.median(time_samples(run, repeats, device))
+
+
+def time_samples(run: Callable[[], None], repeats: int, device: torch.device | None = None) -> list[float]:
+    """Milliseconds of each of ``repeats`` calls after one warm-up call (synchronised on CUDA)."""
     run()
-    return 1000 * statistics.median(wall_clock(run, device) for _ in range(repeats))
+    return [1000 * wall_clock(run, device) for _ in range(repeats)]
 
 
 def wall_clock(run: Callable[[], None], device: torch.device | None = None) -> float:
@@ -63,12 +68,16 @@ def wall_clock(run: Callable[[], None], device: torch.device | None = None) -> f
 
 
 def measure(run: Callable[[], None], repeats: int, device: torch.device | None = None) -> dict:
-    """Median time; peak resident memory above the level before the first call (what the OS sees,
-    allocator caching included); peak live tensor memory of one call."""
+    """Median time and the range of the repeats (``ms_min``, ``ms_max``: what a machine's noise did to
+    it); peak resident memory above the level before the first call (what the OS sees, allocator caching
+    included); peak live tensor memory of one call."""
     device = device or torch.device("cpu")
     baseline = rss_mb()
+    samples = time_samples(run, repeats, device)
     return {
-        "ms": time_ms(run, repeats, device),
+        "ms": statistics.median(samples),
+        "ms_min": min(samples),
+        "ms_max": max(samples),
         "peak_extra_mb": rss_mb() - baseline,
         "baseline_rss_mb": baseline,
         "peak_allocated_mb": peak_allocated_mb(run, device),

@@ -17,8 +17,9 @@ from typing import Any
 from .runner import plot
 from .stats import ALPHA, MIN_SEEDS, pair_tests
 
-HIGHER_IS_BETTER = frozenset({"val_acc"})
-LABELS = {"val_bpc": "val bpc", "val_bpd": "val bpd", "val_acc": "val acc"}
+HIGHER_IS_BETTER = frozenset({"val_acc", "test_acc"})
+LABELS = {"val_bpc": "val bpc", "val_bpd": "val bpd", "val_acc": "val acc",
+          "test_bpc": "test bpc", "test_bpd": "test bpd", "test_acc": "test acc"}  # fmt: skip
 # Two mixers whose curves agree this closely at every evaluation of every seed learned the same model.
 SAME_CURVE = 1e-4
 OFF_BUDGET = 0.15  # a run whose training time is further than this from its time budget is flagged
@@ -28,6 +29,12 @@ RULE = (
     f"of the table; with fewer than {MIN_SEEDS} seeds per mixer nothing is told apart. ≈ best marks those "
     f"not told apart from the best. Every pair's p-values are in compare.json (pairs)."
 )
+
+
+def test_metric(metric: str) -> str:
+    """The test split's name for a task's validation metric (``val_acc`` → ``test_acc``): tables report
+    it; the validation split's is where choices (learning rate, positions) are made."""
+    return "test_" + metric.removeprefix("val_")
 
 
 def mean_and_spread(values: list[float]) -> tuple[float, float | None]:
@@ -189,6 +196,12 @@ def _metric_cell(run: dict[str, Any], metric: str) -> str:
     return f"{run[metric]:.{digits}f} ± {run['spread']:.{digits}f}"
 
 
+def _steps_cell(run: dict[str, Any]) -> str:
+    """A mixer's steps: one number, or the range of its runs' (a time budget sets each run's)."""
+    steps = [r.get("steps", run["steps"]) for r in run["runs"]]
+    return str(steps[0]) if min(steps) == max(steps) else f"{min(steps)}–{max(steps)}"
+
+
 def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The report's table, best mean first: header and rows of formatted cells."""
     lens, records, metric = result["budget"]["seq_lens"], result["bench"], result["metric"]
@@ -212,7 +225,7 @@ def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             _metric_cell(run, metric),
             "yes" if name in tied else "",
             str(len(run["runs"])),
-            str(run["steps"]),
+            _steps_cell(run),
             f"{run['seconds_per_step']:.3f}",
             f"{run['train_tokens_per_s']:,.0f}",
         ]
@@ -222,6 +235,33 @@ def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         row.append(cell(name, "step", lens[-1], "ms", 2))
         rows.append(row)
     return header, rows
+
+
+def fastest_line(records: list[dict], mixers: list[str], n: int) -> str:
+    """Who is fastest forward+backward at length ``n``: named only when its slowest repeat beats every
+    other mixer's fastest; where the ranges overlap, the machine's noise could have ordered them."""
+    timed = {
+        name: r for name in mixers if (r := _bench_record(records, name, "fwd+bwd", n)) and not r.get("oom")
+    }
+    if not timed:
+        return f"Forward+backward at N={n}: no mixer measured."
+    order = sorted(timed, key=lambda name: timed[name]["ms"])
+    first = timed[order[0]]
+    high = first.get("ms_max", first["ms"])  # a record from before ranges were kept: its median alone
+    overlapping = [name for name in order[1:] if timed[name].get("ms_min", timed[name]["ms"]) <= high]
+
+    def spread(name: str) -> str:
+        r = timed[name]
+        return f"{name} {r['ms']:.1f} ms ({r.get('ms_min', r['ms']):.1f}–{r.get('ms_max', r['ms']):.1f})"
+
+    if not overlapping:
+        return (
+            f"Fastest forward+backward at N={n}: **{order[0]}** ({spread(order[0])}, apart from every other)."
+        )
+    return (
+        f"Fastest forward+backward at N={n}: none named — the ranges of the repeats of "
+        f"{', '.join(spread(name) for name in [order[0], *overlapping])} overlap."
+    )
 
 
 def summary(result: dict[str, Any]) -> list[str]:
@@ -280,11 +320,7 @@ def summary(result: dict[str, Any]) -> list[str]:
             f"{a} and {b} learned the same model at this budget: their curves agree within {gap:.1e} at "
             "every evaluation, so whatever distinguishes them has not moved from its initial value yet."
         )
-    for n in result["budget"]["seq_lens"]:
-        times = {name: value for name in runs if (value := _bench_value(records, name, "fwd+bwd", n, "ms"))}
-        if times:
-            fastest = min(times, key=times.get)
-            lines.append(f"Fastest forward+backward at N={n}: **{fastest}** ({times[fastest]:.1f} ms).")
+    lines += [fastest_line(records, list(runs), n) for n in result["budget"]["seq_lens"]]
     for key, what in (("seconds_per_step", "training time per step"), ("state_mb", "decoding-state size")):
         points = {
             name: (c[key], runs[name][metric]) for name, c in costs(result).items() if c[key] is not None
@@ -321,7 +357,8 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
             axis.fill_between(
                 steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2
             )
-    axis.set(xlabel="optimiser step", ylabel=LABELS[result["metric"]], title="learning curves (band: seeds)")
+    selection = result.get("selection", result["metric"])  # the curves are the validation split's
+    axis.set(xlabel="optimiser step", ylabel=LABELS[selection], title="learning curves (band: seeds)")
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -367,7 +404,12 @@ FIGURES = (
 
 def calibration_note(result: dict[str, Any]) -> str:
     """How a time budget set the steps, and how noisy the timing that set them was."""
-    timed = {name: run["calibration"] for name, run in result["mixers"].items() if run.get("calibration")}
+    timed = {
+        f"{name} seed {run['seed']}": run["calibration"]
+        for name, mixer in result["mixers"].items()
+        for run in mixer["runs"]
+        if run.get("calibration")
+    }
     if not timed:
         return "steps set from a measured throughput"
 
@@ -377,8 +419,9 @@ def calibration_note(result: dict[str, Any]) -> str:
     noisiest = max(timed, key=lambda name: width(timed[name]))
     c = timed[noisiest]
     return (
-        f"each mixer's steps set from the median of {c['timed_steps']} timed steps; the noisiest timing, "
-        f"{noisiest}'s, ranged {c['min_s']:.3g}–{c['max_s']:.3g} s a step around {c['median_s']:.3g} s"
+        f"each run's steps set from the median of {c['timed_steps']} steps timed just before it; the "
+        f"noisiest timing, {noisiest}'s, ranged {c['min_s']:.3g}–{c['max_s']:.3g} s a step around "
+        f"{c['median_s']:.3g} s"
     )
 
 
@@ -467,6 +510,7 @@ __all__ = [
     "separated",
     "summary",
     "table",
+    "test_metric",
     "tied_with_best",
     "unseparated_neighbours",
     "write_pages",

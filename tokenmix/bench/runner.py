@@ -118,6 +118,9 @@ def run_point(point: dict) -> dict:
         **record,
         "oom": False,
         "ms": result["ms"],
+        "ms_min": result["ms_min"],  # the range of the repeats: where two ranges overlap, neither is faster
+        "ms_max": result["ms_max"],
+        "repeats": point["repeats"],
         "tokens_per_s": tokens / (result["ms"] / 1000),
         "peak_mem_mb": result["peak_allocated_mb"],
         "peak_rss_extra_mb": result["peak_extra_mb"],

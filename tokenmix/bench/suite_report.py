@@ -126,10 +126,14 @@ def setup_line(result: dict[str, Any]) -> str:
     seeds = ", ".join(str(s) for s in result["seeds"])
     data = "; ".join(f"{name}: {record['data']}" for name, record in result["tasks"].items())
     schemes = {record.get("positions", "as each mixer registers") for record in result["tasks"].values()}
+    own = [f"{name} {record['time_budget']:g} s" for name, record in result["tasks"].items()
+           if record.get("time_budget", result["time_budget"]) != result["time_budget"]]  # fmt: skip
     return (
         f"Suite {result['suite']}: d={result['dim']}, {result['depth']} layers, "
-        f"{result['time_budget']:g} s of training per run (each mixer's steps set from its own measured "
-        f"step time), seeds {seeds}, positions {', '.join(sorted(schemes))} for every mixer. {data}. "
+        f"{result['time_budget']:g} s of training per run{' (' + ', '.join(own) + ')' if own else ''}, each "
+        f"run's steps set from its own step time measured just before it; seeds {seeds}, positions "
+        f"{', '.join(sorted(schemes))} for every mixer; learning rates chosen on the validation split, "
+        f"every number the test split's. {data}. "
         f"{machine_text(result['machine'])} "
         f"Total {result['seconds'] / 60:.1f} min."
     )

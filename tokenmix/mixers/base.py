@@ -119,6 +119,19 @@ class Mixer(SelfInitialising):
         state.made_by = self.mixer_name or type(self).__name__  # so a state of another mixer is refused
         return state
 
+    @torch.no_grad()
+    def state_bytes(self, seq_len: int, batch: int = 1) -> int:
+        """Bytes of the decoding state after ``seq_len`` tokens of ``batch`` sequences: the memory a
+        mixer carries from token to token (a KV cache grows with ``seq_len``, a recurrent state does
+        not), the x-axis of the field's recall-against-state plots (Arora et al. 2023). Measured, not
+        computed: the state is made and fed ``seq_len`` zeros in one chunk."""
+        seq_len = check_positive_int("seq_len", seq_len)
+        state = self.init_state(check_positive_int("batch", batch))
+        weight = next(self.parameters(), None)
+        like = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
+        _, state = self.step(torch.zeros(batch, seq_len, self.dim, **like), state)
+        return state.nbytes()
+
     def new_state(self, batch_size: int, capacity: int | None) -> DecodingState:
         """The family's empty state, a ``DecodingState`` with its own fields (see ``init_state``, which has
         checked both arguments)."""

@@ -83,9 +83,9 @@ class Task:
         a language model's bits per byte)."""
         return None
 
-    def floor(self) -> float | None:
-        """The metric a model reaches without the mixing the task tests, computed from the validation
-        data (None where none is stated): the majority class for a classification, the most frequent
+    def floor(self, split: str = "val") -> float | None:
+        """The metric a model reaches without the mixing the task tests, computed from ``split``'s data
+        (None where none is stated): the majority class for a classification, the most frequent
         value among a row's pairs for MQAR, a guess among the segment's other tokens for induction. A
         mixer learned the task only above it."""
         return None
@@ -245,16 +245,16 @@ def _check_same_data(text: TextData, tokenizer: Tokenizer, run_dir: Path, data: 
 
 
 class _Classification:
-    """A classification task's chance and floor: both the validation split's most frequent class's share
-    (what a model that reads nothing scores). Mixed in before the task's base, which supplies
-    ``_val_labels()``, the validation split's labels."""
+    """A classification task's chance and floor: both a split's most frequent class's share (what a
+    model that reads nothing scores); chance is the validation split's. Mixed in before the task's base,
+    which supplies ``_labels(split)``, a split's labels."""
 
     def chance(self) -> float:
-        labels = self._val_labels()
-        return labels.bincount().max().item() / len(labels)
+        return self.floor("val")
 
-    def floor(self) -> float:
-        return self.chance()
+    def floor(self, split: str = "val") -> float:
+        labels = self._labels(split)
+        return labels.bincount().max().item() / len(labels)
 
 
 class _FixedExamples(Task):
@@ -288,8 +288,8 @@ class _ImageTask(_FixedExamples):
         super().__init__(config)
         self.data: ImageData = load_images(config.data)
 
-    def _val_labels(self) -> torch.Tensor:
-        return self.data.labels["val"]
+    def _labels(self, split: str) -> torch.Tensor:
+        return self.data.labels[split]
 
 
 class ImageClassification(_Classification, _ImageTask):
@@ -403,8 +403,8 @@ class TextClassification(_Classification, _FixedExamples):
     def _examples(self, split_name: str) -> Batch:
         return self._splits[split_name]
 
-    def _val_labels(self) -> torch.Tensor:
-        return self._splits["val"][1]
+    def _labels(self, split: str) -> torch.Tensor:
+        return self._splits[split][1]
 
     def metric_value(self, loss: float, accuracy: float, loss_per_byte: float) -> float:
         return accuracy
@@ -447,11 +447,11 @@ class MQAR(_SyntheticLM):
     def chance(self) -> float:
         return 1 / (self.config.vocab_size - self.config.vocab_size // 2)
 
-    def floor(self) -> float:
+    def floor(self, split: str = "val") -> float:
         """Guessing, at each query, a value that occurs most often among the row's pairs: what a model
         scores that knows the row's values but recalls no key (ties split evenly)."""
         hits, count = 0.0, 0
-        for inputs, targets in self.eval_batches("val", self.config.eval_batches):
+        for inputs, targets in self.eval_batches(split, self.config.eval_batches):
             values = inputs[:, 1 : 2 * self.config.num_pairs : 2]  # (B, P)
             counts = (values[:, :, None] == values[:, None, :]).sum(1)  # each pair's value's count
             modes = counts == counts.max(1, keepdim=True).values  # (B, P): pairs holding a mode
@@ -473,12 +473,12 @@ class Induction(_SyntheticLM):
     def chance(self) -> float:
         return 1 / (self.config.vocab_size - self.config.vocab_size // 2)
 
-    def floor(self) -> float:
+    def floor(self, split: str = "val") -> float:
         """Guessing, at each answered position, among the segment's (upper-half) tokens seen so far in the
         row other than the current one: what a model scores that knows the segment but copies nothing."""
         half = self.config.vocab_size // 2
         hits, count = 0.0, 0
-        for inputs, targets in self.eval_batches("val", self.config.eval_batches):
+        for inputs, targets in self.eval_batches(split, self.config.eval_batches):
             for tokens, answers in zip(inputs.tolist(), targets.tolist(), strict=True):
                 for position, target in enumerate(answers):
                     if target == IGNORE:
@@ -512,8 +512,8 @@ class ListOps(_Classification, _SyntheticLM):
         options = self._backbone_options()
         return SequenceClassifier(listops.VOCAB_SIZE, listops.NUM_CLASSES, pad_token=listops.PAD, **options)
 
-    def _val_labels(self) -> torch.Tensor:
-        return torch.cat([labels for _, labels in self.eval_batches("val", self.config.eval_batches)])
+    def _labels(self, split: str) -> torch.Tensor:
+        return torch.cat([labels for _, labels in self.eval_batches(split, self.config.eval_batches)])
 
     def _draw(self, count: int, generator: torch.Generator) -> Batch:
         return listops.listops_batch(count, self.config.seq_len, generator)
