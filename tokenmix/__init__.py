@@ -30,6 +30,7 @@ def __getattr__(name: str) -> Any:
     globals()[name] = value
     return value
 
+
 __all__ = [
     "TrainConfig",
     "__version__",
