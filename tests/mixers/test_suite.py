@@ -6,15 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.mixers.options import SMALL_OPTIONS
 from tests.reference import assert_close, decode, relative_error
 from tokenmix import create_mixer, list_mixers, mixer_info
 
 DIM = 32
-# Options that make the suite's short sequences exercise what the defaults only reach on long ones.
-SMALL_OPTIONS: dict[str, dict] = {
-    "flash": {"chunk_size": 5},  # several chunks, the last one partial
-    "aft_local": {"window": 4},  # positions outside the window, and a decoding window that slides
-}
 
 
 def make(name: str, causal: bool, dtype=torch.float64, seed: int = 0, **options) -> torch.nn.Module:

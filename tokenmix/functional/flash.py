@@ -64,6 +64,16 @@ def _quadratic_options(qk_dim: int, chunk_size: int) -> dict:
     return {"activation": "relu2", "alpha": 1.0, "scale": qk_dim**-0.5, "length": chunk_size}
 
 
+def _quadratic_weights(q: torch.Tensor, k: torch.Tensor, keep: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """The same weights written out for the decoding paths: relu²(q·k/√S) / C where ``keep``, else 0
+    (selected away, never multiplied by 0). q (B, T, S), k (B, K, S), keep broadcast to (B, T, K)."""
+    scores = torch.relu(q @ k.transpose(1, 2) * q.shape[-1] ** -0.5)
+    return (
+        torch.where(keep, scores * scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+        / chunk_size
+    )
+
+
 @recurrent_op(MixedChunkState)
 @packable(
     lambda q_quad, k_quad, q_lin, k_lin, v, **_: use_kernel("mixed_chunk_attention", v),
@@ -386,8 +396,7 @@ def _token_output(q_quad, q_lin, keys, values, in_use, state, valid, chunk_size:
     finished chunks; 0 at a padded row."""
     dtype = compute_dtype(values.dtype)
     zero = torch.zeros((), dtype=dtype, device=values.device)
-    scores = torch.relu(q_quad.to(dtype) @ keys.to(dtype).transpose(1, 2) * q_quad.shape[-1] ** -0.5)
-    weights = torch.where(in_use[:, None, :], scores * scores, zero) / chunk_size
+    weights = _quadratic_weights(q_quad.to(dtype), keys.to(dtype), in_use[:, None, :], chunk_size)
     quad = weights @ torch.where(in_use[..., None], values.to(dtype), zero)
     linear = q_lin.to(dtype) @ state.linear_state.to(dtype) / state.linear_count.clamp_min(1)[:, None, None]
     return torch.where(valid[:, None, None], quad + linear, zero)
@@ -439,8 +448,7 @@ def _continued(
     same = visible & (key_chunks[:, None, :] == query_chunks[:, :, None])
     earlier = visible & (key_chunks[:, None, :] < query_chunks[:, :, None])
     zero = torch.zeros((), dtype=dtype, device=v.device)
-    scores = torch.relu(q_quad @ k_quad.transpose(1, 2) * q_quad.shape[-1] ** -0.5)
-    quad = torch.where(same, scores * scores, zero) @ v / chunk_size
+    quad = _quadratic_weights(q_quad, k_quad, same, chunk_size) @ v
     linear_scores = torch.where(earlier, q_lin @ k_lin.transpose(1, 2), zero)
     numerator = q_lin @ linear_state.to(dtype) + linear_scores @ v
     count = (linear_count[:, None] + earlier.sum(-1)).clamp_min(1).to(dtype)

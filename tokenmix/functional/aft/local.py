@@ -162,6 +162,18 @@ def _local(
     return (out if seen is None else reinstate(out, seen)).to(out_dtype)
 
 
+def _continued(q, k, v, mask, causal, window, pairs, forward, initial_state, output_final_state):
+    """Both AFT-local ops in their recurrent form (``recurrent``): the bias of a (row, column) pair is the
+    op's own ``pairs(rows, columns)`` (B, T, L) inside the window and 0 outside it (selected away)."""
+
+    def bias(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        near = (rows[:, :, None] - columns[:, None, :]).abs() < window
+        band = pairs(rows, columns)
+        return torch.where(near, band, torch.zeros_like(band))
+
+    return recurrent(q, k, v, mask, causal, window, bias, forward, initial_state, output_final_state)
+
+
 @recurrent_op(AFTWindowState)
 @packable_aft("aft_local")
 def aft_local(
@@ -205,16 +217,14 @@ def aft_local(
     window = check_positive_int("window", window)
     if initial_state is not None or output_final_state:
 
-        def bias(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        def pairs(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
             check_table(w, last_position(rows) + 1)
-            near = (rows[:, :, None] - columns[:, None, :]).abs() < window
-            pairs = w[rows[:, :, None], columns[:, None, :]].to(compute_dtype(q.dtype))
-            return torch.where(near, pairs, torch.zeros_like(pairs))
+            return w[rows[:, :, None], columns[:, None, :]].to(compute_dtype(q.dtype))
 
         def forward(q, k, v, mask):
             return aft_local(q, k, v, w, window=window, causal=True, attention_mask=mask)
 
-        return recurrent(q, k, v, mask, causal, window, bias, forward, initial_state, output_final_state)
+        return _continued(q, k, v, mask, causal, window, pairs, forward, initial_state, output_final_state)
     seq_len = q.shape[1] if packing is None else packing.longest
     check_table(w, seq_len)
     w = w[:seq_len, :seq_len].to(compute_dtype(w.dtype))
@@ -253,20 +263,18 @@ def aft_local_lowrank(
     window = check_positive_int("window", window)
     if initial_state is not None or output_final_state:
 
-        def bias(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        def pairs(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
             if (last := last_position(rows)) >= w_u.shape[0]:
                 raise InvalidValueError(
                     f"w_u and w_v must have a row for position {last}, got {w_u.shape[0]} rows"
                 )
             dtype = compute_dtype(q.dtype)
-            pairs = torch.einsum("btr,blr->btl", w_u[rows].to(dtype), w_v[columns].to(dtype))
-            near = (rows[:, :, None] - columns[:, None, :]).abs() < window
-            return torch.where(near, pairs, torch.zeros_like(pairs))
+            return torch.einsum("btr,blr->btl", w_u[rows].to(dtype), w_v[columns].to(dtype))
 
         def forward(q, k, v, mask):
             return aft_local_lowrank(q, k, v, w_u, w_v, window=window, causal=True, attention_mask=mask)
 
-        return recurrent(q, k, v, mask, causal, window, bias, forward, initial_state, output_final_state)
+        return _continued(q, k, v, mask, causal, window, pairs, forward, initial_state, output_final_state)
     seq_len = q.shape[1] if packing is None else packing.longest
     if w_u.shape[0] < seq_len:
         raise InvalidValueError(f"w_u and w_v must have N_max ≥ N = {seq_len} rows, got {w_u.shape[0]}")
