@@ -11,8 +11,9 @@ a run learns does not depend on how busy the machine was), with ``tokens`` posit
 tokens / L). The learning rate is chosen on the validation split; the accuracy reported is the test
 split's (both fixed sets of rows, apart from training). Each run records the step at which it left the
 no-recall plateau (the first evaluation half-way from the floor to 1; None: it did not within its
-steps). ``DIR/recall.json`` holds every run, ``DIR/recall.png`` the plot; runs live in ``DIR/runs`` and
-a finished one is reused when the script is run again.
+steps). ``DIR/recall.json`` holds every run, ``DIR/recall.png`` the plot, ``DIR/recall.md`` the table;
+runs live in ``DIR/runs`` (not kept in git) and a finished one is reused when the script is run again,
+so a sweep can be extended length by length (``--lens 64``, later ``--lens 64,128``).
 """
 
 from __future__ import annotations
@@ -102,13 +103,26 @@ def run(point: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def key(point: dict[str, Any]) -> tuple[str, int, int]:
+    """A configuration of the sweep, whose learning-rate grid is one choice."""
+    return point["mixer"], point["seq_len"], point["dim"]
+
+
+def finished(run_dir: Path, steps: int) -> bool:
+    """Whether ``run_dir`` holds a run that trained all its ``steps``."""
+    try:
+        last = (run_dir / "metrics.jsonl").read_text().splitlines()[-1]
+    except (OSError, IndexError):
+        return False
+    return json.loads(last)["step"] == steps
+
+
 def best_of_grid(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each (mixer, L, d) at the learning rate with the best validation accuracy (ties: the first)."""
     chosen: dict[tuple, dict] = {}
     for record in runs:
-        key = (record["mixer"], record["seq_len"], record["dim"])
-        if key not in chosen or record["val_acc"] > chosen[key]["val_acc"]:
-            chosen[key] = record
+        if key(record) not in chosen or record["val_acc"] > chosen[key(record)]["val_acc"]:
+            chosen[key(record)] = record
     return list(chosen.values())
 
 
@@ -142,6 +156,33 @@ def plot(best: list[dict[str, Any]], path: Path) -> None:
     plt.close(figure)
 
 
+def table(best: list[dict[str, Any]]) -> str:
+    """Markdown: a row per mixer, a column per (L, d): test accuracy, the step it left the plateau at
+    (— where it did not), the decoding state in KB."""
+    columns = sorted({(r["seq_len"], r["dim"]) for r in best})
+    cells = {(r["mixer"], r["seq_len"], r["dim"]): r for r in best}
+    lines = ["| mixer | " + " | ".join(f"L={n}, d={d}" for n, d in columns) + " |",
+             "|---|" + "---|" * len(columns)]  # fmt: skip
+    for mixer in dict.fromkeys(r["mixer"] for r in best):
+        row = []
+        for n, d in columns:
+            r = cells.get((mixer, n, d))
+            left = "—" if r is None or r["left_plateau_at"] is None else str(r["left_plateau_at"])
+            row.append("" if r is None else f"{r['test_acc']:.3f} ({left}; {r['state_bytes'] / 1024:.1f} KB)")
+        lines.append(f"| {mixer} | " + " | ".join(row) + " |")
+    floors = [f"{max(r['floor'] for r in best if (r['seq_len'], r['dim']) == c):.3f}" for c in columns]
+    lines.append("| floor | " + " | ".join(floors) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recall.json").write_text(json.dumps(result, indent=2))
+    plot(result["best"], out / "recall.png")
+    (out / "recall.md").write_text(table(result["best"]))
+    print(f"wrote {out}/recall.json, recall.png and recall.md")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lens", default="64,128,256")
@@ -153,8 +194,12 @@ def main() -> None:
     parser.add_argument("--mixers", default=",".join(list_mixers()))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", default=f"benchmarks/results/cpu-recall-{datetime.date.today()}")
+    parser.add_argument("--replot", action="store_true", help="rewrite the plot and table of DIR/recall.json")
+    parser.add_argument("--finished", action="store_true", help="gather only the runs already finished")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.replot:
+        return write(json.loads((out / "recall.json").read_text()), out)
     points = [
         config_of(mixer, seq_len, dim, lr, args.steps, args.tokens, args.positions, out)
         for seq_len in map(int, args.lens.split(","))
@@ -162,6 +207,9 @@ def main() -> None:
         for mixer in args.mixers.split(",")
         for lr in map(float, args.lrs.split(","))
     ]
+    if args.finished:  # a sweep cut short: record the configurations whose whole grid finished
+        done = {key(p) for p in points} - {key(p) for p in points if not finished(Path(p["out"]), p["steps"])}
+        points = [point for point in points if key(point) in done]
     with ProcessPoolExecutor(args.jobs) as pool:
         runs = []
         for record in pool.map(run, points):
@@ -169,13 +217,10 @@ def main() -> None:
             print(f"L={record['seq_len']} d={record['dim']} {record['mixer']} lr={record['lr']:g}: test "
                   f"{record['test_acc']:.3f} (floor {record['floor']:.3f}), left the plateau at "
                   f"{record['left_plateau_at']}", flush=True)  # fmt: skip
-    best = best_of_grid(runs)
-    out.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "head_width": HEAD_WIDTH, "steps": args.steps,
-              "tokens_per_step": args.tokens, "lrs": args.lrs, "runs": runs, "best": best}  # fmt: skip
-    (out / "recall.json").write_text(json.dumps(result, indent=2))
-    plot(best, out / "recall.png")
-    print(f"wrote {out}/recall.json and recall.png")
+              "positions": args.positions, "tokens_per_step": args.tokens, "lrs": args.lrs, "runs": runs,
+              "best": best_of_grid(runs)}  # fmt: skip
+    write(result, out)
 
 
 if __name__ == "__main__":

@@ -406,7 +406,7 @@ def _add_training_commands(commands) -> None:
         "--time-budget",
         type=float,
         metavar="SECONDS",
-        help="train every mixer for this long (sets its steps)",
+        help="train every run for this long (its steps set from a timing made just before it)",
     )
     compare_parser.add_argument(
         "--positions",

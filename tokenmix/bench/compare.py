@@ -1,4 +1,4 @@
-"""``tokenmix compare``: mixers side by side — what they learn (the task's validation metric, over
+"""``tokenmix compare``: mixers side by side — what they learn (the task's test-split metric, over
 several seeds, at one shared budget of steps or of wall-clock time) and what they cost (time, memory
 and decoding state across sequence lengths) — in ``report.md``, a self-contained ``report.html`` and
 ``compare.json``. The report itself is built by ``tokenmix.bench.report``."""
@@ -32,7 +32,7 @@ from .measure import machine
 from .report import OFF_BUDGET, mean_and_spread, pairs, summary, table, test_metric, write_report
 from .runner import bench
 
-CALIBRATION_STEPS = 5  # timed optimiser steps per mixer: their median sets a time budget's steps
+CALIBRATION_STEPS = 5  # optimiser steps timed right before each run: their median sets its steps
 BUDGET_FILE = "budget.json"  # beside a mixer's runs: the time budget that set their steps
 
 
@@ -340,8 +340,8 @@ def compare(
         task: ``"charlm"``, ``"mqar"``, ``"image-cls"`` or ``"image-ar"``.
         data: the task's data as ``tokenmix train --data`` takes it (default: the built-in data).
         pack: charlm: whole documents per row with cu_seqlens (``tokenmix train --pack``).
-        time_budget: seconds of training per run: each mixer's steps are this over its measured seconds
-            per step, so every learning-rate schedule completes.
+        time_budget: seconds of training per run: each run's steps are this over its seconds per step,
+            timed right before it, so every learning-rate schedule completes.
         positions: ``"learned"`` (default), ``"rope"`` or ``"none"``: every mixer's position scheme
             (``training_options``), recorded in compare.json and the report.
     """
