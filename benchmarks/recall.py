@@ -136,11 +136,11 @@ def plot(best: list[dict[str, Any]], path: Path) -> None:
     lens = sorted({r["seq_len"] for r in best})
     figure, axes = plt.subplots(1, len(lens), figsize=(5 * len(lens), 4.2), squeeze=False, sharey=True)
     for axis, seq_len in zip(axes[0], lens, strict=True):
-        for mixer in dict.fromkeys(r["mixer"] for r in best):
+        for i, mixer in enumerate(dict.fromkeys(r["mixer"] for r in best)):
             points = sorted((max(r["state_bytes"], 1), r["test_acc"]) for r in best
                             if r["mixer"] == mixer and r["seq_len"] == seq_len)  # fmt: skip
-            if points:
-                axis.plot(*zip(*points, strict=True), marker="o", label=mixer)
+            if points:  # tab20: eleven mixers and more, each its own colour
+                axis.plot(*zip(*points, strict=True), marker="o", label=mixer, color=plt.cm.tab20(i % 20))
         floor = max(r["floor"] for r in best if r["seq_len"] == seq_len)
         axis.axhline(floor, color="grey", linestyle=":", label="no-recall floor")
         axis.set(
