@@ -517,3 +517,13 @@ def test_the_fastest_is_named_only_where_the_repeats_ranges_do_not_overlap():
         and "softmax" not in line
     )
     assert "no mixer measured" in fastest_line([{**overlapping[0], "oom": True}], ["flash"], 256)
+
+
+def test_the_control_is_never_named_fastest():
+    """identity does no mixing: the fastest layer is named among the mixers one would choose from."""
+    result = _with_costs(_result({"softmax": [3.0], "identity": [3.5]}))
+    result["bench"] = [
+        {"mixer": "identity", "pass": "fwd+bwd", "seq_len": 16, "ms": 0.3, "ms_min": 0.2, "ms_max": 0.4},
+        {"mixer": "softmax", "pass": "fwd+bwd", "seq_len": 16, "ms": 3.0, "ms_min": 2.9, "ms_max": 3.1},
+    ]
+    assert "Fastest forward+backward at N=16: **softmax**" in " ".join(summary(result))

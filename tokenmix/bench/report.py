@@ -320,7 +320,8 @@ def summary(result: dict[str, Any]) -> list[str]:
             f"{a} and {b} learned the same model at this budget: their curves agree within {gap:.1e} at "
             "every evaluation, so whatever distinguishes them has not moved from its initial value yet."
         )
-    lines += [fastest_line(records, list(runs), n) for n in result["budget"]["seq_lens"]]
+    candidates = [name for name in runs if not _is_control(name)]  # the control is no choice to make
+    lines += [fastest_line(records, candidates, n) for n in result["budget"]["seq_lens"]]
     for key, what in (("seconds_per_step", "training time per step"), ("state_mb", "decoding-state size")):
         points = {
             name: (c[key], runs[name][metric]) for name, c in costs(result).items() if c[key] is not None
