@@ -24,11 +24,13 @@ pairs (``tokenmix.bench.stats``), three seeds or more.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,6 +94,28 @@ def run(point: dict[str, Any]) -> dict[str, Any]:
     return {**point, "metric": metric, "value": value, "val": logged[-1][metric.replace("test_", "val_")]}
 
 
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """One panel per claim: each variant's seeds (dots) and mean ± sd (bar), on the claim's test metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(records), figsize=(4.5 * len(records), 4), squeeze=False)
+    for axis, record in zip(axes[0], records, strict=True):
+        metric = record["metric"]
+        for i, variant in enumerate(record["variants"].values()):
+            values = [run[metric] for run in variant["runs"]]
+            axis.errorbar(i, variant["mean"], yerr=variant["spread"] or 0, fmt="s", capsize=4, color="black")
+            axis.scatter([i] * len(values), values, alpha=0.5)
+        axis.set_xticks(range(len(record["variants"])), list(record["variants"]), rotation=30, fontsize=8)
+        axis.set(title=record["claim"], ylabel=metric.replace("_", " "))
+        axis.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--claims", default="alpha,flash,aft")
@@ -99,7 +123,11 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out")
+    parser.add_argument("--plot", metavar="JSON", help="only draw JSON's records beside it (.png)")
     args = parser.parse_args()
+    if args.plot:
+        source = Path(args.plot)
+        return plot(json.loads(source.read_text())["records"], source.with_suffix(".png"))
     seeds = [int(s) for s in args.seeds.split(",")]
     claims = args.claims.split(",")
     steps = {"steps": args.steps, "eval_every": args.steps, "warmup_steps": args.steps // 20}
@@ -135,7 +163,9 @@ def main() -> None:
         for pair in record["pairs"]:
             verdict = "told apart" if pair["apart"] else "not told apart"
             print(f"{claim}: {pair['a']} vs {pair['b']}: p={pair['p']}, Holm {pair['p_holm']}: {verdict}")
-    print(f"wrote {write_results('claims', records, args.out)}")
+    written = write_results("claims", records, args.out)
+    plot(records, written.with_suffix(".png"))
+    print(f"wrote {written} and {written.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
