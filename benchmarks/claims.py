@@ -138,8 +138,17 @@ def main() -> None:
         for name, config in chosen[claim].items()
         for seed in seeds
     ]
+
+    # The flash and aft claims share one softmax Transformer: each configuration trains once per seed.
+    def key(point: dict[str, Any]) -> str:
+        return json.dumps([point["config"], point["seed"]], sort_keys=True)
+
+    unique: dict[str, dict[str, Any]] = {}
+    for point in points:
+        unique.setdefault(key(point), point)
     with ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(run, points))
+        trained = dict(zip(unique, pool.map(run, unique.values()), strict=True))
+    results = [{**trained[key(p)], "claim": p["claim"], "name": p["name"]} for p in points]
     records = []
     for claim in claims:
         record: dict[str, Any] = {"claim": claim, "steps": args.steps, "seeds": seeds, "variants": {}}
