@@ -192,7 +192,7 @@ def _train_runs(name: str, plan: _Plan, seeds: list[int], runs: Path, metric: st
     """Train ``name`` at every seed (finished runs are reused, a cut one continued) and gather them:
     ``metric`` (the validation split's, on which grids choose) and the test split's, which tables
     report (``test_metric``)."""
-    records = []
+    records, reported = [], test_metric(metric)
     for seed in seeds:
         run_dir = runs / name / f"seed-{seed}"
         options, calibration = _budgeted(plan, seed, run_dir)
@@ -206,9 +206,7 @@ def _train_runs(name: str, plan: _Plan, seeds: list[int], runs: Path, metric: st
         test = evaluate(
             run_dir, "test", weights="last", device=config.device, max_batches=config.eval_batches
         )
-        record = _run_record(logged, seed, metric, plan, calibration)
-        records.append({**record, test_metric(metric): test[test_metric(metric)]})
-    reported = test_metric(metric)
+        records.append({**_run_record(logged, seed, metric, plan, calibration), reported: test[reported]})
     mean, spread = mean_and_spread([record[reported] for record in records])
     val_mean, val_spread = mean_and_spread([record[metric] for record in records])
     seconds = sum(r["train_seconds"] for r in records)
