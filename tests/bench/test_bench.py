@@ -118,3 +118,46 @@ def test_peers_run_at_matched_settings_and_get_a_ratio():
     assert all(r["ms"] > 0 and not r["oom"] for r in records)
     pairs = {(row["mixer"], row["peer"]) for row in ratios(records)}
     assert pairs == {("softmax", "x_transformers:Attention"), ("gau", "flash_pytorch:GAU")}
+
+
+PROBES = """
+import os, signal, sys
+import torch
+
+
+class Killed(torch.nn.Module):  # what the OS does to a point out of memory
+    def __init__(self, **sizes):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Broken(torch.nn.Module):
+    def __init__(self, **sizes):
+        raise ValueError("a broken layer")
+
+
+class Chatty(torch.nn.Identity):
+    def __init__(self, **sizes):
+        print("something on stdout")
+        super().__init__()
+"""
+
+
+def test_the_worker_records_a_killed_point_raises_a_failed_one_and_goes_on(tmp_path, monkeypatch):
+    """Every point in a child forked from one worker: a child killed (as the OS kills one out of memory)
+    is recorded as out of memory and the next point still runs; a child that fails raises its
+    traceback here; what a child prints does not garble the records."""
+    (tmp_path / "worker_probes.py").write_text(PROBES)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    base = {"seq_len": 8, "pass": "fwd", "device": "cpu", "dtype": "float32", "batch": 1, "dim": 16,
+            "repeats": 1, "causal": False, "options": {}}  # fmt: skip
+    worker = runner._Worker()
+    try:
+        killed = worker.run({**base, "mixer": "worker_probes:Killed"})
+        assert killed["oom"] and killed["mixer"] == "worker_probes:Killed"
+        chatty = worker.run({**base, "mixer": "worker_probes:Chatty"})
+        assert not chatty["oom"] and chatty["ms"] > 0
+        with pytest.raises(RuntimeError, match="a broken layer"):
+            worker.run({**base, "mixer": "worker_probes:Broken"})
+        assert worker.run({**base, "mixer": "sdpa"})["ms"] > 0
+    finally:
+        worker.close()

@@ -1,9 +1,10 @@
 """``tokenmix bench``: speed and memory of mixers across sequence lengths.
 
-Every point (mixer, length, pass) runs in a fresh interpreter (``python -m tokenmix.bench.worker``), so
-its memory figures are its own and an out-of-memory point is recorded, not a crash. Baselines in the
-same run: raw PyTorch SDPA (``"sdpa"``) and, with ``peers=True`` when installed, the peer packages
-x-transformers (softmax), flash-pytorch (gau, flash) and aft-pytorch (aft_full, aft_simple).
+Every point (mixer, length, pass) runs in a process of its own, forked from one worker interpreter that
+has imported torch and tokenmix once (``python -m tokenmix.bench.worker``), so its memory figures are its
+own and an out-of-memory point is recorded, not a crash, without an interpreter's start per point.
+Baselines in the same run: raw PyTorch SDPA (``"sdpa"``) and, with ``peers=True`` when installed, the peer
+packages x-transformers (softmax), flash-pytorch (gau, flash) and aft-pytorch (aft_full, aft_simple).
 """
 
 from __future__ import annotations
@@ -128,17 +129,30 @@ def run_point(point: dict) -> dict:
     }
 
 
-def _in_subprocess(point: dict) -> dict:
-    completed = subprocess.run(
-        [sys.executable, "-m", "tokenmix.bench.worker", json.dumps(point)], capture_output=True, text=True
-    )
-    lines = completed.stdout.strip().splitlines()
-    if completed.returncode or not lines:
+class _Worker:
+    """``python -m tokenmix.bench.worker``: takes points as JSON lines and forks a child per point."""
+
+    def __init__(self) -> None:
+        command = [sys.executable, "-m", "tokenmix.bench.worker"]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, point: dict) -> dict:
+        self.process.stdin.write(json.dumps(point) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the benchmark worker ended (exit code {self.process.wait()}) at {point}")
+        answer = json.loads(line)
+        if "record" in answer:
+            return answer["record"]
         # Killed by the OS for memory (SIGKILL) counts as out of memory too; anything else is an error.
-        if completed.returncode in (-9, 137):
+        if answer["exit"] in (-9, 137):
             return {**{k: point[k] for k in ("mixer", "seq_len", "pass", "device", "dtype")}, "oom": True}
-        raise RuntimeError(f"benchmark point {point} failed:\n{completed.stderr[-2000:]}")
-    return json.loads(lines[-1])
+        raise RuntimeError(f"benchmark point {point} failed:\n{answer.get('error', '')[-2000:]}")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
 
 
 def bench(
@@ -190,26 +204,32 @@ def bench(
                 except ImportError:
                     continue
                 layers.append(f"{package}:{cls}")
-    records = []
+    points = []
     for layer in layers:
         own = layer in known
         for pass_name in passes:
             if pass_name == "step" and (not own or not causal):
                 continue  # only our causal mixers decode
             for seq_len in seq_lens:
-                point = {
-                    "mixer": layer,
-                    "seq_len": seq_len,
-                    "pass": pass_name,
-                    "device": device,
-                    "dtype": dtype,
-                    "batch": batch,
-                    "dim": dim,
-                    "repeats": repeats,
-                    "causal": causal,
-                    "options": options or {} if own else {},
-                }
-                records.append(_in_subprocess(point))
+                points.append(
+                    {
+                        "mixer": layer,
+                        "seq_len": seq_len,
+                        "pass": pass_name,
+                        "device": device,
+                        "dtype": dtype,
+                        "batch": batch,
+                        "dim": dim,
+                        "repeats": repeats,
+                        "causal": causal,
+                        "options": options or {} if own else {},
+                    }
+                )
+    worker = _Worker()
+    try:
+        records = [worker.run(point) for point in points]
+    finally:
+        worker.close()
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
