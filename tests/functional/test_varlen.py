@@ -164,7 +164,7 @@ def test_cu_seqlens_needs_batch_one_no_mask_and_an_int_tensor():
 
 def test_no_segment_is_padded_by_an_eighth_of_its_length():
     """The reference path's buckets: 4097 and 5120 once shared width 5120 (+25 % for the 4097s)."""
-    from tokenmix.functional._varlen import plan
+    from tokenmix.core.packing import plan
 
     generator = torch.Generator().manual_seed(0)
     cases = [[4097] * 10 + [5120], list(range(1, 300)), [1, 2, 3, 8, 9, 16, 17, 1023, 1024, 1025, 1151]]

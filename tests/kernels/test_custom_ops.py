@@ -205,7 +205,7 @@ def test_compile_traces_a_packed_call_through_the_kernel_in_one_graph(name):
     """A packed row, planned once (as a model hands the plan to its layers), through torch.compile with
     fullgraph: the same outputs and gradients as eager, so nothing of the packing breaks the graph."""
     from tests.functional.test_varlen import case
-    from tokenmix.functional._varlen import packing_of
+    from tokenmix.core.packing import packing_of
 
     generator = torch.Generator().manual_seed(PACKED_COMPILED.index(name))
     op, sequences, parameters = case(name, True, generator, 11)

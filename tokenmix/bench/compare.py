@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from ..core.checks import check_choice, check_positive_int, check_real
 from ..data.prepared import PreparedDataset, is_prepared
 from ..data.text import load_corpus
 from ..errors import InvalidValueError, RunDirectoryError
-from ..functional._checks import check_choice, check_positive_int, check_real
 from ..interrupts import TerminateRaises
 from ..mixers import list_mixers, mixer_info, model_options
 from ..models.backbone import POSITIONS

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.checks import check_positive_int
 from ..errors import InvalidValueError
-from ..functional._checks import check_positive_int
 from ..mixers import create_mixer, list_mixers, mixer_info
 from .measure import machine, measure
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from ..core.checks import check_choice
 from ..errors import InvalidValueError
-from ..functional._checks import check_choice
 from ..models.backbone import POSITIONS
 from ..training import TrainConfig
 from ..training.checkpoint import check_directory_path

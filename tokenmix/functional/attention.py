@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import use_kernel
-from ._checks import (
+from ..core.checks import (
     check_attention_mask,
     check_choice,
     check_dims,
@@ -25,10 +25,10 @@ from ._checks import (
     compute_dtype,
     empty_output,
 )
-from ._chunks import causal_aligned
+from ..core.chunks import causal_aligned
+from ..core.packing import Packing, packable
 from ._deprecated import deprecated_alias
 from ._excluded import causal_finite, finite_at_padding, real_only, reinstate
-from ._varlen import Packing, packable
 
 __all__ = [
     "ACTIVATIONS",

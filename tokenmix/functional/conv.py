@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import use_kernel
-from ..errors import InvalidValueError
-from ._checks import (
+from ..core.checks import (
     check_attention_mask,
     check_dims,
     check_flag,
@@ -34,9 +33,10 @@ from ._checks import (
     compute_dtype,
     empty_output,
 )
+from ..core.packing import Packing, packable
+from ..errors import InvalidValueError
 from ._excluded import all_finite, finite_part, real_only, reinstate, seen_in_window
 from ._typing import recurrent_op
-from ._varlen import Packing, packable
 
 __all__ = ["ConvWindowState", "dynamic_conv", "lightconv"]
 

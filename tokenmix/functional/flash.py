@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import use_kernel
-from ..errors import InvalidTypeError, InvalidValueError
-from ._checks import (
+from ..core.checks import (
     check_attention_mask,
     check_dims,
     check_flag,
@@ -23,7 +22,9 @@ from ._checks import (
     compute_dtype,
     empty_output,
 )
-from ._chunks import compact
+from ..core.chunks import compact
+from ..core.packing import Packing, packable
+from ..errors import InvalidTypeError, InvalidValueError
 from ._excluded import (
     all_finite,
     finite_at_padding,
@@ -34,7 +35,6 @@ from ._excluded import (
     seen_in_window,
 )
 from ._typing import recurrent_op
-from ._varlen import Packing, packable
 from .attention import pointwise_attention
 
 __all__ = ["MixedChunkState", "mixed_chunk_attention"]

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ..backend import interpreting
-from ..functional._varlen import known_lengths
+from ..core.packing import known_lengths
 
 
 def dot_flags(dtype: torch.dtype) -> dict:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.checks import check_positive_int, check_real
+from ..core.chunks import Compacted
+from ..core.packing import Packing
 from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
-from ..functional._checks import check_positive_int, check_real
-from ..functional._chunks import Compacted
-from ..functional._varlen import Packing
 from ..init import SelfInitialising
 from .base import Mixer
 from .cache import KVCache

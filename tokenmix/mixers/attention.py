@@ -11,11 +11,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ..core.checks import check_positive_int, check_real
+from ..core.chunks import Compacted
+from ..core.packing import Packing
 from ..errors import InvalidValueError
 from ..functional import attention as attention_ops
-from ..functional._checks import check_positive_int, check_real
-from ..functional._chunks import Compacted
-from ..functional._varlen import Packing
 from .base import Mixer, pick_options
 from .cache import CacheState, KVCache
 from .registry import ModelDefaults, register_mixer

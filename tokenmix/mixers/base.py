@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
+from ..core.checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
+from ..core.chunks import Compacted, compact
+from ..core.packing import Packing, packing_of
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
-from ..functional._checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
-from ..functional._chunks import Compacted, compact
-from ..functional._varlen import Packing, packing_of
 from ..init import SelfInitialising
 from .state import DecodingState, as_chunk
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..functional._checks import check_positive_int
+from ..core.checks import check_positive_int
 from .state import DecodingState
 
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.checks import check_positive_int, check_real
+from ..core.chunks import Compacted, last_real
+from ..core.packing import Packing
 from ..errors import InvalidValueError
-from ..functional._checks import check_positive_int, check_real
-from ..functional._chunks import Compacted, last_real
-from ..functional._varlen import Packing
 from ..functional.conv import ConvWindowState, dynamic_conv, lightconv
 from .base import Mixer
 from .registry import register_mixer

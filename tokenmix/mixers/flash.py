@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.checks import check_choice, check_positive_int, check_real
+from ..core.chunks import Compacted
+from ..core.packing import Packing
 from ..errors import InvalidValueError
 from ..functional import attention as attention_ops
-from ..functional._checks import check_choice, check_positive_int, check_real
-from ..functional._chunks import Compacted
-from ..functional._varlen import Packing
 from ..functional.flash import MixedChunkState, mixed_chunk_attention
 from .base import Mixer, pick_options
 from .cache import CacheState, KVCache

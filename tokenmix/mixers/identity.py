@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional._checks import check_real
-from ..functional._chunks import Compacted
-from ..functional._varlen import Packing
+from ..core.checks import check_real
+from ..core.chunks import Compacted
+from ..core.packing import Packing
 from .base import Mixer
 from .registry import register_mixer
 from .state import DecodingState

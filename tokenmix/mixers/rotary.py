@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.checks import check_real
 from ..errors import InvalidValueError
-from ..functional._checks import check_real
 from ..init import SelfInitialising
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from ..core.checks import check_attention_mask
 from ..errors import InvalidValueError
-from ..functional._checks import check_attention_mask
 
 
 @dataclass

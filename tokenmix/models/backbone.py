@@ -11,8 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
-from ..functional._checks import (
+from ..core.checks import (
     check_attention_mask,
     check_choice,
     check_flag,
@@ -20,8 +19,9 @@ from ..functional._checks import (
     check_positive_int,
     check_real,
 )
-from ..functional._chunks import Compacted, compact
-from ..functional._varlen import Packing, packing_of
+from ..core.chunks import Compacted, compact
+from ..core.packing import Packing, packing_of
+from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 from ..init import SelfInitialising
 from ..mixers import create_mixer, mixer_info
 from ..mixers.state import DecodingState, as_chunk

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.checks import check_attention_mask, check_positive_int, check_real
+from ..core.packing import packing_of
 from ..errors import InvalidTypeError, InvalidValueError
-from ..functional._checks import check_attention_mask, check_positive_int, check_real
-from ..functional._varlen import packing_of
 from ..init import SelfInitialising
 from .backbone import Backbone, BackboneState
 

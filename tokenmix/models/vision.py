@@ -9,8 +9,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ..core.checks import check_choice, check_positive_int
 from ..errors import InvalidValueError
-from ..functional._checks import check_choice, check_positive_int
 from ..init import SelfInitialising
 from ..mixers import mixer_info
 from .backbone import Backbone

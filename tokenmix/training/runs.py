@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.checks import check_positive_int
 from ..data.heldout import heldout_sentences
 from ..data.tokenizer import Tokenizer
 from ..errors import InvalidValueError, MissingFileError
-from ..functional._checks import check_positive_int
 from .checkpoint import load_weights
 from .config import TrainConfig
 from .tasks import IGNORE, Task, create_task

@@ -8,14 +8,14 @@ from collections.abc import Callable
 import torch
 
 from ...backend import use_kernel
-from ...errors import InvalidValueError
-from .._checks import (
+from ...core.checks import (
     check_attention_mask,
     check_dims,
     check_float_tensor,
     check_same_dtype_device,
 )
-from .._varlen import Packing, packable
+from ...core.packing import Packing, packable
+from ...errors import InvalidValueError
 from .exact import Bias, recompute_underflowed
 
 # A denominator below this (relative to its separate maxima) is recomputed with the joint maximum; far

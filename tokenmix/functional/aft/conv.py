@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...backend import use_kernel
-from ...errors import InvalidValueError
-from .._checks import (
+from ...core.checks import (
     check_attention_mask,
     check_dims,
     check_flag,
@@ -16,9 +15,10 @@ from .._checks import (
     compute_dtype,
     empty_output,
 )
+from ...core.packing import Packing
+from ...errors import InvalidValueError
 from .._excluded import all_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
 from .._typing import recurrent_op
-from .._varlen import Packing
 from .common import (
     finish,
     masked_keys,

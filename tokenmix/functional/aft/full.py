@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 
 from ...backend import use_kernel
-from .._checks import (
+from ...core.checks import (
     check_flag,
     check_float_tensor,
     check_same_dtype_device,
     compute_dtype,
     empty_output,
 )
+from ...core.packing import Packing
 from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
-from .._varlen import Packing
 from . import exact
 from .common import (
     check_inputs,

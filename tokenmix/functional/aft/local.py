@@ -8,8 +8,7 @@ from collections.abc import Callable
 import torch
 
 from ...backend import use_kernel
-from ...errors import InvalidValueError
-from .._checks import (
+from ...core.checks import (
     check_dims,
     check_flag,
     check_float_tensor,
@@ -18,9 +17,10 @@ from .._checks import (
     compute_dtype,
     empty_output,
 )
+from ...core.packing import Packing
+from ...errors import InvalidValueError
 from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
 from .._typing import recurrent_op
-from .._varlen import Packing
 from .common import (
     check_inputs,
     check_table,

@@ -9,11 +9,11 @@ from typing import NamedTuple
 import torch
 
 from ...backend import use_kernel
-from ...errors import InvalidTypeError, InvalidValueError
-from .._checks import (
+from ...core.checks import (
     compute_dtype,
 )
-from .._chunks import causal_aligned, compact, last_real
+from ...core.chunks import causal_aligned, compact, last_real
+from ...errors import InvalidTypeError, InvalidValueError
 from .._deprecated import deprecated_alias
 from .._excluded import real_only
 from . import exact

@@ -6,17 +6,17 @@ from __future__ import annotations
 import torch
 
 from ...backend import use_kernel
-from ...errors import InvalidTypeError, InvalidValueError
-from .._checks import (
+from ...core.checks import (
     check_attention_mask,
     check_flag,
     check_float_tensor,
     compute_dtype,
     empty_output,
 )
+from ...core.packing import Packing
+from ...errors import InvalidTypeError, InvalidValueError
 from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
 from .._typing import recurrent_op
-from .._varlen import Packing
 from .common import (
     check_inputs,
     finish,
