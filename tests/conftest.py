@@ -1,5 +1,7 @@
+import importlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,11 @@ if not torch.cuda.is_available():
     # Before anything imports triton (transformers does, for one), which reads it at import; the
     # kernels' own tests need it, and auto never interprets CPU tensors, so nothing else changes.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The mixers the tests register (tests/mixers/examples: the guide's worked example) join every all-mixer
+# test: imported here, before any test module reads list_mixers() at its collection.
+for _example in sorted((Path(__file__).parent / "mixers" / "examples").glob("[!_]*.py")):
+    importlib.import_module(f"tests.mixers.examples.{_example.stem}")
 
 settings.register_profile(
     "default",
