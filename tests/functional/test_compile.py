@@ -10,37 +10,22 @@ import pytest
 import torch
 
 import tokenmix
-from tokenmix import functional as F
+from tests.functional.ops import OPS as TABLE
 
-B, N, D = 2, 9, 6
-
-
-def _cases(generator: torch.Generator, scale: float = 1.0) -> dict:
-    def r(*shape):
-        return (torch.randn(*shape, generator=generator) * scale).requires_grad_()
-
-    def heads():
-        return r(B, 2, N, 3)
-
-    return {
-        "softmax_attention": (F.softmax_attention, lambda: (heads(), heads(), heads()), {}),
-        "pointwise_attention": (F.pointwise_attention, lambda: (heads(), heads(), heads()), {}),
-        "mixed_chunk_attention": (F.mixed_chunk_attention, lambda: tuple(r(B, N, D) for _ in range(5)),
-                                  {"chunk_size": 4}),
-        "aft_full": (F.aft_full, lambda: (r(B, N, D), r(B, N, D), r(B, N, D), r(N, N)), {}),
-        "aft_simple": (F.aft_simple, lambda: (r(B, N, D), r(B, N, D), r(B, N, D)), {}),
-        "aft_local": (F.aft_local, lambda: (r(B, N, D), r(B, N, D), r(B, N, D), r(N, N)), {"window": 3}),
-        "aft_local_lowrank": (F.aft_local_lowrank,
-                              lambda: (r(B, N, D), r(B, N, D), r(B, N, D), r(N, 4), r(N, 4)), {"window": 3}),
-        "aft_conv": (F.aft_conv, lambda: (r(B, N, 2, 3), r(B, N, 2), r(B, N, 2, 3), r(2, 3)), {}),
-        "aft_conv_2d": (F.aft_conv, lambda: (r(B, 3, 3, 2, 3), r(B, 3, 3, 2), r(B, 3, 3, 2, 3), r(2, 3, 3)),
-                        {}),
-        "lightconv": (F.lightconv, lambda: (r(B, N, D), r(2, 3)), {}),
-        "dynamic_conv": (F.dynamic_conv, lambda: (r(B, N, D), r(B, N, 2, 3)), {}),
-    }  # fmt: skip
+B, N = 2, 9
+OPS = list(TABLE)
 
 
-OPS = list(_cases(torch.Generator()))
+def _tensors(name: str, generator: torch.Generator, scale: float = 1.0) -> tuple[list[torch.Tensor], int]:
+    """The op's inputs from its entry in tests/functional/ops.py, B rows of N positions, all leaves; and
+    the dim N is at."""
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator) * scale
+
+    sequences, parameters = TABLE[name].inputs(randn, B, N)
+    leaves = [t.requires_grad_() for t, _ in sequences] + [p.requires_grad_() for p in parameters]
+    return leaves, sequences[0][1]
 
 
 def _check_compiled_equals_eager(op, tensors, options):
@@ -57,22 +42,20 @@ def _check_compiled_equals_eager(op, tensors, options):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("name", OPS)
 def test_every_op_compiles_in_one_graph(name, causal, masked):
-    if name == "aft_conv_2d" and causal:
-        pytest.skip("a 2-D grid is bidirectional only")
+    case = TABLE[name]
+    if causal and not case.causal:
+        pytest.skip(f"{name} has no causal form")
     generator = torch.Generator().manual_seed(OPS.index(name))
-    op, make, options = _cases(generator)[name]
-    tensors = make()
-    mask = torch.rand(tensors[0].shape[:-2] if name == "aft_conv_2d" else (B, N), generator=generator) > 0.3
+    tensors, dim = _tensors(name, generator)
+    mask = torch.rand(B, *tensors[0].shape[dim : dim + case.position_dims], generator=generator) > 0.3
     mask.view(B, -1)[:, -1] = True
-    options = {**options, "causal": causal, "attention_mask": mask if masked else None}
+    options = {**case.options, "causal": causal, "attention_mask": mask if masked else None}
     torch._dynamo.reset()
     with tokenmix.use_backend("reference"):
-        _check_compiled_equals_eager(op, tensors, options)
+        _check_compiled_equals_eager(case.op, tensors, options)
 
 
-@pytest.mark.parametrize(
-    "name", ["aft_full", "aft_simple", "aft_local", "aft_local_lowrank", "aft_conv", "aft_conv_2d"]
-)
+@pytest.mark.parametrize("name", [name for name in OPS if name.startswith("aft_")])
 def test_aft_recomputes_underflowed_entries_in_one_graph(name, monkeypatch):
     """Keys and biases in the hundreds: some denominators underflow and are recomputed exactly, by the
     custom op (counted), forward and backward, equal to eager."""
@@ -82,8 +65,9 @@ def test_aft_recomputes_underflowed_entries_in_one_graph(name, monkeypatch):
     recompute = _aft_exact.exact
     monkeypatch.setattr(_aft_exact, "exact", lambda *a: calls.append(a[-1].sum()) or recompute(*a))
     generator = torch.Generator().manual_seed(7)
-    op, make, options = _cases(generator, scale=300.0)[name]
+    case = TABLE[name]
     torch._dynamo.reset()
     with tokenmix.use_backend("reference"):
-        _check_compiled_equals_eager(op, make(), {**options, "causal": name != "aft_conv_2d"})
+        options = {**case.options, "causal": case.causal}
+        _check_compiled_equals_eager(case.op, _tensors(name, generator, scale=300.0)[0], options)
     assert calls and all(count > 0 for count in calls)  # eager and compiled, forward and replayed backward

@@ -11,24 +11,16 @@ import typing
 import pytest
 
 import tokenmix.functional as F
+from tests.functional.ops import OPS, PACKED
 
-STATES = {
-    "aft_simple": "AFTSimpleState",
-    "aft_local": "AFTWindowState",
-    "aft_local_lowrank": "AFTWindowState",
-    "aft_conv": "AFTWindowState",
-    "lightconv": "ConvWindowState",
-    "dynamic_conv": "ConvWindowState",
-    "mixed_chunk_attention": "MixedChunkState",
-}
-PACKED = [*STATES, "softmax_attention", "pointwise_attention", "aft_full"]
+STATES = {name: case.state for name, case in OPS.items() if case.state is not None}
 
 
 @pytest.mark.parametrize("name", list(STATES))
 def test_a_recurrent_op_is_typed_by_its_state(name):
     """Each recurrent op is a ``RecurrentOp[its state]``, whose call is overloaded on the flag."""
     op = getattr(F, name)
-    assert op.state_type is getattr(F, STATES[name])  # public where the op is
+    assert op.state_type is STATES[name] is getattr(F, STATES[name].__name__)  # public where the op is
 
 
 def test_the_recurrent_call_overloads_its_return_on_output_final_state():

@@ -9,6 +9,7 @@ import itertools
 import pytest
 import torch
 
+from tests.functional.ops import OPS, PACKED
 from tests.reference import assert_close
 from tokenmix import functional as F
 
@@ -32,79 +33,9 @@ def randn(generator, *shape):
 
 def case(name: str, causal: bool, generator: torch.Generator, n: int = N):
     """(op(*sequences, *parameters, cu_seqlens=None), sequences of ``n`` positions with the dim they are
-    at, parameters)."""
-    if name in ("softmax_attention", "pointwise_attention"):
-        op = getattr(F, name)
-        options = {"activation": "relu2"} if name == "pointwise_attention" else {}
-        return (
-            lambda q, k, v, **kw: op(q, k, v, causal=causal, **options, **kw),
-            [(randn(generator, 1, 2, n, 3), 2) for _ in range(3)],
-            [],
-        )
-    if name == "mixed_chunk_attention":
-        return (
-            lambda *t, **kw: F.mixed_chunk_attention(*t, chunk_size=3, causal=causal, **kw),
-            [(randn(generator, 1, n, 3), 1) for _ in range(4)] + [(randn(generator, 1, n, 2), 1)],
-            [],
-        )
-    qkv = [(randn(generator, 1, n, 4), 1) for _ in range(3)]
-    if name == "aft_full":
-        return (
-            lambda q, k, v, w, **kw: F.aft_full(q, k, v, w, causal=causal, **kw),
-            qkv,
-            [randn(generator, n, n)],
-        )
-    if name == "aft_simple":
-        return (lambda q, k, v, **kw: F.aft_simple(q, k, v, causal=causal, **kw), qkv, [])
-    if name == "aft_local":
-        return (
-            lambda q, k, v, w, **kw: F.aft_local(q, k, v, w, window=2, causal=causal, **kw),
-            qkv,
-            [randn(generator, n, n)],
-        )
-    if name == "aft_local_lowrank":
-        return (
-            lambda q, k, v, u, w, **kw: F.aft_local_lowrank(q, k, v, u, w, window=2, causal=causal, **kw),
-            qkv,
-            [randn(generator, n, 2), randn(generator, n, 2)],
-        )
-    if name == "aft_conv":
-        return (
-            lambda q, k, v, w, **kw: F.aft_conv(q, k, v, w, causal=causal, **kw),
-            [
-                (randn(generator, 1, n, 2, 2), 1),
-                (randn(generator, 1, n, 2), 1),
-                (randn(generator, 1, n, 2, 2), 1),
-            ],
-            [randn(generator, 2, 3)],
-        )
-    if name == "lightconv":
-        return (
-            lambda x, w, **kw: F.lightconv(x, w, causal=causal, **kw),
-            [(randn(generator, 1, n, 4), 1)],
-            [randn(generator, 2, 3)],
-        )
-    if name == "dynamic_conv":
-        return (
-            lambda x, w, **kw: F.dynamic_conv(x, w, causal=causal, **kw),
-            [(randn(generator, 1, n, 4), 1), (randn(generator, 1, n, 2, 3), 1)],
-            [],
-        )
-    raise AssertionError(name)
-
-
-OPS = [
-    "softmax_attention",
-    "pointwise_attention",
-    "mixed_chunk_attention",
-    "aft_full",
-    "aft_simple",
-    "aft_local",
-    "aft_local_lowrank",
-    "aft_conv",
-    "lightconv",
-    "dynamic_conv",
-]
+    at, parameters): the op's entry in tests/functional/ops.py, as one packed row (B = 1)."""
+    sequences, parameters = OPS[name].inputs(lambda *shape: randn(generator, *shape), 1, n)
+    return OPS[name].call(causal), sequences, parameters
 
 
 def segment(tensor: torch.Tensor, dim: int, start: int, end: int) -> torch.Tensor:
@@ -112,9 +43,9 @@ def segment(tensor: torch.Tensor, dim: int, start: int, end: int) -> torch.Tenso
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("name", PACKED)
 def test_a_packed_call_equals_each_segment_alone(name, causal):
-    generator = torch.Generator().manual_seed(OPS.index(name) + 100 * causal)
+    generator = torch.Generator().manual_seed(PACKED.index(name) + 100 * causal)
     op, sequences, parameters = case(name, causal, generator)
     leaves = [t.requires_grad_() for t, _ in sequences] + [p.requires_grad_() for p in parameters]
     packed = op(*leaves, cu_seqlens=torch.tensor(CU_SEQLENS))

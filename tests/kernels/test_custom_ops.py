@@ -15,6 +15,7 @@ import tokenmix.kernels.aft
 import tokenmix.kernels.conv
 import tokenmix.kernels.flash
 import tokenmix.kernels.pointwise_attention  # registers the ops
+from tests.functional.ops import PACKED_KERNELS
 from tokenmix import functional
 from tokenmix.functional.aft import exact as _aft_exact
 
@@ -196,18 +197,14 @@ def test_forced_triton_refuses_a_chunk_from_a_state(device, name):
             mixer.step(x[:, 3:], state)
 
 
-PACKED_COMPILED = ["pointwise_attention", "mixed_chunk_attention", "aft_simple", "aft_full", "aft_local",
-                   "aft_conv", "lightconv", "dynamic_conv"]  # fmt: skip
-
-
-@pytest.mark.parametrize("name", PACKED_COMPILED)
+@pytest.mark.parametrize("name", PACKED_KERNELS)
 def test_compile_traces_a_packed_call_through_the_kernel_in_one_graph(name):
     """A packed row, planned once (as a model hands the plan to its layers), through torch.compile with
     fullgraph: the same outputs and gradients as eager, so nothing of the packing breaks the graph."""
     from tests.functional.test_varlen import case
     from tokenmix.core.packing import packing_of
 
-    generator = torch.Generator().manual_seed(PACKED_COMPILED.index(name))
+    generator = torch.Generator().manual_seed(PACKED_KERNELS.index(name))
     op, sequences, parameters = case(name, True, generator, 11)
     tensors = [t.float().requires_grad_() for t, _ in sequences] + [p.float() for p in parameters]
     packing = packing_of(torch.tensor([0, 4, 4, 11]), 1, 11, None, tensors[0].device)
@@ -216,6 +213,7 @@ def test_compile_traces_a_packed_call_through_the_kernel_in_one_graph(name):
         return op(*inputs, cu_seqlens=packing)
 
     results, grad = [], None
+    torch._dynamo.reset()  # one code object (``packed``) for every op: past 8, the recompile limit
     with tokenmix.use_backend("triton"):
         for run in (packed, torch.compile(packed, backend="aot_eager", fullgraph=True, dynamic=False)):
             out = run(*tensors)

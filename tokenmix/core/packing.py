@@ -16,7 +16,6 @@ import functools
 import inspect
 import itertools
 import types
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +42,10 @@ class Packing:
     lengths: tuple[int, ...]  # ℓ_i, S entries
     buckets: tuple[Bucket, ...]
     real_index: torch.Tensor  # (R,) packed positions of the buckets' real entries, in bucket order
-    bounds: torch.Tensor  # (S + 1,) the checked cu_seqlens, on the inputs' device: what kernels take
+    # (S + 1,) int64 on the host: the checked cu_seqlens as the kernels take them. A kernel lays out its
+    # programs from the lengths (a table of each segment's blocks), which it reads here without waiting
+    # on the device, and copies the bounds to the device for its programs to read.
+    bounds: torch.Tensor
 
     @property
     def segment_ids(self) -> torch.Tensor:
@@ -132,29 +134,7 @@ def plan(cu_seqlens: torch.Tensor, device: torch.device, values: list[int] | Non
         buckets.append(Bucket(index, mask, torch.tensor(members, dtype=torch.long, device=device)))
         real.append(index[mask])
     real_index = torch.cat(real) if real else torch.zeros(0, dtype=torch.long, device=device)
-    # The bounds as the kernels read them (int32, contiguous, so they take this very tensor), with the
-    # lengths they need on the host already known (``known_lengths``): no second read.
-    on_device = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
-    _remember_lengths(on_device, lengths)
-    return Packing(bounds[-1], lengths, tuple(buckets), real_index, on_device)
-
-
-_LENGTHS: dict[int, tuple] = {}
-
-
-def _remember_lengths(bounds: torch.Tensor, lengths: tuple[int, ...]) -> None:
-    if len(_LENGTHS) >= 32:  # a few rows' worth: older plans are not coming back
-        _LENGTHS.clear()
-    _LENGTHS[id(bounds)] = (weakref.ref(bounds), bounds._version, lengths)
-
-
-def known_lengths(bounds: torch.Tensor) -> tuple[int, ...] | None:
-    """The segment lengths of a plan's ``bounds`` tensor (unchanged since), known on the host without a
-    device read; None for any other tensor."""
-    kept = _LENGTHS.get(id(bounds))
-    if kept is None or kept[0]() is not bounds or kept[1] != bounds._version:
-        return None
-    return kept[2]
+    return Packing(bounds[-1], lengths, tuple(buckets), real_index, torch.tensor(bounds, dtype=torch.long))
 
 
 def unpack(x: torch.Tensor, bucket: Bucket, dim: int = 1) -> torch.Tensor:

@@ -213,9 +213,9 @@ def _mixed_chunk(
     if real is None:
         counts = torch.full((batch, chunks), float(chunk_size), dtype=dtype, device=v.device)
     else:
-        real_chunks = real.view(batch, chunks, chunk_size).to(dtype)
-        k_lin = k_lin * real_chunks[..., None]
-        counts = real_chunks.sum(-1)  # (B, G)
+        real_chunks = real.view(batch, chunks, chunk_size)
+        k_lin = torch.where(real_chunks[..., None], k_lin, torch.zeros((), dtype=dtype, device=v.device))
+        counts = real_chunks.to(dtype).sum(-1)  # (B, G)
     states = torch.einsum("bgcs,bgce->bgse", k_lin, v_chunks)
     if causal:  # exclusive prefix sums, as one matmul: chunk g gets the chunks g' < g
         before = torch.ones(chunks, chunks, dtype=dtype, device=v.device).tril_(-1)

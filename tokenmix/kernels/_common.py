@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import triton
 import triton.language as tl
 
 from ..backend import interpreting
-from ..core.packing import known_lengths
 
 
 def dot_flags(dtype: torch.dtype) -> dict:
@@ -23,35 +20,22 @@ def dot_flags(dtype: torch.dtype) -> dict:
 
 def segment_arguments(like: torch.Tensor, cu_seqlens: torch.Tensor | None, block: int) -> tuple:
     """What a kernel launched over packed segments (docs/spec.md §8) reads, as flash-linear-attention lays
-    them out: the bounds (S + 1,) int32 and the table of row blocks, (P, 2) int32 pairs (segment, block
-    within it), each segment cut into blocks of ``block`` from its own start, so no program spans two
-    segments or falls past its segment's end. Also P, the programs along the rows. Without
-    ``cu_seqlens``: stand-ins the kernel never reads (``like``), and P = cdiv(N, block) of ``like``'s
-    rows (dim −2).
+    them out: the bounds (S + 1,) int32 on ``like``'s device and the table of row blocks, (P, 2) int32
+    pairs (segment, block within it), each segment cut into blocks of ``block`` from its own start, so no
+    program spans two segments or falls past its segment's end. Also P, the programs along the rows.
+    Without ``cu_seqlens``: stand-ins the kernel never reads (``like``), and P = cdiv(N, block) of
+    ``like``'s rows (dim −2).
 
-    The table's size needs the lengths on the host, a device sync: it is kept for the same (unchanged)
-    ``cu_seqlens`` tensor, which a model hands to every layer, so a packed forward and backward read the
-    lengths once per block size, not once per kernel call."""
+    The table is made where ``cu_seqlens`` lies: a plan's bounds are on the host (``Packing.bounds``), so
+    a packed model never waits on the device for it; P is the table's shape, not a value read back."""
     if cu_seqlens is None:
         return like, like, triton.cdiv(like.shape[-2], block)
-    key = (id(cu_seqlens), cu_seqlens._version, block, like.device)
-    kept = _TABLES.get(key)
-    if kept is not None and kept[0]() is cu_seqlens:
-        return kept[1:]
-    bounds = segment_bounds(like, cu_seqlens)
-    pairs = [
-        (segment, i)
-        for segment, length in enumerate(read_lengths(bounds))
-        for i in range(triton.cdiv(length, block))
-    ]
-    table = torch.tensor(pairs or [(0, 0)], dtype=torch.int32, device=like.device)
-    if len(_TABLES) >= 32:  # a few rows' worth: older ones are not coming back
-        _TABLES.clear()
-    _TABLES[key] = (weakref.ref(cu_seqlens), bounds, table, len(pairs))
-    return bounds, table, len(pairs)
-
-
-_TABLES: dict[tuple, tuple] = {}
+    lengths = cu_seqlens.diff().long()
+    blocks = (lengths + block - 1) // block  # (S,) per segment
+    segment = torch.repeat_interleave(torch.arange(len(blocks), device=blocks.device), blocks)  # (P,)
+    within = torch.arange(len(segment), device=blocks.device) - (torch.cumsum(blocks, 0) - blocks)[segment]
+    table = torch.stack([segment, within], 1) if len(segment) else torch.zeros(1, 2, dtype=torch.long)
+    return segment_bounds(like, cu_seqlens), table.to(device=like.device, dtype=torch.int32), len(segment)
 
 
 def segment_bounds(like: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -59,13 +43,6 @@ def segment_bounds(like: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch
     if cu_seqlens is None:
         return like
     return cu_seqlens.to(device=like.device, dtype=torch.int32).contiguous()
-
-
-def read_lengths(bounds: torch.Tensor) -> list[int]:
-    """The segments' lengths on the host: known already when ``bounds`` are a plan's (a model plans
-    once), else read back (a device sync)."""
-    known = known_lengths(bounds)
-    return list(known) if known is not None else bounds.diff().tolist()
 
 
 def int8_mask(like: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
