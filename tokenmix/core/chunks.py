@@ -69,3 +69,20 @@ def causal_aligned(queries: int, keys: int, device: torch.device) -> torch.Tenso
     end — query i (position L − T + i) sees key j ≤ L − T + i. A cached form's mask."""
     newest = keys - queries + torch.arange(queries, device=device)
     return torch.arange(keys, device=device)[None, :] <= newest[:, None]
+
+
+def continued(
+    chunk: Compacted, positions: torch.Tensor, key_positions: torch.Tensor, key_real: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where a compacted chunk continued from a state lies, the state's kept keys first and the chunk's
+    after them: the chunk's positions (B, T), counted on from each row's next ``positions`` (B,), and
+    every key's position and whether it is real, (B, L) each (``key_positions``, ``key_real``: the kept
+    keys')."""
+    steps = positions[:, None] + torch.arange(chunk.length, device=positions.device)
+    valid = chunk.valid if chunk.valid is not None else torch.ones_like(steps, dtype=torch.bool)
+    return steps, torch.cat((key_positions, steps), 1), torch.cat((key_real, valid), 1)
+
+
+def kept_then(kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """A state's kept entries (B, L − T, …) followed by a chunk's (B, T, …), in the chunk's dtype."""
+    return torch.cat((kept.to(new.dtype), new), 1)

@@ -22,7 +22,7 @@ from ..core.checks import (
     compute_dtype,
     empty_output,
 )
-from ..core.chunks import compact
+from ..core.chunks import compact, continued, kept_then
 from ..core.packing import Packing, packable
 from ..errors import InvalidTypeError, InvalidValueError
 from ._excluded import (
@@ -285,13 +285,11 @@ def _recurrent(
     chunk = compact(mask, batch, length, v.device)
     q_quad, k_quad, q_lin, k_lin, v = (chunk.gather(t) for t in (q_quad, k_quad, q_lin, k_lin, v))
     state = initial_state if initial_state is not None else _empty_state(k_quad, v, chunk_size)
-    query_positions = state.positions[:, None] + torch.arange(length, device=v.device)
-    keys = torch.cat((state.keys.to(k_quad.dtype), k_quad), 1)
-    linear_keys = torch.cat((state.linear_keys.to(k_lin.dtype), k_lin), 1)
-    values = torch.cat((state.values.to(v.dtype), v), 1)
-    key_positions = torch.cat((state.key_positions, query_positions), 1)
-    valid = chunk.valid if chunk.valid is not None else torch.ones_like(query_positions, dtype=torch.bool)
-    real = torch.cat((state.key_real, valid), 1)
+    query_positions, key_positions, real = continued(
+        chunk, state.positions, state.key_positions, state.key_real
+    )
+    keys, linear_keys = kept_then(state.keys, k_quad), kept_then(state.linear_keys, k_lin)
+    values = kept_then(state.values, v)
     if initial_state is None:  # positions start at 0 and the chunk's padding comes last: the op itself
         out = mixed_chunk_attention(
             q_quad, k_quad, q_lin, k_lin, v, chunk_size=chunk_size, causal=True, attention_mask=chunk.valid

@@ -12,7 +12,7 @@ from ...backend import use_kernel
 from ...core.checks import (
     compute_dtype,
 )
-from ...core.chunks import causal_aligned, compact, last_real
+from ...core.chunks import causal_aligned, compact, continued, kept_then, last_real
 from ...errors import InvalidTypeError, InvalidValueError
 from .._deprecated import deprecated_alias
 from .._excluded import real_only
@@ -188,12 +188,8 @@ def _window_recurrent(
     chunk = compact(mask, q.shape[0], q.shape[1], q.device)
     q, k, v = chunk.gather(q), chunk.gather(k), chunk.gather(v)
     state = initial_state if initial_state is not None else _empty_window_state(k, v, kept)
-    steps = state.positions[:, None] + torch.arange(q.shape[1], device=q.device)  # (B, T)
-    keys = torch.cat((state.keys.to(k.dtype), k), 1)
-    values = torch.cat((state.values.to(v.dtype), v), 1)
-    key_positions = torch.cat((state.key_positions, steps), 1)
-    valid = chunk.valid if chunk.valid is not None else torch.ones_like(steps, dtype=torch.bool)
-    real = torch.cat((state.key_real, valid), 1)
+    steps, key_positions, real = continued(chunk, state.positions, state.key_positions, state.key_real)
+    keys, values = kept_then(state.keys, k), kept_then(state.values, v)
     if initial_state is None:  # positions start at 0 and the chunk's padding comes last: the op itself
         out = forward(q, k, v, chunk.valid)
     else:
