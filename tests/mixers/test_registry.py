@@ -92,3 +92,35 @@ def test_a_state_of_another_mixer_or_batch_size_is_refused_naming_it(name):
         mixer.step(torch.randn(3, 4, 16), mixer.init_state(2))
     with pytest.raises(ValueError, match="capacity must be positive"):
         mixer.init_state(2, capacity=0)
+
+
+def test_the_minimal_mixer_in_the_base_docstring_works():
+    """Issue 40.1: the example in ``Mixer``'s docstring is complete — registered, it decodes what its
+    forward computes and packs each segment alone."""
+    import dataclasses
+    import re
+    import textwrap
+
+    from tokenmix.core.packing import packed_call
+    from tokenmix.mixers import Mixer
+    from tokenmix.mixers.state import DecodingState
+
+    code = textwrap.dedent(re.search(r"one\)::\n\n(.*)", Mixer.__doc__, flags=re.DOTALL).group(1))
+    namespace = {"torch": torch, "nn": torch.nn, "dataclass": dataclasses.dataclass, "Mixer": Mixer,
+                 "DecodingState": DecodingState, "register_mixer": registry.register_mixer,
+                 "packed_call": packed_call}  # fmt: skip
+    try:
+        exec(code, namespace)
+        torch.manual_seed(0)
+        mixer = tokenmix.create_mixer("prefix_sum", 8, causal=True).double()
+        x, mask = torch.randn(2, 7, 8, dtype=torch.float64), torch.rand(2, 7) > 0.3
+        mask[:, 0] = True
+        full = mixer(x, attention_mask=mask)
+        state = mixer.init_state(2)
+        y1, state = mixer.step(x[:, :3], state, attention_mask=mask[:, :3])
+        y2, state = mixer.step(x[:, 3:], state, attention_mask=mask[:, 3:])
+        torch.testing.assert_close(torch.cat([y1, y2], 1)[mask], full[mask])
+        packed = mixer(x[:1], cu_seqlens=torch.tensor([0, 3, 7]))
+        torch.testing.assert_close(packed[0, 3:], mixer(x[:1, 3:])[0])
+    finally:
+        registry._MIXERS.pop("prefix_sum", None)

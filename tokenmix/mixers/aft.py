@@ -82,9 +82,9 @@ class AFTMixer(Mixer):
         if self.max_len is not None and (state.capacity is None or state.capacity > self.max_len):
             self._check_length(int((state.positions + chunk.counts).max()))  # a host sync: only if needed
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
-        return self.dropout(self.to_out(self.mix_cached(q, k, v, state, chunk)))
+        return self.dropout(self.to_out(self.mix_continued(q, k, v, state, chunk)))
 
-    def mix_cached(self, q, k, v, state: AFTState, chunk: Compacted) -> torch.Tensor:
+    def mix_continued(self, q, k, v, state: AFTState, chunk: Compacted) -> torch.Tensor:
         """The family's op on a chunk's q, k, v (B, T, hidden), continued from ``state`` and updating
         it."""
         raise NotImplementedError
@@ -156,7 +156,7 @@ class AFTFull(AFTMixer):
             q, k, v, w, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
         )
 
-    def mix_cached(self, q, k, v, state, chunk):
+    def mix_continued(self, q, k, v, state, chunk):
         positions = state.positions[:, None] + torch.arange(k.shape[1], device=k.device)
         if state.cache is None:
             state.cache = KVCache(state.batch_size, state.capacity)
@@ -199,7 +199,7 @@ class AFTSimple(AFTMixer):
             q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
         )
 
-    def mix_cached(self, q, k, v, state, chunk):
+    def mix_continued(self, q, k, v, state, chunk):
         out, state.running = aft_ops.aft_simple(
             q,
             k,
@@ -251,7 +251,7 @@ class AFTLocal(AFTMixer):
             return aft_ops.aft_local(q, k, v, self.bias.table, **options)
         return aft_ops.aft_local_lowrank(q, k, v, self.bias.u, self.bias.v, **options)
 
-    def mix_cached(self, q, k, v, state, chunk):
+    def mix_continued(self, q, k, v, state, chunk):
         options = dict(window=self.window, causal=True, attention_mask=chunk.valid, output_final_state=True)
         if self.bias.rank is None:
             out, state.window = aft_ops.aft_local(
@@ -355,7 +355,7 @@ class AFTConv(AFTMixer):
         out = aft_ops.aft_conv(q, k, v, self.weight(), attention_mask=attention_mask)
         return out.reshape(batch, q.shape[0] // batch * size, -1)
 
-    def mix_cached(self, q, k, v, state, chunk):
+    def mix_continued(self, q, k, v, state, chunk):
         out, state.window = aft_ops.aft_conv(
             self._heads(q),
             k,

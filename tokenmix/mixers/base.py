@@ -31,6 +31,43 @@ class Mixer(SelfInitialising):
 
     Every mixer's last layer is a linear projection named ``to_out`` (dropout aside): the models
     initialise it as the last projection of a residual branch.
+
+    A mixer implements three hooks, one signature each in every family: ``mix_sequence(x,
+    attention_mask, packing)`` (the checked input; ``packing``: a packed row's plan, or None),
+    ``new_state(batch_size, capacity)`` and ``advance(x, state, chunk)`` (a chunk whose real tokens
+    come first in each row). The base checks inputs, plans packing, compacts chunks and keeps the
+    state's positions. (Inside a family, ``mix`` calls its op on a sequence, ``mix_cached`` attends over
+    a KV cache and ``mix_continued`` continues an op's own state.) A minimal complete mixer, y_t =
+    W_o Σ x_s over the real s ≤ t (causal) or all real s (docs/guide.md, "Add a mixer", has a fuller
+    one)::
+
+        @dataclass
+        class SumState(DecodingState):
+            total: torch.Tensor | None = None  # (B, dim): the sum so far
+
+        @register_mixer("prefix_sum", paper="-", time="O(N·d²)", memory="O(N·d)", state="a sum: O(d)")
+        class PrefixSum(Mixer):
+            def __init__(self, dim: int, *, causal: bool = False) -> None:
+                super().__init__(dim, causal=causal)
+                self.to_out = nn.Linear(dim, dim)
+
+            def mix_sequence(self, x, attention_mask, packing=None):
+                if packing is not None:  # each segment alone, as a batch of right-padded rows
+                    return packed_call(self.mix_sequence, [(x, 1)], packing)
+                if attention_mask is not None:  # padding selected away, not multiplied by 0
+                    x = torch.where(attention_mask[..., None], x, torch.zeros((), dtype=x.dtype))
+                sums = x.cumsum(1) if self.causal else x.sum(1, keepdim=True).expand_as(x)
+                return self.to_out(sums)
+
+            def new_state(self, batch_size, capacity):
+                return SumState(batch_size, capacity)
+
+            def advance(self, x, state, chunk):
+                if chunk.valid is not None:  # each row's real tokens come first, its padding last
+                    x = torch.where(chunk.valid[..., None], x, torch.zeros((), dtype=x.dtype))
+                sums = x.cumsum(1) if state.total is None else state.total[:, None] + x.cumsum(1)
+                state.total = sums[:, -1]
+                return self.to_out(sums)
     """
 
     mixer_name: str = ""
