@@ -90,6 +90,10 @@ def run(point: dict[str, Any]) -> dict[str, Any]:
     config = TrainConfig.from_dict(point)
     config.resume = (Path(config.out) / "config.json").is_file()
     logged = train(config)
+    if not finished(Path(config.out), config.steps):  # stopped by a signal, checkpoint kept
+        raise KeyboardInterrupt(
+            f"{config.out}: stopped before step {config.steps}; run the sweep again to resume"
+        )
     floor = create_task(config).floor()
     curve = [(r["step"], r["val_acc"]) for r in logged]
     test = evaluate(config.out, "test", device="cpu")
