@@ -19,9 +19,11 @@ so a sweep can be extended length by length (``--lens 64``, later ``--lens 64,12
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import json
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -84,6 +86,19 @@ def model_state_bytes(config: TrainConfig) -> int:
     return sum(m.state_bytes(config.seq_len) for m in model.modules() if isinstance(m, Mixer))
 
 
+_SWEEP: int | None = None  # in a pool worker: the sweep's pid
+
+
+def _stop_with_the_sweep() -> None:
+    """A pool worker's initializer (Linux): SIGTERM when the sweep's process dies, even by a SIGTERM of its
+    own. An idle worker ends; a training one stops at its next step with its checkpoint kept (``run``
+    then ends the worker: nobody is left to take its result). Without it such workers trained on."""
+    global _SWEEP
+    _SWEEP = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def run(point: dict[str, Any]) -> dict[str, Any]:
     """Train one configuration (or reuse its finished run) and score it on both held-out splits."""
     torch.set_num_threads(1)  # one run a core: ``--jobs`` runs side by side
@@ -91,6 +106,8 @@ def run(point: dict[str, Any]) -> dict[str, Any]:
     config.resume = (Path(config.out) / "config.json").is_file()
     logged = train(config)
     if not finished(Path(config.out), config.steps):  # stopped by a signal, checkpoint kept
+        if _SWEEP is not None and os.getppid() != _SWEEP:
+            os._exit(1)  # the sweep is gone
         raise KeyboardInterrupt(
             f"{config.out}: stopped before step {config.steps}; run the sweep again to resume"
         )
@@ -214,7 +231,7 @@ def main() -> None:
     if args.finished:  # a sweep cut short: record the configurations whose whole grid finished
         done = {key(p) for p in points} - {key(p) for p in points if not finished(Path(p["out"]), p["steps"])}
         points = [point for point in points if key(point) in done]
-    with ProcessPoolExecutor(args.jobs) as pool:
+    with ProcessPoolExecutor(args.jobs, initializer=_stop_with_the_sweep) as pool:
         runs = []
         for record in pool.map(run, points):
             runs.append(record)
