@@ -33,7 +33,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     warm = False
     for line in sys.stdin:
-        if not warm and json.loads(line)["device"] == "cpu":
+        point = json.loads(line)
+        if not warm and point["device"] == "cpu":
             # The profiler's first start takes a second and a half (measure.peak_allocated_mb uses it on
             # the CPU): paid once here, not in every child. Never on CUDA: nothing here may touch the
             # device before a fork.
@@ -45,7 +46,7 @@ def main() -> None:
         if pid == 0:
             os.close(read)
             try:
-                _child(json.loads(line), write)
+                _child(point, write)
             finally:
                 os._exit(0)
         os.close(write)
