@@ -52,13 +52,15 @@ def test_a_bare_tensor_conv_state_warns_and_equals_the_named_state(op):
     assert torch.equal(got, expected)
 
 
-def test_aft_simple_state_is_named_and_a_plain_tuple_still_works():
+def test_aft_simple_state_is_named_and_a_plain_tuple_still_works_with_a_warning():
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 6, 3, generator=gen, dtype=torch.float64) for _ in range(3))
     _, state = F.aft_simple(q[:, :4], k[:, :4], v[:, :4], causal=True, output_final_state=True)
     assert isinstance(state, F.AFTSimpleState) and state.max.shape == (2, 3)
     named = F.aft_simple(q[:, 4:], k[:, 4:], v[:, 4:], causal=True, initial_state=state)
-    plain = F.aft_simple(q[:, 4:], k[:, 4:], v[:, 4:], causal=True, initial_state=tuple(state))
+    with pytest.warns(DeprecationWarning, match="AFTSimpleState"):  # the NamedTuple it was before
+        plain = F.aft_simple(q[:, 4:], k[:, 4:], v[:, 4:], causal=True, initial_state=(state.max,
+                             state.numerator, state.denominator))  # fmt: skip
     assert torch.equal(named, plain)
     with pytest.raises(TypeError, match="initial_state must be the AFTSimpleState"):
-        F.aft_simple(q, k, v, causal=True, initial_state=state[:2])
+        F.aft_simple(q, k, v, causal=True, initial_state=(state.max, state.numerator))

@@ -99,7 +99,7 @@ def test_aft_conv_decodes_with_a_nonzero_kernel(kernel_size):
         x = torch.randn(2, 12, 16)
         steps, state = decode(mixer, x)
         assert_close(steps, mixer(x), 1e-5)
-    assert state.window.keys.shape[1] == kernel_size - 1  # constant: the window, plus O(d) running sums
+    assert state.keys.shape[1] == kernel_size - 1  # constant: the window, plus O(d) running sums
 
 
 @pytest.mark.parametrize(

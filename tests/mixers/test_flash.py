@@ -72,7 +72,7 @@ def test_flash_decoding_state_is_constant_in_t(chunk_size):
         assert_close(steps, flash(x), 1e-5)
     assert len(set(sizes)) == 1  # allocated once: Σ KᵀV plus one chunk's buffers
     finished = x.shape[1] // chunk_size * chunk_size  # tokens of finished chunks
-    assert (state.inner.linear_count == finished).all()
+    assert (state.linear_count == finished).all()
 
 
 @pytest.mark.parametrize("activation", ["softmax", "relu", "relu2"])

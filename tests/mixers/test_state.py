@@ -3,10 +3,14 @@ counted once, in ``Mixer.step`` / ``Backbone.step``, the same for every family."
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 import tokenmix
+import tokenmix.functional as F
+from tokenmix.core import chunks
 from tokenmix.mixers.state import DecodingState
 from tokenmix.models import LanguageModel
 
@@ -126,3 +130,54 @@ def test_state_bytes_of_attention_is_its_keys_and_values():
         tokenmix.create_mixer("softmax", 32).state_bytes(10)
     with pytest.raises(ValueError, match="seq_len"):
         mixer.state_bytes(0)
+
+
+def _nested_states(value, found):
+    """Every DecodingState inside ``value`` (its fields, recursively), ``value`` itself excluded."""
+    for item in value.own_values():
+        if isinstance(item, DecodingState):
+            found.append(item)
+            _nested_states(item, found)
+    return found
+
+
+@pytest.mark.parametrize("name", tokenmix.list_mixers())
+def test_a_mixer_holds_one_state_and_counts_positions_once(name):
+    """Issue 40.2: a mixer's decoding state was a wrapper around its op's state, both counting positions.
+    Now a mixer whose op is recurrent holds the op's own state type, and no state nested in it counts
+    positions (an op's running sums may nest, positionless)."""
+    recurrent_types = {getattr(F, op).state_type for op in F.__all__ if hasattr(getattr(F, op), "state_type")}
+    mixer = tokenmix.create_mixer(name, 16, causal=True)
+    mask = torch.tensor([[False, True, True], [True, True, False]])
+    with torch.no_grad():
+        _, state = mixer.step(torch.randn(2, 3, 16), mixer.init_state(2), mask)
+    expected = {
+        "flash": F.MixedChunkState, "aft_simple": F.AFTSimpleState, "aft_local": F.AFTWindowState,
+        "aft_conv": F.AFTWindowState, "lightconv": F.ConvWindowState, "dynamic_conv": F.ConvWindowState,
+    }  # fmt: skip
+    if name in expected:
+        assert type(state) is expected[name] and type(state) in recurrent_types
+    assert all(inner.positions is None for inner in _nested_states(state, []))
+    assert state.positions.tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("name", tokenmix.list_mixers())
+def test_a_padded_chunk_is_compacted_once(name, monkeypatch):
+    """Issue 40.2: a chunk was compacted by Mixer.step and again inside AFT-local's recurrent op. Every
+    module that imported ``compact`` has it replaced by a counting one; two steps, each once."""
+    calls, original = [], chunks.compact
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    mixer = tokenmix.create_mixer(name, 16, causal=True)
+    mask = torch.tensor([[False, True, True, True], [True, True, False, True]])
+    with torch.no_grad():
+        _, state = mixer.step(torch.randn(2, 4, 16), mixer.init_state(2), mask)  # imports what it uses
+        for module in list(sys.modules.values()):
+            if module.__name__.startswith("tokenmix") and getattr(module, "compact", None) is original:
+                monkeypatch.setattr(module, "compact", counted)
+        _, state = mixer.step(torch.randn(2, 4, 16), state, mask)  # continued from the op's state
+        mixer.step(torch.randn(2, 4, 16), mixer.init_state(2), mask)  # the op's first chunk
+    assert len(calls) == 2

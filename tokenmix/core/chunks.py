@@ -6,6 +6,10 @@ chunk is first *compacted*: each row's real tokens are moved, in order, to the f
 the mixer advances its state over that right-padded chunk, and the outputs are put back where the
 tokens came from. A mixer's ``advance`` therefore only ever sees rows whose first ``counts[b]`` tokens
 are real and whose others come after them, which a causal computation ignores for the real ones.
+
+A state whose op takes any padding mask and counts positions itself (``DecodingState.counted_by_op``:
+FLASH's, AFT-local's and AFT-conv's) is compacted there, once: ``Mixer.step`` hands such a family the
+chunk ``as_given``.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ import torch
 
 @dataclass
 class Compacted:
-    """A chunk with each row's real tokens first: ``order[b, i]`` is where entry i came from."""
+    """A chunk with each row's real tokens first: ``order[b, i]`` is where entry i came from; or (made by
+    ``as_given``) a chunk left as it came, ``valid`` marking its real tokens wherever they are."""
 
-    order: torch.Tensor | None  # (B, T) long, None when every position is real
-    valid: torch.Tensor | None  # (B, T) bool: the first counts[b] entries of each row
+    order: torch.Tensor | None  # (B, T) long, None when the chunk is left as it is
+    valid: torch.Tensor | None  # (B, T) bool: which entries are real (compacted: the first counts[b])
     counts: torch.Tensor  # (B,) long: real tokens per row
     length: int  # T
 
@@ -34,7 +39,10 @@ class Compacted:
     def scatter(self, y: torch.Tensor) -> torch.Tensor:
         """(B, T, …) outputs in compacted order → the caller's order, zero at padded positions."""
         if self.order is None:
-            return y
+            if self.valid is None:
+                return y
+            real = self.valid.view(*self.valid.shape, *[1] * (y.dim() - 2))
+            return torch.where(real, y, torch.zeros((), dtype=y.dtype, device=y.device))
         inverse = self.order.argsort(1)
         index = inverse.view(*inverse.shape, *[1] * (y.dim() - 2)).expand_as(y)
         back = y.gather(1, index)
@@ -49,6 +57,13 @@ def compact(mask: torch.Tensor | None, batch: int, length: int, device: torch.de
     counts = mask.sum(1)
     valid = torch.arange(length, device=device)[None, :] < counts[:, None]
     return Compacted(order, valid, counts, length)
+
+
+def as_given(mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> Compacted:
+    """The chunk left as it came (for an op that compacts it itself): ``gather`` is the identity, ``valid``
+    is ``mask`` (real tokens anywhere in a row), and ``scatter`` zeroes the padded outputs."""
+    counts = torch.full((batch,), length, dtype=torch.long, device=device) if mask is None else mask.sum(1)
+    return Compacted(None, mask, counts, length)
 
 
 def last_real(values: torch.Tensor, chunk: Compacted, keep: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from ..core.checks import (
     empty_output,
 )
 from ..core.packing import Packing, packable
+from ..core.state import DecodingState
 from ..errors import InvalidValueError
 from ._excluded import all_finite, finite_part, real_only, reinstate, seen_in_window
 from ._typing import recurrent_op
@@ -41,11 +42,13 @@ from ._typing import recurrent_op
 __all__ = ["ConvWindowState", "dynamic_conv", "lightconv"]
 
 
-class ConvWindowState(NamedTuple):
+@dataclass
+class ConvWindowState(DecodingState):
     """Causal lightconv's and dynamic_conv's recurrent state: the last K − 1 inputs before the next call
-    (zeros before the sequence's start; padding as 0), constant in size."""
+    (zeros before the sequence's start; padding as 0), constant in size. The ``lightconv`` and
+    ``dynamic_conv`` mixers hold this state itself, with the last K − 1 real inputs."""
 
-    inputs: torch.Tensor  # (B, K − 1, C)
+    inputs: torch.Tensor | None = None  # (B, K − 1, C)
 
 
 # The band-matrix path is taken when K ≥ min_kernel_size and N ≤ max_length_per_tap · K: band costs
@@ -269,7 +272,7 @@ def _from_state(
     if initial_state is None:
         initial_state = x.new_zeros(shape)
     elif isinstance(initial_state, ConvWindowState):
-        initial_state = initial_state.inputs
+        initial_state = x.new_zeros(shape) if initial_state.empty else initial_state.inputs
     else:
         check_float_tensor("initial_state", initial_state, "ConvWindowState (B, K − 1, C)")
         warnings.warn(

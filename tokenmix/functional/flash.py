@@ -6,7 +6,7 @@ the per-chunk states Kᵀ V (an exclusive prefix sum of them when causal). Memor
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from ..core.checks import (
 )
 from ..core.chunks import compact, continued, kept_then
 from ..core.packing import Packing, packable
+from ..core.state import DecodingState
 from ..errors import InvalidTypeError, InvalidValueError
 from ._excluded import (
     all_finite,
@@ -40,23 +41,26 @@ from .attention import pointwise_attention
 __all__ = ["MixedChunkState", "mixed_chunk_attention"]
 
 
-class MixedChunkState(NamedTuple):
+@dataclass
+class MixedChunkState(DecodingState):
     """Causal mixed-chunk attention's recurrent state, constant in size: each row's next position (its
-    count of real tokens), Σ k_lin ⊗ v over the tokens of its finished chunks and their count, and its
-    unfinished chunk's k_quad, k_lin, v and positions in C slots, the token at position p in slot p mod C
-    (``key_real`` marks the slots in use), so a token's step writes one slot. Chunks are positions // C."""
+    count of real tokens: ``positions``, counted by the op), Σ k_lin ⊗ v over the tokens of its finished
+    chunks and their count, and its unfinished chunk's k_quad, k_lin, v and positions in C slots, the
+    token at position p in slot p mod C (``key_real`` marks the slots in use), so a token's step writes
+    one slot. Chunks are positions // C. The ``flash`` mixer holds this state itself."""
 
-    positions: torch.Tensor  # (B,) long
-    linear_state: torch.Tensor  # (B, S, E)
-    linear_count: torch.Tensor  # (B,) long
-    keys: torch.Tensor  # (B, C, S)
-    linear_keys: torch.Tensor  # (B, C, S)
-    values: torch.Tensor  # (B, C, E)
-    key_positions: torch.Tensor  # (B, C) long
-    key_real: torch.Tensor  # (B, C) bool
+    linear_state: torch.Tensor | None = None  # (B, S, E)
+    linear_count: torch.Tensor | None = None  # (B,) long
+    keys: torch.Tensor | None = None  # (B, C, S)
+    linear_keys: torch.Tensor | None = None  # (B, C, S)
+    values: torch.Tensor | None = None  # (B, C, E)
+    key_positions: torch.Tensor | None = None  # (B, C) long
+    key_real: torch.Tensor | None = None  # (B, C) bool
     # Σ k_lin ⊗ v over the unfinished chunk (B, S, E), so that a token's step adds its own outer product
     # and a finished chunk joins linear_state without a sum over the chunk (None: computed when needed).
     pending_state: torch.Tensor | None = None
+
+    counted_by_op = True
 
 
 def _quadratic_options(qk_dim: int, chunk_size: int) -> dict:
@@ -251,7 +255,6 @@ def _empty_state(k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> MixedChun
     batch, qk_dim, device = k.shape[0], k.shape[-1], k.device
     positions = torch.zeros(batch, dtype=torch.long, device=device)
     return MixedChunkState(
-        positions,
         v.new_zeros(batch, qk_dim, v.shape[-1]),
         positions.clone(),
         k.new_zeros(batch, chunk_size, qk_dim),
@@ -260,6 +263,7 @@ def _empty_state(k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> MixedChun
         positions.new_zeros(batch, chunk_size),
         torch.zeros(batch, chunk_size, dtype=torch.bool, device=device),
         v.new_zeros(batch, qk_dim, v.shape[-1]),
+        positions=positions,
     )
 
 
@@ -269,6 +273,8 @@ def _recurrent(
     """The causal op over a chunk continued from ``initial_state``, each row's real tokens moved to its
     front first (so padding leaves the state alone and positions count real tokens)."""
     batch, length = v.shape[:2]
+    if isinstance(initial_state, MixedChunkState) and initial_state.empty:  # a mixer's, not yet fed
+        initial_state = None
     if initial_state is not None:
         _check_state(initial_state, batch, chunk_size, {"S": k_quad.shape[-1], "E": v.shape[-1]})
         use_kernel(
@@ -278,7 +284,7 @@ def _recurrent(
         )
     if length == 1 and initial_state is not None:
         inputs = (q_quad, k_quad, q_lin, k_lin, v)
-        state_tensors = (t for t in initial_state if t is not None)
+        state_tensors = (t for t in initial_state.own_values() if t is not None)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *state_tensors))
         out, state = _token(*inputs, mask, initial_state, chunk_size, inplace and not grad)
         return (out, state) if output_final_state else out
@@ -312,7 +318,9 @@ def _recurrent(
     slot_positions, index = _unfinished_slots(state.positions, positions, chunk_size)
     kept = (_gather_slots(t, index) for t in (keys, linear_keys, values))
     in_use = slot_positions < positions[:, None]
-    return out, MixedChunkState(positions, linear_state, linear_count, *kept, slot_positions, in_use, pending)
+    return out, MixedChunkState(
+        linear_state, linear_count, *kept, slot_positions, in_use, pending, positions=positions
+    )
 
 
 def _unfinished_slots(before: torch.Tensor, after: torch.Tensor, chunk_size: int):
@@ -360,8 +368,9 @@ def _token(q_quad, k_quad, q_lin, k_lin, v, mask, state: MixedChunkState, chunk_
     linear_count = bump(state.linear_count, done.long() * chunk_size)
     positions = bump(state.positions, valid.long())
     return out, MixedChunkState(
-        positions, linear_state, linear_count, keys, linear_keys, values, key_positions, in_use, pending
-    )
+        linear_state, linear_count, keys, linear_keys, values, key_positions, in_use, pending,
+        positions=positions,
+    )  # fmt: skip
 
 
 def _write_slot(buffer, entry, slot, written, inplace: bool) -> torch.Tensor:

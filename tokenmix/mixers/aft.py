@@ -28,20 +28,20 @@ PAPER = "Zhai et al. 2021, An Attention Free Transformer (arXiv 2105.14103)"
 
 
 @dataclass
-class AFTState(DecodingState):
-    """The AFT mixers' decoding state, the op's state of each: AFT-simple's ``AFTSimpleState`` (running
-    max, numerator, denominator), AFT-full's cache of every key (a fixed-size cache with a capacity),
-    AFT-local's and AFT-conv's ``AFTWindowState`` (the last window − 1 keys and the sums of older
-    ones)."""
+class AFTFullState(DecodingState):
+    """AFT-full's decoding state: a cache of every key and value (fixed-size with a capacity) and the
+    keys' positions. (AFT-simple holds its op's ``AFTSimpleState``, AFT-local and AFT-conv their op's
+    ``AFTWindowState``: one state each, the op's own.)"""
 
-    running: aft_ops.AFTSimpleState | None = None
     cache: KVCache | None = None
-    key_positions: torch.Tensor | None = None  # (B, t): AFT-full's cached keys' positions
-    window: aft_ops.AFTWindowState | None = None
+    key_positions: torch.Tensor | None = None  # (B, t): the cached keys' positions
 
 
 class AFTMixer(Mixer):
-    """Shared projections, output, length checks and state; subclasses supply the op and its step."""
+    """Shared projections, output and length checks; subclasses supply the op, its state (``state_type``,
+    made empty with the batch size and capacity) and its step."""
+
+    state_type: type[DecodingState]
 
     def __init__(
         self, dim: int, *, causal: bool, hidden_dim: int | None, max_len: int | None, dropout: float
@@ -73,18 +73,18 @@ class AFTMixer(Mixer):
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         return self.dropout(self.to_out(self.mix(q, k, v, attention_mask, packing)))
 
-    def new_state(self, batch_size: int, capacity: int | None = None) -> AFTState:
+    def new_state(self, batch_size: int, capacity: int | None = None) -> DecodingState:
         """An empty state. ``capacity``: AFT-full's cache holds that many positions (padding included)
         in tensors of fixed shapes (for ``torch.compile``); the other AFT states are constant in size."""
-        return AFTState(batch_size, capacity=capacity)
+        return self.state_type(batch_size=batch_size, capacity=capacity)
 
-    def advance(self, x: torch.Tensor, state: AFTState, chunk: Compacted) -> torch.Tensor:
+    def advance(self, x: torch.Tensor, state: DecodingState, chunk: Compacted) -> torch.Tensor:
         if self.max_len is not None and (state.capacity is None or state.capacity > self.max_len):
             self._check_length(int((state.positions + chunk.counts).max()))  # a host sync: only if needed
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         return self.dropout(self.to_out(self.mix_continued(q, k, v, state, chunk)))
 
-    def mix_continued(self, q, k, v, state: AFTState, chunk: Compacted) -> torch.Tensor:
+    def mix_continued(self, q, k, v, state: DecodingState, chunk: Compacted) -> torch.Tensor:
         """The family's op on a chunk's q, k, v (B, T, hidden), continued from ``state`` and updating
         it."""
         raise NotImplementedError
@@ -135,6 +135,8 @@ class AFTFull(AFTMixer):
             bias table's size). bias_rank: d' of the factorisation w = u vᵀ, or None for a full table.
         dropout: on the output.
     """
+
+    state_type = AFTFullState
 
     def __init__(
         self,
@@ -189,6 +191,8 @@ class AFTSimple(AFTMixer):
         dim: model width. hidden_dim: width of Q, K, V (default dim). dropout: on the output.
     """
 
+    state_type = aft_ops.AFTSimpleState
+
     def __init__(
         self, dim: int, *, causal: bool = False, hidden_dim: int | None = None, dropout: float = 0.0
     ) -> None:
@@ -200,15 +204,10 @@ class AFTSimple(AFTMixer):
         )
 
     def mix_continued(self, q, k, v, state, chunk):
-        out, state.running = aft_ops.aft_simple(
-            q,
-            k,
-            v,
-            causal=True,
-            attention_mask=chunk.valid,
-            initial_state=state.running,
-            output_final_state=True,
+        out, final = aft_ops.aft_simple(
+            q, k, v, causal=True, attention_mask=chunk.valid, initial_state=state, output_final_state=True
         )
+        state.take(final)
         return out
 
 
@@ -227,6 +226,8 @@ class AFTLocal(AFTMixer):
         dim, hidden_dim, max_len, bias_rank, dropout: as for ``"aft_full"``.
         window: s (32, the paper's best on Enwik8).
     """
+
+    state_type = aft_ops.AFTWindowState
 
     def __init__(
         self,
@@ -252,15 +253,15 @@ class AFTLocal(AFTMixer):
         return aft_ops.aft_local_lowrank(q, k, v, self.bias.u, self.bias.v, **options)
 
     def mix_continued(self, q, k, v, state, chunk):
-        options = dict(window=self.window, causal=True, attention_mask=chunk.valid, output_final_state=True)
+        options = dict(
+            window=self.window, causal=True, attention_mask=chunk.valid, initial_state=state,
+            output_final_state=True,
+        )  # fmt: skip
         if self.bias.rank is None:
-            out, state.window = aft_ops.aft_local(
-                q, k, v, self.bias.table, initial_state=state.window, **options
-            )
+            out, final = aft_ops.aft_local(q, k, v, self.bias.table, **options)
         else:
-            out, state.window = aft_ops.aft_local_lowrank(
-                q, k, v, self.bias.u, self.bias.v, initial_state=state.window, **options
-            )
+            out, final = aft_ops.aft_local_lowrank(q, k, v, self.bias.u, self.bias.v, **options)
+        state.take(final)
         return out
 
 
@@ -283,6 +284,8 @@ class AFTConv(AFTMixer):
             the 2-D form (bidirectional only), None for 1-D. hidden_dim: width of Q and V (default dim;
             a multiple of heads). dropout: on the output.
     """
+
+    state_type = aft_ops.AFTWindowState
 
     def __init__(
         self,
@@ -356,14 +359,9 @@ class AFTConv(AFTMixer):
         return out.reshape(batch, q.shape[0] // batch * size, -1)
 
     def mix_continued(self, q, k, v, state, chunk):
-        out, state.window = aft_ops.aft_conv(
-            self._heads(q),
-            k,
-            self._heads(v),
-            self.weight(),
-            causal=True,
-            attention_mask=chunk.valid,
-            initial_state=state.window,
-            output_final_state=True,
-        )
+        out, final = aft_ops.aft_conv(
+            self._heads(q), k, self._heads(v), self.weight(), causal=True, attention_mask=chunk.valid,
+            initial_state=state, output_final_state=True,
+        )  # fmt: skip
+        state.take(final)
         return out.flatten(-2)

@@ -111,7 +111,7 @@ class MultiHeadAttention(Mixer):
         """An empty KV cache: O(t · heads · head_dim) per sequence after t steps.
         ``capacity``: a fixed-size cache for that many positions (padding included), whose tensors keep
         their shapes from step to step (for ``torch.compile``); None grows as needed."""
-        return CacheState(batch_size, capacity, cache=KVCache(batch_size, capacity))
+        return CacheState(batch_size=batch_size, capacity=capacity, cache=KVCache(batch_size, capacity))
 
     def advance(self, x: torch.Tensor, state: CacheState, chunk: Compacted) -> torch.Tensor:
         q, k, v = self._qkv(x, offset=state.positions)

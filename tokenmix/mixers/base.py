@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..core.checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
-from ..core.chunks import Compacted, compact
+from ..core.chunks import Compacted, as_given, compact
 from ..core.packing import Packing, packing_of
 from ..errors import InvalidTypeError, InvalidValueError, UnavailableError
 from ..init import SelfInitialising
@@ -60,7 +60,7 @@ class Mixer(SelfInitialising):
                 return self.to_out(sums)
 
             def new_state(self, batch_size, capacity):
-                return SumState(batch_size, capacity)
+                return SumState(batch_size=batch_size, capacity=capacity)
 
             def advance(self, x, state, chunk):
                 if chunk.valid is not None:  # each row's real tokens come first, its padding last
@@ -186,15 +186,21 @@ class Mixer(SelfInitialising):
         x, single, mask = self.check_step_input(x, state, attention_mask)
         given_at = state.fed
         state.feed(x.shape[0], x.shape[1])
-        chunk = compact(mask, x.shape[0], x.shape[1], x.device)
         positions = state.next_positions(x.device)
+        # An op's own state (FLASH's, AFT-local's) is advanced by an op that compacts the chunk and counts
+        # its positions itself: done once, there. Any other state: here.
+        by_op = state.counted_by_op
+        chunk = (as_given if by_op else compact)(mask, x.shape[0], x.shape[1], x.device)
         y = chunk.scatter(self.advance(chunk.gather(x), state, chunk))
-        state.positions = positions + chunk.counts
+        if not by_op:
+            state.positions = positions + chunk.counts
         return (y[:, 0] if single else y), state.successor(given_at)
 
     def advance(self, x: torch.Tensor, state: DecodingState, chunk: Compacted) -> torch.Tensor:
         """The causal outputs (B, T, dim) of a chunk whose real tokens come first in each row
         (``chunk.counts``, ``chunk.valid``), updating the family's fields of ``state`` with the real ones
         only. ``state.positions`` (B,): each row's first position in the chunk (``step`` has checked the
-        batch and capacity, and advances the positions after)."""
+        batch and capacity, and advances the positions after). When the state is an op's own
+        (``state.counted_by_op``), the chunk comes as it was given (``chunk.valid`` marks its real tokens
+        anywhere in a row) and the op compacts it and counts the positions."""
         raise NotImplementedError

@@ -9,8 +9,6 @@ Linear(d → H·K).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -21,16 +19,8 @@ from ..errors import InvalidValueError
 from ..functional.conv import ConvWindowState, dynamic_conv, lightconv
 from .base import Mixer
 from .registry import register_mixer
-from .state import DecodingState
 
 PAPER = "Wu et al. 2019, Pay Less Attention with Lightweight and Dynamic Convolutions (arXiv 1901.10430)"
-
-
-@dataclass
-class ConvState(DecodingState):
-    """The last K − 1 convolution inputs (B, K − 1, d), zeros before the sequence starts: O(K·d)."""
-
-    window: torch.Tensor | None = None
 
 
 class ConvolutionMixer(Mixer):
@@ -93,26 +83,20 @@ class ConvolutionMixer(Mixer):
         kernel = self._normalised_kernel(u)
         return self.dropout(self.to_out(self.mix(u, kernel, attention_mask, cu_seqlens=packing)))
 
-    def new_state(self, batch_size: int, capacity: int | None = None) -> ConvState:
-        """Zeros for the inputs before the sequence: constant in size; ``capacity`` only bounds what it
-        may be fed."""
-        param = self.to_out.weight
-        window = param.new_zeros(batch_size, self.kernel_size - 1, self.dim)
-        return ConvState(batch_size, capacity, window=window)
+    def new_state(self, batch_size: int, capacity: int | None = None) -> ConvWindowState:
+        """The op's state, zeros for the inputs before the sequence: constant in size; ``capacity`` only
+        bounds what it may be fed."""
+        window = self.to_out.weight.new_zeros(batch_size, self.kernel_size - 1, self.dim)
+        return ConvWindowState(window, batch_size=batch_size, capacity=capacity)
 
-    def advance(self, x: torch.Tensor, state: ConvState, chunk: Compacted) -> torch.Tensor:
+    def advance(self, x: torch.Tensor, state: ConvWindowState, chunk: Compacted) -> torch.Tensor:
         """The causal convolution over the K − 1 previous real inputs and the chunk, in one call."""
         u = self.glu(self.to_input(x))
-        window = state.window.to(u.dtype)
-        y, final = self.mix(
-            u,
-            self._normalised_kernel(u),
-            None,
-            initial_state=ConvWindowState(window),
-            output_final_state=True,
-        )
-        # Padding comes last in a compacted chunk: the newest real inputs then end before it.
-        state.window = (
+        window = state.inputs.to(u.dtype)
+        y, final = self.mix(u, self._normalised_kernel(u), None, initial_state=state, output_final_state=True)
+        # The op keeps the last K − 1 inputs, padding as 0; padding comes last in a compacted chunk, so
+        # the newest real inputs end before it.
+        state.inputs = (
             final.inputs
             if chunk.order is None
             else last_real(torch.cat((window, u), 1), chunk, self.kernel_size - 1)

@@ -10,8 +10,6 @@ connection (``tokenmix.models`` blocks with ``ffn=False``), as for every mixer h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -25,7 +23,6 @@ from .base import Mixer, pick_options
 from .cache import CacheState, KVCache
 from .registry import ModelDefaults, register_mixer
 from .rotary import RotaryEmbedding
-from .state import DecodingState
 
 PAPER = "Hua et al. 2022, Transformer Quality in Linear Time (arXiv 2202.10447)"
 _SHARED_OPTIONS = ("causal", "expansion", "qk_dim", "rope", "rope_base", "dropout")
@@ -74,13 +71,15 @@ class GatedAttentionUnit(Mixer):
     def project(
         self, x: torch.Tensor, offset: int | torch.Tensor, packing: Packing | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """x: (B, N, dim) at positions offset… (a packed row's: each segment's from 0) → U (B, N, e),
-        V (B, N, e), and ``num_qk`` of (B, N, s)."""
+        """x: (B, N, dim) at positions offset… (an int or (B,); a packed row's: each segment's from 0;
+        or (B, N): each entry's own) → U (B, N, e), V (B, N, e), and ``num_qk`` of (B, N, s)."""
         u, v, z = nn.functional.silu(self.to_uvz(x)).split([self.expanded, self.expanded, self.qk_dim], -1)
         # (B, num_qk, N, s), laid out so that RoPE rotates all of them in one pass without a copy
         queries_keys = z[:, None] * self.gamma[:, None, :] + self.beta[:, None, :]
         if self.rotary is not None:
             positions = None if packing is None else packing.positions()
+            if isinstance(offset, torch.Tensor) and offset.dim() == 2:
+                offset, positions = 0, offset
             queries_keys = self.rotary(queries_keys, offset, positions)  # all at once, not num_qk passes
         return u, v, list(queries_keys.unbind(-3))
 
@@ -158,21 +157,13 @@ class GAU(GatedAttentionUnit):
         """An empty KV cache.
         ``capacity``: a fixed-size cache for that many positions (padding included), whose tensors keep
         their shapes from step to step (for ``torch.compile``); None grows as needed."""
-        return CacheState(batch_size, capacity, cache=KVCache(batch_size, capacity))
+        return CacheState(batch_size=batch_size, capacity=capacity, cache=KVCache(batch_size, capacity))
 
     def advance(self, x: torch.Tensor, state: CacheState, chunk: Compacted) -> torch.Tensor:
         u, v, (q, k) = self.project(x, state.positions)
         q, k, v = self._heads(q, k, v)
         attended = state.attend(self, q, k, v, chunk.valid)
         return self.output(u, attended[:, 0])
-
-
-@dataclass
-class ChunkState(DecodingState):
-    """FLASH's decoding state, constant in t: the op's ``MixedChunkState`` (Σ k_lin ⊗ v over each row's
-    finished chunks, its unfinished chunk), once a token has been fed."""
-
-    inner: MixedChunkState | None = None
 
 
 @register_mixer(
@@ -230,14 +221,20 @@ class FLASH(GatedAttentionUnit):
             attention_mask=attention_mask, cu_seqlens=packing, **state,
         )  # fmt: skip
 
-    def new_state(self, batch_size: int, capacity: int | None = None) -> ChunkState:
-        """An empty state: constant in size; ``capacity`` only bounds what it may be fed."""
-        return ChunkState(batch_size, capacity)
+    def new_state(self, batch_size: int, capacity: int | None = None) -> MixedChunkState:
+        """The op's state, empty: constant in size; ``capacity`` only bounds what it may be fed."""
+        return MixedChunkState(batch_size=batch_size, capacity=capacity)
 
-    def advance(self, x: torch.Tensor, state: ChunkState, chunk: Compacted) -> torch.Tensor:
-        u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, state.positions)
-        attended, state.inner = self.mix(  # the state is this mixer's own: a token's step writes into it
+    def advance(self, x: torch.Tensor, state: MixedChunkState, chunk: Compacted) -> torch.Tensor:
+        # The chunk comes as given (the op compacts it): each real token's position is the row's next one
+        # plus the real tokens before it.
+        offset = state.positions
+        if chunk.valid is not None:
+            offset = offset[:, None] + chunk.valid.long().cumsum(1) - 1
+        u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, offset)
+        attended, final = self.mix(  # the state is this mixer's own: a token's step writes into it
             q_quad, k_quad, q_lin, k_lin, v, chunk.valid,
-            initial_state=state.inner, output_final_state=True, inplace=True,
+            initial_state=state, output_final_state=True, inplace=True,
         )  # fmt: skip
+        state.take(final)
         return self.output(u, attended.to(u.dtype))

@@ -48,7 +48,7 @@ class Identity(Mixer):
         return self.dropout(self.to_out(x))
 
     def new_state(self, batch_size: int, capacity: int | None) -> DecodingState:
-        return DecodingState(batch_size, capacity)  # nothing to carry: positions only
+        return DecodingState(batch_size=batch_size, capacity=capacity)  # nothing to carry: positions only
 
     def advance(self, x: torch.Tensor, state: DecodingState, chunk: Compacted) -> torch.Tensor:
         return self.dropout(self.to_out(x))

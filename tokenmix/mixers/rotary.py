@@ -37,13 +37,17 @@ class RotaryEmbedding(SelfInitialising):
     ) -> torch.Tensor:
         """``offset``: the position of x's first entry, an int or one per batch row (B,) (each row of a
         batch of prompts counts its own real tokens). ``positions`` (N,), in place of an offset: each
-        entry's own position (a packed row's, counted from its segment's start)."""
+        entry's own position (a packed row's, counted from its segment's start); or (B, N), each row's
+        own (a chunk whose padding lies between real tokens)."""
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         steps = torch.arange(x.shape[-2], device=x.device, dtype=dtype)
         # float64 inputs get float64 frequencies (the buffer holds them rounded to float32)
         exact = dtype == torch.float64
         inv_freq = self.frequencies(dtype).to(x.device) if exact else self.inv_freq.to(x.device, dtype)
-        if positions is not None:
+        if positions is not None and positions.dim() == 2:  # (B, N) → (B, 1 …, N, d/2)
+            angles = positions.to(x.device, dtype)[..., None] * inv_freq
+            angles = angles.view(x.shape[0], *[1] * (x.dim() - 3), x.shape[-2], -1)
+        elif positions is not None:
             angles = positions.to(x.device, dtype)[:, None] * inv_freq[None, :]
         elif isinstance(offset, torch.Tensor):  # (B,) → angles (B, 1 …, N, d/2) against x (B, …, N, d)
             positions = offset.to(x.device, dtype)[:, None] + steps

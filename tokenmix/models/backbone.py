@@ -232,7 +232,8 @@ class Backbone(SelfInitialising):
         if not self.causal:
             raise UnavailableError("decoding needs a causal model (causal=True)")
         layers = [block.mixer.init_state(batch_size, capacity) for block in self.blocks]
-        return BackboneState(batch_size, capacity, made_by=self.layer_shapes(), layers=layers)
+        shapes = self.layer_shapes()
+        return BackboneState(batch_size=batch_size, capacity=capacity, made_by=shapes, layers=layers)
 
     def layer_shapes(self) -> tuple:
         """Per layer: the mixer's kind, width, heads and parameter shapes — what a decoding state must

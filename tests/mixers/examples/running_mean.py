@@ -12,7 +12,6 @@ positions (bidirectional). The mixer: y_t = W_o (σ(x_t W_g) ⊙ m_t), v = x W_v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -20,17 +19,19 @@ from torch import nn
 from tokenmix.core.checks import check_attention_mask, check_flag, check_float_tensor, check_real
 from tokenmix.core.chunks import Compacted
 from tokenmix.core.packing import Packing, packable
+from tokenmix.core.state import DecodingState
 from tokenmix.errors import InvalidValueError
 from tokenmix.mixers import Mixer, register_mixer
-from tokenmix.mixers.state import DecodingState
 
 
-class RunningMeanState(NamedTuple):
+@dataclass
+class RunningMeanState(DecodingState):
     """The op's recurrent state after some positions: the sum of their real values (B, D) and their count
-    (B,), both float32 at least (a bfloat16 count stops at 256)."""
+    (B,), both float32 at least (a bfloat16 count stops at 256). The mixer holds this state itself: a
+    ``DecodingState``, so ``Mixer.step`` checks and counts it (None before the first step)."""
 
-    total: torch.Tensor
-    count: torch.Tensor
+    total: torch.Tensor | None = None
+    count: torch.Tensor | None = None
 
 
 @packable(v=1)  # v's dim 1 is N: a packed row runs as its segments, each alone (docs/spec.md §8)
@@ -72,8 +73,11 @@ def running_mean(
     # Padding is selected away, not multiplied by 0 (a NaN there stays out of every mean).
     values = torch.where(real[..., None], v.to(dtype), torch.zeros((), dtype=dtype, device=v.device))
     counts = real.to(dtype)
-    before = initial_state or RunningMeanState(
-        values.new_zeros(v.shape[0], v.shape[2]), values.new_zeros(v.shape[0])
+    fresh = initial_state is None or initial_state.empty  # a mixer's state before its first step is empty
+    before = (
+        initial_state
+        if not fresh
+        else RunningMeanState(values.new_zeros(v.shape[0], v.shape[2]), values.new_zeros(v.shape[0]))
     )
     if causal:
         total = before.total[:, None] + values.cumsum(1)
@@ -84,13 +88,6 @@ def running_mean(
     if not output_final_state:
         return out
     return out, RunningMeanState(before.total + values.sum(1), before.count + counts.sum(1))
-
-
-@dataclass
-class RunningMeanDecodingState(DecodingState):
-    """The mixer's decoding state: the op's state (None before the first step)."""
-
-    running: RunningMeanState | None = None
 
 
 @register_mixer(
@@ -122,13 +119,14 @@ class RunningMean(Mixer):
         )
         return self.dropout(self.to_out(torch.sigmoid(self.to_gate(x)) * means))
 
-    def new_state(self, batch_size: int, capacity: int | None) -> RunningMeanDecodingState:
-        return RunningMeanDecodingState(batch_size, capacity)
+    def new_state(self, batch_size: int, capacity: int | None) -> RunningMeanState:
+        return RunningMeanState(batch_size=batch_size, capacity=capacity)  # the op's own, empty
 
-    def advance(self, x: torch.Tensor, state: RunningMeanDecodingState, chunk: Compacted) -> torch.Tensor:
+    def advance(self, x: torch.Tensor, state: RunningMeanState, chunk: Compacted) -> torch.Tensor:
         # The chunk's real tokens come first in each row (chunk.valid): the op's mask leaves the rest out.
-        means, state.running = running_mean(
-            self.to_v(x), causal=True, attention_mask=chunk.valid, initial_state=state.running,
+        means, final = running_mean(
+            self.to_v(x), causal=True, attention_mask=chunk.valid, initial_state=state,
             output_final_state=True,
         )  # fmt: skip
+        state.take(final)  # one state: the mixer's is the op's
         return self.dropout(self.to_out(torch.sigmoid(self.to_gate(x)) * means))

@@ -4,7 +4,7 @@ window's explicit keys (``AFTWindowState``), and a chunk computed against them."
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
@@ -13,6 +13,7 @@ from ...core.checks import (
     compute_dtype,
 )
 from ...core.chunks import causal_aligned, compact, continued, kept_then, last_real
+from ...core.state import DecodingState
 from ...errors import InvalidTypeError, InvalidValueError
 from .._deprecated import deprecated_alias
 from .._excluded import real_only
@@ -20,14 +21,16 @@ from . import exact
 from .exact import finite_shift
 
 
-class AFTSimpleState(NamedTuple):
+@dataclass
+class AFTSimpleState(DecodingState):
     """Causal AFT-simple's recurrent state, constant in size: per channel, the running maximum of the keys
     so far and the numerator Σ exp(k − max) ⊙ v and denominator Σ exp(k − max) under it (see
-    ``aft_accumulate``). A row that has seen no key holds (−inf, 0, 0)."""
+    ``aft_accumulate``). A row that has seen no key holds (−inf, 0, 0). The ``aft_simple`` mixer holds
+    this state itself (its positions counted by ``Mixer.step``: the op needs none)."""
 
-    max: torch.Tensor  # (B, D)
-    numerator: torch.Tensor  # (B, D)
-    denominator: torch.Tensor  # (B, D)
+    max: torch.Tensor | None = None  # (B, D)
+    numerator: torch.Tensor | None = None  # (B, D)
+    denominator: torch.Tensor | None = None  # (B, D)
 
 
 def aft_accumulate(
@@ -45,15 +48,18 @@ def aft_accumulate(
         k = k.masked_fill(~mask[..., None], float("-inf"))
         v = real_only(v, mask, 1)
     new_max = k.amax(1) if k.shape[1] else k.new_full((k.shape[0], k.shape[2]), float("-inf"))
+    if running is not None and running.empty:
+        running = None
     if running is not None:
-        new_max = torch.maximum(running[0], new_max)
+        new_max = torch.maximum(running.max, new_max)
     new_max = new_max.detach()  # a shift: the results are invariant to it (see finite_shift)
     shift = finite_shift(new_max)
     weights = torch.exp(k - shift[:, None])
     numerator, denominator = (weights * v).sum(1), weights.sum(1)
     if running is not None:
-        rescale = torch.exp(running[0] - shift)
-        numerator, denominator = numerator + rescale * running[1], denominator + rescale * running[2]
+        rescale = torch.exp(running.max - shift)
+        numerator = numerator + rescale * running.numerator
+        denominator = denominator + rescale * running.denominator
     return AFTSimpleState(new_max, numerator, denominator)
 
 
@@ -81,10 +87,10 @@ def aft_full_cached(
     allowed = allowed[None] if key_mask is None else allowed[None] & key_mask[:, None, :]  # (B, T, L)
     values = v if key_mask is None else real_only(v, key_mask, 1)
     if running is not None:  # the folded keys as one more term, seen by every query
-        seen = torch.isfinite(running[0])  # (B, D)
-        denominator = torch.where(seen, running[2], torch.ones_like(running[2]))
-        folded_key = torch.where(seen, running[0] + torch.log(denominator), torch.zeros_like(running[0]))
-        folded_value = running[1] / denominator
+        seen = torch.isfinite(running.max)  # (B, D)
+        denominator = torch.where(seen, running.denominator, torch.ones_like(running.denominator))
+        folded_key = torch.where(seen, running.max + torch.log(denominator), torch.zeros_like(running.max))
+        folded_value = running.numerator / denominator
     rows = max(1, exact.BLOCK_ELEMENTS // max(1, q.shape[0] * (length + 1) * q.shape[2]))
     outputs = []
     for start in range(0, queries, rows):
@@ -111,24 +117,26 @@ def aft_full_cached(
     return out
 
 
-class AFTWindowState(NamedTuple):
+@dataclass
+class AFTWindowState(DecodingState):
     """Causal AFT-local's or AFT-conv's recurrent state: each row's next position (its count of real
-    tokens), its last window − 1 real keys and values one by one (right-aligned, with their positions
-    and which slots are in use), and every older key folded into running (max, numerator, denominator)
-    (see ``aft_accumulate``), whose bias is 0."""
+    tokens: ``positions``, counted by the op), its last window − 1 real keys and values one by one
+    (right-aligned, with their positions and which slots are in use), and every older key folded into
+    running (max, numerator, denominator) (see ``aft_accumulate``), whose bias is 0. The ``aft_local``
+    and ``aft_conv`` mixers hold this state itself."""
 
-    positions: torch.Tensor  # (B,) long
-    keys: torch.Tensor  # (B, s − 1, D)
-    values: torch.Tensor  # (B, s − 1, D)
-    key_positions: torch.Tensor  # (B, s − 1) long
-    key_real: torch.Tensor  # (B, s − 1) bool
-    running: AFTSimpleState  # the older keys
+    keys: torch.Tensor | None = None  # (B, s − 1, D)
+    values: torch.Tensor | None = None  # (B, s − 1, D)
+    key_positions: torch.Tensor | None = None  # (B, s − 1) long
+    key_real: torch.Tensor | None = None  # (B, s − 1) bool
+    running: AFTSimpleState | None = None  # the older keys
+
+    counted_by_op = True
 
 
 def _empty_window_state(k: torch.Tensor, v: torch.Tensor, kept: int) -> AFTWindowState:
     batch, channels, dtype = k.shape[0], k.shape[-1], compute_dtype(k.dtype)
     return AFTWindowState(
-        torch.zeros(batch, dtype=torch.long, device=k.device),
         k.new_zeros(batch, kept, channels),
         v.new_zeros(batch, kept, v.shape[-1]),
         torch.zeros(batch, kept, dtype=torch.long, device=k.device),
@@ -138,6 +146,7 @@ def _empty_window_state(k: torch.Tensor, v: torch.Tensor, kept: int) -> AFTWindo
             torch.zeros(batch, v.shape[-1], dtype=dtype, device=k.device),
             torch.zeros(batch, channels, dtype=dtype, device=k.device),
         ),
+        positions=torch.zeros(batch, dtype=torch.long, device=k.device),
     )
 
 
@@ -183,6 +192,8 @@ def _window_recurrent(
     (``mask``) are moved to its front first, so a padded position leaves the state unchanged and positions
     count real tokens only. Without a state the chunk is ``forward(q, k, v, mask)``, the op itself."""
     kept = window - 1
+    if isinstance(initial_state, AFTWindowState) and initial_state.empty:  # a mixer's, not yet fed
+        initial_state = None
     if initial_state is not None:
         _check_window_state(initial_state, q, kept)
     chunk = compact(mask, q.shape[0], q.shape[1], q.device)
@@ -202,9 +213,9 @@ def _window_recurrent(
     end = kept + chunk.counts
     older = real & (torch.arange(keys.shape[1], device=q.device)[None, :] < (end - kept)[:, None])
     final = AFTWindowState(
-        state.positions + chunk.counts,
         *(last_real(t, chunk, kept) for t in (keys, values, key_positions, real)),
         aft_accumulate(state.running, keys, values, older),
+        positions=state.positions + chunk.counts,
     )
     return out, final
 

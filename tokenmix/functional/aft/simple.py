@@ -3,6 +3,8 @@ carrying the running maximum (causal); its recurrent form."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ...backend import use_kernel
@@ -83,31 +85,48 @@ def _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output
         raise InvalidValueError("initial_state and output_final_state need causal=True (the recurrent form)")
     check_inputs(q, k, v, attention_mask)
     real = check_attention_mask(attention_mask, q.shape[0], q.shape[1], q.device)  # padding folds nothing
-    if initial_state is not None:
-        if not isinstance(initial_state, tuple) or len(initial_state) != 3:
-            raise InvalidTypeError(
-                "initial_state must be the AFTSimpleState (max, numerator, denominator) a previous call "
-                f"returned, got {type(initial_state).__name__}"
-            )
-        for name, part in zip(("max", "numerator", "denominator"), initial_state, strict=True):
-            check_float_tensor(f"initial_state {name}", part, "(B, D)")
-            if tuple(part.shape) != (q.shape[0], q.shape[2]):
-                raise InvalidValueError(
-                    f"initial_state {name} must have shape (B, D) = {(q.shape[0], q.shape[2])}, "
-                    f"got {tuple(part.shape)}"
-                )
-        initial_state = AFTSimpleState(*initial_state)
+    initial_state = _checked_state(initial_state, q)
     if initial_state is None or q.shape[1] == 0:
         out = aft_simple(q, k, v, causal=True, attention_mask=attention_mask)
     elif real is None and q.shape[1] == 1:  # one token: fold it in, then read the ratio
         state = aft_accumulate(initial_state, k, v)
-        out = (torch.sigmoid(q.to(state[1].dtype)) * state[1][:, None] / state[2][:, None]).to(q.dtype)
+        ratio = state.numerator[:, None] / state.denominator[:, None]
+        out = (torch.sigmoid(q.to(ratio.dtype)) * ratio).to(q.dtype)
         return (out, state) if output_final_state else out
     else:  # the keys so far are one term under their running maximum
         out = aft_full_cached(q, k, v, None, key_mask=real, running=initial_state).to(q.dtype)
     if not output_final_state:
         return out
     return out, aft_accumulate(initial_state, k, v, real)
+
+
+def _checked_state(state: object, q: torch.Tensor) -> AFTSimpleState | None:
+    """The running (max, numerator, denominator) to continue from; None for a fresh sequence (a mixer's
+    state before its first chunk included)."""
+    if isinstance(state, tuple) and len(state) == 3:  # the NamedTuple this type was before
+        warnings.warn(
+            "initial_state as a (max, numerator, denominator) tuple is deprecated; pass the AFTSimpleState "
+            "a previous call returned",
+            DeprecationWarning,
+            stacklevel=5,  # the caller of the op (through packable)
+        )
+        state = AFTSimpleState(*state)
+    if state is None or (isinstance(state, AFTSimpleState) and state.empty):
+        return None
+    if not isinstance(state, AFTSimpleState):
+        raise InvalidTypeError(
+            "initial_state must be the AFTSimpleState (max, numerator, denominator) a previous call "
+            f"returned, got {type(state).__name__}"
+        )
+    for name in ("max", "numerator", "denominator"):
+        part = getattr(state, name)
+        check_float_tensor(f"initial_state {name}", part, "(B, D)")
+        if tuple(part.shape) != (q.shape[0], q.shape[2]):
+            raise InvalidValueError(
+                f"initial_state {name} must have shape (B, D) = {(q.shape[0], q.shape[2])}, "
+                f"got {tuple(part.shape)}"
+            )
+    return state
 
 
 def _aft_simple(q, k, v, mask, causal: bool, packing: Packing | None = None) -> torch.Tensor:
