@@ -140,7 +140,7 @@ def compile_op(op: str) -> dict:
 
     # Every module that holds a kernel name (its own or imported) gets the recorder.
     modules = [importlib.import_module(f"tokenmix.kernels.{name}") for name in
-               ("_common", "aft.common", "aft.scan", "aft.simple", "aft.banded", "aft.full", "conv", "flash",
+               ("_common", "aft.common", "aft.scan", "aft.simple", "aft.local", "aft.full", "conv", "flash",
                 "pointwise_attention")]  # fmt: skip
     launches = []
 

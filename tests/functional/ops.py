@@ -32,6 +32,12 @@ class OpCase:
     decoding: tuple[str, ...] = ()  # the public cached / step forms of the op
     position_dims: int = 1  # 2 for a grid: the dims from N's on that a padding mask covers
     kernel: bool = True  # has a Triton kernel (softmax attention is SDPA's)
+    kernel_of: str | None = None  # the op whose kernel it runs on, where not its own
+    queries: tuple[int, ...] = (0,)  # the sequence inputs that are each row's own (a NaN there is the row's)
+
+    def kernel_name(self, name: str) -> str | None:
+        """The kernel this op (the table's ``name``) runs on, named as the op it belongs to."""
+        return (self.kernel_of or name) if self.kernel else None
 
     def call(self, causal: bool) -> Callable[..., torch.Tensor]:
         """op(*sequences, *parameters, **keywords) with this case's options and ``causal``."""
@@ -62,7 +68,7 @@ OPS: dict[str, OpCase] = {
     "mixed_chunk_attention": OpCase(
         F.mixed_chunk_attention,
         lambda randn, batch, n: ([(randn(batch, n, 3), 1) for _ in range(4)] + [(randn(batch, n, 2), 1)], []),
-        {"chunk_size": 3}, reference.mixed_chunk_attention, F.MixedChunkState,
+        {"chunk_size": 3}, reference.mixed_chunk_attention, F.MixedChunkState, queries=(0, 2),
     ),
     "aft_full": OpCase(
         F.aft_full, lambda randn, batch, n: _qkv(randn, batch, n, randn(n, n)), oracle=reference.aft_full,
@@ -77,7 +83,7 @@ OPS: dict[str, OpCase] = {
     ),
     "aft_local_lowrank": OpCase(
         F.aft_local_lowrank, lambda randn, batch, n: _qkv(randn, batch, n, randn(n, 2), randn(n, 2)),
-        {"window": 2}, _lowrank_oracle, F.AFTWindowState,
+        {"window": 2}, _lowrank_oracle, F.AFTWindowState, kernel_of="aft_local",
     ),
     "aft_conv": OpCase(
         F.aft_conv,
@@ -93,16 +99,17 @@ OPS: dict[str, OpCase] = {
             [randn(2, 3, 3)],
         ),
         oracle=lambda *tensors, causal, **options: reference.aft_conv_2d(*tensors, **options),
-        packs=False, causal=False, position_dims=2,
+        packs=False, causal=False, position_dims=2, kernel_of="aft_conv",
     ),
     "lightconv": OpCase(
         F.lightconv, lambda randn, batch, n: ([(randn(batch, n, 4), 1)], [randn(2, 3)]),
-        oracle=reference.lightconv, state=F.ConvWindowState,
+        oracle=reference.lightconv, state=F.ConvWindowState, queries=(),
     ),
     "dynamic_conv": OpCase(
         F.dynamic_conv, lambda randn, batch, n: ([(randn(batch, n, 4), 1), (randn(batch, n, 2, 3), 1)], []),
-        oracle=reference.dynamic_conv, state=F.ConvWindowState,
+        oracle=reference.dynamic_conv, state=F.ConvWindowState, queries=(1,),
     ),
 }  # fmt: skip
 PACKED = [name for name, case in OPS.items() if case.packs]
 PACKED_KERNELS = [name for name in PACKED if OPS[name].kernel]  # take a packed row whole in their kernel
+KERNELS = sorted({case.kernel_name(name) for name, case in OPS.items() if case.kernel})  # one per kernel

@@ -254,9 +254,18 @@ def test_aft_conv_2d_flattens_the_grid_along_the_narrower_span(device, monkeypat
     import tokenmix.kernels.aft as kernels
 
     windows = []
-    banded = kernels.aft_banded
-    monkeypatch.setattr(kernels, "aft_banded", lambda *a: windows.append(a[5]) or banded(*a))
+    banded = kernels.aft_local
+    monkeypatch.setattr(kernels, "aft_local", lambda *a: windows.append(a[5]) or banded(*a))
     inputs, _, mask = conv_2d_case(device, torch.float32, kernel=(5, 1))
     with tokenmix.use_backend("triton"):
         aft_conv(*inputs, attention_mask=mask)
     assert windows == [3]
+
+
+def test_the_old_kernel_name_warns_and_is_aft_locals():
+    """Issue 40.6: AFT-local's kernel was aft_banded; it is named as its op and mixer now."""
+    from tokenmix.kernels import aft as kernels
+
+    with pytest.warns(DeprecationWarning, match="aft_banded is deprecated; use aft_local"):
+        old = kernels.aft_banded
+    assert old is kernels.aft_local

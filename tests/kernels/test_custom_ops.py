@@ -79,10 +79,10 @@ def opcheck_cases():
             ops.mixed_chunk_attention_fwd, (*(randn(*bnd) for _ in range(5)), mask, 4, True)),
         "aft_simple_fwd": (ops.aft_simple_fwd, (*(randn(*bnd) for _ in range(3)), mask, True)),
         "aft_full_fwd": (ops.aft_full_fwd, (*(randn(*bnd) for _ in range(3)), randn(12, 12), mask, False)),
-        "aft_banded_fwd": (
-            ops.aft_banded_fwd, (*(randn(*bnd) for _ in range(3)), randn(11, 1, 5), mask, 3, False)),
-        "aft_banded_fwd_per_head": (
-            ops.aft_banded_fwd, (randn(*bnd), randn(2, 11, 2), randn(*bnd), randn(1, 2, 3), None, 2, True)),
+        "aft_local_fwd": (
+            ops.aft_local_fwd, (*(randn(*bnd) for _ in range(3)), randn(11, 1, 5), mask, 3, False)),
+        "aft_local_fwd_per_head": (
+            ops.aft_local_fwd, (randn(*bnd), randn(2, 11, 2), randn(*bnd), randn(1, 2, 3), None, 2, True)),
         "depthwise_conv_fwd": (ops.depthwise_conv_fwd, (randn(*bnd), randn(2, 3), 2, True)),
         # The reference path's one custom op (AFT's exact recomputation under torch.compile), some
         # entries flagged.
@@ -113,8 +113,8 @@ def packed_opcheck_cases():
         "aft_simple_fwd_packed": (ops.aft_simple_fwd, (*(randn(*bnd) for _ in range(3)), None, True, bounds)),
         "aft_full_fwd_packed": (
             ops.aft_full_fwd, (*(randn(*bnd) for _ in range(3)), randn(7, 7), None, False, bounds)),
-        "aft_banded_fwd_packed": (
-            ops.aft_banded_fwd, (*(randn(*bnd) for _ in range(3)), randn(11, 1, 5), None, 3, False, bounds)),
+        "aft_local_fwd_packed": (
+            ops.aft_local_fwd, (*(randn(*bnd) for _ in range(3)), randn(11, 1, 5), None, 3, False, bounds)),
         "depthwise_conv_fwd_packed": (ops.depthwise_conv_fwd, (randn(*bnd), randn(2, 3), 2, True, segments)),
     }  # fmt: skip
 
@@ -127,7 +127,7 @@ def test_opcheck_packed(name):
 
 
 OPCHECKED = ["pointwise_attention_fwd", "mixed_chunk_attention_fwd", "aft_simple_fwd", "aft_full_fwd",
-             "aft_banded_fwd", "aft_banded_fwd_per_head", "depthwise_conv_fwd",
+             "aft_local_fwd", "aft_local_fwd_per_head", "depthwise_conv_fwd",
              "aft_exact_underflowed_fwd"]  # fmt: skip
 
 

@@ -10,8 +10,8 @@ import triton
 import triton.language as tl
 
 from tokenmix.kernels._common import slice_offset
-from tokenmix.kernels.aft.banded import band_offset
 from tokenmix.kernels.aft.common import key_offset
+from tokenmix.kernels.aft.local import band_offset
 from tokenmix.kernels.conv import dynamic_tap_offset, partial_offset
 from tokenmix.kernels.flash import chunk_offset
 

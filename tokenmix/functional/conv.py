@@ -36,7 +36,7 @@ from ..core.checks import (
 from ..core.packing import Packing, packable
 from ..core.state import DecodingState
 from ..errors import InvalidValueError
-from ._excluded import all_finite, finite_part, real_only, reinstate, seen_in_window
+from ._excluded import all_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
 from ._typing import recurrent_op
 
 __all__ = ["ConvWindowState", "dynamic_conv", "lightconv"]
@@ -87,6 +87,8 @@ def _prepare(
     dtype = compute_dtype(x.dtype)
     x = x.to(x_dtype or dtype)
     x = real_only(x, mask, 1)
+    if weight.dim() == 4:  # dynamic_conv: a padded row's own kernel, like a query, stays finite
+        weight = finite_at_padding(weight, mask, 1)
     kernel = weight.to(dtype)
     return x, (kernel.softmax(-1) if weight_softmax else kernel), heads
 
@@ -199,15 +201,15 @@ def _convolve(
     x, kernel, heads = _prepare(x, weight, attention_mask, weight_softmax, layout)
     window, band = _PATHS[op_name]
     kernel_size = kernel.shape[-1]
-    if not _use_band(op_name, x.shape[1], kernel_size):
-        return window(x, kernel, heads, causal).to(out_dtype)
-    # The band matrix holds 0s outside each row's taps: compute with finite inputs, then mark the
-    # outputs whose own taps see others.
+    path = band if _use_band(op_name, x.shape[1], kernel_size) else window
     if all_finite(x):
-        return band(x, kernel, heads, causal).to(out_dtype)
+        return path(x, kernel, heads, causal).to(out_dtype)
+    # Compute with finite inputs, then mark the outputs whose own taps see a non-finite one: the band
+    # matrix's 0s outside each row's taps, and the kernels' gradients at rows that see none (0·NaN), see
+    # nothing of it.
     x, bad = finite_part(x)
     left = _left_padding(kernel_size, causal)
-    out = band(x, kernel, heads, causal)
+    out = path(x, kernel, heads, causal)
     return reinstate(out, seen_in_window(bad, 1, left, kernel_size - 1 - left)).to(out_dtype)
 
 

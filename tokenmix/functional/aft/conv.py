@@ -136,10 +136,10 @@ def _aft_conv(q, k, v, w, mask, causal: bool, packing: Packing | None = None) ->
     kernel_size = w.shape[1]
     window = kernel_size if causal else kernel_size // 2 + 1
     if packing is not None or use_kernel("aft_conv", q, atomics=needs_grad(q, k, v, w)):
-        from ...kernels.aft import aft_banded
+        from ...kernels.aft import aft_local
 
         flat, bounds = (batch, seq_len, heads * head_dim), None if packing is None else packing.bounds
-        out = aft_banded(q.reshape(flat), k, v.reshape(flat), w[None], mask, window, bool(causal), bounds)
+        out = aft_local(q.reshape(flat), k, v.reshape(flat), w[None], mask, window, bool(causal), bounds)
         return out.view(q.shape)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype)
@@ -239,7 +239,7 @@ def _aft_conv_2d_kernel(q, k, v, w, mask):
     tap there, and 0 (unbiased) at the span's other offsets (columns farther than Py, wrapping across
     rows); keys beyond the span come from the kernel's prefix and suffix scans. O(N·W·D) time, so the grid
     is flattened along whichever axis gives the narrower span (the op is symmetric in the two axes)."""
-    from ...kernels.aft import aft_banded
+    from ...kernels.aft import aft_local
 
     batch, size_x, size_y, heads, head_dim = q.shape
     kernel_x, kernel_y = w.shape[1:]
@@ -263,7 +263,7 @@ def _aft_conv_2d_kernel(q, k, v, w, mask):
     band = band.masked_fill(~in_grid, float("-inf")).permute(1, 0, 2)  # (N, H, J)
     flat = (batch, length, heads * head_dim)
     key_mask = None if mask is None else mask.reshape(batch, length)
-    out = aft_banded(
+    out = aft_local(
         q.reshape(flat), k.reshape(batch, length, heads), v.reshape(flat), band, key_mask, window, False
     )
     return out.view(q.shape)

@@ -148,12 +148,12 @@ def _local(
     columns, inside = band_offsets(seq_len, window, causal, q.device)
     band = band_from(columns.clamp(0, seq_len - 1)).masked_fill(~inside, float("-inf"))
     if packing is not None or use_kernel("aft_local", q, atomics=needs_grad(q, k, v, band)):
-        from ...kernels.aft import aft_banded
+        from ...kernels.aft import aft_local
 
         bounds = None
         if packing is not None:  # keys past a segment's end are left out by the kernel
             band, bounds = band[packing.positions()], packing.bounds
-        out = aft_banded(q, k, v, band[:, None], mask, window, bool(causal), bounds)
+        out = aft_local(q, k, v, band[:, None], mask, window, bool(causal), bounds)
         return out if seen is None else reinstate(out, seen)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, band = q.to(dtype), k.to(dtype), v.to(dtype), band.to(dtype)

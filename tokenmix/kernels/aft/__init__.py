@@ -12,12 +12,25 @@ State is float32 whatever the inputs' dtype. Three kinds of programs:
 - tiles (AFT-full): (rows × keys × channels) tiles under an online joint maximum per (row, channel).
 Programs take a block of channels within one head: AFT-conv's keys and biases are per head.
 
-One module per algorithm: ``scan`` (prefix and suffix scans), ``simple`` (AFT-simple), ``banded``
-(AFT-local, AFT-conv), ``full`` (AFT-full); ``common`` holds what they share.
+One module per op, named as the op and its mixer are: ``simple`` (AFT-simple), ``local`` (AFT-local's
+band, which AFT-conv's 1-D form shares: the paper's AFT-conv is AFT-local with a per-head kernel as its
+bias), ``full`` (AFT-full); ``scan`` (prefix and suffix scans) and ``common`` hold what they share.
 """
 
-from .banded import aft_banded
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
 from .full import aft_full
+from .local import aft_local
 from .simple import aft_simple
 
-__all__ = ["aft_banded", "aft_full", "aft_simple"]
+__all__ = ["aft_full", "aft_local", "aft_simple"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "aft_banded":  # its name until AFT-local's kernel was named as AFT-local is
+        warnings.warn("aft_banded is deprecated; use aft_local", DeprecationWarning, stacklevel=2)
+        return aft_local
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -195,8 +195,8 @@ def band_launch(q, k, band, key_mask, window, causal, cu_seqlens) -> BandLaunch:
     return BandLaunch(grid, blocks, (bounds, table), sizes, strides, flags)
 
 
-@torch.library.custom_op("tokenmix::aft_banded_fwd", mutates_args=())
-def aft_banded_fwd(
+@torch.library.custom_op("tokenmix::aft_local_fwd", mutates_args=())
+def aft_local_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -232,15 +232,15 @@ def aft_banded_fwd(
     return out, lse, ratio, prefix_lse, suffix_lse
 
 
-@aft_banded_fwd.register_fake
+@aft_local_fwd.register_fake
 def _(q, k, v, band, key_mask, window, causal, cu_seqlens=None):
     state = q.new_empty(q.shape, dtype=torch.float32)
     suffix = q.new_empty(0, dtype=torch.float32) if causal else torch.empty_like(state)
     return torch.empty_like(q), state, torch.empty_like(state), torch.empty_like(state), suffix
 
 
-@torch.library.custom_op("tokenmix::aft_banded_bwd", mutates_args=())
-def aft_banded_bwd(
+@torch.library.custom_op("tokenmix::aft_local_bwd", mutates_args=())
+def aft_local_bwd(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -279,28 +279,28 @@ def aft_banded_bwd(
     return grad_q, grad_k.to(k.dtype), grad_v.to(v.dtype), grad_band.to(band.dtype)
 
 
-@aft_banded_bwd.register_fake
+@aft_local_bwd.register_fake
 def _(grad_out, q, k, v, band, key_mask, lse, ratio, prefix_lse, suffix_lse, window, causal, cu_seqlens=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(band)
 
 
-def _banded_setup_context(ctx, inputs, output):
+def _local_setup_context(ctx, inputs, output):
     q, k, v, band, key_mask, window, causal, cu_seqlens = inputs
     _, lse, ratio, prefix_lse, suffix_lse = output
     ctx.save_for_backward(q, k, v, band, key_mask, lse, ratio, prefix_lse, suffix_lse, cu_seqlens)
     ctx.options = (window, causal)
 
 
-def _banded_backward(ctx, grad_out, *unused):
+def _local_backward(ctx, grad_out, *unused):
     *saved, cu_seqlens = ctx.saved_tensors
-    grads = aft_banded_bwd(grad_out, *saved, *ctx.options, cu_seqlens)
+    grads = aft_local_bwd(grad_out, *saved, *ctx.options, cu_seqlens)
     return (*grads, None, None, None, None)
 
 
-aft_banded_fwd.register_autograd(_banded_backward, setup_context=_banded_setup_context)
+aft_local_fwd.register_autograd(_local_backward, setup_context=_local_setup_context)
 
 
-def aft_banded(
+def aft_local(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -310,4 +310,4 @@ def aft_banded(
     causal: bool,
     cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return aft_banded_fwd(q, k, v, band, key_mask, window, causal, cu_seqlens)[0]
+    return aft_local_fwd(q, k, v, band, key_mask, window, causal, cu_seqlens)[0]
