@@ -30,6 +30,7 @@ LAYERS = {
     "core": {"errors"},
     "kernels": {"errors", "backend", "core"},
     "functional": {"errors", "backend", "core", "kernels"},
+    "context": {"errors", "backend", "core", "kernels", "functional"},
 }
 
 

@@ -1,0 +1,189 @@
+"""Ops over a sequence split across a context-parallel group (docs/spec.md §14): each takes this rank's
+share of the inputs (its ``Split.length`` positions) and returns this rank's share of the output, equal
+to the same op on the whole sequence, forward and backward. What each sends is what its shape needs:
+
+- a window (``lightconv``, ``dynamic_conv``): the K − 1 (causal) or ⌊(K − 1)/2⌋ + ⌈(K − 1)/2⌉ positions
+  beside the rank's edges (``halo``);
+- a state carried forward (``aft_simple``): each rank's (max, numerator, denominator) per channel, O(d),
+  folded over the ranks before it (causal) or all others (bidirectional);
+- all pairs (``softmax_attention``): every rank's keys and values (``gather_sequence``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..core.checks import check_attention_mask, check_flag, check_float_tensor
+from ..core.chunks import causal_aligned
+from ..functional import aft as aft_ops
+from ..functional import conv as conv_ops
+from ..functional._excluded import finite_at_padding, real_only
+from ..functional.aft.exact import finite_shift
+from .exchange import Split, gather_sequence, gather_summaries, halo
+
+__all__ = ["aft_simple", "dynamic_conv", "lightconv", "softmax_attention"]
+
+
+def _local_mask(split: Split, x: torch.Tensor, attention_mask: torch.Tensor | None, dim: int = 1):
+    split.check_local("x", x, dim)
+    return check_attention_mask(attention_mask, x.shape[0], split.length, x.device)
+
+
+def _window(kernel_size: int, causal: bool) -> tuple[int, int]:
+    """Positions before and after an output that its kernel reads (as the ops lay taps out)."""
+    before = kernel_size - 1 if causal else (kernel_size - 1) // 2
+    return before, kernel_size - 1 - before
+
+
+def lightconv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    split: Split,
+    *,
+    causal: bool = False,
+    weight_softmax: bool = True,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``tokenmix.functional.lightconv`` over a split sequence.
+
+    Args:
+        x: (B, n, C), this rank's positions. weight: (H, K), the same on every rank.
+        split: how the sequence lies over the group (``Split.of(N, group)``).
+        causal, weight_softmax: as for the op. attention_mask: (B, n), this rank's (default None).
+
+    Returns:
+        (B, n, C): this rank's outputs.
+    """
+    return _convolution(conv_ops.lightconv, x, weight, split, causal, weight_softmax, attention_mask)
+
+
+def dynamic_conv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    split: Split,
+    *,
+    causal: bool = False,
+    weight_softmax: bool = True,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``tokenmix.functional.dynamic_conv`` over a split sequence: x (B, n, C) and each position's kernel
+    weight (B, n, H, K), this rank's; the halo carries inputs only (each output reads its own kernel).
+    Other arguments as for ``lightconv``."""
+    check_float_tensor("weight", weight, "(B, n, H, K)")
+    return _convolution(conv_ops.dynamic_conv, x, weight, split, causal, weight_softmax, attention_mask)
+
+
+def _convolution(op, x, weight, split, causal, weight_softmax, attention_mask) -> torch.Tensor:
+    """The op over this rank's inputs with their halo; its outputs at the halo (not this rank's) are cut
+    away, so a per-position kernel there may be anything: zeros."""
+    check_float_tensor("x", x, "(B, n, C)")
+    mask = _local_mask(split, x, attention_mask)
+    before, after = _window(weight.shape[-1], check_flag("causal", causal))
+    wide = halo(real_only(x, mask, 1), split, before, after)
+    if weight.dim() == 4:
+        zeros = weight.new_zeros(weight.shape[0], 1, *weight.shape[2:])
+        weight = torch.cat(
+            (zeros.expand(-1, before, *weight.shape[2:]), weight, zeros.expand(-1, after, *weight.shape[2:])),
+            1,
+        )
+    out = op(wide, weight, causal=causal, weight_softmax=weight_softmax)
+    return out[:, before : before + split.length]
+
+
+def aft_simple(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    split: Split,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``tokenmix.functional.aft_simple`` over a split sequence. Each rank sends its keys' running
+    (max, numerator, denominator) per channel; the ranks before it (causal) or all others
+    (bidirectional) fold into one state, which enters the op as one more key before this rank's
+    positions: k* = max + log(denominator), v* = numerator / denominator (AFT-simple has no position
+    bias, so a key's place does not matter, only that every query sees it).
+
+    Args:
+        q, k, v: (B, n, D), this rank's positions. split: the sequence's split.
+        causal: as for the op. attention_mask: (B, n), this rank's (default None).
+
+    Returns:
+        (B, n, D): this rank's outputs.
+    """
+    check_float_tensor("q", q, "(B, n, D)")
+    mask = _local_mask(split, q, attention_mask)
+    own = aft_ops.aft_accumulate(None, k, v, mask)
+    summaries = torch.stack(gather_summaries(torch.stack((own.max, own.numerator, own.denominator)), split))
+    ranks = torch.arange(split.world, device=q.device)
+    # Every rank's summary stays in every rank's graph (selected, not dropped), so the gather's backward,
+    # a collective, runs on all of them.
+    key, value, seen = _folded(summaries, (ranks < split.rank) if causal else (ranks != split.rank))
+    keys = torch.cat((key[:, None].to(k.dtype), k), 1)
+    values = torch.cat((value[:, None].to(v.dtype), v), 1)
+    queries = torch.cat((q[:, :1], q), 1)  # the folded key's own row is not an output
+    real = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if mask is None else mask
+    # The folded key is real where some rank saw a key; a channel that saw none has k* = 0 with weight 0.
+    out = aft_ops.aft_simple(
+        queries, keys, values, causal=causal, attention_mask=torch.cat((seen[:, None], real), 1)
+    )
+    return out[:, 1:]
+
+
+def _folded(summaries: torch.Tensor, selected: torch.Tensor):
+    """The (max, numerator, denominator) of the ranks ``selected`` (R,) selects among ``summaries``
+    (R, 3, B, D), as one key and value per channel, and per row whether any of them saw a key."""
+    maxima = summaries[:, 0]
+    counted = selected[:, None, None] & torch.isfinite(maxima)
+    floor = torch.full((), float("-inf"), dtype=maxima.dtype, device=maxima.device)
+    shift = finite_shift(torch.where(counted, maxima, floor).amax(0).detach())  # the sums are invariant to it
+    zero = torch.zeros((), dtype=maxima.dtype, device=maxima.device)
+    scale = torch.where(counted, torch.exp(torch.where(counted, maxima, shift) - shift), zero)
+    numerator, denominator = (scale * summaries[:, 1]).sum(0), (scale * summaries[:, 2]).sum(0)
+    seen = denominator > 0
+    safe = torch.where(seen, denominator, torch.ones_like(denominator))
+    key = torch.where(seen, shift + torch.log(safe), zero)
+    value = torch.where(seen, numerator / safe, zero)
+    return key, value, seen.any(-1)
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    split: Split,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``tokenmix.functional.softmax_attention`` over a split sequence: every rank's keys and values are
+    gathered (O(N·d) per rank, through SDPA as the op is), and this rank's queries attend to them — when
+    causal, to the positions up to its own last only.
+
+    Args:
+        q, k: (B, H, n, Dk). v: (B, H, n, Dv): this rank's positions. split: the sequence's split.
+        causal, scale: as for the op. attention_mask: (B, n), this rank's (default None).
+
+    Returns:
+        (B, H, n, Dv): this rank's outputs (a padded query's row is unspecified but finite, as the op's).
+    """
+    check_float_tensor("q", q, "(B, H, n, Dk)")
+    mask = _local_mask(split, q, attention_mask, dim=2)
+    causal = check_flag("causal", causal)
+    keys_end = split.stop if causal else split.total  # a causal rank never reads later ranks' keys
+    keys = gather_sequence(real_only(k, mask, 2), split, 2)[:, :, :keys_end]
+    values = gather_sequence(real_only(v, mask, 2), split, 2)[:, :, :keys_end]
+    q = finite_at_padding(q, mask, 2)
+    allowed = torch.ones(split.length, keys_end, dtype=torch.bool, device=q.device)
+    if causal:  # this rank's queries are the newest of the first keys_end positions
+        allowed = causal_aligned(split.length, keys_end, q.device)
+    allowed = allowed[None, None]
+    if mask is not None:
+        real = gather_sequence(mask, split, 1)[:, :keys_end]
+        allowed = allowed & real[:, None, None, :]
+        allowed = allowed | ~mask[:, None, :, None]  # a padded query may see every key, as in the op
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
