@@ -257,3 +257,26 @@ def test_pointwise_bad_options(options, error, message):
     q = torch.randn(1, 2, 5, 4)
     with pytest.raises(error, match=message):
         F.pointwise_attention(q, q, q, **options)
+
+
+@pytest.mark.parametrize("which", ["softmax", "pointwise"])
+def test_the_cached_forms_without_causal_see_every_real_key(which):
+    """causal=False (a context-parallel rank's queries over the whole sequence's keys): the T queries'
+    rows equal the bidirectional op's rows over all L positions, a padded key left out, against the
+    float64 equations; gradients too."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (
+        torch.randn(2, 2, 9, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, 1], mask[1, 7] = False, False
+    if which == "softmax":
+        cached, oracle, options = F.softmax_attention_cached, reference.softmax_attention, {}
+    else:
+        cached = F.pointwise_attention_cached
+        oracle, options = reference.pointwise_attention, {"activation": "relu2", "alpha": 0.5}
+    rows = slice(3, 7)  # queries in the middle: not the newest, so only causal=False gives these rows
+    got = cached(q[:, :, rows], k, v, key_mask=mask, causal=False, **options)
+    want = oracle(q, k, v, causal=False, attention_mask=mask, **options)[:, :, rows]
+    keep = mask[:, None, rows, None].expand_as(got)
+    assert_matches(got, want, {"q": q, "k": k, "v": v}, 1e-9, rows=keep, generator=gen, what=which)

@@ -165,7 +165,7 @@ def test_meta_tensors_give_the_output_shape(name):
 def test_all_finite_answers_only_what_it_knows():
     """The fast path (no exclusion bookkeeping) is taken only when every entry is finite: a NaN, an inf,
     or finite entries whose sum overflows answer False (the careful path, still exact)."""
-    from tokenmix.functional._excluded import all_finite
+    from tokenmix.core.excluded import all_finite
 
     x = torch.randn(3, 4)
     assert all_finite(x, x.double())

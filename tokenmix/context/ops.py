@@ -6,23 +6,23 @@ to the same op on the whole sequence, forward and backward. What each sends is w
   beside the rank's edges (``halo``);
 - a state carried forward (``aft_simple``): each rank's (max, numerator, denominator) per channel, O(d),
   folded over the ranks before it (causal) or all others (bidirectional);
-- all pairs (``softmax_attention``): every rank's keys and values (``gather_sequence``).
+- all pairs (``softmax_attention``, ``pointwise_attention``): every rank's keys and values
+  (``gather_sequence``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..core.checks import check_attention_mask, check_flag, check_float_tensor
-from ..core.chunks import causal_aligned
+from ..core.excluded import causal_finite, finite_at_padding, real_only, reinstate
 from ..functional import aft as aft_ops
+from ..functional import attention as attention_ops
 from ..functional import conv as conv_ops
-from ..functional._excluded import finite_at_padding, real_only
 from ..functional.aft.exact import finite_shift
 from .exchange import Split, gather_sequence, gather_summaries, halo
 
-__all__ = ["aft_simple", "dynamic_conv", "lightconv", "softmax_attention"]
+__all__ = ["aft_simple", "dynamic_conv", "lightconv", "pointwise_attention", "softmax_attention"]
 
 
 def _local_mask(split: Split, x: torch.Tensor, attention_mask: torch.Tensor | None, dim: int = 1):
@@ -160,8 +160,8 @@ def softmax_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """``tokenmix.functional.softmax_attention`` over a split sequence: every rank's keys and values are
-    gathered (O(N·d) per rank, through SDPA as the op is), and this rank's queries attend to them — when
-    causal, to the positions up to its own last only.
+    gathered (O(N·d) per rank) and this rank's queries attend to them through the op's cached form (SDPA)
+    — when causal, to the positions up to its own last only.
 
     Args:
         q, k: (B, H, n, Dk). v: (B, H, n, Dv): this rank's positions. split: the sequence's split.
@@ -170,20 +170,47 @@ def softmax_attention(
     Returns:
         (B, H, n, Dv): this rank's outputs (a padded query's row is unspecified but finite, as the op's).
     """
+    return _all_pairs(
+        attention_ops.softmax_attention_cached, q, k, v, split, causal, attention_mask, scale=scale
+    )
+
+
+def pointwise_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    split: Split,
+    *,
+    activation: str = "relu",
+    alpha: float = 1.0,
+    scale: float | None = None,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+    length: int | None = None,
+) -> torch.Tensor:
+    """``tokenmix.functional.pointwise_attention`` over a split sequence, as ``softmax_attention`` here:
+    L, the keys a row sees, counts the whole sequence's (the positions up to the row's own, when causal).
+    Options as for the op."""
+    options = {"activation": activation, "alpha": alpha, "scale": scale, "length": length}
+    return _all_pairs(
+        attention_ops.pointwise_attention_cached, q, k, v, split, causal, attention_mask, **options
+    )
+
+
+def _all_pairs(cached, q, k, v, split, causal, attention_mask, **options) -> torch.Tensor:
+    """This rank's queries over the gathered keys and values, by the op's cached form: its queries are
+    the newest of the first ``stop`` positions (causal) or see all N. Non-finite keys and values are
+    selected away as the op does: computed with finite ones, NaN put back on the rows that see them."""
     check_float_tensor("q", q, "(B, H, n, Dk)")
     mask = _local_mask(split, q, attention_mask, dim=2)
     causal = check_flag("causal", causal)
-    keys_end = split.stop if causal else split.total  # a causal rank never reads later ranks' keys
-    keys = gather_sequence(real_only(k, mask, 2), split, 2)[:, :, :keys_end]
-    values = gather_sequence(real_only(v, mask, 2), split, 2)[:, :, :keys_end]
+    end = split.stop if causal else split.total  # a causal rank never reads later ranks' keys
+    keys = gather_sequence(real_only(k, mask, 2), split, 2)[:, :, :end]
+    values = gather_sequence(real_only(v, mask, 2), split, 2)[:, :, :end]
+    real = None if mask is None else gather_sequence(mask, split, 1)[:, :end]
+    seen = None
+    if causal:
+        keys, values, seen = causal_finite(keys, values, 2, key_channels=False)
     q = finite_at_padding(q, mask, 2)
-    allowed = torch.ones(split.length, keys_end, dtype=torch.bool, device=q.device)
-    if causal:  # this rank's queries are the newest of the first keys_end positions
-        allowed = causal_aligned(split.length, keys_end, q.device)
-    allowed = allowed[None, None]
-    if mask is not None:
-        real = gather_sequence(mask, split, 1)[:, :keys_end]
-        allowed = allowed & real[:, None, None, :]
-        allowed = allowed | ~mask[:, None, :, None]  # a padded query may see every key, as in the op
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=scale)
+    out = cached(q, keys, values, key_mask=real, causal=causal, **options)
+    return out if seen is None else reinstate(out, seen[:, :, split.start : split.stop])

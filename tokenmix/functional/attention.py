@@ -26,9 +26,9 @@ from ..core.checks import (
     empty_output,
 )
 from ..core.chunks import causal_aligned
+from ..core.excluded import causal_finite, finite_at_padding, real_only, reinstate
 from ..core.packing import Packing, packable
 from ._deprecated import deprecated_alias
-from ._excluded import causal_finite, finite_at_padding, real_only, reinstate
 
 __all__ = [
     "ACTIVATIONS",
@@ -118,9 +118,15 @@ def softmax_attention(
 _FROM_STATE = "a chunk continued from a decoding state runs on the reference path"
 
 
-def _cached_allowed(queries: int, keys: int, key_mask: torch.Tensor | None, device) -> torch.Tensor:
-    """(B or 1, 1, T, L): query i (the (L − T + i)-th position) sees key j ≤ L − T + i that is real."""
-    allowed = causal_aligned(queries, keys, device)
+def _cached_allowed(
+    queries: int, keys: int, key_mask: torch.Tensor | None, device, causal: bool = True
+) -> torch.Tensor:
+    """(B or 1, 1, T, L): query i (the (L − T + i)-th position) sees key j ≤ L − T + i (every key unless
+    ``causal``) that is real."""
+    if causal:
+        allowed = causal_aligned(queries, keys, device)
+    else:
+        allowed = torch.ones(queries, keys, dtype=torch.bool, device=device)
     if key_mask is None:
         return allowed[None, None]
     return allowed[None, None] & key_mask[:, None, None, :]
@@ -133,15 +139,17 @@ def softmax_attention_cached(
     *,
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Causal attention continued from a KV cache: the newest T queries q (B, H, T, Dk) over the keys
     k (B, H, L, Dk), v (B, H, L, Dv) of every position so far, L ≥ T, the last T being the queries' own
     (causal offsets aligned to the end). ``key_mask`` (B, L): True = real key. Equals the last T rows of
-    ``softmax_attention(..., causal=True)`` over the L positions."""
+    ``softmax_attention(..., causal=True)`` over the L positions. ``causal=False``: every query sees every
+    real key (a context-parallel rank's queries over the whole sequence's keys; default True)."""
     scale = _default_scale(scale, q.shape[-1])
-    if key_mask is None and q.shape[-2] == 1:  # the newest token sees every key: no mask to build
+    if key_mask is None and (q.shape[-2] == 1 or not check_flag("causal", causal)):  # every key: no mask
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    allowed = _cached_allowed(q.shape[-2], k.shape[-2], key_mask, q.device)
+    allowed = _cached_allowed(q.shape[-2], k.shape[-2], key_mask, q.device, causal)
     if key_mask is not None:
         v = real_only(v, key_mask, 2)
         allowed = allowed | ~allowed.any(-1, keepdim=True)  # a padded query with no real key: any row
@@ -426,19 +434,21 @@ def pointwise_attention_cached(
     scale: float | None = None,
     length: int | None = None,
     key_mask: torch.Tensor | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Causal pointwise attention continued from a KV cache: the newest T queries q (B, H, T, Dk) over
     k (B, H, L, Dk), v (B, H, L, Dv), L ≥ T, causal offsets aligned to the end; ``key_mask`` (B, L),
-    True = real key. Equals the last T rows of ``pointwise_attention(..., causal=True)``."""
+    True = real key. Equals the last T rows of ``pointwise_attention(..., causal=True)``. ``causal=False``:
+    every query sees every real key, L counting them all (default True)."""
     activation, alpha, length = _check_pointwise_options(activation, alpha, length)
     use_kernel("pointwise_attention", q, unsupported=_FROM_STATE)  # raises if triton is forced
     scale = _default_scale(scale, q.shape[-1])
     dtype = compute_dtype(q.dtype)
     scores = (q.to(dtype) * scale) @ k.to(dtype).transpose(-1, -2)
-    if key_mask is None and q.shape[-2] == 1:  # the newest token sees every key
+    if key_mask is None and (q.shape[-2] == 1 or not check_flag("causal", causal)):  # every key
         count = k.shape[-2] if length is None else length
         return ((ACTIVATIONS[activation].forward(scores) @ v.to(dtype)) * float(count) ** -alpha).to(q.dtype)
-    allowed = _cached_allowed(q.shape[-2], k.shape[-2], key_mask, q.device)
+    allowed = _cached_allowed(q.shape[-2], k.shape[-2], key_mask, q.device, causal)
     weights = torch.where(
         allowed, ACTIVATIONS[activation].forward(scores), torch.zeros((), dtype=dtype, device=q.device)
     )

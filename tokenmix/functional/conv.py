@@ -33,10 +33,10 @@ from ..core.checks import (
     compute_dtype,
     empty_output,
 )
+from ..core.excluded import all_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
 from ..core.packing import Packing, packable
 from ..core.state import DecodingState
 from ..errors import InvalidValueError
-from ._excluded import all_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
 from ._typing import recurrent_op
 
 __all__ = ["ConvWindowState", "dynamic_conv", "lightconv"]

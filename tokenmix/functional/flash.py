@@ -23,10 +23,7 @@ from ..core.checks import (
     empty_output,
 )
 from ..core.chunks import compact, continued, kept_then
-from ..core.packing import Packing, packable
-from ..core.state import DecodingState
-from ..errors import InvalidTypeError, InvalidValueError
-from ._excluded import (
+from ..core.excluded import (
     all_finite,
     finite_at_padding,
     finite_part,
@@ -35,6 +32,9 @@ from ._excluded import (
     seen_between,
     seen_in_window,
 )
+from ..core.packing import Packing, packable
+from ..core.state import DecodingState
+from ..errors import InvalidTypeError, InvalidValueError
 from ._typing import recurrent_op
 from .attention import pointwise_attention
 

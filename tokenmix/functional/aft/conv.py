@@ -15,9 +15,9 @@ from ...core.checks import (
     compute_dtype,
     empty_output,
 )
+from ...core.excluded import all_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
 from ...core.packing import Packing
 from ...errors import InvalidValueError
-from .._excluded import all_finite, finite_at_padding, finite_part, real_only, reinstate, seen_in_window
 from .._typing import recurrent_op
 from .common import (
     finish,

@@ -12,8 +12,8 @@ from ...core.checks import (
     compute_dtype,
     empty_output,
 )
+from ...core.excluded import causal_finite, finite_at_padding, real_only, reinstate
 from ...core.packing import Packing
-from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
 from . import exact
 from .common import (
     check_inputs,

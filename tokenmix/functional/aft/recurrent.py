@@ -13,10 +13,10 @@ from ...core.checks import (
     compute_dtype,
 )
 from ...core.chunks import causal_aligned, compact, continued, kept_then, last_real
+from ...core.excluded import real_only
 from ...core.state import DecodingState
 from ...errors import InvalidTypeError, InvalidValueError
 from .._deprecated import deprecated_alias
-from .._excluded import real_only
 from . import exact
 from .exact import finite_shift
 

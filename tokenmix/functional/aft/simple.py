@@ -15,9 +15,9 @@ from ...core.checks import (
     compute_dtype,
     empty_output,
 )
+from ...core.excluded import causal_finite, finite_at_padding, real_only, reinstate
 from ...core.packing import Packing
 from ...errors import InvalidTypeError, InvalidValueError
-from .._excluded import causal_finite, finite_at_padding, real_only, reinstate
 from .._typing import recurrent_op
 from .common import (
     check_inputs,
