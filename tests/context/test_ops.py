@@ -41,6 +41,7 @@ def _cases():
         "dynamic_conv K=3": (F.dynamic_conv, cp.dynamic_conv, dynamic(3)),
         "dynamic_conv K=8": (F.dynamic_conv, cp.dynamic_conv, dynamic(8)),
         "aft_simple": (F.aft_simple, cp.aft_simple, qkv),
+        "aft_full": (F.aft_full, cp.aft_full, lambda randn, n: (qkv(randn, n)[0], [randn(n + 2, n + 2)])),
         "softmax_attention": (F.softmax_attention, cp.softmax_attention, heads),
         "pointwise_attention": (
             functools.partial(F.pointwise_attention, activation="relu2", alpha=0.5),

@@ -6,7 +6,7 @@ to the same op on the whole sequence, forward and backward. What each sends is w
   beside the rank's edges (``halo``);
 - a state carried forward (``aft_simple``): each rank's (max, numerator, denominator) per channel, O(d),
   folded over the ranks before it (causal) or all others (bidirectional);
-- all pairs (``softmax_attention``, ``pointwise_attention``): every rank's keys and values
+- all pairs (``softmax_attention``, ``pointwise_attention``, ``aft_full``): every rank's keys and values
   (``gather_sequence``).
 """
 
@@ -22,7 +22,7 @@ from ..functional import conv as conv_ops
 from ..functional.aft.exact import finite_shift
 from .exchange import Split, gather_sequence, gather_summaries, halo
 
-__all__ = ["aft_simple", "dynamic_conv", "lightconv", "pointwise_attention", "softmax_attention"]
+__all__ = ["aft_full", "aft_simple", "dynamic_conv", "lightconv", "pointwise_attention", "softmax_attention"]
 
 
 def _local_mask(split: Split, x: torch.Tensor, attention_mask: torch.Tensor | None, dim: int = 1):
@@ -149,6 +149,47 @@ def _folded(summaries: torch.Tensor, selected: torch.Tensor):
     return key, value, seen.any(-1)
 
 
+def aft_full(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    split: Split,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``tokenmix.functional.aft_full`` over a split sequence: every rank's keys and values are gathered
+    (O(N·d) per rank) and this rank's queries take them with the rows of w at their global positions,
+    through the op's cached form (every (row, channel) under the joint maximum of its own terms).
+
+    Args:
+        q, k, v: (B, n, D), this rank's positions. w: (N_max, N_max), N ≤ N_max, the same on every rank.
+        split: the sequence's split. causal, attention_mask: as for the op, the mask this rank's (B, n).
+
+    Returns:
+        (B, n, D): this rank's outputs.
+    """
+    check_float_tensor("q", q, "(B, n, D)")
+    check_float_tensor("w", w, "(N_max, N_max)")
+    mask = _local_mask(split, q, attention_mask)
+    causal = check_flag("causal", causal)
+    end = split.stop if causal else split.total
+    keys, values, real = _gathered_keys(k, v, mask, split, end, dim=1)
+    bias = w[split.start : split.stop, :end].expand(q.shape[0], -1, -1)
+    q = finite_at_padding(q, mask, 1)
+    return aft_ops.aft_full_cached(q, keys, values, bias, key_mask=real, causal=causal).to(q.dtype)
+
+
+def _gathered_keys(k, v, mask, split: Split, end: int, dim: int):
+    """The whole sequence's keys and values (padding selected away) up to position ``end``, and its
+    real-key mask (None without padding)."""
+    keys = gather_sequence(real_only(k, mask, dim), split, dim).narrow(dim, 0, end)
+    values = gather_sequence(real_only(v, mask, dim), split, dim).narrow(dim, 0, end)
+    real = None if mask is None else gather_sequence(mask, split, 1)[:, :end]
+    return keys, values, real
+
+
 def softmax_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -205,9 +246,7 @@ def _all_pairs(cached, q, k, v, split, causal, attention_mask, **options) -> tor
     mask = _local_mask(split, q, attention_mask, dim=2)
     causal = check_flag("causal", causal)
     end = split.stop if causal else split.total  # a causal rank never reads later ranks' keys
-    keys = gather_sequence(real_only(k, mask, 2), split, 2)[:, :, :end]
-    values = gather_sequence(real_only(v, mask, 2), split, 2)[:, :, :end]
-    real = None if mask is None else gather_sequence(mask, split, 1)[:, :end]
+    keys, values, real = _gathered_keys(k, v, mask, split, end, dim=2)
     seen = None
     if causal:
         keys, values, seen = causal_finite(keys, values, 2, key_channels=False)

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ...backend import use_kernel
-from ...core.checks import (
-    compute_dtype,
-)
+from ...core.checks import check_flag, compute_dtype
 from ...core.chunks import causal_aligned, compact, continued, kept_then, last_real
 from ...core.excluded import real_only
 from ...core.state import DecodingState
@@ -71,19 +69,24 @@ def aft_full_cached(
     *,
     key_mask: torch.Tensor | None = None,
     running: AFTSimpleState | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
     """Causal AFT continued from a state: the newest T queries q (B, T, D) over explicit keys k, values
     v (B, L, D), L ≥ T, the last T being the queries' own (causal offsets aligned to the end), with
     biases ``bias`` (B, T, L) or per channel (B, T, L, D) (None: 0), real keys ``key_mask`` (B, L), and
     older keys folded into ``running`` (see ``aft_accumulate``) with bias 0. Every (row, channel) is
-    computed under the joint maximum of its own terms. → (B, T, D)."""
+    computed under the joint maximum of its own terms. ``causal=False``: every query sees every real key
+    (a context-parallel rank's queries over the whole sequence's keys; default True). → (B, T, D)."""
     use_kernel(
         "aft_full", q, unsupported="a chunk continued from a decoding state runs on the reference path"
     )
     dtype = compute_dtype(q.dtype)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     queries, length = q.shape[1], k.shape[1]
-    allowed = causal_aligned(queries, length, q.device)
+    if check_flag("causal", causal):
+        allowed = causal_aligned(queries, length, q.device)
+    else:
+        allowed = torch.ones(queries, length, dtype=torch.bool, device=q.device)
     allowed = allowed[None] if key_mask is None else allowed[None] & key_mask[:, None, :]  # (B, T, L)
     values = v if key_mask is None else real_only(v, key_mask, 1)
     if running is not None:  # the folded keys as one more term, seen by every query
