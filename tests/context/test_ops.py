@@ -41,6 +41,24 @@ def _cases():
         "dynamic_conv K=3": (F.dynamic_conv, cp.dynamic_conv, dynamic(3)),
         "dynamic_conv K=8": (F.dynamic_conv, cp.dynamic_conv, dynamic(8)),
         "aft_simple": (F.aft_simple, cp.aft_simple, qkv),
+        "aft_local": (
+            functools.partial(F.aft_local, window=3),
+            functools.partial(cp.aft_local, window=3),
+            lambda randn, n: (qkv(randn, n)[0], [randn(n + 2, n + 2)]),
+        ),
+        "aft_local_lowrank": (
+            functools.partial(F.aft_local_lowrank, window=4),
+            functools.partial(cp.aft_local_lowrank, window=4),
+            lambda randn, n: (qkv(randn, n)[0], [randn(n + 1, 2), randn(n + 1, 2)]),
+        ),
+        "aft_conv": (
+            F.aft_conv,
+            cp.aft_conv,
+            lambda randn, n: (
+                [(randn(B, n, H, 2), 1), (randn(B, n, H), 1), (randn(B, n, H, 2), 1)],
+                [randn(H, 3)],
+            ),
+        ),
         "aft_full": (F.aft_full, cp.aft_full, lambda randn, n: (qkv(randn, n)[0], [randn(n + 2, n + 2)])),
         "softmax_attention": (F.softmax_attention, cp.softmax_attention, heads),
         "pointwise_attention": (

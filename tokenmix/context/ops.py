@@ -6,6 +6,8 @@ to the same op on the whole sequence, forward and backward. What each sends is w
   beside the rank's edges (``halo``);
 - a state carried forward (``aft_simple``): each rank's (max, numerator, denominator) per channel, O(d),
   folded over the ranks before it (causal) or all others (bidirectional);
+- both (``aft_local``, ``aft_local_lowrank``, ``aft_conv``): the window's keys as a halo, and the keys
+  beyond it folded, O(window·d + world·d);
 - all pairs (``softmax_attention``, ``pointwise_attention``, ``aft_full``): every rank's keys and values
   (``gather_sequence``).
 """
@@ -22,7 +24,17 @@ from ..functional import conv as conv_ops
 from ..functional.aft.exact import finite_shift
 from .exchange import Split, gather_sequence, gather_summaries, halo
 
-__all__ = ["aft_full", "aft_simple", "dynamic_conv", "lightconv", "pointwise_attention", "softmax_attention"]
+__all__ = [
+    "aft_conv",
+    "aft_full",
+    "aft_local",
+    "aft_local_lowrank",
+    "aft_simple",
+    "dynamic_conv",
+    "lightconv",
+    "pointwise_attention",
+    "softmax_attention",
+]
 
 
 def _local_mask(split: Split, x: torch.Tensor, attention_mask: torch.Tensor | None, dim: int = 1):
@@ -147,6 +159,151 @@ def _folded(summaries: torch.Tensor, selected: torch.Tensor):
     key = torch.where(seen, shift + torch.log(safe), zero)
     value = torch.where(seen, numerator / safe, zero)
     return key, value, seen.any(-1)
+
+
+def aft_local(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    split: Split,
+    *,
+    window: int,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``tokenmix.functional.aft_local`` over a split sequence. The keys within window − 1 positions of
+    this rank's edges arrive as a halo; every key farther away has bias 0 for all of this rank's queries,
+    so each rank sends, for every other rank, the (max, numerator, denominator) of its keys beyond that
+    rank's halo (O(world·d)), and they enter the op as one key before the halo (and one after it, when
+    bidirectional), each at a distance ≥ window from this rank's queries.
+
+    Args:
+        q, k, v: (B, n, D), this rank's positions. w: (N_max, N_max), the same on every rank.
+        split: the sequence's split. window, causal, attention_mask: as for the op (the mask this
+            rank's (B, n)).
+
+    Returns:
+        (B, n, D): this rank's outputs.
+    """
+    check_float_tensor("w", w, "(N_max, N_max)")
+    reach = window - 1
+
+    def call(q, k, v, mask, positions):
+        index = positions.clamp(0, w.shape[0] - 1)  # out of range: padding, or beyond every window
+        table = w[index][:, index]
+        return aft_ops.aft_local(q, k, v, table, window=window, causal=causal, attention_mask=mask)
+
+    return _windowed(call, q, k, v, split, causal, attention_mask, reach, 0 if causal else reach)
+
+
+def aft_local_lowrank(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    w_v: torch.Tensor,
+    split: Split,
+    *,
+    window: int,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``tokenmix.functional.aft_local_lowrank`` over a split sequence, as ``aft_local`` here: the
+    factors' rows at the global positions, never the table."""
+    reach = window - 1
+
+    def call(q, k, v, mask, positions):
+        index = positions.clamp(0, u.shape[0] - 1)
+        return aft_ops.aft_local_lowrank(
+            q, k, v, u[index], w_v[index], window=window, causal=causal, attention_mask=mask
+        )
+
+    return _windowed(call, q, k, v, split, causal, attention_mask, reach, 0 if causal else reach)
+
+
+def aft_conv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    split: Split,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``tokenmix.functional.aft_conv`` (1-D) over a split sequence, as ``aft_local`` here: the kernel's
+    K − 1 (causal) or K // 2 positions each side arrive as a halo, farther keys as folded ones.
+
+    Args:
+        q, v: (B, n, H, D/H). k: (B, n, H). w: (H, K). split, causal, attention_mask: as above.
+
+    Returns:
+        (B, n, H, D/H): this rank's outputs.
+    """
+    check_float_tensor("w", w, "(H, K)")
+    heads, head_dim = q.shape[2], q.shape[3]
+    before = w.shape[-1] - 1 if causal else w.shape[-1] // 2
+
+    def call(q, k, v, mask, positions):  # channels back to heads; a head's keys are its channels' own
+        q, v, k = q.unflatten(-1, (heads, head_dim)), v.unflatten(-1, (heads, head_dim)), k[..., ::head_dim]
+        return aft_ops.aft_conv(q, k, v, w, causal=causal, attention_mask=mask).flatten(-2)
+
+    flat = (q.flatten(-2), k.repeat_interleave(head_dim, dim=-1), v.flatten(-2))
+    out = _windowed(call, *flat, split, causal, attention_mask, before, 0 if causal else before)
+    return out.unflatten(-1, (heads, head_dim))
+
+
+def _windowed(call, q, k, v, split: Split, causal, attention_mask, before: int, after: int):
+    """An AFT op whose keys carry a bias only within ``before`` positions before and ``after`` after a
+    query: this rank's queries with the halo's keys, and the keys beyond the halo folded into one key on
+    each side. ``call(q, k, v, mask, positions)`` runs the op on the extended sequence, ``positions`` its
+    global ones."""
+    check_float_tensor("q", q, "(B, n, D)")
+    mask = _local_mask(split, q, attention_mask)
+    causal = check_flag("causal", causal)
+    real = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if mask is None else mask
+    first, last = _beyond(k, v, real, split, before, after)
+    keys = torch.cat(
+        (first[0][:, None], halo(real_only(k, mask, 1), split, before, after), last[0][:, None]), 1
+    )
+    values = torch.cat(
+        (first[1][:, None], halo(real_only(v, mask, 1), split, before, after), last[1][:, None]), 1
+    )
+    inside = torch.arange(-before, split.length + after, device=q.device) + split.start
+    within = ((inside >= 0) & (inside < split.total))[None]
+    near = halo(real.to(torch.int8), split, before, after).bool() & within
+    keep = torch.cat((first[2][:, None], near, last[2][:, None]), 1)
+    queries = _zeros_around(finite_at_padding(q, mask, 1), before + 1, after + 1)
+    positions = torch.arange(-before - 1, split.length + after + 1, device=q.device) + split.start
+    out = call(queries, keys.to(k.dtype), values.to(v.dtype), keep, positions)
+    return out[:, before + 1 : before + 1 + split.length]
+
+
+def _zeros_around(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """(B, n, …) with ``before`` and ``after`` zero positions around it along dim 1."""
+    zeros = x.new_zeros(x.shape[0], 1, *x.shape[2:])
+    return torch.cat((zeros.expand(-1, before, *x.shape[2:]), x, zeros.expand(-1, after, *x.shape[2:])), 1)
+
+
+def _beyond(k, v, real, split: Split, before: int, after: int):
+    """The keys farther than ``before`` positions before this rank's first and ``after`` after its last,
+    each side folded into one key and value per channel, with whether any was real: every rank sends,
+    for each rank, the (max, numerator, denominator) of its own keys beyond that rank's halo."""
+    starts = [sum(split.lengths[:r]) for r in range(split.world)]
+    stops = [start + n for start, n in zip(starts, split.lengths, strict=True)]
+    pieces = [(split.start, min(split.stop, start - before)) for start in starts]  # before each rank's halo
+    pieces += [(max(split.start, stop + after), split.stop) for stop in stops]  # after it
+    summaries = []
+    for lo, hi in pieces:
+        piece = slice(lo - split.start, max(hi, lo) - split.start)  # empty where the cut leaves nothing
+        own = aft_ops.aft_accumulate(None, k[:, piece], v[:, piece], real[:, piece])
+        summaries.append(torch.stack((own.max, own.numerator, own.denominator)))
+    gathered = torch.stack(gather_summaries(torch.stack(summaries), split))  # (sender, 2·world, 3, B, D)
+    everyone = torch.ones(split.world, dtype=torch.bool, device=k.device)
+    first = _folded(gathered[:, split.rank], everyone)
+    last = _folded(gathered[:, split.world + split.rank], everyone)
+    return first, last
 
 
 def aft_full(
