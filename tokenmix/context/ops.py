@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from ..core.checks import check_attention_mask, check_flag, check_float_tensor
+from ..core.checks import check_attention_mask, check_flag, check_float_tensor, compute_dtype
 from ..core.excluded import causal_finite, finite_at_padding, real_only, reinstate
 from ..functional import aft as aft_ops
 from ..functional import attention as attention_ops
 from ..functional import conv as conv_ops
 from ..functional.aft.exact import finite_shift
+from ..functional.flash import mixed_chunk_attention as mixed_chunk_attention_op
 from .exchange import Split, gather_sequence, gather_summaries, halo
 
 __all__ = [
@@ -304,6 +305,97 @@ def _beyond(k, v, real, split: Split, before: int, after: int):
     first = _folded(gathered[:, split.rank], everyone)
     last = _folded(gathered[:, split.world + split.rank], everyone)
     return first, last
+
+
+def mixed_chunk_attention(
+    q_quad: torch.Tensor,
+    k_quad: torch.Tensor,
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    v: torch.Tensor,
+    split: Split,
+    *,
+    chunk_size: int,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``tokenmix.functional.mixed_chunk_attention`` (FLASH) over a split sequence; chunks are the whole
+    sequence's (global position // C). The quadratic part is the op over this rank's positions widened
+    to whole chunks (the C − 1 positions beside each edge arrive as a halo; the linear queries zeroed);
+    the linear part adds, to the chunks' sums here, Σ k_lin ⊗ v and the count of every real position
+    before the first chunk here (causal: each rank sends each rank its share, O(world·S·E)) or of all of
+    them (bidirectional).
+
+    Args:
+        q_quad, k_quad, q_lin, k_lin: (B, n, S). v: (B, n, E): this rank's positions.
+        split: the sequence's split. chunk_size, causal, attention_mask: as for the op (the mask this
+            rank's (B, n)).
+
+    Returns:
+        (B, n, E): this rank's outputs.
+    """
+    check_float_tensor("v", v, "(B, n, E)")
+    mask = _local_mask(split, v, attention_mask)
+    causal = check_flag("causal", causal)
+    size = chunk_size
+    first = split.start - split.start % size  # the global start of this rank's first chunk
+    last = split.stop if causal else min(split.total, -(-split.stop // size) * size)  # of its last (bidir.)
+    before, after = split.start - first, last - split.stop
+    reach = size - 1
+    real = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device) if mask is None else mask
+
+    def widened(x):
+        return halo(x, split, reach, 0 if causal else reach)[:, reach - before : reach + split.length + after]
+
+    inputs = [widened(real_only(t, mask, 1)) for t in (q_quad, k_quad, k_lin, v)]
+    wide_real = widened(real.to(torch.int8)).bool()
+    wide_q, wide_k, wide_k_lin, wide_v = inputs
+    no_linear = torch.zeros_like(wide_k_lin)  # the op's linear part: 0 · M / n, added below instead
+    quad = mixed_chunk_attention_op(
+        wide_q,
+        wide_k,
+        no_linear,
+        wide_k_lin,
+        wide_v,
+        chunk_size=size,
+        causal=causal,
+        attention_mask=wide_real,
+    )[:, before : before + split.length]
+    state, count = _linear_before(k_lin, v, real, split, size, causal)
+    dtype = compute_dtype(v.dtype)
+    wide_q_lin = _zeros_around(q_lin, before, after)  # the rows here, in whole chunks
+    pad = -wide_v.shape[1] % size
+    keys, values, queries = (
+        _zeros_around(t.to(dtype), 0, pad).unflatten(1, (-1, size))
+        for t in (torch.where(wide_real[..., None], wide_k_lin, 0), wide_v, wide_q_lin)
+    )
+    sums = torch.einsum("bcns,bcne->bcse", keys, values)  # (B, chunks, S, E)
+    counts = _zeros_around(wide_real.to(dtype), 0, pad).unflatten(1, (-1, size)).sum(2)
+    if causal:  # the chunks before each one: those before this rank's first, then this rank's before it
+        sums = state[:, None] + sums.cumsum(1) - sums
+        counts = count[:, None] + counts.cumsum(1) - counts
+    else:  # every real position of the sequence
+        sums, counts = state[:, None].expand_as(sums), count[:, None].expand_as(counts)
+    linear = (queries @ (sums / counts.clamp_min(1)[..., None, None])).flatten(1, 2)
+    return (quad.to(dtype) + linear[:, before : before + split.length]).to(v.dtype)
+
+
+def _linear_before(k_lin, v, real, split: Split, size: int, causal: bool):
+    """Σ k_lin ⊗ v (B, S, E) and the count (B,) of the real positions before this rank's first chunk
+    (causal) or of the whole sequence (bidirectional): each rank sends each rank its share."""
+    dtype = compute_dtype(v.dtype)
+    starts = [sum(split.lengths[:r]) for r in range(split.world)]
+    cuts = [start - start % size if causal else split.total for start in starts]
+    shares = []
+    for cut in cuts:
+        piece = slice(0, max(0, min(split.stop, cut) - split.start))
+        keep = real[:, piece]
+        outer = torch.einsum(
+            "bns,bne->bse", torch.where(keep[..., None], k_lin[:, piece].to(dtype), 0), v[:, piece].to(dtype)
+        )
+        shares.append(torch.cat((outer.flatten(1), keep.sum(1, keepdim=True).to(dtype)), 1))
+    gathered = torch.stack(gather_summaries(torch.stack(shares), split))[:, split.rank].sum(0)  # (B, S·E + 1)
+    return gathered[:, :-1].view(v.shape[0], k_lin.shape[-1], v.shape[-1]), gathered[:, -1]
 
 
 def aft_full(
