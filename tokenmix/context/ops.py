@@ -18,6 +18,7 @@ import torch
 
 from ..core.checks import check_attention_mask, check_flag, check_float_tensor, compute_dtype
 from ..core.excluded import causal_finite, finite_at_padding, real_only, reinstate
+from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
 from ..functional import attention as attention_ops
 from ..functional import conv as conv_ops
@@ -419,13 +420,35 @@ def aft_full(
     Returns:
         (B, n, D): this rank's outputs.
     """
-    check_float_tensor("q", q, "(B, n, D)")
     check_float_tensor("w", w, "(N_max, N_max)")
+    end = split.stop if check_flag("causal", causal) else split.total
+    rows = w[split.start : split.stop, :end]
+    return aft_full_rows(q, k, v, rows, split, causal=causal, attention_mask=attention_mask)
+
+
+def aft_full_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: torch.Tensor,
+    split: Split,
+    *,
+    causal: bool = False,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``aft_full`` here, given only this rank's rows of w: ``rows`` (n, L) = w[start:stop, :L], L the
+    positions its queries see (``split.stop`` when causal, N otherwise) — what a mixer with factored
+    biases forms, never the N × N table."""
+    check_float_tensor("q", q, "(B, n, D)")
     mask = _local_mask(split, q, attention_mask)
     causal = check_flag("causal", causal)
     end = split.stop if causal else split.total
+    if tuple(rows.shape) != (split.length, end):
+        raise InvalidValueError(
+            f"rows must have shape (n, L) = {(split.length, end)}, got {tuple(rows.shape)}"
+        )
     keys, values, real = _gathered_keys(k, v, mask, split, end, dim=1)
-    bias = w[split.start : split.stop, :end].expand(q.shape[0], -1, -1)
+    bias = rows.expand(q.shape[0], -1, -1)
     q = finite_at_padding(q, mask, 1)
     return aft_ops.aft_full_cached(q, keys, values, bias, key_mask=real, causal=causal).to(q.dtype)
 

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..context import ops as context_ops
 from ..core.checks import check_positive_int, check_real
 from ..core.chunks import Compacted
 from ..core.packing import Packing
-from ..errors import InvalidValueError
+from ..errors import InvalidValueError, UnavailableError
 from ..functional import aft as aft_ops
 from ..init import SelfInitialising
 from .base import Mixer
@@ -72,6 +73,16 @@ class AFTMixer(Mixer):
         self._check_length(x.shape[1] if packing is None else packing.longest)
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         return self.dropout(self.to_out(self.mix(q, k, v, attention_mask, packing)))
+
+    def mix_split(self, x, attention_mask, split):
+        self._check_length(split.total)
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        options = {"causal": self.causal, "attention_mask": attention_mask}
+        return self.dropout(self.to_out(self.context_op(q, k, v, split, **options)))
+
+    def context_op(self, q, k, v, split, **options) -> torch.Tensor:
+        """The family's op over a split sequence (``tokenmix.context.ops``)."""
+        raise NotImplementedError
 
     def new_state(self, batch_size: int, capacity: int | None = None) -> DecodingState:
         """An empty state. ``capacity``: AFT-full's cache holds that many positions (padding included)
@@ -158,6 +169,11 @@ class AFTFull(AFTMixer):
             q, k, v, w, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
         )
 
+    def context_op(self, q, k, v, split, **options):
+        end = split.stop if self.causal else split.total  # only this rank's rows of w, never N × N
+        rows = self.bias.rows(slice(split.start, split.stop), slice(0, end))
+        return context_ops.aft_full_rows(q, k, v, rows, split, **options)
+
     def mix_continued(self, q, k, v, state, chunk):
         positions = state.positions[:, None] + torch.arange(k.shape[1], device=k.device)
         if state.cache is None:
@@ -202,6 +218,9 @@ class AFTSimple(AFTMixer):
         return aft_ops.aft_simple(
             q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
         )
+
+    def context_op(self, q, k, v, split, **options):
+        return context_ops.aft_simple(q, k, v, split, **options)
 
     def mix_continued(self, q, k, v, state, chunk):
         out, final = aft_ops.aft_simple(
@@ -251,6 +270,13 @@ class AFTLocal(AFTMixer):
         if self.bias.rank is None:
             return aft_ops.aft_local(q, k, v, self.bias.table, **options)
         return aft_ops.aft_local_lowrank(q, k, v, self.bias.u, self.bias.v, **options)
+
+    def context_op(self, q, k, v, split, **options):
+        if self.bias.rank is None:
+            return context_ops.aft_local(q, k, v, self.bias.table, split, window=self.window, **options)
+        return context_ops.aft_local_lowrank(
+            q, k, v, self.bias.u, self.bias.v, split, window=self.window, **options
+        )
 
     def mix_continued(self, q, k, v, state, chunk):
         options = dict(
@@ -343,6 +369,12 @@ class AFTConv(AFTMixer):
             )
             return out.flatten(-2)
         return self._mix_grid(q, k, v, attention_mask, packing)
+
+    def context_op(self, q, k, v, split, **options):
+        if self.grid is not None:
+            raise UnavailableError("aft_conv on a 2-D grid has no context-parallel form (a ViT's patches)")
+        out = context_ops.aft_conv(self._heads(q), k, self._heads(v), self.weight(), split, **options)
+        return out.flatten(-2)
 
     def _mix_grid(self, q, k, v, attention_mask, packing):
         """(B, X·Y, …) → (B, X, Y, …); a packed row's segments, each one whole grid, as a batch."""

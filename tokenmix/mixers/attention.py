@@ -11,6 +11,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from ..context import ops as context_ops
 from ..core.checks import check_positive_int, check_real
 from ..core.chunks import Compacted
 from ..core.packing import Packing
@@ -107,6 +108,15 @@ class MultiHeadAttention(Mixer):
         q, k, v = self._qkv(x, 0, packing)
         return self._output(self.mix(q, k, v, attention_mask, packing), x)
 
+    def mix_split(self, x, attention_mask, split):
+        q, k, v = self._qkv(x, split.start)  # RoPE at the global positions
+        attended = self.context_op(q, k, v, split, causal=self.causal, attention_mask=attention_mask)
+        return self._output(attended, x)
+
+    def context_op(self, q, k, v, split, **options) -> torch.Tensor:
+        """The family's op over a split sequence (``tokenmix.context.ops``)."""
+        raise NotImplementedError
+
     def new_state(self, batch_size: int, capacity: int | None = None) -> CacheState:
         """An empty KV cache: O(t · heads · head_dim) per sequence after t steps.
         ``capacity``: a fixed-size cache for that many positions (padding included), whose tensors keep
@@ -160,6 +170,9 @@ class SoftmaxAttention(MultiHeadAttention):
 
     def mix_cached(self, q, k, v, real):
         return attention_ops.softmax_attention_cached(q, k, v, key_mask=real)
+
+    def context_op(self, q, k, v, split, **options):
+        return context_ops.softmax_attention(q, k, v, split, **options)
 
 
 @register_mixer(
@@ -218,3 +231,6 @@ class PointwiseAttention(MultiHeadAttention):
 
     def mix_cached(self, q, k, v, real):
         return attention_ops.pointwise_attention_cached(q, k, v, key_mask=real, **self._options())
+
+    def context_op(self, q, k, v, split, **options):
+        return context_ops.pointwise_attention(q, k, v, split, **options, **self._options())

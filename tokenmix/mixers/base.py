@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ..context.exchange import Split
 from ..core.checks import check_attention_mask, check_flag, check_float_tensor, check_positive_int
 from ..core.chunks import Compacted, as_given, compact
 from ..core.packing import Packing, packing_of
@@ -91,11 +92,21 @@ class Mixer(SelfInitialising):
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | Packing | None = None,
+        *,
+        context: Split | None = None,
     ) -> torch.Tensor:
         """(B, N, dim) → (B, N, dim). ``attention_mask`` (B, N), True = real token. ``cu_seqlens``
         (S + 1,) with B = 1: the packed segments are independent sequences, each as if fed alone
-        (docs/spec.md §8); or the ``Packing`` a backbone planned from it."""
+        (docs/spec.md §8); or the ``Packing`` a backbone planned from it. ``context``: the sequence is
+        split over a context-parallel group and x (B, n, dim) and the mask are this rank's share
+        (``tokenmix.context.Split``, docs/spec.md §14); the output is this rank's share of the whole
+        sequence's."""
         x, attention_mask = self.check_input(x, attention_mask)
+        if context is not None:
+            if cu_seqlens is not None:
+                raise InvalidValueError("cu_seqlens with context: packed rows are not split over ranks yet")
+            context.check_local("x", x, 1)
+            return self.mix_split(x, attention_mask, context)
         if cu_seqlens is None:
             return self.mix_sequence(x, attention_mask)
         # Planned once here; the family's layers read each position's place in its segment from it, and
@@ -110,6 +121,11 @@ class Mixer(SelfInitialising):
         """The family's forward over a checked x (B, N, dim) and mask (B, N) or None; or (``packing``) a
         packed row (1, N, dim) whose segments are independent sequences (docs/spec.md §8)."""
         raise NotImplementedError
+
+    def mix_split(self, x: torch.Tensor, attention_mask: torch.Tensor | None, split: Split) -> torch.Tensor:
+        """The family's forward over this rank's share x (B, n, dim) of a sequence split over a
+        context-parallel group (``tokenmix.context.ops``; positions are global: ``split.start`` first)."""
+        raise UnavailableError(f"{type(self).__name__} has no context-parallel form yet")
 
     def check_step_input(
         self, x: torch.Tensor, state: object, attention_mask: torch.Tensor | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..context import ops as context_ops
 from ..core.checks import check_positive_int, check_real
 from ..core.chunks import Compacted, last_real
 from ..core.packing import Packing
@@ -82,6 +83,13 @@ class ConvolutionMixer(Mixer):
         u = self.glu(self.to_input(x))
         kernel = self._normalised_kernel(u)
         return self.dropout(self.to_out(self.mix(u, kernel, attention_mask, cu_seqlens=packing)))
+
+    def mix_split(self, x, attention_mask, split):
+        u = self.glu(self.to_input(x))
+        kernel = self._normalised_kernel(u)  # (DropConnect draws per rank: equal to one process at p = 0)
+        op = context_ops.lightconv if kernel.dim() == 2 else context_ops.dynamic_conv
+        y = op(u, kernel, split, causal=self.causal, weight_softmax=False, attention_mask=attention_mask)
+        return self.dropout(self.to_out(y))
 
     def new_state(self, batch_size: int, capacity: int | None = None) -> ConvWindowState:
         """The op's state, zeros for the inputs before the sequence: constant in size; ``capacity`` only

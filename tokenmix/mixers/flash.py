@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..context import ops as context_ops
 from ..core.checks import check_choice, check_positive_int, check_real
 from ..core.chunks import Compacted
 from ..core.packing import Packing
@@ -147,6 +148,16 @@ class GAU(GatedAttentionUnit):
             return attention_ops.softmax_attention(q, k, v, scale=self.qk_dim**-0.5, **options)
         return attention_ops.pointwise_attention(q, k, v, **options, **self._pointwise_options())
 
+    def mix_split(self, x, attention_mask, split):
+        u, v, (q, k) = self.project(x, split.start)  # RoPE at the global positions
+        q, k, v = self._heads(q, k, v)
+        options = {"causal": self.causal, "attention_mask": attention_mask}
+        if self.activation == "softmax":
+            attended = context_ops.softmax_attention(q, k, v, split, scale=self.qk_dim**-0.5, **options)
+        else:
+            attended = context_ops.pointwise_attention(q, k, v, split, **options, **self._pointwise_options())
+        return self.output(u, attended[:, 0])
+
     def mix_cached(self, q, k, v, real):
         """The newest T queries (B, 1, T, s) over the cache (B, 1, L, ·), real keys ``real`` (B, L)."""
         if self.activation == "softmax":
@@ -220,6 +231,14 @@ class FLASH(GatedAttentionUnit):
             q_quad, k_quad, q_lin, k_lin, v, chunk_size=self.chunk_size, causal=self.causal,
             attention_mask=attention_mask, cu_seqlens=packing, **state,
         )  # fmt: skip
+
+    def mix_split(self, x, attention_mask, split):
+        u, v, q_quad, k_quad, q_lin, k_lin = self._project(x, split.start)  # RoPE at the global positions
+        attended = context_ops.mixed_chunk_attention(
+            q_quad, k_quad, q_lin, k_lin, v, split, chunk_size=self.chunk_size, causal=self.causal,
+            attention_mask=attention_mask,
+        )  # fmt: skip
+        return self.output(u, attended)
 
     def new_state(self, batch_size: int, capacity: int | None = None) -> MixedChunkState:
         """The op's state, empty: constant in size; ``capacity`` only bounds what it may be fed."""

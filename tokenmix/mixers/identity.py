@@ -47,6 +47,9 @@ class Identity(Mixer):
     ) -> torch.Tensor:
         return self.dropout(self.to_out(x))
 
+    def mix_split(self, x, attention_mask, split):
+        return self.dropout(self.to_out(x))  # nothing crosses positions, so nothing is exchanged
+
     def new_state(self, batch_size: int, capacity: int | None) -> DecodingState:
         return DecodingState(batch_size=batch_size, capacity=capacity)  # nothing to carry: positions only
 

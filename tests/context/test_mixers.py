@@ -1,0 +1,65 @@
+"""Every shipped mixer under a context-parallel group (docs/spec.md §14), gloo with 2 processes: each
+rank's share of the output and of x's gradient, and every parameter's gradient summed over the ranks,
+equal the mixer on the whole sequence (float64, ≤ 1e-9), causal and bidirectional, with padding; RoPE and
+the position biases at the global positions."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import tokenmix
+from tests.mixers.options import SMALL_OPTIONS
+from tokenmix.context import Split
+
+B, N, DIM = 2, 13, 16
+
+
+def _compare(name: str, causal: bool, masked: bool) -> None:
+    torch.manual_seed(0)  # the same mixer and inputs on every rank
+    mixer = tokenmix.create_mixer(name, DIM, causal=causal, **SMALL_OPTIONS.get(name, {})).double()
+    x = torch.randn(B, N, DIM, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if masked:
+        mask = torch.ones(B, N, dtype=torch.bool)
+        mask[0, :3], mask[1, 6] = False, False
+    keep = (torch.ones(B, N, dtype=torch.bool) if mask is None else mask)[..., None]
+    out = mixer(x, mask)
+    cotangent = torch.where(keep, torch.randn(out.shape, dtype=torch.float64), 0.0)
+    parameters = [p for p in mixer.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(out, [x, *parameters], cotangent)
+
+    split = Split.of(N)
+    local = split.local(x.detach()).requires_grad_()
+    got = mixer(local, None if mask is None else split.local(mask), context=split)
+    where = f"{name} causal={causal} masked={masked} rank {split.rank}"
+    here = split.local(keep)
+    torch.testing.assert_close(
+        torch.where(here, got, 0.0),
+        torch.where(here, split.local(out.detach()), 0.0),
+        rtol=1e-9,
+        atol=1e-9,
+        msg=where,
+    )
+    grads = torch.autograd.grad(got, [local, *parameters], split.local(cotangent), allow_unused=True)
+    torch.testing.assert_close(grads[0], split.local(expected[0]), rtol=1e-9, atol=1e-9, msg=f"{where}: x")
+    for parameter, grad, want in zip(parameters, grads[1:], expected[1:], strict=True):
+        grad = torch.zeros_like(parameter) if grad is None else grad.clone()
+        dist.all_reduce(grad)  # what data parallelism does with a parameter's gradient
+        torch.testing.assert_close(grad, want, rtol=1e-9, atol=1e-9, msg=f"{where}: {parameter.shape}")
+
+
+def _worker(rank: int, world: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        for name, causal, masked in itertools.product(tokenmix.list_mixers(), (False, True), (False, True)):
+            _compare(name, causal, masked)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_mixer_under_two_ranks_equals_the_whole_sequence(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "store")), nprocs=2)
