@@ -145,6 +145,10 @@ _TRAIN_FLAGS = {
     "num_tokens": (int, "the repeated segment's length (induction), the tokens to copy (selective-copy)"),
     "batch_size": (int, "global batch, split across processes and accumulation steps"),
     "grad_accum": (int, "micro-batches per optimiser step"),
+    "context_parallel": (
+        int,
+        "split each sequence over this many torchrun processes (the rest data-parallel)",
+    ),
     "steps": (int, "optimiser steps"),
     "lr": (float, "peak learning rate (AdamW)"),
     "min_lr_ratio": (float, "final learning rate / peak"),

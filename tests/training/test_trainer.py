@@ -147,7 +147,9 @@ def test_resume_refuses_a_different_configuration_and_damages_nothing(tmp_path):
 
 
 def test_bad_configuration_is_named(tmp_path):
-    with pytest.raises(ValueError, match="batch_size=10 must be divisible by processes × grad_accum"):
+    with pytest.raises(
+        ValueError, match="batch_size=10 must be divisible by data-parallel processes × grad_accum"
+    ):
         train(dict(TINY, batch_size=10, grad_accum=4, out=str(tmp_path / "a")))
     with pytest.raises(ValueError, match="task must be one of"):
         TrainConfig(task="speech")

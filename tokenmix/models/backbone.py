@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..context.exchange import Split
 from ..core.checks import (
     check_attention_mask,
     check_choice,
@@ -55,8 +56,9 @@ class Block(SelfInitialising):
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | Packing | None = None,
+        context: Split | None = None,
     ) -> torch.Tensor:
-        return self._ffn(x + self.mixer(self.mixer_norm(x), attention_mask, cu_seqlens))
+        return self._ffn(x + self.mixer(self.mixer_norm(x), attention_mask, cu_seqlens, context=context))
 
     def step(
         self, x: torch.Tensor, state: Any, attention_mask: torch.Tensor | None = None
@@ -184,9 +186,18 @@ class Backbone(SelfInitialising):
         if self.position_embedding is not None:
             nn.init.normal_(self.position_embedding.weight, std=0.02)
 
-    def _positions(self, x: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+    def _positions(
+        self, x: torch.Tensor, packing: Packing | None, context: Split | None = None
+    ) -> torch.Tensor:
         if self.position_embedding is None:
             return x
+        if context is not None:  # this rank's share: the global positions
+            if context.total > self.max_len:
+                raise InvalidValueError(
+                    f"sequence of length {context.total} is longer than the learned position table "
+                    f"(max_len={self.max_len})"
+                )
+            return x + self.position_embedding.weight[context.start : context.stop]
         # With packing, positions restart at every segment: the longest segment must fit.
         end = x.shape[-2] if packing is None else max(packing.lengths, default=0)
         if end > self.max_len:
@@ -202,11 +213,16 @@ class Backbone(SelfInitialising):
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | Packing | None = None,
+        context: Split | None = None,
     ) -> torch.Tensor:
         """(B, N, dim) → (B, N, dim). ``cu_seqlens`` (S + 1,) with B = 1: packed segments, each
         computed as if alone (positions restart; docs/spec.md §8). Checked and planned once here, the
         plan handed to every layer. ``attention_mask`` (B, N): positions count each row's real tokens,
-        as in ``step`` (a left-padded row equals the row alone; docs/spec.md §7)."""
+        as in ``step`` (a left-padded row equals the row alone; docs/spec.md §7). ``context``: x is this
+        rank's share (B, n, dim) of a sequence split over a context-parallel group (docs/spec.md §14),
+        every layer's mixer exchanging what it needs; the output is this rank's share."""
+        if context is not None:
+            return self._forward_split(x, attention_mask, cu_seqlens, context)
         packing = chunk = None
         if cu_seqlens is not None:
             check_float_tensor("x", x, "(B, N, dim)")
@@ -226,6 +242,22 @@ class Backbone(SelfInitialising):
                 x = block(x, attention_mask, packing)
         x = self.norm(x)
         return x if chunk is None else chunk.scatter(x)
+
+    def _forward_split(self, x, attention_mask, cu_seqlens, context: Split) -> torch.Tensor:
+        if attention_mask is not None or cu_seqlens is not None:
+            what = "attention_mask" if attention_mask is not None else "cu_seqlens"
+            raise InvalidValueError(
+                f"{what} with context: a model's split rows are whole rows of real tokens"
+            )
+        check_float_tensor("x", x, "(B, n, dim)")
+        x = self.dropout(self._positions(x, None, context))
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            if recompute:
+                x = checkpoint(block, x, None, None, context, use_reentrant=False)
+            else:
+                x = block(x, None, None, context)
+        return self.norm(x)
 
     def init_state(self, batch_size: int, capacity: int | None = None) -> BackboneState:
         """Every layer's empty state; ``capacity`` as in ``Mixer.init_state`` (fixed shapes)."""

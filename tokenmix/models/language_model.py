@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..context.exchange import Split
 from ..core.checks import check_attention_mask, check_positive_int, check_real
 from ..core.packing import packing_of
 from ..errors import InvalidTypeError, InvalidValueError
@@ -96,11 +97,13 @@ class LanguageModel(_TokenModel):
         tokens: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        context: Split | None = None,
     ) -> torch.Tensor:
         """tokens (B, N) → logits (B, N, vocab_size). ``cu_seqlens`` (S + 1,) with B = 1: packed
-        documents, each predicted as if alone (docs/spec.md §8)."""
+        documents, each predicted as if alone (docs/spec.md §8). ``context``: tokens (B, n) are this
+        rank's share of sequences split over a context-parallel group, and so are the logits (§14)."""
         tokens = _check_tokens(tokens, self.vocab_size)
-        return self.head(self.backbone(self.embedding(tokens), attention_mask, cu_seqlens))
+        return self.head(self.backbone(self.embedding(tokens), attention_mask, cu_seqlens, context))
 
     def init_state(self, batch_size: int, capacity: int | None = None) -> BackboneState:
         """An empty decoding state. ``capacity``: the most positions (padding included) it will be fed,

@@ -21,7 +21,7 @@ DATA_TASKS = ("charlm", "image-cls", "image-ar", "image-seq", "text-cls")
 # Activation checkpointing recomputes the same values; a sharded run is resumed sharded (its checkpoints
 # are distributed ones), at any number of processes.
 RESUMABLE_CHANGES = frozenset(
-    {"out", "device", "compile", "resume", "progress", "log", "activation_checkpointing"}
+    {"out", "device", "compile", "resume", "progress", "log", "activation_checkpointing", "context_parallel"}
 )
 
 
@@ -81,6 +81,7 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False  # shard parameters, gradients and optimiser state across the ranks (FSDP2)
     activation_checkpointing: bool = False  # recompute each block in the backward pass
+    context_parallel: int = 1  # ranks each sequence is split over (docs/spec.md §14); the rest data-parallel
     progress: str = "auto"  # "bar", "log" or "auto" (a bar on a terminal)
     log: str = "jsonl"  # "tensorboard": also TensorBoard event files in out/tensorboard
     out: str = "runs/latest"
@@ -91,7 +92,8 @@ class TrainConfig:
         if self.task not in TASKS:
             raise InvalidValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         positive = ("dim", "depth", "seq_len", "batch_size", "grad_accum", "steps", "eval_every",
-                    "vocab_size", "num_pairs", "num_tokens", "patch_size", "eval_batches")  # fmt: skip
+                    "context_parallel", "vocab_size", "num_pairs", "num_tokens", "patch_size",
+                    "eval_batches")  # fmt: skip
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < 1:

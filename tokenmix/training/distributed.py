@@ -1,12 +1,18 @@
-"""The process group a run takes part in: torchrun/DDP when launched by it, one process otherwise."""
+"""The process group a run takes part in: torchrun/DDP when launched by it, one process otherwise; with
+context parallelism, a 2-D layout of the ranks (data × context: consecutive ranks split one sequence)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ..context.exchange import Split
+from ..errors import InvalidValueError
 
 
 @dataclass
@@ -15,10 +21,49 @@ class World:
     size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # this run created the process group and must destroy it
+    context: int = 1  # ranks each sequence is split over (docs/spec.md §14)
+    context_group: Any = None  # this rank's context-parallel group (None: no split)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which data-parallel replica this rank belongs to: its rows of the global batch."""
+        return self.rank // self.context
+
+    @property
+    def data_size(self) -> int:
+        return self.size // self.context
+
+    def split(self, seq_len: int) -> Split | None:
+        """How this rank's context group splits a sequence of ``seq_len`` (None without a split)."""
+        return None if self.context == 1 else Split.of(seq_len, self.context_group)
+
+    def context_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over this rank's context group (a copy; no gradient)."""
+        value = value.detach().clone()
+        if self.context > 1:
+            dist.all_reduce(value, group=self.context_group)
+        return value
+
+    def with_context(self, context: int) -> World:
+        """This world with each sequence split over ``context`` consecutive ranks: one process group per
+        data-parallel replica (every rank makes every group, as ``new_group`` asks)."""
+        if context == 1:
+            return self
+        if self.size % context:
+            raise InvalidValueError(
+                f"context_parallel={context} must divide the number of processes, {self.size} (torchrun "
+                f"--nproc-per-node)"
+            )
+        mine = None
+        for replica in range(self.size // context):
+            group = dist.new_group(list(range(replica * context, (replica + 1) * context)))
+            if replica == self.rank // context:
+                mine = group
+        return dataclasses.replace(self, context=context, context_group=mine)
 
     @classmethod
     def join(cls, device_type: str, sharded: bool = False) -> World:

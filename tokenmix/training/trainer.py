@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..context.exchange import Split
 from ..data.documents import cu_seqlens_of
 from ..errors import DivergedError, InvalidValueError, RunDirectoryError, UnavailableError
 from ..models.backbone import set_activation_checkpointing
@@ -90,15 +91,26 @@ def token_loss(
 
 
 def forward_rows(
-    forward: Callable[..., torch.Tensor], inputs: torch.Tensor, segments: torch.Tensor | None
+    forward: Callable[..., torch.Tensor],
+    inputs: torch.Tensor,
+    segments: torch.Tensor | None,
+    split: Split | None = None,
 ) -> torch.Tensor:
     """Logits (B, N, V) of rows (B, N); rows of packed documents (``segments`` (B, N): each position's
-    document within its row) run as one packed row with cu_seqlens, so no document sees another."""
+    document within its row) run as one packed row with cu_seqlens, so no document sees another. With
+    ``split``: this rank's share of the rows' positions, (B, n, V)."""
+    if split is not None:
+        return forward(_share(inputs, split), context=split)
     if segments is None:
         return forward(inputs)
     rows, length = inputs.shape
     logits = forward(inputs.reshape(1, rows * length), cu_seqlens=cu_seqlens_of(segments))
     return logits.view(rows, length, -1)
+
+
+def _share(rows: torch.Tensor, split: Split | None) -> torch.Tensor:
+    """This rank's positions of (B, N) rows (all of them without a split)."""
+    return rows if split is None else split.local(rows, 1)
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -149,15 +161,16 @@ def evaluate_model(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     batches = list(task.eval_batches(split_name, max_batches))
+    split = world.split(task.sequence_length)
     # A sharded model gathers its weights in every forward, with every rank: all run the same number.
-    rounds = math.ceil(len(batches) / world.size) if is_sharded(model) else None
+    rounds = math.ceil(len(batches) / world.data_size) if is_sharded(model) else None
     for index in _my_batches(len(batches), world, rounds):
         inputs, targets, *segments = batches[index % len(batches)]
         segments = segments[0].to(device) if segments else None
         with _autocast(device):
-            logits = forward_rows(model, inputs.to(device), segments)
+            logits = forward_rows(model, inputs.to(device), segments, split)
         if index < len(batches):  # (beyond: a sharded rank's forward that only keeps the others company)
-            targets = targets.to(device)
+            targets = _share(targets.to(device), split)  # a split sequence's sums add up over its ranks
             totals += torch.stack((*token_loss(logits, targets), task.target_bytes(targets))).double()
     model.train(was_training)
     loss_sum, count, correct, text_bytes = world.sum(totals).tolist()
@@ -167,10 +180,10 @@ def evaluate_model(
 
 
 def _my_batches(count: int, world: World, rounds: int | None) -> range:
-    """The indices of the batches this rank evaluates: every size-th; with ``rounds``, exactly that many
-    (indices past ``count`` are forwards whose result is dropped)."""
-    end = count if rounds is None else rounds * world.size
-    return range(world.rank, end, world.size)
+    """The indices of the batches this rank's replica evaluates: every size-th; with ``rounds``, exactly
+    that many (indices past ``count`` are forwards whose result is dropped)."""
+    end = count if rounds is None else rounds * world.data_size
+    return range(world.data_rank, end, world.data_size)
 
 
 class _StopOnSignal:
@@ -274,9 +287,24 @@ def train(
     device = resolve_device(config.device)
     world = World.join(device.type, sharded=config.fsdp)
     try:
+        world = _with_context(world, config)
         return _train(config, resolve_device(config.device, world), world, on_step)
     finally:
         world.leave()
+
+
+def _with_context(world: World, config: TrainConfig) -> World:
+    """The world with ``--context-parallel``'s groups, after the checks that need no group."""
+    if config.context_parallel == 1:
+        return world
+    for flag, given in (("--pack", config.pack), ("--compile", config.compile)):
+        if given:
+            raise InvalidValueError(f"{flag} with --context-parallel: not supported yet")
+    if config.task != "charlm" and config.task not in ("mqar", "induction", "selective-copy"):
+        raise InvalidValueError(
+            f"--context-parallel splits a language model's sequences; task {config.task!r} is not one"
+        )
+    return world.with_context(config.context_parallel)
 
 
 class Measured(NamedTuple):
@@ -317,11 +345,11 @@ class _Run:
     """Everything one training run holds: task, model, optimiser, schedule and counters."""
 
     def __init__(self, config: TrainConfig, device: torch.device, world: World) -> None:
-        parts = world.size * config.grad_accum
+        parts = world.data_size * config.grad_accum
         if config.batch_size % parts:
             raise InvalidValueError(
-                f"batch_size={config.batch_size} must be divisible by processes × grad_accum = "
-                f"{world.size} × {config.grad_accum}"
+                f"batch_size={config.batch_size} must be divisible by data-parallel processes × grad_accum "
+                f"= {world.data_size} × {config.grad_accum}"
             )
         self.config, self.device, self.world = config, device, world
         self.run_dir = Path(config.out)
@@ -337,7 +365,8 @@ class _Run:
             self.optimizer, lambda step: lr_factor(step, config)
         )
         self.step, self.best_val_loss, self.window = 0, math.inf, [0.0, 0]
-        self.rows = config.batch_size // world.size
+        self.rows = config.batch_size // world.data_size
+        self.split = world.split(self.task.sequence_length)  # each sequence's share on this rank
         self.saved = False
         self.events: Any = None  # TensorBoard's SummaryWriter with --log tensorboard
         if config.log == "tensorboard":
@@ -356,7 +385,9 @@ class _Run:
         self.model.eval()
         inputs, _, *segments = self.task.train_batch(0)
         with _autocast(self.device):
-            forward_rows(self.model, inputs[:1].to(self.device), segments[0][:1] if segments else None)
+            forward_rows(
+                self.model, inputs[:1].to(self.device), segments[0][:1] if segments else None, self.split
+            )
         self.model.train(was_training)
 
     def restore(self, checkpoint: Path) -> None:
@@ -434,7 +465,7 @@ class _Run:
     def train_step(self, forward: Callable[[torch.Tensor], torch.Tensor], trained: nn.Module) -> float:
         """One optimiser step over the global batch of ``self.step`` (this rank's rows, in micro-batches)."""
         config, world = self.config, self.world
-        mine = slice(world.rank * self.rows, (world.rank + 1) * self.rows)
+        mine = slice(world.data_rank * self.rows, (world.data_rank + 1) * self.rows)
         inputs, targets, *segments = (t[mine].to(self.device) for t in self.task.train_batch(self.step))
         segments = segments[0] if segments else None
         micro = self.rows // config.grad_accum
@@ -445,11 +476,16 @@ class _Run:
             part = slice(index * micro, (index + 1) * micro)
             with sync:
                 with _autocast(self.device):
-                    logits = forward_rows(forward, inputs[part], None if segments is None else segments[part])
-                loss_sum, count, _ = token_loss(logits, targets[part])
+                    logits = forward_rows(
+                        forward, inputs[part], None if segments is None else segments[part], self.split
+                    )
+                loss_sum, count, _ = token_loss(logits, _share(targets[part], self.split))
+                # A split sequence's loss is its ranks' sums over the count of all of them; the gradients
+                # are averaged over every rank, so each rank's part counts ``context`` times.
+                count = world.context_sum(count)
                 loss = loss_sum / count.clamp_min(1)
-                (loss / config.grad_accum).backward()
-            step_loss += loss.detach() / config.grad_accum
+                (loss * world.context / config.grad_accum).backward()
+            step_loss += world.context_sum(loss) / config.grad_accum
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         self.optimizer.step()
