@@ -1,0 +1,38 @@
+"""benchmarks/context_parallel.py on one tiny point: one process and two, the record's fields, the bytes
+a split layer sends (none in one process; a causal FLASH layer's halo and shares at two), and a user's
+file at --out left alone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "benchmarks" / "context_parallel.py"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_the_script_records_memory_time_and_bytes(tmp_path):
+    out = tmp_path / "cp.json"
+    result = _run("--mixers", "softmax", "--lens", "40", "--ranks", "1,2", "--repeats", "1", "--dim", "16",
+                  "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    one, two = record["points"]
+    assert (one["ranks"], two["ranks"]) == (1, 2) and one["bytes_sent_per_rank"] == 0
+    # softmax gathers every rank's keys and values: 2 × (1 × 20 × 16) float32 each, padded to the longest
+    assert two["bytes_sent_per_rank"] == 2 * 20 * 16 * 4
+    assert all(p["seconds_per_rank"] > 0 and p["peak_added_mib_per_rank"] >= 0 for p in (one, two))
+
+
+def test_a_users_file_at_out_is_left_alone(tmp_path):
+    out = tmp_path / "notes.json"
+    out.write_text('{"mine": true}')
+    result = _run("--mixers", "softmax", "--lens", "40", "--ranks", "1", "--out", str(out))
+    assert result.returncode == 2 and "is not this script's record" in result.stderr
+    assert out.read_text() == '{"mine": true}'
