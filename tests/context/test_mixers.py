@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import tokenmix
 from tests.mixers.options import SMALL_OPTIONS
 from tokenmix.context import Split
+from tokenmix.context import ops as cp_ops
 
 B, N, DIM = 2, 13, 16
 
@@ -54,6 +55,7 @@ def _compare(name: str, causal: bool, masked: bool) -> None:
 
 def _worker(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    cp_ops.ROW_BLOCK = 4  # the all-pairs forms' query blocks: a rank's share crosses them
     try:
         for name, causal, masked in itertools.product(tokenmix.list_mixers(), (False, True), (False, True)):
             _compare(name, causal, masked)

@@ -15,6 +15,7 @@ to the same op on the whole sequence, forward and backward. What each sends is w
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from ..core.checks import check_attention_mask, check_flag, check_float_tensor, compute_dtype
 from ..core.excluded import causal_finite, finite_at_padding, real_only, reinstate
@@ -22,7 +23,7 @@ from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
 from ..functional import attention as attention_ops
 from ..functional import conv as conv_ops
-from ..functional.aft.exact import finite_shift
+from ..functional.aft.exact import BLOCK_ELEMENTS, finite_shift
 from ..functional.flash import mixed_chunk_attention as mixed_chunk_attention_op
 from .exchange import Split, gather_sequence, gather_summaries, halo
 
@@ -448,9 +449,20 @@ def aft_full_rows(
             f"rows must have shape (n, L) = {(split.length, end)}, got {tuple(rows.shape)}"
         )
     keys, values, real = _gathered_keys(k, v, mask, split, end, dim=1)
-    bias = rows.expand(q.shape[0], -1, -1)
     q = finite_at_padding(q, mask, 1)
-    return aft_ops.aft_full_cached(q, keys, values, bias, key_mask=real, causal=causal).to(q.dtype)
+
+    def block_rows(q_rows, stop):  # the block's rows of w, over the first ``stop`` keys when causal
+        keys_end = stop if causal else end
+        first = stop - split.start - q_rows.shape[1]
+        bias = rows[first : first + q_rows.shape[1], :keys_end].expand(q.shape[0], -1, -1)
+        mask_end = None if real is None else real[:, :keys_end]
+        return aft_ops.aft_full_cached(
+            q_rows, keys[:, :keys_end], values[:, :keys_end], bias, key_mask=mask_end, causal=causal
+        ).to(q.dtype)
+
+    # A row of AFT-full's terms is (N × D), not N: as many rows a block as the op's own blocks hold.
+    block = max(1, BLOCK_ELEMENTS // max(1, q.shape[0] * end * q.shape[-1]))
+    return _in_row_blocks(block_rows, q, split, dim=1, block=min(block, ROW_BLOCK))
 
 
 def _gathered_keys(k, v, mask, split: Split, end: int, dim: int):
@@ -523,5 +535,34 @@ def _all_pairs(cached, q, k, v, split, causal, attention_mask, **options) -> tor
     if causal:
         keys, values, seen = causal_finite(keys, values, 2, key_channels=False)
     q = finite_at_padding(q, mask, 2)
-    out = cached(q, keys, values, key_mask=real, causal=causal, **options)
+
+    def rows(q_rows, stop):  # a block of this rank's queries: the newest of the first ``stop`` keys (causal)
+        keys_end = stop if causal else end
+        mask_end = None if real is None else real[:, :keys_end]
+        visible = keys[:, :, :keys_end], values[:, :, :keys_end]
+        return cached(q_rows, *visible, key_mask=mask_end, causal=causal, **options)
+
+    out = _in_row_blocks(rows, q, split, dim=2)
     return out if seen is None else reinstate(out, seen[:, :, split.start : split.stop])
+
+
+# Query rows per block of the all-pairs context forms: each block's (rows × N) scores are made, used and
+# dropped, and made again in the backward (checkpointed), so a rank never holds all of its n × N at once.
+ROW_BLOCK = 256
+
+
+def _in_row_blocks(rows, q: torch.Tensor, split: Split, dim: int, block: int | None = None) -> torch.Tensor:
+    """``rows(q_block, stop)`` over blocks of ``block`` (ROW_BLOCK) queries (``stop``: one past the
+    block's last global position), concatenated along ``dim``; each block recomputed in the backward
+    rather than saved."""
+    block = ROW_BLOCK if block is None else block
+    outputs = []
+    for first in range(0, q.shape[dim], block):
+        count = min(block, q.shape[dim] - first)
+        queries = q.narrow(dim, first, count)
+        stop = split.start + first + count
+        if torch.is_grad_enabled():
+            outputs.append(checkpoint(rows, queries, stop, use_reentrant=False))
+        else:
+            outputs.append(rows(queries, stop))
+    return torch.cat(outputs, dim) if outputs else rows(q, split.stop)
