@@ -47,6 +47,11 @@ class Split:
         return len(self.lengths)
 
     @property
+    def starts(self) -> list[int]:
+        """Every rank's first global position, in rank order."""
+        return [sum(self.lengths[:r]) for r in range(self.world)]
+
+    @property
     def start(self) -> int:
         """The global index of this rank's first position."""
         return sum(self.lengths[: self.rank])
@@ -93,7 +98,7 @@ def gather_sequence(x: torch.Tensor, split: Split, dim: int) -> torch.Tensor:
     if x.dtype == torch.bool:
         return gather_sequence(x.to(torch.int8), split, dim).bool()
     longest = max(split.lengths)
-    padded = _pad(x, dim, 0, longest - split.length)
+    padded = pad_positions(x, dim, 0, longest - split.length)
     pieces = _gathered(padded, split)
     return torch.cat([piece.narrow(dim, 0, n) for piece, n in zip(pieces, split.lengths, strict=True)], dim)
 
@@ -127,13 +132,13 @@ def halo(x: torch.Tensor, split: Split, before: int, after: int, dim: int = 1) -
 def _last(x: torch.Tensor, count: int, dim: int) -> torch.Tensor:
     """The last ``count`` positions of x along ``dim``, zeros before them where x is shorter."""
     have = min(count, x.shape[dim])
-    return _pad(x.narrow(dim, x.shape[dim] - have, have), dim, count - have, 0)
+    return pad_positions(x.narrow(dim, x.shape[dim] - have, have), dim, count - have, 0)
 
 
 def _first(x: torch.Tensor, count: int, dim: int) -> torch.Tensor:
     """The first ``count`` positions of x along ``dim``, zeros after them where x is shorter."""
     have = min(count, x.shape[dim])
-    return _pad(x.narrow(dim, 0, have), dim, 0, count - have)
+    return pad_positions(x.narrow(dim, 0, have), dim, 0, count - have)
 
 
 def gather_summaries(summary: torch.Tensor, split: Split) -> list[torch.Tensor]:
@@ -143,8 +148,8 @@ def gather_summaries(summary: torch.Tensor, split: Split) -> list[torch.Tensor]:
     return _gathered(summary, split)
 
 
-def _pad(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
-    """``x`` with ``before`` and ``after`` zeros along ``dim``."""
+def pad_positions(x: torch.Tensor, dim: int, before: int, after: int) -> torch.Tensor:
+    """``x`` with ``before`` and ``after`` zero positions along ``dim`` (a halo's ends, a widened share)."""
     if before == 0 and after == 0:
         return x
     shape = list(x.shape)

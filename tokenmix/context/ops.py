@@ -25,7 +25,7 @@ from ..functional import attention as attention_ops
 from ..functional import conv as conv_ops
 from ..functional.aft.exact import BLOCK_ELEMENTS, finite_shift
 from ..functional.flash import mixed_chunk_attention as mixed_chunk_attention_op
-from .exchange import Split, gather_sequence, gather_summaries, halo
+from .exchange import Split, gather_sequence, gather_summaries, halo, pad_positions
 
 __all__ = [
     "aft_conv",
@@ -97,11 +97,7 @@ def _convolution(op, x, weight, split, causal, weight_softmax, attention_mask) -
     before, after = _window(weight.shape[-1], check_flag("causal", causal))
     wide = halo(real_only(x, mask, 1), split, before, after)
     if weight.dim() == 4:
-        zeros = weight.new_zeros(weight.shape[0], 1, *weight.shape[2:])
-        weight = torch.cat(
-            (zeros.expand(-1, before, *weight.shape[2:]), weight, zeros.expand(-1, after, *weight.shape[2:])),
-            1,
-        )
+        weight = pad_positions(weight, 1, before, after)
     out = op(wide, weight, causal=causal, weight_softmax=weight_softmax)
     return out[:, before : before + split.length]
 
@@ -277,23 +273,17 @@ def _windowed(call, q, k, v, split: Split, causal, attention_mask, before: int, 
     within = ((inside >= 0) & (inside < split.total))[None]
     near = halo(real.to(torch.int8), split, before, after).bool() & within
     keep = torch.cat((first[2][:, None], near, last[2][:, None]), 1)
-    queries = _zeros_around(finite_at_padding(q, mask, 1), before + 1, after + 1)
+    queries = pad_positions(finite_at_padding(q, mask, 1), 1, before + 1, after + 1)
     positions = torch.arange(-before - 1, split.length + after + 1, device=q.device) + split.start
     out = call(queries, keys.to(k.dtype), values.to(v.dtype), keep, positions)
     return out[:, before + 1 : before + 1 + split.length]
-
-
-def _zeros_around(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """(B, n, …) with ``before`` and ``after`` zero positions around it along dim 1."""
-    zeros = x.new_zeros(x.shape[0], 1, *x.shape[2:])
-    return torch.cat((zeros.expand(-1, before, *x.shape[2:]), x, zeros.expand(-1, after, *x.shape[2:])), 1)
 
 
 def _beyond(k, v, real, split: Split, before: int, after: int):
     """The keys farther than ``before`` positions before this rank's first and ``after`` after its last,
     each side folded into one key and value per channel, with whether any was real: every rank sends,
     for each rank, the (max, numerator, denominator) of its own keys beyond that rank's halo."""
-    starts = [sum(split.lengths[:r]) for r in range(split.world)]
+    starts = split.starts
     stops = [start + n for start, n in zip(starts, split.lengths, strict=True)]
     pieces = [(split.start, min(split.stop, start - before)) for start in starts]  # before each rank's halo
     pieces += [(max(split.start, stop + after), split.stop) for stop in stops]  # after it
@@ -365,14 +355,14 @@ def mixed_chunk_attention(
     )[:, before : before + split.length]
     state, count = _linear_before(k_lin, v, real, split, size, causal)
     dtype = compute_dtype(v.dtype)
-    wide_q_lin = _zeros_around(q_lin, before, after)  # the rows here, in whole chunks
+    wide_q_lin = pad_positions(q_lin, 1, before, after)  # the rows here, in whole chunks
     pad = -wide_v.shape[1] % size
     keys, values, queries = (
-        _zeros_around(t.to(dtype), 0, pad).unflatten(1, (-1, size))
+        pad_positions(t.to(dtype), 1, 0, pad).unflatten(1, (-1, size))
         for t in (torch.where(wide_real[..., None], wide_k_lin, 0), wide_v, wide_q_lin)
     )
     sums = torch.einsum("bcns,bcne->bcse", keys, values)  # (B, chunks, S, E)
-    counts = _zeros_around(wide_real.to(dtype), 0, pad).unflatten(1, (-1, size)).sum(2)
+    counts = pad_positions(wide_real.to(dtype), 1, 0, pad).unflatten(1, (-1, size)).sum(2)
     if causal:  # the chunks before each one: those before this rank's first, then this rank's before it
         sums = state[:, None] + sums.cumsum(1) - sums
         counts = count[:, None] + counts.cumsum(1) - counts
@@ -386,7 +376,7 @@ def _linear_before(k_lin, v, real, split: Split, size: int, causal: bool):
     """Σ k_lin ⊗ v (B, S, E) and the count (B,) of the real positions before this rank's first chunk
     (causal) or of the whole sequence (bidirectional): each rank sends each rank its share."""
     dtype = compute_dtype(v.dtype)
-    starts = [sum(split.lengths[:r]) for r in range(split.world)]
+    starts = split.starts
     cuts = [start - start % size if causal else split.total for start in starts]
     shares = []
     for cut in cuts:
