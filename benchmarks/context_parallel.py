@@ -2,7 +2,9 @@
 causal layer's forward and backward (batch 1, width --dim) run whole in one process and split over 2 (or
 more) gloo processes; per rank: the peak resident memory the step adds (ru_maxrss after the step minus
 before it, in a fresh process per point), the seconds (median of --repeats after a warm-up, with their
-spread) and the bytes the layer's exchanges send.
+spread) and the bytes the layer's exchanges send. ``--orders``: how a split lays the sequence over the
+ranks, "contiguous" or "zigzag" (which only the all-pairs mixers take; a causal one's ranks then do about
+the same work), or "auto" (zig-zag where the mixer takes it, as ``train --context-parallel`` does).
 
     python benchmarks/context_parallel.py --lens 8192,16384 --ranks 1,2 --out benchmarks/results/X.json
 """
@@ -41,7 +43,9 @@ def _counting_sends(sent: list[int]) -> None:
     funcol.all_gather_single_autograd = counted
 
 
-def _point(rank: int, world: int, store: str, name: str, length: int, dim: int, repeats: int, out: str):
+def _point(
+    rank: int, world: int, store: str, name: str, length: int, dim: int, repeats: int, out: str, order: str
+):
     import tokenmix
     from tokenmix.context import Split
 
@@ -54,7 +58,7 @@ def _point(rank: int, world: int, store: str, name: str, length: int, dim: int, 
     sized = {"max_len": length} if "max_len" in tokenmix.mixer_info(name).options else {}  # AFT's tables
     mixer = tokenmix.create_mixer(name, dim, causal=True, **sized)
     x = torch.randn(1, length, dim)
-    split = Split.of(length) if world > 1 else None
+    split = Split.of(length, order=order) if world > 1 else None
     share = x if split is None else split.local(x)
 
     def step() -> None:
@@ -88,25 +92,40 @@ def _point(rank: int, world: int, store: str, name: str, length: int, dim: int, 
         dist.destroy_process_group()
 
 
-def measure(name: str, length: int, world: int, dim: int, repeats: int) -> dict:
+def measure(name: str, length: int, world: int, dim: int, repeats: int, order: str = "contiguous") -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        args = (world, str(Path(folder) / "store"), name, length, dim, repeats, folder)
+        args = (world, str(Path(folder) / "store"), name, length, dim, repeats, folder, order)
         try:
             mp.spawn(_point, args=args, nprocs=world)
         except mp.ProcessExitedException as killed:  # the kernel's OOM killer: recorded, not a crash
             if "SIGKILL" not in str(killed):
                 raise
-            return {"mixer": name, "N": length, "ranks": world, "oom": True}
+            return {"mixer": name, "N": length, "ranks": world, "order": order, "oom": True}
         records = [json.loads(Path(folder, f"{r}.json").read_text()) for r in range(world)]
     worst = max(records, key=lambda r: r["peak_added_mib"])
     return {
-        "mixer": name, "N": length, "ranks": world,
+        "mixer": name, "N": length, "ranks": world, "order": order,
         "peak_added_mib_per_rank": worst["peak_added_mib"],
         "seconds_per_rank": max(r["seconds"] for r in records),
+        "seconds_by_rank": [r["seconds"] for r in records],
         "seconds_spread": [min(t for r in records for t in r["seconds_all"]),
                            max(t for r in records for t in r["seconds_all"])],
         "bytes_sent_per_rank": max(r["bytes_sent_per_step"] for r in records),
     }  # fmt: skip
+
+
+def _orders(name: str, world: int, wanted: str) -> list[str]:
+    """The orders to measure ``name`` in: one process has none to choose; "auto" is zig-zag where the
+    mixer takes it; an order the mixer refuses is left out."""
+    import tokenmix
+
+    if world == 1:
+        return ["contiguous"]
+    takes = tokenmix.create_mixer(name, 8, causal=True).split_orders
+    orders = [
+        ("zigzag" if "zigzag" in takes else "contiguous") if o == "auto" else o for o in wanted.split(",")
+    ]
+    return [o for o in dict.fromkeys(orders) if o in takes]
 
 
 def main() -> None:
@@ -118,6 +137,7 @@ def main() -> None:
     parser.add_argument("--ranks", default="1,2")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--orders", default="auto", help="contiguous, zigzag or auto, comma-separated")
     parser.add_argument("--out", required=True)
     parser.add_argument("--keep", help="the JSON lines of points an earlier run printed: kept, not rerun")
     args = parser.parse_args()
@@ -126,15 +146,16 @@ def main() -> None:
         print(f"--out {out} exists and is not this script's record", file=sys.stderr)
         raise SystemExit(2)
     points = [json.loads(line) for line in Path(args.keep).read_text().splitlines()] if args.keep else []
-    done = {(p["mixer"], p["N"], p["ranks"]) for p in points}
+    done = {(p["mixer"], p["N"], p["ranks"], p.get("order", "contiguous")) for p in points}
     for name in args.mixers.split(","):
         for length in (int(n) for n in args.lens.split(",")):
             for world in (int(w) for w in args.ranks.split(",")):
-                if (name, length, world) in done:
-                    continue
-                point = measure(name, length, world, args.dim, args.repeats)
-                points.append(point)
-                print(json.dumps(point), flush=True)
+                for order in _orders(name, world, args.orders):
+                    if (name, length, world, order) in done:
+                        continue
+                    point = measure(name, length, world, args.dim, args.repeats, order)
+                    points.append(point)
+                    print(json.dumps(point), flush=True)
     record = {
         "benchmark": "context_parallel", "machine": platform.machine(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "dim": args.dim, "batch": 1, "causal": True, "repeats": args.repeats,

@@ -28,6 +28,7 @@ def test_the_script_records_memory_time_and_bytes(tmp_path):
     # softmax gathers every rank's keys and values: 2 × (1 × 20 × 16) float32 each, padded to the longest
     assert two["bytes_sent_per_rank"] == 2 * 20 * 16 * 4
     assert all(p["seconds_per_rank"] > 0 and p["peak_added_mib_per_rank"] >= 0 for p in (one, two))
+    assert two["order"] == "zigzag" and len(two["seconds_by_rank"]) == 2  # "auto": softmax takes it
 
 
 def test_a_users_file_at_out_is_left_alone(tmp_path):

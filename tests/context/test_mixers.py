@@ -1,12 +1,14 @@
 """Every shipped mixer under a context-parallel group (docs/spec.md §14), gloo with 2 processes: each
 rank's share of the output and of x's gradient, and every parameter's gradient summed over the ranks,
 equal the mixer on the whole sequence (float64, ≤ 1e-9), causal and bidirectional, with padding; RoPE and
-the position biases at the global positions."""
+the position biases at the global positions. The all-pairs mixers also under a causal zig-zag split; the
+others refuse it."""
 
 from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,7 +21,7 @@ from tokenmix.context import ops as cp_ops
 B, N, DIM = 2, 13, 16
 
 
-def _compare(name: str, causal: bool, masked: bool) -> None:
+def _compare(name: str, causal: bool, masked: bool, order: str = "contiguous") -> None:
     torch.manual_seed(0)  # the same mixer and inputs on every rank
     mixer = tokenmix.create_mixer(name, DIM, causal=causal, **SMALL_OPTIONS.get(name, {})).double()
     x = torch.randn(B, N, DIM, dtype=torch.float64, requires_grad=True)
@@ -33,10 +35,10 @@ def _compare(name: str, causal: bool, masked: bool) -> None:
     parameters = [p for p in mixer.parameters() if p.requires_grad]
     expected = torch.autograd.grad(out, [x, *parameters], cotangent)
 
-    split = Split.of(N)
+    split = Split.of(N, order=order)
     local = split.local(x.detach()).requires_grad_()
     got = mixer(local, None if mask is None else split.local(mask), context=split)
-    where = f"{name} causal={causal} masked={masked} rank {split.rank}"
+    where = f"{name} causal={causal} masked={masked} {order} rank {split.rank}"
     here = split.local(keep)
     torch.testing.assert_close(
         torch.where(here, got, 0.0),
@@ -53,12 +55,29 @@ def _compare(name: str, causal: bool, masked: bool) -> None:
         torch.testing.assert_close(grad, want, rtol=1e-9, atol=1e-9, msg=f"{where}: {parameter.shape}")
 
 
+def _takes_zigzag(name: str) -> bool:
+    return "zigzag" in tokenmix.create_mixer(name, DIM, **SMALL_OPTIONS.get(name, {})).split_orders
+
+
+def _others_refuse_zigzag() -> None:
+    split = Split.of(N, order="zigzag")
+    taking = {name for name in tokenmix.list_mixers() if _takes_zigzag(name)}
+    assert {"softmax", "pointwise", "gau", "aft_full", "identity"} <= taking
+    for name in sorted(set(tokenmix.list_mixers()) - taking):
+        mixer = tokenmix.create_mixer(name, DIM, causal=True, **SMALL_OPTIONS.get(name, {}))
+        with pytest.raises(ValueError, match=r"context is split in 'zigzag' order; .* takes 'contiguous'"):
+            mixer(torch.randn(B, split.length, DIM), context=split)
+
+
 def _worker(rank: int, world: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     cp_ops.ROW_BLOCK = 4  # the all-pairs forms' query blocks: a rank's share crosses them
     try:
         for name, causal, masked in itertools.product(tokenmix.list_mixers(), (False, True), (False, True)):
             _compare(name, causal, masked)
+            if causal and _takes_zigzag(name):  # the all-pairs mixers, balanced when causal
+                _compare(name, causal, masked, "zigzag")
+        _others_refuse_zigzag()
     finally:
         dist.destroy_process_group()
 

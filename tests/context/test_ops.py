@@ -1,7 +1,8 @@
 """Context-parallel ops (docs/spec.md §14) under gloo with 2 and 4 processes: each rank's outputs and
 every gradient equal the same op on the whole sequence (float64, ≤ 1e-10), causal and bidirectional, with
 padding, at lengths that are multiples of neither the ranks nor the windows, and with windows longer
-than a rank's share (the halo then comes from several ranks)."""
+than a rank's share (the halo then comes from several ranks). The all-pairs ops also under a zig-zag
+split (each rank two runs of positions), which the others refuse."""
 
 from __future__ import annotations
 
@@ -79,7 +80,10 @@ def _cases():
     }
 
 
-def _compare(name, causal, masked, total, generator):
+ALL_PAIRS = ("aft_full", "softmax_attention", "pointwise_attention")  # also take a zig-zag split
+
+
+def _compare(name, causal, masked, total, generator, order="contiguous"):
     whole_op, context_op, inputs = _cases()[name]
 
     def randn(*shape):
@@ -98,12 +102,12 @@ def _compare(name, causal, masked, total, generator):
     cotangent = torch.where(keep, randn(*out.shape), torch.zeros(()))  # padded rows are unspecified
     expected = torch.autograd.grad(out, tensors, cotangent)
 
-    split = Split.of(total)
+    split = Split.of(total, order=order)
     local = [split.local(t.detach(), d).requires_grad_() for t, d in sequences]
     params = [p.detach().requires_grad_() for p in parameters]
     local_mask = None if mask is None else split.local(mask)
     got = context_op(*local, *params, split, causal=causal, attention_mask=local_mask)
-    where = f"{name} causal={causal} masked={masked} N={total} rank {split.rank} of {split.world}"
+    where = f"{name} causal={causal} masked={masked} N={total} {order} rank {split.rank} of {split.world}"
     torch.testing.assert_close(
         torch.where(split.local(keep, dim), got, 0.0),
         torch.where(split.local(keep, dim), split.local(out.detach(), dim), 0.0),
@@ -122,15 +126,26 @@ def _compare(name, causal, masked, total, generator):
         "pointwise_attention",
     ):  # a NaN key at the last position reaches no earlier row
         poisoned = local[1].detach().clone()
-        if split.rank == split.world - 1:
+        last = split.ranges[-1][1] == total  # this rank's last row is the sequence's (rank 0's, zig-zag)
+        if last:
             poisoned[:, :, -1] = float("nan")
         again = context_op(local[0], poisoned, local[2], split, causal=True, attention_mask=local_mask)
-        last = split.rank == split.world - 1
         rows = slice(0, split.length - 1 if last else split.length)
         assert torch.isfinite(again[:, :, rows]).all() and not (
             last and torch.isfinite(again[:, :, -1]).all()
         )
         torch.testing.assert_close(again[:, :, rows], got[:, :, rows].detach(), msg=where)
+
+
+def _refuses_zigzag(total):
+    split = Split.of(total, order="zigzag")
+    for name, (_, context_op, inputs) in _cases().items():
+        if name in ALL_PAIRS:
+            continue
+        sequences, parameters = inputs(torch.randn, total)
+        local = [split.local(t, d) for t, d in sequences]
+        with pytest.raises(ValueError, match=r"this op takes a contiguous split .* the split is 'zigzag'"):
+            context_op(*local, *parameters, split, causal=True)
 
 
 def _worker(rank: int, world: int, store: str) -> None:
@@ -140,6 +155,10 @@ def _worker(rank: int, world: int, store: str) -> None:
         total = 13 if world == 2 else 9  # shares of 7 and 6, or 3, 2, 2, 2 (shorter than the windows)
         for seed, case in enumerate(itertools.product(_cases(), (False, True), (False, True), (total,))):
             _compare(*case, torch.Generator().manual_seed(seed))  # the same inputs on every rank
+            if case[0] in ALL_PAIRS:
+                _compare(*case, torch.Generator().manual_seed(seed), order="zigzag")
+        if world == 4:  # the others refuse a zig-zag split in one line
+            _refuses_zigzag(total)
     finally:
         dist.destroy_process_group()
 

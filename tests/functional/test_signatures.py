@@ -1,7 +1,7 @@
 """What the ops' signatures promise type checkers: a flag-dependent return is spelled by overloads
 (``output_final_state`` False → the output, True → (output, the op's state type), one ``RecurrentOp``
-protocol for every recurrent op), and every packed argument takes a ``Packing`` as well as
-``cu_seqlens``."""
+protocol for every recurrent op), and every packed op takes ``cu_seqlens`` (a tensor) or ``packing`` (its
+plan), each of one type, the op's body declaring ``packing`` only when its kernel reads the plan."""
 
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ def test_the_recurrent_call_overloads_its_return_on_output_final_state():
 
 
 @pytest.mark.parametrize("name", PACKED)
-def test_every_packed_argument_takes_a_packing(name):
-    annotation = inspect.signature(getattr(F, name)).parameters["cu_seqlens"].annotation
-    assert annotation == "torch.Tensor | Packing | None"
+def test_every_packed_op_takes_cu_seqlens_or_its_plan_each_of_one_type(name):
+    op = getattr(F, name)
+    parameters = inspect.signature(op).parameters
+    assert parameters["cu_seqlens"].annotation == "torch.Tensor | None"
+    assert parameters["packing"].annotation == "Packing | None"
+    body = inspect.signature(op.__wrapped__).parameters
+    assert "cu_seqlens" not in body  # the dispatch reads it; a body never sees a tensor change type
+    assert ("packing" in body) == OPS[name].kernel, "the plan reaches the op only where its kernel reads it"

@@ -1,6 +1,7 @@
 """docs/spec.md §8 for every functional op: a packed call (cu_seqlens, B = 1) equals the op on each
 segment alone — outputs and every gradient, float64, causal and bidirectional, with one-token and empty
-segments — and malformed cu_seqlens is refused naming it."""
+segments — and malformed cu_seqlens is refused naming it. ``packing=`` (the plan made once) is the same call
+as ``cu_seqlens=``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from tests.functional.ops import OPS, PACKED
 from tests.reference import assert_close
 from tokenmix import functional as F
+from tokenmix.core.packing import Packing
 
 CU_SEQLENS = [
     0,
@@ -64,6 +66,36 @@ def test_a_packed_call_equals_each_segment_alone(name, causal):
                 expected[index] = expected[index] + part
     for index, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert_close(g, e, 1e-10, what=f"{name} gradient of input {index}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", PACKED)
+def test_a_plan_made_once_is_the_same_call_as_its_cu_seqlens(name, causal):
+    generator = torch.Generator().manual_seed(PACKED.index(name))
+    op, sequences, parameters = case(name, causal, generator)
+    inputs = [t for t, _ in sequences] + parameters
+    cu_seqlens = torch.tensor(CU_SEQLENS)
+    expected = op(*inputs, cu_seqlens=cu_seqlens)
+    assert torch.equal(op(*inputs, packing=Packing.of(cu_seqlens)), expected)
+    with pytest.warns(DeprecationWarning, match="pass the plan as packing="):
+        assert torch.equal(op(*inputs, cu_seqlens=Packing.of(cu_seqlens)), expected)
+
+
+def test_a_plan_is_checked_against_the_call():
+    q = torch.randn(1, N, 4)
+    packing = Packing.of(torch.tensor(CU_SEQLENS))
+    with pytest.raises(ValueError, match="cu_seqlens and packing together"):
+        F.aft_simple(q, q, q, cu_seqlens=torch.tensor(CU_SEQLENS), packing=packing)
+    with pytest.raises(ValueError, match=f"packing was planned for N={N}, the input has N={N - 1}"):
+        F.aft_simple(q[:, 1:], q[:, 1:], q[:, 1:], packing=packing)
+    with pytest.raises(ValueError, match="packing and attention_mask together"):
+        F.lightconv(q, torch.randn(2, 3), attention_mask=torch.ones(1, N), packing=packing)
+    with pytest.raises(
+        TypeError, match=r"packing must be a Packing \(Packing.of\(cu_seqlens\)\), got Tensor"
+    ):
+        F.aft_simple(q, q, q, packing=torch.tensor(CU_SEQLENS))
+    with pytest.raises(TypeError, match="cu_seqlens must be an int64/int32 tensor"):
+        Packing.of(torch.tensor([0.0, 3.0]))
 
 
 @pytest.mark.parametrize(

@@ -202,15 +202,15 @@ def test_compile_traces_a_packed_call_through_the_kernel_in_one_graph(name):
     """A packed row, planned once (as a model hands the plan to its layers), through torch.compile with
     fullgraph: the same outputs and gradients as eager, so nothing of the packing breaks the graph."""
     from tests.functional.test_varlen import case
-    from tokenmix.core.packing import packing_of
+    from tokenmix.core.packing import Packing
 
     generator = torch.Generator().manual_seed(PACKED_KERNELS.index(name))
     op, sequences, parameters = case(name, True, generator, 11)
     tensors = [t.float().requires_grad_() for t, _ in sequences] + [p.float() for p in parameters]
-    packing = packing_of(torch.tensor([0, 4, 4, 11]), 1, 11, None, tensors[0].device)
+    packing = Packing.of(torch.tensor([0, 4, 4, 11]), tensors[0].device)
 
     def packed(*inputs):
-        return op(*inputs, cu_seqlens=packing)
+        return op(*inputs, packing=packing)
 
     results, grad = [], None
     torch._dynamo.reset()  # one code object (``packed``) for every op: past 8, the recompile limit

@@ -50,3 +50,17 @@ def test_every_mixer_packs_segments(name, causal):
         for parameter in mixer.parameters():
             parameter.add_(0.2 * torch.randn_like(parameter))
     check_packed(mixer, torch.randn(1, N, 16, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", list_mixers())
+def test_a_mixer_takes_the_plan_made_once(name):
+    """``packing=`` (what a backbone hands its layers) is the same call as ``cu_seqlens=``."""
+    from tokenmix.core.packing import Packing
+
+    torch.manual_seed(list_mixers().index(name))
+    mixer = create_mixer(name, 16, causal=True, **SMALL_OPTIONS.get(name, {})).double().eval()
+    x, cu_seqlens = torch.randn(1, N, 16, dtype=torch.float64), torch.tensor(CU_SEQLENS)
+    expected = mixer(x, cu_seqlens=cu_seqlens)
+    assert torch.equal(mixer(x, packing=Packing.of(cu_seqlens)), expected)
+    with pytest.raises(ValueError, match="cu_seqlens and packing together"):
+        mixer(x, cu_seqlens=cu_seqlens, packing=Packing.of(cu_seqlens))

@@ -77,3 +77,22 @@ def test_a_run_stopped_in_one_process_resumes_split_over_two(tmp_path):
     train(dict(config, out=str(tmp_path / "cut")), on_step=interrupt_at(6))
     _torchrun(tmp_path, tmp_path / "cut", 2, "lightconv", "--context-parallel", "2", "--resume")
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"), exact=False)
+
+
+@pytest.mark.parametrize(
+    "mixer,causal,order",
+    [
+        ("softmax", True, "zigzag"),  # so the softmax run above is split zig-zag
+        ("gau", True, "zigzag"),
+        ("aft_full", True, "zigzag"),
+        ("softmax", False, "contiguous"),  # no imbalance to even out
+        ("aft_local", True, "contiguous"),  # windows and states pass in the sequence's order
+        ("flash", True, "contiguous"),
+    ],
+)
+def test_a_causal_all_pairs_model_is_split_zigzag(mixer, causal, order):
+    from tokenmix.models import Backbone
+    from tokenmix.training.trainer import split_order
+
+    model = Backbone(16, 2, mixer, causal=causal, max_len=32)
+    assert split_order(model) == order

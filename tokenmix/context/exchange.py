@@ -15,46 +15,107 @@ from torch.distributed import _functional_collectives as funcol
 from ..core.checks import check_positive_int
 from ..errors import InvalidValueError
 
+ORDERS = ("contiguous", "zigzag")
+
 
 @dataclass(frozen=True)
 class Split:
-    """A sequence of ``total`` positions split over the ranks of ``group``: rank r holds the contiguous
-    positions [starts[r], starts[r] + lengths[r]), near-equal in length (the first total % world ranks
-    one longer), so any length works, a multiple of the ranks or not.
+    """A sequence of ``total`` positions split over the ranks of ``group``, near-equal shares (any length
+    works, a multiple of the ranks or not), in one of two orders:
+
+    - ``"contiguous"``: rank r holds one run of positions, [starts[r], starts[r] + lengths[r]) (the
+      first total % world ranks one longer). Every mixer's context form takes it.
+    - ``"zigzag"`` (head–tail): the sequence cut into 2·world near-equal chunks, rank r holds chunks r
+      and 2·world − 1 − r, in that order. A causal all-pairs mixer's row i costs i + 1 keys, so with
+      contiguous shares the last rank does about 2·world − 1 times the first's work; paired this way
+      every rank does about the same (``work``). Only the all-pairs mixers take it (docs/spec.md §14).
 
     Attributes:
         group: the context-parallel process group (None: the default group).
         rank: this process's rank in it.
         total: N, the whole sequence's length.
         lengths: each rank's number of positions, ``world`` entries.
+        order: ``"contiguous"`` or ``"zigzag"``.
     """
 
     group: dist.ProcessGroup | None
     rank: int
     total: int
     lengths: tuple[int, ...]
+    order: str = "contiguous"
 
     @classmethod
-    def of(cls, total: int, group: dist.ProcessGroup | None = None) -> Split:
-        """The split of ``total`` positions over ``group`` (this process's place in it)."""
+    def of(cls, total: int, group: dist.ProcessGroup | None = None, order: str = "contiguous") -> Split:
+        """The split of ``total`` positions over ``group`` (this process's place in it) in ``order``."""
         total = check_positive_int("total", total)
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        lengths = tuple(total // world + (r < total % world) for r in range(world))
-        return cls(group, rank, total, lengths)
+        pieces = cls.layout(total, dist.get_world_size(group), order)
+        lengths = tuple(sum(n for _, n in own) for own in pieces)
+        return cls(group, dist.get_rank(group), total, lengths, order)
+
+    @staticmethod
+    def layout(total: int, world: int, order: str = "contiguous") -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Every rank's runs of positions, (start, length) in the order its share holds them."""
+        if order not in ORDERS:
+            raise InvalidValueError(f"order must be one of {ORDERS}, got {order!r}")
+        parts = world if order == "contiguous" else 2 * world
+        sizes = [total // parts + (i < total % parts) for i in range(parts)]
+        runs = [(sum(sizes[:i]), size) for i, size in enumerate(sizes)]
+        if order == "contiguous":
+            return tuple((run,) for run in runs)
+        return tuple((runs[r], runs[parts - 1 - r]) for r in range(world))
+
+    def __post_init__(self) -> None:
+        pieces = self.layout(self.total, len(self.lengths), self.order)
+        if tuple(sum(n for _, n in own) for own in pieces) != tuple(self.lengths):
+            raise InvalidValueError(
+                f"lengths {tuple(self.lengths)} are not the {self.order} split of N={self.total}"
+            )
 
     @property
     def world(self) -> int:
         return len(self.lengths)
 
     @property
+    def pieces(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Every rank's runs of positions, (start, length), in rank order (``layout``)."""
+        return self.layout(self.total, self.world, self.order)
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """This rank's runs of global positions, [(start, stop)], in the order its share holds them."""
+        return [(start, start + n) for start, n in self.pieces[self.rank] if n]
+
+    @property
+    def end(self) -> int:
+        """One past this rank's last global position: the keys a causal all-pairs row here may see."""
+        return max((stop for _, stop in self.ranges), default=0)
+
+    def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """(n,) the global position of each of this rank's rows."""
+        return torch.cat(
+            [torch.arange(a, b, device=device) for a, b in self.ranges] or [torch.arange(0, device=device)]
+        )
+
+    def require_contiguous(self) -> tuple[int, int]:
+        """This rank's one run, (start, stop); refused for a split in another order."""
+        if self.order != "contiguous":
+            raise InvalidValueError(
+                f"this op takes a contiguous split (its context form passes windows or states from rank "
+                f"to rank in order); the split is {self.order!r}, which only the all-pairs ops take"
+            )
+        start, n = self.pieces[self.rank][0]  # its one run, empty when N < world
+        return start, start + n
+
+    @property
     def starts(self) -> list[int]:
-        """Every rank's first global position, in rank order."""
+        """Every rank's first global position, in rank order (a contiguous split)."""
+        self.require_contiguous()
         return [sum(self.lengths[:r]) for r in range(self.world)]
 
     @property
     def start(self) -> int:
-        """The global index of this rank's first position."""
-        return sum(self.lengths[: self.rank])
+        """The global index of this rank's first position (a contiguous split)."""
+        return self.require_contiguous()[0]
 
     @property
     def length(self) -> int:
@@ -62,15 +123,24 @@ class Split:
 
     @property
     def stop(self) -> int:
-        return self.start + self.length
+        """One past this rank's last global position (a contiguous split)."""
+        return self.require_contiguous()[1]
 
-    def local(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's positions of a whole-sequence tensor (N at ``dim``)."""
-        if x.shape[dim] != self.total:
+    def work(self, causal: bool = True) -> list[int]:
+        """Every rank's (query, key) pairs for an all-pairs mixer: Σ over its rows of the keys each sees."""
+        pieces = self.pieces
+        per_row = (lambda p: p + 1) if causal else (lambda p: self.total)
+        return [sum(per_row(p) for start, n in own for p in range(start, start + n)) for own in pieces]
+
+    def local(self, x: torch.Tensor, dim: int = 1, name: str = "x") -> torch.Tensor:
+        """This rank's positions of a tensor that holds the whole sequence (or at least its first ``end``
+        positions) along ``dim``."""
+        if x.dim() <= dim or x.shape[dim] < self.end:
             raise InvalidValueError(
-                f"x must hold the whole sequence, N={self.total} at dim {dim}, got {tuple(x.shape)}"
+                f"{name} must hold the whole sequence, N={self.total} at dim {dim}, got {tuple(x.shape)}"
             )
-        return x.narrow(dim, self.start, self.length)
+        runs = [x.narrow(dim, start, stop - start) for start, stop in self.ranges] or [x.narrow(dim, 0, 0)]
+        return runs[0] if len(runs) == 1 else torch.cat(runs, dim)
 
     def check_local(self, name: str, x: torch.Tensor, dim: int) -> None:
         """Refuse a tensor that is not this rank's share (its length at ``dim``)."""
@@ -99,8 +169,13 @@ def gather_sequence(x: torch.Tensor, split: Split, dim: int) -> torch.Tensor:
         return gather_sequence(x.to(torch.int8), split, dim).bool()
     longest = max(split.lengths)
     padded = pad_positions(x, dim, 0, longest - split.length)
-    pieces = _gathered(padded, split)
-    return torch.cat([piece.narrow(dim, 0, n) for piece, n in zip(pieces, split.lengths, strict=True)], dim)
+    runs = []  # (global start, positions) of every rank's runs, put in the sequence's order
+    for share, own in zip(_gathered(padded, split), split.pieces, strict=True):
+        offset = 0
+        for start, n in own:
+            runs.append((start, share.narrow(dim, offset, n)))
+            offset += n
+    return torch.cat([run for _, run in sorted(runs, key=lambda item: item[0])], dim)
 
 
 def halo(x: torch.Tensor, split: Split, before: int, after: int, dim: int = 1) -> torch.Tensor:
@@ -109,6 +184,7 @@ def halo(x: torch.Tensor, split: Split, before: int, after: int, dim: int = 1) -
     its first ``after`` and last ``before`` positions, O(window) per rank whatever N is; a rank shorter
     than the window sends all it has and the pieces of several neighbours make the halo."""
     split.check_local("x", x, dim)
+    split.require_contiguous()  # a neighbour's edge is the positions beside this rank's only then
     if before < 0 or after < 0:
         raise InvalidValueError(f"before and after must be ≥ 0, got {before} and {after}")
     edges = _gathered(torch.cat((_last(x, before, dim), _first(x, after, dim)), dim), split)

@@ -9,7 +9,8 @@ to the same op on the whole sequence, forward and backward. What each sends is w
 - both (``aft_local``, ``aft_local_lowrank``, ``aft_conv``): the window's keys as a halo, and the keys
   beyond it folded, O(window·d + world·d);
 - all pairs (``softmax_attention``, ``pointwise_attention``, ``aft_full``): every rank's keys and values
-  (``gather_sequence``).
+  (``gather_sequence``). Only these take a zig-zag split (``Split.of(..., order="zigzag")``, balanced
+  when causal); the others refuse it.
 """
 
 from __future__ import annotations
@@ -40,8 +41,12 @@ __all__ = [
 ]
 
 
-def _local_mask(split: Split, x: torch.Tensor, attention_mask: torch.Tensor | None, dim: int = 1):
+def _local_mask(
+    split: Split, x: torch.Tensor, attention_mask: torch.Tensor | None, dim: int = 1, all_pairs: bool = False
+):
     split.check_local("x", x, dim)
+    if not all_pairs:  # windows and states pass from rank to rank in the sequence's order
+        split.require_contiguous()
     return check_attention_mask(attention_mask, x.shape[0], split.length, x.device)
 
 
@@ -412,8 +417,8 @@ def aft_full(
         (B, n, D): this rank's outputs.
     """
     check_float_tensor("w", w, "(N_max, N_max)")
-    end = split.stop if check_flag("causal", causal) else split.total
-    rows = w[split.start : split.stop, :end]
+    end = split.end if check_flag("causal", causal) else split.total
+    rows = split.local(w, 0, "w")[:, :end]
     return aft_full_rows(q, k, v, rows, split, causal=causal, attention_mask=attention_mask)
 
 
@@ -427,13 +432,13 @@ def aft_full_rows(
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``aft_full`` here, given only this rank's rows of w: ``rows`` (n, L) = w[start:stop, :L], L the
-    positions its queries see (``split.stop`` when causal, N otherwise) — what a mixer with factored
+    """``aft_full`` here, given only this rank's rows of w: ``rows`` (n, L) = split.local(w, 0)[:, :L], L
+    the positions its queries see (``split.end`` when causal, N otherwise) — what a mixer with factored
     biases forms, never the N × N table."""
     check_float_tensor("q", q, "(B, n, D)")
-    mask = _local_mask(split, q, attention_mask)
+    mask = _local_mask(split, q, attention_mask, all_pairs=True)
     causal = check_flag("causal", causal)
-    end = split.stop if causal else split.total
+    end = split.end if causal else split.total
     if tuple(rows.shape) != (split.length, end):
         raise InvalidValueError(
             f"rows must have shape (n, L) = {(split.length, end)}, got {tuple(rows.shape)}"
@@ -441,9 +446,8 @@ def aft_full_rows(
     keys, values, real = _gathered_keys(k, v, mask, split, end, dim=1)
     q = finite_at_padding(q, mask, 1)
 
-    def block_rows(q_rows, stop):  # the block's rows of w, over the first ``stop`` keys when causal
+    def block_rows(q_rows, stop, first):  # the block's rows of w, over the first ``stop`` keys when causal
         keys_end = stop if causal else end
-        first = stop - split.start - q_rows.shape[1]
         bias = rows[first : first + q_rows.shape[1], :keys_end].expand(q.shape[0], -1, -1)
         mask_end = None if real is None else real[:, :keys_end]
         return aft_ops.aft_full_cached(
@@ -517,23 +521,23 @@ def _all_pairs(cached, q, k, v, split, causal, attention_mask, **options) -> tor
     the newest of the first ``stop`` positions (causal) or see all N. Non-finite keys and values are
     selected away as the op does: computed with finite ones, NaN put back on the rows that see them."""
     check_float_tensor("q", q, "(B, H, n, Dk)")
-    mask = _local_mask(split, q, attention_mask, dim=2)
+    mask = _local_mask(split, q, attention_mask, dim=2, all_pairs=True)
     causal = check_flag("causal", causal)
-    end = split.stop if causal else split.total  # a causal rank never reads later ranks' keys
+    end = split.end if causal else split.total  # a causal rank never reads keys after its last row
     keys, values, real = _gathered_keys(k, v, mask, split, end, dim=2)
     seen = None
     if causal:
         keys, values, seen = causal_finite(keys, values, 2, key_channels=False)
     q = finite_at_padding(q, mask, 2)
 
-    def rows(q_rows, stop):  # a block of this rank's queries: the newest of the first ``stop`` keys (causal)
+    def rows(q_rows, stop, first):  # a block of queries: the newest of the first ``stop`` keys (causal)
         keys_end = stop if causal else end
         mask_end = None if real is None else real[:, :keys_end]
         visible = keys[:, :, :keys_end], values[:, :, :keys_end]
         return cached(q_rows, *visible, key_mask=mask_end, causal=causal, **options)
 
     out = _in_row_blocks(rows, q, split, dim=2)
-    return out if seen is None else reinstate(out, seen[:, :, split.start : split.stop])
+    return out if seen is None else reinstate(out, split.local(seen, 2))
 
 
 # Query rows per block of the all-pairs context forms: each block's (rows × N) scores are made, used and
@@ -542,17 +546,19 @@ ROW_BLOCK = 256
 
 
 def _in_row_blocks(rows, q: torch.Tensor, split: Split, dim: int, block: int | None = None) -> torch.Tensor:
-    """``rows(q_block, stop)`` over blocks of ``block`` (ROW_BLOCK) queries (``stop``: one past the
-    block's last global position), concatenated along ``dim``; each block recomputed in the backward
-    rather than saved."""
+    """``rows(q_block, stop, first)`` over blocks of ``block`` (ROW_BLOCK) consecutive positions of this
+    rank's runs (``stop``: one past the block's last global position; ``first``: its first row here),
+    concatenated along ``dim``; each block recomputed in the backward rather than saved."""
     block = ROW_BLOCK if block is None else block
-    outputs = []
-    for first in range(0, q.shape[dim], block):
-        count = min(block, q.shape[dim] - first)
-        queries = q.narrow(dim, first, count)
-        stop = split.start + first + count
-        if torch.is_grad_enabled():
-            outputs.append(checkpoint(rows, queries, stop, use_reentrant=False))
-        else:
-            outputs.append(rows(queries, stop))
-    return torch.cat(outputs, dim) if outputs else rows(q, split.stop)
+    outputs, first = [], 0
+    for start, stop in split.ranges:
+        for offset in range(0, stop - start, block):
+            count = min(block, stop - start - offset)
+            queries = q.narrow(dim, first, count)
+            arguments = (queries, start + offset + count, first)
+            if torch.is_grad_enabled():
+                outputs.append(checkpoint(rows, *arguments, use_reentrant=False))
+            else:
+                outputs.append(rows(*arguments))
+            first += count
+    return torch.cat(outputs, dim) if outputs else rows(q, split.end, 0)

@@ -16,6 +16,7 @@ import functools
 import inspect
 import itertools
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,16 @@ class Packing:
     # programs from the lengths (a table of each segment's blocks), which it reads here without waiting
     # on the device, and copies the bounds to the device for its programs to read.
     bounds: torch.Tensor
+
+    @classmethod
+    def of(cls, cu_seqlens: torch.Tensor, device: torch.device | str | None = None) -> Packing:
+        """The plan of ``cu_seqlens`` (S + 1,) for a packed row of N = cu_seqlens[-1] positions, its index
+        tensors on ``device`` (default: cu_seqlens'). Made once, it can be passed to every op and layer of
+        a model as ``packing=`` in place of ``cu_seqlens``: one host read of the bounds, not one per op."""
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() == 0:
+            check_cu_seqlens(cu_seqlens, 1, 0)  # names what is wrong
+        values = check_cu_seqlens(cu_seqlens, 1, int(cu_seqlens[-1]))
+        return plan(cu_seqlens, torch.device(device) if device is not None else cu_seqlens.device, values)
 
     @property
     def segment_ids(self) -> torch.Tensor:
@@ -155,61 +166,107 @@ def pack(outputs: Sequence[torch.Tensor], packing: Packing, dim: int = 1) -> tor
     return real.new_zeros(shape).index_copy(dim - 1, packing.real_index, real).unsqueeze(0)
 
 
+def check_packing(packing: object, batch: int, seq_len: int, attention_mask: object = None) -> Packing:
+    """Validate a ``Packing`` given for a (B, N, …) input: made for a row of N positions, B = 1, no
+    attention_mask beside it."""
+    if not isinstance(packing, Packing):
+        raise InvalidTypeError(
+            f"packing must be a Packing (Packing.of(cu_seqlens)), got {type(packing).__name__}"
+        )
+    if batch != 1:
+        raise InvalidValueError(
+            f"packing packs segments along N of a single row: batch size must be 1, got {batch}"
+        )
+    if packing.total != seq_len:
+        raise InvalidValueError(f"packing was planned for N={packing.total}, the input has N={seq_len}")
+    if attention_mask is not None:
+        raise InvalidValueError(
+            "packing and attention_mask together: packed segments have no padding, pass one of them"
+        )
+    return packing
+
+
 def packing_of(
-    cu_seqlens: torch.Tensor | Packing,
+    cu_seqlens: torch.Tensor | None,
     batch: int,
     seq_len: int,
     attention_mask: object,
     device: torch.device,
-) -> Packing:
-    """The checked plan of ``cu_seqlens`` for a (B, N, …) input. A ``Packing`` already made for this row
-    is used as it is: the backbone checks and plans once and hands the plan to every layer, rather than
-    each layer reading cu_seqlens back from the device and rebuilding its index tensors."""
-    if (
-        isinstance(cu_seqlens, Packing)
-        and batch == 1
-        and cu_seqlens.total == seq_len
-        and attention_mask is None
-    ):
-        return cu_seqlens
+    packing: Packing | None = None,
+) -> Packing | None:
+    """The one way a call's packed segments are read (docs/spec.md §8): the checked plan of
+    ``cu_seqlens`` for a (B, N, …) input, or the ``packing`` already planned from one (a backbone plans
+    once and hands the plan to every layer, rather than each layer reading cu_seqlens back from the
+    device), or None without either."""
+    if isinstance(cu_seqlens, Packing):  # what cu_seqlens took before packing= existed
+        warnings.warn(
+            "cu_seqlens=<Packing> is deprecated: pass the plan as packing=", DeprecationWarning, stacklevel=3
+        )
+        if packing is not None:
+            raise InvalidValueError("cu_seqlens and packing together: packing is cu_seqlens' plan, pass one")
+        cu_seqlens, packing = None, cu_seqlens
+    if packing is not None:
+        if cu_seqlens is not None:
+            raise InvalidValueError("cu_seqlens and packing together: packing is cu_seqlens' plan, pass one")
+        return check_packing(packing, batch, seq_len, attention_mask)
+    if cu_seqlens is None:
+        return None
     return plan(cu_seqlens, device, check_cu_seqlens(cu_seqlens, batch, seq_len, attention_mask))
 
 
+_PACKED = (
+    inspect.Parameter(
+        "cu_seqlens", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="torch.Tensor | None"
+    ),
+    inspect.Parameter("packing", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Packing | None"),
+)
+
+
 def packable(kernel: Callable[..., bool] | None = None, **dims: int) -> Callable:
-    """The one way a functional op takes packed segments (docs/spec.md §8): decorates an op with a
-    ``cu_seqlens`` keyword. ``dims``: the inputs split into segments (name → the dim N is at; the first
-    one's N is the output's). ``kernel(*args, **kwargs)``: whether the op's kernel takes this call's packed
-    row whole (it reads each position's segment itself); the op is then called once with
-    ``cu_seqlens`` replaced by the checked ``Packing``. Otherwise the op runs on the segments as
-    right-padded batches (their padding as ``attention_mask``) and the outputs are packed back. Without
-    ``cu_seqlens`` the op is called as it is (no inspection: ``torch.compile`` traces straight through)."""
+    """The one way a functional op takes packed segments (docs/spec.md §8): gives an op the keywords
+    ``cu_seqlens`` (a tensor) and ``packing`` (its plan, ``Packing.of(cu_seqlens)``). ``dims``: the
+    inputs split into segments (name → the dim N is at; the first one's N is the output's).
+    ``kernel(*args, **kwargs)``: whether the op's kernel takes this call's packed row whole (it reads each
+    position's segment itself); the op is then called once with the checked ``packing``, which only such
+    an op declares. Otherwise the op runs on the segments as right-padded batches (their padding as
+    ``attention_mask``) and the outputs are packed back. Without either keyword the op is called as it is
+    (no inspection: ``torch.compile`` traces straight through)."""
 
     def decorate(op: Callable) -> Callable:
-        parameters = list(inspect.signature(op).parameters)
+        signature = inspect.signature(op)
+        parameters = list(signature.parameters)
+        assert (kernel is not None) == ("packing" in parameters), f"{op.__name__}: packing iff a kernel"
         where = {name: parameters.index(name) for name in dims}
 
-        def dispatch(*args: Any, cu_seqlens: torch.Tensor | Packing | None = None, **kwargs: Any) -> Any:
-            if cu_seqlens is None:
+        def dispatch(
+            *args: Any, cu_seqlens: torch.Tensor | None = None, packing: Packing | None = None, **kwargs: Any
+        ) -> Any:
+            if cu_seqlens is None and packing is None:
                 return op(*args, **kwargs)
-            return _call_packed(op, kernel, dims, where, args, kwargs, cu_seqlens)
+            return _call_packed(op, kernel, dims, where, args, kwargs, cu_seqlens, packing)
 
         # A code object of its own per op: torch.compile caches graphs per code object, and ten ops
         # sharing one would recompile each other's frames (past its recompile limit).
         code = dispatch.__code__.replace(co_name=op.__name__, co_qualname=op.__qualname__)
         own = types.FunctionType(code, dispatch.__globals__, op.__name__, None, dispatch.__closure__)
         own.__kwdefaults__ = dispatch.__kwdefaults__
-        return functools.wraps(op)(own)
+        own = functools.wraps(op)(own)
+        kept = [p for p in signature.parameters.values() if p.name != "packing"]
+        own.__signature__ = signature.replace(parameters=[*kept, *_PACKED])  # what a caller may pass
+        return own
 
     return decorate
 
 
-def _call_packed(op, kernel, dims, where, args, kwargs, cu_seqlens):
+def _call_packed(op, kernel, dims, where, args, kwargs, cu_seqlens, packing):
     names = list(dims)
     inputs = [args[where[n]] if where[n] < len(args) else kwargs.get(n) for n in names]
     if not all(isinstance(t, torch.Tensor) and t.dim() > dims[n] for n, t in zip(names, inputs, strict=True)):
         return op(*args, **kwargs)  # the op's own check names what is wrong
     first, length = inputs[0], inputs[0].shape[dims[names[0]]]
-    packing = packing_of(cu_seqlens, first.shape[0], length, kwargs.get("attention_mask"), first.device)
+    packing = packing_of(
+        cu_seqlens, first.shape[0], length, kwargs.get("attention_mask"), first.device, packing
+    )
     if kwargs.get("initial_state") is not None or kwargs.get("output_final_state"):
         raise InvalidValueError(
             "cu_seqlens with initial_state / output_final_state: a packed call has one state per segment; "
@@ -218,7 +275,7 @@ def _call_packed(op, kernel, dims, where, args, kwargs, cu_seqlens):
     if any(t.shape[0] != 1 or t.shape[dims[n]] != length for n, t in zip(names, inputs, strict=True)):
         return op(*args, **kwargs)  # mismatched sizes: the op's own check names them
     if kernel is not None and kernel(*args, **kwargs):
-        return op(*args, cu_seqlens=packing, **kwargs)
+        return op(*args, packing=packing, **kwargs)
 
     def on_segments(*segments: torch.Tensor) -> torch.Tensor:
         *tensors, mask = segments

@@ -1,5 +1,6 @@
 """The math of every mixer: tensors in, tensors out, no parameters (like ``torch.nn.functional``)."""
 
+from ..core.packing import Packing
 from .aft import (
     AFTSimpleState,
     AFTWindowState,
@@ -30,6 +31,7 @@ __all__ = [
     "AFTWindowState",
     "ConvWindowState",
     "MixedChunkState",
+    "Packing",
     "aft_accumulate",
     "aft_cached",
     "aft_conv",

@@ -79,7 +79,6 @@ def softmax_attention(
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor:
     """Softmax attention, ``out = softmax(scale · q kᵀ + mask) v``, through PyTorch SDPA.
 
@@ -91,6 +90,8 @@ def softmax_attention(
         scale: defaults to Dk^-1/2.
         cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
+        packing: the plan of a cu_seqlens, ``Packing.of(cu_seqlens)`` (default None): for a model that
+            calls many ops on one packed row and plans it once. Give cu_seqlens or packing, not both.
 
     Returns:
         (B, H, N, Dv), in the dtype of the inputs.
@@ -367,7 +368,7 @@ def pointwise_attention(
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
     length: int | None = None,
-    cu_seqlens: torch.Tensor | Packing | None = None,
+    packing: Packing | None = None,
 ) -> torch.Tensor:
     """Pointwise attention: ``out_i = Σ_{j∈S(i)} φ(scale · q_i·k_j) · L_i^(−alpha) · v_j``.
 
@@ -389,11 +390,12 @@ def pointwise_attention(
         length: None for L_i = |S(i)|, or a fixed positive int.
         cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
+        packing: the plan of a cu_seqlens, ``Packing.of(cu_seqlens)`` (default None): for a model that
+            calls many ops on one packed row and plans it once. Give cu_seqlens or packing, not both.
 
     Returns:
         (B, H, N, Dv), in the dtype of the inputs.
     """
-    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     sizes = _check_qkv(q, k, v)
     causal = check_flag("causal", causal)
     activation, alpha, length = _check_pointwise_options(activation, alpha, length)

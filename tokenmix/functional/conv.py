@@ -224,7 +224,7 @@ def lightconv(
     attention_mask: torch.Tensor | None = None,
     initial_state: ConvWindowState | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | Packing | None = None,
+    packing: Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ConvWindowState]:
     """Lightweight convolution: ``y[b,t,c] = Σ_j W̃[h(c), j] · x[b, t+j−P, c]``, one kernel per head.
 
@@ -240,6 +240,8 @@ def lightconv(
             K − 1 inputs, padding as 0 (default False).
         cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
+        packing: the plan of a cu_seqlens, ``Packing.of(cu_seqlens)`` (default None): for a model that
+            calls many ops on one packed row and plans it once. Give cu_seqlens or packing, not both.
 
     Returns:
         (B, N, C) in x's dtype (half precision is computed in float32), or (that, final_state).
@@ -256,7 +258,7 @@ def lightconv(
             initial_state,
             output_final_state,
         )
-    segments = _segments(cu_seqlens)  # a Packing only when the kernel takes the packed row (``packable``)
+    segments = _segments(packing)
     return _convolve("lightconv", x, weight, "(H, K)", causal, weight_softmax, attention_mask, segments)
 
 
@@ -306,7 +308,7 @@ def dynamic_conv(
     attention_mask: torch.Tensor | None = None,
     initial_state: ConvWindowState | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | Packing | None = None,
+    packing: Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ConvWindowState]:
     """Dynamic convolution: as ``lightconv`` but output position t has its own kernel weight[b, t].
 
@@ -316,6 +318,8 @@ def dynamic_conv(
         causal, weight_softmax, attention_mask, initial_state, output_final_state: as for ``lightconv``.
         cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
+        packing: the plan of a cu_seqlens, ``Packing.of(cu_seqlens)`` (default None): for a model that
+            calls many ops on one packed row and plans it once. Give cu_seqlens or packing, not both.
 
     Returns:
         (B, N, C) in x's dtype, or (that, final_state).
@@ -328,7 +332,7 @@ def dynamic_conv(
             "dynamic_conv", x, weight, "(B, N, H, K)", causal, weight_softmax, attention_mask, initial_state,
             output_final_state,
         )  # fmt: skip
-    segments = _segments(cu_seqlens)  # a Packing only when the kernel takes the packed row (``packable``)
+    segments = _segments(packing)
     return _convolve(
         "dynamic_conv", x, weight, "(B, N, H, K)", causal, weight_softmax, attention_mask, segments
     )

@@ -96,7 +96,7 @@ def mixed_chunk_attention(
     initial_state: MixedChunkState | None = None,
     output_final_state: bool = False,
     inplace: bool = False,
-    cu_seqlens: torch.Tensor | Packing | None = None,
+    packing: Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, MixedChunkState]:
     """FLASH's mixed-chunk attention, ``out_i = quad_i + lin_i``:
 
@@ -121,14 +121,15 @@ def mixed_chunk_attention(
             tensors and returns them as the final state, instead of copies of the chunk's slots
             (default False; ``initial_state`` is then spent, as an input of ``F.relu(inplace=True)`` is).
             Other calls ignore it.
-        cu_seqlens: (segments + 1,) int64 cumulative segment lengths, batch size 1 (default None): the
+        cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
+        packing: the plan of a cu_seqlens, ``Packing.of(cu_seqlens)`` (default None): for a model that
+            calls many ops on one packed row and plans it once. Give cu_seqlens or packing, not both.
 
     Returns:
         (B, N, E) in the inputs' dtype, or (that, final_state) with ``output_final_state``; half-precision
         inputs are computed in float32.
     """
-    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     names = ("q_quad", "k_quad", "q_lin", "k_lin")
     for name, tensor in zip(names, (q_quad, k_quad, q_lin, k_lin), strict=True):
         check_float_tensor(name, tensor, "(B, N, S)")

@@ -166,12 +166,14 @@ class AFTFull(AFTMixer):
         seq_len = q.shape[1] if packing is None else packing.longest  # w by position within a segment
         w = self.bias.rows(slice(0, seq_len), slice(0, seq_len))
         return aft_ops.aft_full(
-            q, k, v, w, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
+            q, k, v, w, causal=self.causal, attention_mask=attention_mask, packing=packing
         )
 
+    split_orders = ("contiguous", "zigzag")
+
     def context_op(self, q, k, v, split, **options):
-        end = split.stop if self.causal else split.total  # only this rank's rows of w, never N × N
-        rows = self.bias.rows(slice(split.start, split.stop), slice(0, end))
+        end = split.end if self.causal else split.total  # only this rank's rows of w, never N × N
+        rows = torch.cat([self.bias.rows(slice(a, b), slice(0, end)) for a, b in split.ranges])
         return context_ops.aft_full_rows(q, k, v, rows, split, **options)
 
     def mix_continued(self, q, k, v, state, chunk):
@@ -215,9 +217,7 @@ class AFTSimple(AFTMixer):
         super().__init__(dim, causal=causal, hidden_dim=hidden_dim, max_len=None, dropout=dropout)
 
     def mix(self, q, k, v, attention_mask, packing=None):
-        return aft_ops.aft_simple(
-            q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
-        )
+        return aft_ops.aft_simple(q, k, v, causal=self.causal, attention_mask=attention_mask, packing=packing)
 
     def context_op(self, q, k, v, split, **options):
         return context_ops.aft_simple(q, k, v, split, **options)
@@ -264,9 +264,7 @@ class AFTLocal(AFTMixer):
         self.bias = PositionBias(self.max_len, bias_rank)
 
     def mix(self, q, k, v, attention_mask, packing=None):
-        options = dict(
-            window=self.window, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
-        )
+        options = dict(window=self.window, causal=self.causal, attention_mask=attention_mask, packing=packing)
         if self.bias.rank is None:
             return aft_ops.aft_local(q, k, v, self.bias.table, **options)
         return aft_ops.aft_local_lowrank(q, k, v, self.bias.u, self.bias.v, **options)
@@ -365,7 +363,7 @@ class AFTConv(AFTMixer):
         q, v = self._heads(q), self._heads(v)
         if self.grid is None:
             out = aft_ops.aft_conv(
-                q, k, v, self.weight(), causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
+                q, k, v, self.weight(), causal=self.causal, attention_mask=attention_mask, packing=packing
             )
             return out.flatten(-2)
         return self._mix_grid(q, k, v, attention_mask, packing)

@@ -86,13 +86,18 @@ class MultiHeadAttention(Mixer):
         raise NotImplementedError
 
     def _qkv(
-        self, x: torch.Tensor, offset: int | torch.Tensor, packing: Packing | None = None
+        self,
+        x: torch.Tensor,
+        offset: int | torch.Tensor,
+        packing: Packing | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
-            positions = None if packing is None else packing.positions()  # each segment's from 0
+            if packing is not None:
+                positions = packing.positions()  # each segment's from 0
             q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
         return q, k, v
 
@@ -108,8 +113,10 @@ class MultiHeadAttention(Mixer):
         q, k, v = self._qkv(x, 0, packing)
         return self._output(self.mix(q, k, v, attention_mask, packing), x)
 
+    split_orders = ("contiguous", "zigzag")
+
     def mix_split(self, x, attention_mask, split):
-        q, k, v = self._qkv(x, split.start)  # RoPE at the global positions
+        q, k, v = self._qkv(x, 0, positions=split.positions(x.device))  # RoPE at the global positions
         attended = self.context_op(q, k, v, split, causal=self.causal, attention_mask=attention_mask)
         return self._output(attended, x)
 
@@ -165,7 +172,7 @@ class SoftmaxAttention(MultiHeadAttention):
 
     def mix(self, q, k, v, attention_mask, packing=None):
         return attention_ops.softmax_attention(
-            q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
+            q, k, v, causal=self.causal, attention_mask=attention_mask, packing=packing
         )
 
     def mix_cached(self, q, k, v, real):
@@ -226,7 +233,7 @@ class PointwiseAttention(MultiHeadAttention):
 
     def mix(self, q, k, v, attention_mask, packing=None):
         return attention_ops.pointwise_attention(
-            q, k, v, causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing, **self._options()
+            q, k, v, causal=self.causal, attention_mask=attention_mask, packing=packing, **self._options()
         )
 
     def mix_cached(self, q, k, v, real):

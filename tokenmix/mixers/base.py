@@ -91,29 +91,35 @@ class Mixer(SelfInitialising):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | Packing | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         *,
+        packing: Packing | None = None,
         context: Split | None = None,
     ) -> torch.Tensor:
         """(B, N, dim) → (B, N, dim). ``attention_mask`` (B, N), True = real token. ``cu_seqlens``
         (S + 1,) with B = 1: the packed segments are independent sequences, each as if fed alone
-        (docs/spec.md §8); or the ``Packing`` a backbone planned from it. ``context``: the sequence is
-        split over a context-parallel group and x (B, n, dim) and the mask are this rank's share
-        (``tokenmix.context.Split``, docs/spec.md §14); the output is this rank's share of the whole
-        sequence's."""
+        (docs/spec.md §8); ``packing``: its plan, made once by a backbone (``Packing.of``).
+        ``context``: the sequence is split over a context-parallel group and x (B, n, dim) and the mask
+        are this rank's share (``tokenmix.context.Split``, docs/spec.md §14); the output is this rank's
+        share of the whole sequence's."""
         x, attention_mask = self.check_input(x, attention_mask)
         if context is not None:
-            if cu_seqlens is not None:
-                raise InvalidValueError("cu_seqlens with context: packed rows are not split over ranks yet")
+            if cu_seqlens is not None or packing is not None:
+                what = "cu_seqlens" if cu_seqlens is not None else "packing"
+                raise InvalidValueError(f"{what} with context: packed rows are not split over ranks yet")
             context.check_local("x", x, 1)
+            if context.order not in self.split_orders:
+                raise InvalidValueError(
+                    f"context is split in {context.order!r} order; {type(self).__name__} takes "
+                    f"{' or '.join(map(repr, self.split_orders))} (docs/spec.md §14)"
+                )
             return self.mix_split(x, attention_mask, context)
-        if cu_seqlens is None:
+        if cu_seqlens is None and packing is None:
             return self.mix_sequence(x, attention_mask)
-        # Planned once here; the family's layers read each position's place in its segment from it, and
-        # its op takes the packed row whole in a kernel, or segment by segment (``packable``).
-        return self.mix_sequence(
-            x, None, packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device)
-        )
+        # Planned once here (unless given); the family's layers read each position's place in its
+        # segment from it, and its op takes the packed row whole in a kernel, or segment by segment.
+        packing = packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device, packing)
+        return self.mix_sequence(x, None, packing)
 
     def mix_sequence(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
@@ -122,9 +128,13 @@ class Mixer(SelfInitialising):
         packed row (1, N, dim) whose segments are independent sequences (docs/spec.md §8)."""
         raise NotImplementedError
 
+    # The orders of a split this family's ``mix_split`` takes: a window or a state passed from rank to
+    # rank needs contiguous shares; an all-pairs form reads any (and is balanced by "zigzag" when causal).
+    split_orders: tuple[str, ...] = ("contiguous",)
+
     def mix_split(self, x: torch.Tensor, attention_mask: torch.Tensor | None, split: Split) -> torch.Tensor:
         """The family's forward over this rank's share x (B, n, dim) of a sequence split over a
-        context-parallel group (``tokenmix.context.ops``; positions are global: ``split.start`` first)."""
+        context-parallel group (``tokenmix.context.ops``; positions are global: ``split.positions()``)."""
         raise UnavailableError(f"{type(self).__name__} has no context-parallel form yet")
 
     def check_step_input(

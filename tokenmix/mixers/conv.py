@@ -82,7 +82,7 @@ class ConvolutionMixer(Mixer):
     ) -> torch.Tensor:
         u = self.glu(self.to_input(x))
         kernel = self._normalised_kernel(u)
-        return self.dropout(self.to_out(self.mix(u, kernel, attention_mask, cu_seqlens=packing)))
+        return self.dropout(self.to_out(self.mix(u, kernel, attention_mask, packing=packing)))
 
     def mix_split(self, x, attention_mask, split):
         u = self.glu(self.to_input(x))

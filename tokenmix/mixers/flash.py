@@ -143,13 +143,16 @@ class GAU(GatedAttentionUnit):
 
     def mix(self, q, k, v, attention_mask, packing=None):
         """The attention op over q, k, v (B, 1, N, ·) (a packed row's segments)."""
-        options = {"causal": self.causal, "attention_mask": attention_mask, "cu_seqlens": packing}
+        options = {"causal": self.causal, "attention_mask": attention_mask, "packing": packing}
         if self.activation == "softmax":
             return attention_ops.softmax_attention(q, k, v, scale=self.qk_dim**-0.5, **options)
         return attention_ops.pointwise_attention(q, k, v, **options, **self._pointwise_options())
 
+    split_orders = ("contiguous", "zigzag")
+
     def mix_split(self, x, attention_mask, split):
-        u, v, (q, k) = self.project(x, split.start)  # RoPE at the global positions
+        positions = split.positions(x.device).expand(x.shape[0], -1)  # RoPE at the global positions
+        u, v, (q, k) = self.project(x, positions)
         q, k, v = self._heads(q, k, v)
         options = {"causal": self.causal, "attention_mask": attention_mask}
         if self.activation == "softmax":
@@ -229,7 +232,7 @@ class FLASH(GatedAttentionUnit):
         """Mixed-chunk attention (``state``: its initial_state and output_final_state)."""
         return mixed_chunk_attention(
             q_quad, k_quad, q_lin, k_lin, v, chunk_size=self.chunk_size, causal=self.causal,
-            attention_mask=attention_mask, cu_seqlens=packing, **state,
+            attention_mask=attention_mask, packing=packing, **state,
         )  # fmt: skip
 
     def mix_split(self, x, attention_mask, split):

@@ -47,6 +47,8 @@ class Identity(Mixer):
     ) -> torch.Tensor:
         return self.dropout(self.to_out(x))
 
+    split_orders = ("contiguous", "zigzag")
+
     def mix_split(self, x, attention_mask, split):
         return self.dropout(self.to_out(x))  # nothing crosses positions, so nothing is exchanged
 

@@ -55,10 +55,11 @@ class Block(SelfInitialising):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | Packing | None = None,
+        packing: Packing | None = None,
         context: Split | None = None,
     ) -> torch.Tensor:
-        return self._ffn(x + self.mixer(self.mixer_norm(x), attention_mask, cu_seqlens, context=context))
+        y = self.mixer(self.mixer_norm(x), attention_mask, packing=packing, context=context)
+        return self._ffn(x + y)
 
     def step(
         self, x: torch.Tensor, state: Any, attention_mask: torch.Tensor | None = None
@@ -197,7 +198,7 @@ class Backbone(SelfInitialising):
                     f"sequence of length {context.total} is longer than the learned position table "
                     f"(max_len={self.max_len})"
                 )
-            return x + self.position_embedding.weight[context.start : context.stop]
+            return x + context.local(self.position_embedding.weight, 0)
         # With packing, positions restart at every segment: the longest segment must fit.
         end = x.shape[-2] if packing is None else max(packing.lengths, default=0)
         if end > self.max_len:
@@ -212,21 +213,24 @@ class Backbone(SelfInitialising):
         self,
         x: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | Packing | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         context: Split | None = None,
+        *,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
         """(B, N, dim) → (B, N, dim). ``cu_seqlens`` (S + 1,) with B = 1: packed segments, each
         computed as if alone (positions restart; docs/spec.md §8). Checked and planned once here, the
-        plan handed to every layer. ``attention_mask`` (B, N): positions count each row's real tokens,
-        as in ``step`` (a left-padded row equals the row alone; docs/spec.md §7). ``context``: x is this
-        rank's share (B, n, dim) of a sequence split over a context-parallel group (docs/spec.md §14),
-        every layer's mixer exchanging what it needs; the output is this rank's share."""
+        plan handed to every layer; ``packing``: that plan made by the caller (``Packing.of``).
+        ``attention_mask`` (B, N): positions count each row's real tokens, as in ``step`` (a left-padded
+        row equals the row alone; docs/spec.md §7). ``context``: x is this rank's share (B, n, dim) of a
+        sequence split over a context-parallel group (docs/spec.md §14), every layer's mixer exchanging
+        what it needs; the output is this rank's share."""
         if context is not None:
-            return self._forward_split(x, attention_mask, cu_seqlens, context)
-        packing = chunk = None
-        if cu_seqlens is not None:
+            return self._forward_split(x, attention_mask, cu_seqlens, packing, context)
+        chunk = None
+        if cu_seqlens is not None or packing is not None:
             check_float_tensor("x", x, "(B, N, dim)")
-            packing = packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device)
+            packing = packing_of(cu_seqlens, x.shape[0], x.shape[1], attention_mask, x.device, packing)
         elif attention_mask is not None:
             check_float_tensor("x", x, "(B, N, dim)")
             attention_mask = check_attention_mask(attention_mask, x.shape[0], x.shape[1], x.device)
@@ -243,9 +247,10 @@ class Backbone(SelfInitialising):
         x = self.norm(x)
         return x if chunk is None else chunk.scatter(x)
 
-    def _forward_split(self, x, attention_mask, cu_seqlens, context: Split) -> torch.Tensor:
-        if attention_mask is not None or cu_seqlens is not None:
-            what = "attention_mask" if attention_mask is not None else "cu_seqlens"
+    def _forward_split(self, x, attention_mask, cu_seqlens, packing, context: Split) -> torch.Tensor:
+        given = {"attention_mask": attention_mask, "cu_seqlens": cu_seqlens, "packing": packing}
+        what = next((name for name, value in given.items() if value is not None), None)
+        if what is not None:
             raise InvalidValueError(
                 f"{what} with context: a model's split rows are whole rows of real tokens"
             )

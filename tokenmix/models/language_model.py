@@ -252,7 +252,7 @@ class SequenceClassifier(_TokenModel):
         if cu_seqlens is None:
             return self.head(masked_mean(self.backbone(self.embedding(tokens), mask), mask))
         packing = packing_of(cu_seqlens, tokens.shape[0], tokens.shape[1], mask, tokens.device)
-        hidden = self.backbone(self.embedding(tokens), mask, packing)  # then the mean of each segment
+        hidden = self.backbone(self.embedding(tokens), mask, packing=packing)  # then the mean of each segment
         segments = len(packing.lengths)
         sums = hidden.new_zeros(segments, hidden.shape[-1]).index_add(0, packing.segment_ids, hidden[0])
         counts = torch.tensor(packing.lengths, device=hidden.device).clamp_min(1).to(hidden.dtype)

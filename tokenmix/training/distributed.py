@@ -37,9 +37,10 @@ class World:
     def data_size(self) -> int:
         return self.size // self.context
 
-    def split(self, seq_len: int) -> Split | None:
-        """How this rank's context group splits a sequence of ``seq_len`` (None without a split)."""
-        return None if self.context == 1 else Split.of(seq_len, self.context_group)
+    def split(self, seq_len: int, order: str = "contiguous") -> Split | None:
+        """How this rank's context group splits a sequence of ``seq_len`` in ``order`` (None without a
+        split)."""
+        return None if self.context == 1 else Split.of(seq_len, self.context_group, order)
 
     def context_sum(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` summed over this rank's context group (a copy; no gradient)."""

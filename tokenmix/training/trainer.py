@@ -108,6 +108,15 @@ def forward_rows(
     return logits.view(rows, length, -1)
 
 
+def split_order(model: nn.Module) -> str:
+    """The order a context-parallel run splits sequences in (docs/spec.md §14): zig-zag when every mixer
+    is causal and takes it (the all-pairs mixers: each rank then does about the same work), contiguous
+    otherwise (windows and states pass from rank to rank in the sequence's order)."""
+    mixers = [m for m in model.modules() if hasattr(m, "split_orders")]
+    balanced = mixers and all(m.causal and "zigzag" in m.split_orders for m in mixers)
+    return "zigzag" if balanced else "contiguous"
+
+
 def _share(rows: torch.Tensor, split: Split | None) -> torch.Tensor:
     """This rank's positions of (B, N) rows (all of them without a split)."""
     return rows if split is None else split.local(rows, 1)
@@ -161,7 +170,7 @@ def evaluate_model(
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     batches = list(task.eval_batches(split_name, max_batches))
-    split = world.split(task.sequence_length)
+    split = world.split(task.sequence_length, split_order(model))
     # A sharded model gathers its weights in every forward, with every rank: all run the same number.
     rounds = math.ceil(len(batches) / world.data_size) if is_sharded(model) else None
     for index in _my_batches(len(batches), world, rounds):
@@ -366,7 +375,8 @@ class _Run:
         )
         self.step, self.best_val_loss, self.window = 0, math.inf, [0.0, 0]
         self.rows = config.batch_size // world.data_size
-        self.split = world.split(self.task.sequence_length)  # each sequence's share on this rank
+        # Each sequence's share on this rank.
+        self.split = world.split(self.task.sequence_length, split_order(self.model))
         self.saved = False
         self.events: Any = None  # TensorBoard's SummaryWriter with --log tensorboard
         if config.log == "tensorboard":

@@ -42,7 +42,6 @@ def running_mean(
     attention_mask: torch.Tensor | None = None,
     initial_state: RunningMeanState | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, RunningMeanState]:
     """The mean of the real values up to each position (causal) or of all of them.
 
@@ -54,7 +53,8 @@ def running_mean(
         initial_state: causal only — the ``RunningMeanState`` of the positions before this call
             (default None: none).
         output_final_state: causal only — also return the state after this call (default False).
-        cu_seqlens: (S + 1,) cumulative segment lengths with B = 1 (default None): independent segments.
+        cu_seqlens: (S + 1,) cumulative segment lengths with B = 1 (default None): independent segments,
+            each run alone (``packable`` adds this keyword, and ``packing``, its plan made once).
 
     Returns:
         (B, N, D) in v's dtype, or (that, final state) with ``output_final_state``. A position with no
@@ -114,9 +114,7 @@ class RunningMean(Mixer):
     def mix_sequence(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, packing: Packing | None = None
     ) -> torch.Tensor:
-        means = running_mean(
-            self.to_v(x), causal=self.causal, attention_mask=attention_mask, cu_seqlens=packing
-        )
+        means = running_mean(self.to_v(x), causal=self.causal, attention_mask=attention_mask, packing=packing)
         return self.dropout(self.to_out(torch.sigmoid(self.to_gate(x)) * means))
 
     def new_state(self, batch_size: int, capacity: int | None) -> RunningMeanState:

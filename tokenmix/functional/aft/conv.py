@@ -44,7 +44,7 @@ def aft_conv(
     attention_mask: torch.Tensor | None = None,
     initial_state: AFTWindowState | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | Packing | None = None,
+    packing: Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """AFT-conv: per head h, ``aft_full`` over the head's channels with k_t broadcast across them and
     w_{t,t'} = w[h, t' − t + P] inside the kernel's window, 0 outside (P = K // 2 centred, K odd; or
@@ -62,11 +62,12 @@ def aft_conv(
             and positions count each row's real tokens only (docs/spec.md §7).
         cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
+        packing: the plan of a cu_seqlens, ``Packing.of(cu_seqlens)`` (default None): for a model that
+            calls many ops on one packed row and plans it once. Give cu_seqlens or packing, not both.
 
     Returns:
         q's shape, in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
-    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     if isinstance(q, torch.Tensor) and q.dim() == 5:
         if initial_state is not None or output_final_state:
             raise InvalidValueError("initial_state and output_final_state need the causal 1-D form")

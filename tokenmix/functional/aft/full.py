@@ -37,7 +37,7 @@ def aft_full(
     *,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | Packing | None = None,
+    packing: Packing | None = None,
 ) -> torch.Tensor:
     """AFT-full: ``y_t = σ(q_t) ⊙ Σ exp(k_t' + w_{t,t'}) ⊙ v_t' / Σ exp(k_t' + w_{t,t'})`` over t' ∈ S(t).
 
@@ -49,11 +49,12 @@ def aft_full(
             block is used. causal: t sees t' ≤ t. attention_mask: (B, N), True/1 = real token.
         cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
+        packing: the plan of a cu_seqlens, ``Packing.of(cu_seqlens)`` (default None): for a model that
+            calls many ops on one packed row and plans it once. Give cu_seqlens or packing, not both.
 
     Returns:
         (B, N, D) in the inputs' dtype.
     """
-    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     mask = check_inputs(q, k, v, attention_mask)
     causal = check_flag("causal", causal)
     check_float_tensor("w", w, "(N_max, N_max)")

@@ -187,7 +187,7 @@ def aft_local(
     attention_mask: torch.Tensor | None = None,
     initial_state: AFTWindowState | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | Packing | None = None,
+    packing: Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """AFT-local: ``aft_full`` with w'_{t,t'} = w_{t,t'} where |t − t'| < window and 0 elsewhere (not
     −inf: positions outside the window still count, with no bias).
@@ -205,11 +205,12 @@ def aft_local(
             and positions count each row's real tokens only (docs/spec.md §7).
         cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
+        packing: the plan of a cu_seqlens, ``Packing.of(cu_seqlens)`` (default None): for a model that
+            calls many ops on one packed row and plans it once. Give cu_seqlens or packing, not both.
 
     Returns:
         (B, N, D) in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
-    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     mask = check_inputs(q, k, v, attention_mask, recurrent=initial_state is not None or output_final_state)
     causal = check_flag("causal", causal)
     check_float_tensor("w", w, "(N_max, N_max)")
@@ -247,13 +248,12 @@ def aft_local_lowrank(
     attention_mask: torch.Tensor | None = None,
     initial_state: AFTWindowState | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | Packing | None = None,
+    packing: Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, AFTWindowState]:
     """``aft_local`` with the paper's factorised biases w = w_u w_vᵀ, given as w_u, w_v: (N_max, d'):
     only the band's entries u_t·v_t' are formed, O(N·window·d'), never the N×N table. ``initial_state``
-    and ``output_final_state`` as for ``aft_local``. ``cu_seqlens``: packed segments, as for the
-    other ops (docs/spec.md §8)."""
-    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
+    and ``output_final_state`` as for ``aft_local``. ``cu_seqlens`` or ``packing``: packed segments,
+    as for the other ops (docs/spec.md §8)."""
     mask = check_inputs(q, k, v, attention_mask, recurrent=initial_state is not None or output_final_state)
     causal = check_flag("causal", causal)
     check_float_tensor("w_u", w_u, "(N_max, rank)")

@@ -45,7 +45,7 @@ def aft_simple(
     attention_mask: torch.Tensor | None = None,
     initial_state: AFTSimpleState | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | Packing | None = None,
+    packing: Packing | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, AFTSimpleState]:
     """AFT-simple: ``aft_full`` with w = 0, ``y_t = σ(q_t) ⊙ Σ softmax_{t'∈S(t)}(k)_{t'} ⊙ v_t'``, O(N·D).
 
@@ -61,11 +61,12 @@ def aft_simple(
         output_final_state: causal only — also return the state after this call (default False).
         cu_seqlens: (S + 1,) int64 cumulative segment lengths, batch size 1 (default None): the S
             segments of N are independent sequences, each as if called alone (docs/spec.md §8).
+        packing: the plan of a cu_seqlens, ``Packing.of(cu_seqlens)`` (default None): for a model that
+            calls many ops on one packed row and plans it once. Give cu_seqlens or packing, not both.
 
     Returns:
         (B, N, D) in the inputs' dtype, or (that, final_state) with ``output_final_state``.
     """
-    packing = cu_seqlens  # a Packing here only when the kernel takes the packed row whole (``packable``)
     if initial_state is not None or output_final_state:
         return _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output_final_state)
     mask = check_inputs(q, k, v, attention_mask)
