@@ -31,16 +31,27 @@ MIXERS = ["softmax", "pointwise", "gau", "flash", "aft_full", "aft_simple", "aft
 
 
 def _counting_sends(sent: list[int]) -> None:
-    """Count the bytes every exchange sends: each all-gather's input, once per call."""
+    """Count the bytes every exchange this rank starts sends, once per call: each all-gather's and
+    all-reduce's input and each point-to-point send (ring attention's shares, forward and backward). A
+    gather's backward (a reduce-scatter inside autograd) is not seen here."""
     from torch.distributed import _functional_collectives as funcol
 
-    gather = funcol.all_gather_single_autograd
+    gather, reduce, batch = funcol.all_gather_single_autograd, dist.all_reduce, dist.batch_isend_irecv
 
-    def counted(tensor, *args, **kwargs):
+    def gathered(tensor, *args, **kwargs):
         sent.append(tensor.numel() * tensor.element_size())
         return gather(tensor, *args, **kwargs)
 
-    funcol.all_gather_single_autograd = counted
+    def reduced(tensor, *args, **kwargs):
+        sent.append(tensor.numel() * tensor.element_size())
+        return reduce(tensor, *args, **kwargs)
+
+    def batched(operations):
+        sends = [o.tensor for o in operations if o.op is dist.isend]
+        sent.append(sum(t.numel() * t.element_size() for t in sends))
+        return batch(operations)
+
+    funcol.all_gather_single_autograd, dist.all_reduce, dist.batch_isend_irecv = gathered, reduced, batched
 
 
 def _point(

@@ -8,18 +8,20 @@ to the same op on the whole sequence, forward and backward. What each sends is w
   folded over the ranks before it (causal) or all others (bidirectional);
 - both (``aft_local``, ``aft_local_lowrank``, ``aft_conv``): the window's keys as a halo, and the keys
   beyond it folded, O(window·d + world·d);
-- all pairs (``softmax_attention``, ``pointwise_attention``, ``aft_full``): every rank's keys and values
-  (``gather_sequence``). Only these take a zig-zag split (``Split.of(..., order="zigzag")``, balanced
-  when causal); the others refuse it.
+- all pairs: ``softmax_attention`` and ``pointwise_attention`` by ring attention (``tokenmix.context.ring``:
+  every rank's keys and values pass by, one share at a time), ``aft_full`` from every rank's keys and
+  values gathered (``gather_sequence``). Only these take a zig-zag split (``Split.of(..., order="zigzag")``,
+  balanced when causal); the others refuse it.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from ..core.checks import check_attention_mask, check_flag, check_float_tensor, compute_dtype
-from ..core.excluded import causal_finite, finite_at_padding, real_only, reinstate
+from ..core.excluded import all_finite, finite_at_padding, finite_part, real_only, reinstate
 from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
 from ..functional import attention as attention_ops
@@ -27,6 +29,7 @@ from ..functional import conv as conv_ops
 from ..functional.aft.exact import BLOCK_ELEMENTS, finite_shift
 from ..functional.flash import mixed_chunk_attention as mixed_chunk_attention_op
 from .exchange import Split, gather_sequence, gather_summaries, halo, pad_positions
+from .ring import ring_attention
 
 __all__ = [
     "aft_conv",
@@ -478,20 +481,20 @@ def softmax_attention(
     attention_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """``tokenmix.functional.softmax_attention`` over a split sequence: every rank's keys and values are
-    gathered (O(N·d) per rank) and this rank's queries attend to them through the op's cached form (SDPA)
-    — when causal, to the positions up to its own last only.
+    """``tokenmix.functional.softmax_attention`` over a split sequence, by ring attention
+    (``tokenmix.context.ring``): this rank's queries stay, every rank's keys and values pass by once
+    (W − 1 steps of the ring) and are folded in by log-sum-exp; a rank never holds more than its own and
+    one other share (O(n·d), where gathering the sequence would hold O(N·d)).
 
     Args:
-        q, k: (B, H, n, Dk). v: (B, H, n, Dv): this rank's positions. split: the sequence's split.
-        causal, scale: as for the op. attention_mask: (B, n), this rank's (default None).
+        q, k: (B, H, n, Dk). v: (B, H, n, Dv): this rank's positions. split: the sequence's split
+            (contiguous or zig-zag). causal, scale: as for the op. attention_mask: (B, n), this rank's
+            (default None).
 
     Returns:
         (B, H, n, Dv): this rank's outputs (a padded query's row is unspecified but finite, as the op's).
     """
-    return _all_pairs(
-        attention_ops.softmax_attention_cached, q, k, v, split, causal, attention_mask, scale=scale
-    )
+    return _ring_pairs(q, k, v, split, causal, attention_mask, scale=scale)
 
 
 def pointwise_attention(
@@ -507,37 +510,59 @@ def pointwise_attention(
     attention_mask: torch.Tensor | None = None,
     length: int | None = None,
 ) -> torch.Tensor:
-    """``tokenmix.functional.pointwise_attention`` over a split sequence, as ``softmax_attention`` here:
-    L, the keys a row sees, counts the whole sequence's (the positions up to the row's own, when causal).
-    Options as for the op."""
-    options = {"activation": activation, "alpha": alpha, "scale": scale, "length": length}
-    return _all_pairs(
-        attention_ops.pointwise_attention_cached, q, k, v, split, causal, attention_mask, **options
-    )
+    """``tokenmix.functional.pointwise_attention`` over a split sequence, by ring attention as
+    ``softmax_attention`` here (the shares' sums add up; no normaliser to merge): L, the keys a row sees,
+    counts the whole sequence's (the positions up to the row's own, when causal). Options as for the op."""
+    activation, alpha, length = attention_ops._check_pointwise_options(activation, alpha, length)
+    options = {"activation": activation, "alpha": alpha, "length": length}
+    return _ring_pairs(q, k, v, split, causal, attention_mask, scale=scale, **options)
 
 
-def _all_pairs(cached, q, k, v, split, causal, attention_mask, **options) -> torch.Tensor:
-    """This rank's queries over the gathered keys and values, by the op's cached form: its queries are
-    the newest of the first ``stop`` positions (causal) or see all N. Non-finite keys and values are
-    selected away as the op does: computed with finite ones, NaN put back on the rows that see them."""
-    check_float_tensor("q", q, "(B, H, n, Dk)")
+def _ring_pairs(q, k, v, split, causal, attention_mask, *, scale, **options) -> torch.Tensor:
+    """This rank's queries over every rank's keys and values, passed round the ring. Non-finite keys and
+    values are selected away as the op does: computed with finite ones, NaN put back on the rows that
+    see them (a causal row: those at or before it; ``_first_non_finite``)."""
+    sizes = attention_ops._check_qkv(q, k, v)
     mask = _local_mask(split, q, attention_mask, dim=2, all_pairs=True)
     causal = check_flag("causal", causal)
-    end = split.end if causal else split.total  # a causal rank never reads keys after its last row
-    keys, values, real = _gathered_keys(k, v, mask, split, end, dim=2)
+    scale = attention_ops._default_scale(scale, sizes["K"])
+    k, v = real_only(k, mask, 2), real_only(v, mask, 2)
     seen = None
-    if causal:
-        keys, values, seen = causal_finite(keys, values, 2, key_channels=False)
+    if causal and _non_finite_anywhere(k, v, split):
+        (k, bad_keys), (v, bad_values) = finite_part(k), finite_part(v)
+        first_key = _first_non_finite(bad_keys.any(-1, keepdim=True), split)  # a key enters every channel
+        first_value = _first_non_finite(bad_values, split)
+        rows = split.positions(q.device)[:, None]
+        seen = (rows >= first_key[:, :, None]) | (rows >= first_value[:, :, None])
     q = finite_at_padding(q, mask, 2)
+    out = ring_attention(
+        q, k, v, split, causal=causal, key_mask=mask, scale=scale, block=ROW_BLOCK, **options
+    )
+    return reinstate(out, seen)
 
-    def rows(q_rows, stop, first):  # a block of queries: the newest of the first ``stop`` keys (causal)
-        keys_end = stop if causal else end
-        mask_end = None if real is None else real[:, :keys_end]
-        visible = keys[:, :, :keys_end], values[:, :, :keys_end]
-        return cached(q_rows, *visible, key_mask=mask_end, causal=causal, **options)
 
-    out = _in_row_blocks(rows, q, split, dim=2)
-    return out if seen is None else reinstate(out, split.local(seen, 2))
+def _non_finite_anywhere(k: torch.Tensor, v: torch.Tensor, split: Split) -> bool:
+    """Whether some rank's keys or values may hold a non-finite entry (one all-reduce of one number). On
+    an accelerator ``all_finite`` cannot tell without a device read: every rank takes the careful path."""
+    if k.device.type != "cpu":
+        return True
+    flags = torch.tensor([int(not all_finite(k, v))])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=split.group)
+    return bool(flags)
+
+
+def _first_non_finite(bad: torch.Tensor, split: Split) -> torch.Tensor:
+    """(B, H, C): the global position of the first non-finite entry of ``bad`` (B, H, n, C) on any rank
+    (N where there is none): an all-reduce of O(B·H·C), whatever N is."""
+    positions = split.positions(bad.device)[:, None]
+    first = (
+        torch.where(bad, positions, split.total).amin(2)
+        if bad.shape[2]
+        else bad.new_full((*bad.shape[:2], bad.shape[3]), split.total, dtype=torch.long)
+    )
+    first = first.contiguous()
+    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=split.group)
+    return first
 
 
 # Query rows per block of the all-pairs context forms: each block's (rows × N) scores are made, used and

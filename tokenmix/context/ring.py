@@ -1,0 +1,284 @@
+"""Ring attention (docs/spec.md §14): softmax and pointwise attention over a split sequence without
+gathering it. Each rank keeps its queries; the keys and values travel round the ranks, one rank's share
+at a time (W − 1 passes of the ring), and each rank folds every share into its rows as it passes:
+softmax through a running maximum and sum (merged as log-sum-exp), pointwise as a plain sum scaled by
+L^−α at the end. The backward sends the shares round again with their gradients, which a last pass
+brings home. A rank holds its own share, one travelling share and a block of (rows × share) scores at a
+time — O(n·d + block·n) per rank, where gathering the sequence holds O(N·d).
+
+Positions are global (``Split.positions``), so a causal row sees exactly the keys at or before it in
+either order of the split (contiguous or zig-zag); a share that lies wholly after a causal rank's rows is
+passed on unread.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..core.checks import compute_dtype
+from ..functional.attention import ACTIVATIONS
+from .exchange import Split, pad_positions
+
+# Scores per block (1 MiB in float32): with the block's weights and mask, the working set a rank adds to
+# its own share and the travelling one.
+SCORE_ELEMENTS = 1 << 18
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    split: Split,
+    *,
+    causal: bool,
+    key_mask: torch.Tensor | None,
+    scale: float,
+    block: int,
+    activation: str | None = None,
+    alpha: float = 1.0,
+    length: int | None = None,
+) -> torch.Tensor:
+    """This rank's rows of softmax attention (``activation=None``) or of pointwise attention with φ =
+    ``activation``, L_i^−``alpha`` (L_i the keys row i sees, or ``length``), over the whole sequence.
+
+    Args:
+        q, k: (B, H, n, Dk). v: (B, H, n, Dv): this rank's positions, finite where causal (the caller
+            selects non-finite keys away). key_mask: (B, n) bool, True = real key, or None.
+        split: the sequence's split. causal, scale: as for the ops. block: the most query rows per block
+            of scores (fewer when a block's scores would pass SCORE_ELEMENTS).
+
+    Returns:
+        (B, H, n, Dv) in q's dtype; a row that sees no key is 0.
+    """
+    return _RingAttention.apply(q, k, v, key_mask, split, causal, scale, block, activation, alpha, length)
+
+
+def _shift(tensors: list[torch.Tensor], split: Split) -> list[torch.Tensor]:
+    """Each tensor sent to the next rank of the ring, and the previous rank's received in its place."""
+    group = split.group if split.group is not None else dist.group.WORLD
+    after = dist.get_global_rank(group, (split.rank + 1) % split.world)
+    before = dist.get_global_rank(group, (split.rank - 1) % split.world)
+    tensors = [t.contiguous() for t in tensors]
+    received = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
+    operations = [dist.P2POp(dist.isend, t, after, group) for t in tensors]
+    operations += [dist.P2POp(dist.irecv, r, before, group) for r in received]
+    for request in dist.batch_isend_irecv(operations):
+        request.wait()
+    return received
+
+
+class _Ring:
+    """The walk round the ring that the forward and the backward share: whose share a rank holds at each
+    step, where its keys lie, which of them a block of rows sees."""
+
+    def __init__(self, split: Split, causal: bool, device: torch.device) -> None:
+        self.split, self.causal, self.device = split, causal, device
+        self.rows = split.positions(device)  # (n,) this rank's global positions
+        self.longest = max(split.lengths)
+
+    def walk(self, travelling: list[torch.Tensor]):
+        """(source, travelling) at each step of the ring: whose share is held, and what travels with it (a
+        share, and in the backward its gradients, added to in place), shifted one rank on after the first
+        step — so every rank makes the same W − 1 exchanges whatever it reads."""
+        for step, source in enumerate(self.sources()):
+            if step:
+                travelling = _shift(travelling, self.split)
+            yield source, travelling
+
+    def sources(self) -> list[int]:
+        """The rank whose share is held at each step: this rank's own first."""
+        return [(self.split.rank - step) % self.split.world for step in range(self.split.world)]
+
+    def padded(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """A share padded to the longest along ``dim``: every rank sends and receives one shape."""
+        return pad_positions(x, dim, 0, self.longest - x.shape[dim])
+
+    def own(self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """This rank's share as it travels: keys, values and which keys are real (uint8), padded."""
+        real = torch.ones(k.shape[0], self.split.length, dtype=torch.bool, device=k.device)
+        real = real if key_mask is None else key_mask
+        return [self.padded(k, 2), self.padded(v, 2), self.padded(real.to(torch.uint8), 1)]
+
+    def keys(self, source: int) -> torch.Tensor:
+        """(longest,) the global positions of ``source``'s share, −1 past its end (no key there)."""
+        runs = [torch.arange(start, start + n, device=self.device) for start, n in self.split.pieces[source]]
+        positions = torch.cat(runs) if runs else torch.zeros(0, dtype=torch.long, device=self.device)
+        return self.padded(positions + 1, 0) - 1
+
+    def read(self, source: int) -> bool:
+        """Whether any row here sees a key of ``source``'s share (read from the layout, not the device)."""
+        firsts = [start for start, n in self.split.pieces[source] if n]
+        if not firsts or not self.split.length:
+            return False
+        return not self.causal or min(firsts) < self.split.end
+
+    def allowed(self, rows: slice, keys: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """(B, 1, r, L): a row of the block ``rows`` sees a key (position ``keys``) that is ``real``."""
+        allowed = (keys >= 0)[None, None, :] & real[:, None, :]
+        if self.causal:
+            allowed = allowed & (keys[None, None, :] <= self.rows[rows][None, :, None])
+        return allowed[:, None]
+
+    def pairs(self, source: int) -> list[tuple[slice, slice, bool]]:
+        """(rows here, keys of ``source``'s share, causal within) for every run of rows and run of keys
+        it sees. Runs never straddle: a run of keys is wholly before a run of rows (all seen), the same
+        run (seen up to each row's own), or wholly after it (unseen)."""
+        pairs, row = [], 0
+        for row_start, rows in self.split.pieces[self.split.rank]:
+            key = 0
+            for key_start, keys in self.split.pieces[source]:
+                if rows and keys and (not self.causal or key_start + keys <= row_start):
+                    pairs.append((slice(row, row + rows), slice(key, key + keys), False))
+                elif rows and keys and key_start == row_start:
+                    pairs.append((slice(row, row + rows), slice(key, key + keys), True))
+                key += keys
+            row += rows
+        return pairs
+
+    def tiles(self, source: int, keys, held, queries, scale: float, block: int):
+        """(rows, allowed, scores) for each block of rows here against ``source``'s share ``keys`` (real
+        where ``held``), none when no row here sees it: scores = scale · q kᵀ, (B, H, rows, longest), a
+        fresh tensor the caller may work in place; allowed (B, 1, rows, longest)."""
+        if not self.read(source):
+            return
+        positions = self.keys(source)
+        for rows in self.blocks(block, queries.shape[0] * queries.shape[1]):
+            allowed = self.allowed(rows, positions, held.bool())
+            yield rows, allowed, (queries[:, :, rows] * scale) @ keys.transpose(-1, -2)
+
+    def blocks(self, block: int, heads: int):
+        """Blocks of at most ``block`` rows whose scores against a share (heads × rows × longest) hold
+        at most SCORE_ELEMENTS: a rank's working set stays small however long the shares are."""
+        rows = max(1, min(block, SCORE_ELEMENTS // max(1, heads * self.longest)))
+        for start in range(0, self.split.length, rows):
+            yield slice(start, min(start + rows, self.split.length))
+
+
+def _fused(activation: str | None, key_mask: torch.Tensor | None, q: torch.Tensor) -> bool:
+    """Whether a call takes PyTorch's fused CPU attention (``aten::_scaled_dot_product_flash_attention
+    _for_cpu``, which returns each row's log-sum-exp and whose backward takes the merged one, as ring
+    attention needs): softmax without padding on the CPU. Otherwise the blocked form below."""
+    return activation is None and key_mask is None and q.device.type == "cpu"
+
+
+def _fused_forward(ring, queries, share, scale):
+    """Softmax over the ring by the fused kernel, run by run (``_Ring.pairs``): (out, lse) per row."""
+    out = queries.new_zeros(*queries.shape[:-1], share[1].shape[-1])
+    lse = queries.new_full(queries.shape[:-1], float("-inf"))
+    for source, (key_share, value_share) in ring.walk(share):
+        for rows, keys, causal in ring.pairs(source):
+            part, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                queries[:, :, rows], key_share[:, :, keys], value_share[:, :, keys], 0.0, causal, scale=scale
+            )
+            merged = torch.logaddexp(lse[:, :, rows], part_lse)  # finite: every row sees a key here
+            kept = out[:, :, rows]  # a view: merged in place, no second copy of the rows' outputs
+            kept.mul_(torch.exp(lse[:, :, rows] - merged)[..., None])
+            kept.add_(part.mul_(torch.exp(part_lse - merged)[..., None]))
+            lse[:, :, rows] = merged
+    return out, lse
+
+
+def _fused_backward(ring, queries, share, grads, grad, out, lse, scale):
+    """The fused kernel's backward, run by run, with the merged out and lse (its Σ dO·O and its weights
+    are then the whole row's): dq here, dk and dv into the travelling share's gradients."""
+    grad_q = torch.zeros_like(queries)
+    for source, (key_share, value_share, grad_k, grad_v) in ring.walk([*share, *grads]):
+        grads = [grad_k, grad_v]
+        for rows, keys, causal in ring.pairs(source):
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad[:, :, rows], queries[:, :, rows], key_share[:, :, keys], value_share[:, :, keys],
+                out[:, :, rows], lse[:, :, rows], 0.0, causal, scale=scale,
+            )  # fmt: skip
+            grad_q[:, :, rows] += dq
+            grads[0][:, :, keys] += dk
+            grads[1][:, :, keys] += dv
+    return grad_q, grads
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, split, causal, scale, block, activation, alpha, length):
+        dtype = compute_dtype(q.dtype)
+        ring = _Ring(split, causal, q.device)
+        share = ring.own(k.to(dtype), v.to(dtype), key_mask)
+        queries = q.to(dtype)
+        ctx.options = (split, causal, scale, block, activation)
+        if _fused(activation, key_mask, q):
+            out, summary = _fused_forward(ring, queries, share[:2], scale)
+            ctx.save_for_backward(q, k, v, key_mask, out, summary)
+            return out.to(q.dtype)
+        acc = queries.new_zeros(*q.shape[:-1], v.shape[-1])
+        top = queries.new_full(q.shape[:-1], float("-inf"))  # softmax: the running maximum and sum
+        total = queries.new_zeros(q.shape[:-1])
+        counts = queries.new_zeros(q.shape[0], 1, q.shape[2])  # pointwise: the keys each row sees
+        for source, (keys, values, held) in ring.walk(share):
+            # One (rows × share) tensor per block, worked in place: scores, then weights.
+            for rows, allowed, scores in ring.tiles(source, keys, held, queries, scale, block):
+                if activation is None:
+                    scores.masked_fill_(~allowed, float("-inf"))  # selected away, not weighted 0
+                    new_top = torch.maximum(top[:, :, rows], scores.amax(-1))
+                    shift = torch.where(torch.isfinite(new_top), new_top, torch.zeros((), dtype=dtype))
+                    weights = scores.sub_(shift[..., None]).exp_()
+                    decay = torch.exp(top[:, :, rows] - shift)
+                    total[:, :, rows] = total[:, :, rows] * decay + weights.sum(-1)
+                    acc[:, :, rows] = acc[:, :, rows] * decay[..., None] + weights @ values
+                    top[:, :, rows] = new_top
+                else:
+                    weights = ACTIVATIONS[activation].forward_(scores).masked_fill_(~allowed, 0.0)
+                    acc[:, :, rows] += weights @ values
+                    counts[:, :, rows] += allowed.sum(-1)
+        if activation is None:
+            seen = total > 0
+            out = acc.div_(torch.where(seen, total, torch.ones((), dtype=dtype))[..., None])
+            summary = torch.where(seen, top + torch.log(total), torch.full((), float("-inf"), dtype=dtype))
+        else:
+            summary = counts if length is None else torch.full_like(counts, float(length))
+            summary = summary.clamp_min(1).pow(-alpha)  # L_i^−α; a row with no key sums to 0 anyway
+            out = acc.mul_(summary[..., None])
+        ctx.save_for_backward(q, k, v, key_mask, out, summary)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, key_mask, out, summary = ctx.saved_tensors
+        split, causal, scale, block, activation = ctx.options
+        dtype = compute_dtype(q.dtype)
+        ring = _Ring(split, causal, q.device)
+        share = ring.own(k.to(dtype), v.to(dtype), key_mask)
+        grads = [torch.zeros_like(share[0]), torch.zeros_like(share[1])]
+        queries, grad = q.to(dtype), grad_out.to(dtype)
+        if _fused(activation, key_mask, q):
+            grad_q, grads = _fused_backward(ring, queries, share[:2], grads, grad, out, summary, scale)
+            return _home(grad_q, grads, q, k, v, split)
+        if activation is None:
+            delta = (grad * out).sum(-1)  # Σ_d dO·O per row: softmax's correction to each score's gradient
+            lse = torch.where(torch.isfinite(summary), summary, torch.zeros((), dtype=dtype))
+        else:
+            grad = grad * summary[..., None]
+        grad_q = torch.zeros_like(queries)
+        for source, (keys, values, held, grad_k, grad_v) in ring.walk([*share, *grads]):
+            grads = [grad_k, grad_v]
+            for rows, allowed, scores in ring.tiles(source, keys, held, queries, scale, block):
+                grad_weights = grad[:, :, rows] @ values.transpose(-1, -2)
+                if activation is None:
+                    weights = scores.sub_(lse[:, :, rows, None]).exp_().masked_fill_(~allowed, 0.0)
+                    grad_scores = grad_weights.sub_(delta[:, :, rows, None]).mul_(weights)
+                else:
+                    act = ACTIVATIONS[activation]
+                    phi = act.forward(scores)
+                    grad_scores = act.backward(scores, phi, grad_weights).masked_fill_(~allowed, 0.0)
+                    weights = phi.masked_fill_(~allowed, 0.0)
+                grad_q[:, :, rows] += (grad_scores @ keys).mul_(scale)
+                grads[0] += grad_scores.transpose(-1, -2) @ (queries[:, :, rows] * scale)
+                grads[1] += weights.transpose(-1, -2) @ grad[:, :, rows]
+        return _home(grad_q, grads, q, k, v, split)
+
+
+def _home(grad_q, grads, q, k, v, split: Split) -> tuple:
+    """The backward's returns: the share held last is the next rank's, so its gradients go home."""
+    if split.world > 1:
+        grads = _shift(grads, split)
+    n = split.length
+    grad_k, grad_v = grads[0][:, :, :n].to(k.dtype), grads[1][:, :, :n].to(v.dtype)
+    return grad_q.to(q.dtype), grad_k, grad_v, *([None] * 8)
