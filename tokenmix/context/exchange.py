@@ -90,11 +90,11 @@ class Split:
         """One past this rank's last global position: the keys a causal all-pairs row here may see."""
         return max((stop for _, stop in self.ranges), default=0)
 
-    def positions(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """(n,) the global position of each of this rank's rows."""
-        return torch.cat(
-            [torch.arange(a, b, device=device) for a, b in self.ranges] or [torch.arange(0, device=device)]
-        )
+    def positions(self, device: torch.device | str | None = None, rank: int | None = None) -> torch.Tensor:
+        """(n,) the global position of each of this rank's rows (of ``rank``'s, given one)."""
+        own = self.pieces[self.rank if rank is None else rank]
+        runs = [torch.arange(start, start + n, device=device) for start, n in own]
+        return torch.cat(runs) if runs else torch.arange(0, device=device)
 
     def require_contiguous(self) -> tuple[int, int]:
         """This rank's one run, (start, stop); refused for a split in another order."""

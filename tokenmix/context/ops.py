@@ -570,11 +570,10 @@ def _first_non_finite(bad: torch.Tensor, split: Split) -> torch.Tensor:
 ROW_BLOCK = 256
 
 
-def _in_row_blocks(rows, q: torch.Tensor, split: Split, dim: int, block: int | None = None) -> torch.Tensor:
-    """``rows(q_block, stop, first)`` over blocks of ``block`` (ROW_BLOCK) consecutive positions of this
-    rank's runs (``stop``: one past the block's last global position; ``first``: its first row here),
-    concatenated along ``dim``; each block recomputed in the backward rather than saved."""
-    block = ROW_BLOCK if block is None else block
+def _in_row_blocks(rows, q: torch.Tensor, split: Split, dim: int, block: int) -> torch.Tensor:
+    """``rows(q_block, stop, first)`` over blocks of ``block`` consecutive positions of this rank's runs
+    (``stop``: one past the block's last global position; ``first``: its first row here), concatenated
+    along ``dim``; each block recomputed in the backward rather than saved."""
     outputs, first = [], 0
     for start, stop in split.ranges:
         for offset in range(0, stop - start, block):

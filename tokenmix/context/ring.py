@@ -102,9 +102,7 @@ class _Ring:
 
     def keys(self, source: int) -> torch.Tensor:
         """(longest,) the global positions of ``source``'s share, −1 past its end (no key there)."""
-        runs = [torch.arange(start, start + n, device=self.device) for start, n in self.split.pieces[source]]
-        positions = torch.cat(runs) if runs else torch.zeros(0, dtype=torch.long, device=self.device)
-        return self.padded(positions + 1, 0) - 1
+        return self.padded(self.split.positions(self.device, source) + 1, 0) - 1
 
     def read(self, source: int) -> bool:
         """Whether any row here sees a key of ``source``'s share (read from the layout, not the device)."""
@@ -113,9 +111,10 @@ class _Ring:
             return False
         return not self.causal or min(firsts) < self.split.end
 
-    def allowed(self, rows: slice, keys: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """(B, 1, r, L): a row of the block ``rows`` sees a key (position ``keys``) that is ``real``."""
-        allowed = (keys >= 0)[None, None, :] & real[:, None, :]
+    def allowed(self, rows: slice, keys: torch.Tensor, usable: torch.Tensor) -> torch.Tensor:
+        """(B, 1, r, L): a row of the block ``rows`` sees a key (position ``keys``) that is ``usable``
+        (B, L): a real key of the share, not its padding."""
+        allowed = usable[:, None, :]
         if self.causal:
             allowed = allowed & (keys[None, None, :] <= self.rows[rows][None, :, None])
         return allowed[:, None]
@@ -143,8 +142,9 @@ class _Ring:
         if not self.read(source):
             return
         positions = self.keys(source)
+        usable = (positions >= 0)[None, :] & held.bool()  # once a share, not once a block
         for rows in self.blocks(block, queries.shape[0] * queries.shape[1]):
-            allowed = self.allowed(rows, positions, held.bool())
+            allowed = self.allowed(rows, positions, usable)
             yield rows, allowed, (queries[:, :, rows] * scale) @ keys.transpose(-1, -2)
 
     def blocks(self, block: int, heads: int):

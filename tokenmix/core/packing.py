@@ -202,9 +202,8 @@ def packing_of(
         warnings.warn(
             "cu_seqlens=<Packing> is deprecated: pass the plan as packing=", DeprecationWarning, stacklevel=3
         )
-        if packing is not None:
-            raise InvalidValueError("cu_seqlens and packing together: packing is cu_seqlens' plan, pass one")
-        cu_seqlens, packing = None, cu_seqlens
+        if packing is None:
+            cu_seqlens, packing = None, cu_seqlens
     if packing is not None:
         if cu_seqlens is not None:
             raise InvalidValueError("cu_seqlens and packing together: packing is cu_seqlens' plan, pass one")

@@ -192,19 +192,18 @@ class Backbone(SelfInitialising):
     ) -> torch.Tensor:
         if self.position_embedding is None:
             return x
-        if context is not None:  # this rank's share: the global positions
-            if context.total > self.max_len:
-                raise InvalidValueError(
-                    f"sequence of length {context.total} is longer than the learned position table "
-                    f"(max_len={self.max_len})"
-                )
-            return x + context.local(self.position_embedding.weight, 0)
-        # With packing, positions restart at every segment: the longest segment must fit.
-        end = x.shape[-2] if packing is None else max(packing.lengths, default=0)
+        # With packing, positions restart at every segment: the longest segment must fit; a rank's share
+        # of a split sequence takes the whole sequence's positions.
+        if context is not None:
+            end = context.total
+        else:
+            end = x.shape[-2] if packing is None else max(packing.lengths, default=0)
         if end > self.max_len:
             raise InvalidValueError(
                 f"sequence of length {end} is longer than the learned position table (max_len={self.max_len})"
             )
+        if context is not None:
+            return x + context.local(self.position_embedding.weight, 0)
         if packing is None:
             return x + self.position_embedding.weight[:end]
         return x + self.position_embedding(packing.positions())
@@ -237,15 +236,18 @@ class Backbone(SelfInitialising):
             chunk = _real_first(attention_mask)
             if chunk is not None:
                 x, attention_mask = chunk.gather(x), chunk.valid
-        x = self.dropout(self._positions(x, packing))
+        x = self._layers(self.dropout(self._positions(x, packing)), attention_mask, packing)
+        return x if chunk is None else chunk.scatter(x)
+
+    def _layers(self, x, attention_mask, packing, context: Split | None = None) -> torch.Tensor:
+        """x through every block (recomputed in the backward with activation checkpointing), normed."""
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:  # the RNG state is replayed, so dropout draws the same mask again
-                x = checkpoint(block, x, attention_mask, packing, use_reentrant=False)
+                x = checkpoint(block, x, attention_mask, packing, context, use_reentrant=False)
             else:
-                x = block(x, attention_mask, packing)
-        x = self.norm(x)
-        return x if chunk is None else chunk.scatter(x)
+                x = block(x, attention_mask, packing, context)
+        return self.norm(x)
 
     def _forward_split(self, x, attention_mask, cu_seqlens, packing, context: Split) -> torch.Tensor:
         given = {"attention_mask": attention_mask, "cu_seqlens": cu_seqlens, "packing": packing}
@@ -255,14 +257,7 @@ class Backbone(SelfInitialising):
                 f"{what} with context: a model's split rows are whole rows of real tokens"
             )
         check_float_tensor("x", x, "(B, n, dim)")
-        x = self.dropout(self._positions(x, None, context))
-        recompute = self.activation_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute:
-                x = checkpoint(block, x, None, None, context, use_reentrant=False)
-            else:
-                x = block(x, None, None, context)
-        return self.norm(x)
+        return self._layers(self.dropout(self._positions(x, None, context)), None, None, context)
 
     def init_state(self, batch_size: int, capacity: int | None = None) -> BackboneState:
         """Every layer's empty state; ``capacity`` as in ``Mixer.init_state`` (fixed shapes)."""

@@ -309,7 +309,7 @@ def _with_context(world: World, config: TrainConfig) -> World:
     for flag, given in (("--pack", config.pack), ("--compile", config.compile)):
         if given:
             raise InvalidValueError(f"{flag} with --context-parallel: not supported yet")
-    if config.task != "charlm" and config.task not in ("mqar", "induction", "selective-copy"):
+    if config.task not in ("charlm", "mqar", "induction", "selective-copy"):
         raise InvalidValueError(
             f"--context-parallel splits a language model's sequences; task {config.task!r} is not one"
         )
