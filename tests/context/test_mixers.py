@@ -1,8 +1,8 @@
 """Every shipped mixer under a context-parallel group (docs/spec.md §14), gloo with 2 processes: each
 rank's share of the output and of x's gradient, and every parameter's gradient summed over the ranks,
 equal the mixer on the whole sequence (float64, ≤ 1e-9), causal and bidirectional, with padding; RoPE and
-the position biases at the global positions. The all-pairs mixers also under a causal zig-zag split; the
-others refuse it."""
+the position biases at the global positions; AFT-conv on a 2-D grid too. The all-pairs mixers also under a
+causal zig-zag split; the others refuse it."""
 
 from __future__ import annotations
 
@@ -21,24 +21,32 @@ from tokenmix.context import ops as cp_ops
 B, N, DIM = 2, 13, 16
 
 
-def _compare(name: str, causal: bool, masked: bool, order: str = "contiguous") -> None:
+def _compare(
+    name: str,
+    causal: bool,
+    masked: bool,
+    order: str = "contiguous",
+    options: dict | None = None,
+    length: int = N,
+) -> None:
     torch.manual_seed(0)  # the same mixer and inputs on every rank
-    mixer = tokenmix.create_mixer(name, DIM, causal=causal, **SMALL_OPTIONS.get(name, {})).double()
-    x = torch.randn(B, N, DIM, dtype=torch.float64, requires_grad=True)
+    options = SMALL_OPTIONS.get(name, {}) if options is None else options
+    mixer = tokenmix.create_mixer(name, DIM, causal=causal, **options).double()
+    x = torch.randn(B, length, DIM, dtype=torch.float64, requires_grad=True)
     mask = None
     if masked:
-        mask = torch.ones(B, N, dtype=torch.bool)
+        mask = torch.ones(B, length, dtype=torch.bool)
         mask[0, :3], mask[1, 6] = False, False
-    keep = (torch.ones(B, N, dtype=torch.bool) if mask is None else mask)[..., None]
+    keep = (torch.ones(B, length, dtype=torch.bool) if mask is None else mask)[..., None]
     out = mixer(x, mask)
     cotangent = torch.where(keep, torch.randn(out.shape, dtype=torch.float64), 0.0)
     parameters = [p for p in mixer.parameters() if p.requires_grad]
     expected = torch.autograd.grad(out, [x, *parameters], cotangent)
 
-    split = Split.of(N, order=order)
+    split = Split.of(length, order=order)
     local = split.local(x.detach()).requires_grad_()
     got = mixer(local, None if mask is None else split.local(mask), context=split)
-    where = f"{name} causal={causal} masked={masked} {order} rank {split.rank}"
+    where = f"{name} {options} causal={causal} masked={masked} {order} rank {split.rank}"
     here = split.local(keep)
     torch.testing.assert_close(
         torch.where(here, got, 0.0),
@@ -77,6 +85,8 @@ def _worker(rank: int, world: int, store: str) -> None:
             _compare(name, causal, masked)
             if causal and _takes_zigzag(name):  # the all-pairs mixers, balanced when causal
                 _compare(name, causal, masked, "zigzag")
+        for masked in (False, True):  # a 2-D grid of 3 × 5, split mid-row
+            _compare("aft_conv", False, masked, options={"grid": (3, 5), "kernel_size": 3}, length=15)
         _others_refuse_zigzag()
     finally:
         dist.destroy_process_group()

@@ -1,13 +1,15 @@
 """Context-parallel ops (docs/spec.md §14) under gloo with 2 and 4 processes: each rank's outputs and
 every gradient equal the same op on the whole sequence (float64, ≤ 1e-10), causal and bidirectional, with
 padding, at lengths that are multiples of neither the ranks nor the windows, and with windows longer
-than a rank's share (the halo then comes from several ranks). The all-pairs ops also under a zig-zag
-split (each rank two runs of positions), which the others refuse."""
+than a rank's share (the halo then comes from several ranks); 2-D AFT-conv on a grid split mid-row. The
+all-pairs ops also under a zig-zag split (each rank two runs of positions), which the others refuse; AFT's
+exact path (every entry recomputed under its joint maximum) at a context-parallel block's offsets."""
 
 from __future__ import annotations
 
 import functools
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ import torch.multiprocessing as mp
 from tokenmix import functional as F
 from tokenmix.context import Split
 from tokenmix.context import ops as cp
+from tokenmix.functional.aft import common as aft_common
 
 B, H = 2, 2
 
@@ -71,6 +74,11 @@ def _cases():
             lambda randn, n: ([(randn(B, n, 3), 1) for _ in range(4)] + [(randn(B, n, 2), 1)], []),
         ),
         "aft_full": (F.aft_full, cp.aft_full, lambda randn, n: (qkv(randn, n)[0], [randn(n + 2, n + 2)])),
+        "aft_full_lowrank": (
+            lambda q, k, v, u, w_v, **options: F.aft_full(q, k, v, u @ w_v.T, **options),
+            cp.aft_full_lowrank,
+            lambda randn, n: (qkv(randn, n)[0], [randn(n + 1, 2), randn(n + 1, 2)]),
+        ),
         "softmax_attention": (F.softmax_attention, cp.softmax_attention, heads),
         "pointwise_attention": (
             functools.partial(F.pointwise_attention, activation="relu2", alpha=0.5),
@@ -80,11 +88,33 @@ def _cases():
     }
 
 
-ALL_PAIRS = ("aft_full", "softmax_attention", "pointwise_attention")  # also take a zig-zag split
+GRID = (3, 5)  # 15 positions: shares of 8 and 7, or 4, 4, 4, 3, none a whole number of rows
+
+
+def _grid_cases():
+    """2-D AFT-conv on a grid flattened row-major (bidirectional only): kernels reaching 6 and 11 flat
+    positions each side (the second past a share at either world size)."""
+
+    def whole(q, k, v, w, causal, attention_mask):
+        grid = [t.unflatten(1, GRID) for t in (q, k, v)]
+        mask = None if attention_mask is None else attention_mask.unflatten(1, GRID)
+        return F.aft_conv(*grid, w, causal=causal, attention_mask=mask).flatten(1, 2)
+
+    def inputs(kernel):
+        return lambda randn, n: (
+            [(randn(B, n, H, 2), 1), (randn(B, n, H), 1), (randn(B, n, H, 2), 1)],
+            [randn(H, *kernel)],
+        )
+
+    context = functools.partial(cp.aft_conv, grid=GRID)
+    return {f"aft_conv {GRID} K={kx}×{ky}": (whole, context, inputs((kx, ky))) for kx, ky in ((3, 3), (5, 3))}
+
+
+ALL_PAIRS = ("aft_full", "aft_full_lowrank", "softmax_attention", "pointwise_attention")  # also zig-zag
 
 
 def _compare(name, causal, masked, total, generator, order="contiguous"):
-    whole_op, context_op, inputs = _cases()[name]
+    whole_op, context_op, inputs = {**_cases(), **_grid_cases()}[name]
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64)
@@ -121,31 +151,31 @@ def _compare(name, causal, masked, total, generator, order="contiguous"):
             grad = grad.clone()
             dist.all_reduce(grad)
         torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-10, msg=f"{where}: gradient {index}")
-    if causal and name in (
-        "softmax_attention",
-        "pointwise_attention",
-    ):  # a NaN key at the last position reaches no earlier row
+    if causal and name in ALL_PAIRS:  # a NaN key at the last position reaches no earlier row
         poisoned = local[1].detach().clone()
         last = split.ranges[-1][1] == total  # this rank's last row is the sequence's (rank 0's, zig-zag)
         if last:
-            poisoned[:, :, -1] = float("nan")
-        again = context_op(local[0], poisoned, local[2], split, causal=True, attention_mask=local_mask)
-        rows = slice(0, split.length - 1 if last else split.length)
-        assert torch.isfinite(again[:, :, rows]).all() and not (
-            last and torch.isfinite(again[:, :, -1]).all()
-        )
-        torch.testing.assert_close(again[:, :, rows], got[:, :, rows].detach(), msg=where)
+            poisoned.select(dim, -1).fill_(float("nan"))
+        inputs = (local[0], poisoned, local[2], *params)
+        again = context_op(*inputs, split, causal=True, attention_mask=local_mask)
+        rows = split.length - 1 if last else split.length
+        assert torch.isfinite(again.narrow(dim, 0, rows)).all(), where
+        assert not (last and torch.isfinite(again.select(dim, -1)).any()), where
+        torch.testing.assert_close(again.narrow(dim, 0, rows), got.narrow(dim, 0, rows).detach(), msg=where)
 
 
 def _refuses_zigzag(total):
     split = Split.of(total, order="zigzag")
-    for name, (_, context_op, inputs) in _cases().items():
+    for name, (_, context_op, inputs) in {**_cases(), **_grid_cases()}.items():
         if name in ALL_PAIRS:
             continue
+        if name in _grid_cases():
+            total = GRID[0] * GRID[1]
+            split = Split.of(total, order="zigzag")
         sequences, parameters = inputs(torch.randn, total)
         local = [split.local(t, d) for t, d in sequences]
         with pytest.raises(ValueError, match=r"this op takes a contiguous split .* the split is 'zigzag'"):
-            context_op(*local, *parameters, split, causal=True)
+            context_op(*local, *parameters, split, causal=name not in _grid_cases())
 
 
 def _worker(rank: int, world: int, store: str) -> None:
@@ -157,6 +187,13 @@ def _worker(rank: int, world: int, store: str) -> None:
             _compare(*case, torch.Generator().manual_seed(seed))  # the same inputs on every rank
             if case[0] in ALL_PAIRS:
                 _compare(*case, torch.Generator().manual_seed(seed), order="zigzag")
+            if case[0].startswith("aft_full"):  # every entry by the exact path underflowed ones take
+                with mock.patch.dict(aft_common.TINY, {torch.float64: float("inf")}):
+                    _compare(*case, torch.Generator().manual_seed(seed), order="zigzag")
+        for seed, (name, masked) in enumerate(itertools.product(_grid_cases(), (False, True))):
+            _compare(name, False, masked, GRID[0] * GRID[1], torch.Generator().manual_seed(seed))
+            with mock.patch.dict(aft_common.TINY, {torch.float64: float("inf")}):  # every entry exact
+                _compare(name, False, masked, GRID[0] * GRID[1], torch.Generator().manual_seed(seed))
         if world == 4:  # the others refuse a zig-zag split in one line
             _refuses_zigzag(total)
     finally:

@@ -88,7 +88,7 @@ def opcheck_cases():
         # entries flagged.
         "aft_exact_underflowed_fwd": (ops.aft_exact_underflowed_fwd, (
             randn(*bnd), mask[..., None].expand(bnd).clone(), randn(*bnd), randn(*bnd), [randn(11, 11)],
-            "table", 3, 0, True)),
+            "table", 3, 0, True, 2)),
     }  # fmt: skip
 
 

@@ -9,8 +9,9 @@ to the same op on the whole sequence, forward and backward. What each sends is w
 - both (``aft_local``, ``aft_local_lowrank``, ``aft_conv``): the window's keys as a halo, and the keys
   beyond it folded, O(window·d + world·d);
 - all pairs: ``softmax_attention`` and ``pointwise_attention`` by ring attention (``tokenmix.context.ring``:
-  every rank's keys and values pass by, one share at a time), ``aft_full`` from every rank's keys and
-  values gathered (``gather_sequence``). Only these take a zig-zag split (``Split.of(..., order="zigzag")``,
+  every rank's keys and values pass by, one share at a time), ``aft_full`` and ``aft_full_lowrank`` from
+  every rank's keys and values gathered (``gather_sequence``), taken as the op takes them (matmuls over
+  blocks of rows). Only these take a zig-zag split (``Split.of(..., order="zigzag")``,
   balanced when causal); the others refuse it.
 """
 
@@ -21,12 +22,15 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from ..core.checks import check_attention_mask, check_flag, check_float_tensor, compute_dtype
-from ..core.excluded import all_finite, finite_at_padding, finite_part, real_only, reinstate
+from ..core.excluded import all_finite, causal_finite, finite_at_padding, finite_part, real_only, reinstate
 from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
 from ..functional import attention as attention_ops
 from ..functional import conv as conv_ops
-from ..functional.aft.exact import BLOCK_ELEMENTS, finite_shift
+from ..functional.aft.common import check_table, finish, masked_keys, sees_a_key
+from ..functional.aft.exact import BLOCK_ELEMENTS, Bias, finite_shift
+from ..functional.aft.full import row_sums, stacked_terms
+from ..functional.aft.local import windowed
 from ..functional.flash import mixed_chunk_attention as mixed_chunk_attention_op
 from .exchange import Split, gather_sequence, gather_summaries, halo, pad_positions
 from .ring import ring_attention
@@ -34,6 +38,7 @@ from .ring import ring_attention
 __all__ = [
     "aft_conv",
     "aft_full",
+    "aft_full_lowrank",
     "aft_local",
     "aft_local_lowrank",
     "aft_simple",
@@ -238,27 +243,83 @@ def aft_conv(
     *,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """``tokenmix.functional.aft_conv`` (1-D) over a split sequence, as ``aft_local`` here: the kernel's
-    K − 1 (causal) or K // 2 positions each side arrive as a halo, farther keys as folded ones.
+    """``tokenmix.functional.aft_conv`` over a split sequence, as ``aft_local`` here: the keys the kernel
+    reaches arrive as a halo, farther keys as folded ones. In 1-D the kernel reaches K − 1 positions back
+    (causal) or K // 2 each side; on a 2-D ``grid`` (X, Y), flattened row-major and split anywhere, it
+    reaches R = (Kx // 2)·Y + Ky // 2 flat positions each side, and each share's rows take their taps
+    from their global (x, y) (bidirectional only, as the op).
 
     Args:
-        q, v: (B, n, H, D/H). k: (B, n, H). w: (H, K). split, causal, attention_mask: as above.
+        q, v: (B, n, H, D/H). k: (B, n, H). w: (H, K), or (H, Kx, Ky) with ``grid``. split, causal,
+            attention_mask: as above (the mask this rank's (B, n) in both forms).
+        grid: (X, Y) with X·Y = N for the 2-D form (default None: 1-D).
 
     Returns:
         (B, n, H, D/H): this rank's outputs.
     """
-    check_float_tensor("w", w, "(H, K)")
     heads, head_dim = q.shape[2], q.shape[3]
+    if grid is not None:
+        return _aft_conv_grid(q, k, v, w, split, causal, attention_mask, grid)
+    check_float_tensor("w", w, "(H, K)")
     before = w.shape[-1] - 1 if causal else w.shape[-1] // 2
 
     def call(q, k, v, mask, positions):  # channels back to heads; a head's keys are its channels' own
         q, v, k = q.unflatten(-1, (heads, head_dim)), v.unflatten(-1, (heads, head_dim)), k[..., ::head_dim]
         return aft_ops.aft_conv(q, k, v, w, causal=causal, attention_mask=mask).flatten(-2)
 
+    return _by_channels(call, q, k, v, split, causal, attention_mask, before, 0 if causal else before)
+
+
+def _by_channels(call, q, k, v, split: Split, causal, attention_mask, before: int, after: int):
+    """``_windowed`` for AFT-conv's heads: channels flattened, each head's key given to its channels."""
+    heads, head_dim = q.shape[2], q.shape[3]
     flat = (q.flatten(-2), k.repeat_interleave(head_dim, dim=-1), v.flatten(-2))
-    out = _windowed(call, *flat, split, causal, attention_mask, before, 0 if causal else before)
+    out = _windowed(call, *flat, split, causal, attention_mask, before, after)
     return out.unflatten(-1, (heads, head_dim))
+
+
+def _aft_conv_grid(q, k, v, w, split: Split, causal, attention_mask, grid) -> torch.Tensor:
+    """2-D AFT-conv over a split grid: the kernel's taps laid on a band of flat offsets from the global
+    positions (``_grid_band``), the keys within it a halo, those beyond folded (unbiased, as there)."""
+    check_float_tensor("w", w, "(H, Kx, Ky)")
+    if check_flag("causal", causal):
+        raise InvalidValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
+    if w.shape[1] % 2 == 0 or w.shape[2] % 2 == 0:
+        raise InvalidValueError(f"a 2-D kernel needs odd sizes (Kx, Ky), got w of shape {tuple(w.shape)}")
+    if len(grid) != 2 or grid[0] * grid[1] != split.total:
+        raise InvalidValueError(f"grid must be (X, Y) with X·Y = N = {split.total}, got {tuple(grid)}")
+    heads, head_dim = q.shape[2], q.shape[3]
+    reach = (w.shape[1] // 2) * grid[1] + w.shape[2] // 2
+
+    def call(q, k, v, mask, positions):
+        dtype = compute_dtype(q.dtype)
+        band = _grid_band(w.to(dtype), positions, grid[1], reach, split.total)
+        mask = None if mask is None else mask | ~mask.any(1, keepdim=True)  # as the op: none real, all
+        keys = masked_keys(k[..., ::head_dim].to(dtype), mask)[..., None]  # (B, L, H, 1)
+        queries, values = (x.unflatten(-1, (heads, head_dim)).to(dtype) for x in (q, v))
+        bias = Bias("band", (band,), (head_dim,))
+        return windowed(queries, keys, values, band, reach + 1, False, mask, bias).to(q.dtype)
+
+    return _by_channels(call, q, k, v, split, False, attention_mask, reach, reach)
+
+
+def _grid_band(w: torch.Tensor, positions: torch.Tensor, size_y: int, reach: int, total: int) -> torch.Tensor:
+    """(L, H, 2R + 1): a 2-D kernel w (H, Kx, Ky) on the flat offsets j ∈ [−R, R] of rows at global
+    ``positions`` (L,) of a grid ``size_y`` wide: the tap where the key lies in the grid within the
+    kernel, 0 (unbiased) elsewhere, −inf where t + j falls outside the L positions."""
+    offsets = torch.arange(-reach, reach + 1, device=w.device)
+    keys = positions[:, None] + offsets  # global
+    centre_x, centre_y = w.shape[1] // 2, w.shape[2] // 2
+    dx = keys.div(size_y, rounding_mode="floor") - positions.div(size_y, rounding_mode="floor")[:, None]
+    dy = keys.remainder(size_y) - positions.remainder(size_y)[:, None]
+    inside = (dx.abs() <= centre_x) & (dy.abs() <= centre_y) & (keys >= 0) & (keys < total)
+    taps = w[:, (dx + centre_x).clamp(0, 2 * centre_x), (dy + centre_y).clamp(0, 2 * centre_y)]  # (H, L, J)
+    band = torch.where(inside[None], taps, torch.zeros((), dtype=w.dtype)).permute(1, 0, 2)
+    index = torch.arange(len(positions), device=w.device)[:, None] + offsets
+    exists = (index >= 0) & (index < len(positions))
+    return band.masked_fill(~exists[:, None, :], float("-inf"))
 
 
 def _windowed(call, q, k, v, split: Split, causal, attention_mask, before: int, after: int):
@@ -409,57 +470,90 @@ def aft_full(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``tokenmix.functional.aft_full`` over a split sequence: every rank's keys and values are gathered
-    (O(N·d) per rank) and this rank's queries take them with the rows of w at their global positions,
-    through the op's cached form (every (row, channel) under the joint maximum of its own terms).
+    (O(N·d) per rank) and this rank's queries take them as the op does, in checkpointed blocks of rows
+    whose biases are w's rows at their global positions (exp(w − max_row w) @ [e^k ⊙ v, e^k], underflowed
+    entries recomputed under their joint maximum).
 
     Args:
         q, k, v: (B, n, D), this rank's positions. w: (N_max, N_max), N ≤ N_max, the same on every rank.
-        split: the sequence's split. causal, attention_mask: as for the op, the mask this rank's (B, n).
+        split: the sequence's split (contiguous or zig-zag). causal, attention_mask: as for the op, the
+            mask this rank's (B, n) (default False, None).
 
     Returns:
         (B, n, D): this rank's outputs.
     """
     check_float_tensor("w", w, "(N_max, N_max)")
-    end = split.end if check_flag("causal", causal) else split.total
-    rows = split.local(w, 0, "w")[:, :end]
-    return aft_full_rows(q, k, v, rows, split, causal=causal, attention_mask=attention_mask)
+    check_table(w, split.total)
+
+    def rows(start: int, stop: int, end: int) -> torch.Tensor:
+        return w[start:stop, :end]
+
+    return _aft_full_blocks(q, k, v, rows, split, causal, attention_mask)
 
 
-def aft_full_rows(
+def aft_full_lowrank(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rows: torch.Tensor,
+    u: torch.Tensor,
+    w_v: torch.Tensor,
     split: Split,
     *,
     causal: bool = False,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``aft_full`` here, given only this rank's rows of w: ``rows`` (n, L) = split.local(w, 0)[:, :L], L
-    the positions its queries see (``split.end`` when causal, N otherwise) — what a mixer with factored
-    biases forms, never the N × N table."""
+    """``aft_full`` here with factored biases w = u w_vᵀ (the ``aft_full`` mixer's): each block of rows
+    forms its own rows of w from the factors (rows × keys), never the N × N table.
+
+    Args:
+        u, w_v: (N_max, rank), N ≤ N_max, the same on every rank. The rest as for ``aft_full`` here.
+    """
+    check_float_tensor("u", u, "(N_max, rank)")
+    check_float_tensor("w_v", w_v, "(N_max, rank)")
+    if u.shape != w_v.shape or u.shape[0] < split.total:
+        raise InvalidValueError(
+            f"u and w_v must both be (N_max, rank) with N_max ≥ N = {split.total}, got {tuple(u.shape)} "
+            f"and {tuple(w_v.shape)}"
+        )
+    return _aft_full_blocks(
+        q, k, v, lambda start, stop, end: u[start:stop] @ w_v[:end].T, split, causal, attention_mask
+    )
+
+
+def _aft_full_blocks(q, k, v, bias, split: Split, causal, attention_mask) -> torch.Tensor:
+    """AFT-full of this rank's queries over the gathered keys; ``bias(start, stop, end)`` gives the rows
+    [start, stop) of w over keys [0, end). A causal non-finite key or value is selected away and NaN put
+    back on the (row, channel) entries at or after it, as the op does."""
     check_float_tensor("q", q, "(B, n, D)")
     mask = _local_mask(split, q, attention_mask, all_pairs=True)
     causal = check_flag("causal", causal)
     end = split.end if causal else split.total
-    if tuple(rows.shape) != (split.length, end):
-        raise InvalidValueError(
-            f"rows must have shape (n, L) = {(split.length, end)}, got {tuple(rows.shape)}"
-        )
     keys, values, real = _gathered_keys(k, v, mask, split, end, dim=1)
+    seen = None
+    if causal:
+        keys, values, seen = causal_finite(keys, values, 1, key_channels=True)
+        seen = None if seen is None else split.local(seen, 1)
+    dtype = compute_dtype(q.dtype)
+    keys, values = masked_keys(keys.to(dtype), real), values.to(dtype)
+    sees = sees_a_key(real, q.shape[0], end, causal, q.device)
+    stacked = None if causal else stacked_terms(keys, values)  # every block sees every key
     q = finite_at_padding(q, mask, 1)
 
-    def block_rows(q_rows, stop, first):  # the block's rows of w, over the first ``stop`` keys when causal
-        keys_end = stop if causal else end
-        bias = rows[first : first + q_rows.shape[1], :keys_end].expand(q.shape[0], -1, -1)
-        mask_end = None if real is None else real[:, :keys_end]
-        return aft_ops.aft_full_cached(
-            q_rows, keys[:, :keys_end], values[:, :keys_end], bias, key_mask=mask_end, causal=causal
-        ).to(q.dtype)
+    def block_rows(q_rows, stop, first):  # rows [stop − count, stop), over the keys before ``stop`` if causal
+        start, keys_end = stop - q_rows.shape[1], stop if causal else end
+        terms = stacked_terms(keys[:, :keys_end], values[:, :keys_end]) if causal else stacked
+        rows = bias(start, stop, keys_end).to(dtype)
+        at = torch.arange(start, stop, device=q.device) if causal else None
+        num, den = row_sums(rows, terms, None if real is None else real[:, :keys_end], at).chunk(2, -1)
+        out = finish(
+            q_rows.to(dtype), num, den, sees[:, start:stop], keys[:, :keys_end], values[:, :keys_end],
+            Bias("table", (rows,)), causal, row_offset=start,
+        )  # fmt: skip
+        return out.to(q.dtype)
 
-    # A row of AFT-full's terms is (N × D), not N: as many rows a block as the op's own blocks hold.
-    block = max(1, BLOCK_ELEMENTS // max(1, q.shape[0] * end * q.shape[-1]))
-    return _in_row_blocks(block_rows, q, split, dim=1, block=min(block, ROW_BLOCK))
+    # As many rows a block as the op's own blocks hold (rows × keys scores), at most ROW_BLOCK.
+    block = max(1, min(ROW_BLOCK, BLOCK_ELEMENTS // max(1, q.shape[0] * end)))
+    return reinstate(_in_row_blocks(block_rows, q, split, dim=1, block=block), seen)
 
 
 def _gathered_keys(k, v, mask, split: Split, end: int, dim: int):

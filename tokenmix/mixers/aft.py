@@ -17,7 +17,7 @@ from ..context import ops as context_ops
 from ..core.checks import check_positive_int, check_real
 from ..core.chunks import Compacted
 from ..core.packing import Packing
-from ..errors import InvalidValueError, UnavailableError
+from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
 from ..init import SelfInitialising
 from .base import Mixer
@@ -172,9 +172,10 @@ class AFTFull(AFTMixer):
     split_orders = ("contiguous", "zigzag")
 
     def context_op(self, q, k, v, split, **options):
-        end = split.end if self.causal else split.total  # only this rank's rows of w, never N × N
-        rows = torch.cat([self.bias.rows(slice(a, b), slice(0, end)) for a, b in split.ranges])
-        return context_ops.aft_full_rows(q, k, v, rows, split, **options)
+        if self.bias.rank is None:
+            return context_ops.aft_full(q, k, v, self.bias.table, split, **options)
+        # Each block of rows forms its rows of w from the factors: never N × N, nor n × N at once.
+        return context_ops.aft_full_lowrank(q, k, v, self.bias.u, self.bias.v, split, **options)
 
     def mix_continued(self, q, k, v, state, chunk):
         positions = state.positions[:, None] + torch.arange(k.shape[1], device=k.device)
@@ -369,9 +370,9 @@ class AFTConv(AFTMixer):
         return self._mix_grid(q, k, v, attention_mask, packing)
 
     def context_op(self, q, k, v, split, **options):
-        if self.grid is not None:
-            raise UnavailableError("aft_conv on a 2-D grid has no context-parallel form (a ViT's patches)")
-        out = context_ops.aft_conv(self._heads(q), k, self._heads(v), self.weight(), split, **options)
+        out = context_ops.aft_conv(
+            self._heads(q), k, self._heads(v), self.weight(), split, grid=self.grid, **options
+        )
         return out.flatten(-2)
 
     def _mix_grid(self, q, k, v, attention_mask, packing):

@@ -82,13 +82,16 @@ def finish(
     values: torch.Tensor,
     bias: Bias,
     causal: bool,
+    row_offset: int = 0,
 ) -> torch.Tensor:
-    """σ(q) ⊙ num/den, with underflowed denominators recomputed exactly and key-less rows set to 0."""
+    """σ(q) ⊙ num/den, with underflowed denominators recomputed exactly and key-less rows set to 0
+    (rows at positions ``row_offset`` onwards: see ``exact``)."""
     flagged = (den < TINY[den.dtype]) & sees_a_key
     # Entries that are flagged or see no key divide by 1, selected (not multiplied) away: their tiny or
     # zero den would give the backward num/den² = inf, and inf·0 = NaN in the gradients of k, v and w.
     ratio = num / torch.where(flagged | ~sees_a_key, torch.ones_like(den), den)
-    return torch.sigmoid(q) * recompute_underflowed(ratio, flagged, keys, values, bias, causal)
+    exact_ratio = recompute_underflowed(ratio, flagged, keys, values, bias, causal, row_offset)
+    return torch.sigmoid(q) * exact_ratio
 
 
 def sees_a_key(mask: torch.Tensor | None, batch: int, seq_len: int, causal: bool, device) -> torch.Tensor:

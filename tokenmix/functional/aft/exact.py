@@ -36,7 +36,10 @@ class Bias(NamedTuple):
     - "conv": the tap w[h, t' − t + centre] of head h = channel // head_dim inside the kernel, else 0
       (``tensors[0]`` (H, K), ``sizes`` = (head_dim, centre));
     - "conv2d": the same on a grid ``size_y`` wide, flattened row-major (``tensors[0]`` (H, Kx, Ky), odd
-      sizes, centred; ``sizes`` = (head_dim, size_y))."""
+      sizes, centred; ``sizes`` = (head_dim, size_y));
+    - "band": w_{t,t+j} = ``tensors[0]``[t, h, j + R] for |j| ≤ R, 0 farther (``tensors[0]`` (N, H, 2R + 1),
+      h = channel // ``sizes[0]``): any biases given on a band, as a context-parallel share's 2-D
+      AFT-conv gives its rows' taps at their global positions."""
 
     kind: str
     tensors: tuple[torch.Tensor, ...] = ()
@@ -46,40 +49,58 @@ class Bias(NamedTuple):
 NO_BIAS = Bias("none")
 
 
-def bias_rows(bias: Bias, seq_len: int, rows: torch.Tensor, channels: torch.Tensor) -> torch.Tensor | None:
-    """(M, N): the biases of rows ``rows`` (M,) for channels ``channels`` (M,); None for "none"."""
+def bias_rows(
+    bias: Bias, seq_len: int, rows: torch.Tensor, channels: torch.Tensor, row_offset: int = 0
+) -> torch.Tensor | None:
+    """(M, N): the biases of rows ``rows`` (M,) for channels ``channels`` (M,); None for "none". A table's
+    rows are looked up at ``rows``; distances are taken from ``rows + row_offset``, the rows' positions
+    (a context-parallel block's table holds only its own rows)."""
     if bias.kind == "none":
         return None
     positions = torch.arange(seq_len, device=rows.device)
+    at = rows + row_offset
     if bias.kind in ("table", "lowrank"):
         full = bias.tensors[0][rows] if bias.kind == "table" else bias.tensors[0][rows] @ bias.tensors[1].T
         window = bias.sizes[0] if bias.sizes else 0
         if not window:
             return full
-        near = (positions[None, :] - rows[:, None]).abs() < window
+        near = (positions[None, :] - at[:, None]).abs() < window
         return torch.where(near, full, torch.zeros_like(full))
+    if bias.kind == "band":
+        (band,), head_dim, reach = bias.tensors, bias.sizes[0], bias.tensors[0].shape[-1] // 2
+        columns = at[:, None] + torch.arange(-reach, reach + 1, device=rows.device)  # (M, 2R + 1)
+        inside = (columns >= 0) & (columns < seq_len)
+        taps = torch.where(inside, band[rows, channels // head_dim], torch.zeros((), dtype=band.dtype))
+        full = torch.zeros(len(rows), seq_len, dtype=band.dtype, device=rows.device)
+        return full.scatter_add(1, columns.clamp(0, seq_len - 1), taps)  # outside: adds 0
     (w,), (head_dim, extent) = bias.tensors, bias.sizes
     if bias.kind == "conv":
         kernels, kernel_size = w[channels // head_dim], w.shape[1]  # (M, K)
-        taps = positions[None, :] - rows[:, None] + extent  # (M, N): the kernel index of each key
+        taps = positions[None, :] - at[:, None] + extent  # (M, N): the kernel index of each key
         near = (taps >= 0) & (taps < kernel_size)
         return torch.where(
             near, kernels.gather(1, taps.clamp(0, kernel_size - 1)), torch.zeros_like(kernels[:, :1])
         )
     kernel_x, kernel_y = w.shape[1:]
-    dx = positions[None, :] // extent - (rows // extent)[:, None] + kernel_x // 2
-    dy = positions[None, :] % extent - (rows % extent)[:, None] + kernel_y // 2
+    dx = positions[None, :] // extent - (at // extent)[:, None] + kernel_x // 2
+    dy = positions[None, :] % extent - (at % extent)[:, None] + kernel_y // 2
     inside = (dx >= 0) & (dx < kernel_x) & (dy >= 0) & (dy < kernel_y)
     taps = w[(channels // head_dim)[:, None], dx.clamp(0, kernel_x - 1), dy.clamp(0, kernel_y - 1)]
     return torch.where(inside, taps, torch.zeros_like(taps))
 
 
 def exact(
-    keys: torch.Tensor, values: torch.Tensor, bias: Bias, causal: bool, flagged: torch.Tensor
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: Bias,
+    causal: bool,
+    flagged: torch.Tensor,
+    row_offset: int = 0,
 ) -> torch.Tensor:
     """Σ exp(s) v / Σ exp(s) with s_{t'} = k_{t'} + w_{t,t'} over row t's visible keys, with the joint
-    maximum of s subtracted, for each flagged (b, t, d) of the (B, N, D) boolean ``flagged``, in the
-    order of ``flagged.nonzero()``. keys, values: (B, N, D); padded keys are −inf."""
+    maximum of s subtracted, for each flagged (b, t, d) of the (B, T, D) boolean ``flagged``, in the
+    order of ``flagged.nonzero()``. keys, values: (B, L, D); padded keys are −inf. Row t sits at
+    position t + ``row_offset`` (0: the rows are the keys' own positions)."""
     batch_idx, row_idx, channel_idx = flagged.nonzero(as_tuple=True)
     seq_len = keys.shape[1]
     positions = torch.arange(seq_len, device=keys.device)
@@ -88,11 +109,11 @@ def exact(
     for start in range(0, len(batch_idx), step):
         b, t, d = (idx[start : start + step] for idx in (batch_idx, row_idx, channel_idx))
         scores = keys[b, :, d]  # (M, N)
-        rows = bias_rows(bias, seq_len, t, d)
+        rows = bias_rows(bias, seq_len, t, d, row_offset)
         if rows is not None:
             scores = scores + rows
         if causal:
-            scores = scores.masked_fill(positions[None, :] > t[:, None], float("-inf"))
+            scores = scores.masked_fill(positions[None, :] > t[:, None] + row_offset, float("-inf"))
         weights = torch.exp(scores - finite_shift(scores.amax(-1, keepdim=True)))
         terms = torch.where(scores == float("-inf"), torch.zeros_like(weights), weights * values[b, :, d])
         ratios.append(terms.sum(-1) / weights.sum(-1))
@@ -106,15 +127,17 @@ def recompute_underflowed(
     values: torch.Tensor,
     bias: Bias,
     causal: bool,
+    row_offset: int = 0,
 ) -> torch.Tensor:
-    """``ratio`` (B, N, D) with its ``flagged`` entries replaced by ``exact``'s."""
+    """``ratio`` (B, T, D) with its ``flagged`` entries replaced by ``exact``'s."""
     if torch.compiler.is_compiling():
         sizes = (*bias.sizes, 0, 0)[:2]  # ints, not a list: the op's backward returns None for each
         return aft_exact_underflowed_fwd(
-            ratio, flagged, keys, values, list(bias.tensors), bias.kind, *sizes, causal
+            ratio, flagged, keys, values, list(bias.tensors), bias.kind, *sizes, causal, row_offset
         )
     if flagged.device.type != "meta" and bool(flagged.any()):  # meta tensors: shapes only, no values
-        return ratio.index_put(flagged.nonzero(as_tuple=True), exact(keys, values, bias, causal, flagged))
+        exact_ratios = exact(keys, values, bias, causal, flagged, row_offset)
+        return ratio.index_put(flagged.nonzero(as_tuple=True), exact_ratios)
     return ratio
 
 
@@ -129,17 +152,19 @@ def aft_exact_underflowed_fwd(
     size_a: int,
     size_b: int,
     causal: bool,
+    row_offset: int,
 ) -> torch.Tensor:
     """``recompute_underflowed`` as one op (see the module's docstring); size_a, size_b: the bias's
     sizes, 0 where it has fewer."""
     if not bool(flagged.any()):
         return ratio.clone()
     bias = Bias(kind, tuple(bias_tensors), (size_a, size_b))
-    return ratio.index_put(flagged.nonzero(as_tuple=True), exact(keys, values, bias, causal, flagged))
+    exact_ratios = exact(keys, values, bias, causal, flagged, row_offset)
+    return ratio.index_put(flagged.nonzero(as_tuple=True), exact_ratios)
 
 
 @aft_exact_underflowed_fwd.register_fake
-def _(ratio, flagged, keys, values, bias_tensors, kind, size_a, size_b, causal):
+def _(ratio, flagged, keys, values, bias_tensors, kind, size_a, size_b, causal, row_offset):
     return torch.empty_like(ratio)
 
 
@@ -154,6 +179,7 @@ def aft_exact_underflowed_bwd(
     size_a: int,
     size_b: int,
     causal: bool,
+    row_offset: int,
 ) -> list[torch.Tensor]:
     """The gradients of ``aft_exact_underflowed_fwd`` w.r.t. ratio, keys, values and the bias tensors: grad
     with the flagged entries zeroed, and the exact values' by replaying them under autograd."""
@@ -163,7 +189,7 @@ def aft_exact_underflowed_bwd(
         return [grad_ratio, *(torch.zeros_like(t) for t in inputs)]
 
     def recompute(keys, values, *tensors):
-        return exact(keys, values, Bias(kind, tensors, (size_a, size_b)), causal, flagged)
+        return exact(keys, values, Bias(kind, tensors, (size_a, size_b)), causal, flagged, row_offset)
 
     # torch.func's vjp: a custom op's body runs below PyTorch's autograd, which would record nothing.
     _, vjp = torch.func.vjp(recompute, *inputs)
@@ -171,7 +197,7 @@ def aft_exact_underflowed_bwd(
 
 
 @aft_exact_underflowed_bwd.register_fake
-def _(grad, flagged, keys, values, bias_tensors, kind, size_a, size_b, causal):
+def _(grad, flagged, keys, values, bias_tensors, kind, size_a, size_b, causal, row_offset):
     return [torch.empty_like(grad), torch.empty_like(keys), torch.empty_like(values)] + [
         torch.empty_like(t) for t in bias_tensors
     ]
@@ -188,7 +214,7 @@ def _backward(ctx, grad):
     grad_ratio, grad_keys, grad_values, *grad_bias = aft_exact_underflowed_bwd(
         grad, flagged, keys, values, bias_tensors, *ctx.options
     )
-    return grad_ratio, None, grad_keys, grad_values, grad_bias, None, None, None, None
+    return grad_ratio, None, grad_keys, grad_values, grad_bias, None, None, None, None, None
 
 
 aft_exact_underflowed_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -88,18 +88,33 @@ def _aft_full(q, k, v, w, mask, causal: bool, packing: Packing | None = None) ->
         end = min(seq_len, start + rows)
         key_end = end if causal else seq_len
         if causal or not blocks:  # causal blocks see a growing prefix: its own key maximum
-            visible_keys = keys[:, :key_end]
-            exp_keys = torch.exp(visible_keys - finite_shift(visible_keys.amax(1, keepdim=True)))
-            # Numerator and denominator in one matmul: [exp(k) ⊙ v, exp(k)].
-            stacked = torch.cat((exp_keys * v[:, :key_end], exp_keys), dim=-1)
+            stacked = stacked_terms(keys[:, :key_end], v[:, :key_end])
+        key_mask = None if mask is None else mask[:, :key_end]
         bias = w[start:end, :key_end]
-        if mask is not None:
-            bias = bias.masked_fill(~mask[:, None, :key_end], float("-inf"))
-        if causal:
-            bias = bias.masked_fill(positions[start:end, None] < positions[None, :key_end], float("-inf"))
-        exp_bias = torch.exp(bias - finite_shift(bias.amax(-1, keepdim=True)))  # (B or 1, rows, keys)
-        blocks.append(torch.matmul(exp_bias, stacked))
+        blocks.append(row_sums(bias, stacked, key_mask, positions[start:end] if causal else None))
     num, den = torch.cat(blocks, 1).chunk(2, dim=-1)
     sees = sees_a_key(mask, batch, seq_len, causal, q.device)
 
     return finish(q, num, den, sees, keys, v, Bias("table", (w,)), causal).to(out_dtype)
+
+
+def stacked_terms(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """[exp(k − max k) ⊙ v, exp(k − max k)] (B, L, 2D), the maximum per channel over the L keys (−inf at
+    padding): numerator and denominator of every row in one matmul."""
+    exp_keys = torch.exp(keys - finite_shift(keys.amax(1, keepdim=True)))
+    return torch.cat((exp_keys * values, exp_keys), dim=-1)
+
+
+def row_sums(
+    bias: torch.Tensor, stacked: torch.Tensor, key_mask: torch.Tensor | None, rows_at: torch.Tensor | None
+) -> torch.Tensor:
+    """(B, T, 2D): exp(w − max_row w) @ ``stacked`` for T rows of biases ``bias`` (T, L) over the L keys
+    of ``stacked`` (``stacked_terms``), padded keys (``key_mask`` (B, L) False) and, when ``rows_at`` (T,)
+    gives the rows' positions, keys after a row's own selected away."""
+    if key_mask is not None:
+        bias = bias.masked_fill(~key_mask[:, None, :], float("-inf"))
+    if rows_at is not None:
+        later = rows_at[:, None] < torch.arange(bias.shape[-1], device=bias.device)
+        bias = bias.masked_fill(later, float("-inf"))
+    exp_bias = torch.exp(bias - finite_shift(bias.amax(-1, keepdim=True)))  # (B or 1, rows, keys)
+    return torch.matmul(exp_bias, stacked)
