@@ -10,11 +10,13 @@ from typing import Any
 from .report import (
     HIGHER_IS_BETTER,
     LABELS,
+    OFF_BUDGET,
     RULE,
     _pyplot,
     below_floor,
     like_the_control,
     machine_text,
+    off_budget,
     ranking,
     tied_with_best,
     write_pages,
@@ -55,7 +57,8 @@ def _level(record: dict[str, Any], key: str) -> str:
 
 
 def task_lines(result: dict[str, Any]) -> list[str]:
-    """Per task: the best mixer and those the data cannot separate from it, or that one seed cannot."""
+    """Per task: the best mixer and those the data cannot separate from it, or that one seed cannot; the
+    runs trained off their time budget; the mixers like the control or not above the floor."""
     lines = []
     for name, record in result["tasks"].items():
         order, tied = ranking(record), tied_with_best(record)
@@ -74,6 +77,13 @@ def task_lines(result: dict[str, Any]) -> list[str]:
         )
         lines.append(f"{name}: best **{best}** ({value}{chance}), {apart}.")
     for name, record in result["tasks"].items():
+        off = off_budget(record)
+        if off:
+            lines.append(
+                f"{name}: trained for another time than the budget (over {OFF_BUDGET * 100:g} % off: the "
+                f"machine's load changed after the steps were set): {', '.join(off)}; their values are not "
+                f"the budget's."
+            )
         alike = like_the_control(record)
         if alike:
             lines.append(f"{name}: {', '.join(alike)} not told apart from the control (identity, no mixing).")
