@@ -164,6 +164,30 @@ def _compare(name, causal, masked, total, generator, order="contiguous"):
         torch.testing.assert_close(again.narrow(dim, 0, rows), got.narrow(dim, 0, rows).detach(), msg=where)
 
 
+def _poisoned(name, causal, total, generator, order="contiguous"):
+    """An op with one input NaN at one position mid-sequence (each input in turn): the same entries NaN
+    as the op on the whole sequence, and the others' values equal — a NaN reaches only the rows that see
+    it, across ranks too."""
+    whole_op, context_op, inputs = _cases()[name]
+    sequences, parameters = inputs(
+        lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64), total
+    )
+    split = Split.of(total, order=order)
+    for index, (_, dim) in enumerate(sequences):
+        for position in (total // 2, total - 3):
+            poisoned = [t.clone() for t, _ in sequences]
+            entry = (0,) * dim + (position,) + (0,) * (poisoned[index].dim() - dim - 1)
+            poisoned[index][entry] = float("nan")  # one entry: a channel, a head, a tap
+            want = split.local(whole_op(*poisoned, *parameters, causal=causal), dim)
+            local = [split.local(t, d) for t, (_, d) in zip(poisoned, sequences, strict=True)]
+            got = context_op(*local, *parameters, split, causal=causal)
+            where = f"{name} causal={causal}: input {index} NaN at {position}, {order}, rank {split.rank}"
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), where
+            torch.testing.assert_close(
+                got.nan_to_num(0.0), want.nan_to_num(0.0), rtol=1e-10, atol=1e-10, msg=where
+            )
+
+
 def _refuses_zigzag(total):
     split = Split.of(total, order="zigzag")
     for name, (_, context_op, inputs) in {**_cases(), **_grid_cases()}.items():
@@ -190,6 +214,8 @@ def _worker(rank: int, world: int, store: str) -> None:
             if case[0].startswith("aft_full"):  # every entry by the exact path underflowed ones take
                 with mock.patch.dict(aft_common.TINY, {torch.float64: float("inf")}):
                     _compare(*case, torch.Generator().manual_seed(seed), order="zigzag")
+        for seed, (name, causal) in enumerate(itertools.product(_cases(), (True, False))):
+            _poisoned(name, causal, total, torch.Generator().manual_seed(seed))
         for seed, (name, masked) in enumerate(itertools.product(_grid_cases(), (False, True))):
             _compare(name, False, masked, GRID[0] * GRID[1], torch.Generator().manual_seed(seed))
             with mock.patch.dict(aft_common.TINY, {torch.float64: float("inf")}):  # every entry exact

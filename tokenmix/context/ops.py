@@ -158,19 +158,27 @@ def aft_simple(
 
 def _folded(summaries: torch.Tensor, selected: torch.Tensor):
     """The (max, numerator, denominator) of the ranks ``selected`` (R,) selects among ``summaries``
-    (R, 3, B, D), as one key and value per channel, and per row whether any of them saw a key."""
+    (R, 3, B, D), as one key and value per channel, and per row whether any of them saw a key. A
+    channel where a selected rank saw a non-finite key (a NaN or +inf maximum) folds to a NaN key and
+    value, one where it saw only a non-finite value to a NaN value, so that it reaches the rows that see
+    those keys, as in the op."""
     maxima = summaries[:, 0]
+    bad_key = torch.isnan(maxima) | (maxima == float("inf")) | ~torch.isfinite(summaries[:, 2])
+    bad_value = bad_key | ~torch.isfinite(summaries[:, 1])
+    bad_key, poisoned = ((selected[:, None, None] & bad).any(0) for bad in (bad_key, bad_value))  # (B, D)
     counted = selected[:, None, None] & torch.isfinite(maxima)
     floor = torch.full((), float("-inf"), dtype=maxima.dtype, device=maxima.device)
     shift = finite_shift(torch.where(counted, maxima, floor).amax(0).detach())  # the sums are invariant to it
     zero = torch.zeros((), dtype=maxima.dtype, device=maxima.device)
     scale = torch.where(counted, torch.exp(torch.where(counted, maxima, shift) - shift), zero)
-    numerator, denominator = (scale * summaries[:, 1]).sum(0), (scale * summaries[:, 2]).sum(0)
+    # Ranks not counted are selected away, not multiplied by 0 (0 · NaN is NaN).
+    numerator, denominator = (torch.where(counted, scale * summaries[:, i], zero).sum(0) for i in (1, 2))
     seen = denominator > 0
     safe = torch.where(seen, denominator, torch.ones_like(denominator))
-    key = torch.where(seen, shift + torch.log(safe), zero)
-    value = torch.where(seen, numerator / safe, zero)
-    return key, value, seen.any(-1)
+    nan = torch.full((), float("nan"), dtype=maxima.dtype, device=maxima.device)
+    key = torch.where(bad_key, nan, torch.where(seen, shift + torch.log(safe), zero))
+    value = torch.where(poisoned, nan, torch.where(seen, numerator / safe, zero))
+    return key, value, (seen | poisoned).any(-1)
 
 
 def aft_local(
@@ -433,8 +441,10 @@ def mixed_chunk_attention(
     sums = torch.einsum("bcns,bcne->bcse", keys, values)  # (B, chunks, S, E)
     counts = pad_positions(wide_real.to(dtype), 1, 0, pad).unflatten(1, (-1, size)).sum(2)
     if causal:  # the chunks before each one: those before this rank's first, then this rank's before it
-        sums = state[:, None] + sums.cumsum(1) - sums
-        counts = count[:, None] + counts.cumsum(1) - counts
+        # Exclusive prefix sums by a shift, not cumsum − own: a NaN in a chunk must not reach its own
+        # rows through NaN − NaN.
+        sums = state[:, None] + pad_positions(sums.cumsum(1), 1, 1, 0)[:, :-1]
+        counts = count[:, None] + pad_positions(counts.cumsum(1), 1, 1, 0)[:, :-1]
     else:  # every real position of the sequence
         sums, counts = state[:, None].expand_as(sums), count[:, None].expand_as(counts)
     linear = (queries @ (sums / counts.clamp_min(1)[..., None, None])).flatten(1, 2)
@@ -615,19 +625,24 @@ def pointwise_attention(
 def _ring_pairs(q, k, v, split, causal, attention_mask, *, scale, **options) -> torch.Tensor:
     """This rank's queries over every rank's keys and values, passed round the ring. Non-finite keys and
     values are selected away as the op does: computed with finite ones, NaN put back on the rows that
-    see them (a causal row: those at or before it; ``_first_non_finite``)."""
+    see them (a causal row: the keys at or before it, ``_first_non_finite``; a bidirectional one: all),
+    and on a real row whose own query is not finite (the fused kernel would not say so)."""
     sizes = attention_ops._check_qkv(q, k, v)
     mask = _local_mask(split, q, attention_mask, dim=2, all_pairs=True)
     causal = check_flag("causal", causal)
     scale = attention_ops._default_scale(scale, sizes["K"])
     k, v = real_only(k, mask, 2), real_only(v, mask, 2)
-    seen = None
-    if causal and _non_finite_anywhere(k, v, split):
+    seen = ~torch.isfinite(q).all(-1, keepdim=True)  # (B, H, n, 1): a query reaches its own row only
+    if mask is not None:
+        seen = seen & mask[:, None, :, None]  # a padded row is unspecified, and finite
+    if _non_finite_anywhere(k, v, split):
         (k, bad_keys), (v, bad_values) = finite_part(k), finite_part(v)
         first_key = _first_non_finite(bad_keys.any(-1, keepdim=True), split)  # a key enters every channel
         first_value = _first_non_finite(bad_values, split)
         rows = split.positions(q.device)[:, None]
-        seen = (rows >= first_key[:, :, None]) | (rows >= first_value[:, :, None])
+        if not causal:  # every row sees every key: as if each row were the sequence's last
+            rows = torch.full_like(rows, split.total - 1)
+        seen = seen | (rows >= first_key[:, :, None]) | (rows >= first_value[:, :, None])
     q = finite_at_padding(q, mask, 2)
     out = ring_attention(
         q, k, v, split, causal=causal, key_mask=mask, scale=scale, block=ROW_BLOCK, **options
