@@ -21,14 +21,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from ..core.checks import check_attention_mask, check_flag, check_float_tensor, compute_dtype
+from ..core.checks import check_attention_mask, check_dims, check_flag, check_float_tensor, compute_dtype
 from ..core.excluded import all_finite, causal_finite, finite_at_padding, finite_part, real_only, reinstate
 from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
 from ..functional import attention as attention_ops
 from ..functional import conv as conv_ops
 from ..functional.aft.common import check_table, finish, masked_keys, sees_a_key
-from ..functional.aft.exact import BLOCK_ELEMENTS, Bias, finite_shift
+from ..functional.aft.conv import check_grid_kernel
+from ..functional.aft.exact import BLOCK_ELEMENTS, Bias, finite_shift, grid_taps
 from ..functional.aft.full import row_sums, stacked_terms
 from ..functional.aft.local import windowed
 from ..functional.flash import mixed_chunk_attention as mixed_chunk_attention_op
@@ -165,7 +166,7 @@ def _folded(summaries: torch.Tensor, selected: torch.Tensor):
     maxima = summaries[:, 0]
     bad_key = torch.isnan(maxima) | (maxima == float("inf")) | ~torch.isfinite(summaries[:, 2])
     bad_value = bad_key | ~torch.isfinite(summaries[:, 1])
-    bad_key, poisoned = ((selected[:, None, None] & bad).any(0) for bad in (bad_key, bad_value))  # (B, D)
+    nan_key, nan_value = ((selected[:, None, None] & bad).any(0) for bad in (bad_key, bad_value))  # (B, D)
     counted = selected[:, None, None] & torch.isfinite(maxima)
     floor = torch.full((), float("-inf"), dtype=maxima.dtype, device=maxima.device)
     shift = finite_shift(torch.where(counted, maxima, floor).amax(0).detach())  # the sums are invariant to it
@@ -176,9 +177,9 @@ def _folded(summaries: torch.Tensor, selected: torch.Tensor):
     seen = denominator > 0
     safe = torch.where(seen, denominator, torch.ones_like(denominator))
     nan = torch.full((), float("nan"), dtype=maxima.dtype, device=maxima.device)
-    key = torch.where(bad_key, nan, torch.where(seen, shift + torch.log(safe), zero))
-    value = torch.where(poisoned, nan, torch.where(seen, numerator / safe, zero))
-    return key, value, (seen | poisoned).any(-1)
+    key = torch.where(nan_key, nan, torch.where(seen, shift + torch.log(safe), zero))
+    value = torch.where(nan_value, nan, torch.where(seen, numerator / safe, zero))
+    return key, value, (seen | nan_value).any(-1)
 
 
 def aft_local(
@@ -292,10 +293,7 @@ def _aft_conv_grid(q, k, v, w, split: Split, causal, attention_mask, grid) -> to
     """2-D AFT-conv over a split grid: the kernel's taps laid on a band of flat offsets from the global
     positions (``_grid_band``), the keys within it a halo, those beyond folded (unbiased, as there)."""
     check_float_tensor("w", w, "(H, Kx, Ky)")
-    if check_flag("causal", causal):
-        raise InvalidValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
-    if w.shape[1] % 2 == 0 or w.shape[2] % 2 == 0:
-        raise InvalidValueError(f"a 2-D kernel needs odd sizes (Kx, Ky), got w of shape {tuple(w.shape)}")
+    check_grid_kernel(w, causal)
     if len(grid) != 2 or grid[0] * grid[1] != split.total:
         raise InvalidValueError(f"grid must be (X, Y) with X·Y = N = {split.total}, got {tuple(grid)}")
     heads, head_dim = q.shape[2], q.shape[3]
@@ -319,12 +317,9 @@ def _grid_band(w: torch.Tensor, positions: torch.Tensor, size_y: int, reach: int
     kernel, 0 (unbiased) elsewhere, −inf where t + j falls outside the L positions."""
     offsets = torch.arange(-reach, reach + 1, device=w.device)
     keys = positions[:, None] + offsets  # global
-    centre_x, centre_y = w.shape[1] // 2, w.shape[2] // 2
-    dx = keys.div(size_y, rounding_mode="floor") - positions.div(size_y, rounding_mode="floor")[:, None]
-    dy = keys.remainder(size_y) - positions.remainder(size_y)[:, None]
-    inside = (dx.abs() <= centre_x) & (dy.abs() <= centre_y) & (keys >= 0) & (keys < total)
-    taps = w[:, (dx + centre_x).clamp(0, 2 * centre_x), (dy + centre_y).clamp(0, 2 * centre_y)]  # (H, L, J)
-    band = torch.where(inside[None], taps, torch.zeros((), dtype=w.dtype)).permute(1, 0, 2)
+    ix, iy, inside = grid_taps(positions[:, None], keys, size_y, w.shape[1:])
+    inside = inside & (keys >= 0) & (keys < total)
+    band = torch.where(inside[None], w[:, ix, iy], torch.zeros((), dtype=w.dtype)).permute(1, 0, 2)
     index = torch.arange(len(positions), device=w.device)[:, None] + offsets
     exists = (index >= 0) & (index < len(positions))
     return band.masked_fill(~exists[:, None, :], float("-inf"))
@@ -520,11 +515,9 @@ def aft_full_lowrank(
     """
     check_float_tensor("u", u, "(N_max, rank)")
     check_float_tensor("w_v", w_v, "(N_max, rank)")
-    if u.shape != w_v.shape or u.shape[0] < split.total:
-        raise InvalidValueError(
-            f"u and w_v must both be (N_max, rank) with N_max ≥ N = {split.total}, got {tuple(u.shape)} "
-            f"and {tuple(w_v.shape)}"
-        )
+    check_dims({}, u=(u, "MR"), w_v=(w_v, "MR"))
+    if u.shape[0] < split.total:
+        raise InvalidValueError(f"u and w_v must hold N_max ≥ N = {split.total} rows, got {tuple(u.shape)}")
     return _aft_full_blocks(
         q, k, v, lambda start, stop, end: u[start:stop] @ w_v[:end].T, split, causal, attention_mask
     )

@@ -159,10 +159,7 @@ def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
     check_float_tensor("w", w, "(H, Kx, Ky)")
     check_same_dtype_device(q=q, k=k, v=v, w=w)
     check_dims({}, q=(q, "BXYHC"), k=(k, "BXYH"), v=(v, "BXYHC"), w=(w, "HIJ"))
-    if check_flag("causal", causal):
-        raise InvalidValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
-    if w.shape[1] % 2 == 0 or w.shape[2] % 2 == 0:
-        raise InvalidValueError(f"a 2-D kernel needs odd sizes (Kx, Ky), got w of shape {tuple(w.shape)}")
+    check_grid_kernel(w, causal)
     batch, size_x, size_y = q.shape[:3]
     mask = None
     if attention_mask is not None:
@@ -187,6 +184,14 @@ def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
     if use_kernel("aft_conv", q, atomics=needs_grad(q, k, v, w)):
         return _aft_conv_2d_kernel(q, k, v, w, mask)
     return _aft_conv_2d(q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype), mask).to(out_dtype)
+
+
+def check_grid_kernel(w: torch.Tensor, causal: object) -> None:
+    """A 2-D kernel's rules, in the op and its context-parallel form: bidirectional, odd sizes (centred)."""
+    if check_flag("causal", causal):
+        raise InvalidValueError("aft_conv on a 2-D grid is bidirectional only (causal=False)")
+    if w.shape[1] % 2 == 0 or w.shape[2] % 2 == 0:
+        raise InvalidValueError(f"a 2-D kernel needs odd sizes (Kx, Ky), got w of shape {tuple(w.shape)}")
 
 
 def _aft_conv_2d(q, k, v, w, mask):

@@ -81,12 +81,22 @@ def bias_rows(
         return torch.where(
             near, kernels.gather(1, taps.clamp(0, kernel_size - 1)), torch.zeros_like(kernels[:, :1])
         )
-    kernel_x, kernel_y = w.shape[1:]
-    dx = positions[None, :] // extent - (at // extent)[:, None] + kernel_x // 2
-    dy = positions[None, :] % extent - (at % extent)[:, None] + kernel_y // 2
-    inside = (dx >= 0) & (dx < kernel_x) & (dy >= 0) & (dy < kernel_y)
-    taps = w[(channels // head_dim)[:, None], dx.clamp(0, kernel_x - 1), dy.clamp(0, kernel_y - 1)]
+    ix, iy, inside = grid_taps(at[:, None], positions[None, :], extent, w.shape[1:])
+    taps = w[(channels // head_dim)[:, None], ix, iy]
     return torch.where(inside, taps, torch.zeros_like(taps))
+
+
+def grid_taps(
+    rows: torch.Tensor, keys: torch.Tensor, size_y: int, kernel: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For flat positions ``rows`` and ``keys`` (broadcast together) of a grid ``size_y`` wide, row-major:
+    the tap (ix, iy) of a centred (Kx, Ky) kernel that each key falls on about its row (clamped into
+    the kernel) and whether it falls inside it."""
+    kernel_x, kernel_y = kernel
+    dx = keys // size_y - rows // size_y + kernel_x // 2
+    dy = keys % size_y - rows % size_y + kernel_y // 2
+    inside = (dx >= 0) & (dx < kernel_x) & (dy >= 0) & (dy < kernel_y)
+    return dx.clamp(0, kernel_x - 1), dy.clamp(0, kernel_y - 1), inside
 
 
 def exact(
