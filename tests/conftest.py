@@ -49,3 +49,24 @@ def bpe_data(tmp_path_factory):
     lines = (json.dumps({"text": chapter.decode()}) for chapter in embedded_documents())
     (root / "chapters.jsonl").write_text("\n".join(lines) + "\n")
     return prepare(root / "chapters.jsonl", root / "prepared", tokenizer="bpe", vocab_size=512)
+
+
+@pytest.fixture
+def paced_steps(monkeypatch):
+    """Training steps that take the seconds a test sets (``pace[mixer]``, or ``pace["*"]``) on a clock of
+    their own: the trainer's time budget is then tested on what it plans, not on the machine's load."""
+    from types import SimpleNamespace
+
+    from tokenmix.training import trainer
+
+    clock, pace = [0.0], {}
+    real = trainer._Run.train_step
+
+    def step(self, forward, trained):
+        seconds = pace.get(self.config.mixer, pace.get("*"))
+        clock[0] += seconds(self.step) if callable(seconds) else seconds
+        return real(self, forward, trained)
+
+    monkeypatch.setattr(trainer._Run, "train_step", step)
+    monkeypatch.setattr(trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    return pace

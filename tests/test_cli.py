@@ -63,6 +63,7 @@ def test_bad_training_input_is_one_line_and_a_nonzero_exit(tmp_path, capsys):
         "--mixer-opt expects KEY=VALUE": ["--mixer-opt", "heads"],
         "does not exist or is not a file": ["--data", str(tmp_path / "missing.txt")],
         "too short for seq_len=16": ["--data", str(tmp_path / "tiny.txt")],
+        "time_budget must be a finite number of seconds > 0, got -1.0": ["--time-budget", "-1"],
     }
     (tmp_path / "tiny.txt").write_text("far too short")
     for message, extra in cases.items():

@@ -149,7 +149,12 @@ _TRAIN_FLAGS = {
         int,
         "split each sequence over this many torchrun processes (the rest data-parallel)",
     ),
-    "steps": (int, "optimiser steps"),
+    "steps": (int, "optimiser steps (with --time-budget: the first plan)"),
+    "time_budget": (
+        float,
+        "seconds of training to fill (evaluations excluded): the steps are re-planned after each step at "
+        "the pace so far, and the schedule follows",
+    ),
     "lr": (float, "peak learning rate (AdamW)"),
     "min_lr_ratio": (float, "final learning rate / peak"),
     "warmup_steps": (int, "linear warmup steps"),

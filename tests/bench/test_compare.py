@@ -254,11 +254,12 @@ def test_the_pareto_front_keeps_only_undominated_mixers():
 
 
 def test_a_time_budget_sets_each_runs_steps_from_its_speed_measured_just_before_it(
-    tmp_path, monkeypatch, no_benchmark, user_text, capsys
+    tmp_path, monkeypatch, no_benchmark, user_text, capsys, paced_steps
 ):
-    """Steps = budget / seconds per step measured right before the run (issue 37.4: not once for all, so
-    a machine that got busier since the comparison began does not leave later runs short or long), so
-    each schedule completes; the report lists them."""
+    """The first plan = budget / seconds per step measured right before the run (issue 37.4: not once for
+    all, so a machine that got busier since the comparison began does not leave later runs short or
+    long); the trainer then re-plans at the pace the run trains, so each run fills its budget and its
+    schedule completes; the report lists them."""
     from tokenmix.bench import compare as module
 
     speeds = {"aft_simple": [0.05, 0.05], "softmax": [0.2, 0.1], "identity": [0.05, 0.05]}
@@ -276,24 +277,28 @@ def test_a_time_budget_sets_each_runs_steps_from_its_speed_measured_just_before_
         return found._replace(seconds_per_step=speed, step_seconds=times)
 
     monkeypatch.setattr(module, "measure_steps", measured)
+    # The machine as the runs find it: softmax trains at 0.15 s a step, which neither timing foresaw.
+    paced_steps.update(aft_simple=0.05, softmax=0.15, identity=0.05)
     out = tmp_path / "c"
     options = dict(
         out=out, quick=True, seeds=2, time_budget=0.6, data=str(user_text), seq_lens=[16], device="cpu"
     )
     result = compare(["aft_simple", "softmax"], **options)
     steps = {name: [r["steps"] for r in run["runs"]] for name, run in result["mixers"].items()}
-    assert steps == {"aft_simple": [12, 12], "softmax": [3, 6], "identity": [12, 12]}
+    assert steps == {"aft_simple": [12, 12], "softmax": [4, 4], "identity": [12, 12]}
+    for run in (r for mixer in result["mixers"].values() for r in mixer["runs"]):
+        assert run["train_seconds"] == pytest.approx(0.6) and not run["off_budget"]
     assert timed == ["aft_simple", "aft_simple", "softmax", "softmax", "identity", "identity"]
     assert result["time_budget"] == 0.6
     markdown = (out / "report.md").read_text()
     assert "0.6 s of training per run" in markdown
-    assert "| aft_simple |" in markdown and " | 12 | " in markdown and " | 3–6 | " in markdown
+    assert "| aft_simple |" in markdown and " | 12 | " in markdown and " | 4 | " in markdown
     assert "median of 5 steps timed just before it" in markdown
     assert "ranged 0.05–0.2 s a step around 0.05 s" in markdown
     softmax = result["mixers"]["softmax"]["runs"]
     assert [run["calibration"] for run in softmax] == [
-        {"timed_steps": 5, "median_s": 0.2, "min_s": 0.2, "max_s": pytest.approx(0.8)},
-        {"timed_steps": 5, "median_s": 0.1, "min_s": 0.1, "max_s": pytest.approx(0.4)},
+        {"timed_steps": 5, "median_s": 0.2, "min_s": 0.2, "max_s": pytest.approx(0.8), "planned_steps": 3},
+        {"timed_steps": 5, "median_s": 0.1, "min_s": 0.1, "max_s": pytest.approx(0.4), "planned_steps": 6},
     ]  # fmt: skip
     # A later compare of the same directory continues with the steps each run was given (no re-timing).
     speeds.update(aft_simple=[0.01] * 2, softmax=[0.01] * 2, identity=[0.01] * 2)

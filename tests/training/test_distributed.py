@@ -53,3 +53,12 @@ def test_a_run_stopped_in_one_process_resumes_under_ddp(tmp_path):
     train(dict(DDP, out=str(cut)), on_step=interrupt_at(7))
     torchrun(tmp_path, cut, "--resume")
     assert_same_weights(weights(cut), weights(full), exact=False)
+
+
+def test_a_time_budget_is_planned_alike_on_every_rank(tmp_path):
+    """Each rank times its own steps; the plan is the slowest rank's (``World.max``), so that no rank
+    stops a step before the others (which would leave them waiting on a collective)."""
+    torchrun(tmp_path, tmp_path / "run", "--time-budget", "0.5", "--eval-every", "1000")
+    records = read_json_lines(tmp_path / "run" / "metrics.jsonl")
+    assert records[-1]["planned_steps"] == records[-1]["step"] != 12
+    assert 0.4 < records[-1]["trained_seconds"] < 1.5  # the budget, give or take the last step

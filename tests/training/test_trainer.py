@@ -157,6 +157,9 @@ def test_bad_configuration_is_named(tmp_path):
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="unknown training option"):
         TrainConfig.from_dict({"stpes": 3})
+    for budget in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="time_budget must be a finite number of seconds > 0"):
+            TrainConfig(time_budget=budget)
     with pytest.raises(ValueError, match="pack applies to the charlm task"):
         TrainConfig(task="mqar", pack=True)
     assert not (tmp_path / "a").exists()
@@ -256,3 +259,32 @@ def test_weight_decay_leaves_gains_offsets_and_position_tables_alone():
                      "blocks.3.mixer.bias.u", "blocks.3.mixer.bias.v"):  # fmt: skip
         assert f"backbone.{expected}" in kept_names, (expected, sorted(kept_names))
     assert "backbone.blocks.0.mixer.to_uvz.weight" not in kept_names
+
+
+def test_a_time_budget_fills_its_seconds_whatever_the_first_plan(tmp_path, paced_steps):
+    """Issue 37.4: the steps are re-planned at the pace the run trains, so a first plan set from a timing
+    that did not hold (here 30 steps, where a step takes 0.1 s, then 0.2 s from step 5) still trains for
+    the budget, and the schedule ends where the run does."""
+    paced_steps["*"] = lambda step: 0.1 if step < 5 else 0.2
+    config = dict(TINY, steps=30, eval_every=4, time_budget=2.0, out=str(tmp_path / "run"))
+    records = train(config)
+    # 5 steps of 0.1 s, then 0.2 s a step: 0.5 + 7 × 0.2 = 1.9 s at step 12, 2.1 s at 13
+    assert records[-1]["step"] in (12, 13)
+    assert records[-1]["planned_steps"] == records[-1]["step"]
+    assert records[-1]["trained_seconds"] == pytest.approx(2.0, abs=0.2)  # within a step of it
+    assert [r["planned_steps"] for r in records][:1] == [20]  # 4 steps of 0.1 s: 2.0 s fill 20
+    assert records[-1]["lr"] == pytest.approx(TrainConfig().lr * TrainConfig().min_lr_ratio)
+    # The caller's configuration is left as given; the run's own keeps the first plan.
+    assert config["steps"] == 30 and TrainConfig.load(tmp_path / "run").steps == 30
+
+
+def test_a_time_budget_is_resumed_with_its_plan_and_seconds(tmp_path, paced_steps):
+    paced_steps["*"] = 0.125  # exact in binary: the clock's sums are the same whichever way taken
+    config = dict(TINY, steps=30, eval_every=4, time_budget=1.875, out=str(tmp_path / "full"))
+    full = train(config)
+    assert full[-1]["step"] == 15
+    cut = dict(config, out=str(tmp_path / "cut"))
+    assert [r["step"] for r in train(cut, on_step=interrupt_at(6))] == [4]
+    resumed = train(dict(cut, resume=True))
+    assert without_timing(resumed) == without_timing(full)
+    assert_same_weights(weights(tmp_path / "cut"), weights(tmp_path / "full"))

@@ -159,33 +159,37 @@ def _earlier_budget(runs: Path, time_budget: float) -> dict[str, Any]:
 
 
 def _budgeted(plan: _Plan, seed: int, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The configuration of one run and, with a time budget, the timing that set its steps: the budget
-    over the median seconds per step measured right before this run — the machine as it is now, not as
-    it was when the comparison began — so that its schedule completes in about the budget. A run begun
-    by an earlier comparison keeps the steps it was given."""
+    """The configuration of one run and, with a time budget, the timing that set its first plan of
+    steps: the budget over the median seconds per step measured right before this run (the machine as it
+    is now, not as it was when the comparison began). The trainer re-plans after every step at the pace
+    it trains (``TrainConfig.time_budget``), so that the run fills its budget. A run begun by an earlier
+    comparison keeps the configuration it was given."""
     if plan.time_budget is None:
         return plan.config, None
     record = _earlier_budget(run_dir.parent, plan.time_budget)
     earlier = record["runs"].get(str(seed))
     if (run_dir / "config.json").is_file():
-        steps, calibration = TrainConfig.load(run_dir).steps, earlier and earlier["calibration"]
+        begun = TrainConfig.load(run_dir)
+        steps, calibration, budget = begun.steps, earlier and earlier["calibration"], begun.time_budget
     else:
         measured = measure_steps(_steps(plan.config, 1, 1), CALIBRATION_STEPS)
         steps = max(1, round(plan.time_budget / measured.seconds_per_step))
+        budget = plan.time_budget
         times = measured.step_seconds
         calibration = {"timed_steps": len(times), "median_s": measured.seconds_per_step,
-                       "min_s": min(times), "max_s": max(times)}  # fmt: skip
+                       "min_s": min(times), "max_s": max(times), "planned_steps": steps}  # fmt: skip
         record["runs"][str(seed)] = {"steps": steps, "calibration": calibration}
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         (run_dir.parent / BUDGET_FILE).write_text(json.dumps(record))  # before the run it describes
     if calibration:
         print(
-            f"== {run_dir.parent.name}, seed {seed}: {steps} steps in {plan.time_budget:g} s of training "
-            f"(a step: median {calibration['median_s']:.3g} s of {calibration['timed_steps']} timed just "
-            f"now, {calibration['min_s']:.3g}–{calibration['max_s']:.3g} s)",
+            f"== {run_dir.parent.name}, seed {seed}: {steps} steps planned in {plan.time_budget:g} s of "
+            f"training (a step: median {calibration['median_s']:.3g} s of {calibration['timed_steps']} "
+            f"timed just now, {calibration['min_s']:.3g}–{calibration['max_s']:.3g} s)",
             flush=True,
         )
-    return _steps(plan.config, steps, max(1, steps // plan.evaluations)), calibration
+    options = {**_steps(plan.config, steps, max(1, steps // plan.evaluations)), "time_budget": budget}
+    return options, calibration
 
 
 def _train_runs(name: str, plan: _Plan, seeds: list[int], runs: Path, metric: str) -> dict[str, Any]:
@@ -200,7 +204,8 @@ def _train_runs(name: str, plan: _Plan, seeds: list[int], runs: Path, metric: st
         config = TrainConfig.from_dict({**options, "seed": seed, "out": str(run_dir)})
         config.resume = (run_dir / "config.json").is_file()
         logged = train(config)
-        if not logged or logged[-1]["step"] < config.steps:  # train returns early only when signalled
+        # train returns early only when signalled; a time budget's last plan is in its records
+        if not logged or logged[-1]["step"] < logged[-1].get("planned_steps", config.steps):
             raise CompareStopped(f"stopped while training {name}; run the same compare again to resume")
         # The test split scores the weights the last validation scored (not the best-on-validation ones).
         test = evaluate(
@@ -236,6 +241,7 @@ def _run_record(
     for record in logged:
         seconds += (record["step"] - previous) * tokens_per_step / record["tokens_per_s"]
         previous = record["step"]
+    seconds = logged[-1].get("trained_seconds", seconds)  # the trainer's own count, with a time budget
     budget = plan.time_budget
     return {
         "seed": seed,

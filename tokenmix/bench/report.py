@@ -420,9 +420,9 @@ def calibration_note(result: dict[str, Any]) -> str:
     noisiest = max(timed, key=lambda name: width(timed[name]))
     c = timed[noisiest]
     return (
-        f"each run's steps set from the median of {c['timed_steps']} steps timed just before it; the "
-        f"noisiest timing, {noisiest}'s, ranged {c['min_s']:.3g}–{c['max_s']:.3g} s a step around "
-        f"{c['median_s']:.3g} s"
+        f"each run's steps planned from the median of {c['timed_steps']} steps timed just before it and "
+        f"re-planned at the pace it trained; the noisiest timing, {noisiest}'s, ranged "
+        f"{c['min_s']:.3g}–{c['max_s']:.3g} s a step around {c['median_s']:.3g} s"
     )
 
 

@@ -68,7 +68,8 @@ class TrainConfig:
     num_tokens: int = 8  # induction: the repeated segment's length; selective-copy: the tokens to copy
     batch_size: int = 32
     grad_accum: int = 1
-    steps: int = 500
+    steps: int = 500  # with time_budget: the first plan, re-planned as the run trains
+    time_budget: float | None = None  # seconds of training (evaluations excluded) the steps should fill
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
@@ -108,6 +109,9 @@ class TrainConfig:
             real = isinstance(value, (int, float)) and not isinstance(value, bool)
             if not (real and math.isfinite(value) and valid(value)):
                 raise InvalidValueError(f"{name} must be {expected}, got {value!r}")
+        budget = self.time_budget
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise InvalidValueError(f"time_budget must be a finite number of seconds > 0, got {budget!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.progress not in ("auto", "bar", "log"):

@@ -96,6 +96,14 @@ class World:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item())
 
+    def max(self, value: float, device: torch.device) -> float:
+        """The largest ``value`` over the ranks (every rank gets the same)."""
+        if self.size == 1:
+            return value
+        values = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return values.item()
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()

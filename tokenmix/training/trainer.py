@@ -5,6 +5,7 @@ and bit-exact resume."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -237,6 +238,11 @@ class _Progress:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.3f}")
 
+    def plan(self, steps: int) -> None:
+        if self.bar is not None and self.bar.total != steps:
+            self.bar.total = steps
+            self.bar.refresh()
+
     def write(self, line: str) -> None:
         if not self.enabled:
             return
@@ -360,6 +366,8 @@ class _Run:
                 f"batch_size={config.batch_size} must be divisible by data-parallel processes × grad_accum "
                 f"= {world.data_size} × {config.grad_accum}"
             )
+        # A copy: a time budget re-plans its steps (the caller's configuration is left as given).
+        config = dataclasses.replace(config)
         self.config, self.device, self.world = config, device, world
         self.run_dir = Path(config.out)
         self.task = create_task(config)
@@ -374,6 +382,7 @@ class _Run:
             self.optimizer, lambda step: lr_factor(step, config)
         )
         self.step, self.best_val_loss, self.window = 0, math.inf, [0.0, 0]
+        self.trained_seconds = 0.0  # optimiser steps' time, evaluations and checkpoints excluded
         self.rows = config.batch_size // world.data_size
         # Each sequence's share on this rank.
         self.split = world.split(self.task.sequence_length, split_order(self.model))
@@ -421,6 +430,9 @@ class _Run:
             state["best_val_loss"],
             list(state["window"]),
         )
+        self.trained_seconds = state.get("trained_seconds", 0.0)
+        if self.config.time_budget is not None:
+            self.config.steps = state.get("steps", self.config.steps)
         self.saved = True
 
     def start_files(self, resumed: bool) -> None:
@@ -448,6 +460,8 @@ class _Run:
             },
             "best_val_loss": self.best_val_loss,
             "window": window,
+            "trained_seconds": self.trained_seconds,
+            "steps": self.config.steps,  # the plan, which a time budget moves
         }
 
     def save(self) -> None:
@@ -516,6 +530,12 @@ class _Run:
         self.window[1] += 1
         return value
 
+    def replan(self) -> None:
+        """With a time budget: the steps that fill it at the pace of the steps trained so far (the
+        slowest rank's, so that every rank plans the same). The schedule follows the plan."""
+        spent = self.world.max(self.trained_seconds, self.device)
+        self.config.steps = max(self.step, round(self.step * self.config.time_budget / spent))
+
     def evaluate(self, elapsed: float) -> dict[str, Any]:
         """Validation scores, logged to metrics.jsonl; the best weights kept."""
         world, task = self.world, self.task
@@ -529,6 +549,8 @@ class _Run:
             "lr": self.scheduler.get_last_lr()[0],
             "tokens_per_s": self.window[1] * self.config.batch_size * task.sequence_length / elapsed,
         }
+        if self.config.time_budget is not None:  # the run is finished when it reaches the last plan
+            record |= {"planned_steps": self.config.steps, "trained_seconds": self.trained_seconds}
         if scores["loss"] < self.best_val_loss:
             self.best_val_loss = scores["loss"]
             self.save_weights(BEST_WEIGHTS)
@@ -597,7 +619,12 @@ def _loop(run: _Run, on_step: Callable[[int], None] | None) -> None:
     window_start = time.perf_counter()
     with _StopOnSignal() as stop:
         while run.step < config.steps:
+            started = time.perf_counter()
             progress.step(run.train_step(forward, trained))
+            run.trained_seconds += time.perf_counter() - started
+            if config.time_budget is not None:
+                run.replan()
+                progress.plan(config.steps)
             if on_step is not None:
                 on_step(run.step)
             stopping = world.any(stop.requested, run.device)
