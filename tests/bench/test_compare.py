@@ -8,6 +8,7 @@ import statistics
 from dataclasses import replace
 
 import pytest
+import torch
 
 from tokenmix import list_mixers, mixer_info
 from tokenmix.bench.compare import compare
@@ -258,11 +259,14 @@ def test_a_time_budget_sets_each_runs_steps_from_its_speed_measured_just_before_
 ):
     """The first plan = budget / seconds per step measured right before the run (issue 37.4: not once for
     all, so a machine that got busier since the comparison began does not leave later runs short or
-    long); the trainer then re-plans at the pace the run trains, so each run fills its budget and its
-    schedule completes; the report lists them."""
+    long), with the machine's threads or one, whichever was faster; the trainer then re-plans at the
+    pace the run trains, so each run fills its budget and its schedule completes; the report lists
+    them."""
     from tokenmix.bench import compare as module
 
-    speeds = {"aft_simple": [0.05, 0.05], "softmax": [0.2, 0.1], "identity": [0.05, 0.05]}
+    # Seconds a step, run by run, with 2 threads and with 1: softmax's second run finds the machine busy.
+    speeds = {"aft_simple": [{2: 0.05, 1: 0.1}] * 2, "softmax": [{2: 0.2, 1: 0.4}, {2: 0.4, 1: 0.1}],
+              "identity": [{2: 0.05, 1: 0.08}] * 2}  # fmt: skip
     timed = []
     real = module.measure_steps
 
@@ -270,15 +274,21 @@ def test_a_time_budget_sets_each_runs_steps_from_its_speed_measured_just_before_
         found = real(config, 0)
         if not steps:
             return found
-        timed.append(config["mixer"])
-        speed = speeds[config["mixer"]][timed.count(config["mixer"]) - 1]  # the machine, run by run
+        mixer, threads = config["mixer"], torch.get_num_threads()
+        timed.append((mixer, threads))
+        speed = speeds[mixer][timed.count((mixer, threads)) - 1][threads]
         # one timed step slowed fourfold by the machine: the median ignores it, the range reports it
         times = (speed, speed, speed * 4, speed, speed)[:steps]
         return found._replace(seconds_per_step=speed, step_seconds=times)
 
     monkeypatch.setattr(module, "measure_steps", measured)
     # The machine as the runs find it: softmax trains at 0.15 s a step, which neither timing foresaw.
-    paced_steps.update(aft_simple=0.05, softmax=0.15, identity=0.05)
+    threads_trained = []
+    paced_steps.update(aft_simple=0.05, identity=0.05)
+    paced_steps["softmax"] = lambda step: threads_trained.append(torch.get_num_threads()) or 0.15
+    monkeypatch.setattr(module.torch, "get_num_threads", lambda: threads[0])
+    monkeypatch.setattr(module.torch, "set_num_threads", lambda count: threads.__setitem__(0, count))
+    threads = [2]  # the machine's count, as compare sees it
     out = tmp_path / "c"
     options = dict(
         out=out, quick=True, seeds=2, time_budget=0.6, data=str(user_text), seq_lens=[16], device="cpu"
@@ -288,7 +298,9 @@ def test_a_time_budget_sets_each_runs_steps_from_its_speed_measured_just_before_
     assert steps == {"aft_simple": [12, 12], "softmax": [4, 4], "identity": [12, 12]}
     for run in (r for mixer in result["mixers"].values() for r in mixer["runs"]):
         assert run["train_seconds"] == pytest.approx(0.6) and not run["off_budget"]
-    assert timed == ["aft_simple", "aft_simple", "softmax", "softmax", "identity", "identity"]
+    assert timed == [(name, threads) for name in ("aft_simple", "softmax", "identity") for _ in range(2)
+                     for threads in (2, 1)]  # fmt: skip
+    assert threads_trained == [2] * 4 + [1] * 4 and threads == [2]  # each run as timed; then as it was
     assert result["time_budget"] == 0.6
     markdown = (out / "report.md").read_text()
     assert "0.6 s of training per run" in markdown
@@ -297,17 +309,19 @@ def test_a_time_budget_sets_each_runs_steps_from_its_speed_measured_just_before_
     assert "ranged 0.05–0.2 s a step around 0.05 s" in markdown
     softmax = result["mixers"]["softmax"]["runs"]
     assert [run["calibration"] for run in softmax] == [
-        {"timed_steps": 5, "median_s": 0.2, "min_s": 0.2, "max_s": pytest.approx(0.8), "planned_steps": 3},
-        {"timed_steps": 5, "median_s": 0.1, "min_s": 0.1, "max_s": pytest.approx(0.4), "planned_steps": 6},
+        {"timed_steps": 5, "median_s": 0.2, "min_s": 0.2, "max_s": pytest.approx(0.8), "planned_steps": 3,
+         "threads": 2, "median_s_by_threads": {"2": 0.2, "1": 0.4}},
+        {"timed_steps": 5, "median_s": 0.1, "min_s": 0.1, "max_s": pytest.approx(0.4), "planned_steps": 6,
+         "threads": 1, "median_s_by_threads": {"2": 0.4, "1": 0.1}},
     ]  # fmt: skip
     # A later compare of the same directory continues with the steps each run was given (no re-timing).
-    speeds.update(aft_simple=[0.01] * 2, softmax=[0.01] * 2, identity=[0.01] * 2)
+    speeds.update(aft_simple=[{2: 0.01, 1: 0.01}] * 2, softmax=[{2: 0.01, 1: 0.01}] * 2)
     again = compare(["aft_simple", "softmax"], **options)
     assert {name: [r["steps"] for r in run["runs"]] for name, run in again["mixers"].items()} == steps
     assert [run["calibration"] for run in again["mixers"]["softmax"]["runs"]] == [
         r["calibration"] for r in softmax
     ]
-    assert len(timed) == 6
+    assert len(timed) == 12
     # ... but not for another budget: those runs were not trained for it
     with pytest.raises(RunDirectoryError, match=r"aft_simple runs trained for --time-budget 0\.6"):
         compare(["aft_simple", "softmax"], **{**options, "time_budget": 5.0})

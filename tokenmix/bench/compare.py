@@ -5,10 +5,11 @@ and decoding state across sequence lengths) — in ``report.md``, a self-contain
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -172,12 +173,13 @@ def _budgeted(plan: _Plan, seed: int, run_dir: Path) -> tuple[dict[str, Any], di
         begun = TrainConfig.load(run_dir)
         steps, calibration, budget = begun.steps, earlier and earlier["calibration"], begun.time_budget
     else:
-        measured = measure_steps(_steps(plan.config, 1, 1), CALIBRATION_STEPS)
+        measured, threads, by_threads = _fastest_threads(_steps(plan.config, 1, 1))
         steps = max(1, round(plan.time_budget / measured.seconds_per_step))
         budget = plan.time_budget
         times = measured.step_seconds
         calibration = {"timed_steps": len(times), "median_s": measured.seconds_per_step,
-                       "min_s": min(times), "max_s": max(times), "planned_steps": steps}  # fmt: skip
+                       "min_s": min(times), "max_s": max(times), "planned_steps": steps,
+                       "threads": threads, "median_s_by_threads": by_threads}  # fmt: skip
         record["runs"][str(seed)] = {"steps": steps, "calibration": calibration}
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         (run_dir.parent / BUDGET_FILE).write_text(json.dumps(record))  # before the run it describes
@@ -192,6 +194,30 @@ def _budgeted(plan: _Plan, seed: int, run_dir: Path) -> tuple[dict[str, Any], di
     return options, calibration
 
 
+def _fastest_threads(config: dict[str, Any]) -> tuple[Measured, int, dict[str, float]]:
+    """Steps timed with the machine's thread count and with one: the faster is the one a time-budgeted
+    run trains with. A core that another process holds leaves threads waiting on each other's OpenMP
+    spins (softmax's MQAR step of the quick suite, 2026-12-06 on 2 cores: 0.018 s quiet; under a busy
+    loop 0.098 s with 2 threads, 0.038 s with 1), and one thread is then faster by far."""
+    default, timings = torch.get_num_threads(), {}
+    for threads in dict.fromkeys((default, 1)):
+        with _threads(threads):
+            timings[threads] = measure_steps(config, CALIBRATION_STEPS)
+    fastest = min(timings, key=lambda t: timings[t].seconds_per_step)
+    return timings[fastest], fastest, {str(t): m.seconds_per_step for t, m in timings.items()}
+
+
+@contextlib.contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` (None: left as they are) for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _train_runs(name: str, plan: _Plan, seeds: list[int], runs: Path, metric: str) -> dict[str, Any]:
     """Train ``name`` at every seed (finished runs are reused, a cut one continued) and gather them:
     ``metric`` (the validation split's, on which grids choose) and the test split's, which tables
@@ -203,7 +229,8 @@ def _train_runs(name: str, plan: _Plan, seeds: list[int], runs: Path, metric: st
         print(f"== training {name}, seed {seed}", flush=True)
         config = TrainConfig.from_dict({**options, "seed": seed, "out": str(run_dir)})
         config.resume = (run_dir / "config.json").is_file()
-        logged = train(config)
+        with _threads(calibration and calibration.get("threads")):
+            logged = train(config)
         # train returns early only when signalled; a time budget's last plan is in its records
         if not logged or logged[-1]["step"] < logged[-1].get("planned_steps", config.steps):
             raise CompareStopped(f"stopped while training {name}; run the same compare again to resume")

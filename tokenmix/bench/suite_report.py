@@ -141,7 +141,8 @@ def setup_line(result: dict[str, Any]) -> str:
     return (
         f"Suite {result['suite']}: d={result['dim']}, {result['depth']} layers, "
         f"{result['time_budget']:g} s of training per run{' (' + ', '.join(own) + ')' if own else ''}, each "
-        f"run's steps set from its own step time measured just before it; seeds {seeds}, positions "
+        f"run's steps planned from its step time measured just before it and re-planned at the pace it "
+        f"trained; seeds {seeds}, positions "
         f"{', '.join(sorted(schemes))} for every mixer; learning rates chosen on the validation split, "
         f"every number the test split's. {data}. "
         f"{machine_text(result['machine'])} "
