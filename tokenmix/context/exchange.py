@@ -183,6 +183,15 @@ def halo(x: torch.Tensor, split: Split, before: int, after: int, dim: int = 1) -
     it in the whole sequence (zeros beyond its ends): the exchange of the windowed mixers. Each rank sends
     its first ``after`` and last ``before`` positions, O(window) per rank whatever N is; a rank shorter
     than the window sends all it has and the pieces of several neighbours make the halo."""
+    left, right = halo_edges(x, split, before, after, dim)
+    return torch.cat((left, x, right), dim)
+
+
+def halo_edges(
+    x: torch.Tensor, split: Split, before: int, after: int, dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``halo``'s two edges, the ``before`` positions and the ``after`` positions, without this rank's
+    share: for a caller that lays more beside them (one concatenation, not two copies of the share)."""
     split.check_local("x", x, dim)
     split.require_contiguous()  # a neighbour's edge is the positions beside this rank's only then
     if before < 0 or after < 0:
@@ -202,7 +211,7 @@ def halo(x: torch.Tensor, split: Split, before: int, after: int, dim: int = 1) -
     empty = x.narrow(dim, 0, 0)
     left = _last(torch.cat([empty, *tails], dim), before, dim)
     right = _first(torch.cat([empty, *heads], dim), after, dim)
-    return torch.cat((left, x, right), dim)
+    return left, right
 
 
 def _last(x: torch.Tensor, count: int, dim: int) -> torch.Tensor:

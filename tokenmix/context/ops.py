@@ -33,7 +33,7 @@ from ..functional.aft.exact import BLOCK_ELEMENTS, Bias, finite_shift, grid_taps
 from ..functional.aft.full import row_sums, stacked_terms
 from ..functional.aft.local import windowed
 from ..functional.flash import mixed_chunk_attention as mixed_chunk_attention_op
-from .exchange import Split, gather_sequence, gather_summaries, halo, pad_positions
+from .exchange import Split, gather_sequence, gather_summaries, halo, halo_edges, pad_positions
 from .ring import ring_attention
 
 __all__ = [
@@ -274,18 +274,18 @@ def aft_conv(
     check_float_tensor("w", w, "(H, K)")
     before = w.shape[-1] - 1 if causal else w.shape[-1] // 2
 
-    def call(q, k, v, mask, positions):  # channels back to heads; a head's keys are its channels' own
-        q, v, k = q.unflatten(-1, (heads, head_dim)), v.unflatten(-1, (heads, head_dim)), k[..., ::head_dim]
+    def call(q, k, v, mask, positions):  # channels back to heads; k is a head's one key
+        q, v = q.unflatten(-1, (heads, head_dim)), v.unflatten(-1, (heads, head_dim))
         return aft_ops.aft_conv(q, k, v, w, causal=causal, attention_mask=mask).flatten(-2)
 
     return _by_channels(call, q, k, v, split, causal, attention_mask, before, 0 if causal else before)
 
 
 def _by_channels(call, q, k, v, split: Split, causal, attention_mask, before: int, after: int):
-    """``_windowed`` for AFT-conv's heads: channels flattened, each head's key given to its channels."""
+    """``_windowed`` for AFT-conv's heads: channels flattened, each head's one key serving its channels
+    (never copied to each channel: a head's keys are 1 / (D / H) of its values)."""
     heads, head_dim = q.shape[2], q.shape[3]
-    flat = (q.flatten(-2), k.repeat_interleave(head_dim, dim=-1), v.flatten(-2))
-    out = _windowed(call, *flat, split, causal, attention_mask, before, after)
+    out = _windowed(call, q.flatten(-2), k, v.flatten(-2), split, causal, attention_mask, before, after)
     return out.unflatten(-1, (heads, head_dim))
 
 
@@ -303,7 +303,7 @@ def _aft_conv_grid(q, k, v, w, split: Split, causal, attention_mask, grid) -> to
         dtype = compute_dtype(q.dtype)
         band = _grid_band(w.to(dtype), positions, grid[1], reach, split.total)
         mask = None if mask is None else mask | ~mask.any(1, keepdim=True)  # as the op: none real, all
-        keys = masked_keys(k[..., ::head_dim].to(dtype), mask)[..., None]  # (B, L, H, 1)
+        keys = masked_keys(k.to(dtype), mask)[..., None]  # (B, L, H, 1)
         queries, values = (x.unflatten(-1, (heads, head_dim)).to(dtype) for x in (q, v))
         bias = Bias("band", (band,), (head_dim,))
         return windowed(queries, keys, values, band, reach + 1, False, mask, bias).to(q.dtype)
@@ -329,17 +329,16 @@ def _windowed(call, q, k, v, split: Split, causal, attention_mask, before: int, 
     """An AFT op whose keys carry a bias only within ``before`` positions before and ``after`` after a
     query: this rank's queries with the halo's keys, and the keys beyond the halo folded into one key on
     each side. ``call(q, k, v, mask, positions)`` runs the op on the extended sequence, ``positions`` its
-    global ones."""
+    global ones. q, v: (B, n, D); k: (B, n, K), each key serving D / K channels (AFT-local: one, AFT-conv:
+    a head's)."""
     check_float_tensor("q", q, "(B, n, D)")
     mask = _local_mask(split, q, attention_mask)
     causal = check_flag("causal", causal)
     real = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if mask is None else mask
-    first, last = _beyond(k, v, real, split, before, after)
-    keys = torch.cat(
-        (first[0][:, None], halo(real_only(k, mask, 1), split, before, after), last[0][:, None]), 1
-    )
-    values = torch.cat(
-        (first[1][:, None], halo(real_only(v, mask, 1), split, before, after), last[1][:, None]), 1
+    first, last = _beyond(k, v, mask, split, before, after)
+    keys, values = (
+        _extended(one, real_only(x, mask, 1), other, split, before, after)
+        for one, x, other in ((first[0], k, last[0]), (first[1], v, last[1]))
     )
     inside = torch.arange(-before, split.length + after, device=q.device) + split.start
     within = ((inside >= 0) & (inside < split.total))[None]
@@ -347,28 +346,60 @@ def _windowed(call, q, k, v, split: Split, causal, attention_mask, before: int, 
     keep = torch.cat((first[2][:, None], near, last[2][:, None]), 1)
     queries = pad_positions(finite_at_padding(q, mask, 1), 1, before + 1, after + 1)
     positions = torch.arange(-before - 1, split.length + after + 1, device=q.device) + split.start
-    out = call(queries, keys.to(k.dtype), values.to(v.dtype), keep, positions)
+    out = call(queries, keys, values, keep, positions)
     return out[:, before + 1 : before + 1 + split.length]
 
 
-def _beyond(k, v, real, split: Split, before: int, after: int):
+def _extended(
+    first: torch.Tensor, x: torch.Tensor, last: torch.Tensor, split: Split, before: int, after: int
+) -> torch.Tensor:
+    """The folded key (or value) ``first``, the halo's positions before this rank's, its own ``x``, the
+    halo's after, and ``last``, in one concatenation (a halo and then a second one would copy x twice)."""
+    left, right = halo_edges(x, split, before, after)
+    return torch.cat((first[:, None].to(x.dtype), left, x, right, last[:, None].to(x.dtype)), 1)
+
+
+def _beyond(k, v, mask, split: Split, before: int, after: int):
     """The keys farther than ``before`` positions before this rank's first and ``after`` after its last,
-    each side folded into one key and value per channel, with whether any was real: every rank sends,
+    each side folded into one key (B, K) and value (B, D), with whether any was real: every rank sends,
     for each rank, the (max, numerator, denominator) of its own keys beyond that rank's halo."""
     starts = split.starts
     stops = [start + n for start, n in zip(starts, split.lengths, strict=True)]
     pieces = [(split.start, min(split.stop, start - before)) for start in starts]  # before each rank's halo
     pieces += [(max(split.start, stop + after), split.stop) for stop in stops]  # after it
+    # Padding taken out once: the pieces are then views of these, not copies each.
+    k = k if mask is None else k.masked_fill(~mask[..., None], float("-inf"))
+    v = real_only(v, mask, 1)
     summaries = []
     for lo, hi in pieces:
         piece = slice(lo - split.start, max(hi, lo) - split.start)  # empty where the cut leaves nothing
-        own = aft_ops.aft_accumulate(None, k[:, piece], v[:, piece], real[:, piece])
-        summaries.append(torch.stack((own.max, own.numerator, own.denominator)))
+        summaries.append(_accumulated(k[:, piece], v[:, piece]))
     gathered = torch.stack(gather_summaries(torch.stack(summaries), split))  # (sender, 2·world, 3, B, D)
     everyone = torch.ones(split.world, dtype=torch.bool, device=k.device)
-    first = _folded(gathered[:, split.rank], everyone)
-    last = _folded(gathered[:, split.world + split.rank], everyone)
-    return first, last
+    groups = k.shape[-1]
+    folded = []
+    for side in (split.rank, split.world + split.rank):
+        key, value, seen = _folded(gathered[:, side], everyone)
+        folded.append((key.unflatten(-1, (groups, -1))[..., 0], value, seen))  # a key's channels agree
+    return folded
+
+
+def _accumulated(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``aft_accumulate``'s fold (max, numerator, denominator), (3, B, D), of keys k (B, J, K), each
+    serving D / K channels of v (B, J, D): a key's maximum and denominator given to each of its channels,
+    which the numerators take apart."""
+    dtype = compute_dtype(k.dtype)
+    groups = k.shape[-1]
+    k, v = k.to(dtype), v.to(dtype).unflatten(-1, (groups, -1))
+    maximum = k.amax(1) if k.shape[1] else k.new_full((k.shape[0], groups), float("-inf"))
+    maximum = maximum.detach()  # a shift: the fold is invariant to it (see finite_shift)
+    weights = torch.exp(k - finite_shift(maximum)[:, None])
+    numerator = torch.einsum("bjk,bjke->bke", weights, v)
+
+    def per_channel(x: torch.Tensor) -> torch.Tensor:
+        return x[..., None].expand(-1, -1, v.shape[-1]).flatten(1)
+
+    return torch.stack((per_channel(maximum), numerator.flatten(1), per_channel(weights.sum(1))))
 
 
 def mixed_chunk_attention(
@@ -423,7 +454,9 @@ def mixed_chunk_attention(
         wide_v,
         chunk_size=size,
         causal=causal,
-        attention_mask=wide_real,
+        # Without padding every widened position is a real one of the sequence (whole chunks lie within
+        # it): no mask, and the op makes no masked copies of its five inputs.
+        attention_mask=None if mask is None else wide_real,
     )[:, before : before + split.length]
     state, count = _linear_before(k_lin, v, real, split, size, causal)
     dtype = compute_dtype(v.dtype)
