@@ -299,9 +299,7 @@ def summary(result: dict[str, Any]) -> list[str]:
     off = off_budget(result)
     if off:
         lines.append(
-            f"Trained for another time than the budget (over {OFF_BUDGET * 100:g} % off: the machine's load "
-            f"changed after the steps were set): {', '.join(off)}. Their quality is not the budget's; rerun "
-            f"them on a quiet machine."
+            f"T{off_budget_note(off)[1:]}. Their quality is not the budget's; rerun them on a quiet machine."
         )
     alike = like_the_control(result)
     if alike:
@@ -401,6 +399,14 @@ FIGURES = (
     ("time.png", "Time vs N"),
     ("memory.png", "Memory vs N"),
 )
+
+
+def off_budget_note(off: list[str]) -> str:
+    """The runs ``off_budget`` named, as a one-task report and a suite's say them."""
+    return (
+        f"trained for another time than the budget (over {OFF_BUDGET * 100:g} % off: the machine's load "
+        f"changed while they trained, faster than the steps were re-planned): {', '.join(off)}"
+    )
 
 
 def calibration_note(result: dict[str, Any]) -> str:

@@ -10,13 +10,13 @@ from typing import Any
 from .report import (
     HIGHER_IS_BETTER,
     LABELS,
-    OFF_BUDGET,
     RULE,
     _pyplot,
     below_floor,
     like_the_control,
     machine_text,
     off_budget,
+    off_budget_note,
     ranking,
     tied_with_best,
     write_pages,
@@ -79,11 +79,7 @@ def task_lines(result: dict[str, Any]) -> list[str]:
     for name, record in result["tasks"].items():
         off = off_budget(record)
         if off:
-            lines.append(
-                f"{name}: trained for another time than the budget (over {OFF_BUDGET * 100:g} % off: the "
-                f"machine's load changed after the steps were set): {', '.join(off)}; their values are not "
-                f"the budget's."
-            )
+            lines.append(f"{name}: {off_budget_note(off)}; their values are not the budget's.")
         alike = like_the_control(record)
         if alike:
             lines.append(f"{name}: {', '.join(alike)} not told apart from the control (identity, no mixing).")
