@@ -15,19 +15,19 @@ Must run without TRITON_INTERPRET in the environment (so @triton.jit makes compi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
+import io
 import json
 import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 OPS = ["pointwise_attention", "mixed_chunk_attention", "aft_simple", "aft_full", "aft_local", "aft_conv",
@@ -115,22 +115,26 @@ def _signature(kernel, args, kwargs) -> tuple[dict, dict]:
     return signature, constexprs
 
 
-def _ptxas_usage(ptx: str) -> dict:
-    """Registers per thread and spill bytes that Triton's ptxas reports for the PTX on sm_90a."""
-    with tempfile.TemporaryDirectory() as folder:
-        source = Path(folder) / "kernel.ptx"
-        source.write_text(ptx)
-        report = subprocess.run(
-            [get_ptxas(90).path, "-arch=sm_90a", "-v", str(source), "-o", str(Path(folder) / "kernel.cubin")],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-    text = report.stdout + report.stderr
-    return {
+def _compiled(source: ASTSource, options: dict):
+    """``triton.compile`` for sm_90 down to a cubin, and the registers per thread and spill bytes that its
+    own ptxas run reports (Triton passes -v and prints the log when asked; a fresh cache makes ptxas run):
+    a second ptxas run of the PTX here took half the script's time."""
+    log = io.StringIO()
+    names = ("TRITON_DUMP_PTXAS_LOG", "TRITON_CACHE_DIR")
+    saved = {name: os.environ.get(name) for name in names}
+    with tempfile.TemporaryDirectory() as cache, contextlib.redirect_stdout(log):
+        os.environ.update(TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=cache)
+        try:
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        finally:
+            for name, value in saved.items():
+                os.environ.pop(name) if value is None else os.environ.update({name: value})
+    text = log.getvalue()
+    usage = {
         "registers": int(re.search(r"Used (\d+) registers", text).group(1)),
         "spill_bytes": int(re.search(r"(\d+) bytes spill stores", text).group(1)),
     }
+    return compiled, usage
 
 
 def compile_op(op: str) -> dict:
@@ -176,11 +180,10 @@ def compile_op(op: str) -> dict:
         seen.add(key)
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         options = {option: kwargs[option] for option in ("num_warps", "num_stages") if option in kwargs}
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        compiled, usage = _compiled(source, options)
         stages.append(sorted(compiled.asm))
         shared.append(compiled.metadata.shared)
         inputs = next(kind for kind in signature.values() if kind.startswith("*"))
-        usage = _ptxas_usage(compiled.asm["ptx"])
         registers.append({"kernel": kernel.__name__, "inputs": inputs, **options, **constexprs, **usage})
     return {"launches": len(launches), "compiled": len(seen), "stages": stages, "shared": shared,
             "registers": registers}  # fmt: skip

@@ -447,6 +447,32 @@ def test_aft_simple_initial_and_final_state_split_the_causal_op(seq_len, cut, ma
     assert_grads_close(got, want, 1e-9, list("qkv"), "split")
 
 
+@pytest.mark.parametrize("groups", [6, 2, 1], ids=["key per channel", "key per head", "one key"])
+@pytest.mark.parametrize("dtype,key_scale,tol", [(torch.float64, 1.0, 1e-12), (torch.float32, 80.0, 1e-5)])
+def test_accumulate_folds_keys_shared_by_channels(groups, dtype, key_scale, tol):
+    """aft_accumulate's fold, in two calls through its running state, against the float64 sums of the
+    keys it selects, each key (B, J, K) serving D / K channels: per channel, numerator / denominator is
+    the softmax over the keys of v, and max + log(denominator) their log-sum-exp; a row with no key
+    holds (−inf, 0, 0). In float32 the keys span ±80 (their exponentials overflow unshifted)."""
+    gen = torch.Generator().manual_seed(groups)
+    batch, keys, channels, cut = 3, 9, 6, 4
+    k = torch.randn(batch, keys, groups, generator=gen, dtype=torch.float64) * key_scale
+    v = torch.randn(batch, keys, channels, generator=gen, dtype=torch.float64)
+    mask = torch.rand(batch, keys, generator=gen) > 0.4
+    mask[2] = False  # a row with no key
+    mask[1, :cut] = False  # a row whose first fold is empty
+    state = aft.aft_accumulate(None, k[:, :cut].to(dtype), v[:, :cut].to(dtype), mask[:, :cut])
+    state = aft.aft_accumulate(state, k[:, cut:].to(dtype), v[:, cut:].to(dtype), mask[:, cut:])
+    wide = k.repeat_interleave(channels // groups, -1).masked_fill(~mask[..., None], float("-inf"))
+    weights = torch.softmax(wide[:2], 1)
+    got = (state.numerator[:2] / state.denominator[:2]).double()
+    assert_close(got, (weights * v[:2]).sum(1), tol, what="numerator / denominator")
+    got = (state.max[:2] + state.denominator[:2].log()).double()
+    assert_close(got, wide[:2].logsumexp(1), tol, what="max + log(denominator)")
+    assert state.max[2].eq(float("-inf")).all(), "a row with no key: max"
+    assert not state.numerator[2].any() and not state.denominator[2].any(), "a row with no key: sums"
+
+
 def test_aft_simple_state_needs_causal():
     q = torch.randn(1, 3, 2)
     with pytest.raises(ValueError, match="causal=True"):

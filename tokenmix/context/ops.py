@@ -373,7 +373,8 @@ def _beyond(k, v, mask, split: Split, before: int, after: int):
     summaries = []
     for lo, hi in pieces:
         piece = slice(lo - split.start, max(hi, lo) - split.start)  # empty where the cut leaves nothing
-        summaries.append(_accumulated(k[:, piece], v[:, piece]))
+        fold = aft_ops.aft_accumulate(None, k[:, piece], v[:, piece])
+        summaries.append(torch.stack((fold.max, fold.numerator, fold.denominator)))
     gathered = torch.stack(gather_summaries(torch.stack(summaries), split))  # (sender, 2·world, 3, B, D)
     everyone = torch.ones(split.world, dtype=torch.bool, device=k.device)
     groups = k.shape[-1]
@@ -382,24 +383,6 @@ def _beyond(k, v, mask, split: Split, before: int, after: int):
         key, value, seen = _folded(gathered[:, side], everyone)
         folded.append((key.unflatten(-1, (groups, -1))[..., 0], value, seen))  # a key's channels agree
     return folded
-
-
-def _accumulated(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``aft_accumulate``'s fold (max, numerator, denominator), (3, B, D), of keys k (B, J, K), each
-    serving D / K channels of v (B, J, D): a key's maximum and denominator given to each of its channels,
-    which the numerators take apart."""
-    dtype = compute_dtype(k.dtype)
-    groups = k.shape[-1]
-    k, v = k.to(dtype), v.to(dtype).unflatten(-1, (groups, -1))
-    maximum = k.amax(1) if k.shape[1] else k.new_full((k.shape[0], groups), float("-inf"))
-    maximum = maximum.detach()  # a shift: the fold is invariant to it (see finite_shift)
-    weights = torch.exp(k - finite_shift(maximum)[:, None])
-    numerator = torch.einsum("bjk,bjke->bke", weights, v)
-
-    def per_channel(x: torch.Tensor) -> torch.Tensor:
-        return x[..., None].expand(-1, -1, v.shape[-1]).flatten(1)
-
-    return torch.stack((per_channel(maximum), numerator.flatten(1), per_channel(weights.sum(1))))
 
 
 def mixed_chunk_attention(
@@ -613,8 +596,9 @@ def softmax_attention(
 ) -> torch.Tensor:
     """``tokenmix.functional.softmax_attention`` over a split sequence, by ring attention
     (``tokenmix.context.ring``): this rank's queries stay, every rank's keys and values pass by once
-    (W − 1 steps of the ring) and are folded in by log-sum-exp; a rank never holds more than its own and
-    one other share (O(n·d), where gathering the sequence would hold O(N·d)).
+    (each share in ``ring.PIECES`` pieces, W − 1 steps of the ring each) and are folded in by log-sum-exp;
+    a rank holds its own share and one piece of another's at a time (O(n·d), where gathering the
+    sequence would hold O(N·d)).
 
     Args:
         q, k: (B, H, n, Dk). v: (B, H, n, Dv): this rank's positions. split: the sequence's split

@@ -1,10 +1,12 @@
 """Ring attention (docs/spec.md §14): softmax and pointwise attention over a split sequence without
-gathering it. Each rank keeps its queries; the keys and values travel round the ranks, one rank's share
-at a time (W − 1 passes of the ring), and each rank folds every share into its rows as it passes:
-softmax through a running maximum and sum (merged as log-sum-exp), pointwise as a plain sum scaled by
-L^−α at the end. The backward sends the shares round again with their gradients, which a last pass
-brings home. A rank holds its own share, one travelling share and a block of (rows × share) scores at a
-time — O(n·d + block·n) per rank, where gathering the sequence holds O(N·d).
+gathering it. Each rank keeps its queries; the keys and values travel round the ranks in pieces (each
+share cut into PIECES, each piece W − 1 passes of the ring), and each rank folds every piece into its
+rows as it passes: softmax through a running maximum and sum (merged as log-sum-exp), pointwise as a
+plain sum scaled by L^−α at the end. The backward sends the pieces round again with their gradients,
+which a last pass brings home. A rank holds its own share, one travelling piece (in the backward with
+its gradients, and each as sent and as received) and a block of (rows × piece) scores at a time —
+O(n·d + n·d / PIECES + block·n) per rank, where gathering the sequence holds O(N·d), and a ring of whole
+shares as much again as the share for every tensor that travels.
 
 Positions are global (``Split.positions``), so a causal row sees exactly the keys at or before it in
 either order of the split (contiguous or zig-zag); a share that lies wholly after a causal rank's rows is
@@ -23,6 +25,9 @@ from .exchange import Split, pad_positions
 # Scores per block (1 MiB in float32): with the block's weights and mask, the working set a rank adds to
 # its own share and the travelling one.
 SCORE_ELEMENTS = 1 << 18
+# The pieces each share travels in: at 2 ranks a whole share in flight (keys, values and in the backward
+# their gradients, sent and received at once) held more than the rank's own half of the sequence.
+PIECES = 4
 
 
 def ring_attention(
@@ -68,14 +73,30 @@ def _shift(tensors: list[torch.Tensor], split: Split) -> list[torch.Tensor]:
     return received
 
 
-class _Ring:
-    """The walk round the ring that the forward and the backward share: whose share a rank holds at each
-    step, where its keys lie, which of them a block of rows sees."""
+def _rings(split: Split, causal: bool, device: torch.device) -> list[_Ring]:
+    """One walk round the ring for each piece of the shares (padded to the longest): PIECES near-equal
+    runs of a share's positions, or the whole share where nothing travels (one rank)."""
+    longest = max(split.lengths)
+    count = 1 if split.world == 1 else max(1, min(PIECES, longest))
+    return [
+        _Ring(split, causal, device, (longest * i // count, longest * (i + 1) // count)) for i in range(count)
+    ]
 
-    def __init__(self, split: Split, causal: bool, device: torch.device) -> None:
+
+class _Ring:
+    """The walk round the ring that the forward and the backward share, for one piece of the shares
+    (positions [lo, hi) of each, padded): whose piece a rank holds at each step, where its keys lie,
+    which of them a block of rows sees."""
+
+    def __init__(self, split: Split, causal: bool, device: torch.device, part: tuple[int, int]) -> None:
         self.split, self.causal, self.device = split, causal, device
         self.rows = split.positions(device)  # (n,) this rank's global positions
         self.longest = max(split.lengths)
+        self.lo, self.hi = part
+
+    def piece(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """This walk's piece of a padded share (a view)."""
+        return x.narrow(dim, self.lo, self.hi - self.lo)
 
     def walk(self, travelling: list[torch.Tensor]):
         """(source, travelling) at each step of the ring: whose share is held, and what travels with it (a
@@ -101,12 +122,22 @@ class _Ring:
         return [self.padded(k, 2), self.padded(v, 2), self.padded(real.to(torch.uint8), 1)]
 
     def keys(self, source: int) -> torch.Tensor:
-        """(longest,) the global positions of ``source``'s share, −1 past its end (no key there)."""
-        return self.padded(self.split.positions(self.device, source) + 1, 0) - 1
+        """(hi − lo,) the global positions of the piece of ``source``'s share, −1 past its end (no key)."""
+        return self.piece(self.padded(self.split.positions(self.device, source) + 1, 0) - 1, 0)
+
+    def runs(self, source: int):
+        """(global start, its first key's place in the share, keys in the piece, run) for each run of
+        ``source``'s share: the part of the run (start, length) that lies in this piece."""
+        offset = 0
+        for start, n in self.split.pieces[source]:
+            lo, hi = max(self.lo, offset), min(self.hi, offset + n)
+            yield start + lo - offset, lo, max(0, hi - lo), (start, n)
+            offset += n
 
     def read(self, source: int) -> bool:
-        """Whether any row here sees a key of ``source``'s share (read from the layout, not the device)."""
-        firsts = [start for start, n in self.split.pieces[source] if n]
+        """Whether any row here sees a key of the piece of ``source``'s share (read from the layout, not
+        the device)."""
+        firsts = [first for first, _, count, _ in self.runs(source) if count]
         if not firsts or not self.split.length:
             return False
         return not self.causal or min(firsts) < self.split.end
@@ -120,25 +151,31 @@ class _Ring:
         return allowed[:, None]
 
     def pairs(self, source: int) -> list[tuple[slice, slice, bool]]:
-        """(rows here, keys of ``source``'s share, causal within) for every run of rows and run of keys
-        it sees. Runs never straddle: a run of keys is wholly before a run of rows (all seen), the same
-        run (seen up to each row's own), or wholly after it (unseen)."""
+        """(rows here, keys of the piece of ``source``'s share, causal within: row i of the slice sees
+        keys up to its i-th) for every run of rows and run of keys it sees. Runs never straddle: a run of
+        keys is wholly before a run of rows (all seen), wholly after it (unseen), or part of the same run,
+        whose rows before the piece's first key see none of it, the next as many rows as it has keys up
+        to their own, and the rest all of it."""
         pairs, row = [], 0
         for row_start, rows in self.split.pieces[self.split.rank]:
-            key = 0
-            for key_start, keys in self.split.pieces[source]:
-                if rows and keys and (not self.causal or key_start + keys <= row_start):
-                    pairs.append((slice(row, row + rows), slice(key, key + keys), False))
-                elif rows and keys and key_start == row_start:
-                    pairs.append((slice(row, row + rows), slice(key, key + keys), True))
-                key += keys
+            for first, place, count, (key_start, keys) in self.runs(source):
+                cut = slice(place - self.lo, place - self.lo + count)  # in the piece
+                if not rows or not count:
+                    continue
+                if not self.causal or key_start + keys <= row_start:
+                    pairs.append((slice(row, row + rows), cut, False))
+                elif key_start == row_start:
+                    skip = row + first - row_start  # the row at the piece's first key
+                    pairs.append((slice(skip, skip + count), cut, True))
+                    if skip + count < row + rows:
+                        pairs.append((slice(skip + count, row + rows), cut, False))
             row += rows
         return pairs
 
     def tiles(self, source: int, keys, held, queries, scale: float, block: int):
-        """(rows, allowed, scores) for each block of rows here against ``source``'s share ``keys`` (real
-        where ``held``), none when no row here sees it: scores = scale · q kᵀ, (B, H, rows, longest), a
-        fresh tensor the caller may work in place; allowed (B, 1, rows, longest)."""
+        """(rows, allowed, scores) for each block of rows here against the piece ``keys`` of ``source``'s
+        share (real where ``held``), none when no row here sees it: scores = scale · q kᵀ, (B, H, rows,
+        hi − lo), a fresh tensor the caller may work in place; allowed (B, 1, rows, hi − lo)."""
         if not self.read(source):
             return
         positions = self.keys(source)
@@ -148,9 +185,9 @@ class _Ring:
             yield rows, allowed, (queries[:, :, rows] * scale) @ keys.transpose(-1, -2)
 
     def blocks(self, block: int, heads: int):
-        """Blocks of at most ``block`` rows whose scores against a share (heads × rows × longest) hold
+        """Blocks of at most ``block`` rows whose scores against a piece (heads × rows × (hi − lo)) hold
         at most SCORE_ELEMENTS: a rank's working set stays small however long the shares are."""
-        rows = max(1, min(block, SCORE_ELEMENTS // max(1, heads * self.longest)))
+        rows = max(1, min(block, SCORE_ELEMENTS // max(1, heads * (self.hi - self.lo))))
         for start in range(0, self.split.length, rows):
             yield slice(start, min(start + rows, self.split.length))
 
@@ -162,11 +199,11 @@ def _fused(activation: str | None, key_mask: torch.Tensor | None, q: torch.Tenso
     return activation is None and key_mask is None and q.device.type == "cpu"
 
 
-def _fused_forward(ring, queries, share, scale):
+def _fused_forward(rings, queries, share, scale):
     """Softmax over the ring by the fused kernel, run by run (``_Ring.pairs``): (out, lse) per row."""
     out = queries.new_zeros(*queries.shape[:-1], share[1].shape[-1])
     lse = queries.new_full(queries.shape[:-1], float("-inf"))
-    for source, (key_share, value_share) in ring.walk(share):
+    for ring, source, (key_share, value_share) in _walks(rings, share, (2, 2)):
         for rows, keys, causal in ring.pairs(source):
             part, part_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 queries[:, :, rows], key_share[:, :, keys], value_share[:, :, keys], 0.0, causal, scale=scale
@@ -179,41 +216,57 @@ def _fused_forward(ring, queries, share, scale):
     return out, lse
 
 
-def _fused_backward(ring, queries, share, grads, grad, out, lse, scale):
+def _fused_backward(rings, queries, share, grad, out, lse, scale):
     """The fused kernel's backward, run by run, with the merged out and lse (its Σ dO·O and its weights
-    are then the whole row's): dq here, dk and dv into the travelling share's gradients."""
-    grad_q = torch.zeros_like(queries)
-    for source, (key_share, value_share, grad_k, grad_v) in ring.walk([*share, *grads]):
-        grads = [grad_k, grad_v]
+    are then the whole row's): dq here, dk and dv into the travelling piece's gradients."""
+    grad_q, home = torch.zeros_like(queries), [torch.zeros_like(share[0]), torch.zeros_like(share[1])]
+    for ring, source, (key_share, value_share, grad_k, grad_v) in _walks(rings, share, (2, 2), home):
         for rows, keys, causal in ring.pairs(source):
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 grad[:, :, rows], queries[:, :, rows], key_share[:, :, keys], value_share[:, :, keys],
                 out[:, :, rows], lse[:, :, rows], 0.0, causal, scale=scale,
             )  # fmt: skip
             grad_q[:, :, rows] += dq
-            grads[0][:, :, keys] += dk
-            grads[1][:, :, keys] += dv
-    return grad_q, grads
+            grad_k[:, :, keys] += dk
+            grad_v[:, :, keys] += dv
+    return grad_q, home
+
+
+def _walks(rings: list[_Ring], share: list[torch.Tensor], dims: tuple[int, ...], home=None):
+    """(ring, source, travelling) at each step of every piece's walk: the piece of each of ``share``
+    (positions along ``dims``) and, given ``home`` (the share's gradients, added to), the piece's
+    gradients (zeros that travel with it and are brought home into ``home`` after its last step)."""
+    for ring in rings:
+        travelling = [ring.piece(x, dim) for x, dim in zip(share, dims, strict=True)]
+        grads = [] if home is None else [torch.zeros_like(ring.piece(x, 2)) for x in home]
+        for source, held in ring.walk([*travelling, *grads]):
+            yield ring, source, held
+        if home is not None:  # the piece held last is the next rank's: its gradients go home
+            held = held[len(travelling) :]
+            for total, grad in zip(
+                home, _shift(held, ring.split) if ring.split.world > 1 else held, strict=True
+            ):
+                ring.piece(total, 2).add_(grad)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask, split, causal, scale, block, activation, alpha, length):
         dtype = compute_dtype(q.dtype)
-        ring = _Ring(split, causal, q.device)
-        share = ring.own(k.to(dtype), v.to(dtype), key_mask)
+        rings = _rings(split, causal, q.device)
+        share = rings[0].own(k.to(dtype), v.to(dtype), key_mask)
         queries = q.to(dtype)
         ctx.options = (split, causal, scale, block, activation)
         if _fused(activation, key_mask, q):
-            out, summary = _fused_forward(ring, queries, share[:2], scale)
+            out, summary = _fused_forward(rings, queries, share[:2], scale)
             ctx.save_for_backward(q, k, v, key_mask, out, summary)
             return out.to(q.dtype)
         acc = queries.new_zeros(*q.shape[:-1], v.shape[-1])
         top = queries.new_full(q.shape[:-1], float("-inf"))  # softmax: the running maximum and sum
         total = queries.new_zeros(q.shape[:-1])
         counts = queries.new_zeros(q.shape[0], 1, q.shape[2])  # pointwise: the keys each row sees
-        for source, (keys, values, held) in ring.walk(share):
-            # One (rows × share) tensor per block, worked in place: scores, then weights.
+        for ring, source, (keys, values, held) in _walks(rings, share, (2, 2, 1)):
+            # One (rows × piece) tensor per block, worked in place: scores, then weights.
             for rows, allowed, scores in ring.tiles(source, keys, held, queries, scale, block):
                 if activation is None:
                     scores.masked_fill_(~allowed, float("-inf"))  # selected away, not weighted 0
@@ -244,21 +297,19 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, key_mask, out, summary = ctx.saved_tensors
         split, causal, scale, block, activation = ctx.options
         dtype = compute_dtype(q.dtype)
-        ring = _Ring(split, causal, q.device)
-        share = ring.own(k.to(dtype), v.to(dtype), key_mask)
-        grads = [torch.zeros_like(share[0]), torch.zeros_like(share[1])]
+        rings = _rings(split, causal, q.device)
+        share = rings[0].own(k.to(dtype), v.to(dtype), key_mask)
         queries, grad = q.to(dtype), grad_out.to(dtype)
         if _fused(activation, key_mask, q):
-            grad_q, grads = _fused_backward(ring, queries, share[:2], grads, grad, out, summary, scale)
-            return _home(grad_q, grads, q, k, v, split)
+            grad_q, home = _fused_backward(rings, queries, share[:2], grad, out, summary, scale)
+            return _returned(grad_q, home, q, k, v, split)
         if activation is None:
             delta = (grad * out).sum(-1)  # Σ_d dO·O per row: softmax's correction to each score's gradient
             lse = torch.where(torch.isfinite(summary), summary, torch.zeros((), dtype=dtype))
         else:
             grad = grad * summary[..., None]
-        grad_q = torch.zeros_like(queries)
-        for source, (keys, values, held, grad_k, grad_v) in ring.walk([*share, *grads]):
-            grads = [grad_k, grad_v]
+        grad_q, home = torch.zeros_like(queries), [torch.zeros_like(share[0]), torch.zeros_like(share[1])]
+        for ring, source, (keys, values, held, *grads) in _walks(rings, share, (2, 2, 1), home):
             for rows, allowed, scores in ring.tiles(source, keys, held, queries, scale, block):
                 grad_weights = grad[:, :, rows] @ values.transpose(-1, -2)
                 if activation is None:
@@ -272,13 +323,11 @@ class _RingAttention(torch.autograd.Function):
                 grad_q[:, :, rows] += (grad_scores @ keys).mul_(scale)
                 grads[0] += grad_scores.transpose(-1, -2) @ (queries[:, :, rows] * scale)
                 grads[1] += weights.transpose(-1, -2) @ grad[:, :, rows]
-        return _home(grad_q, grads, q, k, v, split)
+        return _returned(grad_q, home, q, k, v, split)
 
 
-def _home(grad_q, grads, q, k, v, split: Split) -> tuple:
-    """The backward's returns: the share held last is the next rank's, so its gradients go home."""
-    if split.world > 1:
-        grads = _shift(grads, split)
+def _returned(grad_q, grads, q, k, v, split: Split) -> tuple:
+    """The backward's returns: the gradients of this rank's share, its padding cut off."""
     n = split.length
     grad_k, grad_v = grads[0][:, :, :n].to(k.dtype), grads[1][:, :, :n].to(v.dtype)
     return grad_q.to(q.dtype), grad_k, grad_v, *([None] * 8)

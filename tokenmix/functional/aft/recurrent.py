@@ -37,25 +37,38 @@ def aft_accumulate(
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
 ) -> AFTSimpleState:
-    """Fold unbiased keys k (B, J, D) with values v (B, J, D) — those ``mask`` (B, J) selects — into
-    running (max, numerator, denominator), each (B, D), relative to the running maximum: the state of
-    AFT decoding for keys whose bias is 0. A row that has seen no key holds (−inf, 0, 0)."""
+    """Fold unbiased keys into a running (max, numerator, denominator): the state of AFT decoding for
+    keys whose bias is 0. A row that has seen no key holds (−inf, 0, 0).
+
+    Args:
+        running: the state so far, each field (B, D), or None (no key yet).
+        k: (B, J, K) the keys, K dividing D: each key serves D / K adjacent channels of v (K = D: a key
+            per channel, as AFT-simple; AFT-conv's keys are one per head).
+        v: (B, J, D) the values.
+        mask: (B, J) bool, True = a key to fold (default None: all).
+
+    Returns:
+        The state with the keys folded in, each field (B, D), relative to the running maximum (a key's
+        maximum and denominator given to each of its channels).
+    """
     dtype = compute_dtype(k.dtype)
+    groups = k.shape[-1]
     k, v = k.to(dtype), v.to(dtype)
     if mask is not None:
         k = k.masked_fill(~mask[..., None], float("-inf"))
         v = real_only(v, mask, 1)
-    new_max = k.amax(1) if k.shape[1] else k.new_full((k.shape[0], k.shape[2]), float("-inf"))
+    new_max = k.amax(1) if k.shape[1] else k.new_full((k.shape[0], groups), float("-inf"))
     if running is not None and running.empty:
         running = None
-    if running is not None:
-        new_max = torch.maximum(running.max, new_max)
+    if running is not None:  # a group's shift bounds each of its channels' running maxima
+        new_max = torch.maximum(running.max.unflatten(-1, (groups, -1)).amax(-1), new_max)
     new_max = new_max.detach()  # a shift: the results are invariant to it (see finite_shift)
     shift = finite_shift(new_max)
-    weights = torch.exp(k - shift[:, None])
-    numerator, denominator = (weights * v).sum(1), weights.sum(1)
+    weights = torch.exp(k - shift[:, None])  # (B, J, K)
+    numerator = torch.einsum("bjk,bjke->bke", weights, v.unflatten(-1, (groups, -1))).flatten(1)
+    denominator, new_max = (x.repeat_interleave(v.shape[-1] // groups, -1) for x in (weights.sum(1), new_max))
     if running is not None:
-        rescale = torch.exp(running.max - shift)
+        rescale = torch.exp(running.max - shift.repeat_interleave(v.shape[-1] // groups, -1))
         numerator = numerator + rescale * running.numerator
         denominator = denominator + rescale * running.denominator
     return AFTSimpleState(new_max, numerator, denominator)
