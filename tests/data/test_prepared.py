@@ -3,6 +3,7 @@ whatever the read and shard sizes, and damaged or interrupted datasets refused i
 
 from __future__ import annotations
 
+import ctypes
 import gzip
 import json
 import os
@@ -312,17 +313,25 @@ def test_sigterm_and_ctrl_c_stop_prepare_at_once_and_leave_no_staging(sources, t
     finished = threading.Event()
     encode = BPETokenizer.encode_batch
 
-    def slow(self, texts):  # a native call that outlasts the signal
-        time.sleep(1.0)
+    def slow(self, texts):
+        """A native call that outlasts the signal, as Rust's does: a C sleep on a thread that does not
+        take SIGINT (time.sleep would end at the signal and raise in the call's own thread). Ctrl-C comes
+        0.2 s into the call, timed from its start (on a loaded machine a timer from the test's start could
+        fire before it)."""
+        started.append(time.monotonic())
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        ctypes.CDLL(None).sleep(2)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         result = encode(self, texts)
         finished.set()
         return result
 
+    started = []
     monkeypatch.setattr(BPETokenizer, "encode_batch", slow)
-    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
     with pytest.raises(KeyboardInterrupt, match="interrupted"):
         prepare(sources / "docs", tmp_path / "data", tokenizer="bpe", vocab_size=300)
-    assert not finished.is_set()  # raised while the call still ran
+    assert time.monotonic() - started[0] < 1.5  # raised while the 2 s call still ran
     finished.wait(10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
