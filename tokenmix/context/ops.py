@@ -27,6 +27,7 @@ from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
 from ..functional import attention as attention_ops
 from ..functional import conv as conv_ops
+from ..functional import flash as flash_ops
 from ..functional.aft.common import check_table, finish, masked_keys, sees_a_key
 from ..functional.aft.conv import check_grid_kernel
 from ..functional.aft.exact import BLOCK_ELEMENTS, Bias, finite_shift, grid_taps
@@ -398,11 +399,11 @@ def mixed_chunk_attention(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``tokenmix.functional.mixed_chunk_attention`` (FLASH) over a split sequence; chunks are the whole
-    sequence's (global position // C). The quadratic part is the op over this rank's positions widened
-    to whole chunks (the C − 1 positions beside each edge arrive as a halo; the linear queries zeroed);
-    the linear part adds, to the chunks' sums here, Σ k_lin ⊗ v and the count of every real position
-    before the first chunk here (causal: each rank sends each rank its share, O(world·S·E)) or of all of
-    them (bidirectional).
+    sequence's (global position // C). The op runs over this rank's positions widened to whole chunks (the
+    C − 1 positions beside each edge arrive as a halo). Causal: its chunks' linear sums start from Σ
+    k_lin ⊗ v and the count of every real position before the first chunk here (each rank sends each
+    rank its share, O(world·S·E)), one pass. Bidirectional: the op's linear queries are zeroed and the
+    linear part over every real position of the sequence is added here.
 
     Args:
         q_quad, k_quad, q_lin, k_lin: (B, n, S). v: (B, n, E): this rank's positions.
@@ -428,36 +429,25 @@ def mixed_chunk_attention(
     inputs = [widened(real_only(t, mask, 1)) for t in (q_quad, k_quad, k_lin, v)]
     wide_real = widened(real.to(torch.int8)).bool()
     wide_q, wide_k, wide_k_lin, wide_v = inputs
-    no_linear = torch.zeros_like(wide_k_lin)  # the op's linear part: 0 · M / n, added below instead
-    quad = mixed_chunk_attention_op(
-        wide_q,
-        wide_k,
-        no_linear,
-        wide_k_lin,
-        wide_v,
-        chunk_size=size,
-        causal=causal,
-        # Without padding every widened position is a real one of the sequence (whole chunks lie within
-        # it): no mask, and the op makes no masked copies of its five inputs.
-        attention_mask=None if mask is None else wide_real,
-    )[:, before : before + split.length]
     state, count = _linear_before(k_lin, v, real, split, size, causal)
-    dtype = compute_dtype(v.dtype)
     wide_q_lin = pad_positions(q_lin, 1, before, after)  # the rows here, in whole chunks
+    wide_mask = None if mask is None else wide_real  # none without padding: the op makes no masked copies
+    if causal:  # the op's own linear sums, each chunk's starting from the ranks' before it: one pass
+        out = flash_ops.mixed_chunk_checked(
+            wide_q, wide_k, wide_q_lin, wide_k_lin, wide_v, wide_mask, size, True, prefix=(state, count)
+        )
+        return out[:, before : before + split.length]
+    # Bidirectional: the quadratic part by the op, its linear queries zeroed (0 · M / n), and the linear
+    # part over every real position of the sequence added here.
+    no_linear = torch.zeros_like(wide_k_lin)
+    quad = mixed_chunk_attention_op(
+        wide_q, wide_k, no_linear, wide_k_lin, wide_v, chunk_size=size, causal=False, attention_mask=wide_mask
+    )[:, before : before + split.length]
+    dtype = compute_dtype(v.dtype)
     pad = -wide_v.shape[1] % size
-    keys, values, queries = (
-        pad_positions(t.to(dtype), 1, 0, pad).unflatten(1, (-1, size))
-        for t in (torch.where(wide_real[..., None], wide_k_lin, 0), wide_v, wide_q_lin)
-    )
-    sums = torch.einsum("bcns,bcne->bcse", keys, values)  # (B, chunks, S, E)
-    counts = pad_positions(wide_real.to(dtype), 1, 0, pad).unflatten(1, (-1, size)).sum(2)
-    if causal:  # the chunks before each one: those before this rank's first, then this rank's before it
-        # Exclusive prefix sums by a shift, not cumsum − own: a NaN in a chunk must not reach its own
-        # rows through NaN − NaN.
-        sums = state[:, None] + pad_positions(sums.cumsum(1), 1, 1, 0)[:, :-1]
-        counts = count[:, None] + pad_positions(counts.cumsum(1), 1, 1, 0)[:, :-1]
-    else:  # every real position of the sequence
-        sums, counts = state[:, None].expand_as(sums), count[:, None].expand_as(counts)
+    queries = pad_positions(wide_q_lin.to(dtype), 1, 0, pad).unflatten(1, (-1, size))
+    sums = state[:, None].expand(-1, queries.shape[1], -1, -1)
+    counts = count[:, None].expand(-1, queries.shape[1])
     linear = (queries @ (sums / counts.clamp_min(1)[..., None, None])).flatten(1, 2)
     return (quad.to(dtype) + linear[:, before : before + split.length]).to(v.dtype)
 

@@ -154,6 +154,26 @@ def mixed_chunk_attention(
                 "initial_state and output_final_state need causal=True (the recurrent form)"
             )
         return _recurrent(*inputs, mask, chunk_size, initial_state, output_final_state, inplace)
+    return mixed_chunk_checked(*inputs, mask, chunk_size, causal, packing)
+
+
+def mixed_chunk_checked(
+    q_quad: torch.Tensor,
+    k_quad: torch.Tensor,
+    q_lin: torch.Tensor,
+    k_lin: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    chunk_size: int,
+    causal: bool,
+    packing: Packing | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``mixed_chunk_attention`` on checked inputs, non-finite ones selected away as it does. ``prefix``:
+    causal only — Σ k_lin ⊗ v (B, S, E) and the count (B,) of the real positions before this call's
+    first, which every chunk's linear sums start from (a context-parallel rank's: docs/spec.md §14);
+    the reference path then."""
+    inputs, seq_len = (q_quad, k_quad, q_lin, k_lin, v), v.shape[1]
     if v.numel() == 0 or q_quad.numel() == 0:
         return empty_output(v.shape, *inputs)
     q_quad, q_lin = finite_at_padding(q_quad, mask, 1), finite_at_padding(q_lin, mask, 1)
@@ -161,7 +181,7 @@ def mixed_chunk_attention(
     if not causal:
         return _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, False, packing)
     if all_finite(k_quad, k_lin, v):
-        return _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, True, packing)
+        return _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, True, packing, prefix)
     # Causal sums meet future keys and values in products with 0: compute with finite ones, then mark
     # the rows that see others of their own (a value at j ≤ i; a quadratic key at j ≤ i in the row's
     # chunk; a linear key in an earlier chunk), all within the row's segment when packed.
@@ -173,16 +193,26 @@ def mixed_chunk_attention(
     chunk_starts = index - (index - starts) % chunk_size
     quad_seen = seen_between(bad_quad.any(-1, keepdim=True), 1, chunk_starts, index + 1)
     lin_seen = seen_between(bad_lin.any(-1, keepdim=True), 1, starts, chunk_starts)
-    out = _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, True, packing)
+    out = _mixed_chunk(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, True, packing, prefix)
     values_seen = seen_in_window(bad_values, 1, None, starts=None if packing is None else starts)
     return reinstate(out, values_seen | quad_seen | lin_seen)
 
 
 def _mixed_chunk(
-    q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size: int, causal: bool, packing: Packing | None = None
+    q_quad,
+    k_quad,
+    q_lin,
+    k_lin,
+    v,
+    mask,
+    chunk_size: int,
+    causal: bool,
+    packing: Packing | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """mixed_chunk_attention on checked inputs (see there); a packed row goes through the kernel."""
-    if packing is not None or use_kernel("mixed_chunk_attention", v):
+    """mixed_chunk_attention on checked inputs (see there and ``mixed_chunk_checked``); a packed row goes
+    through the kernel."""
+    if prefix is None and (packing is not None or use_kernel("mixed_chunk_attention", v)):
         from ..kernels.flash import mixed_chunk_attention as kernel
 
         bounds = None if packing is None else packing.bounds
@@ -226,6 +256,9 @@ def _mixed_chunk(
         before = torch.ones(chunks, chunks, dtype=dtype, device=v.device).tril_(-1)
         states = torch.einsum("gh,bhse->bgse", before, states)
         counts = counts @ before.T
+        if prefix is not None:
+            states = states + prefix[0][:, None].to(dtype)
+            counts = counts + prefix[1][:, None].to(dtype)
     else:
         states = states.sum(1, keepdim=True).expand(-1, chunks, -1, -1)
         counts = counts.sum(1, keepdim=True).expand(-1, chunks)
