@@ -33,6 +33,13 @@ def inputs_of(op_name, q, k, v, w):
     return (q, k, v) if op_name == "aft_simple" else (q, k, v, w)
 
 
+def band_path(dense: bool):
+    """AFT-local's and AFT-conv's band as one dense matrix (what short sequences take) or added offset by
+    offset (long ones): both paths, whatever the test's length."""
+    sizes = {"DENSE_BAND_SIZE": float("inf"), "DENSE_BAND_REACH": 10**9} if dense else {"DENSE_BAND_REACH": 0}
+    return mock.patch.multiple(aft.local, **sizes)
+
+
 def random_case(batch, seq_len, channels, max_len, seed, dtype=torch.float64, key_scale=1.0, bias_scale=1.0):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, seq_len, channels, generator=gen, dtype=torch.float64) for _ in range(3))
@@ -62,6 +69,7 @@ cases = dict(
     causal=st.booleans(),
     masked=st.booleans(),
     small_blocks=st.booleans(),
+    dense_band=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 
@@ -75,11 +83,12 @@ SMALL_BLOCKS = (
 
 @given(**cases)
 def test_matches_reference(
-    op_name, window, batch, seq_len, channels, extra_len, causal, masked, small_blocks, seed
+    op_name, window, batch, seq_len, channels, extra_len, causal, masked, small_blocks, dense_band, seed
 ):
     tensors, mask, gen = random_case(batch, seq_len, channels, seq_len + extra_len, seed)
     small = (mock.patch.multiple(module, **sizes) for module, sizes in SMALL_BLOCKS) if small_blocks else ()
     with contextlib.ExitStack() as stack:
+        stack.enter_context(band_path(dense_band))
         for patch in small:
             stack.enter_context(patch)
         check(op_name, tensors, mask if masked else None, gen, causal, window=window)
@@ -87,52 +96,43 @@ def test_matches_reference(
 
 @given(**cases)
 def test_exact_fallback_matches_reference(
-    op_name, window, batch, seq_len, channels, extra_len, causal, masked, small_blocks, seed
+    op_name, window, batch, seq_len, channels, extra_len, causal, masked, small_blocks, dense_band, seed
 ):
     """Every entry recomputed with its joint maximum (the path underflowed entries take)."""
     tensors, mask, gen = random_case(batch, seq_len, channels, seq_len + extra_len, seed)
-    with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")}):
+    with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")}), band_path(dense_band):
         check(op_name, tensors, mask if masked else None, gen, causal, window=window)
 
 
-@pytest.mark.parametrize("op_name", OPS)
+@pytest.mark.parametrize(
+    "op_name,dense", [("aft_full", True), ("aft_local", True), ("aft_local", False), ("aft_simple", True)]
+)
 @pytest.mark.parametrize("causal", [False, True])
-def test_extreme_keys_and_biases_stay_accurate_in_float32(op_name, causal):
+def test_extreme_keys_and_biases_stay_accurate_in_float32(op_name, dense, causal):
     """|k| and |w| in the hundreds, where separate maxima underflow to 0/0 without the exact fallback:
     the output within 1e-4 of float64, every gradient finite and within 1e-3 (the backward divides by
     no underflowed denominator)."""
-    for seed in range(3):
-        tensors, mask, gen = random_case(2, 24, 6, 24, seed, key_scale=300.0, bias_scale=300.0)
-        q, k, v, w = (t.detach() for t in tensors)
-        for m in (None, mask):
-            rows = None if m is None else m[..., None].expand_as(q)
+    with band_path(dense):
+        for seed in range(3):
+            tensors, mask, gen = random_case(2, 24, 6, 24, seed, key_scale=300.0, bias_scale=300.0)
+            for m in (None, mask):
+                check_extreme(op_name, [t.detach() for t in tensors], m, gen, causal, f"seed {seed}")
 
-            def op(*args, module=aft, m=m):
-                q, k, v, *w_or_none = args
-                return call(
-                    module,
-                    op_name,
-                    q,
-                    k,
-                    v,
-                    w_or_none[0] if w_or_none else None,
-                    5,
-                    causal=causal,
-                    attention_mask=m,
-                )
 
-            inputs = dict(zip("qkvw", inputs_of(op_name, q, k, v, w), strict=False))
-            assert_float32_matches(
-                op,
-                functools.partial(op, module=reference),
-                inputs,
-                1e-3,
-                rows=rows,
-                generator=gen,
-                what=f"{op_name} seed {seed}",
-            )
-            out = op(*(t.float() for t in inputs.values()))
-            assert_close(out, op(*inputs.values(), module=reference), 1e-4, mask=rows, what=f"seed {seed}")
+def check_extreme(op_name, tensors, mask, gen, causal, what):
+    q, k, v, w = tensors
+    rows = None if mask is None else mask[..., None].expand_as(q)
+
+    def op(*args, module=aft):
+        q, k, v, *w_or_none = args
+        w = w_or_none[0] if w_or_none else None
+        return call(module, op_name, q, k, v, w, 5, causal=causal, attention_mask=mask)
+
+    inputs = dict(zip("qkvw", inputs_of(op_name, q, k, v, w), strict=False))
+    reference_op = functools.partial(op, module=reference)
+    assert_float32_matches(op, reference_op, inputs, 1e-3, rows=rows, generator=gen, what=f"{op_name} {what}")
+    out = op(*(t.float() for t in inputs.values()))
+    assert_close(out, reference_op(*inputs.values()), 1e-4, mask=rows, what=what)
 
 
 def test_backward_of_an_underflowed_denominator_is_finite():
@@ -174,9 +174,11 @@ def test_gradcheck(op_name, causal):
             attention_mask=mask,
         )
 
-    assert torch.autograd.gradcheck(op, args)
-    with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")}):  # the exact path too
-        assert torch.autograd.gradcheck(op, args)
+    for dense in (True, False) if op_name == "aft_local" else (True,):
+        with band_path(dense):
+            assert torch.autograd.gradcheck(op, args)
+            with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")}):  # the exact path too
+                assert torch.autograd.gradcheck(op, args)
 
 
 @pytest.mark.parametrize("op_name", OPS)
@@ -242,44 +244,53 @@ def check_conv(tensors, mask, gen, causal=False, tol=1e-6, grads=True):
     even=st.booleans(),
     masked=st.booleans(),
     exact=st.booleans(),
+    dense_band=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_conv_matches_reference(
-    batch, seq_len, heads, head_dim, half_kernel, causal, even, masked, exact, seed
+    batch, seq_len, heads, head_dim, half_kernel, causal, even, masked, exact, dense_band, seed
 ):
     kernel_size = 2 * half_kernel + 1 + (1 if even and causal else 0)  # even sizes only where allowed
     tensors, mask, gen = conv_case(batch, seq_len, heads, head_dim, kernel_size, seed)
-    with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")} if exact else {}):
+    exact_path = mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")} if exact else {})
+    with exact_path, band_path(dense_band):
         check_conv(tensors, mask if masked else None, gen, causal)
 
 
+@pytest.mark.parametrize("dense", [True, False])
 @pytest.mark.parametrize("causal", [False, True])
-def test_conv_extreme_keys_and_kernels_in_float32(causal):
-    for seed in range(3):
-        tensors, mask, _ = conv_case(2, 24, 3, 4, 7, seed, scale=300.0)
-        tensors = [t.detach() for t in tensors]
-        for m in (None, mask):
-            out = aft_conv(*[t.float() for t in tensors], causal=causal, attention_mask=m)
-            expected = reference.aft_conv(*tensors, causal=causal, attention_mask=m)
-            rows = None if m is None else m[..., None, None].expand_as(out)
-            assert_close(out, expected, 1e-4, mask=rows, what=f"seed {seed}")
-            assert_float32_matches(
-                lambda *a, m=m: aft_conv(*a, causal=causal, attention_mask=m),
-                lambda *a, m=m: reference.aft_conv(*a, causal=causal, attention_mask=m),
-                dict(zip("qkvw", tensors, strict=True)),
-                1e-3,
-                rows=rows,
-                what=f"aft_conv seed {seed}",
-            )
+def test_conv_extreme_keys_and_kernels_in_float32(causal, dense):
+    with band_path(dense):
+        for seed in range(3):
+            tensors, mask, _ = conv_case(2, 24, 3, 4, 7, seed, scale=300.0)
+            for m in (None, mask):
+                check_conv_extreme([t.detach() for t in tensors], m, causal, f"seed {seed}")
+
+
+def check_conv_extreme(tensors, mask, causal, what):
+    out = aft_conv(*[t.float() for t in tensors], causal=causal, attention_mask=mask)
+    expected = reference.aft_conv(*tensors, causal=causal, attention_mask=mask)
+    rows = None if mask is None else mask[..., None, None].expand_as(out)
+    assert_close(out, expected, 1e-4, mask=rows, what=what)
+    assert_float32_matches(
+        lambda *a: aft_conv(*a, causal=causal, attention_mask=mask),
+        lambda *a: reference.aft_conv(*a, causal=causal, attention_mask=mask),
+        dict(zip("qkvw", tensors, strict=True)),
+        1e-3,
+        rows=rows,
+        what=f"aft_conv {what}",
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_conv_gradcheck(causal):
     tensors, mask, _ = conv_case(2, 6, 2, 2, 3, seed=3)
     op = lambda *a: aft_conv(*a, causal=causal, attention_mask=mask)  # noqa: E731
-    assert torch.autograd.gradcheck(op, tuple(tensors))
-    with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")}):
-        assert torch.autograd.gradcheck(op, tuple(tensors))
+    for dense in (True, False):
+        with band_path(dense):
+            assert torch.autograd.gradcheck(op, tuple(tensors))
+            with mock.patch.dict(aft.common.TINY, {torch.float64: float("inf")}):
+                assert torch.autograd.gradcheck(op, tuple(tensors))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 3e-3)])

@@ -219,6 +219,9 @@ def _mixed_chunk(
         return kernel(q_quad, k_quad, q_lin, k_lin, v, mask, chunk_size, bool(causal), bounds)
     batch, seq_len, qk_dim = q_quad.shape
     dtype = compute_dtype(v.dtype)
+    # A sequence shorter than a chunk is one chunk of its own length: padding it to C would only add
+    # excluded positions (C/N times the work). The weights' 1/C stays: it is the chunk size, not a length.
+    length, chunk_size = chunk_size, min(chunk_size, seq_len)
 
     padding = -seq_len % chunk_size
     chunks = (seq_len + padding) // chunk_size
@@ -240,7 +243,7 @@ def _mixed_chunk(
         v_chunks.reshape(batch * chunks, 1, chunk_size, -1),
         causal=causal,
         attention_mask=None if real is None else real.view(batch * chunks, chunk_size),
-        **_quadratic_options(qk_dim, chunk_size),
+        **_quadratic_options(qk_dim, length),
     ).view(batch * chunks, chunk_size, -1)
 
     # Across chunks: per-chunk states Kᵀ V over real keys, then their total or exclusive prefix sum,
