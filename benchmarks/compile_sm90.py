@@ -22,7 +22,9 @@ import io
 import json
 import os
 import re
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import torch
@@ -165,12 +167,14 @@ def compile_op(op: str) -> dict:
                 patched[(module, name)] = value
                 setattr(module, name, Recorder(value))
     os.environ["TRITON_INTERPRET"] = "1"  # lets use_kernel take CPU tensors; the kernels are already built
-    with tokenmix.use_backend("triton"):
-        for function, tensors, options in _calls(op):
-            out = function(*tensors, **options)
-            torch.autograd.grad(out, tensors, torch.ones_like(out))
-    for (module, name), value in patched.items():
-        setattr(module, name, value)
+    try:
+        with tokenmix.use_backend("triton"):
+            for function, tensors, options in _calls(op):
+                out = function(*tensors, **options)
+                torch.autograd.grad(out, tensors, torch.ones_like(out))
+    finally:  # the next op records its own launches
+        for (module, name), value in patched.items():
+            setattr(module, name, value)
     seen, stages, shared, registers = set(), [], [], []
     for kernel, args, kwargs in launches:
         signature, constexprs = _signature(kernel, args, kwargs)
@@ -199,9 +203,15 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the interpreter's functions do not compile")
 
-    results = {op: compile_op(op) for op in args.ops}
+    results = {}
+    for op in args.ops:  # an op that fails is recorded and the others still compile
+        try:
+            results[op] = compile_op(op)
+        except Exception:  # the compiler's own error, kept whole in the JSON
+            results[op] = {"error": traceback.format_exc()}
+            print(results[op]["error"], file=sys.stderr)
     for op, result in results.items():
-        for row in result["registers"]:
+        for row in result.get("registers", []):
             print(
                 f"{op:22s} {row['kernel']:24s} {row['inputs']:6s} registers {row['registers']:3d}",
                 f"spills {row['spill_bytes']:5d} B",
@@ -212,6 +222,9 @@ def main() -> None:
         json.dumps({"target": "cuda sm_90", "triton": triton.__version__, "ops": results}, indent=2)
     )
     print(f"wrote {path}")
+    failed = [op for op, result in results.items() if "error" in result]
+    if failed:
+        raise SystemExit(f"did not compile: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

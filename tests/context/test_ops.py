@@ -68,6 +68,11 @@ def _cases():
             functools.partial(cp.mixed_chunk_attention, chunk_size=3),
             lambda randn, n: ([(randn(B, n, 3), 1) for _ in range(4)] + [(randn(B, n, 2), 1)], []),
         ),
+        "mixed_chunk_attention C=1": (  # every share starts and ends on a chunk boundary: no halo
+            functools.partial(F.mixed_chunk_attention, chunk_size=1),
+            functools.partial(cp.mixed_chunk_attention, chunk_size=1),
+            lambda randn, n: ([(randn(B, n, 3), 1) for _ in range(4)] + [(randn(B, n, 2), 1)], []),
+        ),
         "mixed_chunk_attention C=5": (  # chunks longer than a share at 4 ranks
             functools.partial(F.mixed_chunk_attention, chunk_size=5),
             functools.partial(cp.mixed_chunk_attention, chunk_size=5),

@@ -400,7 +400,8 @@ def mixed_chunk_attention(
 ) -> torch.Tensor:
     """``tokenmix.functional.mixed_chunk_attention`` (FLASH) over a split sequence; chunks are the whole
     sequence's (global position // C). The op runs over this rank's positions widened to whole chunks (the
-    C − 1 positions beside each edge arrive as a halo). Causal: its chunks' linear sums start from Σ
+    positions beside each edge that complete its chunks arrive as a halo, fewer than C; none where every
+    share starts and ends on a chunk boundary). Causal: its chunks' linear sums start from Σ
     k_lin ⊗ v and the count of every real position before the first chunk here (each rank sends each
     rank its share, O(world·S·E)), one pass. Bidirectional: the op's linear queries are zeroed and the
     linear part over every real position of the sequence is added here.
@@ -420,11 +421,14 @@ def mixed_chunk_attention(
     first = split.start - split.start % size  # the global start of this rank's first chunk
     last = split.stop if causal else min(split.total, -(-split.stop // size) * size)  # of its last (bidir.)
     before, after = split.start - first, last - split.stop
-    reach = size - 1
+    reach_before, reach_after = _chunk_reach(split, size, causal)
     real = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device) if mask is None else mask
 
     def widened(x):
-        return halo(x, split, reach, 0 if causal else reach)[:, reach - before : reach + split.length + after]
+        if reach_before == reach_after == 0:  # every share starts (and ends) on a chunk boundary
+            return x
+        wide = halo(x, split, reach_before, reach_after)
+        return wide[:, reach_before - before : reach_before + split.length + after]
 
     inputs = [widened(real_only(t, mask, 1)) for t in (q_quad, k_quad, k_lin, v)]
     wide_real = widened(real.to(torch.int8)).bool()
@@ -450,6 +454,15 @@ def mixed_chunk_attention(
     counts = count[:, None].expand(-1, queries.shape[1])
     linear = (queries @ (sums / counts.clamp_min(1)[..., None, None])).flatten(1, 2)
     return (quad.to(dtype) + linear[:, before : before + split.length]).to(v.dtype)
+
+
+def _chunk_reach(split: Split, size: int, causal: bool) -> tuple[int, int]:
+    """The most positions any rank needs from before its share to start on a chunk boundary, and
+    (bidirectional) from after it to end on one: what the halo carries, the same on every rank (< C)."""
+    stops = [start + n for start, n in zip(split.starts, split.lengths, strict=True)]
+    before = max(start % size for start in split.starts)
+    after = 0 if causal else max(min(split.total, -(-stop // size) * size) - stop for stop in stops)
+    return before, after
 
 
 def _linear_before(k_lin, v, real, split: Split, size: int, causal: bool):

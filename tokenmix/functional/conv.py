@@ -105,7 +105,7 @@ def _band(kernel: torch.Tensor, seq_len: int, causal: bool) -> torch.Tensor:
     taps = positions[None, :] - positions[:, None] + _left_padding(kernel_size, causal)  # (N, N)
     inside = (taps >= 0) & (taps < kernel_size)
     band = kernel.gather(-1, taps.clamp(0, kernel_size - 1).expand(*kernel.shape[:-1], seq_len))
-    return band * inside
+    return torch.where(inside, band, torch.zeros((), dtype=band.dtype, device=band.device))  # selected away
 
 
 def _by_head(x: torch.Tensor, heads: int) -> torch.Tensor:
