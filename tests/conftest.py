@@ -11,6 +11,10 @@ if not torch.cuda.is_available():
     # Before anything imports triton (transformers does, for one), which reads it at import; the
     # kernels' own tests need it, and auto never interprets CPU tensors, so nothing else changes.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] == "1":
+        from tests import interpreter
+
+        interpreter.install()  # the same interpreter without its redundant re-patching (tests/interpreter.py)
 
 # The mixers the tests register (tests/mixers/examples: the guide's worked example) join every all-mixer
 # test: imported here, before any test module reads list_mixers() at its collection.
