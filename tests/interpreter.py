@@ -37,8 +37,13 @@ def install() -> bool:
     patched: set[int] = set()  # the language modules patched in the launch running now
     depth = [0]
 
-    def languages(fn) -> set[int]:
-        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+    seen: dict = {}  # a function's language modules, by function (reading its globals every call cost 3 %)
+
+    def languages(fn) -> frozenset[int]:
+        if fn not in seen:
+            found = (id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+            seen[fn] = frozenset(found)
+        return seen[fn]
 
     def launch_call(self, *args, **kwargs):
         saved = set(patched)
