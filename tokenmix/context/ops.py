@@ -418,9 +418,7 @@ def mixed_chunk_attention(
     mask = _local_mask(split, v, attention_mask)
     causal = check_flag("causal", causal)
     size = chunk_size
-    first = split.start - split.start % size  # the global start of this rank's first chunk
-    last = split.stop if causal else min(split.total, -(-split.stop // size) * size)  # of its last (bidir.)
-    before, after = split.start - first, last - split.stop
+    before, after = _chunk_edges(split.start, split.stop, split.total, size, causal)
     reach_before, reach_after = _chunk_reach(split, size, causal)
     real = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device) if mask is None else mask
 
@@ -431,7 +429,7 @@ def mixed_chunk_attention(
         return wide[:, reach_before - before : reach_before + split.length + after]
 
     inputs = [widened(real_only(t, mask, 1)) for t in (q_quad, k_quad, k_lin, v)]
-    wide_real = widened(real.to(torch.int8)).bool()
+    wide_real = widened(real.to(torch.int8)).bool()  # on every rank, mask or not: the halo is a collective
     wide_q, wide_k, wide_k_lin, wide_v = inputs
     state, count = _linear_before(k_lin, v, real, split, size, causal)
     wide_q_lin = pad_positions(q_lin, 1, before, after)  # the rows here, in whole chunks
@@ -456,13 +454,21 @@ def mixed_chunk_attention(
     return (quad.to(dtype) + linear[:, before : before + split.length]).to(v.dtype)
 
 
+def _chunk_edges(start: int, stop: int, total: int, size: int, causal: bool) -> tuple[int, int]:
+    """The positions a share [start, stop) lacks before it to start on a chunk boundary, and
+    (bidirectional) after it to end on one (or on the sequence's end)."""
+    after = 0 if causal else min(total, -(-stop // size) * size) - stop
+    return start % size, after
+
+
 def _chunk_reach(split: Split, size: int, causal: bool) -> tuple[int, int]:
-    """The most positions any rank needs from before its share to start on a chunk boundary, and
-    (bidirectional) from after it to end on one: what the halo carries, the same on every rank (< C)."""
-    stops = [start + n for start, n in zip(split.starts, split.lengths, strict=True)]
-    before = max(start % size for start in split.starts)
-    after = 0 if causal else max(min(split.total, -(-stop // size) * size) - stop for stop in stops)
-    return before, after
+    """The most positions any rank lacks before and after its share (``_chunk_edges``): what the halo
+    carries, the same on every rank (< C)."""
+    edges = [
+        _chunk_edges(start, start + n, split.total, size, causal)
+        for start, n in zip(split.starts, split.lengths, strict=True)
+    ]
+    return max(before for before, _ in edges), max(after for _, after in edges)
 
 
 def _linear_before(k_lin, v, real, split: Split, size: int, causal: bool):
