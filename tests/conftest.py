@@ -38,9 +38,18 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 def pytest_configure(config: pytest.Config) -> None:
     """``-n N`` sends each test file to one pytest-xdist worker (``--dist loadfile``), so that a module-scoped
     fixture (the sharded torchrun, the trained compare) is built once, not once per worker; the suite
-    measured 621 s so against 647–661 s with ``load``. An explicit other ``--dist`` is kept."""
+    measured 621 s so against 647–661 s with ``load``. An explicit other ``--dist`` is kept. The files go
+    out in collection order (not most tests first), which ``pytest_collection_modifyitems`` sets."""
+    config.addinivalue_line("markers", "starts_first: a long file, sent to a worker before the others")
     if getattr(config.option, "dist", None) == "load":
         config.option.dist = "loadfile"
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files marked ``starts_first`` (one long test each: the sm90 compile alone is a quarter of the
+    suite's time on one core) run first, so that no worker is left with one of them while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("starts_first") is None)  # stable: order kept else
 
 
 @pytest.fixture(scope="session")

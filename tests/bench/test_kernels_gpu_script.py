@@ -12,16 +12,28 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels_gpu.py"
+pytestmark = pytest.mark.starts_first  # tests/conftest.py
+# `python SCRIPT ARGS` with the kernel tests' interpreter (tests/interpreter.py: the same values, faster).
+RUN_AS_SCRIPT = """
+import runpy, sys
+from tests import interpreter
+interpreter.install()
+sys.argv = sys.argv[1:]
+sys.path[0] = str(__import__("pathlib").Path(sys.argv[0]).parent)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def test_the_gpu_benchmark_script_checks_times_and_writes(tmp_path):
     out = tmp_path / "kernels.json"
     environment = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out", str(out)],
+        [sys.executable, "-c", RUN_AS_SCRIPT, str(SCRIPT), "--smoke", "--out", str(out)],
+        cwd=SCRIPT.parents[1],
         capture_output=True,
         text=True,
         env=environment,

@@ -22,6 +22,7 @@ from tokenmix.context import ops as cp
 from tokenmix.functional.aft import common as aft_common
 
 B, H = 2, 2
+pytestmark = pytest.mark.starts_first  # tests/conftest.py
 
 
 def _cases():

@@ -17,6 +17,7 @@ import pytest
 from tests.functional.ops import KERNELS
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.starts_first  # tests/conftest.py
 
 
 def test_the_compile_script_covers_every_kernel_of_the_op_table():

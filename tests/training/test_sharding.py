@@ -23,6 +23,7 @@ from .conftest import TINY
 from .test_trainer import assert_same_weights, interrupt_at, weights, without_timing
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
+pytestmark = pytest.mark.starts_first  # tests/conftest.py
 # One evaluation per step, so every step's loss is compared. Softmax without q/k biases: see
 # test_distributed.py (Adam turns a zero gradient's round-off into full-size steps).
 STEPS = dict(TINY, steps=10, eval_every=1, eval_batches=1, grad_accum=2)
