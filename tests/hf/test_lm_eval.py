@@ -109,6 +109,27 @@ def test_lm_eval_bits_per_byte_equals_tokenmix_eval(exported):
     assert 0 <= cloze_scores["acc,none"] <= 1 and math.isfinite(cloze_scores["perplexity,none"])
 
 
+def test_the_harness_s_own_tasks_are_indexed_only_when_asked_for(exported, monkeypatch):
+    """Indexing them reads ~15,000 task files; the bundled tasks alone do not need it."""
+    import lm_eval
+    import lm_eval.tasks
+
+    made, asked = [], []
+    real = lm_eval.tasks.TaskManager
+
+    def manager(*args, include_defaults=True, **kwargs):
+        made.append(include_defaults)  # the harness's index itself is not built here (10 s)
+        return real(*args, include_defaults=False, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", manager)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: asked.append(kw) or {"results": {}})
+    _, directory = exported
+    lm_evaluate(directory, ["tokenmix_heldout_bpb"])
+    assert made == [False] and "tokenmix_heldout_bpb" in asked[-1]["task_manager"].all_tasks
+    lm_evaluate(directory, ["tokenmix_heldout_bpb", "lambada_openai"])
+    assert made[1:] == [False, True]
+
+
 def test_the_documented_command_runs_offline_with_a_limit(exported, tmp_path, capsys):
     _, directory = exported
     out = tmp_path / "results"
