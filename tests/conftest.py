@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     if os.environ["TRITON_INTERPRET"] == "1":
         from tests import interpreter
 
-        interpreter.install()  # the same interpreter without its redundant re-patching (tests/interpreter.py)
+        interpreter.install()  # the same interpreter, faster (tests/interpreter.py)
 
 # The mixers the tests register (tests/mixers/examples: the guide's worked example) join every all-mixer
 # test: imported here, before any test module reads list_mixers() at its collection.

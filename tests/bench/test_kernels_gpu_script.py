@@ -19,11 +19,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels_gpu.py"
 pytestmark = pytest.mark.starts_first  # tests/conftest.py
 # `python SCRIPT ARGS` with the kernel tests' interpreter (tests/interpreter.py: the same values, faster).
 RUN_AS_SCRIPT = """
-import runpy, sys
+import os, runpy, sys
 from tests import interpreter
 interpreter.install()
 sys.argv = sys.argv[1:]
-sys.path[0] = str(__import__("pathlib").Path(sys.argv[0]).parent)
+sys.path[0] = os.path.dirname(sys.argv[0])
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
