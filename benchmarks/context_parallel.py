@@ -54,6 +54,23 @@ def _counting_sends(sent: list[int]) -> None:
     funcol.all_gather_single_autograd, dist.all_reduce, dist.batch_isend_irecv = gathered, reduced, batched
 
 
+def _tensor_peak(step, mixer: torch.nn.Module, share: torch.Tensor) -> int:
+    """The most bytes of tensors one more step holds at once beyond those held before it (PyTorch's
+    MemTracker: every tensor storage made through the dispatcher, freed when its last reference goes),
+    the gradients made afresh as a training step makes them: what a GPU's allocator counts as
+    allocated, without what a CPU allocator keeps cached."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mixer.zero_grad(set_to_none=True)
+    share.grad = None
+    tracker = MemTracker()
+    tracker.track_external(mixer, share)
+    with tracker:
+        before = sum(s["Total"] for s in tracker.get_tracker_snapshot("current").values())
+        step()
+    return max(s["Total"] for s in tracker.get_tracker_snapshot("peak").values()) - before
+
+
 def _point(
     rank: int, world: int, store: str, name: str, length: int, dim: int, repeats: int, out: str, order: str
 ):
@@ -95,7 +112,8 @@ def _point(
         times.append(time.perf_counter() - start)
     record = {
         "mixer": name, "N": length, "ranks": world, "rank": rank,
-        "peak_added_mib": peak / 1024, "seconds": statistics.median(times), "seconds_all": times,
+        "peak_added_mib": peak / 1024, "tensor_peak_added_mib": _tensor_peak(step, mixer, share) / 2**20,
+        "seconds": statistics.median(times), "seconds_all": times,
         "bytes_sent_per_step": sum(sent[:per_step]),
     }  # fmt: skip
     Path(out).joinpath(f"{rank}.json").write_text(json.dumps(record))
@@ -117,6 +135,7 @@ def measure(name: str, length: int, world: int, dim: int, repeats: int, order: s
     return {
         "mixer": name, "N": length, "ranks": world, "order": order,
         "peak_added_mib_per_rank": worst["peak_added_mib"],
+        "tensor_peak_added_mib_per_rank": max(r["tensor_peak_added_mib"] for r in records),
         "seconds_per_rank": max(r["seconds"] for r in records),
         "seconds_by_rank": [r["seconds"] for r in records],
         "seconds_spread": [min(t for r in records for t in r["seconds_all"]),

@@ -589,3 +589,35 @@ def test_the_window_costs_no_more_saved_memory_than_its_bias_band(op, causal):
     band_growth = 16 * seq_len * offsets * (4 if op == "aft_conv" else 1)
     growth = _saved_bytes(call(64)) - _saved_bytes(call(8))
     assert growth < band_growth + 4 * seq_len * dim * 4, growth
+
+
+@pytest.mark.parametrize("every_entry_exact", [False, True])
+def test_aft_simple_continues_its_scan_from_the_state(every_entry_exact):
+    """aft_simple from an initial_state runs its O(T·D) scan started from the state (chunks of 3 here,
+    crossing the cuts) — in pieces equal to the float64 equation on each row's own sequence, outputs
+    and every gradient, with keys spanning ±40 so that denominators underflow and are recomputed with
+    the state's keys in front (or every entry is, with ``every_entry_exact``)."""
+    gen = torch.Generator().manual_seed(7)
+    sequences = [torch.randn(3, 13, 4, generator=gen, dtype=torch.float64) for _ in range(3)]
+    sequences[1] = sequences[1] * 40
+
+    def op(q, k, v, **state):
+        if not state:  # each row's own sequence: the equation
+            return reference.aft_simple(q, k, v, causal=True)
+        return aft_simple(q, k, v, causal=True, **state)
+
+    tiny = {torch.float64: float("inf")} if every_entry_exact else {}
+    with mock.patch.object(aft.simple, "SCAN_CHUNK", 3), mock.patch.dict(aft.common.TINY, tiny):
+        check_pieces(op, sequences, [], [0, 5, 6, 13], [13, 8, 11], 1e-10)
+
+
+def test_aft_simple_state_carries_a_nan_to_every_later_row():
+    """A NaN key folded into the state reaches every row after it in its channel, as in the whole op;
+    the other channels stay finite."""
+    q, k, v = (torch.randn(2, 9, 3, dtype=torch.float64) for _ in range(3))
+    k[1, 2, 0] = float("nan")
+    _, state = aft_simple(q[:, :4], k[:, :4], v[:, :4], causal=True, output_final_state=True)
+    later = aft_simple(q[:, 4:], k[:, 4:], v[:, 4:], causal=True, initial_state=state)
+    whole = aft_simple(q, k, v, causal=True)[:, 4:]
+    assert torch.equal(torch.isnan(later), torch.isnan(whole)) and torch.isnan(later[1, :, 0]).all()
+    torch.testing.assert_close(later.nan_to_num(0.0), whole.nan_to_num(0.0), rtol=1e-10, atol=1e-10)

@@ -269,3 +269,27 @@ def test_the_old_kernel_name_warns_and_is_aft_locals():
     with pytest.warns(DeprecationWarning, match="aft_banded is deprecated; use aft_local"):
         old = kernels.aft_banded
     assert old is kernels.aft_local
+
+
+def test_aft_simple_kernel_continues_from_a_state(device):
+    """The causal kernel from an initial_state (the state's keys as one more key before the rows): equal
+    to the reference path's scan from the same state, outputs and the gradients of the inputs and of
+    the keys and values folded into the state, across the kernel's time blocks; a row whose state saw
+    no key (−inf, 0, 0) starts from nothing."""
+    (q, k, v), grad, mask = case(device, torch.float32, seq_len=37)
+    mask[1, :9] = False  # row 1's state: no key
+
+    def run_from_state(backend):
+        with tokenmix.use_backend("reference"):
+            _, state = aft_simple(q[:, :9], k[:, :9], v[:, :9], causal=True, attention_mask=mask[:, :9],
+                                  output_final_state=True)  # fmt: skip
+        with tokenmix.use_backend(backend):
+            out = aft_simple(q[:, 9:], k[:, 9:], v[:, 9:], causal=True, attention_mask=mask[:, 9:],
+                             initial_state=state)  # fmt: skip
+        return (out, *torch.autograd.grad(out, (q, k, v), grad[:, 9:]))
+
+    assert run_from_state("reference")[0].isfinite().all()
+    for name, ours, want in zip(["out", "q", "k", "v"], run_from_state("triton"), run_from_state("reference"),
+                                strict=True):  # fmt: skip
+        error = relative_error(ours.double(), want.double())
+        assert error <= TOLERANCE[torch.float32], f"{name}: relative error {error:.2e}"

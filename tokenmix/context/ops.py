@@ -28,11 +28,12 @@ from ..functional import aft as aft_ops
 from ..functional import attention as attention_ops
 from ..functional import conv as conv_ops
 from ..functional import flash as flash_ops
-from ..functional.aft.common import check_table, finish, masked_keys, sees_a_key
+from ..functional.aft.common import check_inputs, check_table, finish, masked_keys, sees_a_key
 from ..functional.aft.conv import check_grid_kernel
 from ..functional.aft.exact import BLOCK_ELEMENTS, Bias, finite_shift, grid_taps
 from ..functional.aft.full import row_sums, stacked_terms
 from ..functional.aft.local import windowed
+from ..functional.aft.recurrent import folded
 from ..functional.flash import mixed_chunk_attention as mixed_chunk_attention_op
 from .exchange import Split, gather_sequence, gather_summaries, halo, halo_edges, pad_positions
 from .ring import ring_attention
@@ -127,10 +128,9 @@ def aft_simple(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``tokenmix.functional.aft_simple`` over a split sequence. Each rank sends its keys' running
-    (max, numerator, denominator) per channel; the ranks before it (causal) or all others
-    (bidirectional) fold into one state, which enters the op as one more key before this rank's
-    positions: k* = max + log(denominator), v* = numerator / denominator (AFT-simple has no position
-    bias, so a key's place does not matter, only that every query sees it).
+    (max, numerator, denominator) per channel. Causal: those of the ranks before it fold into one state,
+    from which the op's own scan starts (its ``initial_state``). Bidirectional: every rank's fold into
+    the whole sequence's softmax-weighted mean of v per channel, which every row reads (σ(q) ⊙ it).
 
     Args:
         q, k, v: (B, n, D), this rank's positions. split: the sequence's split.
@@ -146,24 +146,20 @@ def aft_simple(
     ranks = torch.arange(split.world, device=q.device)
     # Every rank's summary stays in every rank's graph (selected, not dropped), so the gather's backward,
     # a collective, runs on all of them.
-    key, value, seen = _folded(summaries, (ranks < split.rank) if causal else (ranks != split.rank))
-    keys = torch.cat((key[:, None].to(k.dtype), k), 1)
-    values = torch.cat((value[:, None].to(v.dtype), v), 1)
-    queries = torch.cat((q[:, :1], q), 1)  # the folded key's own row is not an output
-    real = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if mask is None else mask
-    # The folded key is real where some rank saw a key; a channel that saw none has k* = 0 with weight 0.
-    out = aft_ops.aft_simple(
-        queries, keys, values, causal=causal, attention_mask=torch.cat((seen[:, None], real), 1)
-    )
-    return out[:, 1:]
+    if causal:  # the op's own scan, started from the ranks before
+        state = _fold(summaries, ranks < split.rank)
+        return aft_ops.aft_simple(q, k, v, causal=True, attention_mask=mask, initial_state=state)
+    check_inputs(q, k, v, mask)
+    _, mean = folded(_fold(summaries, ranks >= 0))
+    dtype = compute_dtype(q.dtype)
+    return (torch.sigmoid(finite_at_padding(q, mask, 1).to(dtype)) * mean[:, None]).to(q.dtype)
 
 
-def _folded(summaries: torch.Tensor, selected: torch.Tensor):
+def _fold(summaries: torch.Tensor, selected: torch.Tensor) -> aft_ops.AFTSimpleState:
     """The (max, numerator, denominator) of the ranks ``selected`` (R,) selects among ``summaries``
-    (R, 3, B, D), as one key and value per channel, and per row whether any of them saw a key. A
-    channel where a selected rank saw a non-finite key (a NaN or +inf maximum) folds to a NaN key and
-    value, one where it saw only a non-finite value to a NaN value, so that it reaches the rows that see
-    those keys, as in the op."""
+    (R, 3, B, D), folded into one running state (B, D) each. A channel where a selected rank saw a
+    non-finite key (a NaN or +inf maximum) folds to a NaN maximum, one where it saw only a non-finite
+    value to a NaN numerator, so that it reaches the rows that see those keys, as in the op."""
     maxima = summaries[:, 0]
     bad_key = torch.isnan(maxima) | (maxima == float("inf")) | ~torch.isfinite(summaries[:, 2])
     bad_value = bad_key | ~torch.isfinite(summaries[:, 1])
@@ -175,12 +171,17 @@ def _folded(summaries: torch.Tensor, selected: torch.Tensor):
     scale = torch.where(counted, torch.exp(torch.where(counted, maxima, shift) - shift), zero)
     # Ranks not counted are selected away, not multiplied by 0 (0 · NaN is NaN).
     numerator, denominator = (torch.where(counted, scale * summaries[:, i], zero).sum(0) for i in (1, 2))
-    seen = denominator > 0
-    safe = torch.where(seen, denominator, torch.ones_like(denominator))
     nan = torch.full((), float("nan"), dtype=maxima.dtype, device=maxima.device)
-    key = torch.where(nan_key, nan, torch.where(seen, shift + torch.log(safe), zero))
-    value = torch.where(nan_value, nan, torch.where(seen, numerator / safe, zero))
-    return key, value, (seen | nan_value).any(-1)
+    top = torch.where(nan_key, nan, torch.where(denominator > 0, shift, floor))
+    return aft_ops.AFTSimpleState(top, torch.where(nan_value, nan, numerator), denominator)
+
+
+def _folded(summaries: torch.Tensor, selected: torch.Tensor):
+    """``_fold``'s state as one key and value per channel (B, D) (0 where no key was seen) and per row
+    whether any was (B,), for an op that takes them as one more key."""
+    key, value = folded(_fold(summaries, selected))
+    seen = key != float("-inf")  # NaN included: it must reach the rows
+    return torch.where(seen, key, torch.zeros((), dtype=key.dtype, device=key.device)), value, seen.any(-1)
 
 
 def aft_local(

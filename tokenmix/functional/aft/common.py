@@ -83,14 +83,16 @@ def finish(
     bias: Bias,
     causal: bool,
     row_offset: int = 0,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """σ(q) ⊙ num/den, with underflowed denominators recomputed exactly and key-less rows set to 0
-    (rows at positions ``row_offset`` onwards: see ``exact``)."""
+    (rows at positions ``row_offset`` onwards: see ``exact``; ``prefix``: a running state's one key and
+    value, see ``recompute_underflowed``)."""
     flagged = (den < TINY[den.dtype]) & sees_a_key
     # Entries that are flagged or see no key divide by 1, selected (not multiplied) away: their tiny or
     # zero den would give the backward num/den² = inf, and inf·0 = NaN in the gradients of k, v and w.
     ratio = num / torch.where(flagged | ~sees_a_key, torch.ones_like(den), den)
-    exact_ratio = recompute_underflowed(ratio, flagged, keys, values, bias, causal, row_offset)
+    exact_ratio = recompute_underflowed(ratio, flagged, keys, values, bias, causal, row_offset, prefix)
     return torch.sigmoid(q) * exact_ratio
 
 

@@ -138,17 +138,31 @@ def recompute_underflowed(
     bias: Bias,
     causal: bool,
     row_offset: int = 0,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``ratio`` (B, T, D) with its ``flagged`` entries replaced by ``exact``'s."""
+    """``ratio`` (B, T, D) with its ``flagged`` entries replaced by ``exact``'s. ``prefix``: one more key
+    and value (B, D) before the keys, unbiased and seen by every row (−inf: no key), as a causal op
+    continued from a running state holds it; laid in front only when some entry is recomputed."""
     if torch.compiler.is_compiling():
+        keys, values, row_offset = _prefixed(keys, values, prefix, row_offset)
         sizes = (*bias.sizes, 0, 0)[:2]  # ints, not a list: the op's backward returns None for each
         return aft_exact_underflowed_fwd(
             ratio, flagged, keys, values, list(bias.tensors), bias.kind, *sizes, causal, row_offset
         )
     if flagged.device.type != "meta" and bool(flagged.any()):  # meta tensors: shapes only, no values
+        keys, values, row_offset = _prefixed(keys, values, prefix, row_offset)
         exact_ratios = exact(keys, values, bias, causal, flagged, row_offset)
         return ratio.index_put(flagged.nonzero(as_tuple=True), exact_ratios)
     return ratio
+
+
+def _prefixed(keys, values, prefix, row_offset: int):
+    """keys and values (B, L, D) with ``prefix``'s key and value in front, each row one place later."""
+    if prefix is None:
+        return keys, values, row_offset
+    key, value = prefix
+    keys = torch.cat((key[:, None].to(keys.dtype), keys), 1)
+    return keys, torch.cat((value[:, None].to(values.dtype), values), 1), row_offset + 1
 
 
 @torch.library.custom_op("tokenmix::aft_exact_underflowed_fwd", mutates_args=())

@@ -74,6 +74,17 @@ def aft_accumulate(
     return AFTSimpleState(new_max, numerator, denominator)
 
 
+def folded(running: AFTSimpleState) -> tuple[torch.Tensor, torch.Tensor]:
+    """A running state's keys as one key and value per channel, (B, D) each: k* = max + log(denominator)
+    and v* = numerator / denominator, so exp(k*) and exp(k*) v* are its sums; −inf and 0 where it has
+    seen no key (NaN stays NaN)."""
+    empty = running.max == float("-inf")
+    denominator = torch.where(empty, torch.ones_like(running.denominator), running.denominator)
+    none = torch.full_like(running.max, float("-inf"))
+    key = torch.where(empty, none, running.max + torch.log(denominator))
+    return key, running.numerator / denominator
+
+
 def aft_full_cached(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -103,10 +114,9 @@ def aft_full_cached(
     allowed = allowed[None] if key_mask is None else allowed[None] & key_mask[:, None, :]  # (B, T, L)
     values = v if key_mask is None else real_only(v, key_mask, 1)
     if running is not None:  # the folded keys as one more term, seen by every query
-        seen = torch.isfinite(running.max)  # (B, D)
-        denominator = torch.where(seen, running.denominator, torch.ones_like(running.denominator))
-        folded_key = torch.where(seen, running.max + torch.log(denominator), torch.zeros_like(running.max))
-        folded_value = running.numerator / denominator
+        folded_key, folded_value = folded(running)
+        seen = folded_key != float("-inf")  # (B, D); a NaN state reaches every row, as its keys would
+        folded_key = torch.where(seen, folded_key, torch.zeros_like(folded_key))
     rows = max(1, exact.BLOCK_ELEMENTS // max(1, q.shape[0] * (length + 1) * q.shape[2]))
     outputs = []
     for start in range(0, queries, rows):

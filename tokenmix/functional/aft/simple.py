@@ -29,7 +29,7 @@ from .common import (
     segment_starts,
 )
 from .exact import NO_BIAS, finite_shift
-from .recurrent import AFTSimpleState, aft_accumulate, aft_full_cached
+from .recurrent import AFTSimpleState, aft_accumulate, folded
 
 SCAN_CHUNK = 64
 
@@ -73,10 +73,16 @@ def aft_simple(
     causal = check_flag("causal", causal)
     if q.numel() == 0:
         return empty_output(q.shape, q, k, v)
+    return _selected(q, k, v, mask, causal, packing)
+
+
+def _selected(q, k, v, mask, causal: bool, packing=None, running: AFTSimpleState | None = None):
+    """aft_simple on checked, non-empty inputs, non-finite entries selected away where they must not
+    reach; causal ones continued from ``running`` when given."""
     q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
     if causal:  # a NaN key or value in the future must not reach earlier rows, nor their gradients
         k, v, seen = causal_finite(k, v, 1, key_channels=True, starts=segment_starts(packing))
-        return reinstate(_aft_simple(q, k, v, mask, True, packing), seen)
+        return reinstate(_aft_simple(q, k, v, mask, True, packing, running), seen)
     return _aft_simple(q, k, v, mask, False, packing)
 
 
@@ -94,8 +100,8 @@ def _aft_simple_recurrent(q, k, v, causal, attention_mask, initial_state, output
         ratio = state.numerator[:, None] / state.denominator[:, None]
         out = (torch.sigmoid(q.to(ratio.dtype)) * ratio).to(q.dtype)
         return (out, state) if output_final_state else out
-    else:  # the keys so far are one term under their running maximum
-        out = aft_full_cached(q, k, v, None, key_mask=real, running=initial_state).to(q.dtype)
+    else:  # the scan started from the state: O(T·D), as from nothing
+        out = _selected(q, k, v, real, True, running=initial_state)
     if not output_final_state:
         return out
     return out, aft_accumulate(initial_state, k, v, real)
@@ -130,9 +136,14 @@ def _checked_state(state: object, q: torch.Tensor) -> AFTSimpleState | None:
     return state
 
 
-def _aft_simple(q, k, v, mask, causal: bool, packing: Packing | None = None) -> torch.Tensor:
-    """aft_simple on checked inputs (see there); a packed row goes through the kernel."""
+def _aft_simple(
+    q, k, v, mask, causal: bool, packing: Packing | None = None, running: AFTSimpleState | None = None
+) -> torch.Tensor:
+    """aft_simple on checked inputs (see there), causal continued from ``running`` when given; a packed
+    row goes through the kernel."""
     if packing is not None or use_kernel("aft_simple", q, atomics=needs_grad(q, k, v)):
+        if running is not None:
+            return _prepended(q, k, v, mask, running)
         from ...kernels.aft import aft_simple as kernel
 
         return kernel(q, k, v, mask, bool(causal), None if packing is None else packing.bounds)
@@ -143,9 +154,13 @@ def _aft_simple(q, k, v, mask, causal: bool, packing: Packing | None = None) -> 
     if not causal:
         weights = torch.softmax(keys, dim=1)  # every sequence has a real key (see check_inputs)
         return (torch.sigmoid(q) * (weights * v).sum(1, keepdim=True)).to(out_dtype)
-    carry_max = keys.new_full((batch, 1, keys.shape[-1]), float("-inf"))
-    carry_num = keys.new_zeros(batch, 1, keys.shape[-1])
-    carry_den = keys.new_zeros(batch, 1, keys.shape[-1])
+    if running is None:
+        carry_max = keys.new_full((batch, 1, keys.shape[-1]), float("-inf"))
+        carry_num = keys.new_zeros(batch, 1, keys.shape[-1])
+        carry_den = keys.new_zeros(batch, 1, keys.shape[-1])
+    else:
+        parts = (running.max, running.numerator, running.denominator)
+        carry_max, carry_num, carry_den = (x.to(dtype)[:, None] for x in parts)
     nums, dens = [], []
     # split, not slices: a slice's backward writes into a zero tensor of the full (B, N, D) each time,
     # which made the scan's backward quadratic in N.
@@ -160,4 +175,21 @@ def _aft_simple(q, k, v, mask, causal: bool, packing: Packing | None = None) -> 
         dens.append(den)
         carry_max, carry_num, carry_den = new_max, num[:, -1:], den[:, -1:]
     sees = sees_a_key(mask, batch, seq_len, True, q.device)
-    return finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, NO_BIAS, True).to(out_dtype)
+    prefix = None if running is None else folded(running)  # its keys: one more, before every row
+    out = finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, NO_BIAS, True, prefix=prefix)
+    return out.to(out_dtype)
+
+
+def _prepended(q, k, v, mask, running: AFTSimpleState) -> torch.Tensor:
+    """The causal kernel continued from ``running``, which it cannot start from: the state's keys enter as
+    one more key before the rows (``folded``), seen by all of them, its own row cut away."""
+    from ...kernels.aft import aft_simple as kernel
+
+    key, value = folded(running)
+    seen = key != float("-inf")
+    keys = torch.cat((torch.where(seen, key, torch.zeros_like(key))[:, None].to(k.dtype), k), 1)
+    values = torch.cat((value[:, None].to(v.dtype), v), 1)
+    real = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if mask is None else mask
+    real = torch.cat((seen.any(-1)[:, None], real), 1)
+    out = kernel(torch.cat((q[:, :1], q), 1), keys, values, real, True, None)
+    return out[:, 1:]
