@@ -652,9 +652,11 @@ def _ring_pairs(q, k, v, split, causal, attention_mask, *, scale, **options) -> 
     causal = check_flag("causal", causal)
     scale = attention_ops._default_scale(scale, sizes["K"])
     k, v = real_only(k, mask, 2), real_only(v, mask, 2)
-    seen = ~torch.isfinite(q).all(-1, keepdim=True)  # (B, H, n, 1): a query reaches its own row only
-    if mask is not None:
-        seen = seen & mask[:, None, :, None]  # a padded row is unspecified, and finite
+    seen = None  # (B, H, n, 1) where a row's output is NaN; None: nowhere (no copy of the output)
+    if not all_finite(q):
+        seen = ~torch.isfinite(q).all(-1, keepdim=True)  # a query reaches its own row only
+        if mask is not None:
+            seen = seen & mask[:, None, :, None]  # a padded row is unspecified, and finite
     if _non_finite_anywhere(k, v, split):
         (k, bad_keys), (v, bad_values) = finite_part(k), finite_part(v)
         first_key = _first_non_finite(bad_keys.any(-1, keepdim=True), split)  # a key enters every channel
@@ -662,7 +664,8 @@ def _ring_pairs(q, k, v, split, causal, attention_mask, *, scale, **options) -> 
         rows = split.positions(q.device)[:, None]
         if not causal:  # every row sees every key: as if each row were the sequence's last
             rows = torch.full_like(rows, split.total - 1)
-        seen = seen | (rows >= first_key[:, :, None]) | (rows >= first_value[:, :, None])
+        reached = (rows >= first_key[:, :, None]) | (rows >= first_value[:, :, None])
+        seen = reached if seen is None else seen | reached
     q = finite_at_padding(q, mask, 2)
     out = ring_attention(
         q, k, v, split, causal=causal, key_mask=mask, scale=scale, block=ROW_BLOCK, **options

@@ -26,8 +26,10 @@ from .exchange import Split, pad_positions
 # its own share and the travelling one.
 SCORE_ELEMENTS = 1 << 18
 # The pieces each share travels in: at 2 ranks a whole share in flight (keys, values and in the backward
-# their gradients, sent and received at once) held more than the rank's own half of the sequence.
-PIECES = 4
+# their gradients, sent and received at once) held more than the rank's own half of the sequence. 8, not
+# 4: softmax at width 256, N = 16384, 2 ranks held 0.65x of one process's tensors at 4 and 0.59x at 8,
+# taking 8.8 s against 6.5 s (benchmarks/README.md, "Context parallelism").
+PIECES = 8
 
 
 def ring_attention(
@@ -229,6 +231,7 @@ def _fused_backward(rings, queries, share, grad, out, lse, scale):
             grad_q[:, :, rows] += dq
             grad_k[:, :, keys] += dk
             grad_v[:, :, keys] += dv
+            del dq, dk, dv  # before the next run's: one run's gradients held at a time
     return grad_q, home
 
 
@@ -238,7 +241,8 @@ def _walks(rings: list[_Ring], share: list[torch.Tensor], dims: tuple[int, ...],
     gradients (zeros that travel with it and are brought home into ``home`` after its last step)."""
     for ring in rings:
         travelling = [ring.piece(x, dim) for x, dim in zip(share, dims, strict=True)]
-        grads = [] if home is None else [torch.zeros_like(ring.piece(x, 2)) for x in home]
+        # Contiguous, as sent: a piece of the share is not, and sending would copy it each step.
+        grads = [] if home is None else [x.new_zeros(ring.piece(x, 2).shape) for x in home]
         for source, held in ring.walk([*travelling, *grads]):
             yield ring, source, held
         if home is not None:  # the piece held last is the next rank's: its gradients go home
