@@ -141,8 +141,7 @@ def aft_simple(
     """
     check_float_tensor("q", q, "(B, n, D)")
     mask = _local_mask(split, q, attention_mask)
-    own = aft_ops.aft_accumulate(None, k, v, mask)
-    summaries = torch.stack(gather_summaries(torch.stack((own.max, own.numerator, own.denominator)), split))
+    summaries = torch.stack(gather_summaries(_summary(k, v, mask), split))
     ranks = torch.arange(split.world, device=q.device)
     # Every rank's summary stays in every rank's graph (selected, not dropped), so the gather's backward,
     # a collective, runs on all of them.
@@ -153,6 +152,19 @@ def aft_simple(
     _, mean = folded(_fold(summaries, ranks >= 0))
     dtype = compute_dtype(q.dtype)
     return (torch.sigmoid(finite_at_padding(q, mask, 1).to(dtype)) * mean[:, None]).to(q.dtype)
+
+
+def _summary(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(3, B, D): the (max, numerator, denominator) of keys k (B, J, K) over values v (B, J, D), as
+    ``aft_accumulate`` folds them; its exponentials made again in the backward, not kept (as large as k)."""
+
+    def fold(k, v, mask):
+        state = aft_ops.aft_accumulate(None, k, v, mask)
+        return torch.stack((state.max, state.numerator, state.denominator))
+
+    if not torch.is_grad_enabled():
+        return fold(k, v, mask)
+    return checkpoint(fold, k, v, mask, use_reentrant=False)
 
 
 def _fold(summaries: torch.Tensor, selected: torch.Tensor) -> aft_ops.AFTSimpleState:
@@ -338,27 +350,50 @@ def _windowed(call, q, k, v, split: Split, causal, attention_mask, before: int, 
     causal = check_flag("causal", causal)
     real = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if mask is None else mask
     first, last = _beyond(k, v, mask, split, before, after)
-    keys, values = (
-        _extended(one, real_only(x, mask, 1), other, split, before, after)
-        for one, x, other in ((first[0], k, last[0]), (first[1], v, last[1]))
-    )
     inside = torch.arange(-before, split.length + after, device=q.device) + split.start
     within = ((inside >= 0) & (inside < split.total))[None]
-    near = halo(real.to(torch.int8), split, before, after).bool() & within
-    keep = torch.cat((first[2][:, None], near, last[2][:, None]), 1)
-    queries = pad_positions(finite_at_padding(q, mask, 1), 1, before + 1, after + 1)
-    positions = torch.arange(-before - 1, split.length + after + 1, device=q.device) + split.start
+    near = halo(real.to(torch.int8), split, before, after).bool() & within  # a collective: on every rank
+    if mask is None:  # every position is real: only those that exist are laid out, and the op takes no mask
+        lo, hi = min(before, split.start), min(after, split.total - split.stop)
+        ends = (int(split.start - before > 0), int(not causal and split.stop + after < split.total))
+    else:
+        lo, hi, ends = before, after, (1, 1)
+    layout = ((before, after), (lo, hi), ends)
+    keys, values = (
+        _extended(one, real_only(x, mask, 1), other, split, *layout)
+        for one, x, other in ((first[0], k, last[0]), (first[1], v, last[1]))
+    )
+    queries = pad_positions(finite_at_padding(q, mask, 1), 1, lo + ends[0], hi + ends[1])
+    positions = torch.arange(-lo - ends[0], split.length + hi + ends[1], device=q.device) + split.start
+    keep = None
+    if mask is not None:
+        keep = torch.cat((first[2][:, None], near, last[2][:, None]), 1)
     out = call(queries, keys, values, keep, positions)
-    return out[:, before + 1 : before + 1 + split.length]
+    return out[:, lo + ends[0] : lo + ends[0] + split.length]
 
 
 def _extended(
-    first: torch.Tensor, x: torch.Tensor, last: torch.Tensor, split: Split, before: int, after: int
+    first: torch.Tensor,
+    x: torch.Tensor,
+    last: torch.Tensor,
+    split: Split,
+    reach: tuple[int, int],
+    kept: tuple[int, int],
+    ends: tuple[int, int],
 ) -> torch.Tensor:
-    """The folded key (or value) ``first``, the halo's positions before this rank's, its own ``x``, the
-    halo's after, and ``last``, in one concatenation (a halo and then a second one would copy x twice)."""
+    """The folded key (or value) ``first`` (B, …) if ``ends[0]``, the last ``kept[0]`` of the halo's
+    ``reach[0]`` positions before this rank's (``reach``, the same on every rank: the halo is a
+    collective), its own ``x``, the first ``kept[1]`` of the ``reach[1]`` after, and ``last`` if
+    ``ends[1]``, in one concatenation (a halo and then a second one would copy x twice). A folded key
+    not laid out is laid as none of its positions: still in the graph, so the gather's backward (a
+    collective) runs on every rank."""
+    (before, after), (lo, hi) = reach, kept
     left, right = halo_edges(x, split, before, after)
-    return torch.cat((first[:, None].to(x.dtype), left, x, right, last[:, None].to(x.dtype)), 1)
+    parts = (
+        first[:, None].narrow(1, 0, ends[0]).to(x.dtype), left.narrow(1, before - lo, lo), x,
+        right.narrow(1, 0, hi), last[:, None].narrow(1, 0, ends[1]).to(x.dtype),
+    )  # fmt: skip
+    return torch.cat(parts, 1)
 
 
 def _beyond(k, v, mask, split: Split, before: int, after: int):
@@ -375,8 +410,7 @@ def _beyond(k, v, mask, split: Split, before: int, after: int):
     summaries = []
     for lo, hi in pieces:
         piece = slice(lo - split.start, max(hi, lo) - split.start)  # empty where the cut leaves nothing
-        fold = aft_ops.aft_accumulate(None, k[:, piece], v[:, piece])
-        summaries.append(torch.stack((fold.max, fold.numerator, fold.denominator)))
+        summaries.append(_summary(k[:, piece], v[:, piece]))
     gathered = torch.stack(gather_summaries(torch.stack(summaries), split))  # (sender, 2·world, 3, B, D)
     everyone = torch.ones(split.world, dtype=torch.bool, device=k.device)
     groups = k.shape[-1]
