@@ -1,10 +1,13 @@
 """Context parallelism on this machine (docs/spec.md §14): for each mixer and sequence length N, one
 causal layer's forward and backward (batch 1, width --dim) run whole in one process and split over 2 (or
-more) gloo processes; per rank: the peak resident memory the step adds (ru_maxrss after the step minus
-before it, in a fresh process per point), the seconds (median of --repeats after a warm-up, with their
-spread) and the bytes the layer's exchanges send. ``--orders``: how a split lays the sequence over the
-ranks, "contiguous" or "zigzag" (which only the all-pairs mixers take; a causal one's ranks then do about
-the same work), or "auto" (zig-zag where the mixer takes it, as ``train --context-parallel`` does).
+more) gloo processes; per rank: the most bytes of tensors the step holds at once beyond those before it
+(PyTorch's MemTracker: activation memory, what a GPU's allocator counts), the peak resident memory the
+step adds (ru_maxrss after the step minus before it, in a fresh process per point: the tensors and what
+glibc's malloc keeps of freed ones, see --mmap-threshold), the seconds (median of --repeats after a
+warm-up, with their spread) and the bytes the layer's exchanges send. ``--orders``: how a split lays
+the sequence over the ranks, "contiguous" or "zigzag" (which only the all-pairs mixers take; a causal
+one's ranks then do about the same work), or "auto" (zig-zag where the mixer takes it, as ``train
+--context-parallel`` does).
 
     python benchmarks/context_parallel.py --lens 8192,16384 --ranks 1,2 --out benchmarks/results/X.json
 """
@@ -170,7 +173,17 @@ def main() -> None:
     parser.add_argument("--orders", default="auto", help="contiguous, zigzag or auto, comma-separated")
     parser.add_argument("--out", required=True)
     parser.add_argument("--keep", help="the JSON lines of points an earlier run printed: kept, not rerun")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        help="bytes: glibc's malloc maps each block this large or larger on its own and unmaps it when freed "
+        "(MALLOC_MMAP_THRESHOLD_ in every process measured), so the resident set follows the tensors held; "
+        "by default the threshold rises to 32 MiB once such a block is freed, and freed blocks below it "
+        "stay resident",
+    )
     args = parser.parse_args()
+    if args.mmap_threshold is not None:  # read by glibc when each spawned process starts
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     out = Path(args.out)
     if out.exists() and out.read_text().strip() and "context_parallel" not in out.read_text():
         print(f"--out {out} exists and is not this script's record", file=sys.stderr)
@@ -189,6 +202,7 @@ def main() -> None:
     record = {
         "benchmark": "context_parallel", "machine": platform.machine(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "dim": args.dim, "batch": 1, "causal": True, "repeats": args.repeats,
+        "malloc_mmap_threshold": args.mmap_threshold,
         "points": points,
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)

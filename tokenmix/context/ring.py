@@ -80,8 +80,9 @@ def _rings(split: Split, causal: bool, device: torch.device) -> list[_Ring]:
     runs of a share's positions, or the whole share where nothing travels (one rank)."""
     longest = max(split.lengths)
     count = 1 if split.world == 1 else max(1, min(PIECES, longest))
+    rows = split.positions(device)  # one copy for every walk
     return [
-        _Ring(split, causal, device, (longest * i // count, longest * (i + 1) // count)) for i in range(count)
+        _Ring(split, causal, rows, (longest * i // count, longest * (i + 1) // count)) for i in range(count)
     ]
 
 
@@ -90,9 +91,9 @@ class _Ring:
     (positions [lo, hi) of each, padded): whose piece a rank holds at each step, where its keys lie,
     which of them a block of rows sees."""
 
-    def __init__(self, split: Split, causal: bool, device: torch.device, part: tuple[int, int]) -> None:
-        self.split, self.causal, self.device = split, causal, device
-        self.rows = split.positions(device)  # (n,) this rank's global positions
+    def __init__(self, split: Split, causal: bool, rows: torch.Tensor, part: tuple[int, int]) -> None:
+        self.split, self.causal, self.device = split, causal, rows.device
+        self.rows = rows  # (n,) this rank's global positions
         self.longest = max(split.lengths)
         self.lo, self.hi = part
 
@@ -157,20 +158,24 @@ class _Ring:
         keys up to its i-th) for every run of rows and run of keys it sees. Runs never straddle: a run of
         keys is wholly before a run of rows (all seen), wholly after it (unseen), or part of the same run,
         whose rows before the piece's first key see none of it, the next as many rows as it has keys up
-        to their own, and the rest all of it."""
-        pairs, row = [], 0
+        to their own, and the rest all of it. A run of rows that sees all of a piece comes in blocks of at
+        most the piece's length: what the kernel makes per call (the rows' outputs, their gradients) stays
+        O(piece), not O(share)."""
+        pairs, row, most = [], 0, max(1, self.hi - self.lo)
         for row_start, rows in self.split.pieces[self.split.rank]:
             for first, place, count, (key_start, keys) in self.runs(source):
                 cut = slice(place - self.lo, place - self.lo + count)  # in the piece
                 if not rows or not count:
                     continue
                 if not self.causal or key_start + keys <= row_start:
-                    pairs.append((slice(row, row + rows), cut, False))
+                    seen_by = (row, row + rows)
                 elif key_start == row_start:
                     skip = row + first - row_start  # the row at the piece's first key
                     pairs.append((slice(skip, skip + count), cut, True))
-                    if skip + count < row + rows:
-                        pairs.append((slice(skip + count, row + rows), cut, False))
+                    seen_by = (skip + count, row + rows)
+                else:
+                    continue
+                pairs += [(slice(a, min(a + most, seen_by[1])), cut, False) for a in range(*seen_by, most)]
             row += rows
         return pairs
 
