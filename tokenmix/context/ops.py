@@ -33,7 +33,7 @@ from ..functional.aft.conv import check_grid_kernel
 from ..functional.aft.exact import BLOCK_ELEMENTS, Bias, finite_shift, grid_taps
 from ..functional.aft.full import row_sums, stacked_terms
 from ..functional.aft.local import windowed
-from ..functional.aft.recurrent import folded
+from ..functional.aft.recurrent import folded, folded_position
 from ..functional.flash import mixed_chunk_attention as mixed_chunk_attention_op
 from .exchange import Split, gather_sequence, gather_summaries, halo, halo_edges, pad_positions
 from .ring import ring_attention
@@ -191,9 +191,8 @@ def _fold(summaries: torch.Tensor, selected: torch.Tensor) -> aft_ops.AFTSimpleS
 def _folded(summaries: torch.Tensor, selected: torch.Tensor):
     """``_fold``'s state as one key and value per channel (B, D) (0 where no key was seen) and per row
     whether any was (B,), for an op that takes them as one more key."""
-    key, value = folded(_fold(summaries, selected))
-    seen = key != float("-inf")  # NaN included: it must reach the rows
-    return torch.where(seen, key, torch.zeros((), dtype=key.dtype, device=key.device)), value, seen.any(-1)
+    key, value, seen = folded_position(_fold(summaries, selected))
+    return key, value, seen.any(-1)
 
 
 def aft_local(

@@ -85,6 +85,14 @@ def folded(running: AFTSimpleState) -> tuple[torch.Tensor, torch.Tensor]:
     return key, running.numerator / denominator
 
 
+def folded_position(running: AFTSimpleState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``folded``'s key and value as one more position an op takes, (B, D) each, the key 0 where the
+    state saw no key, and (B, D) where it saw one (a NaN too: it must reach the rows)."""
+    key, value = folded(running)
+    seen = key != float("-inf")
+    return torch.where(seen, key, torch.zeros((), dtype=key.dtype, device=key.device)), value, seen
+
+
 def aft_full_cached(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -114,9 +122,7 @@ def aft_full_cached(
     allowed = allowed[None] if key_mask is None else allowed[None] & key_mask[:, None, :]  # (B, T, L)
     values = v if key_mask is None else real_only(v, key_mask, 1)
     if running is not None:  # the folded keys as one more term, seen by every query
-        folded_key, folded_value = folded(running)
-        seen = folded_key != float("-inf")  # (B, D); a NaN state reaches every row, as its keys would
-        folded_key = torch.where(seen, folded_key, torch.zeros_like(folded_key))
+        folded_key, folded_value, seen = folded_position(running)  # a NaN state reaches every row
     rows = max(1, exact.BLOCK_ELEMENTS // max(1, q.shape[0] * (length + 1) * q.shape[2]))
     outputs = []
     for start in range(0, queries, rows):

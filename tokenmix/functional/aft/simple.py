@@ -29,7 +29,7 @@ from .common import (
     segment_starts,
 )
 from .exact import NO_BIAS, finite_shift
-from .recurrent import AFTSimpleState, aft_accumulate, folded
+from .recurrent import AFTSimpleState, aft_accumulate, folded, folded_position
 
 SCAN_CHUNK = 64
 
@@ -182,12 +182,11 @@ def _aft_simple(
 
 def _prepended(q, k, v, mask, running: AFTSimpleState) -> torch.Tensor:
     """The causal kernel continued from ``running``, which it cannot start from: the state's keys enter as
-    one more key before the rows (``folded``), seen by all of them, its own row cut away."""
+    one more key before the rows (``folded_position``), seen by all of them, its own row cut away."""
     from ...kernels.aft import aft_simple as kernel
 
-    key, value = folded(running)
-    seen = key != float("-inf")
-    keys = torch.cat((torch.where(seen, key, torch.zeros_like(key))[:, None].to(k.dtype), k), 1)
+    key, value, seen = folded_position(running)
+    keys = torch.cat((key[:, None].to(k.dtype), k), 1)
     values = torch.cat((value[:, None].to(v.dtype), v), 1)
     real = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if mask is None else mask
     real = torch.cat((seen.any(-1)[:, None], real), 1)
