@@ -3,7 +3,8 @@ every gradient equal the same op on the whole sequence (float64, ≤ 1e-10), cau
 padding, at lengths that are multiples of neither the ranks nor the windows, and with windows longer
 than a rank's share (the halo then comes from several ranks); 2-D AFT-conv on a grid split mid-row. The
 all-pairs ops also under a zig-zag split (each rank two runs of positions), which the others refuse; AFT's
-exact path (every entry recomputed under its joint maximum) at a context-parallel block's offsets."""
+exact path (every entry recomputed under its joint maximum) at a context-parallel block's offsets and a
+share's rows, and the windowed ones' band added offset by offset as on long sequences."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tokenmix import functional as F
 from tokenmix.context import Split
 from tokenmix.context import ops as cp
 from tokenmix.functional.aft import common as aft_common
+from tokenmix.functional.aft import local as aft_local
 
 B, H = 2, 2
 pytestmark = pytest.mark.starts_first  # tests/conftest.py
@@ -117,6 +119,7 @@ def _grid_cases():
 
 
 ALL_PAIRS = ("aft_full", "aft_full_lowrank", "softmax_attention", "pointwise_attention")  # also zig-zag
+WINDOWED = ("aft_local", "aft_local_lowrank", "aft_conv")  # a share's rows over its keys and the halo's
 
 
 def _compare(name, causal, masked, total, generator, order="contiguous"):
@@ -220,6 +223,11 @@ def _worker(rank: int, world: int, store: str) -> None:
             if case[0].startswith("aft_full"):  # every entry by the exact path underflowed ones take
                 with mock.patch.dict(aft_common.TINY, {torch.float64: float("inf")}):
                     _compare(*case, torch.Generator().manual_seed(seed), order="zigzag")
+            if case[0] in WINDOWED:  # every entry exact (the share's band as the recompute's biases), and
+                with mock.patch.dict(aft_common.TINY, {torch.float64: float("inf")}):
+                    _compare(*case, torch.Generator().manual_seed(seed))
+                with mock.patch.object(aft_local, "DENSE_BAND_SIZE", 0):  # the band offset by offset
+                    _compare(*case, torch.Generator().manual_seed(seed))
         for seed, (name, causal) in enumerate(itertools.product(_cases(), (True, False))):
             _poisoned(name, causal, total, torch.Generator().manual_seed(seed))
         for seed, (name, masked) in enumerate(itertools.product(_grid_cases(), (False, True))):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -291,5 +293,37 @@ def test_aft_simple_kernel_continues_from_a_state(device):
     assert run_from_state("reference")[0].isfinite().all()
     for name, ours, want in zip(["out", "q", "k", "v"], run_from_state("triton"), run_from_state("reference"),
                                 strict=True):  # fmt: skip
+        error = relative_error(ours.double(), want.double())
+        assert error <= TOLERANCE[torch.float32], f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_banded_kernel_takes_a_share_of_rows_over_keys_in_pieces(device, causal):
+    """A context-parallel share's call: its rows at an offset into a longer sequence whose keys and
+    values come in pieces (a folded key, the halo, its own, the halo after), through the kernel (the
+    rows laid at their offset) against the reference path, outputs and gradients."""
+    from tokenmix.functional.aft.exact import Bias
+    from tokenmix.functional.aft.local import band_offsets, banded
+
+    (q, k, v), grad, _ = case(device, torch.float32, seq_len=45)
+    window, start, rows = 5, 7, 30
+    generator = torch.Generator(device).manual_seed(1)
+    columns, inside = band_offsets(45, window, causal, device)
+    table = torch.randn(45, 45, generator=generator, device=device)
+    band = table.gather(1, columns.clamp(0, 44)).masked_fill(~inside, float("-inf"))[:, None]
+    centred = band[start : start + rows]
+    if causal:  # the recompute's band holds the offsets after a row too
+        centred = torch.cat((centred, torch.zeros(rows, 1, window - 1, device=device)), -1)
+    bias = Bias("band", (centred,), (q.shape[-1],))
+    cuts = (0, 1, start, start + rows, 45)
+
+    def op(q, k, v):
+        pieces = [tuple(x[:, a:b, None] for a, b in itertools.pairwise(cuts)) for x in (k, v)]
+        share = q[:, start : start + rows, None]
+        return banded(share, *pieces, band, window, causal, None, bias, "aft_local", start)
+
+    expected = run("reference", op, (q, k, v), grad[:, start : start + rows])
+    got = run("triton", op, (q, k, v), grad[:, start : start + rows])
+    for name, ours, want in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
         error = relative_error(ours.double(), want.double())
         assert error <= TOLERANCE[torch.float32], f"{name}: relative error {error:.2e}"

@@ -21,7 +21,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from ..core.checks import check_attention_mask, check_dims, check_flag, check_float_tensor, compute_dtype
+from ..core.checks import (
+    check_attention_mask,
+    check_dims,
+    check_flag,
+    check_float_tensor,
+    check_positive_int,
+    check_same_dtype_device,
+    compute_dtype,
+)
 from ..core.excluded import all_finite, causal_finite, finite_at_padding, finite_part, real_only, reinstate
 from ..errors import InvalidValueError
 from ..functional import aft as aft_ops
@@ -32,7 +40,7 @@ from ..functional.aft.common import check_inputs, check_table, finish, masked_ke
 from ..functional.aft.conv import check_grid_kernel
 from ..functional.aft.exact import BLOCK_ELEMENTS, Bias, finite_shift, grid_taps
 from ..functional.aft.full import row_sums, stacked_terms
-from ..functional.aft.local import windowed
+from ..functional.aft.local import band_offsets, banded, lowrank_band
 from ..functional.aft.recurrent import folded, folded_position
 from ..functional.flash import mixed_chunk_attention as mixed_chunk_attention_op
 from .exchange import Split, gather_sequence, gather_summaries, halo, halo_edges, pad_positions
@@ -213,7 +221,7 @@ def aft_local(
     bidirectional), each at a distance ≥ window from this rank's queries.
 
     Args:
-        q, k, v: (B, n, D), this rank's positions. w: (N_max, N_max), the same on every rank.
+        q, k, v: (B, n, D), this rank's positions. w: (N_max, N_max), N_max ≥ N, the same on every rank.
         split: the sequence's split. window, causal, attention_mask: as for the op (the mask this
             rank's (B, n)).
 
@@ -221,14 +229,13 @@ def aft_local(
         (B, n, D): this rank's outputs.
     """
     check_float_tensor("w", w, "(N_max, N_max)")
-    reach = window - 1
+    check_table(w, split.total)
+    window = check_positive_int("window", window)
 
-    def call(q, k, v, mask, positions):
-        index = positions.clamp(0, w.shape[0] - 1)  # out of range: padding, or beyond every window
-        table = w[index][:, index]
-        return aft_ops.aft_local(q, k, v, table, window=window, causal=causal, attention_mask=mask)
+    def band(index: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        return w[index[:, None], index[columns]]
 
-    return _windowed(call, q, k, v, split, causal, attention_mask, reach, 0 if causal else reach)
+    return _local_band(band, q, k, v, w, split, window, causal, attention_mask)
 
 
 def aft_local_lowrank(
@@ -244,16 +251,35 @@ def aft_local_lowrank(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``tokenmix.functional.aft_local_lowrank`` over a split sequence, as ``aft_local`` here: the
-    factors' rows at the global positions, never the table."""
-    reach = window - 1
+    factors' rows at the global positions, never the table. u, w_v: (N_max, rank), N_max ≥ N."""
+    check_float_tensor("u", u, "(N_max, rank)")
+    check_float_tensor("w_v", w_v, "(N_max, rank)")
+    check_dims({}, u=(u, "MR"), w_v=(w_v, "MR"))
+    if u.shape[0] < split.total:
+        raise InvalidValueError(f"u and w_v must have N_max ≥ N = {split.total} rows, got {u.shape[0]}")
+    window = check_positive_int("window", window)
 
-    def call(q, k, v, mask, positions):
-        index = positions.clamp(0, u.shape[0] - 1)
-        return aft_ops.aft_local_lowrank(
-            q, k, v, u[index], w_v[index], window=window, causal=causal, attention_mask=mask
-        )
+    def band(index: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        return lowrank_band(u[index], w_v[index], window, causal, columns.shape[1])
 
-    return _windowed(call, q, k, v, split, causal, attention_mask, reach, 0 if causal else reach)
+    return _local_band(band, q, k, v, u, split, window, causal, attention_mask)
+
+
+def _local_band(band_from, q, k, v, w, split: Split, window: int, causal, attention_mask) -> torch.Tensor:
+    """Both AFT-local forms: ``band_from(index, columns)`` → (L, J), the biases of the laid-out positions
+    (``index``, global) with those at ``columns`` (L, J) of them."""
+    check_float_tensor("q", q, "(B, n, D)")
+    check_dims({}, q=(q, "BND"), k=(k, "BND"), v=(v, "BND"))
+    check_same_dtype_device(q=q, k=k, v=v, w=w)
+    causal = check_flag("causal", causal)
+
+    def band_at(positions: torch.Tensor) -> torch.Tensor:
+        columns, inside = band_offsets(len(positions), window, causal, positions.device)
+        index = positions.clamp(0, split.total - 1)  # out of range: padding, or beyond every window
+        band = band_from(index, columns.clamp(0, len(positions) - 1))
+        return band.masked_fill(~inside, float("-inf"))[:, None]
+
+    return _windowed(band_at, q, k, v, split, causal, attention_mask, window - 1, 1, "aft_local")
 
 
 def aft_conv(
@@ -281,47 +307,36 @@ def aft_conv(
     Returns:
         (B, n, H, D/H): this rank's outputs.
     """
+    for name, tensor in (("q", q), ("v", v)):
+        check_float_tensor(name, tensor, "(B, n, H, D/H)")
+    check_float_tensor("k", k, "(B, n, H)")
+    check_float_tensor("w", w, "(H, K)" if grid is None else "(H, Kx, Ky)")
+    check_dims({}, q=(q, "BNHC"), k=(k, "BNH"), v=(v, "BNHC"), w=(w, "H"))
+    check_same_dtype_device(q=q, k=k, v=v, w=w)
+    causal = check_flag("causal", causal)
     heads, head_dim = q.shape[2], q.shape[3]
     if grid is not None:
-        return _aft_conv_grid(q, k, v, w, split, causal, attention_mask, grid)
-    check_float_tensor("w", w, "(H, K)")
-    before = w.shape[-1] - 1 if causal else w.shape[-1] // 2
+        check_grid_kernel(w, causal)
+        if len(grid) != 2 or grid[0] * grid[1] != split.total:
+            raise InvalidValueError(f"grid must be (X, Y) with X·Y = N = {split.total}, got {tuple(grid)}")
+        before = (w.shape[1] // 2) * grid[1] + w.shape[2] // 2
 
-    def call(q, k, v, mask, positions):  # channels back to heads; k is a head's one key
-        q, v = q.unflatten(-1, (heads, head_dim)), v.unflatten(-1, (heads, head_dim))
-        return aft_ops.aft_conv(q, k, v, w, causal=causal, attention_mask=mask).flatten(-2)
+        def band_at(positions: torch.Tensor) -> torch.Tensor:
+            return _grid_band(w, positions, grid[1], before, split.total)
+    else:
+        if w.dim() != 2 or w.shape[1] == 0 or (not causal and w.shape[1] % 2 == 0):
+            raise InvalidValueError(
+                f"w must be (H, K) with K ≥ 1, odd unless causal, got shape {tuple(w.shape)}"
+            )
+        before = w.shape[1] - 1 if causal else w.shape[1] // 2
 
-    return _by_channels(call, q, k, v, split, causal, attention_mask, before, 0 if causal else before)
+        def band_at(positions: torch.Tensor) -> torch.Tensor:  # the same taps on every row
+            _, inside = band_offsets(len(positions), before + 1, causal, positions.device)
+            return w[None].expand(len(positions), -1, -1).masked_fill(~inside[:, None, :], float("-inf"))
 
-
-def _by_channels(call, q, k, v, split: Split, causal, attention_mask, before: int, after: int):
-    """``_windowed`` for AFT-conv's heads: channels flattened, each head's one key serving its channels
-    (never copied to each channel: a head's keys are 1 / (D / H) of its values)."""
-    heads, head_dim = q.shape[2], q.shape[3]
-    out = _windowed(call, q.flatten(-2), k, v.flatten(-2), split, causal, attention_mask, before, after)
+    q, v = q.flatten(-2), v.flatten(-2)
+    out = _windowed(band_at, q, k, v, split, causal, attention_mask, before, heads, "aft_conv")
     return out.unflatten(-1, (heads, head_dim))
-
-
-def _aft_conv_grid(q, k, v, w, split: Split, causal, attention_mask, grid) -> torch.Tensor:
-    """2-D AFT-conv over a split grid: the kernel's taps laid on a band of flat offsets from the global
-    positions (``_grid_band``), the keys within it a halo, those beyond folded (unbiased, as there)."""
-    check_float_tensor("w", w, "(H, Kx, Ky)")
-    check_grid_kernel(w, causal)
-    if len(grid) != 2 or grid[0] * grid[1] != split.total:
-        raise InvalidValueError(f"grid must be (X, Y) with X·Y = N = {split.total}, got {tuple(grid)}")
-    heads, head_dim = q.shape[2], q.shape[3]
-    reach = (w.shape[1] // 2) * grid[1] + w.shape[2] // 2
-
-    def call(q, k, v, mask, positions):
-        dtype = compute_dtype(q.dtype)
-        band = _grid_band(w.to(dtype), positions, grid[1], reach, split.total)
-        mask = None if mask is None else mask | ~mask.any(1, keepdim=True)  # as the op: none real, all
-        keys = masked_keys(k.to(dtype), mask)[..., None]  # (B, L, H, 1)
-        queries, values = (x.unflatten(-1, (heads, head_dim)).to(dtype) for x in (q, v))
-        bias = Bias("band", (band,), (head_dim,))
-        return windowed(queries, keys, values, band, reach + 1, False, mask, bias).to(q.dtype)
-
-    return _by_channels(call, q, k, v, split, False, attention_mask, reach, reach)
 
 
 def _grid_band(w: torch.Tensor, positions: torch.Tensor, size_y: int, reach: int, total: int) -> torch.Tensor:
@@ -338,15 +353,16 @@ def _grid_band(w: torch.Tensor, positions: torch.Tensor, size_y: int, reach: int
     return band.masked_fill(~exists[:, None, :], float("-inf"))
 
 
-def _windowed(call, q, k, v, split: Split, causal, attention_mask, before: int, after: int):
-    """An AFT op whose keys carry a bias only within ``before`` positions before and ``after`` after a
-    query: this rank's queries with the halo's keys, and the keys beyond the halo folded into one key on
-    each side. ``call(q, k, v, mask, positions)`` runs the op on the extended sequence, ``positions`` its
-    global ones. q, v: (B, n, D); k: (B, n, K), each key serving D / K channels (AFT-local: one, AFT-conv:
-    a head's)."""
-    check_float_tensor("q", q, "(B, n, D)")
+def _windowed(band_at, q, k, v, split: Split, causal, attention_mask, before: int, groups: int, kernel: str):
+    """An AFT op whose keys carry a bias only within ``before`` positions of a query (before it; after it
+    too unless causal): this rank's queries over the halo's keys and its own, the keys beyond the halo
+    folded into one key on each side, through the windowed ops' own path (``banded``), the pieces laid
+    into one tensor only where something must be masked. ``band_at(positions)`` → (L, groups or 1, J):
+    the biases of the L laid-out positions (global ``positions``) on the offsets of ``band_offsets``
+    (window before + 1), −inf past the L. q, v: (B, n, D); k: (B, n, K), a key for each channel (K = D)
+    or for each of the ``groups`` (K = groups, D / K channels each)."""
     mask = _local_mask(split, q, attention_mask)
-    causal = check_flag("causal", causal)
+    after = 0 if causal else before
     real = torch.ones(q.shape[:2], dtype=torch.bool, device=q.device) if mask is None else mask
     first, last = _beyond(k, v, mask, split, before, after)
     inside = torch.arange(-before, split.length + after, device=q.device) + split.start
@@ -358,17 +374,22 @@ def _windowed(call, q, k, v, split: Split, causal, attention_mask, before: int, 
     else:
         lo, hi, ends = before, after, (1, 1)
     layout = ((before, after), (lo, hi), ends)
+    grouped = lambda x: x.unflatten(-1, (groups, -1))  # noqa: E731
     keys, values = (
-        _extended(one, real_only(x, mask, 1), other, split, *layout)
+        tuple(map(grouped, _extended(one, x, other, split, *layout)))
         for one, x, other in ((first[0], k, last[0]), (first[1], v, last[1]))
     )
-    queries = pad_positions(finite_at_padding(q, mask, 1), 1, lo + ends[0], hi + ends[1])
-    positions = torch.arange(-lo - ends[0], split.length + hi + ends[1], device=q.device) + split.start
     keep = None
-    if mask is not None:
+    if mask is not None:  # as the ops: a sequence with no real token, every position counts
         keep = torch.cat((first[2][:, None], near, last[2][:, None]), 1)
-    out = call(queries, keys, values, keep, positions)
-    return out[:, lo + ends[0] : lo + ends[0] + split.length]
+        keep = keep | ~keep.any(1, keepdim=True)
+    positions = torch.arange(-lo - ends[0], split.length + hi + ends[1], device=q.device) + split.start
+    band, row_offset = band_at(positions), lo + ends[0]
+    rows = band.narrow(0, row_offset, split.length)
+    if causal:  # the exact recompute's band is centred: the offsets after a row, 0 (it sees none of them)
+        rows = torch.cat((rows, rows.new_zeros(*rows.shape[:-1], before)), -1)
+    bias = Bias("band", (rows.to(compute_dtype(q.dtype)),), (q.shape[-1] // band.shape[1],))
+    return banded(grouped(q), keys, values, band, before + 1, causal, keep, bias, kernel, row_offset)
 
 
 def _extended(
@@ -379,20 +400,18 @@ def _extended(
     reach: tuple[int, int],
     kept: tuple[int, int],
     ends: tuple[int, int],
-) -> torch.Tensor:
-    """The folded key (or value) ``first`` (B, …) if ``ends[0]``, the last ``kept[0]`` of the halo's
-    ``reach[0]`` positions before this rank's (``reach``, the same on every rank: the halo is a
-    collective), its own ``x``, the first ``kept[1]`` of the ``reach[1]`` after, and ``last`` if
-    ``ends[1]``, in one concatenation (a halo and then a second one would copy x twice). A folded key
-    not laid out is laid as none of its positions: still in the graph, so the gather's backward (a
-    collective) runs on every rank."""
+) -> tuple[torch.Tensor, ...]:
+    """The pieces of an extended sequence: the folded key (or value) ``first`` (B, …) if ``ends[0]``, the
+    last ``kept[0]`` of the halo's ``reach[0]`` positions before this rank's (``reach``, the same on every
+    rank: the halo is a collective), its own ``x``, the first ``kept[1]`` of the ``reach[1]`` after, and
+    ``last`` if ``ends[1]``. A folded key not laid out is laid as none of its positions: still in the
+    graph, so the gather's backward (a collective) runs on every rank."""
     (before, after), (lo, hi) = reach, kept
     left, right = halo_edges(x, split, before, after)
-    parts = (
+    return (
         first[:, None].narrow(1, 0, ends[0]).to(x.dtype), left.narrow(1, before - lo, lo), x,
         right.narrow(1, 0, hi), last[:, None].narrow(1, 0, ends[1]).to(x.dtype),
     )  # fmt: skip
-    return torch.cat(parts, 1)
 
 
 def _beyond(k, v, mask, split: Split, before: int, after: int):

@@ -16,7 +16,7 @@ from ...core.checks import (
 )
 from ...core.packing import Packing, packable
 from ...errors import InvalidValueError
-from .exact import Bias, recompute_underflowed
+from .exact import Bias, Pieces, recompute_underflowed
 
 # A denominator below this (relative to its separate maxima) is recomputed with the joint maximum; far
 # above the dtype's smallest normal number, so entries kept from the fast path keep full precision.
@@ -78,21 +78,20 @@ def finish(
     num: torch.Tensor,
     den: torch.Tensor,
     sees_a_key: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    keys: Pieces,
+    values: Pieces,
     bias: Bias,
     causal: bool,
     row_offset: int = 0,
-    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """σ(q) ⊙ num/den, with underflowed denominators recomputed exactly and key-less rows set to 0
-    (rows at positions ``row_offset`` onwards: see ``exact``; ``prefix``: a running state's one key and
-    value, see ``recompute_underflowed``)."""
+    (rows at positions ``row_offset`` onwards of the keys, which may come in pieces: see
+    ``recompute_underflowed``)."""
     flagged = (den < TINY[den.dtype]) & sees_a_key
     # Entries that are flagged or see no key divide by 1, selected (not multiplied) away: their tiny or
     # zero den would give the backward num/den² = inf, and inf·0 = NaN in the gradients of k, v and w.
     ratio = num / torch.where(flagged | ~sees_a_key, torch.ones_like(den), den)
-    exact_ratio = recompute_underflowed(ratio, flagged, keys, values, bias, causal, row_offset, prefix)
+    exact_ratio = recompute_underflowed(ratio, flagged, keys, values, bias, causal, row_offset)
     return torch.sigmoid(q) * exact_ratio
 
 

@@ -48,6 +48,11 @@ class Bias(NamedTuple):
 
 NO_BIAS = Bias("none")
 
+# A sequence (B, L, …) as one tensor, or as pieces along dim 1 that make it when laid end to end: a
+# context-parallel share's keys with the halo and folded keys beside them, never copied into one unless
+# the one tensor is needed.
+Pieces = torch.Tensor | tuple[torch.Tensor, ...]
+
 
 def bias_rows(
     bias: Bias, seq_len: int, rows: torch.Tensor, channels: torch.Tensor, row_offset: int = 0
@@ -130,39 +135,35 @@ def exact(
     return torch.cat(ratios) if ratios else keys.new_zeros(0)
 
 
+def laid(x: Pieces) -> torch.Tensor:
+    """A sequence given in pieces along dim 1 (see ``Pieces``) as one tensor; a tensor as it is."""
+    if isinstance(x, torch.Tensor):
+        return x
+    return x[0] if len(x) == 1 else torch.cat(x, 1)
+
+
 def recompute_underflowed(
     ratio: torch.Tensor,
     flagged: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    keys: Pieces,
+    values: Pieces,
     bias: Bias,
     causal: bool,
     row_offset: int = 0,
-    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``ratio`` (B, T, D) with its ``flagged`` entries replaced by ``exact``'s. ``prefix``: one more key
-    and value (B, D) before the keys, unbiased and seen by every row (−inf: no key), as a causal op
-    continued from a running state holds it; laid in front only when some entry is recomputed."""
+    """``ratio`` (B, T, D) with its ``flagged`` entries replaced by ``exact``'s. ``keys`` and ``values``
+    (B, L, D) may come in pieces (a running state's one key in front, a context share's halo), laid
+    together only when some entry is recomputed."""
     if torch.compiler.is_compiling():
-        keys, values, row_offset = _prefixed(keys, values, prefix, row_offset)
         sizes = (*bias.sizes, 0, 0)[:2]  # ints, not a list: the op's backward returns None for each
+        keys, values = laid(keys), laid(values)
         return aft_exact_underflowed_fwd(
             ratio, flagged, keys, values, list(bias.tensors), bias.kind, *sizes, causal, row_offset
         )
     if flagged.device.type != "meta" and bool(flagged.any()):  # meta tensors: shapes only, no values
-        keys, values, row_offset = _prefixed(keys, values, prefix, row_offset)
-        exact_ratios = exact(keys, values, bias, causal, flagged, row_offset)
+        exact_ratios = exact(laid(keys), laid(values), bias, causal, flagged, row_offset)
         return ratio.index_put(flagged.nonzero(as_tuple=True), exact_ratios)
     return ratio
-
-
-def _prefixed(keys, values, prefix, row_offset: int):
-    """keys and values (B, L, D) with ``prefix``'s key and value in front, each row one place later."""
-    if prefix is None:
-        return keys, values, row_offset
-    key, value = prefix
-    keys = torch.cat((key[:, None].to(keys.dtype), keys), 1)
-    return keys, torch.cat((value[:, None].to(values.dtype), values), 1), row_offset + 1
 
 
 @torch.library.custom_op("tokenmix::aft_exact_underflowed_fwd", mutates_args=())

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ...backend import use_kernel
 from ...core.checks import (
@@ -18,7 +19,7 @@ from ...core.checks import (
     compute_dtype,
     empty_output,
 )
-from ...core.excluded import causal_finite, finite_at_padding, real_only, reinstate
+from ...core.excluded import all_finite, causal_finite, finite_at_padding, real_only, reinstate
 from ...core.packing import Packing
 from ...errors import InvalidValueError
 from .._typing import recurrent_op
@@ -32,7 +33,7 @@ from .common import (
     sees_a_key,
     segment_starts,
 )
-from .exact import Bias, finite_shift
+from .exact import Bias, Pieces, finite_shift, laid
 from .recurrent import AFTWindowState, last_position, recurrent
 
 
@@ -84,71 +85,169 @@ DENSE_BAND_SIZE = 1.0
 DENSE_BAND_REACH = 16
 
 
-def dense_weights(exp_band: torch.Tensor, outside: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
-    """(N, G, N): the weight of key s in row t as ``windowed`` sums it — exp_band's entry within the
-    window, ``outside`` (N, G, 1) beyond it, none after t when causal (selected away)."""
-    seq_len, groups, width = exp_band.shape
-    index = torch.arange(seq_len, device=exp_band.device)
-    offset = index[None, :] - index[:, None]  # s − t
+def dense_weights(
+    exp_band: torch.Tensor, outside: torch.Tensor, window: int, causal: bool, row_offset: int, seq_len: int
+) -> torch.Tensor:
+    """(T, G, L): the weight of key s in row t (at position t + ``row_offset`` of the L) as ``windowed``
+    sums it — exp_band's entry (T, G, J) within the window, ``outside`` (T, G, 1) beyond it, none after
+    the row when causal (selected away)."""
+    rows, groups, width = exp_band.shape
+    at = torch.arange(rows, device=exp_band.device) + row_offset
+    offset = torch.arange(seq_len, device=exp_band.device)[None, :] - at[:, None]  # s − t
     seen = offset <= 0 if causal else torch.ones_like(offset, dtype=torch.bool)
     near = seen & (offset.abs() < window)
     column = (offset + window - 1).clamp(0, width - 1)
-    on_band = exp_band.gather(-1, column[:, None, :].expand(seq_len, groups, seq_len))
+    on_band = exp_band.gather(-1, column[:, None, :].expand(rows, groups, seq_len))
     beyond = torch.where(seen[:, None], outside, torch.zeros((), dtype=outside.dtype, device=outside.device))
     return torch.where(near[:, None], on_band, beyond)
 
 
+class _Exponentials(torch.autograd.Function):
+    """exp(k − max k) and exp(k − max k) ⊙ v of a sequence given in pieces (``Pieces``), each laid into one
+    tensor once: as autograd records it, the product would keep a laid-out copy of v for its backward,
+    where here the pieces themselves are kept (a context share's own keys and values, held anyway)."""
+
+    @staticmethod
+    def forward(ctx, count: int, *pieces: torch.Tensor):
+        keys, values = pieces[:count], pieces[count:]
+        shift = finite_shift(torch.stack([k.amax(1) for k in keys if k.shape[1]]).amax(0))[:, None]
+        exp_keys = torch.cat(keys, 1).sub_(shift).exp_()  # 0 at padding (−inf)
+        weighted = torch.cat(values, 1).mul_(exp_keys)
+        ctx.save_for_backward(exp_keys, *values)
+        ctx.count = count
+        return exp_keys, weighted
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_exp: torch.Tensor, grad_weighted: torch.Tensor):
+        exp_keys, *values = ctx.saved_tensors
+        grad_values = grad_weighted * exp_keys
+        through_values = (grad_weighted * torch.cat(values, 1)).sum_to_size(exp_keys.shape)
+        grad_keys = through_values.add_(grad_exp).mul_(exp_keys)
+        sizes = [v.shape[1] for v in values]
+        return None, *grad_keys.split(sizes, 1), *grad_values.split(sizes, 1)
+
+
+def exponentials(keys: Pieces, values: Pieces) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(k − max k) (0 at padding, −inf keys) and its product with v, over dim 1 (the sequence)."""
+    if isinstance(keys, torch.Tensor) or len(keys) == 1:
+        keys, values = laid(keys), laid(values)
+        exp_keys = torch.exp(keys - finite_shift(keys.amax(1, keepdim=True)))
+        return exp_keys, exp_keys * values
+    return _Exponentials.apply(len(keys), *keys, *values)
+
+
 def windowed(
     q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    keys: Pieces,
+    values: Pieces,
     band: torch.Tensor,
     window: int,
     causal: bool,
     mask: torch.Tensor | None,
     bias: Bias,
+    row_offset: int = 0,
 ) -> torch.Tensor:
     """The core of AFT-local and AFT-conv: biases w_{t,t+j} on the band's offsets (see ``band_offsets``), 0
     elsewhere (positions then still count, unbiased).
 
-    q, values: (B, N, G, C); keys: (B, N, G, C or 1), −inf at padding; band: (N, G or 1, J), −inf where
-    t + j is outside the sequence. Keys outside the band come from running sums (a prefix, and a suffix
-    when bidirectional), so nothing is subtracted; the band is added offset by offset, O(N·J·G·C) time and
-    O(N·G·C) memory, or for short sequences as one dense matrix (``dense_weights``). Returns (B, N, G·C).
+    q: (B, T, G, C), the rows at positions ``row_offset`` … of the L keys; values: (B, L, G, C); keys:
+    (B, L, G, C or 1), −inf at padding, both as tensors or pieces (``Pieces``); band: (T, G or 1, J), the
+    rows' biases, −inf where t + j is outside the L positions; mask: (B, L) or None; bias: the exact
+    recompute's, for the T rows. Keys outside the band come from running sums (a prefix, and a suffix
+    when bidirectional), so nothing is subtracted; the band is added offset by offset, O(L·J·G·C) time
+    and O(L·G·C) memory, or for short sequences as one dense matrix (``dense_weights``).
+    Returns (B, T, G·C).
     """
-    batch, seq_len, groups, channels = values.shape
-    exp_keys = torch.exp(keys - finite_shift(keys.amax(1, keepdim=True)))  # 0 at padding
-    weighted_values = exp_keys * values
+    batch, rows, groups, channels = q.shape
+    seq_len = sum(piece.shape[1] for piece in ((keys,) if isinstance(keys, torch.Tensor) else keys))
+    exp_keys, weighted_values = exponentials(keys, values)
     reference = finite_shift(band.amax(-1, keepdim=True)).clamp_min(0)  # ≥ every bias of the row, the 0s too
     exp_band = torch.exp(band - reference)
     outside = torch.exp(-reference)[None]  # the weight of unbiased keys, relative to the reference
 
     dense = seq_len <= min(DENSE_BAND_SIZE * batch * channels, DENSE_BAND_REACH * exp_band.shape[-1])
-    weights = dense_weights(exp_band, outside[0], window, causal) if dense else None
+    weights = dense_weights(exp_band, outside[0], window, causal, row_offset, seq_len) if dense else None
 
     def total(x: torch.Tensor) -> torch.Tensor:
         """Keys outside the band unbiased, plus Σ_j exp(w_{t,t+j} − reference_t) x_{t+j} over the band."""
         if weights is not None:
             return torch.einsum("tgs,bsgc->btgc", weights, x)
-        result = outside * outside_sum(x, 1, window, causal)
+        result = outside * outside_sum(x, 1, window, causal).narrow(1, row_offset, rows)
         padded = pad_zeros(x, 1, window - 1, 0 if causal else window - 1)
         for column in range(exp_band.shape[-1]):
-            result = result + exp_band[None, ..., column, None] * padded.narrow(1, column, seq_len)
+            result = result + exp_band[None, ..., column, None] * padded.narrow(1, row_offset + column, rows)
         return result
 
     num, den = total(weighted_values), total(exp_keys)
-    flat = (batch, seq_len, groups * channels)
-    sees = sees_a_key(mask, batch, seq_len, causal, q.device)
+    flat = (batch, rows, groups * channels)
+    sees = sees_a_key(mask, batch, seq_len, causal, q.device).narrow(1, row_offset, rows)
+    if isinstance(keys, torch.Tensor):
+        keys, values = (keys,), (values,)
     return finish(
         q.reshape(flat),
         num.reshape(flat),
         den.expand_as(num).reshape(flat),
         sees,
-        keys.expand_as(values).reshape(flat),
-        values.reshape(flat),
+        tuple(k.expand_as(v).flatten(2) for k, v in zip(keys, values, strict=True)),
+        tuple(v.flatten(2) for v in values),
         bias,
         causal,
+        row_offset,
     )
+
+
+def banded(
+    q: torch.Tensor,
+    k: Pieces,
+    v: Pieces,
+    band: torch.Tensor,
+    window: int,
+    causal: bool,
+    mask: torch.Tensor | None,
+    bias: Bias,
+    kernel: str,
+    row_offset: int = 0,
+    packing: Packing | None = None,
+) -> torch.Tensor:
+    """AFT on a band of biases, the windowed ops' common path (AFT-local's, and a context-parallel
+    share's of AFT-local and AFT-conv): ``kernel``'s (``use_kernel``) Triton kernel, or ``windowed``.
+
+    q: (B, T, G, C), the rows at positions ``row_offset`` … of the L keys; k: (B, L, G, C or 1) and v:
+    (B, L, G, C), as tensors or pieces (``Pieces``: kept apart on the reference path when nothing must be
+    masked); band: (L, G or 1, J), every position's biases on the offsets of ``band_offsets``, −inf where
+    t + j is outside the L; mask: (B, L) or None; bias: the exact recompute's for the T rows; packing: a
+    packed row (kernel only, T = L). Returns (B, T, G·C) in q's dtype.
+    """
+    rows = q.shape[1]
+    if not isinstance(k, torch.Tensor) and (mask is not None or (causal and not all_finite(*k, *v))):
+        k, v = laid(k), laid(v)  # padding or a non-finite key: selected away below, in one tensor
+    q = finite_at_padding(q, None if mask is None else mask.narrow(1, row_offset, rows), 1)
+    seen = None
+    if isinstance(k, torch.Tensor):
+        k, v = real_only(k, mask, 1), real_only(v, mask, 1)
+        if causal:  # a NaN key or value in the future must not reach earlier rows, nor their gradients
+            k, v, seen = causal_finite(k, v, 1, key_channels=True, starts=segment_starts(packing))
+    if packing is not None or use_kernel(kernel, q, atomics=needs_grad(q, k, v, band)):
+        from ...kernels.aft import aft_local
+
+        bounds = None
+        if packing is not None:  # keys past a segment's end are left out by the kernel
+            band, bounds = band[packing.positions()], packing.bounds
+        k, v = laid(k), laid(v)
+        queries = pad_zeros(q.flatten(2), 1, row_offset, k.shape[1] - row_offset - rows)
+        out = aft_local(queries, k.flatten(2), v.flatten(2), band, mask, window, causal, bounds)
+        out = out.narrow(1, row_offset, rows)
+    else:
+        out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+        q, band = q.to(dtype), band.narrow(0, row_offset, rows).to(dtype)
+        pieces = (k,) if isinstance(k, torch.Tensor) else k
+        keys = tuple(masked_keys(piece.to(dtype).flatten(2), mask).view_as(piece) for piece in pieces)
+        values = tuple(piece.to(dtype) for piece in ((v,) if isinstance(v, torch.Tensor) else v))
+        out = windowed(q, keys, values, band, window, causal, mask, bias, row_offset).to(out_dtype)
+    if seen is not None:
+        out = reinstate(out, seen.narrow(1, row_offset, rows).flatten(2))
+    return out
 
 
 def _local(
@@ -169,25 +268,20 @@ def _local(
     seq_len = q.shape[1] if packing is None else packing.longest
     if q.numel() == 0:
         return empty_output(q.shape, q, k, v)
-    q, k, v = finite_at_padding(q, mask, 1), real_only(k, mask, 1), real_only(v, mask, 1)
-    seen = None
-    if causal:  # a NaN key or value in the future must not reach earlier rows, nor their gradients
-        k, v, seen = causal_finite(k, v, 1, key_channels=True, starts=segment_starts(packing))
     columns, inside = band_offsets(seq_len, window, causal, q.device)
     band = band_from(columns.clamp(0, seq_len - 1)).masked_fill(~inside, float("-inf"))
-    if packing is not None or use_kernel("aft_local", q, atomics=needs_grad(q, k, v, band)):
-        from ...kernels.aft import aft_local
+    q, k, v = q[:, :, None], k[:, :, None], v[:, :, None]  # one group of every channel
+    return banded(q, k, v, band[:, None], window, causal, mask, bias, "aft_local", packing=packing)
 
-        bounds = None
-        if packing is not None:  # keys past a segment's end are left out by the kernel
-            band, bounds = band[packing.positions()], packing.bounds
-        out = aft_local(q, k, v, band[:, None], mask, window, bool(causal), bounds)
-        return out if seen is None else reinstate(out, seen)
-    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-    q, k, v, band = q.to(dtype), k.to(dtype), v.to(dtype), band.to(dtype)
-    keys = masked_keys(k, mask)[:, :, None]
-    out = windowed(q[:, :, None], keys, v[:, :, None], band[:, None], window, causal, mask, bias)
-    return (out if seen is None else reinstate(out, seen)).to(out_dtype)
+
+def lowrank_band(w_u: torch.Tensor, w_v: torch.Tensor, window: int, causal: bool, width: int) -> torch.Tensor:
+    """(N, J): the band of u w_vᵀ (u, w_v: (N, rank), the rows of N consecutive positions), u_t · w_v[t + j]
+    on the offsets of ``band_offsets`` (``width`` = J of them), 0 past either end (the caller's to
+    exclude). Offset by offset over shifted views of w_v: gathering its rows for every (t, j) would keep
+    an (N, J, rank) copy for the backward (64 MB at N=8192, rank 64, window 32)."""
+    padded = pad_zeros(w_v, 0, window - 1, 0 if causal else window - 1)
+    terms = [(w_u * padded.narrow(0, j, w_u.shape[0])).sum(-1) for j in range(width)]
+    return torch.stack(terms, 1)
 
 
 def _continued(q, k, v, mask, causal, window, pairs, forward, initial_state, output_final_state):
@@ -310,12 +404,7 @@ def aft_local_lowrank(
     dtype = compute_dtype(q.dtype)
     w_u, w_v = w_u[:seq_len].to(dtype), w_v[:seq_len].to(dtype)
 
-    def band_from(columns: torch.Tensor) -> torch.Tensor:
-        # Offset by offset over shifted views of w_v: gathering its rows for every (t, j) would keep an
-        # (N, J, rank) copy for the backward (64 MB at N=8192, rank 64, window 32). Rows past either end
-        # are zeros here and excluded by the caller.
-        padded = pad_zeros(w_v, 0, window - 1, 0 if causal else window - 1)
-        terms = [(w_u * padded.narrow(0, j, seq_len)).sum(-1) for j in range(columns.shape[1])]
-        return torch.stack(terms, 1)
+    def band_from(columns: torch.Tensor) -> torch.Tensor:  # rows past either end: excluded by _local
+        return lowrank_band(w_u, w_v, window, causal, columns.shape[1])
 
     return _local(q, k, v, band_from, Bias("lowrank", (w_u, w_v), (window,)), window, causal, mask, packing)

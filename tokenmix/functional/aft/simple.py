@@ -175,8 +175,11 @@ def _aft_simple(
         dens.append(den)
         carry_max, carry_num, carry_den = new_max, num[:, -1:], den[:, -1:]
     sees = sees_a_key(mask, batch, seq_len, True, q.device)
-    prefix = None if running is None else folded(running)  # its keys: one more, before every row
-    out = finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, NO_BIAS, True, prefix=prefix)
+    row_offset = 0
+    if running is not None:  # its keys: one more, before every row
+        key, value = folded(running)
+        keys, v, row_offset = (key[:, None].to(dtype), keys), (value[:, None].to(dtype), v), 1
+    out = finish(q, torch.cat(nums, 1), torch.cat(dens, 1), sees, keys, v, NO_BIAS, True, row_offset)
     return out.to(out_dtype)
 
 
