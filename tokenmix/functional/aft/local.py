@@ -114,7 +114,6 @@ class _Exponentials(torch.autograd.Function):
         exp_keys = torch.cat(keys, 1).sub_(shift).exp_()  # 0 at padding (−inf)
         weighted = torch.cat(values, 1).mul_(exp_keys)
         ctx.save_for_backward(exp_keys, *values)
-        ctx.count = count
         return exp_keys, weighted
 
     @staticmethod
@@ -234,8 +233,9 @@ def banded(
         bounds = None
         if packing is not None:  # keys past a segment's end are left out by the kernel
             band, bounds = band[packing.positions()], packing.bounds
-        k, v = laid(k), laid(v)
-        queries = pad_zeros(q.flatten(2), 1, row_offset, k.shape[1] - row_offset - rows)
+        k, v, queries = laid(k), laid(v), q.flatten(2)
+        if rows < k.shape[1]:  # the kernel's rows are its keys': a share's laid at their offset
+            queries = pad_zeros(queries, 1, row_offset, k.shape[1] - row_offset - rows)
         out = aft_local(queries, k.flatten(2), v.flatten(2), band, mask, window, causal, bounds)
         out = out.narrow(1, row_offset, rows)
     else:
