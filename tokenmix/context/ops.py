@@ -37,10 +37,10 @@ from ..functional import attention as attention_ops
 from ..functional import conv as conv_ops
 from ..functional import flash as flash_ops
 from ..functional.aft.common import check_inputs, check_table, finish, masked_keys, sees_a_key
-from ..functional.aft.conv import check_grid_kernel
+from ..functional.aft.conv import check_conv_kernel, check_grid_kernel, conv_band
 from ..functional.aft.exact import BLOCK_ELEMENTS, Bias, finite_shift, grid_taps
 from ..functional.aft.full import row_sums, stacked_terms
-from ..functional.aft.local import band_offsets, banded, lowrank_band
+from ..functional.aft.local import banded, local_band, lowrank_band
 from ..functional.aft.recurrent import folded, folded_position
 from ..functional.flash import mixed_chunk_attention as mixed_chunk_attention_op
 from .exchange import Split, gather_sequence, gather_summaries, halo, halo_edges, pad_positions
@@ -274,10 +274,8 @@ def _local_band(band_from, q, k, v, w, split: Split, window: int, causal, attent
     causal = check_flag("causal", causal)
 
     def band_at(positions: torch.Tensor) -> torch.Tensor:
-        columns, inside = band_offsets(len(positions), window, causal, positions.device)
         index = positions.clamp(0, split.total - 1)  # out of range: padding, or beyond every window
-        band = band_from(index, columns.clamp(0, len(positions) - 1))
-        return band.masked_fill(~inside, float("-inf"))[:, None]
+        return local_band(lambda columns: band_from(index, columns), len(positions), window, causal, q.device)
 
     return _windowed(band_at, q, k, v, split, causal, attention_mask, window - 1, 1, "aft_local")
 
@@ -324,15 +322,11 @@ def aft_conv(
         def band_at(positions: torch.Tensor) -> torch.Tensor:
             return _grid_band(w, positions, grid[1], before, split.total)
     else:
-        if w.dim() != 2 or w.shape[1] == 0 or (not causal and w.shape[1] % 2 == 0):
-            raise InvalidValueError(
-                f"w must be (H, K) with K ≥ 1, odd unless causal, got shape {tuple(w.shape)}"
-            )
+        check_conv_kernel(w, causal)
         before = w.shape[1] - 1 if causal else w.shape[1] // 2
 
         def band_at(positions: torch.Tensor) -> torch.Tensor:  # the same taps on every row
-            _, inside = band_offsets(len(positions), before + 1, causal, positions.device)
-            return w[None].expand(len(positions), -1, -1).masked_fill(~inside[:, None, :], float("-inf"))
+            return conv_band(w, len(positions), causal)
 
     q, v = q.flatten(-2), v.flatten(-2)
     out = _windowed(band_at, q, k, v, split, causal, attention_mask, before, heads, "aft_conv")

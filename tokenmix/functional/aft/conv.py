@@ -77,16 +77,10 @@ def aft_conv(
     check_float_tensor("v", v, "(B, N, H, Dh)")
     check_float_tensor("w", w, "(H, K)")
     check_same_dtype_device(q=q, k=k, v=v, w=w)
-    sizes = check_dims({}, q=(q, "BNHC"), k=(k, "BNH"), v=(v, "BNHC"), w=(w, "HK"))
+    check_dims({}, q=(q, "BNHC"), k=(k, "BNH"), v=(v, "BNHC"), w=(w, "HK"))
     batch, seq_len = q.shape[:2]
-    kernel_size = sizes["K"]
     causal = check_flag("causal", causal)
-    if kernel_size == 0:
-        raise InvalidValueError(f"w must hold at least one tap (H, K ≥ 1), got shape {tuple(w.shape)}")
-    if not causal and kernel_size % 2 == 0:
-        raise InvalidValueError(
-            f"a centred (causal=False) kernel needs an odd size K, got w of shape {tuple(w.shape)}"
-        )
+    check_conv_kernel(w, causal)
     mask = check_attention_mask(attention_mask, batch, seq_len, q.device)
     if initial_state is not None or output_final_state:
         return _aft_conv_recurrent(q, k, v, w, mask, causal, initial_state, output_final_state)
@@ -144,8 +138,7 @@ def _aft_conv(q, k, v, w, mask, causal: bool, packing: Packing | None = None) ->
         return out.view(q.shape)
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     q, k, v, w = q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype)
-    _, inside = band_offsets(seq_len, window, causal, q.device)
-    band = w[None].expand(seq_len, -1, -1).masked_fill(~inside[:, None, :], float("-inf"))  # (N, H, K)
+    band = conv_band(w, seq_len, causal)
     centre = kernel_size - 1 if causal else kernel_size // 2
     keys = masked_keys(k, mask)[..., None]  # (B, N, H, 1)
     out = windowed(q, keys, v, band, window, causal, mask, Bias("conv", (w,), (head_dim, centre)))
@@ -184,6 +177,24 @@ def _aft_conv_2d_checked(q, k, v, w, causal, attention_mask):
     if use_kernel("aft_conv", q, atomics=needs_grad(q, k, v, w)):
         return _aft_conv_2d_kernel(q, k, v, w, mask)
     return _aft_conv_2d(q.to(dtype), k.to(dtype), v.to(dtype), w.to(dtype), mask).to(out_dtype)
+
+
+def check_conv_kernel(w: torch.Tensor, causal: bool) -> None:
+    """A 1-D kernel's rules, in the op and its context-parallel form: w (H, K), K ≥ 1, odd when centred."""
+    if w.shape[1] == 0:
+        raise InvalidValueError(f"w must hold at least one tap (H, K ≥ 1), got shape {tuple(w.shape)}")
+    if not causal and w.shape[1] % 2 == 0:
+        raise InvalidValueError(
+            f"a centred (causal=False) kernel needs an odd size K, got w of shape {tuple(w.shape)}"
+        )
+
+
+def conv_band(w: torch.Tensor, seq_len: int, causal: bool) -> torch.Tensor:
+    """(N, H, K): a 1-D kernel w (H, K) as the band of every one of N positions (its taps on the offsets
+    of ``band_offsets``), −inf where t + j falls outside the N."""
+    window = w.shape[1] if causal else w.shape[1] // 2 + 1
+    _, inside = band_offsets(seq_len, window, causal, w.device)
+    return w[None].expand(seq_len, -1, -1).masked_fill(~inside[:, None, :], float("-inf"))
 
 
 def check_grid_kernel(w: torch.Tensor, causal: object) -> None:

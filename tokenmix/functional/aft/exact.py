@@ -135,6 +135,11 @@ def exact(
     return torch.cat(ratios) if ratios else keys.new_zeros(0)
 
 
+def pieces_of(x: Pieces) -> tuple[torch.Tensor, ...]:
+    """A sequence given as a tensor or in pieces (see ``Pieces``), as its pieces."""
+    return (x,) if isinstance(x, torch.Tensor) else tuple(x)
+
+
 def laid(x: Pieces) -> torch.Tensor:
     """A sequence given in pieces along dim 1 (see ``Pieces``) as one tensor; a tensor as it is."""
     if isinstance(x, torch.Tensor):

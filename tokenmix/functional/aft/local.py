@@ -33,7 +33,7 @@ from .common import (
     sees_a_key,
     segment_starts,
 )
-from .exact import Bias, Pieces, finite_shift, laid
+from .exact import Bias, Pieces, finite_shift, laid, pieces_of
 from .recurrent import AFTWindowState, last_position, recurrent
 
 
@@ -159,7 +159,8 @@ def windowed(
     Returns (B, T, G·C).
     """
     batch, rows, groups, channels = q.shape
-    seq_len = sum(piece.shape[1] for piece in ((keys,) if isinstance(keys, torch.Tensor) else keys))
+    keys, values = pieces_of(keys), pieces_of(values)
+    seq_len = sum(piece.shape[1] for piece in keys)
     exp_keys, weighted_values = exponentials(keys, values)
     reference = finite_shift(band.amax(-1, keepdim=True)).clamp_min(0)  # ≥ every bias of the row, the 0s too
     exp_band = torch.exp(band - reference)
@@ -181,8 +182,6 @@ def windowed(
     num, den = total(weighted_values), total(exp_keys)
     flat = (batch, rows, groups * channels)
     sees = sees_a_key(mask, batch, seq_len, causal, q.device).narrow(1, row_offset, rows)
-    if isinstance(keys, torch.Tensor):
-        keys, values = (keys,), (values,)
     return finish(
         q.reshape(flat),
         num.reshape(flat),
@@ -241,9 +240,8 @@ def banded(
     else:
         out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
         q, band = q.to(dtype), band.narrow(0, row_offset, rows).to(dtype)
-        pieces = (k,) if isinstance(k, torch.Tensor) else k
-        keys = tuple(masked_keys(piece.to(dtype).flatten(2), mask).view_as(piece) for piece in pieces)
-        values = tuple(piece.to(dtype) for piece in ((v,) if isinstance(v, torch.Tensor) else v))
+        keys = tuple(masked_keys(piece.to(dtype).flatten(2), mask).view_as(piece) for piece in pieces_of(k))
+        values = tuple(piece.to(dtype) for piece in pieces_of(v))
         out = windowed(q, keys, values, band, window, causal, mask, bias, row_offset).to(out_dtype)
     if seen is not None:
         out = reinstate(out, seen.narrow(1, row_offset, rows).flatten(2))
@@ -268,10 +266,22 @@ def _local(
     seq_len = q.shape[1] if packing is None else packing.longest
     if q.numel() == 0:
         return empty_output(q.shape, q, k, v)
-    columns, inside = band_offsets(seq_len, window, causal, q.device)
-    band = band_from(columns.clamp(0, seq_len - 1)).masked_fill(~inside, float("-inf"))
+    band = local_band(band_from, seq_len, window, causal, q.device)
     q, k, v = q[:, :, None], k[:, :, None], v[:, :, None]  # one group of every channel
-    return banded(q, k, v, band[:, None], window, causal, mask, bias, "aft_local", packing=packing)
+    return banded(q, k, v, band, window, causal, mask, bias, "aft_local", packing=packing)
+
+
+def local_band(
+    band_from: Callable[[torch.Tensor], torch.Tensor],
+    seq_len: int,
+    window: int,
+    causal: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """(L, 1, J): AFT-local's band of L positions, ``band_from(columns)`` (L, J) on the offsets of
+    ``band_offsets`` (columns clamped into the L), −inf where t + j falls outside them."""
+    columns, inside = band_offsets(seq_len, window, causal, device)
+    return band_from(columns.clamp(0, seq_len - 1)).masked_fill(~inside, float("-inf"))[:, None]
 
 
 def lowrank_band(w_u: torch.Tensor, w_v: torch.Tensor, window: int, causal: bool, width: int) -> torch.Tensor:
